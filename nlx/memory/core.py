@@ -1,0 +1,294 @@
+"""The associative-memory core: one recurrence and one chunk-parallel form for every memory.
+
+Every sequence op of nlx is an associative memory ``M`` written once per token by a gradient step
+on an inner objective (PAPER.md §1, DESIGN.md §4). For token t with key k_t, value v_t, query q_t,
+learning rate lr_t, log-decay g_t and momentum η_t:
+
+    decayed = exp(g_t) · M_{t-1}
+    G_t     = ∇_M loss(M_ref(k_t), v_t)        M_ref = decayed (online), or the chunk-start state
+    P_t     = η_t · P_{t-1} − lr_t · G_t       (P_t = −lr_t · G_t when there is no momentum)
+    M_t     = decayed + P_t
+    o_t     = M_t(q_t)                         (the read sees token t's own write)
+
+``recurrent_scan`` runs exactly this, token by token, with ``jax.grad`` for G_t: it is the
+reference every fast path is tested against. ``chunk_start_scan`` is the parallel (dual) form for
+gradients taken at the chunk-start state: within a chunk all G_j are known from the chunk-start
+weights, so M_t is a linear combination of M_0, P_0 and the per-token gradients, and reads become
+masked matmuls. ``nlx.memory.linear.delta_rule_chunked`` covers the remaining case (online L2
+gradients on a matrix memory) with the UT transform and shares this file's chunk algebra.
+
+All functions here work on ONE (batch, head) slice: sequences are ``[T, D]``, gates ``[T]``,
+memory weights a dict ``{layer name: [in, out]}``. ``nlx.ops`` vmaps them over batch and heads.
+
+A memory is any ``Memory`` whose forward pass uses each of its dense layers exactly once, through
+a ``matmul(name, h)`` callback. That single restriction lets the same forward pass run with plain
+weights, with gradient taps (per-token gradient factors), and with per-token weights (dual form).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from nlx.memory.objectives import Objective
+
+Array = jax.Array
+Weights = dict  # {layer name: [in, out] array}
+MatMul = Callable[[str, Array], Array]
+
+
+class Memory:
+  """A memory ``M(x)`` made of named dense layers, each used once in ``forward``.
+
+  Subclasses define ``forward(matmul, x)`` where ``matmul(name, h)`` computes ``h @ W[name]``;
+  ``layer_shapes`` gives the ``[in, out]`` shape of each layer.
+  """
+
+  def forward(self, matmul: MatMul, x: Array) -> Array:
+    raise NotImplementedError
+
+  def layer_shapes(self, key_dim: int, value_dim: int, hidden_dim: int) -> dict:
+    raise NotImplementedError
+
+  def apply(self, weights: Weights, x: Array) -> Array:
+    """``M(x)`` with plain weights; x ``[..., K]`` -> ``[..., V]``."""
+    return self.forward(lambda name, h: h @ weights[name], x)
+
+
+def tree_scale(a: Array, tree):
+  """``a * tree`` for a scalar ``a`` and every leaf."""
+  return jax.tree.map(lambda x: a * x, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: token by token.
+# ----------------------------------------------------------------------------------------------
+
+
+def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
+                   lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
+                   momentum_state: Optional[Weights], grad_chunk: Optional[int] = None):
+  """The token-by-token recurrence of the module docstring (the reference).
+
+  Args:
+    memory, objective: the memory and its inner objective.
+    q, k: ``[T, K]``; v: ``[T, V]``; lr, log_decay: ``[T]``; momentum: ``[T]`` or None.
+    weights: initial memory weights ``{name: [in, out]}``.
+    momentum_state: initial momentum (same structure) or None (no momentum).
+    grad_chunk: None for gradients at the current (decayed) state; an int C for gradients at the
+      state at the start of the token's chunk (chunks of C tokens aligned at t = 0).
+
+  Returns:
+    ``(o [T, V], weights, momentum_state)`` after the last token.
+  """
+  if (momentum is None) != (momentum_state is None):
+    raise ValueError("momentum and momentum_state must both be given or both be None")
+  grad_fn = jax.grad(lambda w, kt, vt: objective.loss(memory.apply(w, kt), vt))
+
+  def step(carry, x):
+    w, p, w_ref = carry
+    t, qt, kt, vt, lrt, gt, mt = x
+    if grad_chunk is not None:
+      w_ref = jax.tree.map(lambda a, b: jnp.where(t % grad_chunk == 0, a, b), w, w_ref)
+    decayed = tree_scale(jnp.exp(gt), w)
+    update = tree_scale(-lrt, grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt))
+    if p is not None:
+      p = jax.tree.map(lambda a, u: mt * a + u, p, update)
+      update = p
+    w = jax.tree.map(jnp.add, decayed, update)
+    return (w, p, w_ref), memory.apply(w, qt)
+
+  steps = jnp.arange(q.shape[0])
+  (weights, momentum_state, _), o = jax.lax.scan(
+      step, (weights, momentum_state, weights), (steps, q, k, v, lr, log_decay, momentum))
+  return o, weights, momentum_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk algebra shared by the parallel forms.
+# ----------------------------------------------------------------------------------------------
+
+
+def segment_sum(x: Array) -> Array:
+  """``[C] -> [C, C]``: ``out[t, s] = Σ_{l=s+1..t} x_l`` for ``s ≤ t``, ``-inf`` above the diagonal.
+
+  Built from a masked cumulative sum rather than a difference of prefix sums, so long runs of
+  strong decay lose no precision.
+  """
+  c = x.shape[-1]
+  rows = jnp.broadcast_to(x[:, None], (c, c))
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  sums = jnp.cumsum(jnp.where(strict, rows, 0), axis=0)
+  return jnp.where(jnp.tril(jnp.ones((c, c), bool)), sums, -jnp.inf)
+
+
+def decay_matrix(log_a: Array) -> Array:
+  """``[C] -> [C, C]``: ``Π_{l=s+1..t} a_l`` for ``s ≤ t`` (1 on the diagonal), 0 above."""
+  return jnp.exp(segment_sum(log_a))
+
+
+class ChunkCoefficients(NamedTuple):
+  """How memory and momentum at each token of a chunk depend on the chunk's start and writes.
+
+  With U_j = −lr_j G_j the write of token j (a gradient step), for t, j in the chunk:
+    M_t = gamma[t] M_0 + carry[t] P_0 + Σ_{j≤t} write[t, j] U_j
+    P_t = mom_carry[t] P_0 + Σ_{j≤t} mom_write[t, j] U_j
+  Without momentum, ``write`` is the decay matrix and the momentum fields are None.
+  """
+
+  gamma: Array          # [C]
+  write: Array          # [C, C], lower triangular
+  carry: Optional[Array]      # [C]
+  mom_carry: Optional[Array]  # [C]
+  mom_write: Optional[Array]  # [C, C]
+
+
+def chunk_coefficients(log_decay: Array, momentum: Optional[Array]) -> ChunkCoefficients:
+  """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``."""
+  gamma = jnp.exp(jnp.cumsum(log_decay))
+  decay = decay_matrix(log_decay)
+  if momentum is None:
+    return ChunkCoefficients(gamma, decay, None, None, None)
+  # η = 0 is allowed (no carry-over); clamp its log so that gradients stay finite.
+  log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(momentum.dtype).tiny))
+  mom_write = decay_matrix(log_eta)
+  mom_carry = jnp.exp(jnp.cumsum(log_eta))
+  # M_t = Σ_{s≤t} (γ_t/γ_s) P_s + γ_t M_0, and P_s expands in P_0 and U_j: compose the two.
+  return ChunkCoefficients(gamma, decay @ mom_write, decay @ mom_carry, mom_carry, mom_write)
+
+
+def chunk_matmul(h: Array, w0: Array, keys: Array, writes: Array, write: Array, gamma: Array,
+                 p0: Optional[Array] = None, carry: Optional[Array] = None) -> Array:
+  """Row t of ``h`` times the weights of token t, without forming them (the dual form).
+
+  The weights of token t are ``gamma[t] w0 + carry[t] p0 + Σ_{j≤t} write[t, j] keys_jᵀ writes_j``.
+
+  Args:
+    h: ``[C, in]`` inputs; w0, p0: ``[in, out]``; keys: ``[C, in]``; writes: ``[C, out]``;
+    write: ``[C, C]``; gamma, carry: ``[C]``.
+
+  Returns:
+    ``[C, out]``.
+  """
+  out = gamma[:, None] * (h @ w0) + (write * (h @ keys.T)) @ writes
+  if p0 is not None:
+    out = out + carry[:, None] * (h @ p0)
+  return out
+
+
+def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, gamma_end: Array,
+                      p0: Optional[Array] = None, carry_end: Optional[Array] = None) -> Array:
+  """The weights after the chunk's last token: ``chunk_matmul``'s weights for its last row."""
+  w = gamma_end * w0 + keys.T @ (write_row[:, None] * writes)
+  if p0 is not None:
+    w = w + carry_end * p0
+  return w
+
+
+def scan_chunks(body, carry, xs, chunk_size: int, prepare=None):
+  """``lax.scan`` of ``body`` over chunks of ``chunk_size`` steps, and the remainder chunk.
+
+  Args:
+    body: ``(carry, chunk) -> (carry, y [C, ...])``.
+    carry: initial carry.
+    xs: pytree of arrays with leading axis T (None leaves allowed).
+    chunk_size: C. The last ``T mod C`` steps form a shorter final chunk, handled by a second call
+      of ``body``; no padding is needed, so no padded token can touch the state.
+    prepare: optional state-independent ``chunk -> chunk`` step, run for all chunks in parallel
+      (vmapped) before the sequential scan.
+
+  Returns:
+    ``(carry, ys [T, ...])``.
+  """
+  t = jax.tree.leaves(xs)[0].shape[0]
+  n = t // chunk_size
+  prepare = prepare or (lambda chunk: chunk)
+  ys = []
+  if n:
+    full = jax.tree.map(lambda x: x[:n * chunk_size].reshape(n, chunk_size, *x.shape[1:]), xs)
+    carry, y = jax.lax.scan(body, carry, jax.vmap(prepare)(full))
+    ys.append(y.reshape(n * chunk_size, *y.shape[2:]))
+  if t > n * chunk_size:
+    carry, y = body(carry, prepare(jax.tree.map(lambda x: x[n * chunk_size:], xs)))
+    ys.append(y)
+  return carry, jnp.concatenate(ys) if len(ys) > 1 else ys[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk-start dual form, for any memory.
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k: Array,
+                       v: Array) -> tuple[Weights, Weights]:
+  """Per-token gradient factors at fixed weights.
+
+  Each layer is used once, so ``∇_{W[name]} loss(M(k_j), v_j) = inputs[name][j]ᵀ ⊗ errors[name][j]``
+  with ``inputs`` the layer's input and ``errors`` the loss gradient w.r.t. its output.
+
+  Args:
+    k: ``[C, K]``; v: ``[C, V]``.
+
+  Returns:
+    ``(inputs, errors)``: dicts of ``[C, in]`` and ``[C, out]`` arrays.
+  """
+
+  def one(k_t, v_t):
+    def tapped_loss(taps):
+      inputs = {}
+
+      def matmul(name, h):
+        inputs[name] = h
+        return h @ weights[name] + taps[name]
+
+      return objective.loss(memory.forward(matmul, k_t), v_t), inputs
+
+    taps = {name: jnp.zeros(w.shape[-1], w.dtype) for name, w in weights.items()}
+    errors, inputs = jax.grad(tapped_loss, has_aux=True)(taps)
+    return inputs, errors
+
+  return jax.vmap(one)(k, v)
+
+
+def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
+                     lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
+                     momentum_state: Optional[Weights], chunk_size: int):
+  """The parallel form of ``recurrent_scan(..., grad_chunk=chunk_size)`` (same arguments/returns).
+
+  Within a chunk every gradient is taken at the chunk-start weights, so each per-token weight is
+  ``ChunkCoefficients``-linear in the start weights, start momentum and per-token gradient
+  factors; the read of token t (after its own write) runs the memory's forward pass with
+  ``chunk_matmul`` for every layer. When the objective's gradient does not depend on the memory
+  (``dot``), the result equals the online recurrence for every chunk size.
+  """
+  if (momentum is None) != (momentum_state is None):
+    raise ValueError("momentum and momentum_state must both be given or both be None")
+
+  def body(carry, chunk):
+    w0, p0 = carry
+    qc, kc, vc, lrc, gc, mc = chunk
+    coef = chunk_coefficients(gc, mc)
+    inputs, errors = layer_grad_factors(memory, objective, w0, kc, vc)
+    writes = {name: -lrc[:, None] * e for name, e in errors.items()}
+
+    def matmul(name, h):
+      return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
+                          None if p0 is None else p0[name], coef.carry)
+
+    o = memory.forward(matmul, qc)
+    w1 = {
+        name: chunk_end_weights(w0[name], inputs[name], writes[name], coef.write[-1],
+                                coef.gamma[-1], None if p0 is None else p0[name],
+                                None if p0 is None else coef.carry[-1]) for name in w0
+    }
+    p1 = None if p0 is None else {
+        name: chunk_end_weights(p0[name], inputs[name], writes[name], coef.mom_write[-1],
+                                coef.mom_carry[-1]) for name in p0
+    }
+    return (w1, p1), o
+
+  (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
+                                             (q, k, v, lr, log_decay, momentum), chunk_size)
+  return o, weights, momentum_state

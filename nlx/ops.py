@@ -1,0 +1,314 @@
+"""Public sequence ops of nlx: associative memories over ``[B, T, H, D]`` sequences.
+
+Conventions (DESIGN.md §3–4, the layout of flash-linear-attention):
+
+* q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; gates (g, beta, lr, momentum): ``[B, T, H]``.
+* ``g`` is a log-decay (≤ 0; the memory is multiplied by ``exp(g_t)`` before token t's write).
+* A matrix memory's state is ``[B, H, K, V]``; token t reads ``o_t = S_tᵀ (scale · q_t)`` after its
+  own write.
+* Recurrences accumulate in float32 (float64 for float64 inputs); ``o`` takes the input dtype and
+  the final state stays in the accumulation dtype.
+* Every op returns ``(o, final_state)``; passing ``final_state`` as ``initial_state`` of the next
+  call continues the sequence.
+
+``impl`` picks the algorithm: ``"recurrent"`` (token-by-token ``lax.scan``: the reference),
+``"chunked"`` (parallel form over chunks of ``chunk_size`` tokens), ``"pallas"`` (the kernels of
+``pallas_kernels/``; not yet available) and ``"auto"`` (the best available: ``"chunked"`` for now).
+
+All three ops are instances of the one memory core in ``nlx.memory``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from nlx.memory import core
+from nlx.memory.deep import MLPMemory
+from nlx.memory.linear import LINEAR, LinearMemory, delta_rule_chunked
+from nlx.memory.objectives import DOT, L2
+
+Array = jax.Array
+
+IMPLS = ("auto", "chunked", "recurrent", "pallas")
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+class TitansState(NamedTuple):
+  """State of ``titans_memory``: the memory weights and, with momentum, the momentum (surprise).
+
+  ``memory`` is ``[B, H, K, V]`` for the linear memory, or ``{"w2": [B, H, K, hidden],
+  "w1": [B, H, hidden, V]}`` for the MLP memory; ``momentum`` has the same structure, or is None.
+  """
+
+  memory: Union[Array, dict]
+  momentum: Optional[Union[Array, dict]] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every user mistake is a ValueError/TypeError that names the argument.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, x) -> None:
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not any(dtype == d for d in FLOAT_DTYPES):
+    raise TypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or "
+                    f"float64); got dtype {dtype}")
+
+
+def _check_sequences(q, k, v) -> tuple[int, int, int, int, int]:
+  """Checks q, k ``[B, T, H, K]`` and v ``[B, T, H, V]``; returns (B, T, H, K, V)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must have shape [B, T, H, D]; got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    _check_float(name, x)
+    if 0 in x.shape:
+      raise ValueError(f"{name} must have no empty axis; got shape {x.shape}")
+  if k.shape != q.shape:
+    raise ValueError(f"k must have the shape of q {q.shape} ([B, T, H, K]); got {k.shape}")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must have shape [B, T, H, V] = {q.shape[:3]} + [V]; got {v.shape}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  return (*q.shape, v.shape[-1])
+
+
+def _check_gate(name: str, x, b: int, t: int, h: int, required: bool) -> None:
+  if x is None:
+    if required:
+      raise ValueError(f"{name} is required: an array of shape [B, T, H] = {(b, t, h)}")
+    return
+  if getattr(x, "shape", None) != (b, t, h):
+    raise ValueError(f"{name} must have shape [B, T, H] = {(b, t, h)}; got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+  _check_float(name, x)
+
+
+def _check_state(name: str, x, shape: tuple) -> None:
+  if getattr(x, "shape", None) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}; got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+  _check_float(name, x)
+
+
+def _check_options(chunk_size, impl, scale=None) -> str:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if impl == "pallas":
+    raise NotImplementedError(
+        "impl='pallas' is reserved for the Pallas kernels of pallas_kernels/chunked_memory, which "
+        "have not landed yet; use impl='chunked' (the parallel XLA form) or impl='recurrent'")
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+    raise ValueError(f"scale must be a real number or None; got {scale!r}")
+  return "chunked" if impl == "auto" else impl
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """float32 accumulation for 16/32-bit inputs, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: the core works on one (batch, head) slice; these map it over [B, H].
+# ----------------------------------------------------------------------------------------------
+
+
+def _heads_first(x):
+  """``[B, T, H, ...] -> [B, H, T, ...]`` (None passes through)."""
+  return None if x is None else jnp.moveaxis(x, 2, 1)
+
+
+def _per_head(fn, *args):
+  """Applies ``fn`` to every (batch, head) slice; args have leading axes ``[B, H]``."""
+  return jax.vmap(jax.vmap(fn))(*args)
+
+
+def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, objective):
+  """Shared body of linear_attention and delta_rule (validated inputs)."""
+  b, t, h, dk, dv = q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+  cdt = _compute_dtype(q.dtype)
+  scale = dk**-0.5 if scale is None else scale
+  cast = lambda x: None if x is None else jnp.asarray(x, cdt)
+  qs = _heads_first(cast(q) * scale)
+  ks, vs = _heads_first(cast(k)), _heads_first(cast(v))
+  lr = jnp.moveaxis(cast(lr), 2, 1)
+  g = jnp.zeros_like(lr) if g is None else jnp.moveaxis(cast(g), 2, 1)
+  s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
+
+  if impl == "recurrent":
+    fn = lambda q_, k_, v_, lr_, g_, s_: core.recurrent_scan(
+        LINEAR, objective, q_, k_, v_, lr_, g_, None, {"w": s_}, None)[:2]
+  elif objective is DOT:  # chunked: the dot objective's gradient is state-free: exact
+    fn = lambda q_, k_, v_, lr_, g_, s_: core.chunk_start_scan(
+        LINEAR, objective, q_, k_, v_, lr_, g_, None, {"w": s_}, None, chunk_size)[:2]
+  else:
+    fn = lambda q_, k_, v_, lr_, g_, s_: delta_rule_chunked(q_, k_, v_, lr_, g_, s_, chunk_size)
+  o, state = _per_head(fn, qs, ks, vs, lr, g, s0)
+  state = state["w"] if isinstance(state, dict) else state
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), state
+
+
+def linear_attention(q: Array, k: Array, v: Array, g: Optional[Array] = None, *,
+                     scale: Optional[float] = None, initial_state: Optional[Array] = None,
+                     chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
+  """(Gated) linear attention: ``S ← exp(g_t) S + k_t v_tᵀ``, ``o_t = S_tᵀ (scale q_t)``.
+
+  The dot-product memory of PAPER.md §1. g=None is linear attention; g constant per head is
+  RetNet; data-dependent g is Mamba2/SSD and scalar-gated GLA. The chunked form is exact for
+  every chunk size and sequence length.
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H]`` log-decay (≤ 0) or None.
+    scale: multiplies q; default ``K ** -0.5``.
+    initial_state: ``[B, H, K, V]`` or None (zeros).
+    chunk_size: tokens per chunk of the chunked form.
+    impl: "auto" | "chunked" | "recurrent" | "pallas".
+
+  Returns:
+    ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in float32/float64)``.
+  """
+  b, t, h, dk, dv = _check_sequences(q, k, v)
+  _check_gate("g", g, b, t, h, required=False)
+  if initial_state is not None:
+    _check_state("initial_state", initial_state, (b, h, dk, dv))
+  impl = _check_options(chunk_size, impl, scale)
+  ones = jnp.ones((b, t, h), _compute_dtype(q.dtype))
+  return _linear_memory_op(q, k, v, ones, g, scale, initial_state, chunk_size, impl, DOT)
+
+
+def delta_rule(q: Array, k: Array, v: Array, beta: Array, g: Optional[Array] = None, *,
+               scale: Optional[float] = None, initial_state: Optional[Array] = None,
+               chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
+  """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀ k_t)ᵀ``; ``o_t = S_tᵀ(scale q_t)``.
+
+  One online gradient step of ``½‖Sᵀk − v‖²`` per token: DeltaNet (g=None), Gated DeltaNet, and
+  HOPE's DGD on a linear memory (PAPER.md §4). The chunked form (UT transform) is exact for every
+  chunk size and sequence length. Keys are used as given (DeltaNet L2-normalises them first).
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` write strength;
+    g: ``[B, T, H]`` log-decay (≤ 0) or None.
+    scale, initial_state, chunk_size, impl: as in ``linear_attention``.
+
+  Returns:
+    ``(o [B, T, H, V], final_state [B, H, K, V])``.
+  """
+  b, t, h, dk, dv = _check_sequences(q, k, v)
+  _check_gate("beta", beta, b, t, h, required=True)
+  _check_gate("g", g, b, t, h, required=False)
+  if initial_state is not None:
+    _check_state("initial_state", initial_state, (b, h, dk, dv))
+  impl = _check_options(chunk_size, impl, scale)
+  return _linear_memory_op(q, k, v, beta, g, scale, initial_state, chunk_size, impl, L2)
+
+
+def _resolve_memory(memory) -> core.Memory:
+  if isinstance(memory, core.Memory):
+    return memory
+  if memory == "linear":
+    return LINEAR
+  if memory == "mlp":
+    return MLPMemory()
+  raise ValueError(f"memory={memory!r} is not supported; allowed: 'linear', 'mlp', or an "
+                   f"nlx.memory Memory instance such as MLPMemory(activation='silu')")
+
+
+def _check_titans_state(memory: core.Memory, state, b, h, dk, dv):
+  """Validates and splits ``initial_state`` into (weights dict or None, momentum dict or None)."""
+  if isinstance(state, TitansState):
+    weights, mom = state.memory, state.momentum
+  else:
+    weights, mom = state, None
+  if isinstance(memory, LinearMemory):
+    if weights is None:
+      return None, None
+    _check_state("initial_state.memory", weights, (b, h, dk, dv))
+    if mom is not None:
+      _check_state("initial_state.momentum", mom, (b, h, dk, dv))
+    return {"w": weights}, None if mom is None else {"w": mom}
+  if weights is None:
+    raise ValueError("titans_memory with an MLP memory needs initial_state: zero MLP weights have "
+                     "zero gradients and never learn; create one with "
+                     "MLPMemory().init_state(key, batch, heads, dim, hidden)")
+  if dk != dv:
+    raise ValueError(f"the residual MLP memory needs K == V; got K={dk}, V={dv}")
+  names = set(memory.layer_shapes(dk, dv, 1))
+  for label, tree in (("initial_state.memory", weights), ("initial_state.momentum", mom)):
+    if tree is None:
+      continue
+    if not isinstance(tree, dict) or set(tree) != names:
+      raise ValueError(f"{label} must be a dict with keys {sorted(names)}; got "
+                       f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
+    hidden = tree["w2"].shape[-1] if getattr(tree["w2"], "ndim", 0) == 4 else None
+    for name, shape in memory.layer_shapes(dk, dv, hidden).items():
+      _check_state(f"{label}[{name!r}]", tree[name], (b, h) + shape)
+  return weights, mom
+
+
+def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional[Array] = None,
+                  g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
+                  initial_state=None, chunk_size: int = 64,
+                  impl: str = "auto") -> tuple[Array, TitansState]:
+  """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
+
+  For token t in a chunk whose start state is ``M_c``: ``G_t = ∇ℓ(M_c; k_t, v_t)``,
+  ``P_t = η_t P_{t−1} − lr_t G_t`` (η = 0 without momentum), ``M_t = exp(g_t) M_{t−1} + P_t``,
+  ``o_t = M_t(q_t)``. Gradients at the chunk-start state are part of the model (as in Titans and
+  TTT): the chunk size changes the result, the recurrent reference follows the same rule, and
+  ``chunk_size=1`` is exact online gradient descent. TTT-Linear/TTT-MLP: no momentum, no decay;
+  Titans LMM: both. q is used as given (no scale).
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` inner learning rate;
+    momentum: ``[B, T, H]`` η in [0, 1] or None; g: ``[B, T, H]`` log-decay (≤ 0) or None.
+    memory: "linear" (``M(x) = Sᵀx``), "mlp" (``MLPMemory()``: ``x + W1 σ(W2 x)``, K == V) or a
+      ``Memory`` instance.
+    initial_state: a ``TitansState``, or the memory alone (momentum then starts at zero).
+      Linear: ``[B, H, K, V]`` (zeros if None). MLP: required (see ``MLPMemory.init_state``).
+    chunk_size: the chunk of the chunk-start gradients (a modelling choice). Splitting a sequence
+      across calls reproduces one call when the split falls on a multiple of chunk_size.
+    impl: "auto" | "chunked" (dual form) | "recurrent" | "pallas".
+
+  Returns:
+    ``(o [B, T, H, V], TitansState)``.
+  """
+  b, t, h, dk, dv = _check_sequences(q, k, v)
+  _check_gate("lr", lr, b, t, h, required=True)
+  _check_gate("momentum", momentum, b, t, h, required=False)
+  _check_gate("g", g, b, t, h, required=False)
+  impl = _check_options(chunk_size, impl)
+  mem = _resolve_memory(memory)
+  weights, mom = _check_titans_state(mem, initial_state, b, h, dk, dv)
+
+  cdt = _compute_dtype(q.dtype)
+  cast = lambda x: None if x is None else jnp.asarray(x, cdt)
+  castt = lambda tree: None if tree is None else jax.tree.map(cast, tree)
+  if weights is None:
+    weights = {"w": jnp.zeros((b, h, dk, dv), cdt)}
+  weights = castt(weights)
+  if momentum is not None and mom is None:
+    mom = jax.tree.map(jnp.zeros_like, weights)
+  mom = castt(mom) if momentum is not None else None
+  gates = [None if x is None else jnp.moveaxis(cast(x), 2, 1) for x in (lr, g, momentum)]
+  lr_, g_, m_ = gates
+  if g_ is None:
+    g_ = jnp.zeros_like(lr_)
+
+  def fn(q_, k_, v_, lr_, g_, m_, w_, p_):
+    if impl == "recurrent":
+      return core.recurrent_scan(mem, L2, q_, k_, v_, lr_, g_, m_, w_, p_, grad_chunk=chunk_size)
+    return core.chunk_start_scan(mem, L2, q_, k_, v_, lr_, g_, m_, w_, p_, chunk_size)
+
+  o, w, p = _per_head(fn, _heads_first(cast(q)), _heads_first(cast(k)), _heads_first(cast(v)),
+                      lr_, g_, m_, weights, mom)
+  if isinstance(mem, LinearMemory):
+    w = w["w"]
+    p = None if p is None else p["w"]
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p)
