@@ -286,6 +286,9 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
   impl = _check_options(chunk_size, impl)
   mem = _resolve_memory(memory)
   weights, mom = _check_titans_state(mem, initial_state, b, h, dk, dv)
+  if momentum is None and mom is not None:
+    raise ValueError("initial_state.momentum is given but momentum=None; pass the momentum "
+                     "gates, or an initial_state without momentum")
 
   cdt = _compute_dtype(q.dtype)
   cast = lambda x: None if x is None else jnp.asarray(x, cdt)
