@@ -116,18 +116,13 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout: the core works on one (batch, head) slice; these map it over [B, H].
+# Layout: the core works on [B, H, T, ...] with two leading batch axes.
 # ----------------------------------------------------------------------------------------------
 
 
 def _heads_first(x):
   """``[B, T, H, ...] -> [B, H, T, ...]`` (None passes through)."""
   return None if x is None else jnp.moveaxis(x, 2, 1)
-
-
-def _per_head(fn, *args):
-  """Applies ``fn`` to every (batch, head) slice; args have leading axes ``[B, H]``."""
-  return jax.vmap(jax.vmap(fn))(*args)
 
 
 def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, objective):
@@ -143,15 +138,15 @@ def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, ob
   s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
 
   if impl == "recurrent":
-    fn = lambda q_, k_, v_, lr_, g_, s_: core.recurrent_scan(
-        LINEAR, objective, q_, k_, v_, lr_, g_, None, {"w": s_}, None)[:2]
+    o, state, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0}, None,
+                                      batch_ndim=2)
+    state = state["w"]
   elif objective is DOT:  # chunked: the dot objective's gradient is state-free: exact
-    fn = lambda q_, k_, v_, lr_, g_, s_: core.chunk_start_scan(
-        LINEAR, objective, q_, k_, v_, lr_, g_, None, {"w": s_}, None, chunk_size)[:2]
+    o, state, _ = core.chunk_start_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0},
+                                        None, chunk_size, batch_ndim=2)
+    state = state["w"]
   else:
-    fn = lambda q_, k_, v_, lr_, g_, s_: delta_rule_chunked(q_, k_, v_, lr_, g_, s_, chunk_size)
-  o, state = _per_head(fn, qs, ks, vs, lr, g, s0)
-  state = state["w"] if isinstance(state, dict) else state
+    o, state = delta_rule_chunked(qs, ks, vs, lr, g, s0, chunk_size, batch_ndim=2)
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), state
 
 
@@ -304,13 +299,13 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
   if g_ is None:
     g_ = jnp.zeros_like(lr_)
 
-  def fn(q_, k_, v_, lr_, g_, m_, w_, p_):
-    if impl == "recurrent":
-      return core.recurrent_scan(mem, L2, q_, k_, v_, lr_, g_, m_, w_, p_, grad_chunk=chunk_size)
-    return core.chunk_start_scan(mem, L2, q_, k_, v_, lr_, g_, m_, w_, p_, chunk_size)
-
-  o, w, p = _per_head(fn, _heads_first(cast(q)), _heads_first(cast(k)), _heads_first(cast(v)),
-                      lr_, g_, m_, weights, mom)
+  seqs = [_heads_first(cast(x)) for x in (q, k, v)]
+  if impl == "recurrent":
+    o, w, p = core.recurrent_scan(mem, L2, *seqs, lr_, g_, m_, weights, mom,
+                                  grad_chunk=chunk_size, batch_ndim=2)
+  else:
+    o, w, p = core.chunk_start_scan(mem, L2, *seqs, lr_, g_, m_, weights, mom, chunk_size,
+                                    batch_ndim=2)
   if isinstance(mem, LinearMemory):
     w = w["w"]
     p = None if p is None else p["w"]

@@ -67,9 +67,22 @@ def tree_scale(a: Array, tree):
 # ----------------------------------------------------------------------------------------------
 
 
+def batched(fn, batch_ndim: int):
+  """``fn`` vmapped over ``batch_ndim`` leading axes of every argument."""
+  for _ in range(batch_ndim):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _time_major(x, batch_ndim: int):
+  """``[*batch, T, ...] -> [T, *batch, ...]`` (None passes through)."""
+  return None if x is None else jnp.moveaxis(x, batch_ndim, 0)
+
+
 def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                    lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
-                   momentum_state: Optional[Weights], grad_chunk: Optional[int] = None):
+                   momentum_state: Optional[Weights], grad_chunk: Optional[int] = None,
+                   batch_ndim: int = 0):
   """The token-by-token recurrence of the module docstring (the reference).
 
   Args:
@@ -79,6 +92,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     momentum_state: initial momentum (same structure) or None (no momentum).
     grad_chunk: None for gradients at the current (decayed) state; an int C for gradients at the
       state at the start of the token's chunk (chunks of C tokens aligned at t = 0).
+    batch_ndim: number of leading batch axes on every argument (e.g. 2 for ``[B, H, T, D]``);
+      the scan over time is outermost and the per-slice step is vmapped inside it.
 
   Returns:
     ``(o [T, V], weights, momentum_state)`` after the last token.
@@ -87,9 +102,9 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     raise ValueError("momentum and momentum_state must both be given or both be None")
   grad_fn = jax.grad(lambda w, kt, vt: objective.loss(memory.apply(w, kt), vt))
 
-  def step(carry, x):
+  def step(t, carry, x):
     w, p, w_ref = carry
-    t, qt, kt, vt, lrt, gt, mt = x
+    qt, kt, vt, lrt, gt, mt = x
     if grad_chunk is not None:
       w_ref = jax.tree.map(lambda a, b: jnp.where(t % grad_chunk == 0, a, b), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
@@ -100,10 +115,15 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     w = jax.tree.map(jnp.add, decayed, update)
     return (w, p, w_ref), memory.apply(w, qt)
 
-  steps = jnp.arange(q.shape[0])
-  (weights, momentum_state, _), o = jax.lax.scan(
-      step, (weights, momentum_state, weights), (steps, q, k, v, lr, log_decay, momentum))
-  return o, weights, momentum_state
+  def body(carry, tx):
+    t, x = tx
+    return batched(lambda c, xt: step(t, c, xt), batch_ndim)(carry, x)
+
+  xs = jax.tree.map(lambda x: _time_major(x, batch_ndim), (q, k, v, lr, log_decay, momentum))
+  steps = jnp.arange(q.shape[batch_ndim])
+  (weights, momentum_state, _), o = jax.lax.scan(body, (weights, momentum_state, weights),
+                                                 (steps, xs))
+  return jnp.moveaxis(o, 0, batch_ndim), weights, momentum_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,33 +207,45 @@ def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, g
   return w
 
 
-def scan_chunks(body, carry, xs, chunk_size: int, prepare=None):
+def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, batch_ndim: int = 0):
   """``lax.scan`` of ``body`` over chunks of ``chunk_size`` steps, and the remainder chunk.
 
   Args:
-    body: ``(carry, chunk) -> (carry, y [C, ...])``.
-    carry: initial carry.
-    xs: pytree of arrays with leading axis T (None leaves allowed).
+    body: ``(carry, chunk) -> (carry, y [C, ...])`` for one batch slice.
+    carry: initial carry (leaves ``[*batch, ...]``).
+    xs: pytree of arrays ``[*batch, T, ...]`` (None leaves allowed).
     chunk_size: C. The last ``T mod C`` steps form a shorter final chunk, handled by a second call
       of ``body``; no padding is needed, so no padded token can touch the state.
     prepare: optional state-independent ``chunk -> chunk`` step, run for all chunks in parallel
       (vmapped) before the sequential scan.
+    batch_ndim: number of leading batch axes. The scan runs over chunk-major arrays
+      ``[N, *batch, C, ...]`` with ``body`` vmapped inside it; a scan nested in vmaps would slice
+      batch-strided stacks, which XLA's CPU backend copies whole at every step of the backward
+      pass (quadratic in the number of chunks).
 
   Returns:
-    ``(carry, ys [T, ...])``.
+    ``(carry, ys [*batch, T, ...])``.
   """
-  t = jax.tree.leaves(xs)[0].shape[0]
+  t = jax.tree.leaves(xs)[0].shape[batch_ndim]
   n = t // chunk_size
   prepare = prepare or (lambda chunk: chunk)
+  step = batched(body, batch_ndim)
   ys = []
   if n:
-    full = jax.tree.map(lambda x: x[:n * chunk_size].reshape(n, chunk_size, *x.shape[1:]), xs)
-    carry, y = jax.lax.scan(body, carry, jax.vmap(prepare)(full))
-    ys.append(y.reshape(n * chunk_size, *y.shape[2:]))
+    def split(x):
+      x = jax.lax.slice_in_dim(x, 0, n * chunk_size, axis=batch_ndim)
+      x = x.reshape(x.shape[:batch_ndim] + (n, chunk_size) + x.shape[batch_ndim + 1:])
+      return jnp.moveaxis(x, batch_ndim, 0)
+
+    full = batched(prepare, batch_ndim + 1)(jax.tree.map(split, xs))
+    carry, y = jax.lax.scan(step, carry, full)
+    y = jnp.moveaxis(y, 0, batch_ndim)
+    ys.append(y.reshape(y.shape[:batch_ndim] + (n * chunk_size,) + y.shape[batch_ndim + 2:]))
   if t > n * chunk_size:
-    carry, y = body(carry, prepare(jax.tree.map(lambda x: x[n * chunk_size:], xs)))
+    tail = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, n * chunk_size, t, axis=batch_ndim), xs)
+    carry, y = step(carry, batched(prepare, batch_ndim)(tail))
     ys.append(y)
-  return carry, jnp.concatenate(ys) if len(ys) > 1 else ys[0]
+  return carry, jnp.concatenate(ys, axis=batch_ndim) if len(ys) > 1 else ys[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +286,7 @@ def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k
 
 def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                      lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
-                     momentum_state: Optional[Weights], chunk_size: int):
+                     momentum_state: Optional[Weights], chunk_size: int, batch_ndim: int = 0):
   """The parallel form of ``recurrent_scan(..., grad_chunk=chunk_size)`` (same arguments/returns).
 
   Within a chunk every gradient is taken at the chunk-start weights, so each per-token weight is
@@ -290,5 +322,6 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
     return (w1, p1), o
 
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
-                                             (q, k, v, lr, log_decay, momentum), chunk_size)
+                                             (q, k, v, lr, log_decay, momentum), chunk_size,
+                                             batch_ndim=batch_ndim)
   return o, weights, momentum_state

@@ -62,16 +62,16 @@ def _delta_rule_body(state, prepared):
 
 
 def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Array, state: Array,
-                       chunk_size: int):
+                       chunk_size: int, batch_ndim: int = 0):
   """Chunk-parallel (gated) delta rule, exact for every chunk size.
 
   Args:
     q: ``[T, K]`` (already scaled); k: ``[T, K]``; v: ``[T, V]``; beta, log_decay: ``[T]``;
-    state: ``[K, V]``; chunk_size: C.
+    state: ``[K, V]``; chunk_size: C; batch_ndim: leading batch axes on every argument.
 
   Returns:
     ``(o [T, V], final state [K, V])``.
   """
   state, o = core.scan_chunks(_delta_rule_body, state, (q, k, v, beta, log_decay), chunk_size,
-                              prepare=_delta_rule_prepare)
+                              prepare=_delta_rule_prepare, batch_ndim=batch_ndim)
   return o, state
