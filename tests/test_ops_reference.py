@@ -212,3 +212,12 @@ GATE = Z(2, 10, 3)
 def test_bad_input_is_refused_with_a_clear_message(call, exc, match):
   with pytest.raises(exc, match=match):
     call()
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 7, 16, 33, 64])
+def test_unit_lower_inverse_matches_numpy(c):
+  from nlx.memory.core import unit_lower_inverse
+  a = np.tril(np.random.default_rng(c).normal(size=(c, c)) * 0.3, -1)
+  a[np.triu_indices(c)] = 5.0  # entries on and above the diagonal must be ignored
+  want = np.linalg.inv(np.eye(c) + np.tril(a, -1))
+  np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(a)), want, rtol=1e-12, atol=1e-12)

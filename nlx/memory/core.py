@@ -149,6 +149,31 @@ def decay_matrix(log_a: Array) -> Array:
   return jnp.exp(segment_sum(log_a))
 
 
+def unit_lower_inverse(a: Array) -> Array:
+  """``(I + a)^{-1}`` for a strictly lower triangular ``a: [C, C]``, by recursive doubling.
+
+  Diagonal blocks of the inverse are merged pairwise, ``[[L11, 0], [A21, L22]]^{-1} =
+  [[L11^{-1}, 0], [-L22^{-1} A21 L11^{-1}, L22^{-1}]]``, for block sizes 1, 2, 4, … (the matrix is
+  padded with the identity to a power of two). Only matmuls: log2(C) levels, differentiable with
+  small residuals, and no LAPACK custom call (XLA's CPU triangular solve stalled under load in
+  the backward pass).
+  """
+  c = a.shape[-1]
+  p = 1 << max(c - 1, 0).bit_length()
+  m = jnp.eye(p, dtype=a.dtype).at[:c, :c].add(jnp.tril(a, -1))
+  inv = jnp.ones((p, 1, 1), a.dtype)  # diagonal blocks of size 1 (unit diagonal)
+  size = 1
+  while size < p:
+    n = p // (2 * size)
+    blocks = jnp.einsum("aiaj->aij", m.reshape(n, 2 * size, n, 2 * size))  # [n, 2s, 2s]
+    l11, l22 = inv[0::2], inv[1::2]
+    x21 = -l22 @ blocks[:, size:, :size] @ l11
+    top = jnp.concatenate([l11, jnp.zeros_like(l11)], axis=-1)
+    inv = jnp.concatenate([top, jnp.concatenate([x21, l22], axis=-1)], axis=-2)
+    size *= 2
+  return inv[0, :c, :c]
+
+
 class ChunkCoefficients(NamedTuple):
   """How memory and momentum at each token of a chunk depend on the chunk's start and writes.
 

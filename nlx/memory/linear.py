@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from nlx.memory import core
 
@@ -39,17 +38,15 @@ def _delta_rule_prepare(chunk):
   Inside a chunk (local times 1..C, γ_t = Π_{l≤t} exp(g_l)), the memory is
   ``S_t = γ_t S_0 + Σ_{j≤t} (γ_t/γ_j) k_j w_jᵀ`` where the pseudo-values w solve
   ``w_t + β_t Σ_{j<t} (γ_t/γ_j)(k_t·k_j) w_j = β_t v_t − β_t γ_t S_0ᵀ k_t``, a unit lower triangular
-  system ``(I + A) W = βV − (βγ K) S_0``. Solving it for both right-hand sides gives
+  system ``(I + A) W = βV − (βγ K) S_0``. With ``(I + A)^{-1}`` (``core.unit_lower_inverse``),
   ``W = U − Wk S_0`` with U and Wk independent of S_0.
   """
   q, k, v, beta, log_decay = chunk
   decay = core.decay_matrix(log_decay)
   gamma = jnp.exp(jnp.cumsum(log_decay))
-  a = jnp.tril(beta[:, None] * decay * (k @ k.T), -1)
-  rhs = jnp.concatenate([beta[:, None] * v, (beta * gamma)[:, None] * k], axis=-1)
-  sol = solve_triangular(jnp.eye(a.shape[0], dtype=a.dtype) + a, rhs, lower=True,
-                         unit_diagonal=True)
-  u, wk = sol[:, :v.shape[-1]], sol[:, v.shape[-1]:]
+  inverse = core.unit_lower_inverse(beta[:, None] * decay * (k @ k.T))
+  u = inverse @ (beta[:, None] * v)
+  wk = inverse @ ((beta * gamma)[:, None] * k)
   return q, k, u, wk, decay, gamma
 
 
