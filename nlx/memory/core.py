@@ -138,10 +138,12 @@ def segment_sum(x: Array) -> Array:
   strong decay lose no precision.
   """
   c = x.shape[-1]
-  rows = jnp.broadcast_to(x[:, None], (c, c))
+  lower = jnp.tril(jnp.ones((c, c), bool))
   strict = jnp.tril(jnp.ones((c, c), bool), -1)
-  sums = jnp.cumsum(jnp.where(strict, rows, 0), axis=0)
-  return jnp.where(jnp.tril(jnp.ones((c, c), bool)), sums, -jnp.inf)
+  # sums[t, s] = Σ_{l ≤ t} [l > s] x_l: a cumulative sum down the rows, as one matmul (XLA's CPU
+  # cumsum is a slow reduce-window).
+  sums = lower.astype(x.dtype) @ jnp.where(strict, x[:, None], 0)
+  return jnp.where(lower, sums, -jnp.inf)
 
 
 def decay_matrix(log_a: Array) -> Array:
@@ -323,10 +325,13 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
 
+  def prepare(chunk):  # gate coefficients do not depend on the state: all chunks at once
+    qc, kc, vc, lrc, gc, mc = chunk
+    return qc, kc, vc, lrc, chunk_coefficients(gc, mc)
+
   def body(carry, chunk):
     w0, p0 = carry
-    qc, kc, vc, lrc, gc, mc = chunk
-    coef = chunk_coefficients(gc, mc)
+    qc, kc, vc, lrc, coef = chunk
     inputs, errors = layer_grad_factors(memory, objective, w0, kc, vc)
     writes = {name: -lrc[:, None] * e for name, e in errors.items()}
 
@@ -348,5 +353,5 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
 
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
                                              (q, k, v, lr, log_decay, momentum), chunk_size,
-                                             batch_ndim=batch_ndim)
+                                             prepare=prepare, batch_ndim=batch_ndim)
   return o, weights, momentum_state
