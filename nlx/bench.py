@@ -388,6 +388,20 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def _git_state() -> Optional[dict]:
+  """Commit and dirtiness of the nlx sources when they are a git checkout (else None)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", here],
+                           capture_output=True, text=True, timeout=10, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {"commit": commit, "dirty_files": [line[3:] for line in dirty.splitlines()]}
+
+
 def device_info() -> dict:
   """Backend and device of this process (initialises the JAX backend)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -511,6 +525,7 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
   start = time.perf_counter()
   load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  git_before = _git_state()
   info = {}
 
   def run(spec: dict) -> tuple[Optional[dict], str]:
@@ -542,6 +557,8 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "peak_bytes_definition": "argument + output + temp bytes of XLA's compiled memory analysis",
         "complete": complete,
+        # The sources measured: children import nlx afresh, so edits during a run would count.
+        "nlx_git_before": git_before, "nlx_git_after": _git_state(),
     }
     return {"records": records, "speedups": speedups(records), "unavailable": unavailable,
             "failures": failures, "meta": meta}
