@@ -234,17 +234,23 @@ def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, g
   return w
 
 
-def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, batch_ndim: int = 0):
+def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
+                batch_ndim: int = 0):
   """``lax.scan`` of ``body`` over chunks of ``chunk_size`` steps, and the remainder chunk.
 
+  Only ``body`` is sequential. ``prepare`` (before) and ``finish`` (after) run for all chunks at
+  once, so the scan carries the state and nothing else (as flash-linear-attention does).
+
   Args:
-    body: ``(carry, chunk) -> (carry, y [C, ...])`` for one batch slice.
+    body: ``(carry, chunk) -> (carry, y)`` for one batch slice.
     carry: initial carry (leaves ``[*batch, ...]``).
     xs: pytree of arrays ``[*batch, T, ...]`` (None leaves allowed).
     chunk_size: C. The last ``T mod C`` steps form a shorter final chunk, handled by a second call
       of ``body``; no padding is needed, so no padded token can touch the state.
     prepare: optional state-independent ``chunk -> chunk`` step, run for all chunks in parallel
       (vmapped) before the sequential scan.
+    finish: optional ``(chunk, y) -> out [C, ...]``, run for all chunks in parallel after the scan
+      (default: ``y`` itself, which must then be ``[C, ...]``).
     batch_ndim: number of leading batch axes. The scan runs over chunk-major arrays
       ``[N, *batch, C, ...]`` with ``body`` vmapped inside it; a scan nested in vmaps would slice
       batch-strided stacks, which XLA's CPU backend copies whole at every step of the backward
@@ -256,6 +262,7 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, batch_ndim: int 
   t = jax.tree.leaves(xs)[0].shape[batch_ndim]
   n = t // chunk_size
   prepare = prepare or (lambda chunk: chunk)
+  finish = finish or (lambda chunk, y: y)
   step = batched(body, batch_ndim)
   ys = []
   if n:
@@ -266,12 +273,13 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, batch_ndim: int 
 
     full = batched(prepare, batch_ndim + 1)(jax.tree.map(split, xs))
     carry, y = jax.lax.scan(step, carry, full)
-    y = jnp.moveaxis(y, 0, batch_ndim)
+    y = jnp.moveaxis(batched(finish, batch_ndim + 1)(full, y), 0, batch_ndim)
     ys.append(y.reshape(y.shape[:batch_ndim] + (n * chunk_size,) + y.shape[batch_ndim + 2:]))
   if t > n * chunk_size:
     tail = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, n * chunk_size, t, axis=batch_ndim), xs)
-    carry, y = step(carry, batched(prepare, batch_ndim)(tail))
-    ys.append(y)
+    tail = batched(prepare, batch_ndim)(tail)
+    carry, y = step(carry, tail)
+    ys.append(batched(finish, batch_ndim)(tail, y))
   return carry, jnp.concatenate(ys, axis=batch_ndim) if len(ys) > 1 else ys[0]
 
 
@@ -329,17 +337,11 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
     qc, kc, vc, lrc, gc, mc = chunk
     return qc, kc, vc, lrc, chunk_coefficients(gc, mc)
 
-  def body(carry, chunk):
+  def body(carry, chunk):  # sequential: only what the next chunk's state needs
     w0, p0 = carry
-    qc, kc, vc, lrc, coef = chunk
+    _, kc, vc, lrc, coef = chunk
     inputs, errors = layer_grad_factors(memory, objective, w0, kc, vc)
     writes = {name: -lrc[:, None] * e for name, e in errors.items()}
-
-    def matmul(name, h):
-      return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
-                          None if p0 is None else p0[name], coef.carry)
-
-    o = memory.forward(matmul, qc)
     w1 = {
         name: chunk_end_weights(w0[name], inputs[name], writes[name], coef.write[-1],
                                 coef.gamma[-1], None if p0 is None else p0[name],
@@ -349,9 +351,20 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
         name: chunk_end_weights(p0[name], inputs[name], writes[name], coef.mom_write[-1],
                                 coef.mom_carry[-1]) for name in p0
     }
-    return (w1, p1), o
+    return (w1, p1), (w0, p0, inputs, writes)
+
+  def finish(chunk, y):  # parallel over chunks: token t reads its own weights (the dual form)
+    qc, _, _, _, coef = chunk
+    w0, p0, inputs, writes = y
+
+    def matmul(name, h):
+      return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
+                          None if p0 is None else p0[name], coef.carry)
+
+    return memory.forward(matmul, qc)
 
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
                                              (q, k, v, lr, log_decay, momentum), chunk_size,
-                                             prepare=prepare, batch_ndim=batch_ndim)
+                                             prepare=prepare, finish=finish,
+                                             batch_ndim=batch_ndim)
   return o, weights, momentum_state

@@ -51,11 +51,17 @@ def _delta_rule_prepare(chunk):
 
 
 def _delta_rule_body(state, prepared):
-  """One chunk given its solved UT system: pseudo-values, reads and the end state."""
-  q, k, u, wk, decay, gamma = prepared
+  """Sequential part of a chunk: its pseudo-values and the state after it."""
+  _, k, u, wk, decay, gamma = prepared
   writes = u - wk @ state
-  o = core.chunk_matmul(q, state, k, writes, decay, gamma)
-  return core.chunk_end_weights(state, k, writes, decay[-1], gamma[-1]), o
+  return core.chunk_end_weights(state, k, writes, decay[-1], gamma[-1]), (state, writes)
+
+
+def _delta_rule_read(prepared, y):
+  """Parallel part of a chunk: every token's read, from the chunk-start state and pseudo-values."""
+  q, k, _, _, decay, gamma = prepared
+  state, writes = y
+  return core.chunk_matmul(q, state, k, writes, decay, gamma)
 
 
 def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Array, state: Array,
@@ -70,5 +76,6 @@ def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Arr
     ``(o [T, V], final state [K, V])``.
   """
   state, o = core.scan_chunks(_delta_rule_body, state, (q, k, v, beta, log_decay), chunk_size,
-                              prepare=_delta_rule_prepare, batch_ndim=batch_ndim)
+                              prepare=_delta_rule_prepare, finish=_delta_rule_read,
+                              batch_ndim=batch_ndim)
   return o, state
