@@ -44,8 +44,9 @@ Isolation: by default every configuration runs in its own ``python -m nlx.bench`
 killed after ``--timeout-s`` seconds (default 300), or on CPU once it has used no CPU time for
 ``--stall-s`` seconds (default 60), and retried ``--retries`` times (default 1).
 XLA's CPU runtime can hang (every thread parked on a futex, no progress, forever): on the 2-vCPU
-development VM the LAPACK triangular solve that the chunked delta rule uses (and its gradient)
-does so intermittently when XLA may use more than one core. A configuration that never finishes is
+development VM the LAPACK triangular solve that the chunked delta rule once used did so in its
+gradient (see docs/RESULTS.md; nlx no longer calls it).
+A configuration that never finishes is
 listed under ``failures`` instead of stopping the benchmark. The children also give every
 configuration a fresh allocator, so that ``device_peak_bytes_in_use`` is per configuration.
 ``--in-process`` measures everything in the calling process instead (faster to start; used by the
