@@ -109,17 +109,10 @@ def _choice_list(allowed: Sequence[str], what: str) -> Callable[[str], list]:
 
 
 def _positive_int_list(text: str) -> list:
-  values = []
-  for x in (x.strip() for x in text.split(",")):
-    if not x:
-      continue
-    try:
-      n = int(x)
-    except ValueError:
-      n = 0
-    if n < 1:
-      raise argparse.ArgumentTypeError(f"expected positive integers separated by commas; got {x!r}")
-    values.append(n)
+  try:
+    values = [_positive_int(x.strip()) for x in text.split(",") if x.strip()]
+  except argparse.ArgumentTypeError as e:
+    raise argparse.ArgumentTypeError(f"expected positive integers separated by commas; {e}")
   if not values:
     raise argparse.ArgumentTypeError("expected at least one positive integer, e.g. 1024,4096")
   return list(dict.fromkeys(values))
