@@ -166,14 +166,19 @@ class RecallModel(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def masked_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Mean cross-entropy and accuracy over the masked (answer) positions."""
+def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict:
+  """Summed cross-entropy, correct predictions and count over the masked (answer) positions."""
   mask = mask.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  count = jnp.maximum(mask.sum(), 1.0)
-  loss = (ce * mask).sum() / count
-  acc = ((jnp.argmax(logits, -1) == targets) * mask).sum() / count
-  return loss, acc
+  correct = (jnp.argmax(logits, -1) == targets) * mask
+  return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
+
+
+def masked_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Mean cross-entropy and accuracy over the masked (answer) positions."""
+  sums = masked_sums(logits, targets, mask)
+  count = jnp.maximum(sums["count"], 1.0)
+  return sums["loss_sum"] / count, sums["correct"] / count
 
 
 def make_steps(tx: optax.GradientTransformation):
@@ -191,11 +196,7 @@ def make_steps(tx: optax.GradientTransformation):
 
   def eval_step(graphdef, state, batch):
     model = nnx.merge(graphdef, state)
-    logits = model(batch["tokens"])
-    mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask
-    return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
+    return masked_sums(model(batch["tokens"]), batch["targets"], batch["mask"])
 
   return (jax.jit(train_step, static_argnums=0, donate_argnums=(1, 2)),
           jax.jit(eval_step, static_argnums=0))

@@ -232,8 +232,6 @@ def _check_titans_state(memory: core.Memory, state, b, h, dk, dv):
     raise ValueError("titans_memory with an MLP memory needs initial_state: zero MLP weights have "
                      "zero gradients and never learn; create one with "
                      "MLPMemory().init_state(key, batch, heads, dim, hidden)")
-  if dk != dv:
-    raise ValueError(f"the residual MLP memory needs K == V; got K={dk}, V={dv}")
   names = set(memory.layer_shapes(dk, dv, 1))
   for label, tree in (("initial_state.memory", weights), ("initial_state.momentum", mom)):
     if tree is None:
@@ -241,8 +239,11 @@ def _check_titans_state(memory: core.Memory, state, b, h, dk, dv):
     if not isinstance(tree, dict) or set(tree) != names:
       raise ValueError(f"{label} must be a dict with keys {sorted(names)}; got "
                        f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
-    hidden = tree["w2"].shape[-1] if getattr(tree["w2"], "ndim", 0) == 4 else None
-    for name, shape in memory.layer_shapes(dk, dv, hidden).items():
+    for name in names:
+      if getattr(tree[name], "ndim", None) != 4:
+        raise ValueError(f"{label}[{name!r}] must have shape [B, H, in, out]; got "
+                         f"{getattr(tree[name], 'shape', type(tree[name]).__name__)}")
+    for name, shape in memory.layer_shapes(dk, dv, memory.hidden_dim(tree)).items():
       _check_state(f"{label}[{name!r}]", tree[name], (b, h) + shape)
   return weights, mom
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nlx import ops
+from nlx.memory import core as core_memory
 from nlx.memory import objectives
 from nlx.memory.deep import MLPMemory
 
@@ -221,3 +222,32 @@ def test_unit_lower_inverse_matches_numpy(c):
   a[np.triu_indices(c)] = 5.0  # entries on and above the diagonal must be ignored
   want = np.linalg.inv(np.eye(c) + np.tril(a, -1))
   np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(a)), want, rtol=1e-12, atol=1e-12)
+
+
+class _TanhMemory(core_memory.Memory):
+  """A user-defined two-layer memory with its own layer names: ``x + tanh(x @ up) @ down``."""
+
+  def forward(self, matmul, x):
+    return x + matmul("down", jnp.tanh(matmul("up", x)))
+
+  def layer_shapes(self, key_dim, value_dim, hidden_dim):
+    return {"up": (key_dim, hidden_dim), "down": (hidden_dim, value_dim)}
+
+  def hidden_dim(self, weights):
+    return weights["up"].shape[-1]
+
+
+def test_user_defined_memory_runs_and_chunked_matches_recurrent():
+  a = _inputs("titans_linear", b=1, t=11, h=2)
+  r = np.random.default_rng(0)
+  init = {"up": 0.3 * r.normal(size=(1, 2, 8, 5)), "down": 0.3 * r.normal(size=(1, 2, 5, 8))}
+  outs = [ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], memory=_TanhMemory(),
+                            initial_state=init, chunk_size=4, impl=impl)
+          for impl in ("recurrent", "chunked")]
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
+  for name in init:
+    np.testing.assert_allclose(outs[1][1].memory[name], outs[0][1].memory[name], rtol=1e-10,
+                               atol=1e-10)
+  with pytest.raises(ValueError, match=r"initial_state.memory\['up'\] must have shape \[B, H, in, out\]"):
+    ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], memory=_TanhMemory(),
+                      initial_state={"up": init["up"][0], "down": init["down"]})

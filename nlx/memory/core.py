@@ -50,7 +50,13 @@ class Memory:
     raise NotImplementedError
 
   def layer_shapes(self, key_dim: int, value_dim: int, hidden_dim: int) -> dict:
+    """``{name: (in, out)}``; raises ValueError for dimensions the memory cannot take."""
     raise NotImplementedError
+
+  def hidden_dim(self, weights: Weights) -> int:
+    """The hidden width of ``weights`` (leaves ``[..., in, out]``); 0 for one-layer memories."""
+    del weights
+    return 0
 
   def apply(self, weights: Weights, x: Array) -> Array:
     """``M(x)`` with plain weights; x ``[..., K]`` -> ``[..., V]``."""

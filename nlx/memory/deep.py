@@ -42,7 +42,12 @@ class MLPMemory(core.Memory):
     return x + matmul("w1", ACTIVATIONS[self.activation](matmul("w2", x)))
 
   def layer_shapes(self, key_dim: int, value_dim: int, hidden_dim: int) -> dict:
+    if key_dim != value_dim:
+      raise ValueError(f"the residual MLP memory needs K == V; got K={key_dim}, V={value_dim}")
     return {"w2": (key_dim, hidden_dim), "w1": (hidden_dim, value_dim)}
+
+  def hidden_dim(self, weights: dict) -> int:
+    return weights["w2"].shape[-1]
 
   def init_state(self, key: Array, batch: int, heads: int, dim: int, hidden: int,
                  dtype=jnp.float32) -> dict:
