@@ -1,0 +1,143 @@
+"""Softmax attention: causal, RoPE, grouped-query, optional sliding window and persistent tokens.
+
+Attention is the non-parametric memory of PAPER.md §1 (no write: the KV cache is the memory). The
+cache is a ring of ``L`` slots (``L = window`` for sliding-window attention, else
+``max_seq_len``); each slot remembers the absolute position of its key, so one masking rule
+serves training, prefill and decoding. Persistent-memory tokens (Titans) are learned vectors
+projected to keys and values that every query sees.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nlx.nn.config import ModelConfig
+from nlx.nn.mixer import Mixer
+from nlx.nn.params import Dense, normal, param
+from nlx.nn.registry import register
+from nlx.nn.rope import rope
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+  """Keys/values ``[B, L, H_kv, D]`` (RoPE applied) and each slot's position ``[L]`` (−1: empty)."""
+
+  k: Array
+  v: Array
+  slot_pos: Array
+
+
+def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+           window: Optional[int] = None, prefix: Optional[tuple[Array, Array]] = None) -> Array:
+  """Masked softmax attention with grouped-query heads.
+
+  Args:
+    q: ``[B, T, H, D]``; k, v: ``[B, S, H_kv, D]`` with ``H_kv`` dividing H.
+    q_pos: ``[T]`` and k_pos: ``[S]`` absolute positions; key j is visible to query i when
+      ``0 <= k_pos[j] <= q_pos[i]`` and, with a window, ``q_pos[i] − k_pos[j] < window``.
+    prefix: optional ``(k_p, v_p)`` ``[B, P, H_kv, D]`` visible to every query (persistent tokens).
+
+  Returns:
+    ``[B, T, H, D]`` in q's dtype.
+  """
+  b, t, h, d = q.shape
+  visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
+  if window is not None:
+    visible &= q_pos[:, None] - k_pos[None, :] < window
+  if prefix is not None:
+    k, v = jnp.concatenate([prefix[0], k], 1), jnp.concatenate([prefix[1], v], 1)
+    visible = jnp.concatenate([jnp.ones((t, prefix[0].shape[1]), bool), visible], 1)
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d).astype(jnp.float32)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * d**-0.5
+  scores = jnp.where(visible, scores, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1)
+  o = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(jnp.float32))
+  return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+def write_cache(cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
+  """Writes the keys/values of ``positions`` (``[T]``) into their slots ``position mod L``."""
+  size = cache.k.shape[1]
+  k, v, positions = k[:, -size:], v[:, -size:], positions[-size:]  # older ones fall out anyway
+  slots = positions % size
+  return KVCache(cache.k.at[:, slots].set(k.astype(cache.k.dtype)),
+                 cache.v.at[:, slots].set(v.astype(cache.v.dtype)),
+                 cache.slot_pos.at[slots].set(positions.astype(cache.slot_pos.dtype)))
+
+
+class Attention(Mixer):
+  """Multi-head causal softmax attention with RoPE (Transformer++; SWA of Samba and Titans).
+
+  Args:
+    cfg: uses d_model, n_heads, n_kv_heads, head_dim, rope_theta, max_seq_len.
+    window: sliding window (None: full causal attention).
+    n_persistent: learned persistent tokens seen by every query (Titans).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, window: Optional[int] = None,
+               n_persistent: int = 0):
+    d, h, hkv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dk
+    self.window, self.rope_theta, self.max_seq_len = window, cfg.rope_theta, cfg.max_seq_len
+    self.heads, self.kv_heads, self.head_dim = h, hkv, dh
+    self.q = Dense((d,), (h, dh), ("embed", "heads", "head_dim"), rngs=rngs)
+    self.k = Dense((d,), (hkv, dh), ("embed", "kv_heads", "head_dim"), rngs=rngs)
+    self.v = Dense((d,), (hkv, dh), ("embed", "kv_heads", "head_dim"), rngs=rngs)
+    self.o = Dense((h, dh), (d,), ("heads", "head_dim", "embed"), rngs=rngs)
+    self.persistent = (param(rngs, normal(1.0), (n_persistent, d), ("persistent", "embed"))
+                       if n_persistent else None)
+
+  def cache_size(self, max_len: int) -> int:
+    return max_len if self.window is None else min(self.window, max_len)
+
+  def init_state(self, batch_size: int, max_len: int) -> KVCache:
+    size = self.cache_size(max_len)
+    shape = (batch_size, size, self.kv_heads, self.head_dim)
+    return KVCache(jnp.zeros(shape), jnp.zeros(shape), jnp.full((size,), -1, jnp.int32))
+
+  def _prefix(self, batch_size: int, dtype) -> Optional[tuple[Array, Array]]:
+    if self.persistent is None:
+      return None
+    p = self.persistent[...].astype(dtype)
+    k, v = self.k(p), self.v(p)  # no RoPE: persistent tokens have no position
+    expand = lambda x: jnp.broadcast_to(x[None], (batch_size,) + x.shape)
+    return expand(k), expand(v)
+
+  def __call__(self, x: Array, state: Optional[KVCache] = None,
+               pos: Array | int = 0) -> tuple[Array, Optional[KVCache]]:
+    b, t, _ = x.shape
+    positions = pos + jnp.arange(t, dtype=jnp.int32)
+    q = rope(self.q(x), positions, self.rope_theta)
+    k = rope(self.k(x), positions, self.rope_theta)
+    v = self.v(x)
+    if state is None:
+      keys, values, k_pos = k, v, positions
+    else:
+      keys = jnp.concatenate([state.k.astype(k.dtype), k], 1)
+      values = jnp.concatenate([state.v.astype(v.dtype), v], 1)
+      k_pos = jnp.concatenate([state.slot_pos, positions])
+      state = write_cache(state, k, v, positions)
+    o = attend(q, keys, values, positions, k_pos, self.window, self._prefix(b, x.dtype))
+    return self.o(o), state
+
+
+def transformer(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Attention:
+  """Transformer++'s mixer: full causal attention, or sliding-window with ``cfg.window``."""
+  return Attention(cfg, rngs=rngs, window=cfg.window)
+
+
+def sliding_window(cfg: ModelConfig, *, rngs: nnx.Rngs, n_persistent: int = 0) -> Attention:
+  """Sliding-window attention of the hybrids (Samba, Titans); ``cfg.window`` is required."""
+  if cfg.window is None:
+    raise ValueError(f"model.window=None is not allowed for family {cfg.family!r}: it needs a "
+                     "sliding window (an int >= 1)")
+  return Attention(cfg, rngs=rngs, window=cfg.window, n_persistent=n_persistent)
+
+
+register("transformer", transformer,
+         description="Transformer++: RoPE, grouped-query causal softmax attention, SwiGLU")

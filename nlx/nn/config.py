@@ -1,0 +1,157 @@
+"""The model config: every field, its default and its validation, in one place.
+
+``config.model`` (an ``ml_collections.ConfigDict`` or a plain dict) is read into a frozen
+``ModelConfig``; unknown fields, wrong types and inconsistent values are ValueErrors that name the
+field, the value and what is allowed. Families check the fields they use through
+``ModelConfig.require``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Mapping, Optional
+
+IMPLS = ("auto", "chunked", "recurrent")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Fields of ``config.model``.
+
+  Attributes:
+    family: the mixer family (a name registered in ``nlx.nn.registry``).
+    vocab_size: V, the vocabulary.
+    d_model: the residual width d.
+    n_layers: number of blocks (a multiple of the family's pattern length: Samba and Titans MAL
+      interleave two block types).
+    n_heads: H, heads of the mixer.
+    n_kv_heads: key/value heads of softmax attention (grouped-query); None = n_heads.
+    head_dim: key dimension per head; None = d_model // n_heads.
+    expand_v: value dimension per head = expand_v · head_dim (RetNet, Gated DeltaNet use 2).
+    mlp_dim: hidden width of the SwiGLU MLP of every block.
+    tie_embeddings: the output head reuses the embedding table.
+    max_seq_len: length of the KV cache of full (unwindowed) attention in ``init_state``.
+    rope_theta: RoPE base.
+    window: sliding window of softmax attention (None: full causal attention). Samba, Titans
+      MAG/MAL use it for their attention; Titans MAC uses it as the segment length.
+    conv_size: width of the short causal convolutions (0: none).
+    chunk_size: chunk of the exact chunked forms of linear_attention / delta_rule.
+    memory_chunk_size: chunk of the chunk-start gradients of titans_memory (TTT, Titans): a
+      modelling choice; 1 is online gradient descent, for which step-by-step decoding is exact.
+    impl: implementation of the nlx.ops calls: "auto" | "chunked" | "recurrent".
+    state_dim: Mamba2's N (state size per head).
+    mamba_expand: Mamba2's inner width = mamba_expand · d_model.
+    mamba_head_dim: Mamba2's head dimension P.
+    memory_expand: hidden width of MLP memories = memory_expand · head_dim.
+    n_persistent: learned persistent-memory tokens of Titans MAC/MAG/MAL attention.
+    ttt_base_lr: TTT's inner learning rate scale.
+    titans_lr_max: the largest inner learning rate of the Titans memory.
+    norm_eps: epsilon of RMSNorm.
+    init_std: std of the embedding.
+  """
+
+  family: str = "transformer"
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 2
+  n_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  expand_v: int = 1
+  mlp_dim: int = 172
+  tie_embeddings: bool = True
+  max_seq_len: int = 4096
+  rope_theta: float = 10000.0
+  window: Optional[int] = None
+  conv_size: int = 4
+  chunk_size: int = 64
+  memory_chunk_size: int = 16
+  impl: str = "auto"
+  state_dim: int = 64
+  mamba_expand: int = 2
+  mamba_head_dim: int = 64
+  memory_expand: int = 2
+  n_persistent: int = 4
+  ttt_base_lr: float = 1.0
+  titans_lr_max: float = 0.1
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      _check_type(f.name, getattr(self, f.name), f.type)
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "expand_v", "mlp_dim",
+                "max_seq_len", "chunk_size", "memory_chunk_size", "state_dim", "mamba_expand",
+                "mamba_head_dim", "memory_expand")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name} must be >= 1; got {getattr(self, name)!r}")
+    for name in ("conv_size", "n_persistent"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name} must be >= 0; got {getattr(self, name)!r}")
+    for name in ("n_kv_heads", "head_dim", "window"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"model.{name} must be None or >= 1; got {value!r}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"model.impl={self.impl!r} is not one of {IMPLS}")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
+                       "(or set model.head_dim)")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide "
+                       f"model.n_heads={self.n_heads}")
+
+  @property
+  def dk(self) -> int:
+    """Key (and query) dimension per head."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  @property
+  def dv(self) -> int:
+    """Value dimension per head."""
+    return self.expand_v * self.dk
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  def require(self, family: str, **conditions: tuple[bool, str]) -> None:
+    """Raises a ValueError for the first ``field=(ok, allowed)`` with ``ok`` false."""
+    for name, (ok, allowed) in conditions.items():
+      if not ok:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not allowed for family "
+                         f"{family!r}: {allowed}")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "ModelConfig":
+    """Reads a ConfigDict / mapping / ModelConfig; unknown fields are refused by name."""
+    if isinstance(config, cls):
+      return config
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    if not isinstance(config, Mapping):
+      raise ValueError(f"model config must be a ConfigDict or a mapping; got "
+                       f"{type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+      raise ValueError(f"unknown model config field(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**dict(config))
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+  optional = annotation.startswith("Optional[")
+  base = annotation[len("Optional["):-1] if optional else annotation
+  if value is None:
+    if optional:
+      return
+    raise ValueError(f"model.{name} must be a {base}; got None")
+  ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str)}[base]
+  if not ok:
+    raise ValueError(f"model.{name} must be a{'n' if base == 'int' else ''} {base}"
+                     f"{' or None' if optional else ''}; got {value!r}")

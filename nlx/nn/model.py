@@ -1,0 +1,141 @@
+"""The language model of the zoo: embedding, scanned layer groups, final norm, head.
+
+``build_model(config.model, rngs=...)`` picks the mixers of ``config.model.family`` from the
+registry (``nlx.nn.registry``) and returns an ``LM``::
+
+  tokens [B, T] -> embed -> n_layers x [x + Mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
+                 -> RMSNorm -> head (tied to the embedding or not) -> logits [B, T, vocab]
+
+A family's layer group holds one block per mixer of its pattern (one for most families; two for
+Samba and Titans MAL, which interleave), and the ``n_layers / len(pattern)`` groups are stacked on
+a leading ``"layers"`` axis and run by one ``lax.scan``, so a 24-layer model compiles one layer per
+block type. Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
+the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nlx.nn import registry
+from nlx.nn.config import ModelConfig
+from nlx.nn.mlp import SwiGLU
+from nlx.nn.norms import RMSNorm
+from nlx.nn.params import Dense, Embedding
+
+Array = jax.Array
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: ``x + Mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``."""
+
+  def __init__(self, cfg: ModelConfig, mixer_factory, *, rngs: nnx.Rngs):
+    self.norm1 = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
+    self.mixer = mixer_factory(cfg, rngs=rngs)
+    self.norm2 = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs)
+
+  def __call__(self, x: Array, state=None, pos=0):
+    y, state = self.mixer(self.norm1(x), state, pos)
+    x = x + y
+    return x + self.mlp(self.norm2(x)), state
+
+
+class Group(nnx.Module):
+  """One block per mixer of the family's pattern, applied in order."""
+
+  def __init__(self, cfg: ModelConfig, family: registry.Family, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, f, rngs=rngs) for f in family.mixers])
+
+  def init_state(self, batch_size: int, max_len: int) -> tuple:
+    return tuple(block.mixer.init_state(batch_size, max_len) for block in self.blocks)
+
+  def __call__(self, x: Array, states: Optional[tuple] = None, pos=0):
+    new_states = []
+    for i, block in enumerate(self.blocks):
+      x, s = block(x, None if states is None else states[i], pos)
+      new_states.append(s)
+    return x, None if states is None else tuple(new_states)
+
+
+def validate(cfg: ModelConfig) -> registry.Family:
+  """Checks ``cfg`` for its family; returns the family."""
+  family = registry.get(cfg.family)
+  if cfg.n_layers % len(family.mixers):
+    raise ValueError(f"model.n_layers={cfg.n_layers} must be a multiple of {len(family.mixers)} "
+                     f"for family {cfg.family!r} (its layer group has {len(family.mixers)} "
+                     "blocks)")
+  family.validate(cfg)
+  return family
+
+
+class LM(nnx.Module):
+  """A causal language model on one of the registered mixer families."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    family = validate(cfg)
+    self.cfg = cfg
+    self.n_groups = cfg.n_layers // len(family.mixers)
+    self.embed = Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std)
+
+    @nnx.split_rngs(splits=self.n_groups)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_groups(rngs: nnx.Rngs) -> Group:
+      return Group(cfg, family, rngs=rngs)
+
+    self.layers = make_groups(rngs)
+    self.norm = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
+    self.head = (None if cfg.tie_embeddings else
+                 Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs))
+
+  def _logits(self, x: Array) -> Array:
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32)
+
+  def _run_layers(self, x: Array, states=None, pos=0):
+    """Scans the stacked groups over ``x`` (and their states); returns ``(x, states)``."""
+    graphdef, params = nnx.split(self.layers)
+
+    def body(x, layer):
+      group_params, group_states = layer
+      x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos)
+      return x, group_states
+
+    return jax.lax.scan(body, x, (params, states))
+
+  def __call__(self, tokens: Array) -> Array:
+    """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state."""
+    x, _ = self._run_layers(self.embed(tokens))
+    return self._logits(x)
+
+  def init_state(self, batch_size: int, max_len: Optional[int] = None) -> dict:
+    """The state before the first token: ``{"pos": 0, "layers": stacked mixer states}``.
+
+    ``max_len`` (default ``cfg.max_seq_len``) bounds the KV cache of full attention.
+    """
+    max_len = self.cfg.max_seq_len if max_len is None else max_len
+    graphdef, params = nnx.split(self.layers)
+    init = lambda p: nnx.merge(graphdef, p).init_state(batch_size, max_len)
+    return {"pos": jnp.zeros((), jnp.int32), "layers": jax.vmap(init)(params)}
+
+  def prefill(self, tokens: Array, state: dict) -> tuple[Array, dict]:
+    """Continues the sequence of ``state`` with ``tokens [B, T]``: ``(logits [B, T, V], state)``."""
+    pos = state["pos"]
+    x, layers = self._run_layers(self.embed(tokens), state["layers"], pos)
+    return self._logits(x), {"pos": pos + tokens.shape[1], "layers": layers}
+
+  def step(self, token: Array, state: dict) -> tuple[Array, dict]:
+    """One token ``[B]``: ``(logits [B, V], state)``."""
+    logits, state = self.prefill(token[:, None], state)
+    return logits[:, 0], state
+
+
+def build_model(config: Any, *, rngs: nnx.Rngs) -> LM:
+  """The ``LM`` of ``config`` (``config.model``: a ConfigDict, a mapping or a ``ModelConfig``)."""
+  import nlx.nn.families  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
+  return LM(ModelConfig.from_config(config), rngs=rngs)
