@@ -1,0 +1,229 @@
+"""One chunk of a linear associative memory, written once for the reference and both kernels.
+
+Every function here works on ONE (batch·head, value-block) slice and ONE chunk of C tokens, in
+float32, and uses only operations that Pallas lowers on GPU (Triton) and TPU (Mosaic): 2-D
+matmuls (``lax.dot_general``, transposed operands included), elementwise math, ``where`` on iota
+masks, reductions with ``keepdims`` and a ``fori_loop``. No slicing of values, no cumsum, no 1-D
+vectors: gates arrive already accumulated within the chunk, as a column ``[C, 4]`` and a row
+``[4, C]`` (the two layouts a kernel needs for outer differences), so the same code runs inside a
+Triton program, a Mosaic kernel and a plain ``lax.scan`` (``reference.py``).
+
+Three memories (``KINDS``), the linear-memory ops of ``nlx.ops`` (see its docstrings):
+
+* ``linear_attention``: ``S_t = a_t S_{t-1} + k_t v_tᵀ``.
+* ``delta_rule``: ``S_t = a_t S_{t-1} + β_t k_t (v_t − a_t S_{t-1}ᵀ k_t)ᵀ`` (online L2 step).
+* ``titans``: ``P_t = η_t P_{t-1} + β_t k_t (v_t − S_cᵀ k_t)ᵀ`` (gradient at the chunk-start state
+  ``S_c``, β the inner learning rate), ``S_t = a_t S_{t-1} + P_t``; without momentum ``P_t`` is
+  the write alone.
+
+With ``G_t = Σ_{l≤t} log a_l`` and ``E_t = Σ_{l≤t} log η_l`` (sums within the chunk), every state in
+the chunk is ``S_t = e^{G_t} S_0 + c_t P_0 + Σ_{j≤t} Γ_{tj} k_j u_jᵀ`` with pseudo-values ``u`` and
+write coefficients Γ (``Γ = D``, the decay matrix ``D_{tj} = e^{G_t − G_j}``, or ``Γ = D·D^η`` with
+momentum). Outputs read after the write: ``o_t = S_tᵀ (scale · q_t)``.
+
+Gate channels (``GATE_CHANNELS``): 0 β (write strength / inner learning rate; 1 for linear
+attention), 1 G (cumulative log-decay), 2 E (cumulative log-momentum), 3 unused (zero; keeps the
+channel count a power of two for Triton).
+
+Padding: only the final chunk may be partial; ``last`` is the index of its last real token (C − 1
+for full chunks). End states are read at row ``last``, and no row ``t ≤ last`` depends on a later
+row, so padded tokens (zeros, β = 0) never reach an output or a state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+KINDS = ("linear_attention", "delta_rule", "titans")
+GATE_CHANNELS = 4
+BETA, LOG_DECAY, LOG_MOMENTUM = 0, 1, 2
+
+
+class Chunk(NamedTuple):
+  """Inputs of one chunk (float32). q, k: ``[C, K]``; v: ``[C, V]``; gates ``[C, 4]``/``[4, C]``."""
+
+  q: Array
+  k: Array
+  v: Array
+  gates_col: Array
+  gates_row: Array
+
+
+class State(NamedTuple):
+  """Memory ``[K, V]`` and momentum ``[K, V]`` (None without momentum)."""
+
+  memory: Array
+  momentum: Optional[Array]
+
+
+def _mm(a: Array, b: Array) -> Array:
+  """``a @ b`` in float32."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mm_tn(a: Array, b: Array) -> Array:
+  """``aᵀ @ b`` without materialising ``aᵀ``."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mm_nt(a: Array, b: Array) -> Array:
+  """``a @ bᵀ`` without materialising ``bᵀ``."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _iotas(c: int) -> tuple[Array, Array]:
+  """Row and column indices of a ``[C, C]`` matrix."""
+  return (lax.broadcasted_iota(jnp.int32, (c, c), 0), lax.broadcasted_iota(jnp.int32, (c, c), 1))
+
+
+def _channel_col(gates_col: Array, ch: int) -> Array:
+  """``[C, 4] -> [C, 1]``: one gate channel as a column."""
+  lane = lax.broadcasted_iota(jnp.int32, gates_col.shape, 1)
+  return jnp.sum(jnp.where(lane == ch, gates_col, 0.0), axis=1, keepdims=True)
+
+
+def _channel_row(gates_row: Array, ch: int) -> Array:
+  """``[4, C] -> [1, C]``: one gate channel as a row."""
+  sub = lax.broadcasted_iota(jnp.int32, gates_row.shape, 0)
+  return jnp.sum(jnp.where(sub == ch, gates_row, 0.0), axis=0, keepdims=True)
+
+
+def _at_row(col: Array, last) -> Array:
+  """``[C, 1] -> [1, 1]``: the entry at row ``last``."""
+  rows = lax.broadcasted_iota(jnp.int32, col.shape, 0)
+  return jnp.sum(jnp.where(rows == last, col, 0.0), axis=0, keepdims=True)
+
+
+def _masked_exp(mask: Array, x: Array) -> Array:
+  """``exp(x)`` where ``mask``, 0 elsewhere (masked entries never reach ``exp``)."""
+  return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+def delta_matrix_t(chunk: Chunk) -> Array:
+  """``Aᵀ [C, C]`` of the delta rule's UT system ``(I + A) U = …``: ``A_{tj} = β_t D_{tj} k_t·k_j``, j < t.
+
+  Built transposed (``Aᵀ_{jt}``), the layout ``unit_lower_inverse`` reads its rows in.
+  """
+  c = chunk.k.shape[0]
+  rows, cols = _iotas(c)
+  g_col = _channel_col(chunk.gates_col, LOG_DECAY)
+  g_row = _channel_row(chunk.gates_row, LOG_DECAY)
+  beta_row = _channel_row(chunk.gates_row, BETA)
+  decay_t = _masked_exp(cols > rows, g_row - g_col)  # [j, t] = e^{G_t − G_j}, j < t
+  return beta_row * decay_t * _mm_nt(chunk.k, chunk.k)
+
+
+def unit_lower_inverse(a_t: Array) -> Array:
+  """``(I + A)^{-1}`` for strictly lower triangular A, given ``Aᵀ [C, C]``; by forward substitution.
+
+  Row i of the inverse is ``e_i − Σ_{m<i} A_{im} (row m)``, one row per loop step (C steps of
+  ``[C, C]`` elementwise work). Not differentiated: ``chunk_vjp`` applies the inverse's own rule.
+  """
+  c = a_t.shape[0]
+  rows, cols = _iotas(c)
+  eye = (rows == cols).astype(jnp.float32)
+
+  def body(i, inv):
+    a_row_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: A_{i,m}
+    new_row = -jnp.sum(a_row_i * inv, axis=0, keepdims=True)  # [1, C]
+    return jnp.where(rows == i, new_row + eye, inv)
+
+  return lax.fori_loop(1, c, body, eye)
+
+
+def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
+               inverse: Optional[Array] = None) -> tuple[Array, State]:
+  """One chunk: its outputs and the state after its token ``last``.
+
+  Args:
+    kind: one of ``KINDS``.
+    scale: multiplies q.
+    chunk: the chunk's inputs (float32).
+    state: the state before the chunk (momentum None unless ``kind == "titans"`` with momentum).
+    last: int scalar, index of the chunk's last real token.
+    inverse: ``(I + A)^{-1}`` for the delta rule (``unit_lower_inverse(delta_matrix_t(chunk))``);
+      computed here when None. Passed in by the backward pass, which differentiates it apart.
+
+  Returns:
+    ``(o [C, V], State)``.
+  """
+  q, k, v, gc, gr = chunk
+  c = k.shape[0]
+  rows, cols = _iotas(c)
+  causal = rows >= cols
+  beta = _channel_col(gc, BETA)
+  g_col, g_row = _channel_col(gc, LOG_DECAY), _channel_row(gr, LOG_DECAY)
+  g_last = _at_row(g_col, last)
+  w0, p0 = state
+
+  # Pseudo-values u: what each token writes, given the chunk-start state.
+  if kind == "linear_attention":
+    u = v
+  elif kind == "delta_rule":
+    if inverse is None:
+      inverse = unit_lower_inverse(delta_matrix_t(chunk))
+    u = _mm(inverse, beta * v - _mm(beta * jnp.exp(g_col) * k, w0))
+  else:
+    u = beta * (v - _mm(k, w0))
+
+  # Write coefficients: Γ [C, C] and the end row of Γ as a column [C, 1].
+  decay = _masked_exp(causal, g_col - g_row)
+  end_live = rows[:, :1] <= last
+  if p0 is None:
+    gamma, gamma_end = decay, _masked_exp(end_live, g_last - g_col)
+  else:
+    m_col, m_row = _channel_col(gc, LOG_MOMENTUM), _channel_row(gr, LOG_MOMENTUM)
+    m_last = _at_row(m_col, last)
+    gamma = _mm(decay, _masked_exp(causal, m_col - m_row))
+    # Γ_{last, j} = Σ_{j≤s≤last} e^{G_last − G_s} e^{E_s − E_j}: a row sum of D^ηᵀ, masked to s ≤ last.
+    to_end = _masked_exp(cols[:1, :] <= last, g_last - g_row)  # [1, C] over s
+    gamma_end = jnp.sum(_masked_exp(cols >= rows, m_row - m_col) * to_end, axis=1, keepdims=True)
+
+  qs = q * scale
+  o = jnp.exp(g_col) * _mm(qs, w0) + _mm(gamma * _mm_nt(qs, k), u)
+  w1 = jnp.exp(g_last) * w0 + _mm_tn(k, gamma_end * u)
+  p1 = None
+  if p0 is not None:
+    carry = jnp.sum(decay * jnp.exp(m_row), axis=1, keepdims=True)  # c_t = Σ_{s≤t} e^{G_t−G_s+E_s}
+    o = o + carry * _mm(qs, p0)
+    carry_end = jnp.sum(jnp.where(cols[:1, :] <= last, to_end * jnp.exp(m_row), 0.0), axis=1,
+                        keepdims=True)
+    w1 = w1 + carry_end * p0
+    p1 = jnp.exp(m_last) * p0 + _mm_tn(k, _masked_exp(end_live, m_last - m_col) * u)
+  return o, State(w1, p1)
+
+
+def chunk_vjp(kind: str, scale: float, chunk: Chunk, state: State, last, d_out: Array,
+              d_state: State) -> tuple[Chunk, State]:
+  """Gradients of one ``chunk_step`` w.r.t. its chunk inputs and its start state.
+
+  ``jax.vjp`` of ``chunk_step`` with the delta rule's inverse as an input, whose cotangent is
+  then pulled back by hand (``d(I+A)^{-1} = −(I+A)^{-1} dA (I+A)^{-1}``), so that the loop of the
+  forward substitution is never differentiated (its residuals would be C matrices of ``[C, C]``).
+
+  Args:
+    d_out: ``[C, V]`` cotangent of the outputs; d_state: cotangent of the end state.
+
+  Returns:
+    ``(d_chunk, d_state_start)`` with the structures of ``chunk`` and ``state``.
+  """
+  inverse = None
+  if kind == "delta_rule":
+    inverse = unit_lower_inverse(delta_matrix_t(chunk))
+  step = lambda ch, st, inv: chunk_step(kind, scale, ch, st, last, inv)
+  _, pull = jax.vjp(step, chunk, state, inverse)
+  d_chunk, d_start, d_inverse = pull((d_out, d_state))
+  if kind == "delta_rule":
+    # d(Aᵀ) = −(I+A)^{-1} d(inv)ᵀ (I+A)^{-1}, kept on A's pattern (j < t in Aᵀ's [j, t] layout).
+    rows, cols = _iotas(inverse.shape[0])
+    d_a_t = jnp.where(cols > rows, -_mm(inverse, _mm_tn(d_inverse, inverse)), 0.0)
+    _, pull_a = jax.vjp(delta_matrix_t, chunk)
+    (d_chunk_a,) = pull_a(d_a_t)
+    d_chunk = jax.tree.map(jnp.add, d_chunk, d_chunk_a)
+  return d_chunk, d_start

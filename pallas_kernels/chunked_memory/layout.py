@@ -1,0 +1,131 @@
+"""From the ``nlx.ops`` layout to the kernels' layout and back (plain, differentiable XLA).
+
+The ops take ``[B, T, H, D]`` sequences and ``[B, T, H]`` gates. The kernels (and ``reference``)
+take, per (batch·head) slice ``bh``:
+
+* q, k ``[BH, Tp, K]``, v ``[BH, Tp, V]`` in the input dtype, zero-padded to ``Tp = N·C``;
+* gates as a column ``[BH, Tp, 4]`` and a row ``[BH, N, 4, C]`` (float32): β, the chunk-local
+  cumulative log-decay and the chunk-local cumulative log-momentum (``chunk.GATE_CHANNELS``);
+* states ``[BH, K, V]`` (float32).
+
+Everything here is elementwise, a reshape or a cumulative sum over a chunk, so JAX differentiates
+it; the kernels' ``custom_vjp`` only covers the kernel call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunked_memory.chunk import State
+
+Array = jax.Array
+
+
+class Layout(NamedTuple):
+  """Static sizes of a kernel call."""
+
+  batch: int
+  seq_len: int
+  heads: int
+  chunk: int
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.seq_len // self.chunk)
+
+  @property
+  def padded_len(self) -> int:
+    return self.num_chunks * self.chunk
+
+  @property
+  def last(self) -> int:
+    """Index of the last real token within the final chunk."""
+    return (self.seq_len - 1) % self.chunk
+
+
+def sequences(x: Array, layout: Layout) -> Array:
+  """``[B, T, H, D] -> [B·H, Tp, D]``, zero-padded."""
+  b, t, h, d = x.shape
+  x = jnp.moveaxis(x, 2, 1).reshape(b * h, t, d)
+  return jnp.pad(x, ((0, 0), (0, layout.padded_len - t), (0, 0)))
+
+
+def unsequences(x: Array, layout: Layout) -> Array:
+  """``[B·H, Tp, D] -> [B, T, H, D]``."""
+  x = x[:, :layout.seq_len].reshape(layout.batch, layout.heads, layout.seq_len, x.shape[-1])
+  return jnp.moveaxis(x, 1, 2)
+
+
+def _chunk_cumsum(x: Array, layout: Layout) -> Array:
+  """``[BH, Tp] ->`` cumulative sums restarting at every chunk."""
+  n, c = layout.num_chunks, layout.chunk
+  return jnp.cumsum(x.reshape(-1, n, c), axis=-1).reshape(-1, n * c)
+
+
+def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
+          layout: Layout) -> tuple[Array, Array]:
+  """The kernels' gate arrays: column ``[BH, Tp, 4]`` and row ``[BH, N, 4, C]`` (float32).
+
+  Args:
+    beta: ``[B, T, H]`` write strength / inner learning rate, or None (1: linear attention).
+    g: ``[B, T, H]`` log-decay or None (0). momentum: ``[B, T, H]`` η in [0, 1] or None.
+  """
+  b, t, h = layout.batch, layout.seq_len, layout.heads
+  pad = layout.padded_len - t
+
+  def flat(x, fill):
+    x = jnp.full((b, t, h), fill, jnp.float32) if x is None else x.astype(jnp.float32)
+    return jnp.pad(jnp.moveaxis(x, 2, 1).reshape(b * h, t), ((0, 0), (0, pad)))
+
+  log_eta = None
+  if momentum is not None:  # η = 0 is allowed (no carry-over): clamp its log to stay finite.
+    momentum = momentum.astype(jnp.float32)
+    log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(jnp.float32).tiny))
+  beta_p = flat(beta, 1.0)  # padded tokens get β = 0: they write nothing
+  channels = [beta_p, _chunk_cumsum(flat(g, 0.0), layout), _chunk_cumsum(flat(log_eta, 0.0), layout),
+              jnp.zeros_like(beta_p)]
+  col = jnp.stack(channels, axis=-1)
+  row = col.reshape(b * h, layout.num_chunks, layout.chunk, 4).swapaxes(-1, -2)
+  return col, row
+
+
+def states(x: Optional[Array], b: int, h: int, dk: int, dv: int) -> Array:
+  """``[B, H, K, V]`` (or None: zeros) ``-> [B·H, K, V]`` float32."""
+  if x is None:
+    return jnp.zeros((b * h, dk, dv), jnp.float32)
+  return x.astype(jnp.float32).reshape(b * h, dk, dv)
+
+
+def forward_out_shapes(q: Array, v: Array, chunk: int, momentum: bool, save_states: bool) -> list:
+  """Outputs of a forward kernel, in order: o, final memory, [final momentum], [start states]."""
+  bh, tp, dk = q.shape
+  dv = v.shape[-1]
+  state = jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)
+  starts = jax.ShapeDtypeStruct((bh, tp // chunk, dk, dv), jnp.float32)
+  shapes = [jax.ShapeDtypeStruct((bh, tp, dv), q.dtype), state] + ([state] if momentum else [])
+  return shapes + ([starts] * (2 if momentum else 1) if save_states else [])
+
+
+def backward_out_shapes(q: Array, v: Array, chunk: int, block_v: int, momentum: bool) -> list:
+  """Outputs of a backward kernel, in order: dq, dk (``[NV, BH, Tp, K]`` partial sums over value
+  blocks), dv ``[BH, Tp, V]``, d_gates_col ``[NV, BH, Tp, 4]``, d_gates_row ``[NV, BH, N, 4, C]``,
+  d_initial memory and [momentum] ``[BH, K, V]`` (all float32)."""
+  bh, tp, dk = q.shape
+  dv = v.shape[-1]
+  nv, n = dv // block_v, tp // chunk
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  shapes = [f32(nv, bh, tp, dk), f32(nv, bh, tp, dk), f32(bh, tp, dv), f32(nv, bh, tp, 4),
+            f32(nv, bh, n, 4, chunk), f32(bh, dk, dv)]
+  return shapes + ([f32(bh, dk, dv)] if momentum else [])
+
+
+def split_forward_outs(outs, momentum: bool, save_states: bool):
+  """``(o, final State, start States or None)`` from a forward kernel's outputs."""
+  o, wf = outs[0], outs[1]
+  pf = outs[2] if momentum else None
+  rest = outs[3 if momentum else 2:]
+  starts = State(rest[0], rest[1] if momentum else None) if save_states else None
+  return o, State(wf, pf), starts

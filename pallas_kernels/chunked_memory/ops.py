@@ -1,0 +1,228 @@
+"""The chunked associative-memory kernels as one differentiable function.
+
+``chunked_memory(kind, q, k, v, ...)`` runs the forward kernel and, under ``jax.custom_vjp``, the
+backward kernel, on GPU (``kernel_gpu``: Pallas Triton) or TPU (``kernel_tpu``: Pallas Mosaic).
+On a machine without the accelerator it runs the same kernels in Pallas interpret mode, so the
+result can be checked anywhere. ``nlx.ops`` dispatches ``impl="pallas"`` here; the three kinds
+are the linear-memory ops of ``nlx.ops``:
+
+* ``linear_attention``: ``nlx.ops.linear_attention`` (g optional);
+* ``delta_rule``: ``nlx.ops.delta_rule`` (beta required, g optional);
+* ``titans``: ``nlx.ops.titans_memory`` with the linear memory (beta is the inner learning rate;
+  momentum and g optional; no q scale).
+
+Supported (anything else is refused with a ValueError that names it): q, k, v float32 or bfloat16
+(float32 accumulation inside); K and V powers of two in [16, 256]; ``chunk_size`` a power of two in
+[16, 256] (the Triton dot needs every tile dimension ≥ 16); any T ≥ 1 (the final chunk is padded
+with tokens that write nothing; see ``chunk.py``); any B and H. Gradients flow to q, k, v, beta,
+g, momentum and the initial states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunked_memory import kernel_gpu, kernel_tpu
+from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory.chunk import KINDS, State
+
+Array = jax.Array
+
+BACKENDS = ("gpu", "tpu")
+DTYPES = (jnp.float32, jnp.bfloat16)
+_POW2 = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of the kernels.
+
+  Attributes:
+    block_v: value columns per program (a power of two ≥ 16 dividing V); None: the backend's
+      default (GPU: min(V, 64), so that a 128-wide head runs as two programs; TPU: V, whole
+      lane-dense tiles).
+    num_warps, num_stages: Triton launch parameters (GPU only).
+  """
+
+  block_v: Optional[int] = None
+  num_warps: int = 4
+  num_stages: int = 1
+
+  @classmethod
+  def default(cls, backend: str) -> "BlockSizes":
+    """Per-backend defaults (``backend`` in ``BACKENDS``)."""
+    return cls(num_warps=4, num_stages=1) if backend == "gpu" else cls()
+
+  def resolve(self, backend: str, dv: int) -> "BlockSizes":
+    """With ``block_v`` filled in for V = ``dv`` and checked."""
+    block_v = self.block_v or (min(dv, 64) if backend == "gpu" else dv)
+    if block_v not in _POW2 or dv % block_v:
+      raise ValueError(f"block_sizes.block_v={self.block_v!r} is not supported for V={dv}; "
+                       f"allowed: a power of two in {_POW2} that divides V, or None")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"block_sizes.{name}={value!r}; allowed: a positive int")
+    return dataclasses.replace(self, block_v=block_v)
+
+
+class _Config(NamedTuple):
+  """Static part of a kernel call (hashable: the custom_vjp's non-differentiable argument)."""
+
+  kind: str
+  scale: float
+  chunk: int
+  last: int
+  backend: str
+  blocks: BlockSizes
+  interpret: bool
+  debug: bool
+
+
+def _kernels(backend: str):
+  return kernel_gpu if backend == "gpu" else kernel_tpu
+
+
+def _kernel_kwargs(cfg: _Config) -> dict:
+  kw = dict(chunk=cfg.chunk, last=cfg.last, block_v=cfg.blocks.block_v, interpret=cfg.interpret,
+            debug=cfg.debug)
+  if cfg.backend == "gpu":
+    kw.update(num_warps=cfg.blocks.num_warps, num_stages=cfg.blocks.num_stages)
+  return kw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _memory(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
+  o, final, _ = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col, gates_row,
+                                              w0, p0, save_states=False, **_kernel_kwargs(cfg))
+  return o, final
+
+
+def _memory_fwd(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
+  o, final, starts = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col,
+                                                   gates_row, w0, p0, save_states=True,
+                                                   **_kernel_kwargs(cfg))
+  return (o, final), (q, k, v, gates_col, gates_row, starts)
+
+
+def _memory_bwd(cfg: _Config, residuals, cotangents):
+  q, k, v, gates_col, gates_row, starts = residuals
+  d_o, d_final = cotangents
+  if d_final.momentum is None and starts.momentum is not None:
+    d_final = State(d_final.memory, jnp.zeros_like(starts.momentum[:, 0]))
+  dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).backward(
+      cfg.kind, cfg.scale, q, k, v, gates_col, gates_row, starts, d_o, d_final,
+      **_kernel_kwargs(cfg))
+  return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype), dgc.sum(0),
+          dgr.sum(0), d_initial.memory, d_initial.momentum)
+
+
+_memory.defvjp(_memory_fwd, _memory_bwd)
+
+
+def default_backend() -> tuple[str, bool]:
+  """``(backend, interpret)`` for the present JAX backend: the kernel it runs natively, or the
+  GPU kernel in interpret mode on CPU."""
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu", False
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu", False
+  return "gpu", True
+
+
+def unsupported(kind: str, q, k, v, chunk_size: int) -> Optional[str]:
+  """Why the kernels cannot take these arguments, or None if they can."""
+  if kind not in KINDS:
+    return f"kind={kind!r} is not one of {KINDS}"
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      return f"{name} must be [B, T, H, D]; got shape {getattr(x, 'shape', None)}"
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in DTYPES]:
+      return f"{name} has dtype {x.dtype}; the kernels take float32 or bfloat16"
+  if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+    return f"q {q.shape}, k {k.shape} and v {v.shape} must share [B, T, H] (and q, k their K)"
+  for name, d in (("K", q.shape[3]), ("V", v.shape[3])):
+    if d not in _POW2:
+      return f"head dim {name}={d} is not supported by the kernels; allowed: {_POW2}"
+  if chunk_size not in _POW2:
+    return f"chunk_size={chunk_size!r} is not supported by the kernels; allowed: {_POW2}"
+  return None
+
+
+def _check_gate(name: str, x, b: int, t: int, h: int):
+  if x is not None and getattr(x, "shape", None) != (b, t, h):
+    raise ValueError(f"{name} must have shape [B, T, H] = {(b, t, h)}; got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+
+
+def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Array] = None,
+                   g: Optional[Array] = None, momentum: Optional[Array] = None,
+                   initial_state: Optional[Array] = None,
+                   initial_momentum: Optional[Array] = None, scale: Optional[float] = None,
+                   chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None,
+                   backend: Optional[str] = None, interpret=None, debug: bool = False):
+  """One linear associative memory over a sequence, by the Pallas kernels.
+
+  Args:
+    kind: "linear_attention" | "delta_rule" | "titans" (see the module docstring).
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32 or bfloat16).
+    beta: ``[B, T, H]``: the delta rule's write strength, the Titans inner learning rate (both
+      required); must be None for linear attention.
+    g: ``[B, T, H]`` log-decay or None. momentum: ``[B, T, H]`` η (titans only) or None.
+    initial_state, initial_momentum: ``[B, H, K, V]`` or None (zeros).
+    scale: multiplies q; default ``K ** -0.5`` (1 for titans).
+    chunk_size: tokens per chunk (for titans, the chunk of the chunk-start gradients).
+    block_sizes: a ``BlockSizes``; None for the backend's defaults.
+    backend: "gpu" | "tpu" | None (the present backend; on CPU the GPU kernel, interpreted).
+    interpret: run in Pallas interpret mode (True/False; None: only where the backend's hardware
+      is absent). The TPU kernel interprets with ``pltpu.InterpretParams()``.
+    debug: print the kernels' jaxprs and lowered IR (Pallas ``debug``).
+
+  Returns:
+    ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, final_momentum or None)``.
+  """
+  reason = unsupported(kind, q, k, v, chunk_size)
+  if reason:
+    raise ValueError(reason)
+  b, t, h, dk = q.shape
+  dv = v.shape[3]
+  if kind != "linear_attention" and beta is None:
+    raise ValueError(f"kind={kind!r} needs beta ([B, T, H]); got None")
+  if kind == "linear_attention" and beta is not None:
+    raise ValueError("kind='linear_attention' takes no beta; got one")
+  if momentum is not None and kind != "titans":
+    raise ValueError(f"momentum is only for kind='titans'; got it with kind={kind!r}")
+  if initial_momentum is not None and momentum is None:
+    raise ValueError("initial_momentum is given but momentum=None")
+  for name, x in (("beta", beta), ("g", g), ("momentum", momentum)):
+    _check_gate(name, x, b, t, h)
+  for name, x in (("initial_state", initial_state), ("initial_momentum", initial_momentum)):
+    if x is not None and getattr(x, "shape", None) != (b, h, dk, dv):
+      raise ValueError(f"{name} must have shape [B, H, K, V] = {(b, h, dk, dv)}; got "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+  native, native_interpret = default_backend()
+  if backend is None:
+    backend = native
+  elif backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS} or None")
+  if interpret is None:
+    interpret = backend != native or native_interpret
+  blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
+  if scale is None:
+    scale = 1.0 if kind == "titans" else dk**-0.5
+
+  lo = lay.Layout(b, t, h, chunk_size)
+  cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug)
+  gates_col, gates_row = lay.gates(beta, g, momentum, lo)
+  w0 = lay.states(initial_state, b, h, dk, dv)
+  p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
+  o, final = _memory(cfg, lay.sequences(q, lo), lay.sequences(k, lo), lay.sequences(v, lo),
+                     gates_col, gates_row, w0, p0)
+  unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)
+  return lay.unsequences(o, lo), unstate(final.memory), unstate(final.momentum)

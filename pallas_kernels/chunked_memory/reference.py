@@ -1,0 +1,99 @@
+"""The kernels' algorithm in plain JAX: a ``lax.scan`` over chunks of ``chunk.chunk_step``.
+
+``forward`` and ``backward`` are exactly what the kernels compute, on the kernels' layout
+(``layout.py``): the forward pass keeps each chunk's start state, the backward pass runs the
+chunks in reverse, recomputing each from its start state and pulling gradients back through it
+(``chunk.chunk_vjp``), carrying the gradient of the state. ``chunked_memory_reference`` is the
+same forward pass on the ``nlx.ops`` layout, differentiated by JAX (pure jnp, no custom rules):
+the tests check the kernels' forward and hand-scheduled backward against it, and everything
+against the token-by-token recurrence of ``nlx.ops``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp
+
+Array = jax.Array
+
+
+def _chunks(q, k, v, gates_col, gates_row, lo: lay.Layout) -> Chunk:
+  """One slice's inputs as chunk-major float32 arrays ``[N, C, …]`` / ``[N, 4, C]``."""
+  n, c = lo.num_chunks, lo.chunk
+  split = lambda x: x.astype(jnp.float32).reshape(n, c, x.shape[-1])
+  return Chunk(split(q), split(k), split(v), split(gates_col), gates_row)
+
+
+def _last(index, lo: lay.Layout):
+  return jnp.where(index == lo.num_chunks - 1, lo.last, lo.chunk - 1)
+
+
+def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+            gates_row: Array, w0: Array, p0: Optional[Array], lo: lay.Layout):
+  """Forward pass on the kernels' layout.
+
+  Returns:
+    ``(o [BH, Tp, V] float32, final State [BH, K, V], start states State [BH, N, K, V])``.
+  """
+
+  def one(q, k, v, gc, gr, w, p):
+    def body(state, x):
+      index, ch = x
+      o, new = chunk_step(kind, scale, ch, state, _last(index, lo))
+      return new, (o, state)
+
+    xs = (jnp.arange(lo.num_chunks), _chunks(q, k, v, gc, gr, lo))
+    final, (o, starts) = jax.lax.scan(body, State(w, p), xs)
+    return o.reshape(lo.padded_len, -1), final, starts
+
+  return jax.vmap(one)(q, k, v, gates_col, gates_row, w0, p0)
+
+
+def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+             gates_row: Array, starts: State, d_o: Array, d_final: State, lo: lay.Layout):
+  """Backward pass on the kernels' layout, from the forward pass's chunk start states.
+
+  Returns:
+    ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial State)``, float32, shaped like the inputs.
+  """
+
+  def one(q, k, v, gc, gr, starts, d_o, d_final):
+    def body(d_state, x):
+      index, ch, start, d_oc = x
+      d_ch, d_start = chunk_vjp(kind, scale, ch, start, _last(index, lo), d_oc, d_state)
+      return d_start, d_ch
+
+    d_oc = d_o.astype(jnp.float32).reshape(lo.num_chunks, lo.chunk, -1)
+    xs = (jnp.arange(lo.num_chunks), _chunks(q, k, v, gc, gr, lo), starts, d_oc)
+    d_initial, d_ch = jax.lax.scan(body, d_final, xs, reverse=True)
+    flat = lambda x: x.reshape(lo.padded_len, x.shape[-1])
+    return flat(d_ch.q), flat(d_ch.k), flat(d_ch.v), flat(d_ch.gates_col), d_ch.gates_row, d_initial
+
+  return jax.vmap(one)(q, k, v, gates_col, gates_row, starts, d_o, d_final)
+
+
+def chunked_memory_reference(kind: str, q: Array, k: Array, v: Array, *,
+                             beta: Optional[Array] = None, g: Optional[Array] = None,
+                             momentum: Optional[Array] = None,
+                             initial_state: Optional[Array] = None,
+                             initial_momentum: Optional[Array] = None,
+                             scale: Optional[float] = None,
+                             chunk_size: int = 64):
+  """``ops.chunked_memory`` in plain differentiable JAX (same arguments and results)."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  if scale is None:
+    scale = 1.0 if kind == "titans" else dk**-0.5
+  lo = lay.Layout(b, t, h, chunk_size)
+  gc, gr = lay.gates(beta, g, momentum, lo)
+  w0 = lay.states(initial_state, b, h, dk, dv)
+  p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
+  o, final, _ = forward(kind, scale, lay.sequences(q, lo), lay.sequences(k, lo),
+                        lay.sequences(v, lo), gc, gr, w0, p0, lo)
+  unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)
+  return lay.unsequences(o, lo).astype(q.dtype), unstate(final.memory), unstate(final.momentum)
