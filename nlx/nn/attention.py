@@ -33,7 +33,8 @@ class KVCache(NamedTuple):
 
 
 def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
-           window: Optional[int] = None, prefix: Optional[tuple[Array, Array]] = None) -> Array:
+           window: Optional[int] = None, prefix: Optional[tuple[Array, Array]] = None,
+           segment: Optional[int] = None) -> Array:
   """Masked softmax attention with grouped-query heads.
 
   Args:
@@ -41,6 +42,8 @@ def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
     q_pos: ``[T]`` and k_pos: ``[S]`` absolute positions; key j is visible to query i when
       ``0 <= k_pos[j] <= q_pos[i]`` and, with a window, ``q_pos[i] − k_pos[j] < window``.
     prefix: optional ``(k_p, v_p)`` ``[B, P, H_kv, D]`` visible to every query (persistent tokens).
+    segment: if given, key j is visible to query i only within the same segment of this many
+      positions (``k_pos[j] // segment == q_pos[i] // segment``; Titans MAC).
 
   Returns:
     ``[B, T, H, D]`` in q's dtype.
@@ -49,6 +52,8 @@ def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
   visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
   if window is not None:
     visible &= q_pos[:, None] - k_pos[None, :] < window
+  if segment is not None:
+    visible &= q_pos[:, None] // segment == k_pos[None, :] // segment
   if prefix is not None:
     k, v = jnp.concatenate([prefix[0], k], 1), jnp.concatenate([prefix[1], v], 1)
     visible = jnp.concatenate([jnp.ones((t, prefix[0].shape[1]), bool), visible], 1)
@@ -100,7 +105,7 @@ class Attention(Mixer):
     shape = (batch_size, size, self.kv_heads, self.head_dim)
     return KVCache(jnp.zeros(shape), jnp.zeros(shape), jnp.full((size,), -1, jnp.int32))
 
-  def _prefix(self, batch_size: int, dtype) -> Optional[tuple[Array, Array]]:
+  def prefix(self, batch_size: int, dtype) -> Optional[tuple[Array, Array]]:
     if self.persistent is None:
       return None
     p = self.persistent[...].astype(dtype)
@@ -122,7 +127,7 @@ class Attention(Mixer):
       values = jnp.concatenate([state.v.astype(v.dtype), v], 1)
       k_pos = jnp.concatenate([state.slot_pos, positions])
       state = write_cache(state, k, v, positions)
-    o = attend(q, keys, values, positions, k_pos, self.window, self._prefix(b, x.dtype))
+    o = attend(q, keys, values, positions, k_pos, self.window, self.prefix(b, x.dtype))
     return self.o(o), state
 
 

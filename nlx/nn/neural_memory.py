@@ -1,0 +1,120 @@
+"""A neural long-term memory mixer on ``nlx.ops.titans_memory`` (TTT and Titans share it).
+
+For each token the memory ``M`` (a matrix or the residual MLP of ``nlx.memory.MLPMemory``, one per
+head) takes a gradient step on ``½‖M(k_t) − v_t‖²`` at the chunk-start weights, with optional
+momentum and decay, and is read at ``q_t`` after the write (DESIGN.md §4):
+
+* TTT-Linear / TTT-MLP: ``lr = ttt_base_lr · sigmoid(x W_lr)``, no momentum, no decay.
+* Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr)``, momentum ``η = sigmoid(x W_η)``,
+  log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the paper).
+
+q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
+is per-head RMSNorm, a SiLU gate and the output projection (PAPER.md §5 block details). The
+memory's initial weights are parameters (learned in the outer loop); the state carries the
+weights and momentum after the last token.
+
+Stateful use is exact for ``memory_chunk_size = 1`` (online gradient descent), and for any chunk
+size when every piece but the last has a multiple of ``memory_chunk_size`` tokens: the op takes
+gradients at the start of chunks aligned with each call, so a single decoded token is its own
+chunk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nlx import ops
+from nlx.memory import LINEAR, MLPMemory
+from nlx.nn.config import ModelConfig
+from nlx.nn.mixer import Mixer
+from nlx.nn.params import Dense, constant, normal, param
+from nlx.nn.qkv import QKV, OutputGate
+
+Array = jax.Array
+
+
+class MemoryState(NamedTuple):
+  conv: Optional[Array]     # [B, W − 1, channels] or None without conv
+  memory: ops.TitansState   # weights (and momentum) after the last token
+
+
+class NeuralMemory(Mixer):
+  """The memory mixer; see the module docstring.
+
+  Args:
+    cfg: uses d_model, n_heads, head_dim, expand_v, conv_size, memory_expand, memory_chunk_size,
+      impl, norm_eps.
+    memory: "linear" (``M(x) = x S``) or "mlp" (``x + σ(x W2) W1``, needs dk == dv).
+    activation: σ of the MLP memory.
+    lr_max: the largest inner learning rate.
+    momentum, decay: Titans' momentum and forgetting gate.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, memory: str, lr_max: float,
+               activation: str = "silu", momentum: bool = False, decay: bool = False):
+    d, h, dk, dv = cfg.d_model, cfg.n_heads, cfg.dk, cfg.dv
+    if memory not in ("linear", "mlp"):
+      raise ValueError(f"memory={memory!r} is not one of ('linear', 'mlp')")
+    if memory == "mlp" and dk != dv:
+      raise ValueError(f"model.expand_v={cfg.expand_v} is not allowed for family "
+                       f"{cfg.family!r}: the residual MLP memory needs expand_v = 1")
+    self.heads, self.dk, self.dv, self.lr_max = h, dk, dv, lr_max
+    self.chunk_size, self.impl = cfg.memory_chunk_size, cfg.impl
+    self.memory = LINEAR if memory == "linear" else MLPMemory(activation)
+    self.qkv = QKV(d, h, dk, dv, cfg.conv_size, rngs=rngs)
+    # Gates: [lr, momentum, decay] logits per head; biases start at lr ≈ 0.12 lr_max, η ≈ 0.9,
+    # g ≈ −0.007 (slow forgetting).
+    biases = [-2.0] + ([2.0] if momentum else []) + ([5.0] if decay else [])
+    self.momentum, self.decay = momentum, decay
+    self.gates = Dense((d,), (len(biases), h), ("embed", "gates", "heads"), rngs=rngs,
+                       use_bias=True,
+                       bias_init=lambda key, shape, dtype: jnp.broadcast_to(
+                           jnp.asarray(biases, dtype)[:, None], shape))
+    if memory == "linear":
+      self.init_weights = nnx.Dict(w=param(rngs, constant(0.0), (h, dk, dv),
+                                           ("heads", "head_dim", "head_dim_v")))
+    else:
+      hidden = cfg.memory_expand * dk
+      self.init_weights = nnx.Dict(
+          w2=param(rngs, normal(dk**-0.5), (h, dk, hidden), ("heads", "head_dim", "memory_mlp")),
+          w1=param(rngs, normal(hidden**-0.5), (h, hidden, dv),
+                   ("heads", "memory_mlp", "head_dim")))
+    self.out = OutputGate(d, h, dv, rngs=rngs, eps=cfg.norm_eps)
+
+  def initial_memory(self, batch_size: int) -> ops.TitansState:
+    """The learned initial weights broadcast to the batch (momentum zero, if any)."""
+    weights = {name: jnp.broadcast_to(w[...], (batch_size,) + w.shape)
+               for name, w in self.init_weights.items()}
+    if self.memory is LINEAR:
+      weights = weights["w"]
+    momentum = jax.tree.map(jnp.zeros_like, weights) if self.momentum else None
+    return ops.TitansState(weights, momentum)
+
+  def init_state(self, batch_size: int, max_len: int) -> MemoryState:
+    del max_len
+    return MemoryState(self.qkv.init_state(batch_size), self.initial_memory(batch_size))
+
+  def read(self, weights, q: Array) -> Array:
+    """``M(q)`` without a write: weights of ``TitansState.memory``, q ``[B, T, H, dk]`` -> dv."""
+    tree = {"w": weights} if self.memory is LINEAR else weights
+    apply = lambda w, x: self.memory.apply(w, x.astype(jnp.float32))
+    o = jax.vmap(jax.vmap(apply, in_axes=(0, 1), out_axes=1))(tree, q)
+    return o.astype(q.dtype)
+
+  def __call__(self, x: Array, state: Optional[MemoryState] = None,
+               pos: Array | int = 0) -> tuple[Array, Optional[MemoryState]]:
+    del pos
+    q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+    gates = self.gates(x)  # [B, T, n_gates, H]
+    lr = self.lr_max * jax.nn.sigmoid(gates[:, :, 0])
+    momentum = jax.nn.sigmoid(gates[:, :, 1]) if self.momentum else None
+    g = jax.nn.log_sigmoid(gates[:, :, -1]) if self.decay else None
+    initial = self.initial_memory(x.shape[0]) if state is None else state.memory
+    o, memory = ops.titans_memory(q, k, v, lr, momentum=momentum, g=g, memory=self.memory,
+                                  initial_state=initial, chunk_size=self.chunk_size,
+                                  impl=self.impl)
+    return self.out(o, x), None if state is None else MemoryState(conv, memory)
