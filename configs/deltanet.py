@@ -1,0 +1,13 @@
+"""DeltaNet: the delta rule on L2-normalised keys.
+
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+
+  cfg = nlx.configs.load("configs/deltanet.py:tiny")
+  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+"""
+
+from nlx import configs as nlx_configs
+
+
+def get_config(size: str = "tiny"):
+  return nlx_configs.config(nlx_configs.model_config("deltanet", size))

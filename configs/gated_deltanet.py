@@ -1,0 +1,13 @@
+"""Gated DeltaNet: delta rule with a Mamba2-style decay and an output gate.
+
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+
+  cfg = nlx.configs.load("configs/gated_deltanet.py:tiny")
+  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+"""
+
+from nlx import configs as nlx_configs
+
+
+def get_config(size: str = "tiny"):
+  return nlx_configs.config(nlx_configs.model_config("gated_deltanet", size, mlp_ratio=2.375))

@@ -1,0 +1,18 @@
+"""Titans MAL: memory layer, then sliding-window attention.
+
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+
+  cfg = nlx.configs.load("configs/titans_mal.py:tiny")
+  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+"""
+
+from nlx import configs as nlx_configs
+
+
+def get_config(size: str = "tiny"):
+  model = nlx_configs.model_config("titans_mal",
+                                   size,
+                                   tiny=dict(window=64),
+                                   paper=dict(window=512),
+                                   mlp_ratio=2.5)
+  return nlx_configs.config(model)

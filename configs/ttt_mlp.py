@@ -1,0 +1,14 @@
+"""TTT-MLP: chunked gradient descent on a residual MLP memory (mini-batch 16).
+
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+
+  cfg = nlx.configs.load("configs/ttt_mlp.py:tiny")
+  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+"""
+
+from nlx import configs as nlx_configs
+
+
+def get_config(size: str = "tiny"):
+  model = nlx_configs.model_config("ttt_mlp", size, ttt_base_lr=0.1, mlp_ratio=2.375)
+  return nlx_configs.config(model)
