@@ -17,8 +17,8 @@ from tests.test_optim_momentum import assert_trees_close, quadratic_problem, run
 def test_dmgd_with_frozen_identity_memory_equals_sgd_momentum(memory):
   with jax.enable_x64(True):
     params, loss = quadratic_problem(5)
-    ours = run(optim.deep_momentum(0.01, beta=0.9, inner_lr=0.0, memory=memory), params, loss,
-               30)
+    tx = optim.deep_momentum(0.01, beta=0.9, inner_lr=0.0, memory_decay=1.0, memory=memory)
+    ours = run(tx, params, loss, 30)
     ref = run(optax.sgd(0.01, momentum=0.9), params, loss, 30)
     assert_trees_close(ours, ref, rtol=1e-9, atol=1e-12)
 

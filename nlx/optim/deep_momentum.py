@@ -11,10 +11,11 @@ objective (``dot`` by default, or ``l2``), applied to the rows of each gradient
     o = ‖G‖_row · M_w(k)                    the read, after the write, at the gradient's scale
     p ← β p + o,  W ← W − η p               an outer (linear) momentum on the memory's output
 
-With ``inner_lr = 0`` and the memory at identity (its initial state: ``W1 = 0`` for the MLP,
+With ``inner_lr = 0``, ``memory_decay = 1`` and the memory at identity (its initial state: ``W1 = 0`` for the MLP,
 ``w = I`` for a linear memory) this is classical momentum, ``optax.sgd(η, momentum=β)``; ``β = 0``
 leaves the deep memory as the only momentum. Normalising keys makes the memory learn a map of
-gradient directions whose writes are bounded whatever the gradient's scale.
+gradient directions whose writes are bounded whatever the gradient's scale; ``memory_decay < 1``
+(default 0.9) keeps the Hebbian (``dot``) memory bounded over time.
 
 The memory weights are small (``[d, hidden]``) and replicated; the outer momentum is shaped like
 the parameters and shards with them.
@@ -104,7 +105,7 @@ def memory_step(memory: Memory, objective: Objective, weights: dict, grad: jax.A
   return weights, out.reshape(jnp.shape(grad)).astype(grad.dtype)
 
 
-def scale_by_deep_momentum(beta=0.9, inner_lr=0.1, memory_decay=1.0,
+def scale_by_deep_momentum(beta=0.9, inner_lr=0.1, memory_decay=0.9,
                            memory: Optional[Memory] = None, objective: str | Objective = "dot",
                            hidden: int = 16, initial_memory: Optional[PyTree] = None,
                            seed: int = 0) -> optax.GradientTransformation:
@@ -150,7 +151,7 @@ def scale_by_deep_momentum(beta=0.9, inner_lr=0.1, memory_decay=1.0,
 
 
 def deep_momentum(learning_rate: optax.ScalarOrSchedule, beta=0.9, inner_lr=0.1,
-                  memory_decay=1.0, memory: Optional[Memory] = None,
+                  memory_decay=0.9, memory: Optional[Memory] = None,
                   objective: str | Objective = "dot", hidden: int = 16,
                   initial_memory: Optional[PyTree] = None, seed: int = 0
                   ) -> optax.GradientTransformation:

@@ -101,7 +101,7 @@ def scale_by_m3(beta1=1.0, beta2=1.0, beta3=1.0, alpha=1.0, slow_period: int = 1
 def m3(learning_rate: optax.ScalarOrSchedule, beta1=1.0, beta2=1.0, beta3=1.0, alpha=1.0,
        slow_period: int = 100, decay1=1.0, decay2=1.0, decay3=1.0, eps=1e-8, ns_steps=5,
        ns_coeffs=newton_schulz.MUON_COEFFS, adam_b1=0.9, adam_b2=0.999,
-       adam_learning_rate: Optional[optax.ScalarOrSchedule] = None
+       adam_learning_rate: Optional[optax.ScalarOrSchedule] = None, param_labels=None
        ) -> optax.GradientTransformation:
   """M3 for matrices (rank >= 2, stacked over leading axes), Adam for the other parameters.
 
@@ -110,6 +110,7 @@ def m3(learning_rate: optax.ScalarOrSchedule, beta1=1.0, beta2=1.0, beta3=1.0, a
     beta1 ... ns_coeffs: as in ``scale_by_m3``.
     adam_b1, adam_b2: Adam's retentions for vectors.
     adam_learning_rate: Adam's rate; None for ``learning_rate``.
+    param_labels: which leaves are matrices (``newton_schulz.with_adam_for_vectors``).
   """
   validation.check_range("learning_rate", learning_rate, 0.0)
   matrix_tx = optax.chain(
@@ -118,4 +119,4 @@ def m3(learning_rate: optax.ScalarOrSchedule, beta1=1.0, beta2=1.0, beta3=1.0, a
       optax.scale_by_learning_rate(learning_rate))
   vector_tx = adam.adam_memory(learning_rate if adam_learning_rate is None else
                                adam_learning_rate, adam_b1, adam_b2, eps)
-  return newton_schulz.with_adam_for_vectors(matrix_tx, vector_tx)
+  return newton_schulz.with_adam_for_vectors(matrix_tx, vector_tx, param_labels)

@@ -108,18 +108,25 @@ def scale_by_ema_momentum(beta=0.95, nesterov: bool = True) -> optax.GradientTra
 
 
 def with_adam_for_vectors(matrix_tx: optax.GradientTransformation,
-                          vector_tx: optax.GradientTransformation
+                          vector_tx: optax.GradientTransformation, param_labels=None
                           ) -> optax.GradientTransformation:
-  """``matrix_tx`` for parameters of rank >= 2, ``vector_tx`` for the rest."""
-  return optax.partition({shapes.MATRIX: matrix_tx, shapes.VECTOR: vector_tx},
-                         shapes.matrix_labels)
+  """``matrix_tx`` for matrices, ``vector_tx`` for the rest.
+
+  Args:
+    matrix_tx, vector_tx: the two branches.
+    param_labels: ``"matrix"``/``"vector"`` per leaf (a pytree like the params, or a function of
+      them); None: ``shapes.matrix_labels`` (rank >= 2 is a matrix). Give it for stacked
+      vectors (e.g. ``[layers, d]`` norm scales) or embeddings that should go to Adam.
+  """
+  labels = shapes.matrix_labels if param_labels is None else param_labels
+  return optax.partition({shapes.MATRIX: matrix_tx, shapes.VECTOR: vector_tx}, labels)
 
 
 def nonlinear_output(learning_rate: optax.ScalarOrSchedule, beta=0.95, nesterov: bool = True,
                      ns_steps=5, ns_coeffs=MUON_COEFFS, eps=1e-8,
                      memory: Optional[optax.GradientTransformation] = None, adam_b1=0.9,
-                     adam_b2=0.999, adam_learning_rate: Optional[optax.ScalarOrSchedule] = None
-                     ) -> optax.GradientTransformation:
+                     adam_b2=0.999, adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+                     param_labels=None) -> optax.GradientTransformation:
   """``W ← W − η · shape_scale · NS(m(g))`` for matrices, Adam for vectors (Muon by default).
 
   With ``memory=None`` (the linear EMA momentum of ``scale_by_ema_momentum``) this equals
@@ -134,6 +141,7 @@ def nonlinear_output(learning_rate: optax.ScalarOrSchedule, beta=0.95, nesterov:
     memory: the momentum memory whose output is orthogonalised; None for Muon's EMA momentum.
     adam_b1, adam_b2: Adam's retentions for vectors (Adam uses ``nesterov`` too, as optax does).
     adam_learning_rate: Adam's rate; None for ``learning_rate``.
+    param_labels: which leaves are matrices, as in ``with_adam_for_vectors``.
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.partition`` of the two branches).
@@ -144,4 +152,4 @@ def nonlinear_output(learning_rate: optax.ScalarOrSchedule, beta=0.95, nesterov:
                           optax.scale_by_learning_rate(learning_rate))
   vector_tx = adam.adam_memory(learning_rate if adam_learning_rate is None else
                                adam_learning_rate, adam_b1, adam_b2, eps, nesterov=nesterov)
-  return with_adam_for_vectors(matrix_tx, vector_tx)
+  return with_adam_for_vectors(matrix_tx, vector_tx, param_labels)
