@@ -36,9 +36,9 @@ Measurements (one record per op × impl × mode × T):
   compilation and runs); with ``--in-process`` it cannot be reset and only grows from record to
   record.
 
-Implementations that are not available (today ``pallas``, whose op raises ``NotImplementedError``)
-are probed once on a tiny input and listed under ``unavailable`` with the reason instead of being
-measured.
+Implementations that are not available (``pallas`` on CPU, where the kernels only run in Pallas
+interpret mode; an op that raises ``NotImplementedError``) are listed under ``unavailable`` with
+the reason instead of being measured.
 
 Isolation: by default every configuration runs in its own ``python -m nlx.bench`` child process,
 killed after ``--timeout-s`` seconds (default 300), or on CPU once it has used no CPU time for
@@ -267,6 +267,9 @@ def make_fn(op: str, impl: str, mode: str, chunk_size: int) -> Callable:
 def probe_impl(impl: str, dtype) -> Optional[str]:
   """None if ``impl`` runs, else the reason it is unavailable (tiny forward of every op)."""
   import jax  # pylint: disable=g-import-not-at-top
+  if impl == "pallas" and jax.default_backend() == "cpu":
+    return ("on cpu the Pallas kernels run only in interpret mode, a correctness check rather "
+            "than a speed path; `nlx bench kernels` measures them on a GPU or TPU")
   for op in OPS:
     try:
       jax.block_until_ready(make_fn(op, impl, "forward", 4)(make_inputs(op, 1, 4, 1, 4, dtype)))

@@ -13,7 +13,9 @@ Conventions (DESIGN.md §3–4, the layout of flash-linear-attention):
 
 ``impl`` picks the algorithm: ``"recurrent"`` (token-by-token ``lax.scan``: the reference),
 ``"chunked"`` (parallel form over chunks of ``chunk_size`` tokens), ``"pallas"`` (the kernels of
-``pallas_kernels/``; not yet available) and ``"auto"`` (the best available: ``"chunked"`` for now).
+``pallas_kernels/chunked_memory``: Triton on GPU, Mosaic on TPU, the GPU kernel in Pallas interpret
+mode on CPU) and ``"auto"``: the kernel on GPU/TPU when it supports the arguments (float32/bfloat16,
+power-of-two head dims and chunk size in [16, 256], a linear memory), else ``"chunked"``.
 
 All three ops are instances of the one memory core in ``nlx.memory``.
 """
@@ -30,6 +32,7 @@ from nlx.memory import core
 from nlx.memory.deep import MLPMemory
 from nlx.memory.linear import LINEAR, LinearMemory, delta_rule_chunked
 from nlx.memory.objectives import DOT, L2
+from pallas_kernels.chunked_memory import ops as pallas_ops
 
 Array = jax.Array
 
@@ -101,13 +104,26 @@ def _check_options(chunk_size, impl, scale=None) -> str:
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-  if impl == "pallas":
-    raise NotImplementedError(
-        "impl='pallas' is reserved for the Pallas kernels of pallas_kernels/chunked_memory, which "
-        "have not landed yet; use impl='chunked' (the parallel XLA form) or impl='recurrent'")
   if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
     raise ValueError(f"scale must be a real number or None; got {scale!r}")
-  return "chunked" if impl == "auto" else impl
+  return impl
+
+
+def _resolve_impl(impl: str, kind: Optional[str], q, k, v, chunk_size: int) -> str:
+  """``impl`` with "auto" resolved; "pallas" checked against what the kernels support.
+
+  ``kind`` is the kernel kind, or None when no kernel exists for the call (an MLP memory).
+  """
+  if impl not in ("auto", "pallas"):
+    return impl
+  reason = ("the kernels implement linear memories only" if kind is None else
+            pallas_ops.unsupported(kind, q, k, v, chunk_size))
+  if impl == "pallas":
+    if reason:
+      raise ValueError(f"impl='pallas': {reason}; use impl='chunked' or 'recurrent'")
+    return impl
+  on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+  return "pallas" if on_accelerator and not reason else "chunked"
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -128,8 +144,14 @@ def _heads_first(x):
 def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, objective):
   """Shared body of linear_attention and delta_rule (validated inputs)."""
   b, t, h, dk, dv = q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3]
-  cdt = _compute_dtype(q.dtype)
   scale = dk**-0.5 if scale is None else scale
+  if impl == "pallas":
+    kind, beta = ("linear_attention", None) if objective is DOT else ("delta_rule", lr)
+    o, state, _ = pallas_ops.chunked_memory(kind, q, k, v, beta=beta, g=g,
+                                            initial_state=initial_state, scale=scale,
+                                            chunk_size=chunk_size)
+    return o, state
+  cdt = _compute_dtype(q.dtype)
   cast = lambda x: None if x is None else jnp.asarray(x, cdt)
   qs = _heads_first(cast(q) * scale)
   ks, vs = _heads_first(cast(k)), _heads_first(cast(v))
@@ -173,7 +195,8 @@ def linear_attention(q: Array, k: Array, v: Array, g: Optional[Array] = None, *,
   _check_gate("g", g, b, t, h, required=False)
   if initial_state is not None:
     _check_state("initial_state", initial_state, (b, h, dk, dv))
-  impl = _check_options(chunk_size, impl, scale)
+  impl = _resolve_impl(_check_options(chunk_size, impl, scale), "linear_attention", q, k, v,
+                       chunk_size)
   ones = jnp.ones((b, t, h), _compute_dtype(q.dtype))
   return _linear_memory_op(q, k, v, ones, g, scale, initial_state, chunk_size, impl, DOT)
 
@@ -200,7 +223,7 @@ def delta_rule(q: Array, k: Array, v: Array, beta: Array, g: Optional[Array] = N
   _check_gate("g", g, b, t, h, required=False)
   if initial_state is not None:
     _check_state("initial_state", initial_state, (b, h, dk, dv))
-  impl = _check_options(chunk_size, impl, scale)
+  impl = _resolve_impl(_check_options(chunk_size, impl, scale), "delta_rule", q, k, v, chunk_size)
   return _linear_memory_op(q, k, v, beta, g, scale, initial_state, chunk_size, impl, L2)
 
 
@@ -285,6 +308,14 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
   if momentum is None and mom is not None:
     raise ValueError("initial_state.momentum is given but momentum=None; pass the momentum "
                      "gates, or an initial_state without momentum")
+  impl = _resolve_impl(impl, "titans" if isinstance(mem, LinearMemory) else None, q, k, v,
+                       chunk_size)
+  if impl == "pallas":
+    o, w, p = pallas_ops.chunked_memory(
+        "titans", q, k, v, beta=lr, g=g, momentum=momentum,
+        initial_state=None if weights is None else weights["w"],
+        initial_momentum=None if mom is None else mom["w"], chunk_size=chunk_size)
+    return o, TitansState(w, p)
 
   cdt = _compute_dtype(q.dtype)
   cast = lambda x: None if x is None else jnp.asarray(x, cdt)

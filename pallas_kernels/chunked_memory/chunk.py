@@ -100,6 +100,15 @@ def _at_row(col: Array, last) -> Array:
   return jnp.sum(jnp.where(rows == last, col, 0.0), axis=0, keepdims=True)
 
 
+def last_row(index, num_chunks: int, chunk: int, last: int):
+  """The index of the last real token of chunk ``index``: ``last`` for the final chunk, else C − 1.
+
+  Arithmetic rather than ``where`` (Triton's lowering mistypes a ``where`` of two constants).
+  """
+  is_final = (index == num_chunks - 1).astype(jnp.int32)
+  return (chunk - 1) - is_final * (chunk - 1 - last)
+
+
 def _masked_exp(mask: Array, x: Array) -> Array:
   """``exp(x)`` where ``mask``, 0 elsewhere (masked entries never reach ``exp``)."""
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
@@ -174,7 +183,8 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
 
   # Write coefficients: Γ [C, C] and the end row of Γ as a column [C, 1].
   decay = _masked_exp(causal, g_col - g_row)
-  end_live = rows[:, :1] <= last
+  end_live = lax.broadcasted_iota(jnp.int32, (c, 1), 0) <= last  # [C, 1] over j
+  live_row = lax.broadcasted_iota(jnp.int32, (1, c), 1) <= last  # [1, C] over s
   if p0 is None:
     gamma, gamma_end = decay, _masked_exp(end_live, g_last - g_col)
   else:
@@ -182,7 +192,7 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
     m_last = _at_row(m_col, last)
     gamma = _mm(decay, _masked_exp(causal, m_col - m_row))
     # Γ_{last, j} = Σ_{j≤s≤last} e^{G_last − G_s} e^{E_s − E_j}: a row sum of D^ηᵀ, masked to s ≤ last.
-    to_end = _masked_exp(cols[:1, :] <= last, g_last - g_row)  # [1, C] over s
+    to_end = _masked_exp(live_row, g_last - g_row)  # [1, C] over s
     gamma_end = jnp.sum(_masked_exp(cols >= rows, m_row - m_col) * to_end, axis=1, keepdims=True)
 
   qs = q * scale
@@ -192,7 +202,7 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
   if p0 is not None:
     carry = jnp.sum(decay * jnp.exp(m_row), axis=1, keepdims=True)  # c_t = Σ_{s≤t} e^{G_t−G_s+E_s}
     o = o + carry * _mm(qs, p0)
-    carry_end = jnp.sum(jnp.where(cols[:1, :] <= last, to_end * jnp.exp(m_row), 0.0), axis=1,
+    carry_end = jnp.sum(jnp.where(live_row, to_end * jnp.exp(m_row), 0.0), axis=1,
                         keepdims=True)
     w1 = w1 + carry_end * p0
     p1 = jnp.exp(m_last) * p0 + _mm_tn(k, _masked_exp(end_live, m_last - m_col) * u)

@@ -26,13 +26,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.chunked_memory import layout as lay
-from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp
+from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
-
-
-def _last(n, num_chunks: int, chunk: int, last: int):
-  return jnp.where(n == num_chunks - 1, last, chunk - 1)
 
 
 def _load_chunk(refs, bh, n, vb, chunk: int, block_v: int) -> Chunk:
@@ -73,7 +69,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
         starts[0][bh, n, :, cols] = state.memory
         if momentum:
           starts[1][bh, n, :, cols] = state.momentum
-      o, new = chunk_step(kind, scale, ch, state, _last(n, num_chunks, chunk, last))
+      o, new = chunk_step(kind, scale, ch, state, last_row(n, num_chunks, chunk, last))
       o_ref[bh, pl.ds(n * chunk, chunk), cols] = o.astype(o_ref.dtype)
       return new
 
@@ -84,10 +80,11 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
       pf_ref[bh, :, cols] = final.momentum
 
   args = (q, k, v, gates_col, gates_row, w0) + ((p0,) if momentum else ())
+  out_shape = lay.forward_out_shapes(q, v, chunk, momentum, save_states)
   outs = pl.pallas_call(
-      kernel, out_shape=lay.forward_out_shapes(q, v, chunk, momentum, save_states),
-      grid=(bh_count, dv // block_v), interpret=interpret,
+      kernel, out_shape=out_shape, grid=(bh_count, dv // block_v), interpret=interpret,
       debug=debug, name=f"nlx_{kind}_fwd",
+      cost_estimate=lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, False),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
   return lay.split_forward_outs(outs, momentum, save_states)
 
@@ -126,7 +123,7 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
       ch = _load_chunk(ins[:5], bh, n, vb, chunk, block_v)
       start = State(w_starts[bh, n, :, cols], p_starts[bh, n, :, cols] if momentum else None)
       d_oc = do_ref[bh, rows, cols].astype(jnp.float32)
-      d_ch, d_start = chunk_vjp(kind, scale, ch, start, _last(n, num_chunks, chunk, last), d_oc,
+      d_ch, d_start = chunk_vjp(kind, scale, ch, start, last_row(n, num_chunks, chunk, last), d_oc,
                                 d_state)
       dq_ref[vb, bh, rows, :] = d_ch.q
       dk_ref[vb, bh, rows, :] = d_ch.k
@@ -144,10 +141,11 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
   args = (q, k, v, gates_col, gates_row, starts.memory)
   args += ((starts.momentum,) if momentum else ()) + (d_o, d_final.memory)
   args += (d_final.momentum,) if momentum else ()
+  out_shape = lay.backward_out_shapes(q, v, chunk, block_v, momentum)
   outs = pl.pallas_call(
-      kernel, out_shape=lay.backward_out_shapes(q, v, chunk, block_v, momentum),
-      grid=(bh_count, nv), interpret=interpret, debug=debug,
+      kernel, out_shape=out_shape, grid=(bh_count, nv), interpret=interpret, debug=debug,
       name=f"nlx_{kind}_bwd",
+      cost_estimate=lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, True),
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
   d_initial = State(outs[5], outs[6] if momentum else None)
   return outs[0], outs[1], outs[2], outs[3], outs[4], d_initial

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunked_memory import layout as lay
-from pallas_kernels.chunked_memory.chunk import GATE_CHANNELS, Chunk, State, chunk_step, chunk_vjp
+from pallas_kernels.chunked_memory.chunk import GATE_CHANNELS, Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
@@ -53,10 +53,10 @@ def _chunk(refs) -> Chunk:
   return Chunk(f32(q_ref), f32(k_ref), f32(v_ref), gc_ref[...], gr_ref[...])
 
 
-def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, name, interpret, debug):
+def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, name, interpret, debug, cost):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=scratch, name=name, debug=debug,
+      scratch_shapes=scratch, name=name, debug=debug, cost_estimate=cost,
       interpret=pltpu.InterpretParams() if interpret else False,
       compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS))
 
@@ -87,7 +87,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
     for s_ref, x in zip(start_refs, state):
       s_ref[...] = x
     o, new = chunk_step(kind, scale, _chunk(ins[:5]), state,
-                        jnp.where(n == num_chunks - 1, last, chunk - 1))
+                        last_row(n, num_chunks, chunk, last))
     o_ref[...] = o.astype(o_ref.dtype)
     for s_ref, x in zip(scratch, new):
       s_ref[...] = x
@@ -106,9 +106,10 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
   scratch = [pltpu.VMEM((dk, block_v), jnp.float32)] * (2 if momentum else 1)
   args = (q, k, v, gates_col, gates_row.reshape(-1, GATE_CHANNELS, chunk), w0)
   args += (p0,) if momentum else ()
-  outs = _call(kernel, lay.forward_out_shapes(q, v, chunk, momentum, save_states),
-               (bh_count, dv // block_v, num_chunks), in_specs, out_specs, scratch,
-               f"nlx_{kind}_fwd", interpret, debug)(*args)
+  out_shape = lay.forward_out_shapes(q, v, chunk, momentum, save_states)
+  cost = lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, False)
+  outs = _call(kernel, out_shape, (bh_count, dv // block_v, num_chunks), in_specs, out_specs,
+               scratch, f"nlx_{kind}_fwd", interpret, debug, cost)(*args)
   return lay.split_forward_outs(outs, momentum, save_states)
 
 
@@ -141,7 +142,7 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
     d_state = State(scratch[0][...], scratch[1][...] if momentum else None)
     start = State(start_refs[0][...], start_refs[1][...] if momentum else None)
     d_ch, d_start = chunk_vjp(kind, scale, _chunk(ins[:5]), start,
-                              jnp.where(n == num_chunks - 1, last, chunk - 1),
+                              last_row(n, num_chunks, chunk, last),
                               do_ref[...].astype(jnp.float32), d_state)
     dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
     dgc_ref[...], dgr_ref[...] = d_ch.gates_col, d_ch.gates_row
@@ -172,8 +173,9 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
                                         jnp.float32)
   args = (q, k, v, gates_col, gates_row.reshape(-1, GATE_CHANNELS, chunk)) + tuple(
       x for x in starts if x is not None) + (d_o,) + tuple(x for x in d_final if x is not None)
+  cost = lay.cost_estimate(kind, args, flat_shapes, chunk, block_v, momentum, True)
   outs = _call(kernel, flat_shapes, (bh_count, nv, num_chunks), in_specs, out_specs,
                [pltpu.VMEM((dk, block_v), jnp.float32)] * n_states, f"nlx_{kind}_bwd",
-               interpret, debug)(*args)
+               interpret, debug, cost)(*args)
   dgr = outs[4].reshape(nv, bh_count, num_chunks, GATE_CHANNELS, chunk)
   return outs[0], outs[1], outs[2], outs[3], dgr, State(outs[5], outs[6] if momentum else None)

@@ -129,3 +129,33 @@ def split_forward_outs(outs, momentum: bool, save_states: bool):
   rest = outs[3 if momentum else 2:]
   starts = State(rest[0], rest[1] if momentum else None) if save_states else None
   return o, State(wf, pf), starts
+
+
+def chunk_flops(kind: str, chunk: int, dk: int, block_v: int, momentum: bool) -> int:
+  """Matmul FLOPs of one forward ``chunk.chunk_step`` on a ``[K, block_v]`` state (the count the
+  kernels report to XLA and the benchmark's TFLOP/s use)."""
+  c, v = chunk, block_v
+  flops = 2 * c * c * dk + 2 * c * c * v + 4 * c * dk * v  # qkᵀ, (Γ∘qkᵀ)u, q·S0, kᵀu
+  if kind == "delta_rule":
+    flops += 2 * c * c * dk + 2 * c**3 + 2 * c * c * v + 2 * c * dk * v  # kkᵀ, inverse, T·(…), k·S0
+  if kind == "titans":
+    flops += 2 * c * dk * v  # k·S0
+  if momentum:
+    flops += 2 * c**3 + 4 * c * dk * v  # Γ = D·Dη, q·P0, kᵀ(…)
+  return flops
+
+
+def cost_estimate(kind: str, args, outs, chunk: int, block_v: int, momentum: bool,
+                  backward: bool):
+  """A ``pl.CostEstimate`` for a kernel call: FLOPs from ``chunk_flops`` (the backward pass
+  recomputes the forward and costs about twice more), exps of the ``[C, C]`` decay matrices, and
+  the bytes of every argument and result."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  q, v = args[0], args[2]
+  bh, tp, dk = q.shape
+  units = bh * (tp // chunk) * (v.shape[-1] // block_v)
+  flops = units * chunk_flops(kind, chunk, dk, block_v, momentum) * (3 if backward else 1)
+  nbytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in list(args) + list(outs)
+               if x is not None)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(units * chunk * chunk * 2),
+                         bytes_accessed=int(nbytes))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunked_memory import layout as lay
-from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp
+from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
 
@@ -27,10 +27,6 @@ def _chunks(q, k, v, gates_col, gates_row, lo: lay.Layout) -> Chunk:
   n, c = lo.num_chunks, lo.chunk
   split = lambda x: x.astype(jnp.float32).reshape(n, c, x.shape[-1])
   return Chunk(split(q), split(k), split(v), split(gates_col), gates_row)
-
-
-def _last(index, lo: lay.Layout):
-  return jnp.where(index == lo.num_chunks - 1, lo.last, lo.chunk - 1)
 
 
 def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
@@ -44,7 +40,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
   def one(q, k, v, gc, gr, w, p):
     def body(state, x):
       index, ch = x
-      o, new = chunk_step(kind, scale, ch, state, _last(index, lo))
+      o, new = chunk_step(kind, scale, ch, state, last_row(index, lo.num_chunks, lo.chunk, lo.last))
       return new, (o, state)
 
     xs = (jnp.arange(lo.num_chunks), _chunks(q, k, v, gc, gr, lo))
@@ -65,7 +61,7 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
   def one(q, k, v, gc, gr, starts, d_o, d_final):
     def body(d_state, x):
       index, ch, start, d_oc = x
-      d_ch, d_start = chunk_vjp(kind, scale, ch, start, _last(index, lo), d_oc, d_state)
+      d_ch, d_start = chunk_vjp(kind, scale, ch, start, last_row(index, lo.num_chunks, lo.chunk, lo.last), d_oc, d_state)
       return d_start, d_ch
 
     d_oc = d_o.astype(jnp.float32).reshape(lo.num_chunks, lo.chunk, -1)

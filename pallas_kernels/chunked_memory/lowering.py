@@ -1,0 +1,108 @@
+"""Ahead-of-time lowering of the kernels, with no accelerator attached.
+
+* ``compile_tpu(kind, topology)``: compiles forward + backward (``jax.value_and_grad``) for a TPU
+  topology (e.g. ``"v5e:2x2"``, ``"v5p:2x2x1"``) with ``libtpu`` (the ``tpu`` extra) and
+  ``jax.experimental.topologies``, under ``shard_map`` over all of the topology's chips (batch
+  split across chips), and returns what XLA reports: the Mosaic custom calls it holds, the cost
+  analysis and the memory analysis.
+* ``export_gpu(kind)``: lowers forward + backward for platform ``cuda`` through ``jax.export``
+  and returns the Triton custom calls of the module (their Triton IR is embedded in it).
+
+``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2`` (or ``gpu``) prints the result
+of every kind as JSON. libtpu takes a machine-wide lock when loaded; set
+``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` to run beside other processes that load it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunked_memory.chunk import KINDS
+from pallas_kernels.chunked_memory.ops import chunked_memory
+
+# (B per chip, T, H, K, V, chunk): small, but every grid axis has more than one step.
+SHAPE = (2, 256, 2, 64, 128, 64)
+
+
+def _loss_and_grads(kind: str, backend: str, chunk: int):
+  """``value_and_grad`` of a scalar of every output, w.r.t. every input (bfloat16 q, k, v)."""
+
+  def loss(q, k, v, beta, g, momentum, s0):
+    kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False)
+    if kind != "linear_attention":
+      kw["beta"] = beta
+    if kind == "titans":
+      kw["momentum"] = momentum
+    o, s, p = chunked_memory(kind, q, k, v, **kw)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s) + (0.0 if p is None else jnp.sum(p))
+
+  return jax.value_and_grad(loss, argnums=tuple(range(7)))
+
+
+def _arg_shapes(batch: int, sharding=None):
+  b, t, h, dk, dv, _ = SHAPE
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  gate = s((batch, t, h), jnp.float32)
+  return (s((batch, t, h, dk), jnp.bfloat16), s((batch, t, h, dk), jnp.bfloat16),
+          s((batch, t, h, dv), jnp.bfloat16), gate, gate, gate, s((batch, h, dk, dv), jnp.float32))
+
+
+def compile_tpu(kind: str, topology: str = "v5e:2x2") -> dict:
+  """Compiles forward + backward of ``kind`` for ``topology``; returns XLA's report."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  topo = topologies.get_topology_desc(topology, "tpu")
+  mesh = Mesh(topo.devices, ("data",))
+  fn = jax.shard_map(_loss_and_grads(kind, "tpu", SHAPE[-1]), mesh=mesh, in_specs=P("data"),
+                     out_specs=P(), check_vma=False)
+  args = _arg_shapes(SHAPE[0] * len(topo.devices), NamedSharding(mesh, P("data")))
+  lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile()
+  hlo = compiled.as_text()
+  memory = compiled.memory_analysis()
+  return {
+      "kind": kind, "topology": topology, "chips": len(topo.devices),
+      "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": SHAPE,
+      "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
+      "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd")
+                        if n in lowered.as_text()),
+      "cost_analysis": {k: float(v) for k, v in (compiled.cost_analysis() or {}).items()},
+      "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+  }
+
+
+def export_gpu(kind: str) -> dict:
+  """Lowers forward + backward of ``kind`` for ``cuda``; returns the Triton calls found."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  target = "__gpu$xla.gpu.triton"
+  exported = export.export(
+      jax.jit(_loss_and_grads(kind, "gpu", SHAPE[-1])), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*_arg_shapes(SHAPE[0]))
+  text = exported.mlir_module()
+  return {"kind": kind, "platforms": list(exported.platforms), "shape_BTHKVC": SHAPE,
+          "triton_custom_calls": text.count(f"@{target}"),
+          "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd") if n in text)}
+
+
+def main(argv: Sequence[str] = ()) -> int:
+  argv = list(argv) or sys.argv[1:]
+  if not argv or argv[0] not in ("tpu", "gpu"):
+    print("usage: python -m pallas_kernels.chunked_memory.lowering tpu [TOPOLOGY] | gpu",
+          file=sys.stderr)
+    return 2
+  if argv[0] == "tpu":
+    topology = argv[1] if len(argv) > 1 else "v5e:2x2"
+    results = [compile_tpu(kind, topology) for kind in KINDS]
+  else:
+    results = [export_gpu(kind) for kind in KINDS]
+  print(json.dumps(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,7 @@
+"""Test-session setup shared by every test module."""
+
+import os
+
+# libtpu (the `tpu` extra, for the TPU ahead-of-time lowering tests) takes a machine-wide lock
+# when loaded; parallel test workers (pytest-xdist) must be allowed to load it side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
