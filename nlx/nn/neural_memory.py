@@ -66,9 +66,10 @@ class NeuralMemory(Mixer):
     self.chunk_size, self.impl = cfg.memory_chunk_size, cfg.impl
     self.memory = LINEAR if memory == "linear" else MLPMemory(activation)
     self.qkv = QKV(d, h, dk, dv, cfg.conv_size, rngs=rngs)
-    # Gates: [lr, momentum, decay] logits per head; biases start at lr ≈ 0.12 lr_max, η ≈ 0.9,
-    # g ≈ −0.007 (slow forgetting).
-    biases = [-2.0] + ([2.0] if momentum else []) + ([5.0] if decay else [])
+    # Gates: [lr, momentum, decay] logits per head; biases start at lr ≈ 0.12 lr_max, η = 0.5,
+    # g ≈ −0.007 (slow forgetting). A chunk of C tokens steps C gradients from one state, so the
+    # effective step is about C·lr/(1 − η): η ≈ 0.9 made the MLP memory diverge at T=4096.
+    biases = [-2.0] + ([0.0] if momentum else []) + ([5.0] if decay else [])
     self.momentum, self.decay = momentum, decay
     self.gates = Dense((d,), (len(biases), h), ("embed", "gates", "heads"), rngs=rngs,
                        use_bias=True,

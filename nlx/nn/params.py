@@ -24,7 +24,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
   """An ``nnx.Param`` of ``shape`` drawn by ``init``, with logical axis names ``axes``."""
   if len(axes) != len(shape):
     raise ValueError(f"axes {tuple(axes)} must name every axis of shape {tuple(shape)}")
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                    eager_sharding=False)
 
 
