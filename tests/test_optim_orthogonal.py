@@ -126,8 +126,9 @@ def test_m3_slow_level_keeps_its_own_counter():
   state = tx.init(params)
   grads = {"w": jnp.ones((3, 4))}
   counters, slow_norms = [], []
+  update = jax.jit(tx.update)
   for _ in range(9):
-    _, state = tx.update(grads, state, params)
+    _, state = update(grads, state, params)
     inner = state.inner_states["matrix"].inner_state[0]
     counters.append(int(inner.slow.step))
     slow_norms.append(float(jnp.abs(inner.slow.params["w"]).sum()))

@@ -105,8 +105,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
     for name, tx in txs.items():
       state = jax.jit(tx.init)(params)
       grads = jax.tree.map(lambda p: 0.1 * p, params)
-      for _ in range(3):
-        _, state = jax.jit(tx.update)(grads, state, params)
+      update = jax.jit(tx.update)
+      for _ in range(3):  # past m3's and the schedule's slow steps
+        _, state = update(grads, state, params)
       checked = 0
       for leaf in jax.tree.leaves(state):
         for p in params.values():
