@@ -11,9 +11,9 @@ objective (``dot`` by default, or ``l2``), applied to the rows of each gradient
     o = ‖G‖_row · M_w(k)                    the read, after the write, at the gradient's scale
     p ← β p + o,  W ← W − η p               an outer (linear) momentum on the memory's output
 
-With ``inner_lr = 0``, ``memory_decay = 1`` and the memory at identity (its initial state: ``W1 = 0`` for the MLP,
-``w = I`` for a linear memory) this is classical momentum, ``optax.sgd(η, momentum=β)``; ``β = 0``
-leaves the deep memory as the only momentum. Normalising keys makes the memory learn a map of
+With ``inner_lr = 0``, ``memory_decay = 1`` and the memory at identity (its initial state:
+``W1 = 0`` for the MLP, ``w = I`` for a linear memory) this is classical momentum,
+``optax.sgd(η, momentum=β)``; ``β = 0`` leaves the deep memory as the only momentum. Normalising keys makes the memory learn a map of
 gradient directions whose writes are bounded whatever the gradient's scale; ``memory_decay < 1``
 (default 0.9) keeps the Hebbian (``dot``) memory bounded over time.
 

@@ -1,4 +1,4 @@
-"""Momentum as an associative memory of gradients: dot-product (classical) and L2 (delta) objectives.
+"""Momentum as an associative memory of gradients: dot-product (classical) and L2 (delta).
 
 Momentum is a memory ``m`` (shaped like the parameters) that compresses the gradients it is shown
 (PAPER.md §1–2, Eqs. 12–13 and 46–49). With the dot-product objective ``−⟨m, P∇L⟩`` one gradient

@@ -1,4 +1,4 @@
-"""Nonlinear outputs: the momentum memory read through Newton–Schulz, i.e. Muon (PAPER.md §2, Eq. 52).
+"""Nonlinear outputs: the momentum memory read through Newton–Schulz, i.e. Muon (PAPER.md §2).
 
 ``W ← W + σ(m(u))`` with σ the Newton–Schulz orthogonalisation (a few gradient steps on
 ``‖PᵀP − I‖²``, Eqs. 43–44) and ``m`` the momentum memory. With the linear (EMA) memory this is
