@@ -79,7 +79,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 OPS = ("linear_attention", "delta_rule", "titans_memory")
-IMPLS = ("recurrent", "chunked", "pallas")
+IMPLS = ("recurrent", "chunked", "pallas", "fla")
+OPS_IMPLS = ("recurrent", "chunked", "pallas")
+# bench kernels: the shapes of the kernel issue, (B, T, H, D), in bfloat16.
+KERNEL_SHAPES = ((8, 4096, 16, 128), (4, 16384, 8, 64))
+KERNEL_IMPLS = ("pallas", "chunked", "recurrent", "fla")
+# flash-linear-attention's counterpart of each op (titans_memory has none).
+FLA_OPS = {"delta_rule": "chunk_gated_delta_rule", "linear_attention": "chunk_simple_gla"}
 MODES = ("forward", "forward+backward")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 BASELINE_IMPL = "recurrent"
@@ -138,8 +144,26 @@ def _non_negative_float(text: str) -> float:
   return x
 
 
-def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
-  """The flags of ``bench ops``."""
+def _shape_list(text: str) -> list:
+  """argparse type: ``BxTxHxD`` shapes, comma-separated."""
+  shapes = []
+  for item in (x.strip() for x in text.split(",") if x.strip()):
+    parts = item.lower().split("x")
+    try:
+      shape = tuple(_positive_int(x) for x in parts)
+    except argparse.ArgumentTypeError:
+      shape = ()
+    if len(shape) != 4:
+      raise argparse.ArgumentTypeError(f"expected shapes BxTxHxD separated by commas, e.g. "
+                                       f"8x4096x16x128; got {item!r}")
+    shapes.append(shape)
+  if not shapes:
+    raise argparse.ArgumentTypeError("expected at least one shape BxTxHxD")
+  return list(dict.fromkeys(shapes))
+
+
+def add_ops_arguments(parser: argparse.ArgumentParser, kernels: bool = False) -> None:
+  """The flags of ``bench ops`` (``kernels``: the defaults of ``bench kernels``)."""
   parser.add_argument("--batch", type=_positive_int, default=4, help="B (default 4)")
   parser.add_argument("--heads", type=_positive_int, default=8, help="H (default 8)")
   parser.add_argument("--dim", type=_positive_int, default=64,
@@ -148,13 +172,21 @@ def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
                       help="sequence lengths T, comma-separated (default 1024,4096)")
   parser.add_argument("--ops", type=_choice_list(OPS, "op"), default=list(OPS),
                       help=f"ops, comma-separated (default {','.join(OPS)})")
-  parser.add_argument("--impls", type=_choice_list(IMPLS, "impl"), default=list(IMPLS),
-                      help=f"implementations, comma-separated (default {','.join(IMPLS)}); "
-                      "unavailable ones are reported and skipped")
+  impls = KERNEL_IMPLS if kernels else OPS_IMPLS
+  parser.add_argument("--impls", type=_choice_list(IMPLS, "impl"), default=list(impls),
+                      help=f"implementations, comma-separated (default {','.join(impls)}); "
+                      "unavailable ones are reported and skipped ('fla': flash-linear-attention "
+                      "on a CUDA GPU, when installed)")
+  default_shapes = [list(x) for x in KERNEL_SHAPES] if kernels else None
+  parser.add_argument("--shapes", type=_shape_list, default=default_shapes,
+                      help="shapes BxTxHxD, comma-separated; replace --batch/--seq-lens/--heads/"
+                      "--dim (default: " + (",".join("x".join(map(str, x)) for x in KERNEL_SHAPES)
+                                            if kernels else "from those flags") + ")")
   parser.add_argument("--modes", type=_choice_list(MODES, "mode"), default=list(MODES),
                       help=f"modes, comma-separated (default {','.join(MODES)})")
-  parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                      help="input dtype (default float32)")
+  dtype = "bfloat16" if kernels else "float32"
+  parser.add_argument("--dtype", choices=DTYPES, default=dtype,
+                      help=f"input dtype (default {dtype})")
   parser.add_argument("--chunk-size", type=_positive_int, default=64,
                       help="chunk_size of the ops (default 64)")
   parser.add_argument("--repeats", type=_positive_int, default=3,
@@ -178,7 +210,7 @@ def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--in-process", action="store_true",
                       help="measure in this process instead of one child process per "
                       "configuration (no timeout)")
-  parser.set_defaults(bench_fn=run_ops_command)
+  parser.set_defaults(bench_fn=run_ops_command, benchmark_name="kernels" if kernels else "ops")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +222,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
       "titans_memory per implementation (recurrent, chunked, pallas), forward and "
       "forward+backward, with the chunked/recurrent speedups.")
   add_ops_arguments(ops_parser)
+  kernels_parser = sub.add_parser(
+      "kernels", help="the Pallas kernels against the XLA forms (and flash-linear-attention)",
+      description="bench ops at the kernels' shapes (default B×T×H×D 8×4096×16×128 and "
+      "4×16384×8×64, bfloat16): tokens/s, achieved TFLOP/s and GB/s of pallas, chunked and "
+      "recurrent, and on a CUDA GPU flash-linear-attention's chunk_gated_delta_rule and "
+      "chunk_simple_gla when installed. Configurations whose XLA memory analysis exceeds the "
+      "available memory are reported as failures, not run.")
+  add_ops_arguments(kernels_parser, kernels=True)
 
 
 def build_parser(prog: str = "python -m nlx.bench") -> argparse.ArgumentParser:
@@ -270,6 +310,8 @@ def probe_impl(impl: str, dtype) -> Optional[str]:
   if impl == "pallas" and jax.default_backend() == "cpu":
     return ("on cpu the Pallas kernels run only in interpret mode, a correctness check rather "
             "than a speed path; `nlx bench kernels` measures them on a GPU or TPU")
+  if impl == "fla":
+    return _fla_unavailable()
   for op in OPS:
     try:
       jax.block_until_ready(make_fn(op, impl, "forward", 4)(make_inputs(op, 1, 4, 1, 4, dtype)))
@@ -307,6 +349,7 @@ def measure(op: str, impl: str, mode: str, b: int, t: int, h: int, d: int, dtype
   start = time.perf_counter()
   compiled = jax.jit(make_fn(op, impl, mode, chunk_size)).lower(inputs).compile()
   compile_s = time.perf_counter() - start
+  _check_memory(_memory(compiled).get("peak_bytes"))
 
   start = time.perf_counter()
   jax.block_until_ready(compiled(inputs))
@@ -326,6 +369,7 @@ def measure(op: str, impl: str, mode: str, b: int, t: int, h: int, d: int, dtype
             "compile_s": compile_s, "warmup_s": warmup_s, "seconds": seconds, "repeats": n,
             "times_s": times}
   record.update(_memory(compiled))
+  record.update(work(op, mode, inputs, compiled.out_info, chunk_size, seconds))
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except
@@ -335,17 +379,145 @@ def measure(op: str, impl: str, mode: str, b: int, t: int, h: int, d: int, dtype
   return record
 
 
-def speedups(records: list) -> list:
-  """``tokens_per_s`` of every impl over the recurrent one, per (op, mode, T, B, H, D, dtype)."""
+def _available_bytes() -> Optional[int]:
+  """Memory available to a new allocation: the device's limit, or MemAvailable on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def _check_memory(peak_bytes: Optional[int]) -> None:
+  """Refuses to run a configuration that XLA says needs more than 90% of the free memory."""
+  available = _available_bytes()
+  if peak_bytes and available and peak_bytes > 0.9 * available:
+    raise MemoryError(f"not run: needs {peak_bytes / 2**30:.1f} GiB (XLA memory analysis), "
+                      f"{available / 2**30:.1f} GiB available")
+
+
+def _nbytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def work(op: str, mode: str, inputs, outputs, chunk_size: int, seconds: float) -> dict:
+  """Model FLOPs, minimal memory traffic and the rates they imply, for one configuration.
+
+  ``flops``: the matmul FLOPs of the chunked algorithm (``layout.chunk_flops``: the same count for
+  every impl, so TFLOP/s compare useful work); forward+backward counts 3× the forward (the
+  backward recomputes each chunk and takes two matmuls per forward one). ``bytes``: every input
+  read and every output written once (forward), plus the inputs read again, their gradients
+  written and the outputs' cotangents read (forward+backward): a lower bound on HBM traffic.
+  """
+  from pallas_kernels.chunked_memory import layout  # pylint: disable=g-import-not-at-top
+  b, t, h, d = inputs["q"].shape
+  kind = {"titans_memory": "titans"}.get(op, op)
+  chunks = -(-t // chunk_size)
+  flops = b * h * chunks * layout.chunk_flops(kind, chunk_size, d, d, op == "titans_memory")
+  in_bytes, out_bytes = _nbytes(inputs), _nbytes(outputs)
+  nbytes = in_bytes + out_bytes
+  if mode == "forward+backward":
+    flops, nbytes = 3 * flops, 3 * in_bytes + 2 * out_bytes
+  return {"flops": int(flops), "bytes": int(nbytes), "tflops_per_s": flops / seconds / 1e12,
+          "gb_per_s": nbytes / seconds / 1e9}
+
+
+def _fla_unavailable() -> Optional[str]:
+  """None if flash-linear-attention can run here (package and a CUDA GPU), else why not."""
+  try:
+    import fla  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return f"flash-linear-attention is not installed ({e})"
+  if not torch.cuda.is_available():
+    return "flash-linear-attention needs a CUDA GPU visible to torch"
+  return None
+
+
+def measure_fla(op: str, mode: str, b: int, t: int, h: int, d: int, dtype_name: str,
+                chunk_size: int, repeats: int, seed: int = 0) -> dict:
+  """flash-linear-attention's kernel for ``op`` (``FLA_OPS``), timed like ``measure``.
+
+  Same shapes, dtype, gates and initial state as ``make_inputs``; the inputs are moved to torch
+  through numpy. ``peak_bytes`` is torch's peak allocation of the timed runs.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=g-import-not-at-top
+  from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=g-import-not-at-top
+  if op not in FLA_OPS:
+    raise ValueError(f"flash-linear-attention has no counterpart of {op!r}")
+  x = make_inputs(op, b, t, h, d, jnp.float32, seed)
+  dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name, torch.float32)
+  grad = mode == "forward+backward"
+  to = lambda a, dt: torch.tensor(np.asarray(a), device="cuda", dtype=dt).requires_grad_(grad)
+  q, k, v = (to(x[n], dtype) for n in ("q", "k", "v"))
+  g, s0 = to(x["g"], torch.float32), to(x["initial_state"], torch.float32)
+  beta = to(x["beta"], dtype) if op == "delta_rule" else None
+
+  def run():
+    if op == "delta_rule":
+      o, s = chunk_gated_delta_rule(q, k, v, g, beta, scale=d**-0.5, initial_state=s0,
+                                    output_final_state=True)
+    else:
+      o, s = chunk_simple_gla(q, k, v, g, scale=d**-0.5, initial_state=s0,
+                              output_final_state=True)
+    if grad:
+      (o.float().sum() + s.sum()).backward()
+    torch.cuda.synchronize()
+    return o, s
+
+  start = time.perf_counter()
+  out = run()
+  warmup_s = time.perf_counter() - start
+  torch.cuda.reset_peak_memory_stats()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  record = {"op": op, "impl": "fla", "fla_op": FLA_OPS[op], "mode": mode, "B": b, "T": t, "H": h,
+            "D": d, "K": d, "V": d, "dtype": dtype_name, "chunk_size": 64,
+            "tokens_per_s": b * t / seconds, "peak_bytes": int(torch.cuda.max_memory_allocated()),
+            "backend": "gpu", "device_kind": torch.cuda.get_device_name(), "compile_s": warmup_s,
+            "warmup_s": warmup_s, "seconds": seconds, "repeats": repeats, "times_s": times}
+  # The traffic model counts what the JAX ops read and write: same shapes, same dtypes.
+  as_struct = lambda a, dt: jax.ShapeDtypeStruct(tuple(a.shape), dt)
+  seq_dt = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(dtype_name, jnp.float32)
+  inputs = {n: as_struct(x[n], seq_dt if n in ("q", "k", "v", "beta") else jnp.float32)
+            for n in ("q", "k", "v", "g", "beta", "initial_state") if n in x}
+  outputs = [as_struct(out[0], seq_dt), as_struct(out[1], jnp.float32)]
+  record.update(work(op, mode, inputs, outputs, chunk_size, seconds))
+  return record
+
+
+def speedups(records: list, baseline: str = BASELINE_IMPL) -> list:
+  """``tokens_per_s`` of every impl over ``baseline``'s, per (op, mode, T, B, H, D, dtype)."""
   key = lambda r: (r["op"], r["mode"], r["T"], r["B"], r["H"], r["D"], r["dtype"])
-  base = {key(r): r for r in records if r["impl"] == BASELINE_IMPL}
+  base = {key(r): r for r in records if r["impl"] == baseline}
   out = []
   for r in records:
     ref = base.get(key(r))
-    if r["impl"] == BASELINE_IMPL or ref is None:
+    if r["impl"] == baseline or ref is None:
       continue
-    out.append({"op": r["op"], "mode": r["mode"], "T": r["T"], "impl": r["impl"],
-                "baseline": BASELINE_IMPL, "speedup": r["tokens_per_s"] / ref["tokens_per_s"],
+    out.append({"op": r["op"], "mode": r["mode"], "T": r["T"], "B": r["B"], "H": r["H"],
+                "D": r["D"], "impl": r["impl"], "baseline": baseline,
+                "speedup": r["tokens_per_s"] / ref["tokens_per_s"],
                 "tokens_per_s": r["tokens_per_s"], "baseline_tokens_per_s": ref["tokens_per_s"]})
   return out
 
@@ -357,16 +529,24 @@ def _table(header: Sequence[str], rows: list) -> str:
   return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _shape(r: dict) -> str:
+  return "x".join(str(r[k]) for k in ("B", "T", "H", "D"))
+
+
 def format_tables(result: dict) -> str:
-  rows = [[r["op"], r["impl"], r["mode"], r["T"], f"{r['tokens_per_s']:,.0f}",
+  rate = lambda r, k, f: f.format(r[k]) if r.get(k) is not None else "n/a"
+  rows = [[r["op"], r["impl"], r["mode"], r["T"], _shape(r), f"{r['tokens_per_s']:,.0f}",
+           rate(r, "tflops_per_s", "{:.4f}"), rate(r, "gb_per_s", "{:.2f}"),
            "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}",
            f"{r['compile_s']:.2f}"] for r in result["records"]]
-  text = [_table(["op", "impl", "mode", "T", "tokens/s", "peak MiB", "compile s"], rows)]
-  if result["speedups"]:
-    rows = [[s["op"], s["impl"], s["mode"], s["T"], f"{s['speedup']:.2f}x"]
-            for s in result["speedups"]]
-    text += ["", f"speedup: tokens/s over {BASELINE_IMPL}, same run",
-             _table(["op", "impl", "mode", "T", "speedup"], rows)]
+  text = [_table(["op", "impl", "mode", "T", "BxTxHxD", "tokens/s", "TFLOP/s", "GB/s",
+                  "peak MiB", "compile s"], rows)]
+  for baseline in dict.fromkeys(s.get("baseline", BASELINE_IMPL) for s in result["speedups"]):
+    rows = [[s["op"], s["impl"], s["mode"], s["T"], _shape(s) if "B" in s else "",
+             f"{s['speedup']:.2f}x"] for s in result["speedups"]
+            if s.get("baseline", BASELINE_IMPL) == baseline]
+    text += ["", f"speedup: tokens/s over {baseline}, same run",
+             _table(["op", "impl", "mode", "T", "BxTxHxD", "speedup"], rows)]
   for u in result["unavailable"]:
     text += ["", f"impl {u['impl']!r} unavailable, skipped: {u['reason']}"]
   for f in result.get("failures", []):
@@ -425,6 +605,9 @@ def _run_spec(spec: dict) -> dict:
   if spec["kind"] == "probe":
     dtype = jax.numpy.dtype(spec["dtype"])
     return {"reasons": {impl: probe_impl(impl, dtype) for impl in spec["impls"]}, **device_info()}
+  if spec["impl"] == "fla":
+    return measure_fla(spec["op"], spec["mode"], spec["B"], spec["T"], spec["H"], spec["D"],
+                       spec["dtype"], spec["chunk_size"], spec["repeats"], spec["seed"])
   return measure(spec["op"], spec["impl"], spec["mode"], spec["B"], spec["T"], spec["H"],
                  spec["D"], spec["dtype"], spec["chunk_size"], spec["repeats"],
                  spec["slow_run_s"], spec["seed"])
@@ -519,6 +702,8 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   isolated = not args.in_process
+  shapes = [tuple(x) for x in (args.shapes or [(args.batch, t, args.heads, args.dim)
+                                               for t in args.seq_lens])]
   start = time.perf_counter()
   load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -540,7 +725,8 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
         "cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu_model": _cpu_model(),
         "python": platform.python_version(), "platform": platform.platform(), "date": date,
         "command": command if command is not None else " ".join(sys.argv),
-        "config": {"batch": args.batch, "heads": args.heads, "dim": args.dim,
+        "config": {"benchmark": args.benchmark_name, "shapes": shapes,
+                   "batch": args.batch, "heads": args.heads, "dim": args.dim,
                    "seq_lens": args.seq_lens, "ops": args.ops, "impls": args.impls,
                    "modes": args.modes, "dtype": args.dtype, "chunk_size": args.chunk_size,
                    "repeats": args.repeats, "slow_run_s": args.slow_run_s, "seed": args.seed,
@@ -557,7 +743,9 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
         # The sources measured: children import nlx afresh, so edits during a run would count.
         "nlx_git_before": git_before, "nlx_git_after": _git_state(),
     }
-    return {"records": records, "speedups": speedups(records), "unavailable": unavailable,
+    ratios = speedups(records) + speedups(records, "chunked") + speedups(records, "fla")
+    ratios = [r for r in ratios if r["impl"] != BASELINE_IMPL]
+    return {"records": records, "speedups": ratios, "unavailable": unavailable,
             "failures": failures, "meta": meta}
 
   records, failures = [], []
@@ -569,19 +757,19 @@ def run_ops(args: argparse.Namespace, command: Optional[str] = None) -> dict:
   unavailable = [{"impl": impl, "reason": probe["reasons"][impl]} for impl in args.impls
                  if probe["reasons"][impl] is not None]
 
-  configs = [(op, t, mode, impl) for op in args.ops for t in args.seq_lens for mode in args.modes
-             for impl in impls]
-  bar = tqdm(configs, desc="bench ops", unit="run", file=sys.stderr, disable=not args.progress,
-             dynamic_ncols=True)
-  for op, t, mode, impl in bar:
-    bar.set_postfix_str(f"{op} {impl} {mode} T={t}")
-    spec = {"kind": "measure", "op": op, "impl": impl, "mode": mode, "B": args.batch, "T": t,
-            "H": args.heads, "D": args.dim, "chunk_size": args.chunk_size,
+  configs = [(op, shape, mode, impl) for op in args.ops for shape in shapes for mode in args.modes
+             for impl in impls if impl != "fla" or op in FLA_OPS]
+  bar = tqdm(configs, desc=f"bench {args.benchmark_name}", unit="run", file=sys.stderr,
+             disable=not args.progress, dynamic_ncols=True)
+  for op, (b, t, h, d), mode, impl in bar:
+    bar.set_postfix_str(f"{op} {impl} {mode} {b}x{t}x{h}x{d}")
+    spec = {"kind": "measure", "op": op, "impl": impl, "mode": mode, "B": b, "T": t,
+            "H": h, "D": d, "chunk_size": args.chunk_size,
             "repeats": args.repeats, "slow_run_s": args.slow_run_s, "seed": args.seed}
     record, why = run(spec)
     if record is None:
-      failures.append({"op": op, "impl": impl, "mode": mode, "B": args.batch, "T": t,
-                       "H": args.heads, "D": args.dim, "dtype": args.dtype, "reason": why})
+      failures.append({"op": op, "impl": impl, "mode": mode, "B": b, "T": t,
+                       "H": h, "D": d, "dtype": args.dtype, "reason": why})
       bar.write(f"FAILED {op} {impl} {mode} T={t}: {why}", file=sys.stderr)
     else:
       record["isolated"] = isolated

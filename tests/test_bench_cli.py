@@ -149,7 +149,7 @@ def test_defaults():
     (["bench", "ops", "--ops", "nonsense"],
      "unknown op 'nonsense'; allowed: linear_attention, delta_rule, titans_memory"),
     (["bench", "ops", "--impls", "chunked,triton"],
-     "unknown impl 'triton'; allowed: recurrent, chunked, pallas"),
+     "unknown impl 'triton'; allowed: recurrent, chunked, pallas, fla"),
     (["bench", "ops", "--modes", "backward"],
      "unknown mode 'backward'; allowed: forward, forward+backward"),
     (["bench", "ops", "--seq-lens", "1024,-5"], "positive integers"),
@@ -176,3 +176,32 @@ def test_demo_gets_its_arguments_unchanged(monkeypatch):
   monkeypatch.setattr(nlx, "demo", fake, raising=False)
   assert cli.main(["demo", "--steps", "3", "--out", "x.json", "-h", "demo"]) == 0
   assert seen == [["--steps", "3", "--out", "x.json", "-h", "demo"]]
+
+
+def test_bench_kernels_defaults_and_records(tmp_path):
+  args = bench.build_parser().parse_args(["kernels"])
+  assert args.shapes == [[8, 4096, 16, 128], [4, 16384, 8, 64]] and args.dtype == "bfloat16"
+  assert args.impls == ["pallas", "chunked", "recurrent", "fla"]
+  out = tmp_path / "kernels.json"
+  proc = _run(["-m", "nlx.bench", "kernels", "--shapes", "1x24x2x16", "--ops", "delta_rule",
+               "--impls", "chunked,recurrent,pallas,fla", "--modes", "forward+backward",
+               "--chunk-size", "16", "--repeats", "1", "--in-process", "--out", str(out)])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert {r["impl"] for r in result["records"]} == {"chunked", "recurrent"}
+  for r in result["records"]:
+    assert (r["B"], r["T"], r["H"], r["D"], r["dtype"]) == (1, 24, 2, 16, "bfloat16")
+    assert r["flops"] > 0 and r["bytes"] > 0
+    assert math.isclose(r["tflops_per_s"], r["flops"] / r["seconds"] / 1e12)
+    assert math.isclose(r["gb_per_s"], r["bytes"] / r["seconds"] / 1e9)
+  # Both impls do the same model work; on CPU the kernel and flash-linear-attention are reported.
+  assert len({r["flops"] for r in result["records"]}) == 1
+  assert {u["impl"] for u in result["unavailable"]} == {"pallas", "fla"}
+  assert "TFLOP/s" in proc.stdout and "GB/s" in proc.stdout and "1x24x2x16" in proc.stdout
+
+
+def test_bench_kernels_bad_shape(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["bench", "kernels", "--shapes", "8x4096x16"])
+  assert "expected shapes BxTxHxD separated by commas, e.g. 8x4096x16x128; got '8x4096x16'" in (
+      capsys.readouterr().err)
