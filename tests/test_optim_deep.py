@@ -10,7 +10,7 @@ import pytest
 from nlx import optim
 from nlx.memory import LinearMemory
 from nlx.optim import meta
-from tests.test_optim_momentum import assert_trees_close, quadratic_problem, run
+from optim_cases import assert_trees_close, quadratic_problem, run
 
 
 @pytest.mark.parametrize("memory", [None, LinearMemory()])

@@ -8,7 +8,7 @@ import optax.contrib
 import pytest
 
 from nlx import optim
-from tests.test_optim_momentum import assert_trees_close, quadratic_problem, run
+from optim_cases import assert_trees_close, quadratic_problem, run
 
 
 def mlp_problem(seed=0):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from nlx import levels, optim
-from tests.test_optim_momentum import assert_trees_close, quadratic_problem, run
+from optim_cases import assert_trees_close, quadratic_problem, run
 
 
 def test_level_schedule_matches_python_loop():
