@@ -214,7 +214,7 @@ def add_ops_arguments(parser: argparse.ArgumentParser, kernels: bool = False) ->
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-  """Adds the benchmark subcommands (``ops``) to ``parser`` (used by ``nlx bench``)."""
+  """Adds the benchmark subcommands (``ops``, ``kernels``, ``models``) to ``parser``."""
   sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
   ops_parser = sub.add_parser(
       "ops", help="tokens/s and peak memory of the associative-memory ops",
@@ -230,6 +230,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
       "chunk_simple_gla when installed. Configurations whose XLA memory analysis exceeds the "
       "available memory are reported as failures, not run.")
   add_ops_arguments(kernels_parser, kernels=True)
+  models_parser = sub.add_parser(
+      "models", help="train-step tokens/s and peak memory of every model family (~20M params)",
+      description="Train-step (value_and_grad + adamw) tokens/s and peak memory of every family "
+      "of the model zoo at about 20M parameters, with ratios to Transformer++.")
+  from nlx import bench_models  # pylint: disable=g-import-not-at-top  (no JAX at import)
+  bench_models.add_arguments(models_parser)
+  models_parser.set_defaults(bench_fn=bench_models.run)
 
 
 def build_parser(prog: str = "python -m nlx.bench") -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ Commands:
 
 * ``nlx bench ops [flags]``: tokens/s and peak memory of the associative-memory ops
   (``nlx.bench``; ``nlx bench ops --help`` lists the flags).
+* ``nlx bench models [flags]``: train-step tokens/s and peak memory of every model family
+  (``nlx.bench_models``).
 * ``nlx demo [args]``: the end-to-end demo (``nlx.demo.main``; ``nlx demo --help`` shows its own
   flags, which are passed through unchanged).
 

@@ -3,7 +3,7 @@
 A config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict`` whose
 ``model`` field holds every ``nlx.nn.ModelConfig`` field; ``arg`` is a size: ``tiny`` (trains on
 a laptop CPU), ``340m``, ``760m`` or ``1.3b`` (the paper's sizes, within ±10% of their names in
-parameters). ``load("configs/transformer.py:tiny", ["model.d_model=128"])`` imports a config file,
+parameters), or ``20m`` (the size of ``nlx bench models``; the paper sizes' family settings). ``load("configs/transformer.py:tiny", ["model.d_model=128"])`` imports a config file,
 calls ``get_config`` and applies ``key=value`` overrides.
 """
 
@@ -20,7 +20,8 @@ import ml_collections
 from nlx.nn.config import ModelConfig
 
 PAPER_SIZES = ("340m", "760m", "1.3b")
-SIZES = ("tiny",) + PAPER_SIZES
+BENCH_SIZE = "20m"  # the size of ``nlx bench models``
+SIZES = ("tiny",) + PAPER_SIZES + (BENCH_SIZE,)
 
 # The shared presets. Paper sizes follow the Transformer++ baselines of flash-linear-attention and
 # Titans (d_model 1024 / 1536 / 2048, 24 layers, head dim 64, 32K vocabulary).
@@ -34,8 +35,10 @@ _PRESETS = {
                  state_dim=128, mamba_head_dim=64),
     "1.3b": dict(d_model=2048, n_layers=24, n_heads=32, vocab_size=32000, max_seq_len=4096,
                  state_dim=128, mamba_head_dim=64),
+    "20m": dict(d_model=384, n_layers=10, n_heads=6, vocab_size=4096, max_seq_len=2048,
+                state_dim=64, mamba_head_dim=64),
 }
-NOMINAL_PARAMS = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
+NOMINAL_PARAMS = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9, "20m": 20e6}
 MLP_RATIO = 8 / 3  # SwiGLU hidden width / d_model of Transformer++
 
 

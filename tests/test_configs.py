@@ -38,12 +38,12 @@ def test_config_loads_at_every_size(family):
     cfg = configs.load(f"{_path(family)}:{size}")
     assert cfg.model.family == family
     model_cfg = ModelConfig.from_config(cfg.model)
-    assert model_cfg.n_layers == (2 if size == "tiny" else 24)
+    assert model_cfg.n_layers == {"tiny": 2, "20m": 10}.get(size, 24)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_paper_sizes_have_their_parameter_counts(family):
-  for size in configs.PAPER_SIZES:
+def test_paper_and_bench_sizes_have_their_parameter_counts(family):
+  for size in configs.PAPER_SIZES + (configs.BENCH_SIZE,):
     n = _param_count(configs.load(f"{_path(family)}:{size}").model)
     nominal = configs.NOMINAL_PARAMS[size]
     assert abs(n / nominal - 1) <= 0.10, (family, size, n)
