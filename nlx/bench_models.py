@@ -163,6 +163,26 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
   records, failures = [], []
   bar = tqdm(args.families, desc="bench models", unit="family", file=sys.stderr,
              dynamic_ncols=True)
+
+  def result(complete: bool) -> dict:
+    add_ratios(records)
+    return {"records": records, "failures": failures, "meta": make_meta(complete)}
+
+  def make_meta(complete: bool) -> dict:
+    return {**bench.device_info(), "cpu_count": os.cpu_count(), "cpu_model": bench._cpu_model(),  # pylint: disable=protected-access
+            "python": platform.python_version(), "platform": platform.platform(), "date": date,
+            "command": command if command is not None else " ".join(sys.argv),
+            "config": {"families": args.families, "size": args.size, "batch": args.batch,
+                       "seq_len": args.seq_len, "repeats": args.repeats,
+                       "slow_run_s": args.slow_run_s, "override": args.override,
+                       "seed": args.seed, "optimizer": "optax.adamw(3e-4, weight_decay=0.1)"},
+            "total_s": time.perf_counter() - start, "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "peak_bytes_definition": "argument + output + temp bytes of XLA's compiled memory "
+                                     "analysis of the train step",
+            "nlx_git_before": git_before, "nlx_git_after": bench._git_state(),  # pylint: disable=protected-access
+            "complete": complete}
+
   for family in bar:
     bar.set_postfix_str(family)
     try:
@@ -170,27 +190,17 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     except Exception as e:  # pylint: disable=broad-except  (reported, not fatal)
       failures.append({"family": family, "reason": f"{type(e).__name__}: {e}"})
       bar.write(f"FAILED {family}: {type(e).__name__}: {e}", file=sys.stderr)
+    if args.out:  # rewritten after every family: an interrupted run keeps what it measured
+      bench._write_json(args.out, result(complete=False))  # pylint: disable=protected-access
   bar.close()
-  add_ratios(records)
-  meta = {**bench.device_info(), "cpu_count": os.cpu_count(), "cpu_model": bench._cpu_model(),  # pylint: disable=protected-access
-          "python": platform.python_version(), "platform": platform.platform(), "date": date,
-          "command": command if command is not None else " ".join(sys.argv),
-          "config": {"families": args.families, "size": args.size, "batch": args.batch,
-                     "seq_len": args.seq_len, "repeats": args.repeats,
-                     "slow_run_s": args.slow_run_s, "override": args.override,
-                     "seed": args.seed, "optimizer": "optax.adamw(3e-4, weight_decay=0.1)"},
-          "total_s": time.perf_counter() - start, "loadavg_before": load_before,
-          "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-          "peak_bytes_definition": "argument + output + temp bytes of XLA's compiled memory "
-                                   "analysis of the train step",
-          "nlx_git_before": git_before, "nlx_git_after": bench._git_state()}  # pylint: disable=protected-access
-  result = {"records": records, "failures": failures, "meta": meta}
+  final = result(complete=True)
+  meta = final["meta"]
   print(format_table(records))
   for f in failures:
     print(f"\nFAILED {f['family']}: {f['reason']}")
   print(f"\ntotal {meta['total_s']:.1f} s on {meta['backend']} ({meta['device_kind']}; "
         f"{meta['cpu_count']} CPUs: {meta['cpu_model']})")
   if args.out:
-    bench._write_json(args.out, result)  # pylint: disable=protected-access
+    bench._write_json(args.out, final)  # pylint: disable=protected-access
     print(f"wrote {args.out}")
   return 1 if failures else 0

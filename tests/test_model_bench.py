@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from nlx import bench_models, cli
 
 
@@ -33,8 +35,7 @@ def test_bench_models_writes_records_with_ratios(tmp_path):
 
 
 def test_bench_models_refuses_unknown_families(capsys):
-  try:
+  with pytest.raises(SystemExit) as e:
     cli.main(["bench", "models", "--families", "lstm"])
-  except SystemExit as e:
-    assert e.code == 2
+  assert e.value.code == 2
   assert "unknown family 'lstm'" in capsys.readouterr().err
