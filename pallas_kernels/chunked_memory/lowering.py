@@ -29,8 +29,8 @@ from pallas_kernels.chunked_memory.ops import chunked_memory
 SHAPE = (2, 256, 2, 64, 128, 64)
 
 
-def _loss_and_grads(kind: str, backend: str, chunk: int):
-  """``value_and_grad`` of a scalar of every output, w.r.t. every input (bfloat16 q, k, v)."""
+def _loss(kind: str, backend: str, chunk: int):
+  """A scalar of every output of the kernels, as a function of every input."""
 
   def loss(q, k, v, beta, g, momentum, s0):
     kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False)
@@ -41,33 +41,44 @@ def _loss_and_grads(kind: str, backend: str, chunk: int):
     o, s, p = chunked_memory(kind, q, k, v, **kw)
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s) + (0.0 if p is None else jnp.sum(p))
 
-  return jax.value_and_grad(loss, argnums=tuple(range(7)))
+  return loss
 
 
-def _arg_shapes(batch: int, sharding=None):
-  b, t, h, dk, dv, _ = SHAPE
+def _loss_and_grads(kind: str, backend: str, chunk: int):
+  """``value_and_grad`` of ``_loss`` w.r.t. every input (forward and backward kernels)."""
+  return jax.value_and_grad(_loss(kind, backend, chunk), argnums=tuple(range(7)))
+
+
+def _arg_shapes(batch: int, shape=SHAPE, sharding=None):
+  _, t, h, dk, dv, _ = shape
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   gate = s((batch, t, h), jnp.float32)
   return (s((batch, t, h, dk), jnp.bfloat16), s((batch, t, h, dk), jnp.bfloat16),
           s((batch, t, h, dv), jnp.bfloat16), gate, gate, gate, s((batch, h, dk, dv), jnp.float32))
 
 
-def compile_tpu(kind: str, topology: str = "v5e:2x2") -> dict:
-  """Compiles forward + backward of ``kind`` for ``topology``; returns XLA's report."""
+def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both") -> dict:
+  """Compiles ``kind`` for ``topology``; returns XLA's report.
+
+  Args:
+    shape: (B per chip, T, H, K, V, chunk).
+    mode: "both" (forward + backward, ``value_and_grad``) or "forward".
+  """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   topo = topologies.get_topology_desc(topology, "tpu")
   mesh = Mesh(topo.devices, ("data",))
-  fn = jax.shard_map(_loss_and_grads(kind, "tpu", SHAPE[-1]), mesh=mesh, in_specs=P("data"),
-                     out_specs=P(), check_vma=False)
-  args = _arg_shapes(SHAPE[0] * len(topo.devices), NamedSharding(mesh, P("data")))
+  make = _loss if mode == "forward" else _loss_and_grads
+  fn = jax.shard_map(make(kind, "tpu", shape[-1]), mesh=mesh, in_specs=P("data"), out_specs=P(),
+                     check_vma=False)
+  args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")))
   lowered = jax.jit(fn).lower(*args)
   compiled = lowered.compile()
   hlo = compiled.as_text()
   memory = compiled.memory_analysis()
   return {
       "kind": kind, "topology": topology, "chips": len(topo.devices),
-      "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": SHAPE,
+      "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": shape, "mode": mode,
       "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
       "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd")
                         if n in lowered.as_text()),
