@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   install nlx into .venv and run the main job (tiny associative-recall model on the ops)
-#   make test   install nlx with its test extra into .venv and run the default test suite
+#   make test   install nlx with its test and tpu extras into .venv and run the default test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -15,8 +15,9 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 
+# The tpu extra (libtpu) lets the default suite compile the TPU kernels ahead of time on CPU.
 install-test: $(VENV)/bin/python
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,tpu]"
 
 demo: install
 	$(VENV)/bin/nlx demo
