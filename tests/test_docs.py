@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and docs/KERNELS.md run as written."""
 
 import pathlib
 import re
@@ -12,7 +12,7 @@ def _python_blocks(path):
   return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/KERNELS.md"])
 def test_python_examples_run(doc):
   blocks = _python_blocks(ROOT / doc)
   assert blocks, f"{doc} has no python example"

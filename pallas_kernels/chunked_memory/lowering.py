@@ -8,8 +8,8 @@
 * ``export_gpu(kind)``: lowers forward + backward for platform ``cuda`` through ``jax.export``
   and returns the Triton custom calls of the module (their Triton IR is embedded in it).
 
-``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2`` (or ``gpu``) prints the result
-of every kind as JSON. libtpu takes a machine-wide lock when loaded; set
+``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2 [--shape B,T,H,K,V,C] [--mode
+forward]`` (or ``gpu``) prints the result of every kind as JSON. libtpu takes a machine-wide lock when loaded; set
 ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` to run beside other processes that load it.
 """
 
@@ -101,14 +101,25 @@ def export_gpu(kind: str) -> dict:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-  argv = list(argv) or sys.argv[1:]
-  if not argv or argv[0] not in ("tpu", "gpu"):
-    print("usage: python -m pallas_kernels.chunked_memory.lowering tpu [TOPOLOGY] | gpu",
-          file=sys.stderr)
-    return 2
-  if argv[0] == "tpu":
-    topology = argv[1] if len(argv) > 1 else "v5e:2x2"
-    results = [compile_tpu(kind, topology) for kind in KINDS]
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m pallas_kernels.chunked_memory.lowering",
+      description="Lower the kernels for TPU (ahead-of-time compile) or GPU (cuda export).")
+  parser.add_argument("target", choices=("tpu", "gpu"))
+  parser.add_argument("topology", nargs="?", default="v5e:2x2", help="TPU topology")
+  parser.add_argument("--shape", default=",".join(map(str, SHAPE)),
+                      help="B per chip,T,H,K,V,chunk (default %(default)s; TPU only)")
+  parser.add_argument("--mode", choices=("both", "forward"), default="both",
+                      help="forward+backward or forward alone (TPU only)")
+  args = parser.parse_args(list(argv) or sys.argv[1:])
+  try:
+    shape = tuple(int(x) for x in args.shape.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 6:
+    parser.error(f"--shape must be six integers B,T,H,K,V,chunk; got {args.shape!r}")
+  if args.target == "tpu":
+    results = [compile_tpu(kind, args.topology, shape, args.mode) for kind in KINDS]
   else:
     results = [export_gpu(kind) for kind in KINDS]
   print(json.dumps(results))
