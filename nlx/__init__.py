@@ -6,9 +6,10 @@ levels with their own update periods (``nlx.levels``) and optimizers whose state
 """
 
 from nlx import levels, memory, ops, optim
+from nlx.nn import build_model
 from nlx.ops import TitansState, delta_rule, linear_attention, titans_memory
 
 __version__ = "0.1.0"
 
 __all__ = ["levels", "memory", "ops", "optim", "linear_attention", "delta_rule", "titans_memory",
-           "TitansState", "__version__"]
+           "TitansState", "build_model", "__version__"]
