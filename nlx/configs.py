@@ -1,10 +1,17 @@
-"""Model size presets shared by every ``configs/<family>.py``, and the config-file loader.
+"""Run configs: size presets shared by every ``configs/<family>.py``, the loader, gin, validation.
 
-A config file defines ``get_config(arg)`` returning an ``ml_collections.ConfigDict`` whose
-``model`` field holds every ``nlx.nn.ModelConfig`` field; ``arg`` is a size: ``tiny`` (trains on
-a laptop CPU), ``340m``, ``760m`` or ``1.3b`` (the paper's sizes, within ±10% of their names in
-parameters), or ``20m`` (the size of ``nlx bench models``; the paper sizes' family settings). ``load("configs/transformer.py:tiny", ["model.d_model=128"])`` imports a config file,
-calls ``get_config`` and applies ``key=value`` overrides.
+A config file defines ``get_config(arg)`` returning ``config(model_config(family, size, ...))``:
+an ``ml_collections.ConfigDict`` with every section of a run (``nlx.train.config``):
+
+* ``model``: every ``nlx.nn.ModelConfig`` field; ``arg`` is a size: ``tiny`` (trains on a laptop
+  CPU), ``340m``, ``760m`` or ``1.3b`` (the paper's sizes, within ±10% of their names in
+  parameters), or ``20m`` (the size of ``nlx bench models``; the paper sizes' family settings).
+* ``optimizer``, ``data``, ``train``, ``mesh``: the run defaults of the size (``RUN_PRESETS``).
+* ``axis_rules``: logical axis name -> mesh axis (``AXIS_RULES``).
+
+``load("configs/transformer.py:tiny", ["train.steps=5"])`` imports a config file, calls
+``get_config`` and applies ``key=value`` overrides; ``load_gin(files, bindings)`` builds the same
+config from gin files that bind the section dataclasses; ``validate`` is the one validation step.
 """
 
 from __future__ import annotations
@@ -71,9 +78,76 @@ def model_config(family: str, size: str, *, mlp_ratio: float = MLP_RATIO,
   return ml_collections.ConfigDict(fields)
 
 
-def config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The top-level config of a config file: for now only ``model`` (training adds the rest)."""
-  return ml_collections.ConfigDict({"model": model})
+# Run defaults per size: tiny trains on a CPU in minutes (byte tokenizer, embedded corpus); the
+# paper sizes follow the flash-linear-attention / Titans recipe (AdamW 4e-4 cosine, 0.5M-token
+# batches of 4K sequences, 2K warmup steps; 15B / 30B / 100B tokens) sharded FSDP over every chip.
+_TINY_RUN = dict(
+    optimizer=dict(),
+    data=dict(),
+    train=dict(),
+    mesh=dict(data=-1, fsdp=1, tensor=1))
+_PAPER_RUN = dict(
+    optimizer=dict(learning_rate=4e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
+    data=dict(source="text", path="data/corpus", tokenizer="sentencepiece", spm_vocab_size=32000),
+    train=dict(batch_size=128, seq_len=4096, log_every=100, eval_every=1000, eval_batches=32,
+               checkpoint_every=1000, keep_checkpoints=3, compute_dtype="bfloat16"),
+    mesh=dict(data=1, fsdp=-1, tensor=1))
+RUN_PRESETS = {
+    "tiny": _TINY_RUN,
+    "20m": dict(_PAPER_RUN, data=dict(_PAPER_RUN["data"], spm_vocab_size=4096),
+                train=dict(_PAPER_RUN["train"], batch_size=8, seq_len=2048, steps=10_000)),
+    "340m": dict(_PAPER_RUN, train=dict(_PAPER_RUN["train"], steps=15e9 // (128 * 4096))),
+    "760m": dict(_PAPER_RUN, train=dict(_PAPER_RUN["train"], steps=30e9 // (128 * 4096))),
+    "1.3b": dict(_PAPER_RUN, train=dict(_PAPER_RUN["train"], steps=100e9 // (128 * 4096))),
+}
+# Logical axis -> mesh axis (MaxText's layout): the batch over data and fsdp, weights' model
+# dimension over fsdp, their vocabulary / MLP / head dimension over tensor; axes that are small or
+# scanned stay whole. An axis whose size a mesh axis does not divide is replicated.
+AXIS_RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"),
+              ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
+              ("head_dim_v", None), ("qkv", None), ("gates", None), ("conv", None),
+              ("layers", None), ("memory_mlp", None), ("persistent", None))
+
+
+def _size_of(model: ml_collections.ConfigDict) -> str:
+  """The preset whose width the model has (configs call ``config(model_config(f, size))``)."""
+  for size, preset in _PRESETS.items():
+    if preset["d_model"] == model.d_model and preset["vocab_size"] == model.vocab_size:
+      return size
+  return "tiny"
+
+
+def config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collections.ConfigDict:
+  """The run config of a config file: ``model`` plus every other section at its size's defaults.
+
+  Args:
+    model: ``model_config(family, size, ...)``.
+    **sections: overrides per section, e.g. ``train=dict(seq_len=512)``.
+
+  Returns:
+    The ConfigDict (fields locked: an override of an unknown field is an error).
+  """
+  from nlx.train import config as run_config  # pylint: disable=g-import-not-at-top
+  preset = RUN_PRESETS[_size_of(model)]
+  fields = {"model": model, "axis_rules": AXIS_RULES}
+  for name, cls in run_config.SECTION_CLASSES.items():
+    values = dataclasses.asdict(cls())
+    values.update({k: int(v) if isinstance(v, float) and k == "steps" else v
+                   for k, v in preset[name].items()})
+    values.update(sections.pop(name, {}))
+    fields[name] = values
+  if sections:
+    raise ValueError(f"config(): unknown section(s) {sorted(sections)}; allowed: "
+                     f"{sorted(run_config.SECTION_CLASSES)}")
+  cfg = ml_collections.ConfigDict(fields)
+  cfg.lock()
+  return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict, **kwargs):
+  """``nlx.train.config.validate``: the one validation step (see there)."""
+  from nlx.train import config as run_config  # pylint: disable=g-import-not-at-top
+  return run_config.validate(cfg, **kwargs)
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -114,12 +188,25 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
+  _set_field(cfg, key, value, item)
+
+
+def _set_field(cfg: ml_collections.ConfigDict, key: str, value, item: Optional[str] = None):
+  """Sets the existing field ``a.b.c`` of ``cfg``; type mismatches name the field."""
+  item = item or f"{key}={value!r}"
   *parents, leaf = key.split(".")
   node = cfg
   for name in parents:
-    if name not in node:
+    if not hasattr(node, "keys") or name not in node:
       raise ValueError(f"override {item!r}: no field {name!r}; allowed: {sorted(node.keys())}")
     node = node[name]
   if leaf not in node:
     raise ValueError(f"override {item!r}: no field {leaf!r}; allowed: {sorted(node.keys())}")
-  node[leaf] = value
+  old = node[leaf]
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except TypeError:
+    raise ValueError(f"override {item!r}: {key} must be a {type(old).__name__} like its default "
+                     f"{old!r}; got {value!r}") from None

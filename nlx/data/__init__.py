@@ -1,4 +1,5 @@
-"""Data: synthetic task generators (MQAR); grain pipelines and tokenizers to follow (§9)."""
+"""Data: sources (embedded corpus, text, jsonl, seqio), tokenizers (byte, SentencePiece), the grain
+pipeline of LM training (pack, shuffle, per-host batches), and synthetic task generators (MQAR)."""
 
 from nlx.data.synthetic import MQARVocab, check_mqar_args, mqar, mqar_batch, mqar_vocab
 

@@ -1,0 +1,97 @@
+"""Tokenizers: byte-level (the default; no files) and SentencePiece (trained or loaded).
+
+Both have ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size`` and ``eos_id``
+(the id that ends a document when documents are packed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids ``0..255``; id 0 (NUL, removed from the text) ends a document."""
+
+  vocab_size = 256
+  eos_id = 0
+
+  def encode(self, text: str) -> list[int]:
+    return [b for b in text.encode("utf-8") if b != self.eos_id]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model (``.model`` file); ``eos_id`` is the model's ``</s>``."""
+
+  def __init__(self, model_file: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(model_file):
+      raise ValueError(f"data.spm_model={model_file!r} does not exist")
+    self.model_file = model_file
+    self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.vocab_size = self._sp.get_piece_size()
+    self.eos_id = self._sp.eos_id()
+    if self.eos_id < 0:
+      raise ValueError(f"data.spm_model={model_file!r} has no </s> piece (eos_id=-1); train it "
+                       "with eos_id >= 0")
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int) -> str:
+  """Trains a unigram SentencePiece model on ``texts``; returns the ``.model`` path.
+
+  Args:
+    texts: documents (each may hold many lines).
+    model_prefix: output path without extension (``DIR/spm`` writes ``DIR/spm.model``).
+    vocab_size: pieces, including ``<pad>=0``, ``<unk>=1``, ``<s>=2``, ``</s>=3``.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(model_prefix) or ".", exist_ok=True)
+  lines = (line for text in texts for line in text.splitlines() if line.strip())
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=model_prefix, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        byte_fallback=True, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        minloglevel=2)
+  except RuntimeError as e:
+    raise ValueError(f"data.spm_vocab_size={vocab_size}: SentencePiece training failed on this "
+                     f"corpus ({e}); allowed: a smaller vocabulary") from None
+  return model_prefix + ".model"
+
+
+def build_tokenizer(kind: str, spm_model: Optional[str] = None,
+                    train_texts: Optional[Iterable[str]] = None, spm_vocab_size: int = 1024,
+                    workdir: Optional[str] = None):
+  """The tokenizer of ``data.tokenizer``.
+
+  Args:
+    kind: ``"byte"`` or ``"sentencepiece"``.
+    spm_model: a ``.model`` to load; None trains one on ``train_texts``.
+    train_texts: the training documents (SentencePiece training only).
+    spm_vocab_size: the vocabulary of a trained model.
+    workdir: where a trained model is written (``workdir/spm.model``); reused when present.
+  """
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind != "sentencepiece":
+    raise ValueError(f"data.tokenizer={kind!r} is not allowed; allowed: ['byte', "
+                     "'sentencepiece']")
+  if spm_model:
+    return SentencePieceTokenizer(spm_model)
+  if workdir is None:
+    raise ValueError("data.spm_model=None: training a SentencePiece model needs a workdir")
+  path = os.path.join(workdir, "spm.model")
+  if not os.path.isfile(path):
+    if train_texts is None:
+      raise ValueError("data.spm_model=None and no training text to train one on")
+    train_sentencepiece(train_texts, os.path.join(workdir, "spm"), spm_vocab_size)
+  return SentencePieceTokenizer(path)

@@ -1,0 +1,344 @@
+"""The sections of a run config besides ``model``, and the one validation step of a whole config.
+
+A run config (``configs/<family>.py:<size>``, built by ``nlx.configs.config``) is an
+``ml_collections.ConfigDict`` with the sections ``model``, ``optimizer``, ``data``, ``train``,
+``mesh`` and ``axis_rules``. ``validate(config)`` reads every section into its frozen dataclass
+(``ModelConfig``, ``OptimizerConfig``, ``DataConfig``, ``TrainConfig``, ``MeshConfig``) and checks
+the values against each other; an unknown field, a wrong type or an impossible value is a
+``ValueError`` naming the field, the value and what is allowed. The dataclasses are also the gin
+configurables (``nlx.configs.load_gin``).
+
+This module imports no JAX: it runs before ``jax.distributed.initialize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from typing import Any, Mapping, Optional
+
+SECTIONS = ("model", "optimizer", "data", "train", "mesh", "axis_rules")
+MESH_AXES = ("data", "fsdp", "tensor")
+OPTIMIZERS = ("adamw", "adam_memory", "muon", "m3", "momentum_memory")
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZERS = ("byte", "sentencepiece")
+SOURCES = ("embedded", "text", "jsonl", "seqio")
+DTYPES = ("float32", "bfloat16")
+# Every logical axis name of an nlx.nn parameter (tests build each family and check), plus the
+# activation axis "batch". Rules map each to a mesh axis, a tuple of mesh axes, or None.
+LOGICAL_AXES = ("batch", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "head_dim_v",
+                "qkv", "gates", "conv", "layers", "memory_mlp", "persistent")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """``config.optimizer``.
+
+  Attributes:
+    name: ``adamw`` (optax), ``adam_memory`` (Adam as a memory), ``muon`` (``nonlinear_output``),
+      ``m3`` (multi-scale momentum Muon) or ``momentum_memory`` (SGD with a momentum memory).
+    learning_rate: the peak learning rate.
+    schedule: ``cosine`` or ``linear`` decay to ``min_lr_ratio`` after warmup, or ``constant``.
+    warmup_steps: linear warmup from 0 (steps).
+    min_lr_ratio: final learning rate / peak.
+    weight_decay: decoupled weight decay (all parameters of rank >= 2).
+    b1, b2, eps: Adam's moment rates and epsilon (Muon's momentum is ``b1`` too).
+    clip_norm: global-norm gradient clipping (0: none).
+    slow_period: M3's slow-level period (steps).
+  """
+
+  name: str = "adamw"
+  learning_rate: float = 3e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  slow_period: int = 100
+
+  def __post_init__(self):
+    _check_fields(self, "optimizer")
+    _one_of("optimizer", "name", self.name, OPTIMIZERS)
+    _one_of("optimizer", "schedule", self.schedule, SCHEDULES)
+    _at_least("optimizer", self, learning_rate=0.0, warmup_steps=0, min_lr_ratio=0.0,
+              weight_decay=0.0, eps=0.0, clip_norm=0.0, slow_period=1)
+    for name in ("b1", "b2", "min_lr_ratio"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"optimizer.{name}={getattr(self, name)!r} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """``config.data``.
+
+  Attributes:
+    source: ``embedded`` (the corpus shipped in the package; no files), ``text`` (a UTF-8 file, or
+      a directory with ``*train*``/``*valid*`` files or one text file), ``jsonl`` (one JSON
+      object per line, text in ``text_field``) or ``seqio`` (the task ``seqio_task``; extra
+      ``nlx[seqio]``).
+    path: the file or directory of ``text``/``jsonl``; also accepted with ``source='embedded'``,
+      which then switches to ``text`` (``--config.data.path=../shared/data/ptb``).
+    text_field: the field of a jsonl record that holds the text.
+    tokenizer: ``byte`` (UTF-8 bytes, id 0 ends a document) or ``sentencepiece``.
+    spm_model: a SentencePiece ``.model`` file; None trains one on the training text (saved in
+      the workdir) with ``spm_vocab_size`` pieces.
+    spm_vocab_size: the vocabulary of a trained SentencePiece model.
+    val_fraction: the tail of a single training file held out for validation.
+    shuffle: shuffle the packed windows (the order is a pure function of seed and index).
+    seqio_task: the registered seqio task name of ``source='seqio'``.
+    prefetch_threads: grain read threads on each host.
+  """
+
+  source: str = "embedded"
+  path: Optional[str] = None
+  text_field: str = "text"
+  tokenizer: str = "byte"
+  spm_model: Optional[str] = None
+  spm_vocab_size: int = 1024
+  val_fraction: float = 0.1
+  shuffle: bool = True
+  seqio_task: Optional[str] = None
+  prefetch_threads: int = 2
+
+  def __post_init__(self):
+    _check_fields(self, "data")
+    _one_of("data", "source", self.source, SOURCES)
+    _one_of("data", "tokenizer", self.tokenizer, TOKENIZERS)
+    _at_least("data", self, spm_vocab_size=8, prefetch_threads=0)
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
+    if self.source in ("text", "jsonl") and not self.path:
+      raise ValueError(f"data.path={self.path!r}: source {self.source!r} needs a file or "
+                       "directory (or data.source='embedded')")
+    if self.source == "seqio" and not self.seqio_task:
+      raise ValueError("data.seqio_task=None: source 'seqio' needs a registered task name")
+
+  @property
+  def resolved_source(self) -> str:
+    """The source actually read: ``embedded`` with a ``path`` reads that text."""
+    return "text" if self.source == "embedded" and self.path else self.source
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """``config.train``.
+
+  Attributes:
+    steps: optimizer steps of the run.
+    batch_size: global batch (sequences per step, over all hosts and devices).
+    seq_len: tokens per sequence (the model sees ``seq_len`` and predicts the next of each).
+    log_every: steps between logged metrics (progress bar, metrics.jsonl, TensorBoard).
+    eval_every: steps between validation losses (a multiple of ``log_every``; 0: only at the end).
+    eval_batches: batches of the validation split per evaluation.
+    checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
+    keep_checkpoints: the newest checkpoints kept.
+    seed: seed of the parameters, the data order and the train RNG.
+    compute_dtype: ``float32`` or ``bfloat16`` (parameters stay float32).
+    plots: write PNG curves at the end.
+  """
+
+  steps: int = 1000
+  batch_size: int = 16
+  seq_len: int = 256
+  log_every: int = 25
+  eval_every: int = 250
+  eval_batches: int = 8
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  seed: int = 0
+  compute_dtype: str = "float32"
+  plots: bool = True
+
+  def __post_init__(self):
+    _check_fields(self, "train")
+    _at_least("train", self, steps=1, batch_size=1, seq_len=2, log_every=1, eval_every=0,
+              eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
+    _one_of("train", "compute_dtype", self.compute_dtype, DTYPES)
+    if self.eval_every % self.log_every:
+      raise ValueError(f"train.eval_every={self.eval_every} must be a multiple of "
+                       f"train.log_every={self.log_every} (evaluations are logged)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """``config.mesh``: sizes of the mesh axes ``data``, ``fsdp``, ``tensor``.
+
+  At most one is -1, which takes the devices the others leave; the product must equal the number
+  of devices of the run.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    _check_fields(self, "mesh")
+    sizes = self.sizes()
+    if any(s == 0 or s < -1 for s in sizes.values()):
+      raise ValueError(f"mesh {sizes}: every axis must be >= 1 or -1 (fill)")
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+
+  def sizes(self) -> dict:
+    return {name: getattr(self, name) for name in MESH_AXES}
+
+  def resolve(self, n_devices: int) -> dict:
+    """``{axis: size}`` for ``n_devices`` devices (fills the -1 axis)."""
+    sizes = self.sizes()
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+      if n_devices % known:
+        raise ValueError(f"mesh {sizes}: the fixed axes ({known} devices) do not divide the "
+                         f"{n_devices} devices")
+      sizes = {k: (n_devices // known if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != n_devices:
+      raise ValueError(f"mesh {sizes}: product {math.prod(sizes.values())} != {n_devices} "
+                       "devices; allowed: sizes whose product is the device count (or one -1)")
+    return sizes
+
+
+SECTION_CLASSES = {"optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig,
+                   "mesh": MeshConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A validated run config: every section as its dataclass, ``axis_rules`` as a dict."""
+
+  model: Any  # nlx.nn.ModelConfig
+  optimizer: OptimizerConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+  axis_rules: dict
+
+
+def read_section(cls, name: str, values: Any):
+  """Reads ``values`` (a ConfigDict or mapping) into ``cls``; unknown fields refused by name."""
+  if hasattr(values, "to_dict"):
+    values = values.to_dict()
+  if not isinstance(values, Mapping):
+    raise ValueError(f"config.{name} must be a mapping; got {type(values).__name__}")
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ValueError(f"unknown field(s) {[f'{name}.{u}' for u in unknown]}; allowed: {names}")
+  return cls(**dict(values))
+
+
+def read_axis_rules(rules: Any) -> dict:
+  """``{logical axis: mesh axis | tuple of mesh axes | None}`` from a mapping or pairs."""
+  if hasattr(rules, "to_dict"):
+    rules = rules.to_dict()
+  rules = dict(rules.items() if isinstance(rules, Mapping) else rules)
+  unknown = sorted(set(rules) - set(LOGICAL_AXES))
+  if unknown:
+    raise ValueError(f"axis_rules: unknown logical axis {unknown}; allowed: {list(LOGICAL_AXES)}")
+  missing = [a for a in LOGICAL_AXES if a not in rules]
+  if missing:
+    raise ValueError(f"axis_rules: no rule for logical axis {missing}; every one of "
+                     f"{list(LOGICAL_AXES)} needs a mesh axis, a tuple of them, or None")
+  for logical, target in rules.items():
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    for t in targets:
+      if t is not None and t not in MESH_AXES:
+        raise ValueError(f"axis_rules.{logical}={target!r}: {t!r} is not a mesh axis; allowed: "
+                         f"{list(MESH_AXES)}, a tuple of them, or None")
+    rules[logical] = tuple(targets) if isinstance(target, (tuple, list)) else target
+  return rules
+
+
+def validate(config: Any, n_devices: Optional[int] = None, n_processes: int = 1,
+             tokenizer_vocab: Optional[int] = None) -> RunConfig:
+  """The one validation step of a run config.
+
+  Args:
+    config: the ConfigDict (or mapping) of a run.
+    n_devices: when given, the mesh must cover exactly this many devices and the batch must
+      split over its ``data`` x ``fsdp`` axes.
+    n_processes: hosts of the run; the batch must split over them.
+    tokenizer_vocab: when given, ``model.vocab_size`` must hold every token id.
+
+  Returns:
+    The ``RunConfig``.
+
+  Raises:
+    ValueError: naming the field, the value and what is allowed.
+  """
+  from nlx.nn.config import ModelConfig  # pylint: disable=g-import-not-at-top  (no JAX there)
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  unknown = sorted(set(config) - set(SECTIONS))
+  missing = [s for s in SECTIONS if s not in config]
+  if unknown or missing:
+    raise ValueError(f"config sections: unknown {unknown}, missing {missing}; allowed and "
+                     f"required: {list(SECTIONS)}")
+  run = RunConfig(model=ModelConfig.from_config(config["model"]),
+                  axis_rules=read_axis_rules(config["axis_rules"]),
+                  **{name: read_section(cls, name, config[name])
+                     for name, cls in SECTION_CLASSES.items()})
+  _check_model_for_training(run)
+  if n_devices is not None:
+    sizes = run.mesh.resolve(n_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if run.train.batch_size % batch_shards:
+      raise ValueError(f"train.batch_size={run.train.batch_size} must be a multiple of mesh "
+                       f"data x fsdp = {batch_shards} (the batch is split over them)")
+  if run.train.batch_size % n_processes:
+    raise ValueError(f"train.batch_size={run.train.batch_size} must be a multiple of the "
+                     f"{n_processes} processes (each host loads its share)")
+  if tokenizer_vocab is not None and tokenizer_vocab > run.model.vocab_size:
+    raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer_vocab} ids (data.tokenizer={run.data.tokenizer!r}); allowed: "
+                     f">= {tokenizer_vocab}")
+  return run
+
+
+def _check_model_for_training(run: RunConfig) -> None:
+  """Model checks of the family, and the ones that depend on the training fields."""
+  from nlx.nn import model as nn_model  # pylint: disable=g-import-not-at-top
+  import nlx.nn.families  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
+  nn_model.validate(run.model)
+  if run.optimizer.name == "m3" and run.train.steps < run.optimizer.slow_period:
+    raise ValueError(f"optimizer.slow_period={run.optimizer.slow_period} exceeds train.steps="
+                     f"{run.train.steps}: the slow level would never update; allowed: <= steps")
+  if run.data.tokenizer == "byte" and run.model.vocab_size < 256:
+    raise ValueError(f"model.vocab_size={run.model.vocab_size} is too small for the byte "
+                     "tokenizer; allowed: >= 256")
+
+
+def _check_fields(obj, section: str) -> None:
+  hints = typing.get_type_hints(type(obj))
+  for f in dataclasses.fields(obj):
+    _check_type(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+  args = typing.get_args(annotation)
+  optional = type(None) in args
+  base = next(a for a in args if a is not type(None)) if optional else annotation
+  if value is None and optional:
+    return
+  ok = {int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        float: isinstance(value, numbers.Real) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str)}[base]
+  if not ok:
+    raise ValueError(f"{name}={value!r} must be a{'n' if base is int else ''} {base.__name__}"
+                     f"{' or None' if optional else ''}")
+
+
+def _one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ValueError(f"{section}.{name}={value!r} is not allowed; allowed: {list(allowed)}")
+
+
+def _at_least(section: str, obj, **minimums) -> None:
+  for name, low in minimums.items():
+    if getattr(obj, name) < low:
+      raise ValueError(f"{section}.{name}={getattr(obj, name)!r} must be >= {low}")
