@@ -2,6 +2,15 @@
 
 Commands:
 
+* ``nlx train --config configs/transformer.py:tiny --workdir DIR [--config.train.steps=5]``
+  (or ``--gin_file configs/transformer.gin [--gin_bindings 'TrainConfig.steps = 5']``): trains
+  with a progress bar; writes ``DIR/metrics.jsonl``, TensorBoard events, ``DIR/config.json``,
+  checkpoints and plots; resumes from the latest checkpoint of ``DIR``.
+* ``nlx eval --workdir DIR --task ppl|mc|niah ...``: perplexity of a text file, zero-shot multiple
+  choice (``../shared/data`` formats), S-NIAH-1/2/3 (``nlx.eval``).
+* ``nlx generate --workdir DIR --prompt TEXT``: samples a continuation from the trained model.
+* ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4``: compiles the train step
+  for a TPU topology on any machine; prints memory per device, FLOPs, step time and MFU (JSON).
 * ``nlx bench ops [flags]``: tokens/s and peak memory of the associative-memory ops
   (``nlx.bench``; ``nlx bench ops --help`` lists the flags).
 * ``nlx bench models [flags]``: train-step tokens/s and peak memory of every model family
@@ -33,12 +42,106 @@ def build_parser() -> argparse.ArgumentParser:
       description="Benchmarks of nlx.")
   bench.configure_parser(bench_parser)
 
+  train = commands.add_parser("train", help="train a run config",
+                              description="Trains a run config; extra --config.a.b=v flags "
+                              "override its fields.")
+  _add_config_flags(train)
+  train.add_argument("--workdir", required=True, help="run directory (resumes when it holds "
+                     "checkpoints)")
+  train.add_argument("--checkpoint_dir", default=None,
+                     help="checkpoints (default WORKDIR/checkpoints; may be gs://...)")
+  train.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+  gen = commands.add_parser("generate", help="sample from a trained workdir")
+  gen.add_argument("--workdir", required=True)
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--max_new_tokens", type=_positive_int, default=200)
+  gen.add_argument("--temperature", type=float, default=0.8)
+  gen.add_argument("--top_k", type=int, default=0)
+  gen.add_argument("--seed", type=int, default=0)
+
+  evaluate = commands.add_parser("eval", help="evaluate a trained workdir",
+                                 description="Perplexity, zero-shot multiple choice, S-NIAH.")
+  from nlx.eval import run as eval_run  # pylint: disable=g-import-not-at-top  (no JAX at import)
+  eval_run.configure_parser(evaluate)
+
+  aot = commands.add_parser("aot", help="compile the train step for a TPU topology (JSON)")
+  _add_config_flags(aot)
+  aot.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4")
+
   # The demo parses its own flags: everything after 'demo' is passed to nlx.demo.main unchanged
   # (see main), so this parser declares none, not even --help.
   commands.add_parser("demo", add_help=False,
                       help="the end-to-end demo (its flags: 'nlx demo --help')",
                       description="Runs nlx.demo.main with the remaining arguments.")
   return parser
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+  return value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", default=None, metavar="PATH.py[:ARG]",
+                      help="a config file and its argument, e.g. configs/transformer.py:tiny")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file binding nlx.preset and the section classes (repeatable)")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="gin binding, e.g. 'TrainConfig.steps = 5' (repeatable)")
+
+
+def config_overrides(extra: Sequence[str]) -> tuple[list, list]:
+  """Splits ``--config.a.b=v`` / ``--config.a.b v`` flags from the rest: ``(overrides, rest)``."""
+  overrides, rest, i = [], [], 0
+  while i < len(extra):
+    arg = extra[i]
+    if arg.startswith("--config."):
+      key, sep, value = arg[len("--config."):].partition("=")
+      if not sep:
+        if i + 1 >= len(extra):
+          raise ValueError(f"{arg} needs a value ('{arg}=VALUE')")
+        value, i = extra[i + 1], i + 1
+      overrides.append(f"{key}={value}")
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def _load_config(args, overrides):
+  from nlx import configs  # pylint: disable=g-import-not-at-top
+  return configs.load_run(args.config, overrides, args.gin_file, args.gin_bindings)
+
+
+def _run_train(args, overrides) -> int:
+  from nlx.train import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  from nlx.train import loop  # pylint: disable=g-import-not-at-top
+  record = loop.train(_load_config(args, overrides), args.workdir,
+                      checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+  summary = {k: record[k] for k in ("step", "loss", "eval_loss", "eval_ppl") if k in record}
+  print(f"done: {summary}; workdir {args.workdir}")
+  return 0
+
+
+def _run_generate(args) -> int:
+  from nlx.eval import sampling  # pylint: disable=g-import-not-at-top
+  from nlx.train import trained  # pylint: disable=g-import-not-at-top
+  t = trained.load(args.workdir)
+  text = sampling.generate_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+  print(args.prompt + text)
+  return 0
+
+
+def _run_aot(args, overrides) -> int:
+  import json  # pylint: disable=g-import-not-at-top
+  from nlx.train import aot  # pylint: disable=g-import-not-at-top
+  print(json.dumps(aot.compile_for_topology(_load_config(args, overrides), args.topology)))
+  return 0
 
 
 def _run_demo(argv: list) -> int:
@@ -54,8 +157,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.command == "demo":
     # Everything after the first 'demo' belongs to the demo, in order.
     return _run_demo(argv[argv.index("demo") + 1:])
-  if extra:
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  try:
+    overrides, extra = config_overrides(extra)
+    if extra:
+      parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides and args.command not in ("train", "aot"):
+      parser.error(f"--config.* overrides are flags of 'train' and 'aot', not {args.command!r}")
+    if args.command == "train":
+      return _run_train(args, overrides)
+    if args.command == "generate":
+      return _run_generate(args)
+    if args.command == "aot":
+      return _run_aot(args, overrides)
+    if args.command == "eval":
+      from nlx.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+      return eval_run.run_parsed(args)
+  except ValueError as e:
+    print(f"nlx {args.command}: error: {e}", file=sys.stderr)
+    return 2
   if args.command == "bench":
     from nlx import bench  # pylint: disable=g-import-not-at-top
     return bench.run_parsed(args, "nlx " + " ".join(argv))

@@ -142,13 +142,13 @@ class TrainConfig:
     plots: write PNG curves at the end.
   """
 
-  steps: int = 1000
+  steps: int = 600
   batch_size: int = 16
   seq_len: int = 256
-  log_every: int = 25
-  eval_every: int = 250
+  log_every: int = 20
+  eval_every: int = 100
   eval_batches: int = 8
-  checkpoint_every: int = 500
+  checkpoint_every: int = 200
   keep_checkpoints: int = 2
   seed: int = 0
   compute_dtype: str = "float32"

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero-shot multiple choice by log-likelihood, S-NIAH, sampling."""

@@ -1,0 +1,76 @@
+"""``nlx eval``: perplexity, zero-shot multiple choice and S-NIAH on a trained workdir.
+
+* ``nlx eval --workdir DIR --task ppl --path FILE.txt``: token-level perplexity (and bits per
+  byte) of a text file, over windows of ``train.seq_len``.
+* ``nlx eval --workdir DIR --task piqa --data_dir ../shared/data [--limit N]``: acc and acc_norm
+  (any of ``multiple_choice.TASKS``, or ``--task all``).
+* ``nlx eval --workdir DIR --task s_niah_1 --length 2000 --n 20``: RULER-style needle accuracy.
+
+Prints one JSON line per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+# Task names only: this module is imported to build the CLI, without JAX.
+MC_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "siqa",
+            "lambada")
+NIAH_TASKS = ("s_niah_1", "s_niah_2", "s_niah_3")
+ALL_TASKS = ("ppl",) + MC_TASKS + NIAH_TASKS + ("all",)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--workdir", required=True, help="the workdir of 'nlx train'")
+  parser.add_argument("--task", required=True, choices=ALL_TASKS, metavar="TASK",
+                      help=f"one of {', '.join(ALL_TASKS)} ('all': every multiple-choice task)")
+  parser.add_argument("--path", help="text file of --task ppl")
+  parser.add_argument("--data_dir", default="../shared/data", help="the eval datasets")
+  parser.add_argument("--limit", type=int, default=None, help="first N examples per task")
+  parser.add_argument("--length", type=int, default=2000, help="S-NIAH haystack characters")
+  parser.add_argument("--n", type=int, default=20, help="S-NIAH examples")
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 8) -> dict:
+  """Perplexity of ``text`` over non-overlapping windows of ``seq_len`` tokens."""
+  from nlx.data import pipeline  # pylint: disable=g-import-not-at-top
+  from nlx.eval import loglik  # pylint: disable=g-import-not-at-top
+  windows = pipeline.pack([text], tokenizer, seq_len)
+  scorer = loglik.Scorer(model, max_len=seq_len, batch_size=batch_size)
+  scores = scorer.score([([int(w[0])], [int(t) for t in w[1:]]) for w in windows])
+  nll = -sum(s[0] for s in scores)
+  n_tokens = windows.shape[0] * seq_len
+  n_bytes = len(text.encode("utf-8")) * n_tokens / max(len(tokenizer.encode(text)), 1)
+  return {"task": "ppl", "ppl": math.exp(nll / n_tokens), "bits_per_byte":
+          nll / n_bytes / math.log(2), "tokens": n_tokens}
+
+
+def run_parsed(args) -> int:
+  from nlx.data import sources  # pylint: disable=g-import-not-at-top
+  from nlx.eval import loglik, multiple_choice, niah, sampling  # pylint: disable=g-import-not-at-top
+  from nlx.train import trained  # pylint: disable=g-import-not-at-top
+  t = trained.load(args.workdir)
+  if args.task == "ppl":
+    if not args.path:
+      raise ValueError("--task ppl needs --path FILE.txt")
+    with open(args.path, encoding="utf-8") as f:
+      print(json.dumps(perplexity(t.model, t.tokenizer, f.read(), t.run.train.seq_len)))
+    return 0
+  if args.task in NIAH_TASKS:
+    haystack = sources.load_documents(t.run.data)[1][0]
+    examples = [niah.make_example(args.task, haystack, args.length, args.seed, i)
+                for i in range(args.n)]
+    predictions = [sampling.generate_text(t.model, t.tokenizer, e.prompt, 12, temperature=0.0)
+                   for e in examples]
+    print(json.dumps({"task": args.task, "acc": niah.score(predictions, examples),
+                      "n": args.n, "length_chars": args.length}))
+    return 0
+  scorer = loglik.Scorer(t.model, max_len=t.run.train.seq_len)
+  for task in (MC_TASKS if args.task == "all" else (args.task,)):
+    examples = multiple_choice.load_task(task, args.data_dir)
+    print(json.dumps({"task": task, **multiple_choice.evaluate(scorer, t.tokenizer, examples,
+                                                               args.limit)}), flush=True)
+  return 0
