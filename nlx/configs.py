@@ -210,3 +210,66 @@ def _set_field(cfg: ml_collections.ConfigDict, key: str, value, item: Optional[s
   except TypeError:
     raise ValueError(f"override {item!r}: {key} must be a {type(old).__name__} like its default "
                      f"{old!r}; got {value!r}") from None
+
+
+def _run_section_classes() -> dict:
+  from nlx.train import config as run_config  # pylint: disable=g-import-not-at-top
+  return {"model": ModelConfig, **run_config.SECTION_CLASSES}
+
+
+def preset(family: str, size: str = "tiny") -> ml_collections.ConfigDict:
+  """The run config of ``family`` at ``size`` with no family-specific settings (gin's base)."""
+  return config(model_config(family, size))
+
+
+_GIN_REGISTERED = []
+
+
+def _register_gin():
+  """Registers ``nlx.preset`` and the section dataclasses (``nlx.TrainConfig``, ...) with gin."""
+  import gin  # pylint: disable=g-import-not-at-top
+  if not _GIN_REGISTERED:
+    gin.external_configurable(preset, "preset", module="nlx")
+    for cls in _run_section_classes().values():
+      gin.external_configurable(cls, module="nlx")
+    _GIN_REGISTERED.append(True)
+  return gin
+
+
+def load_gin(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The run config of gin ``files`` and ``bindings`` (T5X style, one level deep).
+
+  The gin binds ``preset.family`` and ``preset.size`` (the base: ``preset(family, size)``) and
+  fields of the section dataclasses: ``ModelConfig.window = 64``, ``TrainConfig.steps = 500``,
+  ``DataConfig.path = 'corpus.txt'``, ``MeshConfig.fsdp = 4``, ``OptimizerConfig.name = 'muon'``.
+  The result is the same ConfigDict a Python config builds, validated the same way.
+  """
+  gin = _register_gin()
+  for path in files:
+    if not os.path.isfile(path):
+      raise ValueError(f"gin file {path!r} does not exist")
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  try:
+    base = {k: gin.query_parameter(f"nlx.preset.{k}") for k in ("family", "size")}
+  except ValueError as e:
+    raise ValueError(f"gin config must bind preset.family and preset.size ({e})") from None
+  cfg = preset(**base)
+  for name, cls in _run_section_classes().items():
+    for field, value in gin.get_bindings(f"nlx.{cls.__name__}").items():
+      _set_field(cfg, f"{name}.{field}", value)
+  return cfg
+
+
+def load_run(spec: Optional[str] = None, overrides: Sequence[str] = (),
+             gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()):
+  """The ConfigDict of ``--config SPEC`` or ``--gin_file``s, with ``--config.a.b=v`` overrides."""
+  if bool(spec) == bool(gin_files):
+    raise ValueError("give exactly one of --config path.py[:arg] and --gin_file FILE.gin "
+                     f"(got config={spec!r}, gin_file={list(gin_files)})")
+  if gin_bindings and not gin_files:
+    raise ValueError("--gin_bindings needs --gin_file")
+  cfg = load(spec) if spec else load_gin(gin_files, gin_bindings)
+  for item in overrides:
+    apply_override(cfg, item)
+  return cfg

@@ -239,10 +239,6 @@ def read_axis_rules(rules: Any) -> dict:
   unknown = sorted(set(rules) - set(LOGICAL_AXES))
   if unknown:
     raise ValueError(f"axis_rules: unknown logical axis {unknown}; allowed: {list(LOGICAL_AXES)}")
-  missing = [a for a in LOGICAL_AXES if a not in rules]
-  if missing:
-    raise ValueError(f"axis_rules: no rule for logical axis {missing}; every one of "
-                     f"{list(LOGICAL_AXES)} needs a mesh axis, a tuple of them, or None")
   for logical, target in rules.items():
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for t in targets:
@@ -250,6 +246,10 @@ def read_axis_rules(rules: Any) -> dict:
         raise ValueError(f"axis_rules.{logical}={target!r}: {t!r} is not a mesh axis; allowed: "
                          f"{list(MESH_AXES)}, a tuple of them, or None")
     rules[logical] = tuple(targets) if isinstance(target, (tuple, list)) else target
+  missing = [a for a in LOGICAL_AXES if a not in rules]
+  if missing:
+    raise ValueError(f"axis_rules: no rule for logical axis {missing}; every one of "
+                     f"{list(LOGICAL_AXES)} needs a mesh axis, a tuple of them, or None")
   return rules
 
 
