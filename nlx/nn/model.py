@@ -23,6 +23,7 @@ from flax import nnx
 
 from nlx.nn import registry
 from nlx.nn.config import ModelConfig
+from nlx.nn.mixer import Mixer
 from nlx.nn.mlp import SwiGLU
 from nlx.nn.norms import RMSNorm
 from nlx.nn.params import Dense, Embedding
@@ -31,28 +32,44 @@ Array = jax.Array
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: ``x + Mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``."""
+  """Pre-norm residual block: ``x + Mixer(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``.
 
-  def __init__(self, cfg: ModelConfig, mixer_factory, *, rngs: nnx.Rngs):
+  The MLP is SwiGLU unless the family gives ``mlp_factory``; a stateful MLP (a ``Mixer``, e.g.
+  HOPE's CMS) makes the block state ``(mixer state, mlp state)``.
+  """
+
+  def __init__(self, cfg: ModelConfig, mixer_factory, *, rngs: nnx.Rngs, mlp_factory=None):
     self.norm1 = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
     self.mixer = mixer_factory(cfg, rngs=rngs)
     self.norm2 = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
-    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs)
+    self.mlp = (SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs) if mlp_factory is None else
+                mlp_factory(cfg, rngs=rngs))
+    self.stateful_mlp = isinstance(self.mlp, Mixer)
+
+  def init_state(self, batch_size: int, max_len: int):
+    state = self.mixer.init_state(batch_size, max_len)
+    return (state, self.mlp.init_state(batch_size, max_len)) if self.stateful_mlp else state
 
   def __call__(self, x: Array, state=None, pos=0):
-    y, state = self.mixer(self.norm1(x), state, pos)
+    mixer_state, mlp_state = (state if self.stateful_mlp and state is not None else
+                              (state, None))
+    y, mixer_state = self.mixer(self.norm1(x), mixer_state, pos)
     x = x + y
-    return x + self.mlp(self.norm2(x)), state
+    if not self.stateful_mlp:
+      return x + self.mlp(self.norm2(x)), mixer_state
+    y, mlp_state = self.mlp(self.norm2(x), mlp_state, pos)
+    return x + y, None if state is None else (mixer_state, mlp_state)
 
 
 class Group(nnx.Module):
   """One block per mixer of the family's pattern, applied in order."""
 
   def __init__(self, cfg: ModelConfig, family: registry.Family, *, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Block(cfg, f, rngs=rngs) for f in family.mixers])
+    self.blocks = nnx.List([Block(cfg, f, rngs=rngs, mlp_factory=family.mlp)
+                            for f in family.mixers])
 
   def init_state(self, batch_size: int, max_len: int) -> tuple:
-    return tuple(block.mixer.init_state(batch_size, max_len) for block in self.blocks)
+    return tuple(block.init_state(batch_size, max_len) for block in self.blocks)
 
   def __call__(self, x: Array, states: Optional[tuple] = None, pos=0):
     new_states = []
