@@ -40,7 +40,8 @@ from nlx import bench
 
 BASELINE = "transformer"
 FAMILIES = ("transformer", "retnet", "mamba2", "deltanet", "gated_deltanet", "ttt_linear",
-            "ttt_mlp", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "samba")
+            "ttt_mlp", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "samba", "hope",
+            "hope_attention")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 REQUIRED_RECORD_KEYS = ("family", "params", "B", "T", "tokens_per_s", "peak_bytes", "backend")
 

@@ -13,7 +13,7 @@ from nlx.nn import ModelConfig, build_model, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("transformer", "retnet", "mamba2", "deltanet", "gated_deltanet", "ttt_linear",
-            "ttt_mlp", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "samba")
+            "ttt_mlp", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "samba", "hope", "hope_attention")
 
 
 def _path(family):
