@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--checkpoint_dir", default=None,
                      help="checkpoints (default WORKDIR/checkpoints; may be gs://...)")
   train.add_argument("--no_progress", action="store_true", help="no progress bar")
+  train.add_argument("--stop_at_step", type=_positive_int, default=None,
+                     help="stop after this step with a checkpoint (running again resumes)")
 
   gen = commands.add_parser("generate", help="sample from a trained workdir")
   gen.add_argument("--workdir", required=True)
@@ -121,7 +123,8 @@ def _run_train(args, overrides) -> int:
   sharding.maybe_initialize_distributed()
   from nlx.train import loop  # pylint: disable=g-import-not-at-top
   record = loop.train(_load_config(args, overrides), args.workdir,
-                      checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+                      checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress,
+                      stop_at=args.stop_at_step)
   summary = {k: record[k] for k in ("step", "loss", "eval_loss", "eval_ppl") if k in record}
   print(f"done: {summary}; workdir {args.workdir}")
   return 0

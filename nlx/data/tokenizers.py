@@ -64,7 +64,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f"data.spm_vocab_size={vocab_size}: SentencePiece training failed on this "
-                     f"corpus ({e}); allowed: a smaller vocabulary") from None
+                     f"corpus ({e}); allowed: a size the corpus supports (byte fallback needs 256 "
+                     "+ its characters)") from None
   return model_prefix + ".model"
 
 

@@ -60,7 +60,7 @@ def _check_finite(step: int, metrics: dict) -> None:
 
 
 def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: bool = True,
-          async_checkpoints: bool = True) -> dict:
+          async_checkpoints: bool = True, stop_at: Optional[int] = None) -> dict:
   """Trains ``cfg`` (a run ConfigDict) in ``workdir``; returns the last logged record.
 
   Args:
@@ -69,6 +69,8 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
     checkpoint_dir: checkpoints (default ``workdir/checkpoints``; may be ``gs://...``).
     progress: show a tqdm progress bar (process 0).
     async_checkpoints: write checkpoints in the background.
+    stop_at: stop after this step with a checkpoint, as a preemption does (a job time limit);
+      running again resumes.
   """
   os.makedirs(workdir, exist_ok=True)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
@@ -125,7 +127,7 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
                            if k in record})
       if bar is not None:
         bar.update(1)
-      stop = ckpt.should_stop()
+      stop = ckpt.should_stop() or done == stop_at
       if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps or stop:
         ckpt.save(done, state, data_iter.get_state())
         last_time = time.perf_counter()

@@ -85,8 +85,8 @@ def train_step_fn(trainer: Trainer) -> Callable:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     rng, _ = jax.random.split(state["rng"])
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "rng": rng}, metrics
 
