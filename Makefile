@@ -6,7 +6,11 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-test demo test test-slow bench clean
+.PHONY: install install-test demo train test test-slow bench clean
+
+# The config of 'make train' (switch to configs/hope.py:tiny once it lands).
+TRAIN_CONFIG ?= configs/transformer.py:tiny
+TRAIN_DIR    ?= runs/tiny
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +25,12 @@ install-test: $(VENV)/bin/python
 
 demo: install
 	$(VENV)/bin/nlx demo
+
+# Trains TRAIN_CONFIG on the embedded corpus (a few minutes on CPU): validation perplexity,
+# plots and a checkpoint in TRAIN_DIR; then samples from it.
+train: install
+	$(VENV)/bin/nlx train --config $(TRAIN_CONFIG) --workdir $(TRAIN_DIR)
+	$(VENV)/bin/nlx generate --workdir $(TRAIN_DIR) --prompt "ROMEO:" --max_new_tokens 200
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS) -q
