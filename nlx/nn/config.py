@@ -101,6 +101,9 @@ class ModelConfig:
       (False: the projection alone; Table 6 "w/o adaptive k/v/q"; q is non-adaptive by
       default, item 7).
     hope_stop_gradient: stop the outer gradient at the targets v̂ (item 9; default off).
+    hope_normalize_v: L2-normalise v_t (after M_v), like q and k. Not in the paper: without it
+      the self-generated targets v̂ = M(v) compound a memory's gain chunk after chunk (the tiny
+      model's activations overflowed within 300 tokens).
     hope_read: "after_write": token t reads the memory after its own write (item 13).
   """
 
@@ -150,6 +153,7 @@ class ModelConfig:
   hope_adaptive_v: bool = True
   hope_adaptive_q: bool = False
   hope_stop_gradient: bool = False
+  hope_normalize_v: bool = True
   hope_read: str = "after_write"
 
   def __post_init__(self):

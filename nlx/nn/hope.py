@@ -7,7 +7,8 @@ and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the outp
     k_t = M_k(x^k_t)   v_t = M_v(x^v_t)   q_t = x^q_t            (x^□ = SiLU(conv(x W_□)), as in
     η_t = η_max · sigmoid(mean M_η(x^k_t) + b_η)                 Titans; q, k L2-normalised)
     α_t = sigmoid(mean M_α(x^k_t) + b_α)
-    v̂_□ = M_□(v_t)       (each memory makes its own target, □ ∈ {k, v, η, α, mem})
+    v̂_□ = M_□(v_t)       (each memory makes its own target, □ ∈ {k, v, η, α, mem};
+                          v_t L2-normalised too, `hope_normalize_v`: see ModelConfig)
     M_□ ← M_□ (α_t I − η_t k_t k_tᵀ) − η_t ∇ ½‖M_□(k_t) − v̂_□‖²   (DGD with weight decay, Eq. 88)
     y_t = M_mem(q_t)      (after token t's write)
 
@@ -238,6 +239,7 @@ class SelfModifyingTitans(Mixer):
     out = dict(zip(self.names, jnp.split(reads, n, axis=2)))
     k = l2_normalize(out["k"]) if "k" in out else k
     v = out.get("v", v)
+    v = l2_normalize(v) if self.cfg.hope_normalize_v else v
     q = l2_normalize(out["q"]) if "q" in out else q
     bias = self.gate_bias[...]
     eta = self.cfg.hope_lr_max * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
