@@ -19,9 +19,10 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 
-# The tpu extra (libtpu) lets the default suite compile the TPU kernels ahead of time on CPU.
+# The tpu extra (libtpu) lets the default suite compile for TPU ahead of time on CPU; the seqio
+# extra is tested too.
 install-test: $(VENV)/bin/python
-	$(PY) -m pip install -q -e ".[test,tpu]"
+	$(PY) -m pip install -q -e ".[test,tpu,seqio]"
 
 demo: install
 	$(VENV)/bin/nlx demo

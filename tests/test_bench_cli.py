@@ -156,7 +156,8 @@ def test_defaults():
     (["bench", "ops", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["bench", "ops", "--batch", "0"], "positive integer"),
     (["bench", "nonsense"], "invalid choice: 'nonsense'"),
-    (["train"], "invalid choice: 'train'"),
+    (["train"], "the following arguments are required: --workdir"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["bench", "ops", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ])
 def test_cli_errors_name_the_value(argv, needle, capsys):
