@@ -11,7 +11,7 @@ from flax import nnx
 from nlx.nn.cms import CMS, swiglu_weights
 from nlx.nn.config import ModelConfig
 
-D, HIDDEN, PERIODS, LR, T, B = 8, 16, (2, 4), 0.2, 10, 2
+D, HIDDEN, PERIODS, LR, T, B = 8, 16, (2, 4), 0.05, 10, 2
 VARIANTS = ("sequential", "nested", "independent")
 
 

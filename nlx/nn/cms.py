@@ -30,6 +30,9 @@ The block output ``y`` is what the residual adds (``x + y`` in ``nlx.nn.model.Bl
 ``cms_lr = 0`` and every level but one starting with a zero ``down`` projection, ``y`` is exactly
 that level's SwiGLU, which is how ``nlx.convert`` stacks a Transformer's MLPs into CMS levels.
 
+With ``cms_lr = 0`` the levels are frozen in context: the blocks run on the whole input at once
+and a state passes through unchanged.
+
 The state of a stateful call is ``{level name: levels.LevelState}`` with a leading batch axis on
 every leaf (each sequence learns its own weights); orbax saves it like any pytree.
 """
@@ -233,6 +236,9 @@ class CMS(Mixer):
     del pos
     targets = [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
+    if self.spec.lr == 0:  # frozen in context: the blocks on the whole input, state unchanged
+      params = self.spec.initial_params([swiglu_weights(b) for b in self.blocks])
+      return self.spec.chain(params, x, targets, mix)[0], state
     run = run_sequence if state is None else run_tokens
     states = self.initial_levels(x.shape[0]) if state is None else state
     new, y = jax.vmap(lambda s, xs: run(self.spec, s, xs, targets, mix))(states, x)
