@@ -27,6 +27,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from nlx import errors
+
 
 def build_parser() -> argparse.ArgumentParser:
   # Imported here so that ``nlx --help`` does not need JAX; nlx.bench itself imports JAX lazily.
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--no_progress", action="store_true", help="no progress bar")
   train.add_argument("--stop_at_step", type=_positive_int, default=None,
                      help="stop after this step with a checkpoint (running again resumes)")
+  train.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
+                     help="a step with a NaN/Inf loss, gradient or parameter stops the run "
+                     "without saving (stop) or is skipped, parameters unchanged (skip)")
+  train.add_argument("--fallback_to_good_checkpoint", action="store_true",
+                     help="when the newest checkpoint is corrupt or of another config, move it "
+                     "aside (DIR/bad-STEP) and resume from the newest good one")
 
   gen = commands.add_parser("generate", help="sample from a trained workdir")
   gen.add_argument("--workdir", required=True)
@@ -124,7 +132,8 @@ def _run_train(args, overrides) -> int:
   from nlx.train import loop  # pylint: disable=g-import-not-at-top
   record = loop.train(_load_config(args, overrides), args.workdir,
                       checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress,
-                      stop_at=args.stop_at_step)
+                      stop_at=args.stop_at_step, on_nonfinite=args.on_nonfinite,
+                      fallback_to_good_checkpoint=args.fallback_to_good_checkpoint)
   summary = {k: record[k] for k in ("step", "loss", "eval_loss", "eval_ppl") if k in record}
   print(f"done: {summary}; workdir {args.workdir}")
   return 0
@@ -134,10 +143,20 @@ def _run_generate(args) -> int:
   from nlx.eval import sampling  # pylint: disable=g-import-not-at-top
   from nlx.train import trained  # pylint: disable=g-import-not-at-top
   t = trained.load(args.workdir)
+  check_prompt_length(len(t.tokenizer.encode(args.prompt)), args.max_new_tokens,
+                      t.run.model.max_seq_len)
   text = sampling.generate_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
                                 temperature=args.temperature, top_k=args.top_k, seed=args.seed)
   print(args.prompt + text)
   return 0
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+  """Refuses a prompt plus continuation longer than ``model.max_seq_len`` (a ValueError)."""
+  if prompt_tokens + max_new_tokens > max_seq_len:
+    raise ValueError(f"the prompt is {prompt_tokens} tokens; with --max_new_tokens "
+                     f"{max_new_tokens} that exceeds model.max_seq_len={max_seq_len}; allowed: "
+                     "prompt tokens + --max_new_tokens <= model.max_seq_len")
 
 
 def _run_aot(args, overrides) -> int:
@@ -175,9 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "eval":
       from nlx.eval import run as eval_run  # pylint: disable=g-import-not-at-top
       return eval_run.run_parsed(args)
-  except ValueError as e:
+  except (errors.NlxError, ValueError, OSError) as e:
+    # A user's mistake or a damaged run: one line naming it, no traceback. Config and data
+    # mistakes exit 2 (like a bad flag), runtime faults (checkpoint, NaN, I/O) exit 1.
     print(f"nlx {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    return 1 if isinstance(e, (errors.CheckpointError, errors.NonFiniteError, OSError)) else 2
   if args.command == "bench":
     from nlx import bench  # pylint: disable=g-import-not-at-top
     return bench.run_parsed(args, "nlx " + " ".join(argv))

@@ -19,13 +19,20 @@ import grain
 import numpy as np
 
 from nlx.data import sources, tokenizers
+from nlx.errors import DataError
 
 
-def pack(documents: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
+def pack(documents: Sequence[str], tokenizer, seq_len: int, split: str = "training") -> np.ndarray:
   """Windows ``[N, seq_len + 1]`` (int32) of the packed token stream of ``documents``.
 
+  Args:
+    documents: the texts.
+    tokenizer: a tokenizer of ``nlx.data.tokenizers``.
+    seq_len: ``train.seq_len``.
+    split: the split's name in the error message.
+
   Raises:
-    ValueError: when the text is shorter than one window.
+    DataError: when the text is shorter than one window.
   """
   pieces = []
   for doc in documents:
@@ -34,8 +41,9 @@ def pack(documents: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
   stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
   n = (len(stream) - 1) // seq_len
   if n < 1:
-    raise ValueError(f"train.seq_len={seq_len}: the text has only {len(stream)} tokens, fewer "
-                     f"than one window of {seq_len + 1}; allowed: seq_len < {len(stream) - 1}")
+    raise DataError(f"train.seq_len={seq_len}: the {split} text has only {len(stream)} tokens, "
+                    f"fewer than one window of {seq_len + 1}; allowed: seq_len <= "
+                    f"{max(len(stream) - 1, 0)}, or more text")
   starts = np.arange(n)[:, None] * seq_len
   return stream[starts + np.arange(seq_len + 1)[None, :]]
 
@@ -95,4 +103,5 @@ def load_splits(data, seq_len: int, workdir: Optional[str] = None):
   train_docs, val_docs = sources.load_documents(data)
   tokenizer = tokenizers.build_tokenizer(data.tokenizer, data.spm_model, train_docs,
                                          data.spm_vocab_size, workdir)
-  return tokenizer, pack(train_docs, tokenizer, seq_len), pack(val_docs, tokenizer, seq_len)
+  return (tokenizer, pack(train_docs, tokenizer, seq_len),
+          pack(val_docs, tokenizer, seq_len, "validation"))

@@ -22,6 +22,8 @@ import gzip
 import json
 import os
 
+from nlx.errors import DataError
+
 EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
                                "tinyshakespeare_400k.txt.gz")
 
@@ -43,7 +45,7 @@ def load_documents(data) -> tuple[list[str], list[str]]:
       return _concat(read, train_files), _concat(read, val_files)
     return split_tail(_concat(read, train_files), data.val_fraction)
   if not os.path.isfile(data.path):
-    raise ValueError(f"data.path={data.path!r} is neither a file nor a directory")
+    raise DataError(f"data.path={data.path!r} does not exist (neither a file nor a directory)")
   return split_tail(read(data.path), data.val_fraction)
 
 
@@ -52,7 +54,7 @@ def split_tail(documents: list[str], fraction: float) -> tuple[list[str], list[s
   if len(documents) > 1:
     n_val = max(1, round(len(documents) * fraction))
     if n_val >= len(documents):
-      raise ValueError(f"data.val_fraction={fraction} leaves no training documents out of "
+      raise DataError(f"data.val_fraction={fraction} leaves no training documents out of "
                        f"{len(documents)}")
     return documents[:-n_val], documents[-n_val:]
   text = documents[0]
@@ -70,7 +72,7 @@ def _split_files(directory: str, ext: str) -> tuple[list[str], list[str]]:
     return train, valid
   if len(files) == 1:
     return files, []
-  raise ValueError(f"data.path={directory!r}: expected *train*.{ext} (and *valid*.{ext}) files "
+  raise DataError(f"data.path={directory!r}: expected *train*.{ext} (and *valid*.{ext}) files "
                    f"or a single .{ext} file; found {[os.path.basename(f) for f in files]}")
 
 
@@ -78,22 +80,45 @@ def _concat(read, files: list[str]) -> list[str]:
   return [doc for f in files for doc in read(f)]
 
 
+def read_utf8(path: str) -> str:
+  """The text of the file ``path``.
+
+  Raises:
+    DataError: the file cannot be read, is empty (or only whitespace) or is not UTF-8 (naming
+      the byte offset).
+  """
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"data file {path!r} cannot be read: {e.strerror or e}") from None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    bad = raw[e.start:e.start + 1]
+    raise DataError(f"data file {path!r} is not UTF-8: byte {e.start} ({bad!r}) {e.reason}; "
+                    "convert it (iconv -f LATIN1 -t UTF-8) or fix the byte") from None
+  if not text.strip():
+    raise DataError(f"data file {path!r} is empty")
+  return text
+
+
 def _read_text(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [f.read()]
+  return [read_utf8(path)]
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:
   documents = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  for line_no, line in enumerate(read_utf8(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
       record = json.loads(line)
-      if field not in record:
-        raise ValueError(f"data.text_field={field!r} is not in record {line_no} of {path!r}; "
-                         f"its fields: {sorted(record)}")
-      documents.append(str(record[field]))
-  if not documents:
-    raise ValueError(f"data.path={path!r} holds no jsonl records")
+    except ValueError as e:
+      raise DataError(f"line {line_no} of {path!r} is not JSON ({e})") from None
+    if not isinstance(record, dict) or field not in record:
+      fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise DataError(f"data.text_field={field!r} is not in record {line_no} of {path!r}; "
+                      f"its fields: {fields}")
+    documents.append(str(record[field]))
   return documents

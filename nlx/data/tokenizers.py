@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional, Sequence
 
+from nlx.errors import DataError
+
 
 class ByteTokenizer:
   """UTF-8 bytes as ids ``0..255``; id 0 (NUL, removed from the text) ends a document."""
@@ -29,7 +31,7 @@ class SentencePieceTokenizer:
   def __init__(self, model_file: str):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(model_file):
-      raise ValueError(f"data.spm_model={model_file!r} does not exist")
+      raise DataError(f"data.spm_model={model_file!r} does not exist")
     self.model_file = model_file
     self._sp = spm.SentencePieceProcessor(model_file=model_file)
     self.vocab_size = self._sp.get_piece_size()

@@ -6,16 +6,30 @@ sharded by every host) and ``data`` (the grain iterator state, JSON). Saves are 
 and keep the newest ``keep`` checkpoints. ``restore`` reads into the sharded abstract state, so
 each device loads only its shard. A SIGTERM (preemption) sets ``preempted``; the loop then saves
 and exits at the next step boundary.
+
+A process killed while saving leaves at most a ``<step>.orbax-checkpoint-tmp-*`` directory, which
+is never a step (and is removed when the manager opens the directory). Before reading a step,
+``restore`` compares the saved tree (every path, shape and dtype) with this run's state, so a
+checkpoint of another config is refused by name rather than loaded; any failure to read a step is
+a ``CheckpointError`` naming it. ``restore_newest_good`` can instead move a bad step aside
+(``DIR/bad-<step>``) and fall back to the newest one that reads.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from nlx.errors import CheckpointError
+from nlx.train.step import param_paths
 
 
 class Checkpointer:
@@ -23,8 +37,11 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(directory, options=options)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    # Handlers named up front, so that a fresh manager can read a step's metadata before restoring.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     self.preempted = threading.Event()
 
   def latest_step(self) -> Optional[int]:
@@ -39,10 +56,63 @@ class Checkpointer:
     """``(state, data_state)`` of ``step`` (default: the latest), sharded like the abstract."""
     step = self.latest_step() if step is None else step
     if step is None:
-      raise ValueError(f"no checkpoint to restore in {self.manager.directory}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      raise CheckpointError(f"no checkpoint to restore in {self.manager.directory}")
+    where = f"checkpoint step {step} ({self.manager.directory}/{step})"
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+      if saved is None:
+        raise ValueError("no metadata of the state")
+    except Exception as e:  # pylint: disable=broad-except  (any unreadable file: name the step)
+      raise CheckpointError(f"{where} cannot be read: {type(e).__name__}: {e}") from e
+    mismatch = tree_mismatch(saved, abstract_state)
+    if mismatch:
+      raise CheckpointError(f"{where} is of another model or config: {mismatch}")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{where} is corrupt or incomplete: {type(e).__name__}: {e}") from e
     return restored["state"], restored["data"]
+
+  def restore_newest_good(self, abstract_state: dict,
+                          fallback: bool = False) -> Optional[tuple[int, dict, dict]]:
+    """``(step, state, data_state)`` of the newest checkpoint; None when there is none.
+
+    Args:
+      abstract_state: the sharded ``ShapeDtypeStruct`` tree of this run's state.
+      fallback: when the newest step cannot be restored, move it aside (``DIR/bad-<step>``, kept
+        for inspection) and try the next newest, down to the oldest.
+
+    Raises:
+      CheckpointError: the newest step is bad and not ``fallback``, or every step is bad.
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(abstract_state, step))
+      except CheckpointError as e:
+        if not fallback:
+          raise CheckpointError(f"{e}\n(--fallback_to_good_checkpoint resumes from the newest "
+                                "good checkpoint instead)") from e
+        print(f"warning: {e}; moved aside, trying an older checkpoint", file=sys.stderr)
+        failures.append(str(e))
+        self._move_aside(step)
+    if failures:
+      raise CheckpointError("no good checkpoint to resume from:\n" + "\n".join(failures))
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Renames ``DIR/<step>`` to ``DIR/bad-<step>[-<time>]`` (process 0), then rescans."""
+    directory = epath.Path(self.manager.directory)
+    if jax.process_index() == 0:
+      target = directory / f"bad-{step}"
+      if target.exists():
+        target = directory / f"bad-{step}-{int(time.time())}"
+      (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"nlx_checkpoint_move_aside_{step}")
+    self.manager.reload()
 
   def watch_sigterm(self) -> None:
     """On SIGTERM, set ``preempted`` (the loop saves and stops); main thread only."""
@@ -61,3 +131,26 @@ class Checkpointer:
     """Waits for pending asynchronous saves, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def tree_mismatch(saved, abstract) -> Optional[str]:
+  """The first difference between a saved tree's metadata and ``abstract``; None if they agree.
+
+  Args:
+    saved: orbax metadata of a saved state (leaves with ``shape`` and ``dtype``).
+    abstract: the ``ShapeDtypeStruct`` tree it should restore into.
+  """
+  def table(tree) -> dict:
+    return dict(zip(param_paths(tree), jax.tree.leaves(tree)))
+
+  saved, wanted = table(saved), table(abstract)
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if missing or extra:
+    return (f"{len(missing)} tensor(s) of this config are not in it (first: {missing[:3]}) and "
+            f"{len(extra)} of its tensors are not in this config (first: {extra[:3]})")
+  for path, want in wanted.items():
+    have = saved[path]
+    if tuple(have.shape) != tuple(want.shape) or str(have.dtype) != str(want.dtype):
+      return (f"{path} is {have.dtype}{list(have.shape)} in the checkpoint, "
+              f"{want.dtype}{list(want.shape)} in this config")
+  return None

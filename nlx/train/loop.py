@@ -5,7 +5,12 @@
 runs ``train.steps`` steps. Every ``log_every`` steps it logs loss, tokens/s and norms (progress
 bar, ``metrics.jsonl``, TensorBoard); every ``eval_every`` steps (and at the end) the validation
 loss and perplexity; every ``checkpoint_every`` steps (at the end, and on SIGTERM) a checkpoint.
-A non-finite loss or gradient norm stops the run without saving.
+
+Faults (docs/RELIABILITY.md): a step whose loss, gradients or new parameters hold a NaN/Inf stops
+the run without saving (``on_nonfinite="stop"``: a ``NonFiniteError`` naming the step and the first
+non-finite tensor) or is skipped (``"skip"``: parameters unchanged, counted in ``skipped_steps``).
+A checkpoint that cannot be restored is a ``CheckpointError`` naming its step, unless
+``fallback_to_good_checkpoint`` resumes from the newest good one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Optional
 
@@ -20,6 +26,7 @@ import jax
 import numpy as np
 
 from nlx.data import pipeline
+from nlx.errors import ConfigError, NonFiniteError
 from nlx.train import checkpoint as checkpoint_lib
 from nlx.train import config as run_config
 from nlx.train import metrics as metrics_lib
@@ -28,6 +35,7 @@ from nlx.train import sharding
 from nlx.train import step as step_lib
 
 CONFIG_FILE = "config.json"
+ON_NONFINITE = ("stop", "skip")
 
 
 def prepare(cfg, workdir: str):
@@ -52,15 +60,38 @@ def evaluate(eval_step, params, batches: list, batch_sharding) -> float:
   return float(np.mean(jax.device_get(losses)))
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-  for name in ("loss", "grad_norm"):
-    if not math.isfinite(metrics[name]):
-      raise FloatingPointError(f"step {step}: {name}={metrics[name]} is not finite; stopping "
-                               "without saving (lower optimizer.learning_rate or check the data)")
+def nonfinite_report(step: int, metrics: dict, paths: list) -> Optional[str]:
+  """What was not finite in ``step`` (its loss, first gradient, first parameter); None if all was.
+
+  Args:
+    step: the step number (1-based, as logged).
+    metrics: host values of ``loss`` and ``nlx.train.step.NONFINITE_KEYS``.
+    paths: ``nlx.train.step.param_paths`` of the parameters.
+  """
+  flags = {k: np.asarray(metrics[k]) for k in step_lib.NONFINITE_KEYS}
+  loss = float(metrics["loss"])
+  if math.isfinite(loss) and not any(f.any() for f in flags.values()):
+    return None
+  parts = [f"loss={loss}"]
+  for key, what in zip(step_lib.NONFINITE_KEYS, ("gradient", "updated parameter")):
+    bad = np.flatnonzero(flags[key])
+    if bad.size:
+      parts.append(f"first non-finite {what}: {paths[bad[0]]} ({bad.size} of {len(paths)} "
+                   "tensors non-finite)")
+  return f"step {step}: non-finite values: " + "; ".join(parts)
+
+
+def _handle_nonfinite(report: str, policy: str, ckpt) -> None:
+  if policy == "stop":
+    raise NonFiniteError(
+        f"{report}. Stopped without saving; the newest checkpoint (step {ckpt.latest_step()}) is "
+        "intact. Lower optimizer.learning_rate, check the data, or pass --on_nonfinite=skip")
+  print(f"warning: {report}; step skipped (parameters unchanged)", file=sys.stderr)
 
 
 def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: bool = True,
-          async_checkpoints: bool = True, stop_at: Optional[int] = None) -> dict:
+          async_checkpoints: bool = True, stop_at: Optional[int] = None,
+          on_nonfinite: str = "stop", fallback_to_good_checkpoint: bool = False) -> dict:
   """Trains ``cfg`` (a run ConfigDict) in ``workdir``; returns the last logged record.
 
   Args:
@@ -71,7 +102,14 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
     async_checkpoints: write checkpoints in the background.
     stop_at: stop after this step with a checkpoint, as a preemption does (a job time limit);
       running again resumes.
+    on_nonfinite: ``"stop"`` (raise ``NonFiniteError`` without saving) or ``"skip"`` (keep the
+      parameters, go on) when a step's loss, gradients or parameters are not finite.
+    fallback_to_good_checkpoint: when the newest checkpoint cannot be restored (corrupt, or of
+      another config), move it aside and resume from the newest good one instead of raising.
   """
+  if on_nonfinite not in ON_NONFINITE:
+    raise ConfigError(f"on_nonfinite={on_nonfinite!r} is not allowed; allowed: "
+                      f"{list(ON_NONFINITE)}")
   os.makedirs(workdir, exist_ok=True)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
   save_config(cfg, workdir)
@@ -84,8 +122,9 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
       train_windows, batch_size=t.batch_size, steps=t.steps, seed=t.seed,
       shuffle=run.data.shuffle, process_index=jax.process_index(),
       process_count=jax.process_count(), threads=run.data.prefetch_threads)
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(trainer.abstract_state)
+  restored = ckpt.restore_newest_good(trainer.abstract_state, fallback_to_good_checkpoint)
+  if restored is not None:
+    _, state, data_state = restored
     data_iter.set_state(data_state)
   else:
     state = step_lib.init_state(trainer, run.model, t.seed)
@@ -100,17 +139,25 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
   record, bar = {}, _progress_bar(start, t.steps, progress)
   tokens_per_step = t.batch_size * t.seq_len
   last_time, last_step = None, start
+  paths, skipped = step_lib.param_paths(trainer.abstract_state["params"]), 0
   try:
     for step in range(start, t.steps):
       batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
       state, metrics = train_step(state, batch)
       done = step + 1
+      report = nonfinite_report(done, jax.device_get(
+          {k: metrics[k] for k in ("loss",) + step_lib.NONFINITE_KEYS}), paths)
+      if report:
+        _handle_nonfinite(report, on_nonfinite, ckpt)
+        skipped += 1
       if last_time is None:  # time from the end of the first (compiling) step
         jax.block_until_ready(metrics)
         last_time, last_step = time.perf_counter(), done
       if done % t.log_every == 0 or done == t.steps:
-        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(done, record)
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()
+                  if k not in step_lib.NONFINITE_KEYS}
+        if skipped:
+          record["skipped_steps"] = skipped
         now = time.perf_counter()
         if done > last_step:
           record["tokens_per_s"] = (done - last_step) * tokens_per_step / (now - last_time)

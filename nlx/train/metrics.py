@@ -16,11 +16,14 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_records(workdir: str) -> list[dict]:
+  """The records of ``DIR/metrics.jsonl``, without a last line cut short by a killed process."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  # Each record is written with its newline: text after the last newline is a partial write.
+  return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 class MetricsWriter:

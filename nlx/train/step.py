@@ -5,6 +5,11 @@ The state is a pytree ``{"step": int32 [], "params": nnx.State, "opt_state": opt
 like a parameter shard like it, other leaves are replicated). Initialization follows MaxText:
 ``eval_shape`` -> shardings -> ``jit(init, out_shardings=...)``, so no host ever holds a whole
 unsharded model.
+
+Every step checks its loss, gradients and updated parameters for NaN/Inf; a non-finite step leaves
+the parameters and optimizer state as they were (the step counter and RNG still advance) and
+reports, per parameter, which tensors were non-finite (``nonfinite_grads``/``nonfinite_params``,
+bool vectors in ``param_paths`` order): the loop then stops or skips the step.
 """
 
 from __future__ import annotations
@@ -75,8 +80,33 @@ def loss_fn(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32) -> j
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+NONFINITE_KEYS = ("nonfinite_grads", "nonfinite_params")
+
+
+def param_paths(params) -> list[str]:
+  """``"layers/mixer/wq/kernel"``-style paths of the leaves of ``params``, in leaf order."""
+  def name(key) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return ["/".join(name(k) for k in path if name(k) != "value")
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def nonfinite_leaves(tree) -> jax.Array:
+  """``bool [n_leaves]``: whether each leaf of ``tree`` holds a NaN or an Inf."""
+  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+
+
 def train_step_fn(trainer: Trainer) -> Callable:
-  """``(state, tokens [B, T+1]) -> (state, metrics)``: pure; metrics are float32 scalars."""
+  """``(state, tokens [B, T+1]) -> (state, metrics)``: pure.
+
+  Metrics are float32 scalars, plus the bool vectors ``nonfinite_grads`` and ``nonfinite_params``
+  (per parameter, in ``param_paths`` order). A step whose loss, gradients or new parameters are
+  not finite keeps the old parameters and optimizer state.
+  """
   graphdef, tx, dtype = trainer.graphdef, trainer.tx, trainer.compute_dtype
 
   def step(state, tokens):
@@ -84,9 +114,14 @@ def train_step_fn(trainer: Trainer) -> Callable:
         lambda p: loss_fn(graphdef, p, tokens, dtype))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    bad_grads, bad_params = nonfinite_leaves(grads), nonfinite_leaves(params)
+    finite = jnp.isfinite(loss) & ~bad_grads.any() & ~bad_params.any()
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state["params"], state["opt_state"]))
     rng, _ = jax.random.split(state["rng"])
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
+               "nonfinite_grads": bad_grads, "nonfinite_params": bad_params}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "rng": rng}, metrics
 

@@ -1,0 +1,223 @@
+"""Faults of a training run (docs/RELIABILITY.md): kill -9 and rerun, SIGTERM, a partial, corrupt
+or foreign checkpoint, non-finite losses, and a user's bad input. Each fault is injected into a
+real `nlx train` (a subprocess where a signal is involved) on the tiny Transformer."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nlx import cli
+from nlx.train import checkpoint as checkpoint_lib
+from nlx.train import loop
+from nlx.train import metrics as metrics_lib
+from nlx.train import trained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [f"--config={os.path.join(ROOT, 'configs', 'transformer.py')}:tiny",
+        "--config.train.batch_size=4", "--config.train.seq_len=32", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.train.eval_batches=1", "--no_progress",
+        "--config.train.plots=False", "--config.optimizer.warmup_steps=2"]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+WAIT_S = 600  # a safety limit on waiting for a subprocess, not a timing assertion
+
+
+def _train(workdir, *flags) -> int:
+  return cli.main(["train", "--workdir", str(workdir), *TINY, *flags])
+
+
+def _spawn(workdir, *flags) -> subprocess.Popen:
+  """`nlx train` in a subprocess (its output in WORKDIR.log)."""
+  os.makedirs(workdir, exist_ok=True)
+  log = open(f"{workdir}.log", "ab")
+  return subprocess.Popen([sys.executable, "-m", "nlx.cli", "train", "--workdir", str(workdir),
+                           *TINY, *flags], env=ENV, cwd=ROOT, stdout=log, stderr=log)
+
+
+def _wait_for_step(proc, workdir, step: int) -> None:
+  """Waits until WORKDIR/metrics.jsonl logs ``step`` (the process is then inside the loop)."""
+  deadline = time.monotonic() + WAIT_S
+  while time.monotonic() < deadline:
+    records = metrics_lib.read_records(str(workdir))
+    if records and records[-1]["step"] >= step:
+      return
+    assert proc.poll() is None, open(f"{workdir}.log").read()[-3000:]
+    time.sleep(0.05)
+  proc.kill()
+  pytest.fail(f"step {step} not reached")
+
+
+def _finish(proc) -> int:
+  return proc.wait(timeout=WAIT_S)
+
+
+def _losses(workdir):
+  return [r["loss"] for r in metrics_lib.read_records(str(workdir))]
+
+
+def _params(workdir):
+  return jax.tree.leaves(jax.device_get(trained.load(str(workdir)).model))
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(_params(a), _params(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before damaging it)."""
+  workdir = tmp_path_factory.mktemp("four") / "run"
+  assert _train(workdir, "--config.train.steps=4", "--config.train.checkpoint_every=2") == 0
+  return workdir
+
+
+def _copy(run, tmp_path):
+  shutil.copytree(run, tmp_path / "run")
+  return tmp_path / "run"
+
+
+def test_kill_9_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_path):
+  flags = ["--config.train.steps=10", "--config.train.checkpoint_every=3"]
+  assert _train(tmp_path / "full", *flags) == 0
+  kill_at = random.Random().randint(2, 9)  # printed on failure by the assertion messages
+  proc = _spawn(tmp_path / "cut", *flags)
+  _wait_for_step(proc, tmp_path / "cut", kill_at)
+  proc.send_signal(signal.SIGKILL)
+  assert _finish(proc) == -signal.SIGKILL
+  saved = checkpoint_lib.Checkpointer(str(tmp_path / "cut" / "checkpoints"), 2).latest_step()
+  assert _finish(_spawn(tmp_path / "cut", *flags)) == 0, f"killed after step {kill_at}"
+  assert _losses(tmp_path / "cut") == _losses(tmp_path / "full"), (kill_at, saved)
+  _assert_same_params(tmp_path / "cut", tmp_path / "full")
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(four_step_run, tmp_path):
+  run = _copy(four_step_run, tmp_path)
+  # What a kill during the save of step 6 leaves: orbax's temporary directory, half written.
+  partial = run / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000000000"
+  shutil.copytree(run / "checkpoints" / "4", partial)
+  for path in partial.rglob("*"):
+    if path.is_file() and path.stat().st_size > 64:
+      os.truncate(path, 64)
+  ckpt = checkpoint_lib.Checkpointer(str(run / "checkpoints"), 2)
+  assert ckpt.manager.all_steps() == [2, 4]
+  ckpt.close()
+  assert trained.load(str(run)).step == 4
+
+
+def test_sigterm_commits_the_current_step_and_exits_0(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _spawn(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=0")
+  _wait_for_step(proc, workdir, 3)
+  proc.send_signal(signal.SIGTERM)
+  assert _finish(proc) == 0, open(f"{workdir}.log").read()[-3000:]
+  last = metrics_lib.read_records(str(workdir))[-1]["step"]
+  assert 3 <= last < 100000
+  assert checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), 2).latest_step() == last
+  assert trained.load(str(workdir)).step == last
+
+
+def _truncate_largest_file(step_dir) -> None:
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+
+
+def test_a_truncated_checkpoint_is_named_and_fallback_resumes_from_the_newest_good(
+    four_step_run, tmp_path, capsys):
+  run = _copy(four_step_run, tmp_path)
+  _truncate_largest_file(run / "checkpoints" / "4" / "state")
+  assert _train(run, "--config.train.steps=6") == 1
+  err = capsys.readouterr().err
+  assert "error: checkpoint step 4" in err and "--fallback_to_good_checkpoint" in err
+  assert _train(run, "--config.train.steps=6", "--fallback_to_good_checkpoint") == 0
+  assert "checkpoint step 4" in capsys.readouterr().err  # the warning
+  assert (run / "checkpoints" / "bad-4").is_dir()
+  assert [r["step"] for r in metrics_lib.read_records(str(run))] == [1, 2, 3, 4, 5, 6]
+  assert trained.load(str(run)).step == 6
+
+
+def test_a_checkpoint_of_another_config_names_the_step_and_the_tensor(four_step_run, capsys):
+  ckpt_dir = str(four_step_run / "checkpoints")
+  run = loop.load_workdir_config(str(four_step_run))
+  run.model.d_model = 128
+  with pytest.raises(Exception, match="checkpoint step 4.*embed/table is float32\\[256, 64\\] in "
+                     "the checkpoint, float32\\[256, 128\\] in this config"):
+    _restore(run, ckpt_dir)
+  assert _train(four_step_run, "--config.train.steps=6", "--config.model.d_model=128",
+                "--checkpoint_dir", ckpt_dir) == 1
+  assert "error: checkpoint step 4 " in capsys.readouterr().err
+  assert checkpoint_lib.Checkpointer(ckpt_dir, 2).latest_step() == 4  # nothing moved or written
+
+
+def _restore(cfg, ckpt_dir):
+  from nlx.train import config as run_config  # pylint: disable=g-import-not-at-top
+  from nlx.train import sharding, step  # pylint: disable=g-import-not-at-top
+  run = run_config.validate(cfg, n_devices=jax.device_count())
+  trainer = step.build(run, sharding.make_mesh(run.mesh))
+  return checkpoint_lib.Checkpointer(ckpt_dir, 2).restore_newest_good(trainer.abstract_state)
+
+
+BLOW_UP = ["--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
+           "--config.train.steps=4", "--config.train.checkpoint_every=1"]
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_tensor_and_keeps_the_checkpoint(
+    tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert _train(workdir, *BLOW_UP) == 1
+  err = capsys.readouterr().err
+  records = metrics_lib.read_records(str(workdir))
+  first_bad = len(records) + 1
+  assert f"error: step {first_bad}: non-finite values: loss=" in err, err
+  assert "first non-finite gradient: " in err and "newest checkpoint" in err
+  good = trained.load(str(workdir))
+  assert good.step == first_bad - 1 >= 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(good.model)))
+
+
+def test_skip_on_non_finite_keeps_the_parameters(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert _train(workdir, *BLOW_UP, "--on_nonfinite=skip") == 0
+  assert "step skipped" in capsys.readouterr().err
+  records = metrics_lib.read_records(str(workdir))
+  skipped = int(records[-1]["skipped_steps"])
+  assert 1 <= skipped <= 3
+  # Every skipped step left the parameters as they were: the norms repeat from the first skip.
+  norms = [r["param_norm"] for r in records]
+  assert norms[-skipped - 1:] == [norms[-1]] * (skipped + 1)
+  assert np.isfinite(norms[-1])
+
+
+def test_the_step_guard_names_the_first_non_finite_tensor_and_keeps_the_state():
+  from nlx import configs  # pylint: disable=g-import-not-at-top
+  from nlx.train import sharding, step  # pylint: disable=g-import-not-at-top
+  run = configs.validate(configs.load(os.path.join(ROOT, "configs", "transformer.py") + ":tiny",
+                                      ["train.steps=2"]), n_devices=1)
+  trainer = step.build(run, sharding.make_mesh(run.mesh, jax.devices()[:1]))
+  state = step.init_state(trainer, run.model, 0)
+  paths = step.param_paths(state["params"])
+  leaves, treedef = jax.tree.flatten(state["params"])
+  target = paths.index("norm/scale")
+  leaves[target] = leaves[target].at[0].set(np.inf)
+  state["params"] = jax.tree.unflatten(treedef, leaves)
+  tokens = np.ones((2, 9), np.int32)
+  new_state, metrics = jax.jit(step.train_step_fn(trainer))(state, tokens)
+  metrics = jax.device_get(metrics)
+  assert metrics["nonfinite_params"][target] and metrics["nonfinite_grads"].any()
+  assert loop.nonfinite_report(7, metrics, paths).startswith("step 7: non-finite values: loss=nan")
+  for key in ("params", "opt_state"):  # the guard kept them
+    for old, new in zip(jax.tree.leaves(state[key]), jax.tree.leaves(new_state[key]), strict=True):
+      np.testing.assert_array_equal(old, new)
+  flags = {"nonfinite_grads": np.zeros(len(paths), bool),
+           "nonfinite_params": np.zeros(len(paths), bool)}
+  assert loop.nonfinite_report(1, {"loss": 1.0, **flags}, paths) is None
+  flags["nonfinite_grads"][3] = True
+  assert f"first non-finite gradient: {paths[3]} (1 of" in loop.nonfinite_report(
+      1, {"loss": 1.0, **flags}, paths)
