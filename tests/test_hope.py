@@ -91,6 +91,7 @@ ABLATIONS = {"w/o DGD": dict(hope_dgd="off"), "w/o momentum": dict(hope_momentum
              "adaptive q": dict(hope_adaptive_q=True)}
 
 
+@pytest.mark.slow
 def test_every_table6_ablation_runs_and_changes_the_model():
   tok = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, 31)
   base = tiny_hope()(tok)
