@@ -13,6 +13,8 @@ import numbers
 from typing import Any, Mapping, Optional
 
 IMPLS = ("auto", "chunked", "recurrent")
+# Rematerialisation of the scanned layer group (nlx.nn.model.LM._run_layers).
+REMATS = ("none", "full", "dots")
 # Allowed values of the string fields of HOPE and CMS (PAPER.md §7); the first is the default.
 CHOICES = {
     "cms_variant": ("sequential", "nested", "independent"),
@@ -52,6 +54,10 @@ class ModelConfig:
     memory_chunk_size: chunk of the chunk-start gradients of titans_memory (TTT, Titans): a
       modelling choice; 1 is online gradient descent, for which step-by-step decoding is exact.
     impl: implementation of the nlx.ops calls: "auto" | "chunked" | "recurrent".
+    remat: rematerialisation of each scanned layer group in the backward pass: "none" (keep
+      every activation), "full" (keep only the group's input; recompute the rest) or "dots"
+      (keep the results of matmuls without batch dimensions, i.e. the projections; recompute
+      the rest). Same values, less memory, more FLOPs.
     state_dim: Mamba2's N (state size per head).
     mamba_expand: Mamba2's inner width = mamba_expand · d_model.
     mamba_head_dim: Mamba2's head dimension P.
@@ -124,6 +130,7 @@ class ModelConfig:
   chunk_size: int = 64
   memory_chunk_size: int = 16
   impl: str = "auto"
+  remat: str = "none"
   state_dim: int = 64
   mamba_expand: int = 2
   mamba_head_dim: int = 64
@@ -174,6 +181,8 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be None or >= 1; got {value!r}")
     if self.impl not in IMPLS:
       raise ValueError(f"model.impl={self.impl!r} is not one of {IMPLS}")
+    if self.remat not in REMATS:
+      raise ValueError(f"model.remat={self.remat!r} is not one of {REMATS}")
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
                        "(or set model.head_dim)")

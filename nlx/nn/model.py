@@ -79,6 +79,22 @@ class Group(nnx.Module):
     return x, None if states is None else tuple(new_states)
 
 
+def remat(body, policy: str):
+  """``body`` rematerialised as ``ModelConfig.remat`` says ("none" | "full" | "dots").
+
+  "full" saves only the scan carry and the layer inputs for the backward pass; "dots" also saves
+  the results of matmuls without batch dimensions (the projections). Inside ``lax.scan`` the
+  loop already keeps XLA from merging the recomputation with the forward pass, so CSE
+  prevention is off (as the ``jax.checkpoint`` documentation recommends for scans).
+  """
+  if policy == "none":
+    return body
+  policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  if policy not in policies:
+    raise ValueError(f"model.remat={policy!r} is not one of {('none', *policies)}")
+  return jax.checkpoint(body, policy=policies[policy], prevent_cse=False)
+
+
 def validate(cfg: ModelConfig) -> registry.Family:
   """Checks ``cfg`` for its family; returns the family."""
   family = registry.get(cfg.family)
@@ -123,7 +139,7 @@ class LM(nnx.Module):
       x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos)
       return x, group_states
 
-    return jax.lax.scan(body, x, (params, states))
+    return jax.lax.scan(remat(body, self.cfg.remat), x, (params, states))
 
   def __call__(self, tokens: Array) -> Array:
     """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state."""

@@ -3,9 +3,23 @@ train_compile), and estimate memory, FLOPs, step time and MFU from the chip's pe
 
 The mesh of ``config.mesh`` is laid over the topology's devices (``jax.experimental.topologies``
 with ``libtpu``, the ``tpu`` extra); the train state and the batch are abstract arrays with their
-shardings, so nothing is allocated. The estimate is a roofline: ``step_s = max(flops / peak,
-bytes accessed / HBM bandwidth)`` per chip, and ``mfu = 6·N·tokens / (step_s · peak · chips)``
-(attention FLOPs excluded, as is usual for MFU).
+shardings, so nothing is allocated.
+
+Memory (per device, from the compiled executable's ``memory_analysis``): ``bytes_per_device`` is
+arguments + temporaries + outputs - aliased (donated) bytes, MaxText's sum; ``peak_bytes`` is
+XLA's own peak of live buffers. ``temp_bytes`` counts HBM temporaries only: TPU memory-space
+assignment places small temporaries in on-chip VMEM, so a tiny model reports 0 (with
+``LIBTPU_INIT_ARGS=--xla_vf_vmem_memory_space_assignment=false`` the same v5e compile reports its
+temporaries in ``temp_bytes``).
+
+FLOPs: XLA's ``cost_analysis`` counts the body of a while loop once, so for the scanned layers of
+nlx it misses all but one layer (``xla_flops_per_device`` is reported as is). ``flops_per_step``
+counts the matmul and convolution FLOPs of the step's jaxpr instead, multiplying every
+``lax.scan`` body by its length; it includes the backward pass and the recomputation of
+``model.remat``. The estimate is a roofline: ``step_s = max(flops_per_step / chips / peak,
+xla bytes accessed / HBM bandwidth)`` (the bytes, like XLA's FLOPs, count a loop body once: a
+lower bound), and ``mfu = 6·N·tokens / (step_s · peak · chips)`` (attention FLOPs excluded, as is
+usual for MFU).
 """
 
 from __future__ import annotations
@@ -13,6 +27,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.extend import core as jax_core
 
 from nlx.train import config as run_config
 from nlx.train import sharding
@@ -23,37 +38,81 @@ CHIPS = {"v4": (275e12, 32 * 2**30, 1.2e12), "v5e": (197e12, 16 * 2**30, 0.82e12
          "v5p": (459e12, 95 * 2**30, 2.76e12), "v6e": (918e12, 32 * 2**30, 1.64e12)}
 
 
-def compile_for_topology(cfg, topology: str) -> dict:
-  """Compiles the train step of ``cfg`` for ``topology`` (``"v5p:4x4x4"``); returns the report."""
+def _eqn_flops(eqn) -> float:
+  """FLOPs of one ``dot_general`` (2·|out|·K) or ``conv_general_dilated`` equation; else 0."""
+  if eqn.primitive.name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+  if eqn.primitive.name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
+  return 0.0
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """Matmul and convolution FLOPs of a (closed) jaxpr, every ``scan`` body times its length.
+
+  A ``cond`` counts its costliest branch; a ``while`` body (unknown trip count) counts once.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    total += _eqn_flops(eqn)
+    inner = [jaxpr_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params)]
+    if not inner:
+      continue
+    if eqn.primitive.name == "cond":
+      total += max(inner)
+    else:
+      total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+  return total
+
+
+def _topology_devices(topology: str) -> tuple[str, list]:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = topology.split(":")[0]
   if chip not in CHIPS:
     raise ValueError(f"--topology {topology!r}: chip {chip!r} is not known; allowed: "
                      f"{sorted(CHIPS)} (as 'v5p:4x4x4')")
-  devices = topologies.get_topology_desc(topology, "tpu").devices
+  return chip, list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+def _memory_report(memory, hbm: int) -> dict:
+  per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
+                memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
+  return {"bytes_per_device": per_device, "peak_bytes": peak,
+          "argument_bytes": memory.argument_size_in_bytes,
+          "temp_bytes": memory.temp_size_in_bytes, "hbm_bytes": hbm,
+          "fits": max(per_device, peak) <= hbm}
+
+
+def compile_for_topology(cfg, topology: str) -> dict:
+  """Compiles the train step of ``cfg`` for ``topology`` (``"v5p:4x4x4"``); returns the report."""
+  chip, devices = _topology_devices(topology)
   run = run_config.validate(cfg, n_devices=len(devices))
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh, devices))
   t = run.train
   batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jax.numpy.int32,
                                sharding=trainer.batch_sharding)
-  compiled = step_lib.jit_train_step(trainer).lower(trainer.abstract_state, batch).compile()
-  memory = compiled.memory_analysis()
+  train_step = step_lib.jit_train_step(trainer)
+  flops = jaxpr_flops(jax.make_jaxpr(train_step)(trainer.abstract_state, batch))
+  compiled = train_step.lower(trainer.abstract_state, batch).compile()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
   peak, hbm, bandwidth = CHIPS[chip]
-  per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
-                memory.output_size_in_bytes - memory.alias_size_in_bytes)
-  flops = float(cost.get("flops", 0.0))
-  step_s = max(flops / peak, float(cost.get("bytes accessed", 0.0)) / bandwidth)
+  chips = len(devices)
+  step_s = max(flops / chips / peak, float(cost.get("bytes accessed", 0.0)) / bandwidth)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
   model_flops = 6 * n_params * t.batch_size * t.seq_len
   return {
-      "family": run.model.family, "params": n_params, "topology": topology,
-      "chips": len(devices), "mesh": run.mesh.resolve(len(devices)), "batch_size": t.batch_size,
-      "seq_len": t.seq_len, "compute_dtype": t.compute_dtype,
-      "bytes_per_device": per_device, "argument_bytes": memory.argument_size_in_bytes,
-      "temp_bytes": memory.temp_size_in_bytes, "hbm_bytes": hbm, "fits": per_device <= hbm,
-      "flops_per_step": flops * len(devices), "flops_per_device": flops,
-      "step_s_estimate": step_s,
-      "mfu_estimate": model_flops / (step_s * peak * len(devices)) if step_s else None,
+      "family": run.model.family, "params": n_params, "topology": topology, "chips": chips,
+      "mesh": run.mesh.resolve(chips), "batch_size": t.batch_size, "seq_len": t.seq_len,
+      "compute_dtype": t.compute_dtype, "remat": run.model.remat,
+      **_memory_report(compiled.memory_analysis(), hbm),
+      "flops_per_step": flops, "flops_per_device": flops / chips,
+      "xla_flops_per_device": float(cost.get("flops", 0.0)), "step_s_estimate": step_s,
+      "mfu_estimate": model_flops / (step_s * peak * chips) if step_s else None,
   }
