@@ -6,39 +6,19 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from nlx import cli
 from nlx.train import checkpoint as checkpoint_lib
 from nlx.train import loop
 from nlx.train import metrics as metrics_lib
 from nlx.train import trained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [f"--config={os.path.join(ROOT, 'configs', 'transformer.py')}:tiny",
-        "--config.train.batch_size=4", "--config.train.seq_len=32", "--config.train.log_every=1",
-        "--config.train.eval_every=0", "--config.train.eval_batches=1", "--no_progress",
-        "--config.train.plots=False", "--config.optimizer.warmup_steps=2"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu")
-WAIT_S = 600  # a safety limit on waiting for a subprocess, not a timing assertion
-
-
-def _train(workdir, *flags) -> int:
-  return cli.main(["train", "--workdir", str(workdir), *TINY, *flags])
-
-
-def _spawn(workdir, *flags) -> subprocess.Popen:
-  """`nlx train` in a subprocess (its output in WORKDIR.log)."""
-  os.makedirs(workdir, exist_ok=True)
-  log = open(f"{workdir}.log", "ab")
-  return subprocess.Popen([sys.executable, "-m", "nlx.cli", "train", "--workdir", str(workdir),
-                           *TINY, *flags], env=ENV, cwd=ROOT, stdout=log, stderr=log)
+from reliability_cases import ROOT, WAIT_S, assert_same_params, log_tail, losses, spawn
+from reliability_cases import train as _train
 
 
 def _wait_for_step(proc, workdir, step: int) -> None:
@@ -48,7 +28,7 @@ def _wait_for_step(proc, workdir, step: int) -> None:
     records = metrics_lib.read_records(str(workdir))
     if records and records[-1]["step"] >= step:
       return
-    assert proc.poll() is None, open(f"{workdir}.log").read()[-3000:]
+    assert proc.poll() is None, log_tail(workdir)
     time.sleep(0.05)
   proc.kill()
   pytest.fail(f"step {step} not reached")
@@ -56,19 +36,6 @@ def _wait_for_step(proc, workdir, step: int) -> None:
 
 def _finish(proc) -> int:
   return proc.wait(timeout=WAIT_S)
-
-
-def _losses(workdir):
-  return [r["loss"] for r in metrics_lib.read_records(str(workdir))]
-
-
-def _params(workdir):
-  return jax.tree.leaves(jax.device_get(trained.load(str(workdir)).model))
-
-
-def _assert_same_params(a, b):
-  for x, y in zip(_params(a), _params(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +55,14 @@ def test_kill_9_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_path
   flags = ["--config.train.steps=10", "--config.train.checkpoint_every=3"]
   assert _train(tmp_path / "full", *flags) == 0
   kill_at = random.Random().randint(2, 9)  # printed on failure by the assertion messages
-  proc = _spawn(tmp_path / "cut", *flags)
+  proc = spawn(tmp_path / "cut", *flags)
   _wait_for_step(proc, tmp_path / "cut", kill_at)
   proc.send_signal(signal.SIGKILL)
   assert _finish(proc) == -signal.SIGKILL
   saved = checkpoint_lib.Checkpointer(str(tmp_path / "cut" / "checkpoints"), 2).latest_step()
-  assert _finish(_spawn(tmp_path / "cut", *flags)) == 0, f"killed after step {kill_at}"
-  assert _losses(tmp_path / "cut") == _losses(tmp_path / "full"), (kill_at, saved)
-  _assert_same_params(tmp_path / "cut", tmp_path / "full")
+  assert _finish(spawn(tmp_path / "cut", *flags)) == 0, f"killed after step {kill_at}"
+  assert losses(tmp_path / "cut") == losses(tmp_path / "full"), (kill_at, saved)
+  assert_same_params(tmp_path / "cut", tmp_path / "full")
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(four_step_run, tmp_path):
@@ -114,10 +81,10 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_loaded(four_step_run, tmp_pat
 
 def test_sigterm_commits_the_current_step_and_exits_0(tmp_path):
   workdir = tmp_path / "run"
-  proc = _spawn(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=0")
+  proc = spawn(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=0")
   _wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
-  assert _finish(proc) == 0, open(f"{workdir}.log").read()[-3000:]
+  assert _finish(proc) == 0, log_tail(workdir)
   last = metrics_lib.read_records(str(workdir))[-1]["step"]
   assert 3 <= last < 100000
   assert checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), 2).latest_step() == last
@@ -147,7 +114,7 @@ def test_a_checkpoint_of_another_config_names_the_step_and_the_tensor(four_step_
   ckpt_dir = str(four_step_run / "checkpoints")
   run = loop.load_workdir_config(str(four_step_run))
   run.model.d_model = 128
-  with pytest.raises(Exception, match="checkpoint step 4.*embed/table is float32\\[256, 64\\] in "
+  with pytest.raises(Exception, match="checkpoint step 4.*: params/embed/table is float32\\[256, 64\\] in "
                      "the checkpoint, float32\\[256, 128\\] in this config"):
     _restore(run, ckpt_dir)
   assert _train(four_step_run, "--config.train.steps=6", "--config.model.d_model=128",
@@ -221,3 +188,33 @@ def test_the_step_guard_names_the_first_non_finite_tensor_and_keeps_the_state():
   flags["nonfinite_grads"][3] = True
   assert f"first non-finite gradient: {paths[3]} (1 of" in loop.nonfinite_report(
       1, {"loss": 1.0, **flags}, paths)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.train.batch_size=0"], "train.batch_size=0 must be >= 1"),
+    (["--config.train.steps=many"], "train.steps must be a int like its default"),
+    (["--config.model.n_heads=3"], "model.n_heads=3 must divide model.d_model=64"),
+    (["--config.mesh.data=3"], "product 3 != 1 devices"),
+    (["--config.data.source=text", "--config.data.path=/no/such/file.txt"], "does not exist"),
+    (["--config.train.seq_len=900000"], "fewer than one window"),
+    (["--config=configs/no_such_config.py:tiny"], "does not exist")])
+def test_a_user_mistake_is_one_error_line_and_exit_2(tmp_path, capsys, flags, message):
+  assert _train(tmp_path / "run", *flags, "--config.train.steps=1") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("nlx train: error: ") and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"\xff\xfeabc" * 50, "is not UTF-8")])
+def test_bad_data_files_are_named(tmp_path, capsys, content, message):
+  path = tmp_path / "corpus.txt"
+  path.write_bytes(content)
+  assert _train(tmp_path / "run", "--config.data.source=text", f"--config.data.path={path}") == 2
+  assert f"data file '{path}' {message}" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_model_supports_is_refused(four_step_run, capsys):
+  from nlx import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["generate", "--workdir", str(four_step_run), "--prompt", "x" * 4000,
+                   "--max_new_tokens", "100"]) == 2
+  err = capsys.readouterr().err
+  assert "the prompt is 4000 tokens" in err and "model.max_seq_len=4096" in err

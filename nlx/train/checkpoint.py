@@ -148,8 +148,8 @@ def tree_mismatch(saved, abstract) -> Optional[str]:
   if missing or extra:
     return (f"{len(missing)} tensor(s) of this config are not in it (first: {missing[:3]}) and "
             f"{len(extra)} of its tensors are not in this config (first: {extra[:3]})")
-  for path, want in wanted.items():
-    have = saved[path]
+  for path in sorted(wanted, key=lambda p: not p.startswith("params/")):  # parameters first
+    have, want = saved[path], wanted[path]
     if tuple(have.shape) != tuple(want.shape) or str(have.dtype) != str(want.dtype):
       return (f"{path} is {have.dtype}{list(have.shape)} in the checkpoint, "
               f"{want.dtype}{list(want.shape)} in this config")

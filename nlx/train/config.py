@@ -235,7 +235,11 @@ def read_axis_rules(rules: Any) -> dict:
   """``{logical axis: mesh axis | tuple of mesh axes | None}`` from a mapping or pairs."""
   if hasattr(rules, "to_dict"):
     rules = rules.to_dict()
-  rules = dict(rules.items() if isinstance(rules, Mapping) else rules)
+  try:
+    rules = dict(rules.items() if isinstance(rules, Mapping) else rules)
+  except (TypeError, ValueError):
+    raise ValueError(f"axis_rules={rules!r} must be a mapping or (logical axis, mesh axis) "
+                     "pairs") from None
   unknown = sorted(set(rules) - set(LOGICAL_AXES))
   if unknown:
     raise ValueError(f"axis_rules: unknown logical axis {unknown}; allowed: {list(LOGICAL_AXES)}")

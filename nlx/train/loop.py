@@ -112,7 +112,6 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
                       f"{list(ON_NONFINITE)}")
   os.makedirs(workdir, exist_ok=True)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
-  save_config(cfg, workdir)
   t = run.train
   mesh = sharding.make_mesh(run.mesh)
   trainer = step_lib.build(run, mesh)
@@ -128,6 +127,7 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
     data_iter.set_state(data_state)
   else:
     state = step_lib.init_state(trainer, run.model, t.seed)
+  save_config(cfg, workdir)  # after the restore: a refused checkpoint leaves the workdir as it was
   start = int(jax.device_get(state["step"]))
   val = pipeline.eval_batches(val_windows, batch_size=t.batch_size, n_batches=t.eval_batches,
                               process_index=jax.process_index(),
