@@ -25,6 +25,7 @@ usual for MFU).
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 from jax.extend import core as jax_core
@@ -89,8 +90,33 @@ def _memory_report(memory, hbm: int) -> dict:
           "fits": max(per_device, peak) <= hbm}
 
 
+def _out_of_memory_report(error: Exception, argument_bytes: int, hbm: int) -> dict:
+  """The memory fields of a step the TPU compiler refused (``RESOURCE_EXHAUSTED``).
+
+  ``temp_bytes`` is the requirement the compiler names (``"... HLO temporaries (40.01G)"``),
+  when it names one; ``argument_bytes`` is the per-device shard of the state and the batch.
+  """
+  message = str(error).strip().splitlines()[0]
+  found = re.search(r"\(([\d.]+)([KMGT]?)\)", message)
+  temp = (int(float(found.group(1)) * 1024**" KMGT".index(found.group(2) or " "))
+          if found else 0)
+  return {"bytes_per_device": argument_bytes + temp, "peak_bytes": None,
+          "argument_bytes": argument_bytes, "temp_bytes": temp, "hbm_bytes": hbm,
+          "fits": False, "error": message}
+
+
+def _shard_bytes(abstract_tree) -> int:
+  """Bytes of one device's shards of the abstract arrays (``ShapeDtypeStruct``s with shardings)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_tree))
+
+
 def compile_for_topology(cfg, topology: str) -> dict:
-  """Compiles the train step of ``cfg`` for ``topology`` (``"v5p:4x4x4"``); returns the report."""
+  """Compiles the train step of ``cfg`` for ``topology`` (``"v5p:4x4x4"``); returns the report.
+
+  A step that does not fit the chip's HBM is reported with ``"fits": false`` (and the compiler's
+  ``error`` when it refuses to compile), not raised.
+  """
   chip, devices = _topology_devices(topology)
   run = run_config.validate(cfg, n_devices=len(devices))
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh, devices))
@@ -99,10 +125,18 @@ def compile_for_topology(cfg, topology: str) -> dict:
                                sharding=trainer.batch_sharding)
   train_step = step_lib.jit_train_step(trainer)
   flops = jaxpr_flops(jax.make_jaxpr(train_step)(trainer.abstract_state, batch))
-  compiled = train_step.lower(trainer.abstract_state, batch).compile()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list) else cost
   peak, hbm, bandwidth = CHIPS[chip]
+  try:
+    compiled = train_step.lower(trainer.abstract_state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled = None
+    memory = _out_of_memory_report(e, _shard_bytes((trainer.abstract_state, batch)), hbm)
+  else:
+    memory = _memory_report(compiled.memory_analysis(), hbm)
+  cost = (compiled.cost_analysis() if compiled is not None else None) or {}
+  cost = cost[0] if isinstance(cost, list) else cost
   chips = len(devices)
   step_s = max(flops / chips / peak, float(cost.get("bytes accessed", 0.0)) / bandwidth)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
@@ -110,9 +144,9 @@ def compile_for_topology(cfg, topology: str) -> dict:
   return {
       "family": run.model.family, "params": n_params, "topology": topology, "chips": chips,
       "mesh": run.mesh.resolve(chips), "batch_size": t.batch_size, "seq_len": t.seq_len,
-      "compute_dtype": t.compute_dtype, "remat": run.model.remat,
-      **_memory_report(compiled.memory_analysis(), hbm),
+      "compute_dtype": t.compute_dtype, "remat": run.model.remat, **memory,
       "flops_per_step": flops, "flops_per_device": flops / chips,
-      "xla_flops_per_device": float(cost.get("flops", 0.0)), "step_s_estimate": step_s,
+      "xla_flops_per_device": float(cost["flops"]) if "flops" in cost else None,
+      "step_s_estimate": step_s,
       "mfu_estimate": model_flops / (step_s * peak * chips) if step_s else None,
   }
