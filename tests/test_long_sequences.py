@@ -1,8 +1,10 @@
-"""Long sequences (slow; docs/RELIABILITY.md): every tiny model of configs/ at T=16,384, in float32
-and bfloat16 compute, freshly initialised and after 100 training steps, gives a finite loss (so
-every logit is finite: one Inf or NaN logit makes the cross-entropy non-finite) and finite
-gradients; the memory states of HOPE and Titans stay finite and below ``STATE_BOUND`` while
-65,536 tokens stream through ``prefill`` (pieces of 4,096) and ``step`` (the last 64 tokens).
+"""Long sequences (slow; docs/RELIABILITY.md), and one shorter than a chunk (fast).
+
+Every tiny model of configs/ at T=16,384, in float32 and bfloat16 compute, freshly initialised
+and after 100 training steps, gives a finite loss (so every logit is finite: one Inf or NaN logit
+makes the cross-entropy non-finite) and finite gradients; the memory states of HOPE and Titans
+stay finite and below ``STATE_BOUND`` while 65,536 tokens stream through ``prefill`` (pieces of
+4,096) and ``step`` (the last 64 tokens).
 
 Run: ``pytest -m slow tests/test_long_sequences.py``.
 """
@@ -46,8 +48,9 @@ def _corpus_tokens(run, n: int) -> np.ndarray:
   return pipeline.pack(train_docs, tokenizers.ByteTokenizer(), n - 1)[0]
 
 
-def _check_long(trainer, params, tokens: np.ndarray, label: str) -> None:
-  for dtype in (jnp.float32, jnp.bfloat16):
+def _check_long(trainer, params, tokens: np.ndarray, label: str,
+                dtypes=(jnp.float32, jnp.bfloat16)) -> None:
+  for dtype in dtypes:
     loss, grads = jax.jit(jax.value_and_grad(
         lambda p, t: step.loss_fn(trainer.graphdef, p, t, dtype)))(params, tokens[None])
     assert np.isfinite(float(loss)), f"{label} {dtype.__name__}: loss {loss}"
@@ -107,3 +110,11 @@ def test_long_sequences_finite_and_memory_states_bounded(name):
     _check_long(trainer, state["params"], long_tokens, f"{name} {label}")
     if stream is not None:
       _check_stream(trainer, state["params"], stream, f"{name} {label}")
+
+
+def test_a_sequence_shorter_than_a_chunk_is_finite():
+  """DeltaNet's chunk is 64 tokens; every family at T=7 is in the slow test's first check."""
+  run, trainer = _setup("deltanet")
+  assert 7 < run.model.chunk_size
+  state = step.init_state(trainer, run.model, 0)
+  _check_long(trainer, state["params"], _corpus_tokens(run, 8), "deltanet T=7", (jnp.float32,))

@@ -17,7 +17,7 @@ from nlx.train import loop
 from nlx.train import metrics as metrics_lib
 from nlx.train import trained
 
-from reliability_cases import ROOT, WAIT_S, assert_same_params, log_tail, losses, spawn
+from reliability_cases import ROOT, WAIT_S, assert_same_params, log_tail, losses, params, spawn
 from reliability_cases import train as _train
 
 
@@ -159,7 +159,7 @@ def test_skip_on_non_finite_keeps_the_parameters(tmp_path, capsys):
   # Every skipped step left the parameters as they were: the norms repeat from the first skip.
   norms = [r["param_norm"] for r in records]
   assert norms[-skipped - 1:] == [norms[-1]] * (skipped + 1)
-  assert np.isfinite(norms[-1])
+  assert all(np.isfinite(x).all() for x in params(workdir))  # (their norm overflows: ~1e30 each)
 
 
 def test_the_step_guard_names_the_first_non_finite_tensor_and_keeps_the_state():

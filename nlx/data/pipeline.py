@@ -41,8 +41,8 @@ def pack(documents: Sequence[str], tokenizer, seq_len: int, split: str = "traini
   stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
   n = (len(stream) - 1) // seq_len
   if n < 1:
-    raise DataError(f"train.seq_len={seq_len}: the {split} text has only {len(stream)} tokens, "
-                    f"fewer than one window of {seq_len + 1}; allowed: seq_len <= "
+    raise DataError(f"train.seq_len={seq_len}: the text has only {len(stream)} tokens ({split} "
+                    f"split), fewer than one window of {seq_len + 1}; allowed: seq_len <= "
                     f"{max(len(stream) - 1, 0)}, or more text")
   starts = np.arange(n)[:, None] * seq_len
   return stream[starts + np.arange(seq_len + 1)[None, :]]
