@@ -45,10 +45,18 @@ class TitansState(NamedTuple):
 
   ``memory`` is ``[B, H, K, V]`` for the linear memory, or ``{"w2": [B, H, K, hidden],
   "w1": [B, H, hidden, V]}`` for the MLP memory; ``momentum`` has the same structure, or is None.
+
+  ``chunk_start`` and ``offset`` say where the next token falls in its gradient chunk: ``offset``
+  tokens of it (int, 0 ≤ offset < chunk_size; may be a traced int32 scalar) were written by an
+  earlier call, whose start weights (the chunk's gradient reference) are ``chunk_start`` (same
+  structure as ``memory``). ``titans_memory`` returns them, so a sequence split anywhere across
+  calls (prefill, then token-by-token decoding) equals one call. None means a chunk starts now.
   """
 
   memory: Union[Array, dict]
   momentum: Optional[Union[Array, dict]] = None
+  chunk_start: Optional[Union[Array, dict]] = None
+  offset: Optional[Union[int, Array]] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,15 +117,15 @@ def _check_options(chunk_size, impl, scale=None) -> str:
   return impl
 
 
-def _resolve_impl(impl: str, kind: Optional[str], q, k, v, chunk_size: int) -> str:
+def _resolve_impl(impl: str, kind: str, q, k, v, chunk_size: int,
+                  reason: Optional[str] = None) -> str:
   """``impl`` with "auto" resolved; "pallas" checked against what the kernels support.
 
-  ``kind`` is the kernel kind, or None when no kernel exists for the call (an MLP memory).
+  ``reason``: why the kernels cannot take this call, when the caller already knows.
   """
   if impl not in ("auto", "pallas"):
     return impl
-  reason = ("the kernels implement linear memories only" if kind is None else
-            pallas_ops.unsupported(kind, q, k, v, chunk_size))
+  reason = reason or pallas_ops.unsupported(kind, q, k, v, chunk_size)
   if impl == "pallas":
     if reason:
       raise ValueError(f"impl='pallas': {reason}; use impl='chunked' or 'recurrent'")
@@ -160,8 +168,8 @@ def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, ob
   s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
 
   if impl == "recurrent":
-    o, state, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0}, None,
-                                      batch_ndim=2)
+    o, state, _, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0},
+                                         None, batch_ndim=2)
     state = state["w"]
   elif objective is DOT:  # chunked: the dot objective's gradient is state-free: exact
     o, state, _ = core.chunk_start_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0},
@@ -238,25 +246,46 @@ def _resolve_memory(memory) -> core.Memory:
                    f"nlx.memory Memory instance such as MLPMemory(activation='silu')")
 
 
-def _check_titans_state(memory: core.Memory, state, b, h, dk, dv):
-  """Validates and splits ``initial_state`` into (weights dict or None, momentum dict or None)."""
+def _check_offset(offset, chunk_start, chunk_size: int):
+  """Validates ``initial_state.offset`` (and that ``chunk_start`` comes with it)."""
+  if (offset is None) != (chunk_start is None):
+    raise ValueError("initial_state.chunk_start and initial_state.offset must be given together "
+                     "(both come from a previous titans_memory call) or both be None")
+  if offset is None:
+    return
+  if isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
+    if not 0 <= offset < chunk_size:
+      raise ValueError(f"initial_state.offset={offset} must be in [0, chunk_size={chunk_size})")
+  elif not (getattr(offset, "shape", None) == () and
+            jnp.issubdtype(getattr(offset, "dtype", jnp.float32), jnp.integer)):
+    raise ValueError(f"initial_state.offset must be an int or an integer scalar array; got "
+                     f"{getattr(offset, 'shape', type(offset).__name__)}")
+
+
+def _check_titans_state(memory: core.Memory, state, b, h, dk, dv, chunk_size):
+  """Validates and splits ``initial_state`` into weights, momentum and chunk-start dicts (each
+  or None) and the offset."""
   if isinstance(state, TitansState):
-    weights, mom = state.memory, state.momentum
+    weights, mom, start, offset = state
   else:
-    weights, mom = state, None
+    weights, mom, start, offset = state, None, None, None
+  _check_offset(offset, start, chunk_size)
   if isinstance(memory, LinearMemory):
     if weights is None:
-      return None, None
+      return None, None, None, None
     _check_state("initial_state.memory", weights, (b, h, dk, dv))
-    if mom is not None:
-      _check_state("initial_state.momentum", mom, (b, h, dk, dv))
-    return {"w": weights}, None if mom is None else {"w": mom}
+    for label, x in (("initial_state.momentum", mom), ("initial_state.chunk_start", start)):
+      if x is not None:
+        _check_state(label, x, (b, h, dk, dv))
+    wrap = lambda x: None if x is None else {"w": x}
+    return wrap(weights), wrap(mom), wrap(start), offset
   if weights is None:
     raise ValueError("titans_memory with an MLP memory needs initial_state: zero MLP weights have "
                      "zero gradients and never learn; create one with "
                      "MLPMemory().init_state(key, batch, heads, dim, hidden)")
   names = set(memory.layer_shapes(dk, dv, 1))
-  for label, tree in (("initial_state.memory", weights), ("initial_state.momentum", mom)):
+  for label, tree in (("initial_state.memory", weights), ("initial_state.momentum", mom),
+                      ("initial_state.chunk_start", start)):
     if tree is None:
       continue
     if not isinstance(tree, dict) or set(tree) != names:
@@ -268,7 +297,43 @@ def _check_titans_state(memory: core.Memory, state, b, h, dk, dv):
                          f"{getattr(tree[name], 'shape', type(tree[name]).__name__)}")
     for name, shape in memory.layer_shapes(dk, dv, memory.hidden_dim(tree)).items():
       _check_state(f"{label}[{name!r}]", tree[name], (b, h) + shape)
-  return weights, mom
+  return weights, mom, start, offset
+
+
+def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
+  """``titans_memory`` on the kernels, which take whole chunks aligned with their call.
+
+  A chunk in progress (static ``offset``) is finished by the XLA form; whole chunks run on the
+  kernel; a final partial chunk runs as a second kernel call, so that the state at its start
+  (the returned ``chunk_start``) is known.
+  """
+  t = q.shape[1]
+  piece = lambda x, a, b: None if x is None else x[:, a:b]
+  call = lambda a, b, st, impl: titans_memory(
+      piece(q, a, b), piece(k, a, b), piece(v, a, b), piece(lr, a, b),
+      momentum=piece(momentum, a, b), g=piece(g, a, b), initial_state=st,
+      chunk_size=chunk_size, impl=impl)
+  if offset:  # finish the chunk in progress, then continue on the kernel
+    head = min(chunk_size - offset, t)
+    o1, state = call(0, head, state, "chunked")
+    if head == t:
+      return o1, state
+    o2, state = call(head, t, state, "pallas")
+    return jnp.concatenate([o1, o2], axis=1), state
+  whole = t - t % chunk_size
+  if whole not in (0, t):
+    o1, state = call(0, whole, state, "pallas")
+    o2, state = call(whole, t, state, "pallas")
+    return jnp.concatenate([o1, o2], axis=1), state
+  weights, mom = (state.memory, state.momentum) if isinstance(state, TitansState) else (state,
+                                                                                       None)
+  o, w, p = pallas_ops.chunked_memory("titans", q, k, v, beta=lr, g=g, momentum=momentum,
+                                      initial_state=weights, initial_momentum=mom,
+                                      chunk_size=chunk_size)
+  if whole == t:
+    return o, TitansState(w, p, w, 0)
+  start = jnp.zeros_like(w) if weights is None else weights.astype(w.dtype)
+  return o, TitansState(w, p, start, t)
 
 
 def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional[Array] = None,
@@ -291,8 +356,9 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
       ``Memory`` instance.
     initial_state: a ``TitansState``, or the memory alone (momentum then starts at zero).
       Linear: ``[B, H, K, V]`` (zeros if None). MLP: required (see ``MLPMemory.init_state``).
-    chunk_size: the chunk of the chunk-start gradients (a modelling choice). Splitting a sequence
-      across calls reproduces one call when the split falls on a multiple of chunk_size.
+    chunk_size: the chunk of the chunk-start gradients (a modelling choice), aligned with the
+      start of the sequence. Splitting a sequence across calls anywhere reproduces one call when
+      each call gets the previous call's ``TitansState`` (which carries the chunk in progress).
     impl: "auto" | "chunked" (dual form) | "recurrent" | "pallas".
 
   Returns:
@@ -304,18 +370,21 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
   _check_gate("g", g, b, t, h, required=False)
   impl = _check_options(chunk_size, impl)
   mem = _resolve_memory(memory)
-  weights, mom = _check_titans_state(mem, initial_state, b, h, dk, dv)
+  weights, mom, start, offset = _check_titans_state(mem, initial_state, b, h, dk, dv, chunk_size)
   if momentum is None and mom is not None:
     raise ValueError("initial_state.momentum is given but momentum=None; pass the momentum "
                      "gates, or an initial_state without momentum")
-  impl = _resolve_impl(impl, "titans" if isinstance(mem, LinearMemory) else None, q, k, v,
-                       chunk_size)
+  if isinstance(offset, numbers.Integral) and offset == 0:
+    start, offset = None, None  # a chunk starts now: nothing to continue
+  reason = None
+  if not isinstance(mem, LinearMemory):
+    reason = "the kernels implement linear memories only"
+  elif offset is not None and not isinstance(offset, numbers.Integral):
+    reason = ("initial_state.offset is a traced array; the kernels need to know statically how "
+              "many tokens finish the chunk in progress")
+  impl = _resolve_impl(impl, "titans", q, k, v, chunk_size, reason)
   if impl == "pallas":
-    o, w, p = pallas_ops.chunked_memory(
-        "titans", q, k, v, beta=lr, g=g, momentum=momentum,
-        initial_state=None if weights is None else weights["w"],
-        initial_momentum=None if mom is None else mom["w"], chunk_size=chunk_size)
-    return o, TitansState(w, p)
+    return _titans_pallas(q, k, v, lr, momentum, g, initial_state, offset, chunk_size)
 
   cdt = _compute_dtype(q.dtype)
   cast = lambda x: None if x is None else jnp.asarray(x, cdt)
@@ -326,19 +395,27 @@ def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional
   if momentum is not None and mom is None:
     mom = jax.tree.map(jnp.zeros_like, weights)
   mom = castt(mom) if momentum is not None else None
+  start = castt(start)
   gates = [None if x is None else jnp.moveaxis(cast(x), 2, 1) for x in (lr, g, momentum)]
   lr_, g_, m_ = gates
   if g_ is None:
     g_ = jnp.zeros_like(lr_)
 
   seqs = [_heads_first(cast(x)) for x in (q, k, v)]
+  args = (mem, L2, *seqs, lr_, g_, m_, weights, mom)
+  aligned = offset is None and t % chunk_size == 0
   if impl == "recurrent":
-    o, w, p = core.recurrent_scan(mem, L2, *seqs, lr_, g_, m_, weights, mom,
-                                  grad_chunk=chunk_size, batch_ndim=2)
+    o, w, p, start = core.recurrent_scan(*args, grad_chunk=chunk_size, batch_ndim=2,
+                                         offset=0 if offset is None else offset,
+                                         chunk_start=start)
+    offset = ((0 if offset is None else offset) + t) % chunk_size
+  elif aligned:  # the fast path: chunks aligned with the call, whole chunks
+    o, w, p = core.chunk_start_scan(*args, chunk_size, batch_ndim=2)
+    start, offset = w, 0
   else:
-    o, w, p = core.chunk_start_scan(mem, L2, *seqs, lr_, g_, m_, weights, mom, chunk_size,
-                                    batch_ndim=2)
+    o, w, p, start, offset = core.chunk_start_scan_offset(
+        *args, weights if start is None else start, 0 if offset is None else offset, chunk_size,
+        batch_ndim=2)
   if isinstance(mem, LinearMemory):
-    w = w["w"]
-    p = None if p is None else p["w"]
-  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p)
+    w, p, start = (None if x is None else x["w"] for x in (w, p, start))
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p, start, offset)

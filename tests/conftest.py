@@ -5,3 +5,7 @@ import os
 # libtpu (the `tpu` extra, for the TPU ahead-of-time lowering tests) takes a machine-wide lock
 # when loaded; parallel test workers (pytest-xdist) must be allowed to load it side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Tests run on the CPU backend: with libtpu installed, JAX would otherwise probe for a TPU in
+# every worker (and print libtpu's warnings). The TPU lowering tests name their topology
+# explicitly, which works under this setting.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -98,7 +98,7 @@ def test_final_state_continues_the_sequence(variant, impl):
     n = treedef.num_leaves
     second["s0"] = jax.tree.unflatten(treedef, s1[:n])
     if "p0" in arrays:
-      second["p0"] = jax.tree.unflatten(treedef, s1[n:])
+      second["p0"] = jax.tree.unflatten(treedef, s1[n:2 * n])
     o2, s2 = cases.run(variant, second, impl, chunk)
     np.testing.assert_allclose(np.concatenate([o1, o2], axis=1), o_full, rtol=1e-10, atol=1e-10)
     for a, r in zip(s2, s_full):

@@ -88,7 +88,7 @@ def _time_major(x, batch_ndim: int):
 def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                    lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
                    momentum_state: Optional[Weights], grad_chunk: Optional[int] = None,
-                   batch_ndim: int = 0):
+                   batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None):
   """The token-by-token recurrence of the module docstring (the reference).
 
   Args:
@@ -97,12 +97,16 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     weights: initial memory weights ``{name: [in, out]}``.
     momentum_state: initial momentum (same structure) or None (no momentum).
     grad_chunk: None for gradients at the current (decayed) state; an int C for gradients at the
-      state at the start of the token's chunk (chunks of C tokens aligned at t = 0).
+      state at the start of the token's chunk (chunks of C tokens aligned at t = −offset).
     batch_ndim: number of leading batch axes on every argument (e.g. 2 for ``[B, H, T, D]``);
       the scan over time is outermost and the per-slice step is vmapped inside it.
+    offset: int scalar (may be traced): tokens of the first chunk already seen by an earlier call.
+    chunk_start: the weights at the start of that chunk (needed when ``offset`` can be > 0).
 
   Returns:
-    ``(o [T, V], weights, momentum_state)`` after the last token.
+    ``(o [T, V], weights, momentum_state, chunk_start)`` after the last token; ``chunk_start`` is
+    the start weights of the chunk the next token belongs to (the final weights when it starts a
+    new chunk; None without ``grad_chunk``).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
@@ -112,7 +116,7 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     w, p, w_ref = carry
     qt, kt, vt, lrt, gt, mt = x
     if grad_chunk is not None:
-      w_ref = jax.tree.map(lambda a, b: jnp.where(t % grad_chunk == 0, a, b), w, w_ref)
+      w_ref = jax.tree.map(lambda a, b: jnp.where((t + offset) % grad_chunk == 0, a, b), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
     update = tree_scale(-lrt, grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt))
     if p is not None:
@@ -126,10 +130,15 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     return batched(lambda c, xt: step(t, c, xt), batch_ndim)(carry, x)
 
   xs = jax.tree.map(lambda x: _time_major(x, batch_ndim), (q, k, v, lr, log_decay, momentum))
-  steps = jnp.arange(q.shape[batch_ndim])
-  (weights, momentum_state, _), o = jax.lax.scan(body, (weights, momentum_state, weights),
-                                                 (steps, xs))
-  return jnp.moveaxis(o, 0, batch_ndim), weights, momentum_state
+  t = q.shape[batch_ndim]
+  start = weights if chunk_start is None else chunk_start
+  (weights, momentum_state, w_ref), o = jax.lax.scan(body, (weights, momentum_state, start),
+                                                     (jnp.arange(t), xs))
+  if grad_chunk is not None:
+    new_chunk = (offset + t) % grad_chunk == 0
+    w_ref = jax.tree.map(lambda a, b: jnp.where(new_chunk, a, b), weights, w_ref)
+  return jnp.moveaxis(o, 0, batch_ndim), weights, momentum_state, (
+      w_ref if grad_chunk is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +207,14 @@ class ChunkCoefficients(NamedTuple):
   mom_write: Optional[Array]  # [C, C]
 
 
-def chunk_coefficients(log_decay: Array, momentum: Optional[Array]) -> ChunkCoefficients:
-  """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``."""
+def chunk_coefficients(log_decay: Array, momentum: Optional[Array],
+                       start=0) -> ChunkCoefficients:
+  """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``.
+
+  ``start`` (int scalar, may be traced): the first token of the chunk that this call owns; the
+  momentum ``P_0`` is carried in at that token (earlier positions hold placeholder tokens that
+  write nothing, decay nothing and have η = 1, see ``chunk_start_scan_offset``).
+  """
   gamma = jnp.exp(jnp.cumsum(log_decay))
   decay = decay_matrix(log_decay)
   if momentum is None:
@@ -207,7 +222,7 @@ def chunk_coefficients(log_decay: Array, momentum: Optional[Array]) -> ChunkCoef
   # η = 0 is allowed (no carry-over); clamp its log so that gradients stay finite.
   log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(momentum.dtype).tiny))
   mom_write = decay_matrix(log_eta)
-  mom_carry = jnp.exp(jnp.cumsum(log_eta))
+  mom_carry = jnp.exp(jnp.cumsum(log_eta)) * (jnp.arange(log_eta.shape[-1]) >= start)
   # M_t = Σ_{s≤t} (γ_t/γ_s) P_s + γ_t M_0, and P_s expands in P_0 and U_j: compose the two.
   return ChunkCoefficients(gamma, decay @ mom_write, decay @ mom_carry, mom_carry, mom_write)
 
@@ -325,6 +340,37 @@ def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k
   return jax.vmap(one)(k, v)
 
 
+def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
+                  lr: Array) -> tuple[Weights, Weights]:
+  """A chunk's gradient factors at ``w_grad``: (layer inputs ``[C, in]``, writes ``[C, out]``)."""
+  inputs, errors = layer_grad_factors(memory, objective, w_grad, k, v)
+  return inputs, {name: -lr[:, None] * e for name, e in errors.items()}
+
+
+def _weights_at(w0: Weights, p0: Optional[Weights], inputs: Weights, writes: Weights,
+                coef: ChunkCoefficients, row) -> tuple[Weights, Optional[Weights]]:
+  """Memory and momentum after token ``row`` (int scalar, may be traced) of a chunk."""
+  take = lambda x: jax.lax.dynamic_index_in_dim(x, row, axis=0, keepdims=False)
+  w = {name: chunk_end_weights(w0[name], inputs[name], writes[name], take(coef.write),
+                               take(coef.gamma), None if p0 is None else p0[name],
+                               None if p0 is None else take(coef.carry)) for name in w0}
+  p = None if p0 is None else {
+      name: chunk_end_weights(p0[name], inputs[name], writes[name], take(coef.mom_write),
+                              take(coef.mom_carry)) for name in p0}
+  return w, p
+
+
+def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
+                p0: Optional[Weights], inputs: Weights, writes: Weights) -> Array:
+  """Every token's read after its own write (the dual form); q ``[C, K]`` -> ``[C, V]``."""
+
+  def matmul(name, h):
+    return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
+                        None if p0 is None else p0[name], coef.carry)
+
+  return memory.forward(matmul, q)
+
+
 def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                      lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
                      momentum_state: Optional[Weights], chunk_size: int, batch_ndim: int = 0):
@@ -334,7 +380,9 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
   ``ChunkCoefficients``-linear in the start weights, start momentum and per-token gradient
   factors; the read of token t (after its own write) runs the memory's forward pass with
   ``chunk_matmul`` for every layer. When the objective's gradient does not depend on the memory
-  (``dot``), the result equals the online recurrence for every chunk size.
+  (``dot``), the result equals the online recurrence for every chunk size. Returns
+  ``(o, weights, momentum_state)``: chunks are aligned with the call (``chunk_start_scan_offset``
+  continues a chunk that an earlier call began).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
@@ -346,31 +394,88 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
   def body(carry, chunk):  # sequential: only what the next chunk's state needs
     w0, p0 = carry
     _, kc, vc, lrc, coef = chunk
-    inputs, errors = layer_grad_factors(memory, objective, w0, kc, vc)
-    writes = {name: -lrc[:, None] * e for name, e in errors.items()}
-    w1 = {
-        name: chunk_end_weights(w0[name], inputs[name], writes[name], coef.write[-1],
-                                coef.gamma[-1], None if p0 is None else p0[name],
-                                None if p0 is None else coef.carry[-1]) for name in w0
-    }
-    p1 = None if p0 is None else {
-        name: chunk_end_weights(p0[name], inputs[name], writes[name], coef.mom_write[-1],
-                                coef.mom_carry[-1]) for name in p0
-    }
-    return (w1, p1), (w0, p0, inputs, writes)
+    inputs, writes = _chunk_writes(memory, objective, w0, kc, vc, lrc)
+    return _weights_at(w0, p0, inputs, writes, coef, kc.shape[0] - 1), (w0, p0, inputs, writes)
 
   def finish(chunk, y):  # parallel over chunks: token t reads its own weights (the dual form)
-    qc, _, _, _, coef = chunk
-    w0, p0, inputs, writes = y
-
-    def matmul(name, h):
-      return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
-                          None if p0 is None else p0[name], coef.carry)
-
-    return memory.forward(matmul, qc)
+    return _chunk_read(memory, chunk[0], chunk[4], *y)
 
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
                                              (q, k, v, lr, log_decay, momentum), chunk_size,
                                              prepare=prepare, finish=finish,
                                              batch_ndim=batch_ndim)
   return o, weights, momentum_state
+
+
+def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
+                            lr: Array, log_decay: Array, momentum: Optional[Array],
+                            weights: Weights, momentum_state: Optional[Weights],
+                            chunk_start: Weights, offset, chunk_size: int, batch_ndim: int = 0):
+  """``chunk_start_scan`` continuing a chunk: the first token is ``offset`` tokens into a chunk
+  whose start weights (its gradient reference) are ``chunk_start``. ``offset`` may be traced.
+
+  The sequence is placed ``offset`` slots into a buffer of whole chunks; the slots around it are
+  placeholders that write nothing (lr 0, zero keys), decay nothing (g 0) and keep the momentum
+  (η 1). The first chunk takes its gradients at ``chunk_start`` and receives the momentum at slot
+  ``offset``; the final state is read at the last real token, not at the end of the buffer.
+  Costs at most 2C − 1 extra slots.
+
+  Returns:
+    ``(o, weights, momentum_state, chunk_start, offset)`` after the last token: the last two are
+    the state of the chunk the next token belongs to (``recurrent_scan``'s convention).
+  """
+  if (momentum is None) != (momentum_state is None):
+    raise ValueError("momentum and momentum_state must both be given or both be None")
+  c, t = chunk_size, q.shape[batch_ndim]
+  n = -(-(t + c - 1) // c)
+
+  def place(x, fill):
+    if x is None:
+      return None
+    buffer = jnp.full(x.shape[:batch_ndim] + (n * c,) + x.shape[batch_ndim + 1:], fill, x.dtype)
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=batch_ndim)
+    buffer = buffer.reshape(x.shape[:batch_ndim] + (n, c) + x.shape[batch_ndim + 1:])
+    return jnp.moveaxis(buffer, batch_ndim, 0)  # [N, *batch, C, ...]
+
+  xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
+        place(momentum, 1))
+
+  def prepare(start, chunk):
+    qc, kc, vc, lrc, gc, mc = chunk
+    return qc, kc, vc, lrc, chunk_coefficients(gc, mc, start)
+
+  last = offset + t - 1  # the final state: after the last real token, row last % c of its chunk
+  batch_shape = q.shape[:batch_ndim]
+  first = jnp.broadcast_to((jnp.arange(n) == 0).reshape((n,) + (1,) * batch_ndim),
+                           (n,) + batch_shape)  # [N, *batch]: the chunk that continues
+
+  def body(carry, x):
+    (w0, p0, ref), (is_first, (_, kc, vc, lrc, coef)) = carry, x
+    w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
+    inputs, writes = _chunk_writes(memory, objective, w_grad, kc, vc, lrc)
+    at_last = _weights_at(w0, p0, inputs, writes, coef, last % c)
+    w1, p1 = _weights_at(w0, p0, inputs, writes, coef, c - 1)
+    return (w1, p1, ref), ((w0, p0, inputs, writes), at_last)
+
+  # Momentum arrives at slot `offset` of the first chunk (slot 0 of the others). One scan over
+  # all chunks, the first selected by a mask: peeling the first chunk off before the scan gave
+  # wrong gradients under jit (batched, jaxlib 0.10.2 CPU), right ones eagerly.
+  starts = jnp.where(jnp.arange(n) == 0, offset, 0)
+  chunks = jax.vmap(lambda start, ch: batched(lambda x: prepare(start, x), batch_ndim)(ch))(
+      starts, xs)
+  _, (ys, at_last) = jax.lax.scan(batched(body, batch_ndim),
+                                  (weights, momentum_state, chunk_start), (first, chunks))
+  o = batched(lambda ch, y: _chunk_read(memory, ch[0], ch[4], *y), batch_ndim + 1)(chunks, ys)
+  o = jnp.moveaxis(o, 0, batch_ndim)
+  o = o.reshape(o.shape[:batch_ndim] + (n * c,) + o.shape[batch_ndim + 2:])
+  o = jax.lax.dynamic_slice_in_dim(o, offset, t, axis=batch_ndim)
+
+  pick = lambda tree: jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, last // c, axis=0, keepdims=False), tree)
+  weights, momentum_state = pick(at_last)
+  w0 = pick(ys[0])
+  new_offset = (offset + t) % c
+  # The next token's chunk: a new one, the first (whose start weights are chunk_start), or w0.
+  ref = jax.tree.map(lambda a, b: jnp.where(last // c == 0, a, b), chunk_start, w0)
+  chunk_start = jax.tree.map(lambda a, b: jnp.where(new_offset == 0, a, b), weights, ref)
+  return o, weights, momentum_state, chunk_start, new_offset
