@@ -20,14 +20,16 @@ B, T, SPLIT = 2, 12, 6  # SPLIT = T / 2: the two-piece test reuses the compiled 
 
 
 def tiny_config(family, **fields):
-  """The family's tiny config, shrunk further; titans_memory online (chunk 1) so decoding is
-  exact, a window of 4 so that T=12 wraps the sliding-window caches, and the token-by-token
-  ops (impl="recurrent"), with which a sequence in pieces reproduces one call to float32 rounding.
+  """The family's tiny config, shrunk further; a titans_memory chunk of 3, which decoding enters
+  mid-chunk (the returned state carries the chunk in progress; HOPE keeps chunk 1: its own
+  outer chunking follows each call), a window of 4 so that T=12 wraps the sliding-window
+  caches, and the token-by-token ops (impl="recurrent"), with which a sequence in pieces reproduces one call to float32 rounding.
   The chunked forms are exact in arithmetic but round differently in float32 (up to ~1.5e-6 on
   logits of size ~0.4 for Gated DeltaNet): test_chunked_ops_agree_with_recurrent_at_float32."""
   cfg = configs.load(os.path.join(ROOT, "configs", f"{family}.py:tiny")).model
-  small = dict(d_model=32, mlp_dim=64, vocab_size=61, max_seq_len=16, memory_chunk_size=1,
-               state_dim=8, mamba_head_dim=16, impl="recurrent")
+  small = dict(d_model=32, mlp_dim=64, vocab_size=61, max_seq_len=16,
+               memory_chunk_size=1 if family.startswith("hope") else 3, state_dim=8,
+               mamba_head_dim=16, impl="recurrent")
   if cfg.window is not None:
     small["window"] = 4
   cfg.update(small)
@@ -134,14 +136,15 @@ def test_every_parameter_has_logical_axis_names(runner):
     assert (names[0] == "layers") == name.startswith("['layers']"), (name, names)
 
 
-def test_chunked_memory_prefill_splits_on_chunk_multiples():
-  # memory_chunk_size=3 divides SPLIT: pieces reproduce one call (not so for a single token).
-  runner = Runner(tiny_config("titans_mag", memory_chunk_size=3))
+@pytest.mark.parametrize("family", ["titans_mag", "ttt_mlp"])
+def test_chunked_memory_prefill_splits_mid_chunk(family):
+  # Chunked ops, memory chunk 3, pieces of 7 and 5 tokens: the second piece starts mid-chunk.
+  runner = Runner(tiny_config(family, impl="chunked"))
   tok = tokens(seed=5)
   full = runner.call(runner.params, tok)
-  first, state = runner.prefill(runner.params, tok[:, :SPLIT], runner.init_state(B))
-  second, _ = runner.prefill(runner.params, tok[:, SPLIT:], state)
-  np.testing.assert_allclose(np.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-6)
+  first, state = runner.prefill(runner.params, tok[:, :7], runner.init_state(B))
+  second, _ = runner.prefill(runner.params, tok[:, 7:], state)
+  np.testing.assert_allclose(np.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_untied_head_has_its_own_parameters():

@@ -13,10 +13,10 @@ is per-head RMSNorm, a SiLU gate and the output projection (PAPER.md §5 block d
 memory's initial weights are parameters (learned in the outer loop); the state carries the
 weights and momentum after the last token.
 
-Stateful use is exact for ``memory_chunk_size = 1`` (online gradient descent), and for any chunk
-size when every piece but the last has a multiple of ``memory_chunk_size`` tokens: the op takes
-gradients at the start of chunks aligned with each call, so a single decoded token is its own
-chunk.
+Stateful use is exact for any ``memory_chunk_size`` and any split of a sequence into calls
+(prefill, then token-by-token steps): the state carries the gradient chunk in progress
+(``ops.TitansState.chunk_start`` and ``offset``), so a call that starts mid-chunk keeps taking
+gradients at that chunk's start weights.
 """
 
 from __future__ import annotations
@@ -86,18 +86,25 @@ class NeuralMemory(Mixer):
                    ("heads", "memory_mlp", "head_dim")))
     self.out = OutputGate(d, h, dv, rngs=rngs, eps=cfg.norm_eps)
 
-  def initial_memory(self, batch_size: int) -> ops.TitansState:
-    """The learned initial weights broadcast to the batch (momentum zero, if any)."""
+  def initial_memory(self, batch_size: int, stateful: bool = False) -> ops.TitansState:
+    """The learned initial weights broadcast to the batch (momentum zero, if any).
+
+    ``stateful``: the state of the stateful API, with the chunk-in-progress fields filled (a
+    chunk starts at offset 0), so that its structure stays the same from call to call.
+    """
     weights = {name: jnp.broadcast_to(w[...], (batch_size,) + w.shape)
                for name, w in self.init_weights.items()}
     if self.memory is LINEAR:
       weights = weights["w"]
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.momentum else None
+    if stateful:
+      return ops.TitansState(weights, momentum, weights, jnp.zeros((), jnp.int32))
     return ops.TitansState(weights, momentum)
 
   def init_state(self, batch_size: int, max_len: int) -> MemoryState:
     del max_len
-    return MemoryState(self.qkv.init_state(batch_size), self.initial_memory(batch_size))
+    return MemoryState(self.qkv.init_state(batch_size),
+                       self.initial_memory(batch_size, stateful=True))
 
   def read(self, weights, q: Array) -> Array:
     """``M(q)`` without a write: weights of ``TitansState.memory``, q ``[B, T, H, dk]`` -> dv."""

@@ -88,7 +88,7 @@ class MemoryAsContext(Mixer):
 
   A whole sequence (``state=None``) runs as a scan over segments; a stateful call runs token by
   token (the segment-start memory, the segment's keys and the memory state are the state). The two
-  agree when ``memory_chunk_size`` is 1 (each token written by online gradient descent).
+  agree for any ``memory_chunk_size``: the memory state carries its gradient chunk in progress.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
