@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   install nlx into .venv and run the main job (tiny associative-recall model on the ops)
+#   make train  install nlx into .venv and run the main job (train a tiny LM on the embedded corpus)
 #   make test   install nlx with its test and tpu extras into .venv and run the default test suite
 PYTHON ?= python3
 VENV   ?= .venv
