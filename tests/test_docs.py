@@ -1,4 +1,4 @@
-"""The Python examples of the README and docs/KERNELS.md run as written."""
+"""The Python examples of the README and the docs run as written (from the repository root)."""
 
 import pathlib
 import re
@@ -6,15 +6,17 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "docs/KERNELS.md", "docs/MODELS.md", "docs/HOPE.md", "docs/OPTIMIZERS.md"]
 
 
 def _python_blocks(path):
   return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/KERNELS.md"])
-def test_python_examples_run(doc):
+@pytest.mark.parametrize("doc", DOCS)
+def test_python_examples_run(doc, monkeypatch):
   blocks = _python_blocks(ROOT / doc)
   assert blocks, f"{doc} has no python example"
-  for block in blocks:
-    exec(compile(block, f"{doc}:example", "exec"), {})
+  monkeypatch.chdir(ROOT)
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"{doc}:example{i}", "exec"), {})  # pylint: disable=exec-used
