@@ -4,7 +4,6 @@ hand computations on a bigram stub model whose log-probabilities are known."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
