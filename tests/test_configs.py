@@ -81,7 +81,7 @@ def _tiny(**fields):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(family="lstm"), r"model.family='lstm' is not a registered family; registered: "
-     r"deltanet, gated_deltanet, mamba2"),
+     r"deltanet, gated_deltanet, .*transformer"),
     (dict(n_heads=3), r"model.n_heads=3 must divide model.d_model=64"),
     (dict(n_kv_heads=3, n_heads=4), r"model.n_kv_heads=3 must divide model.n_heads=4"),
     (dict(d_modle=3), r"unknown model config field\(s\) \['d_modle'\]"),

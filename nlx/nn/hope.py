@@ -173,7 +173,9 @@ class SelfModifyingTitans(Mixer):
                  ("heads", "memory_mlp", "head_dim")))
 
   def _initial(self, init: nnx.Dict, batch_size: int) -> ops.TitansState:
-    weights = {n: jnp.broadcast_to(w[...], (batch_size,) + w.shape) for n, w in init.items()}
+    # Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params.
+    weights = {n: jnp.broadcast_to(w[...].astype(jnp.promote_types(w.dtype, jnp.float32)),
+                                   (batch_size,) + w.shape) for n, w in init.items()}
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.cfg.hope_momentum else None
     return ops.TitansState(weights, momentum)
 

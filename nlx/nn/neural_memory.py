@@ -92,7 +92,9 @@ class NeuralMemory(Mixer):
     ``stateful``: the state of the stateful API, with the chunk-in-progress fields filled (a
     chunk starts at offset 0), so that its structure stays the same from call to call.
     """
-    weights = {name: jnp.broadcast_to(w[...], (batch_size,) + w.shape)
+    # Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params.
+    weights = {name: jnp.broadcast_to(w[...].astype(jnp.promote_types(w.dtype, jnp.float32)),
+                                      (batch_size,) + w.shape)
                for name, w in self.init_weights.items()}
     if self.memory is LINEAR:
       weights = weights["w"]
