@@ -302,8 +302,9 @@ def make_fn(op: str, impl: str, mode: str, chunk_size: int) -> Callable:
   def loss(x):
     o, state = forward(x)
     total = jnp.sum(o.astype(jnp.float32))
-    for leaf in jax.tree.leaves(state):
-      total = total + jnp.sum(leaf.astype(jnp.float32))
+    for leaf in jax.tree.leaves(state):  # memory, momentum, chunk start (not Titans' int offset)
+      if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+        total = total + jnp.sum(leaf.astype(jnp.float32))
     return total
 
   if mode == "forward+backward":

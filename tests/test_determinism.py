@@ -24,6 +24,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~90 s on 2 cores; docs/RELIABILITY.md
 def test_the_same_seed_gives_the_same_losses_and_parameters(reference, tmp_path):
   assert train(tmp_path / "again", *FLAGS) == 0
   assert losses(tmp_path / "again") == losses(reference)
@@ -32,6 +33,7 @@ def test_the_same_seed_gives_the_same_losses_and_parameters(reference, tmp_path)
   assert losses(tmp_path / "seed1") != losses(reference)  # the seed is what decides
 
 
+@pytest.mark.slow  # ~45 s; the default suite's test_sharding_equivalence covers 8 devices
 def test_eight_fake_devices_agree_with_one(reference, tmp_path):
   env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   workdir = tmp_path / "eight"

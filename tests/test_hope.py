@@ -102,6 +102,7 @@ def test_every_table6_ablation_runs_and_changes_the_model():
     assert float(jnp.abs(logits - base).max()) > 1e-6, name
 
 
+@pytest.mark.slow  # ~60 s on 2 cores
 def test_chunked_hope_prefill_splits_on_chunk_multiples():
   model = tiny_hope(hope_chunk_size=4, cms_periods=(2, 4))
   tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 31)
