@@ -1,0 +1,335 @@
+"""What the studies of ``experiments/`` share: scales, models of matched size, a masked-loss
+trainer, accuracy, and the JSON / markdown / PNG outputs.
+
+A study script (``experiments/mqar.py`` ...) imports this module (``python experiments/x.py``
+puts ``experiments/`` on ``sys.path``)::
+
+  import study
+  parser = study.arg_parser(__doc__, "mqar")
+  args = parser.parse_args()
+  cfg = study.matched("hope", target_params=120_000, vocab_size=64)
+  result = study.train(cfg, lambda step: batch_of(step), steps=300, lr=3e-3)
+  acc = study.accuracy(result.model, [batch_of(-1 - i) for i in range(4)])
+  study.write_outputs(args.out, "mqar", {...}, table_md, figure)
+
+Every batch is a ``Batch(inputs [B, T], targets [B, T], mask [B, T])``: the loss and the accuracy
+count only positions where ``mask`` is 1 (language modelling: all of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import nlx
+from nlx import configs as nlx_configs
+from nlx.nn import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+SCALES = ("tiny", "small", "paper")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def arg_parser(doc: str, study: str) -> argparse.ArgumentParser:
+  """The flags every study takes: ``--scale``, ``--out``, ``--data``, ``--seed``."""
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--scale", default="tiny", choices=SCALES,
+                      help="tiny: <= 15 min on 2 CPU cores; small: a GPU/TPU hour; paper: the "
+                           "paper's sizes")
+  parser.add_argument("--out", default=os.path.join("runs", study),
+                      help="directory of the JSON, markdown and PNG outputs")
+  parser.add_argument("--data", default=DEFAULT_DATA, help="the shared datasets directory")
+  parser.add_argument("--seed", type=int, default=0)
+  return parser
+
+
+def scale_settings(presets: dict, scale: str, **overrides) -> dict:
+  """``presets[scale]`` with the non-None overrides applied (e.g. ``steps=args.steps``)."""
+  if scale not in presets:
+    raise ValueError(f"--scale={scale!r} is not one of {sorted(presets)}")
+  settings = dict(presets[scale])
+  for key, value in overrides.items():
+    if key not in settings:
+      raise ValueError(f"override {key}={value!r}: no such setting; allowed: {sorted(settings)}")
+    if value is not None:
+      settings[key] = value
+  return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def model_config(family: str, size: str = "tiny", **fields) -> ModelConfig:
+  """The ``ModelConfig`` of ``configs/<family>.py:<size>`` with ``fields`` replaced."""
+  cfg = nlx_configs.load(os.path.join(REPO, "configs", f"{family}.py:{size}"))
+  for key, value in fields.items():
+    nlx_configs.apply_override(cfg, f"model.{key}={value!r}")
+  return ModelConfig.from_config(cfg.model)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Number of parameters of ``build_model(cfg)`` (traced, nothing allocated)."""
+  model = nnx.eval_shape(lambda: nlx.build_model(cfg, rngs=nnx.Rngs(0)))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def matched(family: str, target_params: int, size: str = "tiny", knob: str = "mlp_dim",
+            multiple: int = 8, **fields) -> ModelConfig:
+  """``model_config(family, size, **fields)`` with ``knob`` (a width) set so that the parameter
+  count is the nearest to ``target_params`` (equal-parameter comparisons)."""
+  def count(width):
+    return param_count(model_config(family, size, **{**fields, knob: width}))
+
+  lo, hi = multiple, multiple
+  while count(hi) < target_params and hi < 1 << 16:
+    lo, hi = hi, hi * 2
+  while hi - lo > multiple:  # count is increasing in the width
+    mid = (lo + hi) // 2 // multiple * multiple
+    lo, hi = (mid, hi) if count(mid) < target_params else (lo, mid)
+  width = min((lo, hi), key=lambda w: abs(count(w) - target_params))
+  return model_config(family, size, **{**fields, knob: width})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and accuracy
+# ---------------------------------------------------------------------------------------------
+
+class Batch(NamedTuple):
+  """``inputs``, ``targets`` int32 ``[B, T]``; ``mask`` float32 ``[B, T]`` (1: counted)."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  mask: np.ndarray
+
+
+def lm_batch(tokens: np.ndarray) -> Batch:
+  """Next-token batch of ``tokens [B, T + 1]``: every position counts."""
+  tokens = np.asarray(tokens, np.int32)
+  return Batch(tokens[:, :-1], tokens[:, 1:], np.ones(tokens[:, 1:].shape, np.float32))
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """The trained ``model``, the loss of every step, the wall time and the throughput."""
+
+  model: Any
+  losses: list
+  seconds: float
+  tokens_per_second: float
+  params: int
+
+
+def masked_loss(model, batch: Batch) -> jax.Array:
+  """Mean cross-entropy over the positions where ``mask`` is 1."""
+  logits = model(batch.inputs).astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+  return jnp.sum(nll * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+
+
+def optimizer(steps: int, lr: float, warmup: int, weight_decay: float,
+              clip: float) -> optax.GradientTransformation:
+  """AdamW (β2 0.95) with linear warmup and cosine decay to lr/10; decay on matrices only."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
+                                                lr / 10)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(),
+                     optax.adamw(schedule, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
+
+
+def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: float = 3e-3,
+          warmup: Optional[int] = None, weight_decay: float = 0.1, clip: float = 1.0,
+          seed: int = 0, desc: str = "", progress: bool = True) -> TrainResult:
+  """Trains a model on ``batch_fn(step)`` for ``steps`` steps with ``masked_loss``.
+
+  Args:
+    cfg_or_model: a ``ModelConfig`` (a model is built with ``seed``) or an ``nlx.nn.LM`` to
+      continue training (fine-tuning).
+    batch_fn: step -> ``Batch``; must be a pure function of step for reproducible runs.
+    steps: optimizer steps.
+    lr, warmup, weight_decay, clip: AdamW, warmup (default 10% of steps), global-norm clipping.
+    seed: parameter initialization.
+    desc: label of the progress bar.
+    progress: show a tqdm progress bar.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  model = (nlx.build_model(cfg_or_model, rngs=nnx.Rngs(seed))
+           if isinstance(cfg_or_model, ModelConfig) else cfg_or_model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optimizer(steps, lr, steps // 10 if warmup is None else warmup, weight_decay, clip)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step_fn(params, opt_state, batch):
+    loss_fn = lambda p: masked_loss(nnx.merge(graphdef, p, rest), batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses, tokens, start, compiled = [], 0, time.time(), None
+  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
+             leave=False)
+  for step in bar:
+    batch = Batch(*(jnp.asarray(x) for x in batch_fn(step)))
+    params, opt_state, loss = step_fn(params, opt_state, batch)
+    losses.append(loss)
+    if step == 0:
+      jax.block_until_ready(loss)
+      compiled = time.time()  # throughput excludes the first (compiling) step
+    else:
+      tokens += batch.inputs.size
+    if step % 10 == 0 or step == steps - 1:
+      bar.set_postfix(loss=f"{float(loss):.3f}")
+  losses = [float(x) for x in jax.device_get(losses)]
+  end = time.time()
+  return TrainResult(nnx.merge(graphdef, params, rest), losses, end - start,
+                     tokens / max(end - (compiled or start), 1e-9), _count(params))
+
+
+def _count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+_PREDICT_CACHE: dict = {}
+
+
+def predict(model, inputs: np.ndarray) -> np.ndarray:
+  """Greedy next-token predictions ``[B, T]`` of ``model`` on ``inputs [B, T]`` (one forward)."""
+  graphdef, state = nnx.split(model)
+  fn = _PREDICT_CACHE.get(graphdef)
+  if fn is None:
+    fn = _PREDICT_CACHE[graphdef] = jax.jit(
+        lambda s, x: jnp.argmax(nnx.merge(graphdef, s)(x), -1))
+  return np.asarray(fn(state, jnp.asarray(inputs, jnp.int32)))
+
+
+def accuracy(model, batches: Iterable[Batch]) -> dict:
+  """``{"token": fraction of masked positions predicted right, "sequence": fraction of rows with
+  every masked position right}`` over ``batches`` (rows without masked positions are skipped)."""
+  right = total = rows_right = rows = 0
+  for batch in batches:
+    hit = (predict(model, batch.inputs) == batch.targets) & (batch.mask > 0)
+    counted = batch.mask > 0
+    right += int(hit.sum())
+    total += int(counted.sum())
+    has = counted.any(-1)
+    rows_right += int(((hit == counted).all(-1) & has).sum())
+    rows += int(has.sum())
+  return {"token": right / max(total, 1), "sequence": rows_right / max(rows, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                   digits: int = 3) -> str:
+  """A GitHub markdown table; floats rounded to ``digits``."""
+  def cell(x):
+    if isinstance(x, float):
+      return f"{x:.{digits}f}"
+    return str(x)
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+  """Where a result was measured: date, host, CPU count, JAX version and devices."""
+  return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "host": platform.node(), "cpus": os.cpu_count(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()]}
+
+
+def write_outputs(out_dir: str, study: str, results: dict, table_md: str,
+                  figure=None, command: Optional[str] = None) -> dict:
+  """Writes ``<out>/<study>.json`` (results + environment + command), ``<study>.md`` (the table
+  under the command) and ``<study>.png`` (the matplotlib ``figure``); returns their paths."""
+  import sys  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  command = command or "python " + " ".join(
+      [os.path.relpath(sys.argv[0], REPO) if sys.argv else study] + sys.argv[1:])
+  paths = {kind: os.path.join(out_dir, f"{study}.{kind}") for kind in ("json", "md", "png")}
+  with open(paths["json"], "w", encoding="utf-8") as f:
+    json.dump({"study": study, "command": command, "environment": environment(), **results}, f,
+              indent=1, default=_jsonable)
+  with open(paths["md"], "w", encoding="utf-8") as f:
+    f.write(f"`{command}`\n\n{table_md}")
+  if figure is not None:
+    figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
+  else:
+    del paths["png"]
+  for kind, path in paths.items():
+    print(f"wrote {path}")
+  return paths
+
+
+def _jsonable(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  return str(x)
+
+
+def figure(n_panels: int = 1, width: float = 5.0, height: float = 3.8):
+  """A matplotlib figure with ``n_panels`` side-by-side axes (Agg backend; no screen needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+  return fig, list(axes[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models on disk (one study trains, another evaluates)
+# ---------------------------------------------------------------------------------------------
+
+def save_model(model, cfg: ModelConfig, directory: str) -> None:
+  """Writes ``directory/config.json`` (the ``ModelConfig``) and ``params.msgpack``."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=1)
+  state = jax.device_get(nnx.state(model, nnx.Param).to_pure_dict())
+  tmp = os.path.join(directory, "params.msgpack.tmp")
+  with open(tmp, "wb") as f:
+    f.write(serialization.msgpack_serialize(state))
+  os.replace(tmp, os.path.join(directory, "params.msgpack"))  # atomic
+
+
+def load_model(directory: str):
+  """``(model, cfg)`` saved by ``save_model``."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, "params.msgpack")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory!r} holds no saved model (params.msgpack); train it first")
+  with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+    cfg = ModelConfig.from_config(json.load(f))
+  model = nlx.build_model(cfg, rngs=nnx.Rngs(0))
+  with open(path, "rb") as f:
+    state = serialization.msgpack_restore(f.read())
+  params = nnx.state(model, nnx.Param)
+  params.replace_by_pure_dict(state)
+  nnx.update(model, params)
+  return model, cfg
