@@ -47,6 +47,21 @@ def test_scorer_sums_the_continuations_log_probabilities(bigram):
     assert score == pytest.approx(_hand_logp(logp, context, continuation), rel=1e-5)
 
 
+def test_one_shape_scores_equal_the_power_of_two_padding(bigram):
+  model, _ = bigram
+  pairs = [([1, 2, 3], [4, 5]), ([7] * 40, [8, 9, 10]), ([5], [6])]
+  a = loglik.Scorer(model, max_len=32, batch_size=2).score(pairs)
+  b = loglik.Scorer(model, max_len=32, batch_size=2, one_shape=True).score(pairs)
+  assert [x[1] for x in a] == [x[1] for x in b]
+  np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], rtol=1e-5)
+
+
+def test_lambada_continuation_follows_the_context_after_one_space():
+  assert multiple_choice._spaced("I don't care about", "signs") == " signs"
+  assert multiple_choice._spaced("ends in a newline\n", "word") == "word"
+  assert multiple_choice._spaced("context", " spaced") == " spaced"
+
+
 def test_scorer_marks_greedy_continuations(bigram):
   model, logp = bigram
   greedy = [int(np.argmax(logp[ord("a")]))]
@@ -97,6 +112,7 @@ def test_single_continuations_report_greedy_accuracy_and_perplexity(bigram):
   nll = -sum(_hand_logp(logp, e.contexts[0], e.continuations[0]) for e in examples)
   n_tokens = len(" story") + len(" time")
   assert r["ppl"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-5)
+  assert r["ppl_continuation"] == pytest.approx(math.exp(nll / 2), rel=1e-5)  # lm-eval's
   assert r["acc"] == 0.0 and r["n"] == 2  # a random bigram table does not write " story"
 
 

@@ -105,7 +105,9 @@ def test_siqa(tasks):
 
 def test_lambada_is_a_single_continuation(tasks):
   e, raw = tasks["lambada"][0], _first_json("lambada", "lambada_openai_test.llmfoundry.jsonl")
-  assert e.contexts == (raw["context"],) and e.continuations == (raw["continuation"],)
+  # lm-eval's lambada_openai: the context, then " " + the last word (the file drops the space).
+  assert e.contexts == (raw["context"],) and e.continuations == (" " + raw["continuation"],)
+  assert not raw["context"][-1].isspace()
   assert e.n_choices == 1 and e.gold == 0
 
 

@@ -15,12 +15,13 @@ class Scorer:
   """Scores ``(context ids, continuation ids)`` pairs with a model, batched and jitted.
 
   Sequences are right-padded to a power-of-two length (at most ``max_len``, keeping the last
-  tokens of longer ones) so that few shapes compile.
+  tokens of longer ones) so that few shapes compile; ``one_shape``: every batch is padded to
+  ``max_len + 1`` tokens (one compilation, for models that compile slowly).
   """
 
-  def __init__(self, model, max_len: int = 1024, batch_size: int = 8):
+  def __init__(self, model, max_len: int = 1024, batch_size: int = 8, one_shape: bool = False):
     self.graphdef, self.params = nnx.split(model)
-    self.max_len, self.batch_size = max_len, batch_size
+    self.max_len, self.batch_size, self.one_shape = max_len, batch_size, one_shape
     graphdef = self.graphdef
 
     @jax.jit
@@ -34,9 +35,13 @@ class Scorer:
 
   def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), continuation is the greedy decode)`` per pair."""
-    out = []
-    for i in range(0, len(pairs), self.batch_size):
-      out.extend(self._score_batch(pairs[i:i + self.batch_size]))
+    # Batches of similar lengths pad less; the answers come back in the order of ``pairs``.
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out = [None] * len(pairs)
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      for i, result in zip(chunk, self._score_batch([pairs[i] for i in chunk])):
+        out[i] = result
     return out
 
   def _score_batch(self, pairs):
@@ -51,7 +56,7 @@ class Scorer:
       spans.append(min(len(continuation), len(seq) - 1))
     length = max(len(s) for s in seqs)
     padded_len = min(1 << (length - 1).bit_length(), self.max_len + 1)
-    padded_len = max(padded_len, length)
+    padded_len = self.max_len + 1 if self.one_shape else max(padded_len, length)
     tokens = np.zeros((self.batch_size, padded_len), np.int32)
     for row, seq in enumerate(seqs):
       tokens[row, :len(seq)] = seq

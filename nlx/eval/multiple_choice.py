@@ -94,8 +94,17 @@ def load_boolq(data_dir: str) -> list[Example]:
 
 
 def load_lambada(data_dir: str) -> list[Example]:
+  """The last word is the continuation, after a space (lm-eval's ``" " + word``: llm-foundry's
+  file strips the space between context and word, which would score ``"...aboutsigns"``)."""
   records = _jsonl(os.path.join(data_dir, "lambada", "lambada_openai_test.llmfoundry.jsonl"))
-  return [Example((r["context"],), (r["continuation"],), 0) for r in records]
+  return [Example((r["context"],), (_spaced(r["context"], r["continuation"]),), 0)
+          for r in records]
+
+
+def _spaced(context: str, continuation: str) -> str:
+  if not context or context[-1].isspace() or continuation[:1].isspace():
+    return continuation
+  return " " + continuation
 
 
 TASKS: dict[str, Callable[[str], list[Example]]] = {
@@ -120,7 +129,9 @@ def load_task(name: str, data_dir: str) -> list[Example]:
 
 
 def evaluate(scorer, tokenizer, examples: Sequence[Example], limit: Optional[int] = None) -> dict:
-  """``{"acc", "acc_norm", "n"}`` (LAMBADA-style single continuations: ``acc`` and ``ppl``)."""
+  """``{"acc", "acc_norm", "n"}``. Single continuations (LAMBADA): ``acc``, ``ppl`` per token
+  of the continuations and ``ppl_continuation``, lm-eval's ``exp(−mean log p(continuation))``
+  (per word for LAMBADA, the paper's "LMB ppl")."""
   examples = list(examples)[:limit] if limit else list(examples)
   pairs, index = [], []
   for e_i, example in enumerate(examples):
@@ -134,8 +145,10 @@ def evaluate(scorer, tokenizer, examples: Sequence[Example], limit: Optional[int
     per_example[e_i].append((logp, chars, greedy))
   if all(e.n_choices == 1 for e in examples):
     n_tokens = sum(len(p[1]) for p in pairs)
+    nll = -sum(s[0][0] for s in per_example)
     return {"acc": sum(s[0][2] for s in per_example) / len(examples),
-            "ppl": math.exp(-sum(s[0][0] for s in per_example) / n_tokens), "n": len(examples)}
+            "ppl": math.exp(nll / n_tokens),
+            "ppl_continuation": math.exp(nll / len(examples)), "n": len(examples)}
   acc = sum(_argmax([s[0] for s in ss]) == e.gold for ss, e in zip(per_example, examples))
   acc_norm = sum(_argmax([s[0] / s[1] for s in ss]) == e.gold
                  for ss, e in zip(per_example, examples))
