@@ -1,0 +1,97 @@
+"""Prompt + answer batches of bytes and teacher-forced answer scoring (``niah.py``,
+``babi_long.py``).
+
+A question-answering example is a ``prompt`` string and its ``answer`` string. Its byte tokens
+``prompt + answer`` become one row of a ``study.Batch``: the loss mask is 1 on the positions that
+predict the answer's bytes and ``context_weight`` on the others (some language-model loss on the
+haystack), and rows are right-padded with zeros (causal models: padding after the answer changes
+nothing before it).
+
+Scoring is teacher-forced: one forward pass over ``prompt + answer``, and the prediction is the
+argmax at every answer position. The predicted string equals the answer exactly when greedy
+decoding (temperature 0) would start with the answer, so exact match here is greedy decoding's
+exact match, at the cost of one forward pass instead of a prefill and a decoding loop.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+import study
+
+PAD = 0  # the ByteTokenizer's end-of-document id, never inside a text
+
+
+def encode(text: str) -> list[int]:
+  """UTF-8 bytes of ``text`` (byte ids 1..255; NUL dropped, as in ``ByteTokenizer``)."""
+  return [b for b in text.encode("utf-8") if b != PAD]
+
+
+def decode(ids: Sequence[int]) -> str:
+  """The text of byte ids (padding dropped)."""
+  return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+
+
+def answer_row(prompt: str, answer: str, length: int,
+               context_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One row ``(inputs [length], targets [length], mask [length])`` of ``prompt + answer``.
+
+  Args:
+    prompt, answer: the answer follows the prompt directly (put any separator in the prompt).
+    length: the row length; ``len(bytes(prompt + answer)) - 1`` must not exceed it.
+    context_weight: the mask on the positions that predict prompt bytes (0: answer-only loss).
+
+  Raises:
+    ValueError: when the example does not fit in ``length``.
+  """
+  p, a = encode(prompt), encode(answer)
+  ids = p + a
+  if len(ids) - 1 > length or not a or not p:
+    raise ValueError(f"prompt ({len(p)} bytes) + answer ({len(a)} bytes) do not fit in a row of "
+                     f"{length} tokens (or one of them is empty)")
+  inputs = np.full(length, PAD, np.int32)
+  targets = np.full(length, PAD, np.int32)
+  mask = np.zeros(length, np.float32)
+  inputs[:len(ids) - 1] = ids[:-1]
+  targets[:len(ids) - 1] = ids[1:]
+  mask[:len(p) - 1] = context_weight
+  mask[len(p) - 1:len(ids) - 1] = 1.0
+  return inputs, targets, mask
+
+
+def answer_batch(pairs: Sequence[tuple[str, str]], length: int,
+                 context_weight: float = 0.0) -> study.Batch:
+  """A ``study.Batch`` ``[B, length]`` of ``(prompt, answer)`` pairs (see ``answer_row``)."""
+  rows = [answer_row(p, a, length, context_weight) for p, a in pairs]
+  return study.Batch(*(np.stack(column) for column in zip(*rows)))
+
+
+def predicted_answers(model, pairs: Sequence[tuple[str, str]], length: int,
+                      batch_size: int = 4) -> list[str]:
+  """The teacher-forced greedy prediction of each pair's answer (as many bytes as the answer)."""
+  out = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = list(pairs[start:start + batch_size])
+    chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape per length
+    batch = answer_batch(chunk, length)
+    predictions = study.predict(model, batch.inputs)
+    for row in range(len(pairs[start:start + batch_size])):
+      hit = batch.mask[row] > 0
+      out.append(decode(predictions[row][hit]))
+  return out
+
+
+def char_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
+  """Fraction of answer characters predicted right (position by position)."""
+  right = total = 0
+  for p, a in zip(predictions, answers):
+    right += sum(x == y for x, y in zip(p, a))
+    total += len(a)
+  return right / max(total, 1)
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+  """Fraction of predictions equal to their answer."""
+  return float(np.mean([p == a for p, a in zip(predictions, answers)])) if answers else 0.0

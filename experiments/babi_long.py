@@ -1,0 +1,308 @@
+"""BABILong-style bAbI in a haystack: the facts of a bAbI question spread at random positions in
+filler text, question at the end; accuracy vs context length (512 .. 16K byte tokens).
+
+BABILong (Kuratov et al., 2024) hides the sentences of bAbI stories (Weston et al., 2015) in
+PG-19 books and asks the bAbI question at the end, at lengths from 0 to millions of tokens. Here:
+
+* bAbI from ``--data`` (``<data>/babi/en/qa<N>_*_{train,test}.txt``; the numbered-line format:
+  a line number 1 starts a story, a question line holds ``question<TAB>answer<TAB>fact ids``);
+  a question's facts are the story's statements before it;
+* filler: the embedded tinyshakespeare corpus (or ``--filler``), the first 90% for training and
+  the last 10% for evaluation; the facts go, in order, at the starts of random filler lines;
+* prompt: ``<filler with facts>\\nQuestion: <question>\\nAnswer: `` and the answer word.
+
+Each model (byte tokens, vocab 256; parameters matched to HOPE's at ``tiny``) is trained from
+scratch on the training stories of ``tasks`` at ``train_len`` tokens (random filler length; loss on
+the answer plus ``context_weight`` times the language-model loss on the rest), then evaluated on
+test questions at every length of ``lengths`` (the same questions at every length, the first
+``n_eval[length]`` of one shuffled order; at most ``eval_tokens`` tokens per forward pass:
+attention at 16K is one example at a time). Scoring is teacher-forced exact match of the answer
+word: the argmax at every answer position (= greedy decoding, temperature 0, starts with the
+answer). ``majority`` is the share of the evaluated questions whose answer is the most common
+training answer (what a model that ignores the story gets).
+
+    python experiments/babi_long.py --scale tiny         # ~9 min on 2 idle CPU cores
+    python experiments/babi_long.py --scale small --out runs/babi_long_small   # a GPU
+    python experiments/babi_long.py --models transformer --steps 2 --lengths 512 --n-eval 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
+import niah  # pylint: disable=g-import-not-at-top,wrong-import-position  (model configs, text)
+import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+STUDY = "babi_long"
+MODELS = ("transformer", "titans_lmm", "hope")
+TINY_N = {512: 16, 1024: 16, 2048: 16, 4096: 8, 8192: 4, 16384: 2}
+SCALES = {
+    "tiny": dict(size="tiny", models=MODELS, tasks=(1,), match_params=True, train_len=448,
+                 batch=4, steps=250, lr=3e-3, context_weight=0.05,
+                 lengths=tuple(TINY_N), n_eval=TINY_N, eval_batch=4, eval_tokens=8192),
+    "small": dict(size="20m", models=MODELS, tasks=(1, 2), match_params=False, train_len=2048,
+                  batch=32, steps=4000, lr=1e-3, context_weight=0.05,
+                  lengths=(1024, 2048, 4096, 8192, 16384),
+                  n_eval={n: 100 for n in (1024, 2048, 4096, 8192, 16384)}, eval_batch=4,
+                  eval_tokens=65536),
+    "paper": dict(size="760m", models=MODELS, tasks=(1, 2, 3, 4, 5), match_params=False,
+                  train_len=4096, batch=64, steps=20_000, lr=4e-4, context_weight=0.05,
+                  lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+                  n_eval={n: 500 for n in (1024, 2048, 4096, 8192, 16384, 32768)},
+                  eval_batch=1, eval_tokens=32768),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# bAbI
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BabiQuestion:
+  """A bAbI question: the story's ``facts`` before it (in order), the ``question``, its
+  ``answer`` and ``supporting`` (indices into ``facts``)."""
+
+  facts: tuple
+  question: str
+  answer: str
+  supporting: tuple
+
+
+def parse_babi(text: str) -> list[BabiQuestion]:
+  """The questions of a bAbI file's ``text`` (numbered lines; 1 starts a new story)."""
+  questions, facts, index_of = [], [], {}
+  for line_no, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    number, _, rest = line.strip().partition(" ")
+    if not number.isdigit():
+      raise ValueError(f"bAbI line {line_no} does not start with a line number: {line!r}")
+    if int(number) == 1:
+      facts, index_of = [], {}
+    if "\t" in rest:
+      question, answer, support = (rest.split("\t") + [""])[:3]
+      questions.append(BabiQuestion(tuple(facts), question.strip(), answer.strip(),
+                                    tuple(index_of[int(s)] for s in support.split())))
+    else:
+      index_of[int(number)] = len(facts)
+      facts.append(rest.strip())
+  return questions
+
+
+def babi_dir(data: str) -> str:
+  """The directory of the bAbI ``qa*_train.txt`` files under ``--data``."""
+  for candidate in (os.path.join(data, "babi", "en"), os.path.join(data, "en"), data):
+    if glob.glob(os.path.join(candidate, "qa1_*_train.txt")):
+      return candidate
+  raise FileNotFoundError(f"--data={data!r}: no bAbI files (expected "
+                          f"{os.path.join(data, 'babi', 'en', 'qa1_*_train.txt')})")
+
+
+def load_task(directory: str, task: int, split: str) -> list[BabiQuestion]:
+  """The questions of bAbI task ``task`` (1..20), ``split`` "train" or "test"."""
+  files = glob.glob(os.path.join(directory, f"qa{task}_*_{split}.txt"))
+  if not 1 <= task <= 20 or len(files) != 1:
+    raise ValueError(f"--tasks {task}: no single qa{task}_*_{split}.txt in {directory!r} (bAbI "
+                     "tasks are 1..20)")
+  with open(files[0], encoding="utf-8") as f:
+    return parse_babi(f.read())
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts in filler
+# ---------------------------------------------------------------------------------------------
+
+def fixed_length(q: BabiQuestion) -> int:
+  """Characters of ``q``'s facts, question and answer (the prompt without filler)."""
+  return sum(len(f) + 1 for f in q.facts) + len(f"\nQuestion: {q.question}\nAnswer: ") + len(
+      q.answer)
+
+
+def hide_facts(q: BabiQuestion, filler: str, total: int, seed: int,
+               index: int) -> tuple[str, str]:
+  """``(prompt, answer)`` of ``total`` characters: ``q``'s facts at random line starts of a random
+  ``filler`` window (ASCII), then the question; the facts alone when they exceed ``total``."""
+  rng = np.random.default_rng([seed, index])
+  tail = f"\nQuestion: {q.question}\nAnswer: "
+  fixed = fixed_length(q)
+  n_fill = max(min(total - fixed, len(filler) - 1), 0)
+  start = int(rng.integers(len(filler) - n_fill))
+  window = filler[start:start + n_fill]
+  cuts = sorted(window.rfind("\n", 0, int(p)) + 1 for p in rng.integers(0, n_fill + 1,
+                                                                         len(q.facts)))
+  pieces, last = [], 0
+  for cut, fact in zip(cuts, q.facts):
+    pieces += [window[last:cut], fact + "\n"]
+    last = cut
+  pieces.append(window[last:])
+  return "".join(pieces) + tail, q.answer
+
+
+def train_batch(step: int, questions: list, filler: str, settings: dict,
+                seed: int) -> study.Batch:
+  """Training batch ``step``: random training questions at random lengths <= ``train_len``."""
+  pairs = []
+  for i in range(settings["batch"]):
+    index = step * settings["batch"] + i
+    rng = np.random.default_rng([seed, index, 11])
+    q = questions[int(rng.integers(len(questions)))]
+    total = int(rng.integers(settings["train_len"] // 2, settings["train_len"] + 2))
+    pairs.append(hide_facts(q, filler, total, seed, index))
+  return answer_scoring.answer_batch(pairs, settings["train_len"], settings["context_weight"])
+
+
+def eval_questions(questions: list, n: int, seed: int) -> list:
+  """The first ``n`` test questions of a fixed shuffled order (the same at every length)."""
+  order = np.random.default_rng([seed, 13]).permutation(len(questions))
+  return [questions[i] for i in order[:n]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Study
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(model, tests: dict, filler: str, settings: dict, seed: int) -> dict:
+  """task -> length -> ``{"exact", "n"}`` of ``model``."""
+  out = {}
+  for task, questions in tests.items():
+    out[task] = {}
+    for length in settings["lengths"]:
+      chosen = eval_questions(questions, settings["n_eval"][length], seed)
+      pairs = [hide_facts(q, filler, length + 1, seed, length * 1000 + i)
+               for i, q in enumerate(chosen)]
+      batch = max(1, min(settings["eval_batch"], settings["eval_tokens"] // length, len(pairs)))
+      preds = answer_scoring.predicted_answers(model, pairs, length, batch)
+      out[task][length] = {"exact": answer_scoring.exact_match(preds, [a for _, a in pairs]),
+                           "n": len(pairs), "predictions": preds}
+  return out
+
+
+def majority(trains: dict, tests: dict, settings: dict, seed: int) -> dict:
+  """task -> length -> share of the evaluated questions answered by the commonest train answer."""
+  out = {}
+  for task, questions in tests.items():
+    common = collections.Counter(q.answer for q in trains[task]).most_common(1)[0][0]
+    out[task] = {n: float(np.mean([q.answer == common for q in
+                                   eval_questions(questions, settings["n_eval"][n], seed)]))
+                 for n in settings["lengths"]}
+  return out
+
+
+def run(settings: dict, data: str, filler_path: str, seed: int) -> dict:
+  """Trains every model on the tasks' training questions and evaluates it at every length."""
+  directory = babi_dir(data)
+  trains = {t: load_task(directory, t, "train") for t in settings["tasks"]}
+  tests = {t: load_task(directory, t, "test") for t in settings["tasks"]}
+  missing = [n for n in settings["lengths"] if n not in settings["n_eval"]]
+  if missing:
+    raise ValueError(f"--lengths {missing}: no n_eval for them at this scale (use --n-eval N)")
+  filler_train, filler_eval = (t.encode("ascii", "ignore").decode()
+                               for t in niah.essay_text(filler_path, "--filler"))
+  configs = niah.model_configs(settings)
+  shortest = min(settings["train_len"], *settings["lengths"])
+  pool = [q for t in settings["tasks"] for q in trains[t] if fixed_length(q) <= shortest]
+  tests = {t: [q for q in qs if fixed_length(q) <= shortest] for t, qs in tests.items()}
+  if not pool or not all(tests.values()):
+    raise ValueError(f"--tasks {list(settings['tasks'])}: no story fits in {shortest} tokens")
+  results = {"settings": settings, "filler": filler_path, "seed": seed,
+             "majority": majority(trains, tests, settings, 2 * seed + 1), "models": {}}
+  for family, cfg in configs.items():
+    trained = study.train(
+        cfg, lambda step: train_batch(step, pool, filler_train, settings, 2 * seed),
+        settings["steps"], lr=settings["lr"], seed=seed, desc=family)
+    start = time.time()
+    scores = evaluate(trained.model, tests, filler_eval, settings, 2 * seed + 1)
+    results["models"][family] = {
+        "params": trained.params, "train_seconds": trained.seconds,
+        "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
+        "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
+        "scores": scores}
+    print(f"{family}: " + ", ".join(f"qa{t} {[round(s['exact'], 2) for s in v.values()]}"
+                                    for t, v in scores.items()), flush=True)
+  return results
+
+
+def length_label(n: int) -> str:
+  return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def tables(results: dict) -> str:
+  """Markdown: exact match per (model, task, length) with n, then the training summary."""
+  s = results["settings"]
+  lengths = s["lengths"]
+  rows = [[family, f"qa{task}"] + [by_len[n]["exact"] for n in lengths]
+          for family, res in results["models"].items() for task, by_len in res["scores"].items()]
+  rows += [["majority answer", f"qa{task}"] + [by_len[n] for n in lengths]
+           for task, by_len in results["majority"].items()]
+  rows.append(["n questions", ""] + [s["n_eval"][n] for n in lengths])
+  acc = study.markdown_table(["model", "task"] + [length_label(n) for n in lengths], rows, 2)
+  train = study.markdown_table(
+      ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
+       "eval s"],
+      [[f, r["params"], s["steps"], round(r["tokens_per_second"]),
+        f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
+        round(r["eval_seconds"])] for f, r in results["models"].items()])
+  return (f"Exact match of the answer word (teacher-forced greedy), trained at <= "
+          f"{s['train_len']} tokens:\n\n{acc}\n{train}")
+
+
+def plot(results: dict):
+  """One panel per task: exact match vs length per model, the majority answer dashed."""
+  tasks = list(results["majority"])
+  fig, axes = study.figure(len(tasks), width=5.0)
+  lengths = results["settings"]["lengths"]
+  for ax, task in zip(axes, tasks):
+    for i, (family, res) in enumerate(results["models"].items()):
+      ax.plot(lengths, [res["scores"][task][n]["exact"] for n in lengths], "o-", color=f"C{i}",
+              label=family)
+    ax.plot(lengths, [results["majority"][task][n] for n in lengths], "k--", alpha=0.5,
+            label="majority answer")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [length_label(n) for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("context length (byte tokens)")
+    ax.set_title(f"BABILong-style qa{task} (trained at <= {results['settings']['train_len']})",
+                 fontsize=9)
+  axes[0].set_ylabel("exact match")
+  axes[-1].legend(fontsize=7)
+  return fig
+
+
+def main(argv=None) -> dict:
+  parser = study.arg_parser(__doc__, STUDY)
+  parser.add_argument("--filler", default="embedded",
+                      help="filler text file ('embedded': tinyshakespeare)")
+  parser.add_argument("--models", nargs="+", default=None, help="families (default: all three)")
+  parser.add_argument("--tasks", type=int, nargs="+", default=None, help="bAbI tasks (1..20)")
+  parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--n-eval", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--lengths", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--train-len", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  settings = study.scale_settings(
+      SCALES, args.scale, steps=args.steps, train_len=args.train_len, batch=args.batch,
+      models=tuple(args.models) if args.models else None,
+      tasks=tuple(args.tasks) if args.tasks else None,
+      lengths=tuple(args.lengths) if args.lengths else None)
+  if args.n_eval is not None:
+    settings["n_eval"] = {n: args.n_eval for n in settings["lengths"]}
+  results = run(settings, args.data, args.filler, args.seed)
+  table = tables(results)
+  print(table)
+  study.write_outputs(args.out, STUDY, results, table, plot(results))
+  return results
+
+
+if __name__ == "__main__":
+  main()

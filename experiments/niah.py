@@ -1,0 +1,241 @@
+"""S-NIAH-1/2/3 (RULER single needle in a haystack) at 1K / 2K / 4K tokens: HOPE, Titans (LMM)
+and Transformer++ trained briefly on short synthetic haystacks, evaluated at longer ones.
+
+The paper (PAPER.md §6) reports RULER S-NIAH at 4K / 8K / 16K for 760M / 1.3B models pre-trained
+on 30B-100B tokens (pass-key, number, UUID). Here the tasks of ``nlx/eval/niah.py`` are:
+
+* S-NIAH-1: a 7-digit number in a repeated noise passage (pass-key retrieval);
+* S-NIAH-2: a 7-digit number in an essay (the embedded tinyshakespeare corpus, or ``--haystack``);
+* S-NIAH-3: a UUID in an essay.
+
+Tokens are bytes (vocab 256), so 1K tokens are about 1K characters. Each model (parameters
+matched to HOPE's at ``tiny``) is trained from scratch on the three tasks mixed, at short lengths
+(``train_len`` tokens; the needle at a random depth, the haystack of a random length), with the
+loss on the answer's characters plus ``context_weight`` times the language-model loss on the rest.
+Training haystacks come from the first 90% of the essay text, evaluation ones from the last 10%.
+Evaluation: ``n_eval`` examples per (task, length) at every length of ``lengths`` (all longer than
+training), the needle at a uniform random depth, scored teacher-forced: the argmax at each answer
+position (= greedy decoding, temperature 0, reproduces the answer exactly; RULER's string match on
+a prediction as long as the answer). The table gives that exact match and, in parentheses, the
+fraction of answer characters right (chance: about 0.1 for digits, 1/16 for UUID hex digits).
+
+    python experiments/niah.py --scale tiny                  # ~7 min on 2 idle CPU cores
+    python experiments/niah.py --scale small --out runs/niah_small   # a GPU
+    python experiments/niah.py --models transformer --steps 2 --n-eval 2 --lengths 512  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
+import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from nlx.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nlx.eval import niah  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+STUDY = "niah"
+MODELS = ("transformer", "titans_lmm", "hope")
+SCALES = {
+    "tiny": dict(size="tiny", models=MODELS, match_params=True, train_len=384, batch=4,
+                 steps=300, lr=3e-3, context_weight=0.05, lengths=(1024, 2048, 4096), n_eval=8,
+                 eval_batch=4),
+    "small": dict(size="20m", models=MODELS, match_params=False, train_len=1024, batch=32,
+                  steps=4000, lr=1e-3, context_weight=0.05, lengths=(1024, 2048, 4096, 8192),
+                  n_eval=100, eval_batch=8),
+    "paper": dict(size="760m", models=MODELS, match_params=False, train_len=4096, batch=64,
+                  steps=20_000, lr=4e-4, context_weight=0.05, lengths=(4096, 8192, 16384),
+                  n_eval=500, eval_batch=8),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def essay_text(path: str, flag: str = "--haystack") -> tuple[str, str]:
+  """``(train text, evaluation text)``: the first 90% and the last 10% of the essay haystack.
+
+  Args:
+    path: a UTF-8 text file, or "embedded" for the package's tinyshakespeare corpus.
+    flag: the command-line flag that gave ``path`` (named in errors).
+  """
+  if path == "embedded":
+    with gzip.open(sources.EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+      text = f.read()
+  elif not os.path.isfile(path):
+    raise FileNotFoundError(f"{flag}={path!r} is not a file (give a UTF-8 text file, or "
+                            "'embedded' for the embedded corpus)")
+  else:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  text = text.replace("\0", "")
+  if len(text) < 10_000:
+    raise ValueError(f"{flag}={path!r} holds {len(text)} characters; need >= 10,000")
+  (train,), (held_out,) = sources.split_tail([text], 0.1)
+  return train, held_out
+
+
+def needle(task: str, text: str, total: int, seed: int, index: int) -> tuple[str, str]:
+  """``(prompt, answer)`` of an S-NIAH example of exactly ``total`` byte tokens (prompt ending in
+  a space, then the answer), or as close as the fixed parts allow."""
+  bare = niah.make_example(task, text, 0, seed, index)  # the key, value and depth do not depend
+  overhead = len(answer_scoring.encode(bare.prompt + " " + bare.answer))  # on the length
+  example = niah.make_example(task, text, max(total - overhead, 0), seed, index)
+  return example.prompt + " ", example.answer
+
+
+def train_batch(step: int, text: str, settings: dict, seed: int) -> study.Batch:
+  """Training batch ``step``: tasks in turn, haystacks of random length up to ``train_len``."""
+  pairs = []
+  for i in range(settings["batch"]):
+    index = step * settings["batch"] + i
+    rng = np.random.default_rng([seed, index, 7])
+    total = int(rng.integers(settings["train_len"] // 2, settings["train_len"] + 2))
+    pairs.append(needle(niah.TASKS[index % len(niah.TASKS)], text, total, seed, index))
+  return answer_scoring.answer_batch(pairs, settings["train_len"], settings["context_weight"])
+
+
+def eval_pairs(task: str, text: str, length: int, n: int, seed: int) -> list[tuple[str, str]]:
+  """``n`` evaluation examples of ``task`` filling ``length`` tokens."""
+  return [needle(task, text, length + 1, seed, length * 1000 + i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Study
+# ---------------------------------------------------------------------------------------------
+
+def check_families(families) -> None:
+  """Raises ``ValueError`` naming ``--models`` unless every family has ``configs/<family>.py``."""
+  known = sorted(f[:-3] for f in os.listdir(os.path.join(study.REPO, "configs"))
+                 if f.endswith(".py"))
+  unknown = [f for f in families if f not in known]
+  if unknown:
+    raise ValueError(f"--models {' '.join(unknown)}: unknown model families; allowed: {known}")
+
+
+def model_configs(settings: dict) -> dict:
+  """family -> ``ModelConfig`` (byte vocabulary; at tiny, parameters matched to HOPE's)."""
+  check_families(settings["models"])
+  fields = dict(vocab_size=256)
+  if not settings["match_params"]:
+    return {m: study.model_config(m, settings["size"], **fields) for m in settings["models"]}
+  target = study.param_count(study.model_config("hope", settings["size"], **fields))
+  return {m: study.model_config(m, settings["size"], **fields) if m == "hope"
+          else study.matched(m, target, settings["size"], **fields) for m in settings["models"]}
+
+
+def evaluate(model, texts: dict, settings: dict, seed: int) -> dict:
+  """task -> length -> ``{"exact", "char", "n"}`` of ``model``."""
+  out = {}
+  for task in niah.TASKS:
+    out[task] = {}
+    for length in settings["lengths"]:
+      pairs = eval_pairs(task, texts[task], length, settings["n_eval"], seed)
+      preds = answer_scoring.predicted_answers(model, pairs, length, settings["eval_batch"])
+      examples = [niah.NeedleExample(p, a, 0.0) for p, a in pairs]
+      out[task][length] = {"exact": niah.score(preds, examples),
+                           "char": answer_scoring.char_accuracy(preds, [a for _, a in pairs]),
+                           "n": len(pairs), "example_prediction": preds[0],
+                           "example_answer": pairs[0][1]}
+  return out
+
+
+def run(settings: dict, haystack: str, seed: int) -> dict:
+  """Trains every model and evaluates it; returns the JSON results."""
+  train_text, eval_text = essay_text(haystack)
+  configs = model_configs(settings)
+  noise = niah.NOISE * 2  # S-NIAH-1 ignores the text; make_example wants a non-empty one
+  texts = {"s_niah_1": noise, "s_niah_2": eval_text, "s_niah_3": eval_text}
+  results = {"settings": settings, "haystack": haystack, "seed": seed, "models": {}}
+  for family, cfg in configs.items():
+    trained = study.train(cfg, lambda step: train_batch(step, train_text, settings, 2 * seed),
+                          settings["steps"], lr=settings["lr"], seed=seed, desc=family)
+    start = time.time()
+    scores = evaluate(trained.model, texts, settings, 2 * seed + 1)
+    results["models"][family] = {
+        "params": trained.params, "train_seconds": trained.seconds,
+        "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
+        "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
+        "scores": scores}
+    print(f"{family}: " + ", ".join(f"{t} {[round(s['exact'], 2) for s in v.values()]}"
+                                    for t, v in scores.items()), flush=True)
+  return results
+
+
+def tables(results: dict) -> str:
+  """Markdown: accuracy per (model, task, length), then the training summary."""
+  lengths = results["settings"]["lengths"]
+  rows = []
+  for family, res in results["models"].items():
+    for task, by_len in res["scores"].items():
+      rows.append([family, task] + [f"{by_len[n]['exact']:.2f} ({by_len[n]['char']:.2f})"
+                                    for n in lengths])
+  n = results["settings"]["n_eval"]
+  acc = study.markdown_table(["model", "task"] + [f"{n_ // 1024}K" if n_ % 1024 == 0 else str(n_)
+                                                  for n_ in lengths], rows)
+  train = study.markdown_table(
+      ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
+       "eval s"],
+      [[f, r["params"], results["settings"]["steps"], round(r["tokens_per_second"]),
+        f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
+        round(r["eval_seconds"])] for f, r in results["models"].items()])
+  return (f"Exact match (answer characters right), {n} examples per cell, trained at <= "
+          f"{results['settings']['train_len']} tokens:\n\n{acc}\n{train}")
+
+
+def plot(results: dict):
+  """One panel per task: exact match (solid) and character accuracy (dashed) vs length."""
+  fig, axes = study.figure(len(niah.TASKS), width=4.2)
+  lengths = results["settings"]["lengths"]
+  for ax, task in zip(axes, niah.TASKS):
+    for i, (family, res) in enumerate(results["models"].items()):
+      color = f"C{i}"
+      ax.plot(lengths, [res["scores"][task][n]["exact"] for n in lengths], "o-", color=color,
+              label=f"{family} exact")
+      ax.plot(lengths, [res["scores"][task][n]["char"] for n in lengths], "x--", color=color,
+              alpha=0.6, label=f"{family} chars")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("context length (byte tokens)")
+    ax.set_title(task.replace("_", "-").upper())
+  axes[0].set_ylabel("accuracy")
+  axes[-1].legend(fontsize=7)
+  fig.suptitle(f"S-NIAH, trained at <= {results['settings']['train_len']} tokens "
+               f"({results['settings']['steps']} steps)", fontsize=10)
+  return fig
+
+
+def main(argv=None) -> dict:
+  parser = study.arg_parser(__doc__, STUDY)
+  parser.add_argument("--haystack", default="embedded",
+                      help="essay text file of S-NIAH-2/3 ('embedded': tinyshakespeare)")
+  parser.add_argument("--models", nargs="+", default=None, help="families (default: all three)")
+  parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--n-eval", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--lengths", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--train-len", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  settings = study.scale_settings(
+      SCALES, args.scale, steps=args.steps, n_eval=args.n_eval, train_len=args.train_len,
+      batch=args.batch,
+      models=tuple(args.models) if args.models else None,
+      lengths=tuple(args.lengths) if args.lengths else None)
+  results = run(settings, args.haystack, args.seed)
+  table = tables(results)
+  print(table)
+  study.write_outputs(args.out, STUDY, results, table, plot(results))
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,70 @@
+"""experiments/babi_long.py: the bAbI parser on a hand-written story, facts hidden in filler at
+an exact length, the flags named in errors, and a smoke run on a hand-written qa1 (2 steps)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import babi_long  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+STORY = ("1 Mary moved to the bathroom.\n"
+         "2 John went to the hallway.\n"
+         "3 Where is Mary? \tbathroom\t1\n"
+         "4 Daniel went back to the office.\n"
+         "5 Where is Daniel? \toffice\t4\n")
+
+
+def test_parse_babi_hand_written_story():
+  first, second = babi_long.parse_babi(STORY + STORY.replace("Mary", "Sandra"))[:2]
+  assert first == babi_long.BabiQuestion(
+      ("Mary moved to the bathroom.", "John went to the hallway."), "Where is Mary?",
+      "bathroom", (0,))
+  assert second.facts[-1] == "Daniel went back to the office."
+  assert (second.question, second.answer, second.supporting) == ("Where is Daniel?", "office",
+                                                                 (2,))
+  questions = babi_long.parse_babi(STORY + STORY.replace("Mary", "Sandra"))
+  assert len(questions) == 4 and questions[2].facts == ("Sandra moved to the bathroom.",
+                                                        "John went to the hallway.")
+  with pytest.raises(ValueError, match="line number"):
+    babi_long.parse_babi("Mary moved.\n")
+
+
+def test_hide_facts_keeps_order_at_line_starts_and_fills_the_length():
+  q = babi_long.parse_babi(STORY)[1]
+  filler = "".join(f"Line {i} of the play, spoken aloud.\n" for i in range(300))
+  prompt, answer = babi_long.hide_facts(q, filler, 1000, seed=1, index=2)
+  assert answer == "office" and len(prompt) + len(answer) == 1000
+  assert prompt.endswith("\nQuestion: Where is Daniel?\nAnswer: ")
+  positions = [prompt.index(f + "\n") for f in q.facts]
+  assert positions == sorted(positions)
+  assert all(p == 0 or prompt[p - 1] == "\n" for p in positions)
+  assert (prompt, answer) == babi_long.hide_facts(q, filler, 1000, seed=1, index=2)
+
+
+def test_bad_flags_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--data"):
+    babi_long.babi_dir(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="--tasks 21"):
+    babi_long.load_task(str(tmp_path), 21, "train")
+
+
+def test_smoke_run_writes_json_markdown_and_png(tmp_path):
+  data = tmp_path / "babi" / "en"
+  data.mkdir(parents=True)
+  for split in ("train", "test"):
+    (data / f"qa1_single-supporting-fact_{split}.txt").write_text(STORY * 3)
+  out = str(tmp_path / "out")
+  babi_long.main(["--data", str(tmp_path), "--models", "transformer", "--steps", "2",
+                  "--n-eval", "2", "--lengths", "512", "--batch", "2", "--out", out])
+  for ext in ("json", "md", "png"):
+    assert os.path.getsize(os.path.join(out, f"babi_long.{ext}")) > 0
+  with open(os.path.join(out, "babi_long.json"), encoding="utf-8") as f:
+    results = json.load(f)
+  cell = results["models"]["transformer"]["scores"]["1"]["512"]
+  assert 0.0 <= cell["exact"] <= 1.0 and cell["n"] == 2
+  assert 0.0 <= results["majority"]["1"]["512"] <= 1.0
+  assert "majority answer" in open(os.path.join(out, "babi_long.md"), encoding="utf-8").read()
