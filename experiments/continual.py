@@ -23,7 +23,8 @@ Methods (every one starts from the same pretrained Transformer):
 * ``fine-tune``: the Transformer trained on each task in turn (AdamW, loss on the label token).
 * ``EWC``: the same, plus ``lambda/2 · Σ F (θ − θ*)²``: after each task the diagonal Fisher
   ``F`` (mean squared gradient of the task's loss over a few batches) is added to the running
-  sum and ``θ*`` becomes the current parameters (online EWC).
+  sum and ``θ*`` becomes the current parameters (online EWC). ``lambda`` = 1e5 was picked on
+  CLINC150 (tiny) among 1e3 (the penalty changes nothing), 1e5 and 1e7 (stops learning).
 * ``ICL``: the pretrained Transformer, never updated; its context holds ``icl_shots`` labelled
   examples of every class seen so far (seeded order) before the query.
 * ``Hope-attention``: ``nlx.convert.transformer_to_hope_attention`` puts each block's MLP into
@@ -95,19 +96,19 @@ PROMPT = "\nlabel: "
 PRESETS = {
     "tiny": dict(size="tiny", pretrain_steps=150, pretrain_len=128, pretrain_batch=16,
                  n_tasks=3, classes_per_task=5, n_train=24, n_test=8, max_text=55, seq_len=64,
-                 steps=50, batch=16, lr=3e-3, ewc_lambda=1000.0, fisher_batches=4,
+                 steps=50, batch=16, lr=3e-3, ewc_lambda=1e5, fisher_batches=4,
                  icl_shots=1, icl_text=28, cms_lr=1e-2, outer_period=16,
                  main_periods=(16, 128), levels=(1, 2, 3, 4), levels_period=128,
                  lowest_periods=(32, 128, 512)),
     "small": dict(size="20m", pretrain_steps=3000, pretrain_len=512, pretrain_batch=32,
                   n_tasks=5, classes_per_task=10, n_train=64, n_test=30, max_text=120,
-                  seq_len=128, steps=300, batch=32, lr=5e-4, ewc_lambda=1000.0,
+                  seq_len=128, steps=300, batch=32, lr=5e-4, ewc_lambda=1e5,
                   fisher_batches=16, icl_shots=2, icl_text=60, cms_lr=1e-2, outer_period=32,
                   main_periods=(32, 256), levels=(1, 2, 3, 4), levels_period=256,
                   lowest_periods=(64, 256, 1024)),
     "paper": dict(size="760m", pretrain_steps=20000, pretrain_len=2048, pretrain_batch=64,
                   n_tasks=7, classes_per_task=10, n_train=100, n_test=30, max_text=500,
-                  seq_len=512, steps=500, batch=32, lr=1e-4, ewc_lambda=1000.0,
+                  seq_len=512, steps=500, batch=32, lr=1e-4, ewc_lambda=1e5,
                   fisher_batches=32, icl_shots=2, icl_text=120, cms_lr=1e-3, outer_period=128,
                   main_periods=(128, 2048), levels=(1, 2, 3, 4), levels_period=2048,
                   lowest_periods=(512, 2048, 8192)),
