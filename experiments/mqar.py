@@ -55,7 +55,7 @@ import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nlx.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STUDY = "mqar"
-FAMILIES = ("hope", "titans_lmm", "gated_deltanet", "transformer")
+FAMILIES = ("transformer", "gated_deltanet", "titans_lmm", "hope")  # cheapest first
 LABELS = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
           "transformer": "Transformer++"}
 # The MLP width / d_model of each family's configs/<family>.py:tiny (d_model 64).
@@ -247,12 +247,24 @@ def main(argv=None) -> dict:
       runs.append(run_one(family, width, settings, args.seed))
       accs = ", ".join(f"P={k}: {v['accuracy']:.3f}" for k, v in runs[-1]["levels"].items())
       print(f"{family} d={width}: {accs} ({runs[-1]['train_seconds']:.0f} s)", flush=True)
+      done = len(runs) == len(families) * len(settings["widths"])
+      out = write(args, settings, runs, time.time() - start, complete=done)
+  return out
+
+
+def write(args, settings: dict, runs: list, seconds: float, complete: bool) -> dict:
+  """Writes the outputs of the runs so far (after every model, so a cut-short run leaves its
+  finished models on disk; ``complete`` says whether every model is in)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   pairs = tuple(settings["pairs"])
   md = table(runs, pairs, settings["vocab_size"])
-  print(md)
+  if complete:
+    print(md)
   results = {"scale": args.scale, "seed": args.seed, "settings": settings, "runs": runs,
-             "wall_seconds": time.time() - start}
-  paths = study.write_outputs(args.out, STUDY, results, md, plot(runs, pairs))
+             "complete": complete, "wall_seconds": seconds}
+  fig = plot(runs, pairs)
+  paths = study.write_outputs(args.out, STUDY, results, md, fig)
+  plt.close(fig)
   return {"paths": paths, **results}
 
 

@@ -84,5 +84,5 @@ def test_smoke_run_writes_outputs(tmp_path):
   for level in run["levels"].values():
     assert 0.0 <= level["accuracy"] <= 1.0
     assert level["state_floats_per_layer"] == 2 * level["seq_len"] * 16
-  assert np.isfinite(run["final_loss"]) and out["runs"][0]["params"] > 0
+  assert np.isfinite(run["final_loss"]) and out["runs"][0]["params"] > 0 and saved["complete"]
   assert "acc P=4 (T=16)" in (tmp_path / "mqar.md").read_text()
