@@ -23,8 +23,9 @@ Inner objectives (``model.cms_objective``):
 
 * ``local``: ``ℓ_t = ½·mean_c (o_ℓ,t − h_{ℓ−1,t} W_ℓ)²`` (``x`` instead of ``h_{ℓ−1}`` for
   ``independent``), block-local regression to a learned linear target ``W_ℓ``.
-* ``next_token``: the LM loss of the finished chunk; it needs the whole model (``nlx.nn.model``
-  runs chunk by chunk). Not implemented yet: refused with a ValueError when the model is built.
+* ``next_token``: the LM loss of the finished chunk of ``C_1`` tokens. It needs the whole model:
+  ``nlx.nn.next_token`` runs the LM chunk by chunk and steps the levels of every layer; the CMS
+  itself then only reads its levels' weights from the state (no targets ``W_ℓ``).
 
 The block output ``y`` is what the residual adds (``x + y`` in ``nlx.nn.model.Block``); with
 ``cms_lr = 0`` and every level but one starting with a zero ``down`` projection, ``y`` is exactly
@@ -104,6 +105,16 @@ class CMSSpec:
     self.stop_gradient = stop_gradient
     self.names = level_names(len(self.periods))
 
+  def _key(self):
+    return (self.periods, self.variant, self.lr, self.stop_gradient)
+
+  # Compared by value: a static field of the model's graph, so equal configs share jit caches.
+  def __eq__(self, other):
+    return isinstance(other, CMSSpec) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
   def levels(self) -> tuple[nl_levels.Level, ...]:
     out = []
     for i, (name, period) in enumerate(zip(self.names, self.periods)):
@@ -137,25 +148,27 @@ class CMSSpec:
             jax.tree.map(jnp.add, params[self.names[i + 1]]["init"], params[n]["delta"])
             for i, n in enumerate(self.names)]
 
-  def chain(self, params: dict, x: Array, targets: list, mix: Optional[Array]):
+  def chain(self, params: dict, x: Array, targets: Optional[list], mix: Optional[Array]):
     """Runs the blocks on ``x [..., d]``: ``(y [..., d], {level name: scalar loss})``.
 
-    ``targets[ℓ]``: the learned target weights ``W_ℓ [d, d]`` of level ℓ (target ``h W_ℓ``).
+    ``targets[ℓ]``: the learned target weights ``W_ℓ [d, d]`` of level ℓ (target ``h W_ℓ``);
+    None: no local losses (``{}``).
     """
     blocks = self.block_weights(params)
     h, y, own = x, None, []
     for i, w in enumerate(blocks):
       inp = x if self.variant == "independent" else h
       o = swiglu(w, inp)
-      err = (o - dense(inp, targets[i])).astype(jnp.float32)
-      own.append(0.5 * jnp.mean(err * err, axis=-1).sum())
+      if targets is not None:
+        err = (o - dense(inp, targets[i])).astype(jnp.float32)
+        own.append(0.5 * jnp.mean(err * err, axis=-1).sum())
       if self.variant == "independent":
         o = mix[i].astype(o.dtype) * o
       else:
         h = h + o
       y = o if y is None else y + o
     losses = {n: own[i] + (own[i - 1] if self.variant == "nested" and i > 0 else 0.0)
-              for i, n in enumerate(self.names)}
+              for i, n in enumerate(self.names)} if own else {}
     return y, losses
 
 
@@ -210,14 +223,13 @@ class CMS(Mixer):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.cms_objective != "local":
-      raise ValueError(f"model.cms_objective={cfg.cms_objective!r} is not implemented yet; "
-                       "allowed now: 'local'")
     d, n = cfg.d_model, len(cfg.cms_periods)
     self.spec = CMSSpec(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient)
+    self.reads_only = cfg.cms_objective == "next_token"  # the LM steps the levels
     self.blocks = nnx.List([SwiGLU(d, cfg.mlp_dim, rngs=rngs) for _ in range(n)])
-    self.targets = nnx.List([Dense((d,), (d,), ("embed", "cms_target"), rngs=rngs)
-                             for _ in range(n)])
+    self.targets = (None if self.reads_only else
+                    nnx.List([Dense((d,), (d,), ("embed", "cms_target"), rngs=rngs)
+                              for _ in range(n)]))
     self.mix = (param(rngs, constant(1.0), (n,), ("cms_levels",))
                 if cfg.cms_variant == "independent" else None)
 
@@ -234,11 +246,14 @@ class CMS(Mixer):
   def __call__(self, x: Array, state: Optional[dict] = None,
                pos: Array | int = 0) -> tuple[Array, Optional[dict]]:
     del pos
-    targets = [t.kernel[...] for t in self.targets]
+    targets = None if self.targets is None else [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
-    if self.spec.lr == 0:  # frozen in context: the blocks on the whole input, state unchanged
+    if self.spec.lr == 0 or (self.reads_only and state is None):  # frozen in context
       params = self.spec.initial_params([swiglu_weights(b) for b in self.blocks])
       return self.spec.chain(params, x, targets, mix)[0], state
+    if self.reads_only:  # next_token: the weights of the state; nlx.nn.next_token steps them
+      params = {n: s.params for n, s in state.items()}
+      return jax.vmap(lambda p, xs: self.spec.chain(p, xs, None, mix)[0])(params, x), state
     run = run_sequence if state is None else run_tokens
     states = self.initial_levels(x.shape[0]) if state is None else state
     new, y = jax.vmap(lambda s, xs: run(self.spec, s, xs, targets, mix))(states, x)

@@ -11,10 +11,16 @@ Samba and Titans MAL, which interleave), and the ``n_layers / len(pattern)`` gro
 a leading ``"layers"`` axis and run by one ``lax.scan``, so a 24-layer model compiles one layer per
 block type. Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
 the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters}``.
+
+Activation sharding: inside ``with activation_sharding(sharding):`` (the trainer's batch sharding)
+the embeddings and the residual stream between layer groups are constrained to it, so that FSDP
+shards activations over the batch as well as the weights (GSPMD alone may keep them whole).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Optional
 
 import jax
@@ -29,6 +35,24 @@ from nlx.nn.norms import RMSNorm
 from nlx.nn.params import Dense, Embedding
 
 Array = jax.Array
+_ACTIVATION_SHARDING = contextvars.ContextVar("nlx_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding):
+  """Within the block, traced models constrain ``[B, T, d]`` activations to ``sharding`` (a
+  ``NamedSharding`` whose spec names the batch axis first, e.g. ``P(("data", "fsdp"))``)."""
+  token = _ACTIVATION_SHARDING.set(sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: Array) -> Array:
+  """``x`` under the current ``activation_sharding`` (unchanged outside one)."""
+  sharding = _ACTIVATION_SHARDING.get()
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Block(nnx.Module):
@@ -124,6 +148,14 @@ class LM(nnx.Module):
     self.norm = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
     self.head = (None if cfg.tie_embeddings else
                  Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs))
+    # CMS levels learning from the LM loss run the model chunk by chunk (nlx.nn.next_token).
+    self.cms_next_token = (family.mlp is not None and cfg.cms and cfg.cms_lr > 0
+                           and cfg.cms_objective == "next_token")
+
+  def _cms_levels(self):
+    from nlx.nn.cms import CMSSpec  # pylint: disable=g-import-not-at-top
+    cfg = self.cfg
+    return CMSSpec(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient).levels()
 
   def _logits(self, x: Array) -> Array:
     x = self.norm(x)
@@ -137,12 +169,21 @@ class LM(nnx.Module):
     def body(x, layer):
       group_params, group_states = layer
       x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos)
-      return x, group_states
+      return constrain(x), group_states
 
-    return jax.lax.scan(remat(body, self.cfg.remat), x, (params, states))
+    return jax.lax.scan(remat(body, self.cfg.remat), constrain(x), (params, states))
+
+  def run_stateful(self, tokens: Array, layers, pos) -> tuple[Array, Any]:
+    """``tokens [B, T]`` continuing the layer states ``layers`` at position ``pos``:
+    ``(logits [B, T, V], layers)``. No chunk-by-chunk CMS learning (see ``prefill``)."""
+    x, layers = self._run_layers(self.embed(tokens), layers, pos)
+    return self._logits(x), layers
 
   def __call__(self, tokens: Array) -> Array:
     """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state."""
+    if self.cms_next_token:
+      from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
+      return next_token.call(self, tokens, self._cms_levels())
     x, _ = self._run_layers(self.embed(tokens))
     return self._logits(x)
 
@@ -154,10 +195,17 @@ class LM(nnx.Module):
     max_len = self.cfg.max_seq_len if max_len is None else max_len
     graphdef, params = nnx.split(self.layers)
     init = lambda p: nnx.merge(graphdef, p).init_state(batch_size, max_len)
-    return {"pos": jnp.zeros((), jnp.int32), "layers": jax.vmap(init)(params)}
+    state = {"pos": jnp.zeros((), jnp.int32), "layers": jax.vmap(init)(params)}
+    if self.cms_next_token:  # the unfinished chunk: its tokens and the states at its start
+      from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
+      state["chunk"] = next_token.initial_chunk(self, batch_size, state["layers"])
+    return state
 
   def prefill(self, tokens: Array, state: dict) -> tuple[Array, dict]:
     """Continues the sequence of ``state`` with ``tokens [B, T]``: ``(logits [B, T, V], state)``."""
+    if self.cms_next_token:
+      from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
+      return next_token.advance(self, tokens, state, self._cms_levels())
     pos = state["pos"]
     x, layers = self._run_layers(self.embed(tokens), state["layers"], pos)
     return self._logits(x), {"pos": pos + tokens.shape[1], "layers": layers}

@@ -14,6 +14,7 @@ bool vectors in ``param_paths`` order): the loop then stops or skips the step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nlx.nn import build_model
+from nlx.nn.model import activation_sharding
 from nlx.train import optimizer as optimizer_lib
 from nlx.train import sharding
 
@@ -72,11 +74,17 @@ def init_state(trainer: Trainer, model_config, seed: int) -> dict:
   return jax.jit(init, out_shardings=trainer.state_shardings)()
 
 
-def loss_fn(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
-  """Mean next-token cross-entropy of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``)."""
+def loss_fn(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32,
+            activations=None) -> jax.Array:
+  """Mean next-token cross-entropy of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``).
+
+  ``activations``: the sharding of the model's ``[B, T, d]`` activations (the batch sharding), or
+  None to leave them to the compiler.
+  """
   if compute_dtype != jnp.float32:
     params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-  logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+  with activation_sharding(activations) if activations is not None else contextlib.nullcontext():
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -108,10 +116,11 @@ def train_step_fn(trainer: Trainer) -> Callable:
   not finite keeps the old parameters and optimizer state.
   """
   graphdef, tx, dtype = trainer.graphdef, trainer.tx, trainer.compute_dtype
+  activations = trainer.batch_sharding
 
   def step(state, tokens):
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, p, tokens, dtype))(state["params"])
+        lambda p: loss_fn(graphdef, p, tokens, dtype, activations))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     bad_grads, bad_params = nonfinite_leaves(grads), nonfinite_leaves(params)
@@ -138,6 +147,7 @@ def jit_train_step(trainer: Trainer) -> Callable:
 def jit_eval_step(trainer: Trainer) -> Callable:
   """``(params, tokens [B, T+1]) -> mean loss`` (jitted)."""
   graphdef, dtype = trainer.graphdef, trainer.compute_dtype
-  return jax.jit(lambda params, tokens: loss_fn(graphdef, params, tokens, dtype),
+  return jax.jit(lambda params, tokens: loss_fn(graphdef, params, tokens, dtype,
+                                                trainer.batch_sharding),
                  in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
                  out_shardings=sharding.replicated(trainer.mesh))
