@@ -60,6 +60,32 @@ def test_attend_matches_a_loop_reference(window, n_prefix, segment):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window,n_prefix,segment", [(None, 0, None), (5, 3, None),
+                                                     (None, 0, 8)])
+def test_query_blocks_equal_one_block(window, n_prefix, segment):
+  """Blocked attention (T not a multiple of the block) == all queries at once, values and grads."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  b, t, h, hkv, d = 2, 37, 4, 2, 8
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k = jax.random.normal(keys[1], (b, t, hkv, d))
+  v = jax.random.normal(keys[2], (b, t, hkv, d))
+  prefix = ((jax.random.normal(keys[3], (b, n_prefix, hkv, d)),
+             jax.random.normal(keys[4], (b, n_prefix, hkv, d))) if n_prefix else None)
+  pos = jnp.arange(t)
+
+  def loss(fn, q, k, v):
+    o = fn(q, k, v)
+    return jnp.sum(o * jnp.cos(o)), o
+
+  blocked = lambda q, k, v: attend(q, k, v, pos, pos, window, prefix, segment, query_block=16)
+  whole = lambda q, k, v: attend(q, k, v, pos, pos, window, prefix, segment)
+  (_, o1), g1 = jax.value_and_grad(lambda *a: loss(blocked, *a), (0, 1, 2), has_aux=True)(q, k, v)
+  (_, o2), g2 = jax.value_and_grad(lambda *a: loss(whole, *a), (0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(o1, o2, rtol=1e-5, atol=1e-6)
+  for a, c in zip(g1, g2):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
 def test_write_cache_keeps_the_last_slots_of_a_ring():
   cache = KVCache(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 1, 2)), jnp.full((4,), -1))
   positions = jnp.arange(3, 9)  # 6 tokens into 4 slots: positions 5..8 survive

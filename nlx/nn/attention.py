@@ -22,6 +22,9 @@ from nlx.nn.registry import register
 from nlx.nn.rope import rope
 
 Array = jax.Array
+# Queries attend in blocks of this many (each block's scores [B, H, block, S] are recomputed in the
+# backward pass), so long sequences need O(block · S) memory instead of O(T · S).
+QUERY_BLOCK = 1024
 
 
 class KVCache(NamedTuple):
@@ -34,8 +37,27 @@ class KVCache(NamedTuple):
 
 def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
            window: Optional[int] = None, prefix: Optional[tuple[Array, Array]] = None,
-           segment: Optional[int] = None) -> Array:
-  """Masked softmax attention with grouped-query heads.
+           segment: Optional[int] = None, query_block: int = QUERY_BLOCK) -> Array:
+  """``attend_block`` over blocks of ``query_block`` queries (one block when T is at most that):
+  ``lax.map`` over the blocks, each rematerialised in the backward pass. Same arguments and
+  result as ``attend_block``."""
+  b, t, h, d = q.shape
+  if t <= query_block:
+    return attend_block(q, k, v, q_pos, k_pos, window, prefix, segment)
+  n = -(-t // query_block)
+  pad = n * query_block - t  # padded queries repeat the last position; their rows are dropped
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q_pos = jnp.concatenate([q_pos, jnp.broadcast_to(q_pos[-1:], (pad,))])
+  blocks = jnp.moveaxis(q.reshape(b, n, query_block, h, d), 1, 0)
+  one = jax.checkpoint(lambda qi, pi: attend_block(qi, k, v, pi, k_pos, window, prefix, segment))
+  o = jax.lax.map(lambda xs: one(*xs), (blocks, q_pos.reshape(n, query_block)))
+  return jnp.moveaxis(o, 0, 1).reshape(b, n * query_block, h, d)[:, :t]
+
+
+def attend_block(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+                 window: Optional[int] = None, prefix: Optional[tuple[Array, Array]] = None,
+                 segment: Optional[int] = None) -> Array:
+  """Masked softmax attention with grouped-query heads (all queries at once).
 
   Args:
     q: ``[B, T, H, D]``; k, v: ``[B, S, H_kv, D]`` with ``H_kv`` dividing H.
