@@ -13,7 +13,9 @@ Transformer++ (``transformer``).
 Protocol (what differs from Zoology is said here):
 
 * Levels: ``P`` pairs and ``P`` queries fill a sequence of ``4 P`` tokens (the generator puts the
-  queries right after the context, so no padding is needed); the length grows with ``P``.
+  queries right after the context); the length grows with ``P``. Tiny: P = 4 / 8 / 16 (T = 16 / 32
+  / 64), vocabulary 64 (31 keys, 32 values), widths 32 / 64, 300 steps of 16 sequences, AdamW
+  1e-2; small and paper (GPU/TPU sizes, not run on CPU) go to T = 256 / 512 and widths 256 / 512.
 * One model per (family, width) is trained on a mixture of the levels (example ``i`` has the
   ``i mod L``-th number of pairs), every sequence padded to the longest level ``4 max(P)`` so that
   each model compiles once; the padding comes after the last query and is not counted, and the
@@ -30,8 +32,10 @@ Protocol (what differs from Zoology is said here):
   keeps the chunk-start copy of its weights; HOPE also its k / v / eta / alpha memories and the CMS
   levels, with their gradient sums, that change in context), plus the short-convolution caches.
 
-The tiny scale (2 CPU cores, minutes) trains a few hundred steps, far fewer than Zoology; at that
-scale the models are still learning, and the numbers say how far they got, not where they would end.
+The tiny scale (2 CPU cores, about 8 minutes idle) trains 300 steps, some 4800 sequences per
+model, orders of magnitude fewer than Zoology; at that scale the models are still learning (in the
+development runs none got far past the 1 / P reference), and the numbers say how far they got, not
+where they would end.
 
 Commands::
 
@@ -165,8 +169,10 @@ def run_one(family: str, width: int, settings: dict, seed: int) -> dict:
                       "sequence_accuracy": acc["sequence"],
                       "state_floats_per_layer": state_floats_per_layer(result.model,
                                                                        level_length(p))}
+  diverged = next((i for i, x in enumerate(result.losses) if not np.isfinite(x)), None)
   return {"family": family, "d_model": width, "params": result.params,
           "train_seconds": result.seconds, "final_loss": float(np.mean(result.losses[-10:])),
+          "diverged_at_step": diverged,
           "losses": result.losses, "levels": levels}
 
 
@@ -179,12 +185,20 @@ def table(runs: list, pairs: tuple, vocab_size: int) -> str:
   rows = [[LABELS.get(r["family"], r["family"]), r["d_model"], r["params"],
            "/".join(str(r["levels"][str(p)]["state_floats_per_layer"]) for p in pairs)] +
           [r["levels"][str(p)]["accuracy"] for p in pairs] +
-          [r["final_loss"], round(r["train_seconds"])] for r in runs]
+          [final_loss_cell(r), round(r["train_seconds"])] for r in runs]
   rows.append(["reference: 1/P (a value of the context)", "", "", ""] + [1 / p for p in pairs] +
               ["", ""])
   rows.append([f"reference: 1/{num_values} (uniform value)", "", "", ""] +
               [1 / num_values for _ in pairs] + ["", ""])
   return study.markdown_table(cols, rows)
+
+
+def final_loss_cell(run: dict):
+  """The mean of the last 10 losses, or where the loss became NaN / inf (the accuracies of such a
+  model are those of its NaN logits: greedy token 0, never a value)."""
+  if run.get("diverged_at_step") is not None:
+    return f"diverged (non-finite loss from step {run['diverged_at_step']})"
+  return run["final_loss"]
 
 
 def plot(runs: list, pairs: tuple):

@@ -86,3 +86,11 @@ def test_smoke_run_writes_outputs(tmp_path):
     assert level["state_floats_per_layer"] == 2 * level["seq_len"] * 16
   assert np.isfinite(run["final_loss"]) and out["runs"][0]["params"] > 0 and saved["complete"]
   assert "acc P=4 (T=16)" in (tmp_path / "mqar.md").read_text()
+
+
+def test_a_diverged_run_is_named_in_the_table():
+  levels = {"4": {"state_floats_per_layer": 1, "accuracy": 0.0}}
+  run = dict(family="titans_lmm", d_model=8, params=1, train_seconds=1.0, final_loss=float("nan"),
+             diverged_at_step=45, levels=levels)
+  md = mqar.table([run, dict(run, diverged_at_step=None, final_loss=1.5)], (4,), vocab_size=16)
+  assert "diverged (non-finite loss from step 45)" in md and "| 1.500 |" in md
