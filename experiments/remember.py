@@ -33,6 +33,7 @@ in-context memory implies. Commands (``runs/remember`` by default)::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -222,6 +223,7 @@ def train_all(s: dict, out: str, seed: int) -> dict:
 
 
 def eval_set(s: dict, seed: int) -> dict:
+  """The held-out examples (indices from ``EVAL_START``) of the settings ``s``."""
   return examples(seed, EVAL_START, s["eval_examples"], pairs=s["pairs"], vocab=s["vocab"],
                   chunk=memory_chunk(model_cfg("hope", s)))
 
@@ -246,7 +248,9 @@ def read_facts(trained: dict, s: dict, out: str, seed: int) -> dict:
 
 
 def answer_phase(out: str) -> dict:
-  """In a new process: restore each model and its facts' state, answer, check against one call.
+  """In a new process: load each model, restore its state after the facts, answer the questions
+  and assert that the logits equal those of one call on facts + questions (computed by the
+  parent process, ``states/<family>_one_call_logits.npy``).
 
   Reads ``out/settings.json``; writes and returns ``out/answer.json``.
   """
@@ -287,7 +291,7 @@ def run_answer_subprocess(out: str) -> dict:
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
-def table_rows(trained: dict, read: dict, answered: dict, pairs: int) -> list:
+def table_rows(trained: dict, read: dict, answered: dict) -> list:
   """``(model, facts, calls, answer acc, all-answers acc, state numbers / seq)`` per row."""
   how = {"restored": ("in the restored state", "facts; save; new process: restore, questions"),
          "no_facts": ("none", "questions only (fresh state)"),
@@ -302,6 +306,7 @@ def table_rows(trained: dict, read: dict, answered: dict, pairs: int) -> list:
 
 
 def make_figure(rows: list, chance: float):
+  """Bar chart of the answer accuracy of every row (restored rows opaque), chance dashed."""
   fig, (ax,) = study.figure(width=7.5)
   colors = {"HOPE": "tab:red", "Transformer++": "tab:blue"}
   short = {"in the restored state": "restored state\n(new process)", "none": "no facts",
@@ -321,8 +326,9 @@ def make_figure(rows: list, chance: float):
   return fig
 
 
-def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds: float):
-  rows = table_rows(trained, read, answered, s["pairs"])
+def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds: float) -> dict:
+  """Writes the tables, the JSON and the bar chart (``study.write_outputs``); returns the paths."""
+  rows = table_rows(trained, read, answered)
   vocab = synthetic.mqar_vocab(s["vocab"])
   chance = 1 / vocab.num_values
   table = study.markdown_table(
@@ -343,15 +349,17 @@ def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds
 
 
 def main(argv=None) -> dict:
+  """Runs the study (``--phase all``, returns the output paths) or the answer phase."""
   parser = study.arg_parser(__doc__, STUDY)
   parser.add_argument("--phase", default="all", choices=("all", "answer"),
                       help="all: train, read the facts, save the states, answer in a subprocess; "
                            "answer: the subprocess")
-  parser.add_argument("--steps", type=int, default=None, help=argparse_hidden())
-  parser.add_argument("--eval_examples", type=int, default=None, help=argparse_hidden())
-  parser.add_argument("--lr", type=float, default=None, help=argparse_hidden())
-  parser.add_argument("--families", default=",".join(FAMILIES), help=argparse_hidden())
-  parser.add_argument("--keep_states", action="store_true", help=argparse_hidden())
+  hidden = argparse.SUPPRESS  # for tests and probes: --steps (every family), --lr, ...
+  parser.add_argument("--steps", type=int, default=None, help=hidden)
+  parser.add_argument("--eval_examples", type=int, default=None, help=hidden)
+  parser.add_argument("--lr", type=float, default=None, help=hidden)
+  parser.add_argument("--families", default=",".join(FAMILIES), help=hidden)
+  parser.add_argument("--keep_states", action="store_true", help=hidden)
   args = parser.parse_args(argv)
   if args.phase == "answer":
     return answer_phase(args.out)
@@ -372,11 +380,6 @@ def main(argv=None) -> dict:
   if not args.keep_states:
     shutil.rmtree(os.path.join(args.out, "states"))
   return report(s, trained, read, answered, args.out, time.time() - start)
-
-
-def argparse_hidden():
-  import argparse  # pylint: disable=g-import-not-at-top
-  return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

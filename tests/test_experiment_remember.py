@@ -1,6 +1,7 @@
 """Smoke test of experiments/remember.py: facts and questions, accuracy at the answers, HOPE's
-state across a real orbax save / restore (split == one call), the main path (a Transformer++, one
-step, the answer phase in a subprocess), and bad flags refused by name."""
+whole state across a real orbax save / restore (split == one call; ~20 s on 2 cores, mostly the
+compiles of a HOPE model), bad flags refused by name, and (slow: a second process) the main path
+with a Transformer++ trained 2 steps and the answer phase in a subprocess."""
 
 import importlib.util
 import json
@@ -64,6 +65,7 @@ def test_hope_state_through_orbax_continues_like_one_call(tmp_path):
     remember.check_split_equals_one_call(fresh, full)
 
 
+@pytest.mark.slow  # ~15 s more on 2 cores (a subprocess imports JAX and compiles again)
 def test_main_writes_outputs_with_the_answer_phase_in_a_subprocess(tmp_path):
   out = str(tmp_path / "out")
   paths = remember.main(["--out", out, "--steps", "2", "--eval_examples", "2",
