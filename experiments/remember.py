@@ -26,7 +26,7 @@ examples, the study measures the answer accuracy of
 The paper (PAPER.md) has no such experiment; it is the stateful use that its claim of continual,
 in-context memory implies. Commands (``runs/remember`` by default)::
 
-  python experiments/remember.py --scale tiny     # ~6-9 min on 2 CPU cores
+  python experiments/remember.py --scale tiny     # ~5 CPU-min (16 min wall on a shared 2-core box)
   python experiments/remember.py --scale small    # a GPU: wider models, 16 facts, longer training
   python experiments/remember.py --scale paper    # 340M-size models, 64 facts
 """
