@@ -147,8 +147,8 @@ def masked_loss(model, batch: Batch) -> jax.Array:
 def optimizer(steps: int, lr: float, warmup: int, weight_decay: float,
               clip: float) -> optax.GradientTransformation:
   """AdamW (β2 0.95) with linear warmup and cosine decay to lr/10; decay on matrices only."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
-                                                lr / 10)
+  warmup = max(warmup, 1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(),
                      optax.adamw(schedule, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
