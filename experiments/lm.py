@@ -235,11 +235,12 @@ def tables(main: dict, ablations: dict, s: dict) -> str:
 
 
 def plot(main: dict, ablations: dict):
-  fig, (ax1, ax2) = study.figure(2)
+  fig, (ax1, ax2) = study.figure(2, width=5.5)
   for r in main.values():
     tokens, nll = zip(*r["curve"]) if r["curve"] else ((), ())
-    ax1.plot(tokens, [math.exp(x) for x in nll], marker="o", ms=3, label=r["name"])
-  ax1.set(xlabel="training tokens (bytes)", ylabel="validation perplexity per byte",
+    ax1.plot([t / 1000 for t in tokens], [math.exp(x) for x in nll], marker="o", ms=3,
+             label=r["name"])
+  ax1.set(xlabel="training tokens (thousand bytes)", ylabel="validation perplexity per byte",
           title="Equal parameters, equal tokens", yscale="log")
   ax1.legend(fontsize=8)
   names = list(ablations)
@@ -251,6 +252,7 @@ def plot(main: dict, ablations: dict):
   if names:
     lo = min(ablations[n]["val_ppl"] for n in names)
     ax2.set_xlim(left=lo * 0.95)
+  fig.tight_layout()
   return fig
 
 
