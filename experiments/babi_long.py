@@ -12,8 +12,8 @@ PG-19 books and asks the bAbI question at the end, at lengths from 0 to millions
 * prompt: ``<filler with facts>\\nQuestion: <question>\\nAnswer: `` and the answer word.
 
 Each model (byte tokens, vocab 256; parameters matched to HOPE's at ``tiny``) is trained from
-scratch on the training stories of ``tasks`` at ``train_len`` tokens (random filler length; loss on
-the answer plus ``context_weight`` times the language-model loss on the rest), then evaluated on
+scratch on the training stories of ``tasks`` at ``train_len`` tokens (filler fills each row; loss
+on the answer plus ``context_weight`` times the language-model loss on the rest), then evaluated on
 test questions at every length of ``lengths`` (the same questions at every length, the first
 ``n_eval[length]`` of one shuffled order; at most ``eval_tokens`` tokens per forward pass:
 attention at 16K is one example at a time). Scoring is teacher-forced exact match of the answer
@@ -150,14 +150,14 @@ def hide_facts(q: BabiQuestion, filler: str, total: int, seed: int,
 
 def train_batch(step: int, questions: list, filler: str, settings: dict,
                 seed: int) -> study.Batch:
-  """Training batch ``step``: random training questions at random lengths <= ``train_len``."""
+  """Training batch ``step``: random training questions, every row filled (``train_len + 1``
+  tokens; no padding, see ``niah.train_batch``)."""
   pairs = []
   for i in range(settings["batch"]):
     index = step * settings["batch"] + i
     rng = np.random.default_rng([seed, index, 11])
     q = questions[int(rng.integers(len(questions)))]
-    total = int(rng.integers(settings["train_len"] // 2, settings["train_len"] + 2))
-    pairs.append(hide_facts(q, filler, total, seed, index))
+    pairs.append(hide_facts(q, filler, settings["train_len"] + 1, seed, index))
   return answer_scoring.answer_batch(pairs, settings["train_len"], settings["context_weight"])
 
 

@@ -45,6 +45,15 @@ def test_hide_facts_keeps_order_at_line_starts_and_fills_the_length():
   assert (prompt, answer) == babi_long.hide_facts(q, filler, 1000, seed=1, index=2)
 
 
+def test_training_rows_are_full_no_padding():
+  questions = babi_long.parse_babi(STORY)
+  filler = "".join(f"Line {i} of the play, spoken aloud.\n" for i in range(300))
+  settings = dict(babi_long.SCALES["tiny"], batch=3, train_len=300)
+  batch = babi_long.train_batch(2, questions, filler, settings, seed=0)
+  assert batch.inputs.shape == (3, 300) and (batch.inputs > 0).all()
+  assert (batch.mask[:, -1] == 1).all()
+
+
 def test_bad_flags_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="--data"):
     babi_long.babi_dir(str(tmp_path / "missing"))

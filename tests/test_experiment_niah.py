@@ -39,6 +39,14 @@ def test_needle_fills_the_length_exactly_and_is_a_function_of_seed_and_index(tas
   assert answer != niah.needle(task, text, 1025, seed=3, index=8)[1]
 
 
+def test_training_rows_are_full_no_padding():
+  text = "It was a dark night. The wind blew. " * 400
+  settings = dict(niah.SCALES["tiny"], batch=3, train_len=400)
+  batch = niah.train_batch(5, text, settings, seed=0)
+  assert batch.inputs.shape == (3, 400) and (batch.inputs > 0).all()
+  assert (batch.mask[:, -1] == 1).all()  # the answer ends each row
+
+
 def test_bad_flags_are_named():
   with pytest.raises(FileNotFoundError, match="--haystack"):
     niah.essay_text("/no/such/file.txt")
