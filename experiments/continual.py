@@ -599,6 +599,7 @@ def plot(results: dict, sweep: list[dict], s: dict, chance: dict):
     ax.set(title=f"Hope-attention on {first}", xlabel=label, ylim=(0, 1))
     if kind == "lowest" and x:
       ax.set_xscale("log", base=2)
+    if x:
       ax.set_xticks(x, [str(v) for v in x])
     ax.legend(fontsize=7)
   fig.tight_layout()
