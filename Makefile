@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make train  install nlx into .venv and run the main job (train a tiny LM on the embedded corpus)
+#   make train  install nlx into .venv and run the main job (train tiny HOPE on the embedded corpus)
 #   make test   install nlx with its test and tpu extras into .venv and run the default test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,8 +8,8 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: install install-test demo train test test-slow bench clean
 
-# The config of 'make train' (switch to configs/hope.py:tiny once it lands).
-TRAIN_CONFIG ?= configs/transformer.py:tiny
+# The config of 'make train': tiny HOPE (self-modifying Titans + CMS), 300 steps of 8 x 256 bytes.
+TRAIN_CONFIG ?= configs/hope.py:tiny
 TRAIN_DIR    ?= runs/tiny
 
 $(VENV)/bin/python:
