@@ -15,7 +15,8 @@ exact match, at the cost of one forward pass instead of a prefill and a decoding
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -95,3 +96,17 @@ def char_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
   """Fraction of predictions equal to their answer."""
   return float(np.mean([p == a for p, a in zip(predictions, answers)])) if answers else 0.0
+
+
+def train_and_score(cfg, batch_fn: Callable, settings: dict, seed: int, family: str,
+                    score_fn: Callable) -> dict:
+  """Trains ``cfg`` on ``batch_fn`` (``settings["steps"]`` steps at ``settings["lr"]``) and scores
+  the model with ``score_fn(model)``: the results row of one family."""
+  trained = study.train(cfg, batch_fn, settings["steps"], lr=settings["lr"], seed=seed,
+                        desc=family)
+  start = time.time()
+  scores = score_fn(trained.model)
+  return {"params": trained.params, "train_seconds": trained.seconds,
+          "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
+          "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
+          "scores": scores}

@@ -34,7 +34,6 @@ import dataclasses
 import glob
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -217,16 +216,10 @@ def run(settings: dict, data: str, filler_path: str, seed: int) -> dict:
   results = {"settings": settings, "filler": filler_path, "seed": seed,
              "majority": majority(trains, tests, settings, 2 * seed + 1), "models": {}}
   for family, cfg in configs.items():
-    trained = study.train(
-        cfg, lambda step: train_batch(step, pool, filler_train, settings, 2 * seed),
-        settings["steps"], lr=settings["lr"], seed=seed, desc=family)
-    start = time.time()
-    scores = evaluate(trained.model, tests, filler_eval, settings, 2 * seed + 1)
-    results["models"][family] = {
-        "params": trained.params, "train_seconds": trained.seconds,
-        "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
-        "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
-        "scores": scores}
+    results["models"][family] = row = answer_scoring.train_and_score(
+        cfg, lambda step: train_batch(step, pool, filler_train, settings, 2 * seed), settings,
+        seed, family, lambda model: evaluate(model, tests, filler_eval, settings, 2 * seed + 1))
+    scores = row["scores"]
     print(f"{family}: " + ", ".join(f"qa{t} {[round(s['exact'], 2) for s in v.values()]}"
                                     for t, v in scores.items()), flush=True)
   return results

@@ -30,9 +30,6 @@ import argparse
 import gzip
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -157,15 +154,10 @@ def run(settings: dict, haystack: str, seed: int) -> dict:
   texts = {"s_niah_1": noise, "s_niah_2": eval_text, "s_niah_3": eval_text}
   results = {"settings": settings, "haystack": haystack, "seed": seed, "models": {}}
   for family, cfg in configs.items():
-    trained = study.train(cfg, lambda step: train_batch(step, train_text, settings, 2 * seed),
-                          settings["steps"], lr=settings["lr"], seed=seed, desc=family)
-    start = time.time()
-    scores = evaluate(trained.model, texts, settings, 2 * seed + 1)
-    results["models"][family] = {
-        "params": trained.params, "train_seconds": trained.seconds,
-        "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
-        "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
-        "scores": scores}
+    results["models"][family] = row = answer_scoring.train_and_score(
+        cfg, lambda step: train_batch(step, train_text, settings, 2 * seed), settings, seed,
+        family, lambda model: evaluate(model, texts, settings, 2 * seed + 1))
+    scores = row["scores"]
     print(f"{family}: " + ", ".join(f"{t} {[round(s['exact'], 2) for s in v.values()]}"
                                     for t, v in scores.items()), flush=True)
   return results
