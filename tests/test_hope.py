@@ -117,7 +117,10 @@ def test_chunked_hope_prefill_splits_on_chunk_multiples():
     (dict(hope_dgd="nips"), r"model.hope_dgd='nips' is not one of \('arxiv', 'neurips', 'off'\)"),
     (dict(hope_memory="deep"), r"model.hope_memory='deep' is not one of"),
     (dict(hope_read="before_write"), r"model.hope_read='before_write' is not one of"),
-    (dict(hope_lr_max=0.0), r"model.hope_lr_max must be > 0"),
+    (dict(hope_lr_max=0.0), r"model.hope_lr_max=0.0 is not allowed with "
+     r"model.memory_chunk_size=\d+: must be > 0"),
+    (dict(hope_lr_max=0.1, hope_chunk_size=8), r"model.hope_lr_max=0.1 is not allowed with "
+     r"model.hope_chunk_size=8: must be > 0 and at most 0.5/hope_chunk_size = 0.0625"),
     (dict(hope_objective="dot"), r"model.hope_objective='dot' is not allowed for family 'hope': "
      r"the dot-product objective needs hope_memory='linear'"),
     (dict(expand_v=2), r"model.expand_v=2 is not allowed for family 'hope'"),

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import nlx
 from nlx import configs
 from nlx.data import pipeline, sources, tokenizers
+from nlx.nn.config import ModelConfig
 from nlx.train import sharding, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +120,19 @@ def test_a_sequence_shorter_than_a_chunk_is_finite():
   assert 7 < run.model.chunk_size
   state = step.init_state(trainer, run.model, 0)
   _check_long(trainer, state["params"], _corpus_tokens(run, 8), "deltanet T=7", (jnp.float32,))
+
+
+@pytest.mark.parametrize("family, chunk", [("titans_lmm", 16), ("titans_lmm", 64), ("hope", 64)])
+def test_a_repeated_token_does_not_blow_up_a_chunked_memory(family, chunk):
+  """A chunk of C equal keys steps C·lr at once (C gradients at one state). With the old default
+  lr_max = 0.1 these untrained tiny models gave NaN logits from position 80 (Titans, C=16), 192
+  (Titans, C=64) and 320 (HOPE, C=64); the default lr_max = 0.5/C keeps them finite."""
+  cfg = configs.load(os.path.join(ROOT, "configs", f"{family}.py:tiny"),
+                     [f"model.memory_chunk_size={chunk}"])
+  model = nlx.build_model(ModelConfig.from_config(cfg.model), rngs=nnx.Rngs(0))
+  tokens = np.zeros((1, 512), np.int32)
+  tokens[0, :10] = np.random.RandomState(0).randint(1, 256, 10)
+  logits = np.asarray(model(jnp.asarray(tokens)))
+  finite = np.isfinite(logits).all(-1)[0]
+  assert finite.all(), f"{family} C={chunk}: first non-finite logit at position {finite.argmin()}"
+

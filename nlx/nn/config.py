@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 IMPLS = ("auto", "chunked", "recurrent")
 # Rematerialisation of the scanned layer group (nlx.nn.model.LM._run_layers).
 REMATS = ("none", "full", "dots")
+# The largest step (lr_max × chunk) a chunk of chunk-start gradients may take on repeated keys.
+MAX_CHUNK_STEP = 0.5
 # Allowed values of the string fields of HOPE and CMS (PAPER.md §7); the first is the default.
 CHOICES = {
     "cms_variant": ("sequential", "nested", "independent"),
@@ -63,8 +65,12 @@ class ModelConfig:
     mamba_head_dim: Mamba2's head dimension P.
     memory_expand: hidden width of MLP memories = memory_expand · head_dim.
     n_persistent: learned persistent-memory tokens of Titans MAC/MAG/MAL attention.
-    ttt_base_lr: TTT's inner learning rate scale.
-    titans_lr_max: the largest inner learning rate of the Titans memory.
+    ttt_base_lr: TTT's η_base: the inner learning rate is ``ttt_base_lr · sigmoid(·) / head_dim``
+      (the TTT paper's scaling).
+    titans_lr_max: the largest inner learning rate of the Titans memory; None: ``0.5 /
+      memory_chunk_size``. A chunk of C tokens takes its C gradients at one state, so on C
+      repeated keys the memory steps C·lr at once: C·lr_max ≥ 1 diverged on an untrained tiny
+      model fed a repeated token (docs/RELIABILITY.md); values with C·lr_max > 0.5 are refused.
     norm_eps: epsilon of RMSNorm.
     init_std: std of the embedding.
 
@@ -98,7 +104,9 @@ class ModelConfig:
       chunk of the output memory and must divide it.
     hope_chunk_boundary: the chunk-start state is the state at the end of the previous chunk
       (item 3; the only reading implemented).
-    hope_lr_max: η_max of ``η = η_max·sigmoid(mean(M_η(x)) + b_η)`` (item 5).
+    hope_lr_max: η_max of ``η = η_max·sigmoid(mean(M_η(x)) + b_η)`` (item 5); None: ``0.5 / C``
+      with C = ``hope_chunk_size`` (or ``memory_chunk_size``), the bound of ``titans_lr_max``
+      (a trained tiny HOPE with C·η_max = 1.6 diverged to NaN).
     hope_gate_reduce: how M_η, M_α reduce a head to a scalar (item 5; "mean").
     hope_momentum: Titans-style momentum on the DGD write (item 6; False: "w/o momentum").
     hope_weight_decay: the retention ``α = sigmoid(mean(M_α(x)) + b_α)`` (False: α = 1,
@@ -137,7 +145,7 @@ class ModelConfig:
   memory_expand: int = 2
   n_persistent: int = 4
   ttt_base_lr: float = 1.0
-  titans_lr_max: float = 0.1
+  titans_lr_max: Optional[float] = None
   norm_eps: float = 1e-6
   init_std: float = 0.02
   cms: bool = True
@@ -152,7 +160,7 @@ class ModelConfig:
   hope_dgd_keys: str = "per_layer"
   hope_chunk_size: Optional[int] = None
   hope_chunk_boundary: str = "previous_end"
-  hope_lr_max: float = 0.1
+  hope_lr_max: Optional[float] = None
   hope_gate_reduce: str = "mean"
   hope_momentum: bool = True
   hope_weight_decay: bool = True
@@ -208,11 +216,19 @@ class ModelConfig:
                        "strictly increasing, each dividing the next (e.g. (32, 256, 2048))")
     if self.cms_lr < 0:
       raise ValueError(f"model.cms_lr must be >= 0; got {self.cms_lr!r}")
-    if self.hope_lr_max <= 0:
-      raise ValueError(f"model.hope_lr_max must be > 0; got {self.hope_lr_max!r}")
     if self.hope_chunk_size is not None and self.hope_chunk_size < 1:
       raise ValueError(f"model.hope_chunk_size must be None or >= 1; got "
                        f"{self.hope_chunk_size!r}")
+    for name, chunk_name in (("titans_lr_max", "memory_chunk_size"),
+                             ("hope_lr_max", "hope_chunk_size" if self.hope_chunk_size
+                              else "memory_chunk_size")):
+      value, chunk = getattr(self, name), getattr(self, chunk_name)
+      if value is not None and not 0 < value * chunk <= MAX_CHUNK_STEP:
+        raise ValueError(
+            f"model.{name}={value!r} is not allowed with model.{chunk_name}={chunk}: must be > 0 "
+            f"and at most {MAX_CHUNK_STEP}/{chunk_name} = {MAX_CHUNK_STEP / chunk:.4g} (a chunk "
+            f"steps {chunk_name}·lr at once on repeated keys and diverges beyond that); None "
+            "picks that bound")
 
   @property
   def dk(self) -> int:
@@ -223,6 +239,20 @@ class ModelConfig:
   def dv(self) -> int:
     """Value dimension per head."""
     return self.expand_v * self.dk
+
+  @property
+  def titans_lr(self) -> float:
+    """The resolved ``titans_lr_max`` (None -> MAX_CHUNK_STEP / memory_chunk_size)."""
+    if self.titans_lr_max is not None:
+      return self.titans_lr_max
+    return MAX_CHUNK_STEP / self.memory_chunk_size
+
+  @property
+  def hope_lr(self) -> float:
+    """The resolved ``hope_lr_max`` (None -> MAX_CHUNK_STEP / HOPE's chunk)."""
+    if self.hope_lr_max is not None:
+      return self.hope_lr_max
+    return MAX_CHUNK_STEP / (self.hope_chunk_size or self.memory_chunk_size)
 
   @property
   def kv_heads(self) -> int:

@@ -244,7 +244,7 @@ class SelfModifyingTitans(Mixer):
     v = l2_normalize(v) if self.cfg.hope_normalize_v else v
     q = l2_normalize(out["q"]) if "q" in out else q
     bias = self.gate_bias[...]
-    eta = self.cfg.hope_lr_max * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
+    eta = self.cfg.hope_lr * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
     log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
                  else None)
     targets = read(self.base, comps.memory, jnp.tile(v, (1, 1, n, 1)))

@@ -4,9 +4,9 @@ For each token the memory ``M`` (a matrix or the residual MLP of ``nlx.memory.ML
 head) takes a gradient step on ``½‖M(k_t) − v_t‖²`` at the chunk-start weights, with optional
 momentum and decay, and is read at ``q_t`` after the write (DESIGN.md §4):
 
-* TTT-Linear / TTT-MLP: ``lr = ttt_base_lr · sigmoid(x W_lr)``, no momentum, no decay.
-* Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr)``, momentum ``η = sigmoid(x W_η)``,
-  log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the paper).
+* TTT-Linear / TTT-MLP: ``lr = ttt_base_lr · sigmoid(x W_lr) / head_dim``, no momentum, no decay.
+* Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr)`` (``ModelConfig.titans_lr``), momentum
+  ``η = sigmoid(x W_η)``, log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the paper).
 
 q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
 is per-head RMSNorm, a SiLU gate and the output projection (PAPER.md §5 block details). The

@@ -38,7 +38,7 @@ Array = jax.Array
 
 def titans_lmm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
   """The Titans long-term memory: MLP memory, momentum and decay."""
-  return NeuralMemory(cfg, rngs=rngs, memory="mlp", activation="silu", lr_max=cfg.titans_lr_max,
+  return NeuralMemory(cfg, rngs=rngs, memory="mlp", activation="silu", lr_max=cfg.titans_lr,
                       momentum=True, decay=True)
 
 

@@ -15,11 +15,12 @@ from nlx.nn.registry import register
 
 
 def ttt_linear(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
-  return NeuralMemory(cfg, rngs=rngs, memory="linear", lr_max=cfg.ttt_base_lr)
+  return NeuralMemory(cfg, rngs=rngs, memory="linear", lr_max=cfg.ttt_base_lr / cfg.dk)
 
 
 def ttt_mlp(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
-  return NeuralMemory(cfg, rngs=rngs, memory="mlp", activation="gelu", lr_max=cfg.ttt_base_lr)
+  return NeuralMemory(cfg, rngs=rngs, memory="mlp", activation="gelu",
+                      lr_max=cfg.ttt_base_lr / cfg.dk)
 
 
 register("ttt_linear", ttt_linear, description="TTT-Linear: chunked GD on a linear memory")
