@@ -78,7 +78,8 @@ def facts_length(pairs: int, chunk: int) -> int:
 
 
 def memory_chunk(cfg) -> int:
-  """The multiple that a split of HOPE's input across calls must respect (``nlx.nn.hope``)."""
+  """HOPE's chunk: the facts are padded to a multiple of it, so the questions start a chunk of
+  their own (a split anywhere would continue exactly too: ``nlx.nn.hope``)."""
   return math.lcm(cfg.hope_chunk_size or cfg.memory_chunk_size, cfg.memory_chunk_size)
 
 

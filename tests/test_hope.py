@@ -102,15 +102,36 @@ def test_every_table6_ablation_runs_and_changes_the_model():
     assert float(jnp.abs(logits - base).max()) > 1e-6, name
 
 
-@pytest.mark.slow  # ~60 s on 2 cores
-def test_chunked_hope_prefill_splits_on_chunk_multiples():
-  model = tiny_hope(hope_chunk_size=4, cms_periods=(2, 4))
-  tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 31)
-  full = model(tok)
-  state = model.init_state(2)
-  a, state = model.prefill(tok[:, :8], state)
-  b, _ = model.prefill(tok[:, 8:], state)
-  np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, rtol=1e-5, atol=1e-5)
+def test_a_sequence_split_anywhere_equals_one_call():
+  """hope_chunk_size 4, output-memory chunk 2: calls of 3, 1, 6, 3 tokens (a call that ends a
+  chunk, one spanning two boundaries; starting at offsets 0, 3, 0, 2) give the one-call outputs
+  and gradients."""
+  cfg = ModelConfig(family="hope", d_model=H * DK, n_heads=H, hope_chunk_size=4,
+                    memory_chunk_size=2, hope_memory="mlp", memory_expand=2)
+  m = SelfModifyingTitans(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(m)
+  x = jax.random.normal(jax.random.PRNGKey(3), (B, 13, H * DK))
+
+  def pieces(p):
+    mod = nnx.merge(graphdef, p)
+    state, outs, start = mod.init_state(B, 0), [], 0
+    for size in (3, 1, 6, 3):
+      o, state = mod(x[:, start:start + size], state)
+      outs.append(o)
+      start += size
+    return jnp.concatenate(outs, 1), state.offset
+
+  def full(p):
+    return nnx.merge(graphdef, p)(x)[0]
+
+  split, offset = jax.jit(pieces)(params)
+  assert int(offset) == 13 % 4
+  np.testing.assert_allclose(split, jax.jit(full)(params), rtol=1e-5, atol=1e-6)
+  weights = jax.random.normal(jax.random.PRNGKey(4), split.shape)
+  g_split = jax.jit(jax.grad(lambda p: jnp.sum(weights * pieces(p)[0])))(params)
+  g_full = jax.jit(jax.grad(lambda p: jnp.sum(weights * full(p))))(params)
+  for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("fields, message", [

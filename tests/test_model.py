@@ -20,15 +20,14 @@ B, T, SPLIT = 2, 12, 6  # SPLIT = T / 2: the two-piece test reuses the compiled 
 
 
 def tiny_config(family, **fields):
-  """The family's tiny config, shrunk further; a titans_memory chunk of 3, which decoding enters
-  mid-chunk (the returned state carries the chunk in progress; HOPE keeps chunk 1: its own
-  outer chunking follows each call), a window of 4 so that T=12 wraps the sliding-window
+  """The family's tiny config, shrunk further; a titans_memory (and HOPE) chunk of 3, which
+  decoding enters mid-chunk (the returned state carries the chunk in progress), a window of 4 so that T=12 wraps the sliding-window
   caches, and the token-by-token ops (impl="recurrent"), with which a sequence in pieces reproduces one call to float32 rounding.
   The chunked forms are exact in arithmetic but round differently in float32 (up to ~1.5e-6 on
   logits of size ~0.4 for Gated DeltaNet): test_chunked_ops_agree_with_recurrent_at_float32."""
   cfg = configs.load(os.path.join(ROOT, "configs", f"{family}.py:tiny")).model
   small = dict(d_model=32, mlp_dim=64, vocab_size=61, max_seq_len=16,
-               memory_chunk_size=1 if family.startswith("hope") else 3, state_dim=8,
+               memory_chunk_size=3, state_dim=8,
                mamba_head_dim=16, impl="recurrent")
   if cfg.window is not None:
     small["window"] = 4

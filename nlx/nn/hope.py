@@ -36,10 +36,10 @@ since the delta rule writes ``S ← αS + β k (v − αSᵀk)ᵀ = S(…)`` i.e
 ``titans_memory`` on the linear memory with target v̂ (dot + DGD = the L2 gradient), exact for
 chunk 1.
 
-Stateful use: the state carries the conv state and every memory's weights (and momentum); a
-sequence split across calls equals one call when every piece but the last is a multiple of
-``hope_chunk_size`` (chunks are aligned with each call), so token-by-token decoding is exact for
-chunk size 1.
+Stateful use: the state carries the conv state, every memory's weights (and momentum) at the
+start of the chunk in progress, and the inputs of that chunk's tokens so far; a call runs them
+again with its own tokens, so a sequence split anywhere across calls (prefill, then token-by-token
+decoding) equals one call for every ``hope_chunk_size``.
 
 Hope-attention (``hope_attention``): the softmax attention of Transformer++ followed by CMS.
 """
@@ -61,7 +61,7 @@ from nlx.nn.config import ModelConfig
 from nlx.nn.mixer import Mixer
 from nlx.nn.mlp import SwiGLU
 from nlx.nn.norms import l2_normalize
-from nlx.nn.params import Dense, constant, normal, param
+from nlx.nn.params import Dense, normal, param
 from nlx.nn.qkv import QKV, OutputGate
 from nlx.nn.registry import register
 
@@ -119,9 +119,15 @@ def read(memory: core.Memory, weights: dict, x: Array) -> Array:
 
 
 class HopeState(NamedTuple):
+  """The stateful API's state: the memories at the start of the chunk in progress, and the
+  mixer inputs of that chunk's first ``offset`` tokens (they are written again, from the
+  chunk-start state, when the chunk continues)."""
+
   conv: Optional[Array]             # [B, W − 1, channels] or None without conv
   components: ops.TitansState       # the k, v, (q), η, α memories, stacked on the head axis
   memory: ops.TitansState           # the output memory
+  pending: tuple                    # (q, k, v [B, C − 1, H, dk], momentum [B, C − 1, H] or None)
+  offset: Array                     # int32 scalar: tokens of the chunk in progress, 0 ≤ · < C
 
 
 def check_hope(cfg: ModelConfig) -> None:
@@ -181,9 +187,14 @@ class SelfModifyingTitans(Mixer):
 
   def init_state(self, batch_size: int, max_len: int) -> HopeState:
     del max_len
-    return HopeState(self.qkv.init_state(batch_size), self._initial(self.components_init,
-                                                                     batch_size),
-                     self._initial(self.memory_init, batch_size))
+    dtype = self.memory_init[next(iter(self.memory_init))][...].dtype
+    seq = jnp.zeros((batch_size, self.chunk - 1, self.heads, self.dk), dtype)
+    momentum = (jnp.zeros((batch_size, self.chunk - 1, self.heads), dtype)
+                if self.momentum_gate is not None else None)
+    return HopeState(self.qkv.init_state(batch_size),
+                     self._initial(self.components_init, batch_size),
+                     self._initial(self.memory_init, batch_size),
+                     (seq, seq, seq, momentum), jnp.zeros((), jnp.int32))
 
   # -- the write of one group of memories --------------------------------------------------------
 
@@ -235,7 +246,7 @@ class SelfModifyingTitans(Mixer):
     """One chunk ``[B, C, ...]``: reads and targets at the chunk-start state, then the writes."""
     comps, mem = carry
     q, k, v, momentum = inputs
-    n, h = len(self.names), self.heads
+    n = len(self.names)
     streams = {"k": k, "v": v, "q": q, "eta": k, "alpha": k}
     reads = read(self.base, comps.memory, jnp.concatenate([streams[c] for c in self.names], 2))
     out = dict(zip(self.names, jnp.split(reads, n, axis=2)))
@@ -262,23 +273,80 @@ class SelfModifyingTitans(Mixer):
   def __call__(self, x: Array, state: Optional[HopeState] = None,
                pos: Array | int = 0) -> tuple[Array, Optional[HopeState]]:
     del pos
-    b = x.shape[0]
     q, k, v, conv = self.qkv(x, None if state is None else state.conv)
     momentum = (jax.nn.sigmoid(self.momentum_gate(x)) if self.momentum_gate is not None
                 else None)
-    carry = ((self._initial(self.components_init, b), self._initial(self.memory_init, b))
-             if state is None else (state.components, state.memory))
-    time_major = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
-    batch_major = lambda a: None if a is None else jnp.moveaxis(a, 0, 1)
+    if state is None:
+      b = x.shape[0]
+      carry = (self._initial(self.components_init, b), self._initial(self.memory_init, b))
+      (_, _), o = core.scan_chunks(self._chunk_time_major, carry,
+                                   tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
+      return self.out(_batch_major(o).astype(x.dtype), x), None
+    o, state = self._continue(state._replace(conv=conv), (q, k, v, momentum))
+    return self.out(o.astype(x.dtype), x), state
 
-    def body(carry, chunk):
-      carry, o = self._chunk(carry, jax.tree.map(batch_major, chunk))
-      return carry, time_major(o)
+  def _chunk_time_major(self, carry, chunk):
+    """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``)."""
+    carry, o = self._chunk(carry, jax.tree.map(_batch_major, chunk))
+    return carry, _time_major(o)
 
-    (comps, mem), o = core.scan_chunks(body, carry, tuple(map(time_major, (q, k, v, momentum))),
-                                       self.chunk)
-    y = self.out(batch_major(o).astype(x.dtype), x)
-    return y, None if state is None else HopeState(conv, comps, mem)
+  def _continue(self, state: HopeState, inputs: tuple) -> tuple[Array, HopeState]:
+    """Continues the chunk in progress of ``state`` with ``inputs`` (q, k, v ``[B, T, H, dk]``,
+    momentum ``[B, T, H]`` or None): ``(o [B, T, H, dk], state)``.
+
+    The pending ``offset`` tokens and the new ones, in a buffer of whole chunks (zeros after the
+    last real token), run from the chunk-start state exactly as one call runs them; the slots
+    after the last real token change nothing before it (every write is causal in its chunk). The
+    new state is the carry at the start of the chunk the next token falls in, and that chunk's
+    inputs so far. Costs at most 2C − 1 extra slots per call (C: ``hope_chunk_size``).
+    """
+    c, r = self.chunk, state.offset
+    t = inputs[0].shape[1]
+    n = -(-(c - 1 + t) // c)  # chunks in the buffer
+
+    def place(pending, new):  # [B, n·c + c − 1, ...]: pending, new from slot r, zeros after
+      if new is None:
+        return None
+      buffer = jnp.zeros((new.shape[0], (n + 1) * c - 1) + new.shape[2:], new.dtype)
+      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, pending.astype(new.dtype), 0, 1)
+      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new, r, 1)
+      return jnp.where(_slots(buffer, 1) < r + t, buffer, 0)
+
+    buffers = tuple(map(place, state.pending, inputs))
+    chunks = jax.tree.map(lambda a: _time_major(a[:, :n * c]).reshape((n, c) + a.shape[:1]
+                                                                       + a.shape[2:]), buffers)
+    finished = (r + t) // c  # the chunk of the next token (== n when the buffer ends there)
+
+    def body(carry, xs):
+      now, saved = carry
+      j, chunk = xs
+      saved = jax.tree.map(lambda a, b: jnp.where(j == finished, a, b), now, saved)
+      now, o = self._chunk_time_major(now, chunk)
+      return (now, saved), o
+
+    start = (state.components, state.memory)
+    (end, saved), o = jax.lax.scan(body, (start, start), (jnp.arange(n), chunks))
+    comps, mem = jax.tree.map(lambda a, b: jnp.where(finished == n, a, b), end, saved)
+    o = jax.lax.dynamic_slice_in_dim(_batch_major(o.reshape((n * c,) + o.shape[2:])), r, t, 1)
+    pending = tuple(None if a is None else
+                    jax.lax.dynamic_slice_in_dim(a, finished * c, c - 1, 1).astype(old.dtype)
+                    for a, old in zip(buffers, state.pending))
+    return o, HopeState(state.conv, comps, mem, pending, (r + t) % c)
+
+
+def _time_major(a: Optional[Array]) -> Optional[Array]:
+  return None if a is None else jnp.moveaxis(a, 1, 0)
+
+
+def _batch_major(a: Optional[Array]) -> Optional[Array]:
+  return None if a is None else jnp.moveaxis(a, 0, 1)
+
+
+def _slots(a: Array, axis: int) -> Array:
+  """The index along ``axis`` of every element of ``a``, broadcastable against it."""
+  shape = [1] * a.ndim
+  shape[axis] = a.shape[axis]
+  return jnp.arange(a.shape[axis]).reshape(shape)
 
 
 def cms_or_swiglu(cfg: ModelConfig, *, rngs: nnx.Rngs):
