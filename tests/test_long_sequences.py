@@ -21,6 +21,7 @@ from flax import nnx
 import nlx
 from nlx import configs
 from nlx.data import pipeline, sources, tokenizers
+from nlx.nn import registry
 from nlx.nn.config import ModelConfig
 from nlx.train import sharding, step
 
@@ -135,4 +136,35 @@ def test_a_repeated_token_does_not_blow_up_a_chunked_memory(family, chunk):
   logits = np.asarray(model(jnp.asarray(tokens)))
   finite = np.isfinite(logits).all(-1)[0]
   assert finite.all(), f"{family} C={chunk}: first non-finite logit at position {finite.argmin()}"
+
+
+def _saturate(mixer, lr: float, momentum: float) -> None:
+  """Sets the gate biases of a Titans or HOPE mixer: inner lr at ``lr``·lr_max, momentum ``η``."""
+  logit = lambda p: float(np.log(p / (1 - p)))
+  if hasattr(mixer, "gate_bias"):  # HOPE: [b_η, b_α]; the momentum gate is a Dense of its own
+    mixer.gate_bias[...] = mixer.gate_bias[...].at[0].set(logit(lr))
+    mixer.momentum_gate.kernel[...] = jnp.zeros_like(mixer.momentum_gate.kernel[...])
+    mixer.momentum_gate.bias[...] = jnp.full_like(mixer.momentum_gate.bias[...], logit(momentum))
+  else:  # Titans: gates [lr, momentum, decay]
+    bias = mixer.gates.bias[...]
+    mixer.gates.bias[...] = bias.at[0].set(logit(lr)).at[1].set(logit(momentum))
+
+
+@pytest.mark.parametrize("family, chunk, scale", [("titans_lmm", 16, 1.0), ("hope", 64, 10.0)])
+def test_saturated_momentum_on_a_repeated_key_stays_finite(family, chunk, scale):
+  """Gates at lr = 0.999 lr_max and momentum η = 0.999 (what training can learn), one repeated
+  input (norm ~8 · scale): the written step is lr·(1 − η) (an EMA of the gradients), so a chunk moves at most C·lr_max.
+  With the plain Titans momentum, P_t = ηP_{t−1} − lr·G at one chunk-start G moves a chunk by
+  ~C(C+1)/2·lr·G: NaN for both (a tiny HOPE trained to NaN at step 98 of experiments/niah.py).
+  Not covered: Titans at chunk 64 with inputs 10× larger still diverges (its values v are not
+  normalised, so the MLP memory's weights and curvature grow with them)."""
+  cfg = ModelConfig.from_config(configs.load(os.path.join(ROOT, "configs", f"{family}.py:tiny"),
+                                             [f"model.memory_chunk_size={chunk}"]).model)
+  mixer = registry.get(family).mixers[0](cfg, rngs=nnx.Rngs(0))
+  _saturate(mixer, 0.999, 0.999)
+  x = scale * jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (1, 1, cfg.d_model)),
+                                (1, 512, cfg.d_model))
+  y, _ = mixer(x)
+  finite = np.isfinite(np.asarray(y)).all(-1)[0]
+  assert finite.all(), f"{family}: first non-finite output at position {finite.argmin()}"
 

@@ -71,6 +71,7 @@ class ModelConfig:
       memory_chunk_size``. A chunk of C tokens takes its C gradients at one state, so on C
       repeated keys the memory steps C·lr at once: C·lr_max ≥ 1 diverged on an untrained tiny
       model fed a repeated token (docs/RELIABILITY.md); values with C·lr_max > 0.5 are refused.
+      With momentum η the step is lr·(1 − η), so the bound holds whatever η is learned.
     norm_eps: epsilon of RMSNorm.
     init_std: std of the embedding.
 

@@ -12,7 +12,9 @@ and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the outp
     M_□ ← M_□ (α_t I − η_t k_t k_tᵀ) − η_t ∇ ½‖M_□(k_t) − v̂_□‖²   (DGD with weight decay, Eq. 88)
     y_t = M_mem(q_t)      (after token t's write)
 
-with Titans-style momentum on the write (``hope_momentum``) and everything chunk-wise: within a
+with Titans-style momentum on the write (``hope_momentum``: momentum gate m_t, the write's rate
+then η_t(1 − m_t), an average of the writes, as in ``nlx.nn.neural_memory``) and everything
+chunk-wise: within a
 chunk of ``hope_chunk_size`` tokens every k, v, η, α, v̂ comes from the memories' state at the end
 of the previous chunk, and every gradient is taken there (Eqs. 90–91). ``memory_chunk_size`` is
 the output memory's gradient chunk.
@@ -256,6 +258,8 @@ class SelfModifyingTitans(Mixer):
     q = l2_normalize(out["q"]) if "q" in out else q
     bias = self.gate_bias[...]
     eta = self.cfg.hope_lr * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
+    if momentum is not None:  # an EMA of the writes: a chunk steps at most C·η_max (ModelConfig)
+      eta = eta * (1.0 - momentum)
     log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
                  else None)
     targets = read(self.base, comps.memory, jnp.tile(v, (1, 1, n, 1)))

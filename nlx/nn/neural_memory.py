@@ -5,8 +5,11 @@ head) takes a gradient step on ``½‖M(k_t) − v_t‖²`` at the chunk-start w
 momentum and decay, and is read at ``q_t`` after the write (DESIGN.md §4):
 
 * TTT-Linear / TTT-MLP: ``lr = ttt_base_lr · sigmoid(x W_lr) / head_dim``, no momentum, no decay.
-* Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr)`` (``ModelConfig.titans_lr``), momentum
-  ``η = sigmoid(x W_η)``, log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the paper).
+* Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr) · (1 − η)`` (``ModelConfig.titans_lr``),
+  momentum ``η = sigmoid(x W_η)``, log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the
+  paper). The factor 1 − η makes the momentum an average of gradients: Titans' θ_t is a learned
+  gate, and with θ_t free a chunk of C tokens, whose C gradients are taken at one state, moved by
+  up to C(C+1)/2·θ·G as η → 1 (a repeated key then diverged; tests/test_long_sequences.py).
 
 q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
 is per-head RMSNorm, a SiLU gate and the output projection (PAPER.md §5 block details). The
@@ -122,6 +125,8 @@ class NeuralMemory(Mixer):
     gates = self.gates(x)  # [B, T, n_gates, H]
     lr = self.lr_max * jax.nn.sigmoid(gates[:, :, 0])
     momentum = jax.nn.sigmoid(gates[:, :, 1]) if self.momentum else None
+    if momentum is not None:  # an EMA of the gradients: a chunk steps at most C·lr_max
+      lr = lr * (1.0 - momentum)
     g = jax.nn.log_sigmoid(gates[:, :, -1]) if self.decay else None
     initial = self.initial_memory(x.shape[0]) if state is None else state.memory
     o, memory = ops.titans_memory(q, k, v, lr, momentum=momentum, g=g, memory=self.memory,
