@@ -107,7 +107,7 @@ class ModelConfig:
       (item 3; the only reading implemented).
     hope_lr_max: η_max of ``η = η_max·sigmoid(mean(M_η(x)) + b_η)`` (item 5); None: ``0.5 / C``
       with C = ``hope_chunk_size`` (or ``memory_chunk_size``), the bound of ``titans_lr_max``
-      (a trained tiny HOPE with C·η_max = 1.6 diverged to NaN).
+      (an untrained tiny HOPE fed a repeated token diverged at C·η_max = 1.92).
     hope_gate_reduce: how M_η, M_α reduce a head to a scalar (item 5; "mean").
     hope_momentum: Titans-style momentum on the DGD write (item 6; False: "w/o momentum").
     hope_weight_decay: the retention ``α = sigmoid(mean(M_α(x)) + b_α)`` (False: α = 1,
