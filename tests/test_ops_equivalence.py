@@ -1,7 +1,9 @@
 """Chunked forms against the token-by-token reference: forward and every gradient.
 
 float64 at atol 1e-10 and float32 at rtol 1e-4 over B ∈ {1,2}, T ∈ {1,17,64,130}, H ∈ {1,3},
-K, V ∈ {16,32}, chunk ∈ {1,16,64} (see ``ops_cases.SHAPES``).
+K, V ∈ {16,32}, chunk ∈ {1,16,64} (see ``ops_cases.SHAPES``). The default run checks every shape
+once: the even-numbered shapes in float64, the odd-numbered in float32; ``-m slow`` adds float64
+on the odd-numbered shapes (each case is a few seconds of compilation).
 """
 
 import jax
@@ -12,9 +14,11 @@ import pytest
 import ops_cases as cases
 
 
-def _cases(shapes_per_variant):
-  return [pytest.param(v, s, id=f"{v}-B{s[0]}T{s[1]}H{s[2]}K{s[3]}V{s[4]}C{s[5]}")
-          for v in cases.VARIANTS for s in shapes_per_variant(v)]
+def _cases(shapes_per_variant, slow_if_odd=False):
+  """(variant, shape) params; with ``slow_if_odd`` the odd-numbered shapes are marked slow."""
+  return [pytest.param(v, s, id=f"{v}-B{s[0]}T{s[1]}H{s[2]}K{s[3]}V{s[4]}C{s[5]}",
+                       marks=pytest.mark.slow if slow_if_odd and i % 2 else ())
+          for v in cases.VARIANTS for i, s in enumerate(shapes_per_variant(v))]
 
 
 def _compare(variant, shape, dtype, tol):
@@ -43,7 +47,7 @@ def _tol32(a, r, what):
                              atol=1e-4 * max(np.abs(r).max(), 1e-30), err_msg=what)
 
 
-@pytest.mark.parametrize("variant,shape", _cases(cases.shapes_for))
+@pytest.mark.parametrize("variant,shape", _cases(cases.shapes_for, slow_if_odd=True))
 def test_chunked_matches_recurrent_float64(variant, shape):
   with jax.enable_x64(True):
     _compare(variant, shape, jnp.float64, _tol64)

@@ -123,12 +123,15 @@ def test_kernel_float32_matches_reference_and_recurrence(kind, backend):
   assert_all_close(got, want_recurrence, 1e-4, "vs recurrence")
 
 
+SLOW = pytest.mark.slow  # the default run keeps one case per feature (~13 s of interpretation each)
+
+
 @pytest.mark.parametrize("kind,backend,dk,dv,block_v", [
     ("delta_rule", "gpu", 16, 128, None),     # V split into two 64-wide programs (GPU default)
-    ("titans", "gpu", 128, 16, None),
-    ("linear_attention", "tpu", 64, 64, None),
+    pytest.param("titans", "gpu", 128, 16, None, marks=SLOW),
+    pytest.param("linear_attention", "tpu", 64, 64, None, marks=SLOW),
     ("delta_rule", "tpu", 128, 128, 64),      # V split on TPU too
-    ("titans", "tpu", 64, 128, None),
+    pytest.param("titans", "tpu", 64, 128, None, marks=SLOW),
 ])
 def test_kernel_head_dims(kind, backend, dk, dv, block_v):
   x = make_inputs(kind, 1, 40, 2, dk, dv, seed=3)
@@ -142,7 +145,9 @@ def relative_rmse(got, want):
   return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
 
 
-@pytest.mark.parametrize("kind,backend", [(kind, "gpu") for kind in KINDS] + [("delta_rule", "tpu")])
+@pytest.mark.parametrize("kind,backend", [
+    pytest.param(kind, "gpu", marks=() if kind == "delta_rule" else SLOW) for kind in KINDS] + [
+    ("delta_rule", "tpu")])
 def test_kernel_bfloat16(kind, backend):
   """bfloat16 q, k, v: forward within 5e-3 and gradients within 1e-2 relative RMSE of float32."""
   x32 = make_inputs(kind, 2, 50, 2, 64, 64, seed=5)
