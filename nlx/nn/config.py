@@ -249,11 +249,16 @@ class ModelConfig:
     return MAX_CHUNK_STEP / self.memory_chunk_size
 
   @property
+  def hope_chunk(self) -> int:
+    """The resolved ``hope_chunk_size`` (None -> ``memory_chunk_size``)."""
+    return self.hope_chunk_size or self.memory_chunk_size
+
+  @property
   def hope_lr(self) -> float:
     """The resolved ``hope_lr_max`` (None -> MAX_CHUNK_STEP / HOPE's chunk)."""
     if self.hope_lr_max is not None:
       return self.hope_lr_max
-    return MAX_CHUNK_STEP / (self.hope_chunk_size or self.memory_chunk_size)
+    return MAX_CHUNK_STEP / self.hope_chunk
 
   @property
   def kv_heads(self) -> int:

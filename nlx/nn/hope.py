@@ -141,9 +141,8 @@ def check_hope(cfg: ModelConfig) -> None:
   cfg.require("hope", hope_momentum=(not (cfg.hope_objective == "dot" and cfg.hope_dgd == "off"
                                           and cfg.hope_momentum),
                                      "the Hebbian write (dot, hope_dgd='off') has no momentum"))
-  chunk = cfg.hope_chunk_size or cfg.memory_chunk_size
-  cfg.require("hope", memory_chunk_size=(chunk % cfg.memory_chunk_size == 0,
-                                         f"must divide hope_chunk_size={chunk}"))
+  cfg.require("hope", memory_chunk_size=(cfg.hope_chunk % cfg.memory_chunk_size == 0,
+                                         f"must divide hope_chunk_size={cfg.hope_chunk}"))
 
 
 class SelfModifyingTitans(Mixer):
@@ -153,7 +152,7 @@ class SelfModifyingTitans(Mixer):
     check_hope(cfg)
     d, h, dk = cfg.d_model, cfg.n_heads, cfg.dk
     self.cfg, self.heads, self.dk = cfg, h, dk
-    self.chunk = cfg.hope_chunk_size or cfg.memory_chunk_size
+    self.chunk = cfg.hope_chunk
     self.names = tuple(n for n, on in (("k", cfg.hope_adaptive_k), ("v", cfg.hope_adaptive_v),
                                        ("q", cfg.hope_adaptive_q), ("eta", True),
                                        ("alpha", cfg.hope_weight_decay)) if on)
