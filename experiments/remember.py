@@ -78,9 +78,10 @@ def facts_length(pairs: int, chunk: int) -> int:
 
 
 def memory_chunk(cfg) -> int:
-  """HOPE's chunk: the facts are padded to a multiple of it, so the questions start a chunk of
-  their own (a split anywhere would continue exactly too: ``nlx.nn.hope``)."""
-  return math.lcm(cfg.hope_chunk, cfg.memory_chunk_size)
+  """HOPE's chunk (a multiple of ``memory_chunk_size``): the facts are padded to a multiple of it,
+  so the questions start a chunk of their own (a split anywhere would continue exactly too:
+  ``nlx.nn.hope``)."""
+  return cfg.hope_chunk
 
 
 def examples(seed: int, start: int, n: int, *, pairs: int, vocab: int, chunk: int) -> dict:

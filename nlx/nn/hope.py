@@ -14,10 +14,9 @@ and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the outp
 
 with Titans-style momentum on the write (``hope_momentum``: momentum gate m_t, the write's rate
 then η_t(1 − m_t), an average of the writes, as in ``nlx.nn.neural_memory``) and everything
-chunk-wise: within a
-chunk of ``hope_chunk_size`` tokens every k, v, η, α, v̂ comes from the memories' state at the end
-of the previous chunk, and every gradient is taken there (Eqs. 90–91). ``memory_chunk_size`` is
-the output memory's gradient chunk.
+chunk-wise: within a chunk of ``hope_chunk_size`` tokens every k, v, η, α, v̂ comes from the
+memories' state at the end of the previous chunk, and every gradient is taken there (Eqs. 90–91).
+``memory_chunk_size`` is the output memory's gradient chunk.
 
 How the writes map onto ``nlx.ops`` (no recurrence here): DGD's decay term ``−η M k kᵀ`` is the
 gradient of ``½‖M k‖²``, so DGD on the L2 objective is ``titans_memory`` on the memory
