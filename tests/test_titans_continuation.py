@@ -42,8 +42,10 @@ def assert_states_equal(got, want, tol):
       np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
-@pytest.mark.parametrize("variant", TITANS)
+@pytest.mark.parametrize("variant, impl", [
+    # The recurrence's split path is the same code for every variant: the `_full` ones are slow.
+    pytest.param(v, i, marks=pytest.mark.slow if (i, v.endswith("_full")) == ("recurrent", True)
+                 else ()) for v in TITANS for i in ("recurrent", "chunked")])
 def test_split_anywhere_equals_one_call_float64(variant, impl):
   with jax.enable_x64(True):
     arrays = cases.make_arrays(variant, 2, 70, 2, 16, 16, jnp.float64)
