@@ -5,24 +5,35 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
+# The pinned dependency set CI passed with; 'make test CONSTRAINTS=' tries the newest releases that
+# setup.cfg's ranges allow.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-test demo train test test-slow bench clean
+.PHONY: install install-test constraints demo train test test-slow bench clean
 
 # The config of 'make train': tiny HOPE (self-modifying Titans + CMS), 300 steps of 8 x 256 bytes.
+# TRAIN_ARGS adds flags, e.g. TRAIN_ARGS="--config.train.steps=4" (what CI runs).
 TRAIN_CONFIG ?= configs/hope.py:tiny
 TRAIN_DIR    ?= runs/tiny
+TRAIN_ARGS   ?=
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 install: $(VENV)/bin/python
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e . $(PIP_CONSTRAINTS)
 
 # The tpu extra (libtpu) lets the default suite compile for TPU ahead of time on CPU; the seqio
 # extra is tested too.
 install-test: $(VENV)/bin/python
-	$(PY) -m pip install -q -e ".[test,tpu,seqio]"
+	$(PY) -m pip install -q -e ".[test,tpu,seqio]" $(PIP_CONSTRAINTS)
+
+# Rewrites constraints.txt from the packages of this venv (after a passing 'make test').
+constraints: install-test
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: install
 	$(VENV)/bin/nlx demo
@@ -30,7 +41,7 @@ demo: install
 # Trains TRAIN_CONFIG on the embedded corpus (a few minutes on CPU): validation perplexity,
 # plots and a checkpoint in TRAIN_DIR; then samples from it.
 train: install
-	$(VENV)/bin/nlx train --config $(TRAIN_CONFIG) --workdir $(TRAIN_DIR)
+	$(VENV)/bin/nlx train --config $(TRAIN_CONFIG) --workdir $(TRAIN_DIR) $(TRAIN_ARGS)
 	$(VENV)/bin/nlx generate --workdir $(TRAIN_DIR) --prompt "ROMEO:" --max_new_tokens 200
 
 test: install-test

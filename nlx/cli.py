@@ -179,6 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.command == "demo":
     # Everything after the first 'demo' belongs to the demo, in order.
     return _run_demo(argv[argv.index("demo") + 1:])
+  from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
+  for name in ("workdir", "checkpoint_dir"):  # resolved once, here: the run never sees a relative path
+    if getattr(args, name, None):
+      setattr(args, name, paths.resolve(getattr(args, name)))
   try:
     overrides, extra = config_overrides(extra)
     if extra:

@@ -26,12 +26,14 @@ def train(workdir, *flags) -> int:
   return cli.main(["train", "--workdir", str(workdir), *TINY, *flags])
 
 
-def spawn(workdir, *flags, env=None) -> subprocess.Popen:
-  """`nlx train` of TINY in a subprocess (its output in WORKDIR.log)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(f"{workdir}.log", "ab") as log:
+def spawn(workdir, *flags, env=None, cwd=ROOT, log=None) -> subprocess.Popen:
+  """`nlx train` of TINY in a subprocess run in ``cwd`` (its output in ``log``, default
+  WORKDIR.log); ``workdir`` may be relative to ``cwd``."""
+  log = log or f"{os.path.join(cwd, workdir)}.log"
+  os.makedirs(os.path.dirname(log), exist_ok=True)
+  with open(log, "ab") as out:
     return subprocess.Popen([sys.executable, "-m", "nlx.cli", "train", "--workdir", str(workdir),
-                             *TINY, *flags], env=env or ENV, cwd=ROOT, stdout=log, stderr=log)
+                             *TINY, *flags], env=env or ENV, cwd=cwd, stdout=out, stderr=out)
 
 
 def log_tail(workdir) -> str:

@@ -218,3 +218,77 @@ def test_a_prompt_longer_than_the_model_supports_is_refused(four_step_run, capsy
                    "--max_new_tokens", "100"]) == 2
   err = capsys.readouterr().err
   assert "the prompt is 4000 tokens" in err and "model.max_seq_len=4096" in err
+
+
+def test_a_relative_workdir_checkpoints_is_killed_and_resumes(tmp_path):
+  """The README's main job: `nlx train --workdir runs/x` from the user's current directory."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # this checkout, from any cwd
+  flags = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
+  log = tmp_path / "run.log"
+  proc = spawn("runs/x", *flags, env=env, cwd=tmp_path, log=log)
+  workdir = tmp_path / "runs" / "x"
+  deadline = time.monotonic() + WAIT_S
+  while not (workdir / "checkpoints" / "2").is_dir():
+    assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert _finish(proc) == -signal.SIGKILL
+  saved = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), 2).latest_step()
+  assert saved is not None and saved >= 2
+  assert _finish(spawn("runs/x", *flags, env=env, cwd=tmp_path, log=log)) == 0, log.read_text()
+  text = log.read_text()
+  assert f"resuming from checkpoint step {saved} ({workdir}/checkpoints/{saved})" in text, text
+  assert trained.load(str(workdir)).step == 8
+  assert not list(tmp_path.glob("**/*.orbax-checkpoint-tmp*")), "a save failed"
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  assert _train(tmp_path / "run", "--checkpoint_dir", str(blocker / "checkpoints"),
+                "--config.train.steps=2") == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"nlx train: error: checkpoint directory {blocker}/checkpoints is not "
+                        "writable: "), err
+  assert "Traceback" not in err and not metrics_lib.read_records(str(tmp_path / "run"))
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(
+    tmp_path, capsys, monkeypatch):
+  import shutil as shutil_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(shutil_lib, "disk_usage", lambda path: shutil_lib._ntuple_diskusage(
+      10 * 2**20, 10 * 2**20 - 4096, 4096))
+  assert _train(tmp_path / "run", "--config.train.steps=2") == 1
+  err = capsys.readouterr().err
+  assert "has 0.0 MiB free; one checkpoint needs" in err and "Traceback" not in err, err
+
+
+def test_a_save_failing_mid_run_with_enospc_stops_at_that_step_and_keeps_the_last_good(
+    tmp_path, capsys, monkeypatch):
+  """A full disk during the (background) save of step 4: stop there, naming step and path."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  original, saves = ocp.JsonCheckpointHandler._save_fn, []
+
+  async def save_fn(self, item, directory):
+    saves.append(str(directory))
+    if len(saves) == 2:  # the second save (step 4) finds the disk full
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await original(self, item, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
+  workdir = tmp_path / "run"
+  assert _train(workdir, "--config.train.steps=12", "--config.train.checkpoint_every=2") == 1
+  err = capsys.readouterr().err
+  ckpts = workdir / "checkpoints"
+  assert (f"nlx train: error: saving checkpoint step 4 to {ckpts}/4 failed: OSError: [Errno 28] "
+          "No space left on device") in err, err
+  assert "the newest good checkpoint is step 2; stopped" in err and "Traceback" not in err, err
+  assert metrics_lib.read_records(str(workdir))[-1]["step"] <= 5  # at most the step in flight
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", original)
+  ckpt = checkpoint_lib.Checkpointer(str(ckpts), 2)
+  assert ckpt.manager.all_steps() == [2]
+  ckpt.close()
+  assert _train(workdir, "--config.train.steps=6", "--config.train.checkpoint_every=2") == 0
+  assert "resuming from checkpoint step 2" in capsys.readouterr().err
+  assert trained.load(str(workdir)).step == 6

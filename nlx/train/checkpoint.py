@@ -7,6 +7,13 @@ and keep the newest ``keep`` checkpoints. ``restore`` reads into the sharded abs
 each device loads only its shard. A SIGTERM (preemption) sets ``preempted``; the loop then saves
 and exits at the next step boundary.
 
+A save that fails (an unwritable directory, a full disk, an I/O error) is a ``CheckpointError``
+naming the step and the path, raised at the first step boundary after the background write fails
+(``raise_if_failed``, polled by the loop every step without blocking) and at the latest by the next
+``save`` or ``close``; the failed step never becomes a checkpoint, so the previous one stays the
+newest. ``preflight`` checks before training that the directory can be created and written and that
+its disk has room for one checkpoint.
+
 A process killed while saving leaves at most a ``<step>.orbax-checkpoint-tmp-*`` directory, which
 is never a step (and is removed when the manager opens the directory). Before reading a step,
 ``restore`` compares the saved tree (every path, shape and dtype) with this run's state, so a
@@ -18,6 +25,7 @@ a ``CheckpointError`` naming it. ``restore_newest_good`` can instead move a bad 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from nlx.errors import CheckpointError
+from nlx.train import paths
 from nlx.train.step import param_paths
 
 
@@ -36,6 +45,8 @@ class Checkpointer:
   """Saves and restores ``(state, data_state)`` under ``directory`` (a path or ``gs://`` URL)."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
+    directory = paths.resolve(directory)  # orbax refuses relative paths
+    _check_writable(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
@@ -43,14 +54,68 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     self.preempted = threading.Event()
+    self._pending: Optional[int] = None  # the step of the save in flight (not yet checked)
+
+  @property
+  def directory(self) -> str:
+    return str(self.manager.directory)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def preflight(self, state_bytes: int) -> None:
+    """Refuses, before any training, a local disk without room for one checkpoint.
+
+    Args:
+      state_bytes: the size of one saved state; the disk must have at least this much free.
+
+    Raises:
+      CheckpointError: naming the directory, its free space and the need.
+    """
+    if paths.is_url(self.directory):
+      return
+    free = shutil.disk_usage(self.directory).free
+    if free < state_bytes:
+      raise CheckpointError(f"checkpoint directory {self.directory} has {free / 2**20:.1f} MiB "
+                            f"free; one checkpoint needs {state_bytes / 2**20:.1f} MiB")
+
   def save(self, step: int, state: dict, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)),
-                      force=True)
+    """Starts writing ``DIR/<step>`` (in the background when asynchronous).
+
+    Raises:
+      CheckpointError: the previous save failed, or this one could not start.
+    """
+    self.raise_if_failed(block=True)  # one save in flight at a time; a failure is never skipped
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data_state)),
+                        force=True)
+    except Exception as e:  # pylint: disable=broad-except  (any failure: name the step and path)
+      raise CheckpointError(self._save_failure(step, e)) from e
+    self._pending = step
+
+  def raise_if_failed(self, block: bool = False) -> None:
+    """Raises if the save in flight has failed; without ``block``, returns while it runs.
+
+    Raises:
+      CheckpointError: naming the step, the path, the error and the newest good checkpoint.
+    """
+    if self._pending is None or (not block and self.manager.is_saving_in_progress()):
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._save_failure(step, e)) from e
+
+  def _save_failure(self, step: int, error: Exception) -> str:
+    self.manager.reload()  # the failed step is not a checkpoint; rescan what is on disk
+    good = self.manager.latest_step()
+    kept = (f"the newest good checkpoint is step {good}" if good is not None
+            else "no checkpoint of this run exists yet")
+    return (f"saving checkpoint step {step} to {self.directory}/{step} failed: {type(error).__name__}: "
+            f"{error}; {kept}; "
+            "stopped")
 
   def restore(self, abstract_state: dict, step: Optional[int] = None) -> tuple[dict, dict]:
     """``(state, data_state)`` of ``step`` (default: the latest), sharded like the abstract."""
@@ -128,9 +193,31 @@ class Checkpointer:
     return flag
 
   def close(self) -> None:
-    """Waits for pending asynchronous saves, then releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight, then releases the manager.
+
+    Raises:
+      CheckpointError: that save failed.
+    """
+    try:
+      self.raise_if_failed(block=True)
+    finally:
+      self.manager.close()
+
+
+def _check_writable(directory: str) -> None:
+  """Creates a local ``directory`` and writes a probe file in it; a ``CheckpointError`` if not."""
+  if paths.is_url(directory):
+    return
+  probe = os.path.join(directory, f".nlx-write-test-{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"nlx")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"checkpoint directory {directory} is not writable: "
+                          f"{e.strerror or e}; choose another --workdir or --checkpoint_dir"
+                          ) from e
 
 
 def tree_mismatch(saved, abstract) -> Optional[str]:

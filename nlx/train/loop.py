@@ -31,6 +31,7 @@ from nlx.train import checkpoint as checkpoint_lib
 from nlx.train import config as run_config
 from nlx.train import metrics as metrics_lib
 from nlx.train import optimizer as optimizer_lib
+from nlx.train import paths as paths_lib
 from nlx.train import sharding
 from nlx.train import step as step_lib
 
@@ -110,21 +111,26 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
   if on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f"on_nonfinite={on_nonfinite!r} is not allowed; allowed: "
                       f"{list(ON_NONFINITE)}")
+  workdir = paths_lib.resolve(workdir)
+  checkpoint_dir = paths_lib.resolve(checkpoint_dir or os.path.join(workdir, "checkpoints"))
   os.makedirs(workdir, exist_ok=True)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
   t = run.train
   mesh = sharding.make_mesh(run.mesh)
   trainer = step_lib.build(run, mesh)
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir or os.path.join(workdir, "checkpoints"),
-                                     t.keep_checkpoints, async_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, t.keep_checkpoints, async_checkpoints)
+  ckpt.preflight(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state)))
   data_iter = pipeline.train_iterator(
       train_windows, batch_size=t.batch_size, steps=t.steps, seed=t.seed,
       shuffle=run.data.shuffle, process_index=jax.process_index(),
       process_count=jax.process_count(), threads=run.data.prefetch_threads)
   restored = ckpt.restore_newest_good(trainer.abstract_state, fallback_to_good_checkpoint)
   if restored is not None:
-    _, state, data_state = restored
+    resumed, state, data_state = restored
     data_iter.set_state(data_state)
+    if jax.process_index() == 0:
+      print(f"resuming from checkpoint step {resumed} ({ckpt.directory}/{resumed})",
+            file=sys.stderr)
   else:
     state = step_lib.init_state(trainer, run.model, t.seed)
   save_config(cfg, workdir)  # after the restore: a refused checkpoint leaves the workdir as it was
@@ -144,6 +150,7 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
     for step in range(start, t.steps):
       batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
       state, metrics = train_step(state, batch)
+      ckpt.raise_if_failed()  # a background save that failed stops the run now, not at the end
       done = step + 1
       report = nonfinite_report(done, jax.device_get(
           {k: metrics[k] for k in ("loss",) + step_lib.NONFINITE_KEYS}), paths)
