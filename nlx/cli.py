@@ -8,7 +8,8 @@ Commands:
   checkpoints and plots; resumes from the latest checkpoint of ``DIR``.
 * ``nlx eval --workdir DIR --task ppl|mc|niah ...``: perplexity of a text file, zero-shot multiple
   choice (``../shared/data`` formats), S-NIAH-1/2/3 (``nlx.eval``).
-* ``nlx generate --workdir DIR --prompt TEXT``: samples a continuation from the trained model.
+* ``nlx generate --workdir DIR --prompt TEXT [--state FILE]``: samples a continuation from the
+  trained model; with ``--state`` its memory persists across invocations (``nlx.eval.session``).
 * ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4``: compiles the train step
   for a TPU topology on any machine; prints memory per device, FLOPs, step time and MFU (JSON).
 * ``nlx bench ops [flags]``: tokens/s and peak memory of the associative-memory ops
@@ -62,13 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when the newest checkpoint is corrupt or of another config, move it "
                      "aside (DIR/bad-STEP) and resume from the newest good one")
 
-  gen = commands.add_parser("generate", help="sample from a trained workdir")
-  gen.add_argument("--workdir", required=True)
-  gen.add_argument("--prompt", required=True)
-  gen.add_argument("--max_new_tokens", type=_positive_int, default=200)
-  gen.add_argument("--temperature", type=float, default=0.8)
-  gen.add_argument("--top_k", type=int, default=0)
-  gen.add_argument("--seed", type=int, default=0)
+  gen = commands.add_parser(
+      "generate", help="sample from a trained workdir",
+      description="Samples a continuation of --prompt from the newest checkpoint of --workdir. "
+      "With --state FILE the model's memory persists across invocations: FILE (when it exists) "
+      "is restored before the prompt and saved, atomically, after the generated text.")
+  gen.add_argument("--workdir", required=True, help="the workdir of 'nlx train'")
+  gen.add_argument("--checkpoint_dir", default=None,
+                   help="its checkpoints, if not WORKDIR/checkpoints")
+  gen.add_argument("--prompt", required=True, help="the text to continue")
+  gen.add_argument("--max_new_tokens", type=_positive_int, default=200,
+                   help="tokens to generate (default 200)")
+  gen.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 is greedy decoding (default 0.8)")
+  gen.add_argument("--top_k", type=int, default=0,
+                   help="sample among the k most likely tokens; 0: all (default)")
+  gen.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+  gen.add_argument("--state", default=None, metavar="FILE",
+                   help="a session file: the model's memory state, restored before the prompt "
+                   "when FILE exists and saved after the generated text (nlx.eval.session)")
 
   evaluate = commands.add_parser("eval", help="evaluate a trained workdir",
                                  description="Perplexity, zero-shot multiple choice, S-NIAH.")
@@ -140,13 +153,18 @@ def _run_train(args, overrides) -> int:
 
 
 def _run_generate(args) -> int:
-  from nlx.eval import sampling  # pylint: disable=g-import-not-at-top
+  from nlx.eval import sampling, session  # pylint: disable=g-import-not-at-top
   from nlx.train import trained  # pylint: disable=g-import-not-at-top
-  t = trained.load(args.workdir)
-  check_prompt_length(len(t.tokenizer.encode(args.prompt)), args.max_new_tokens,
-                      t.run.model.max_seq_len)
-  text = sampling.generate_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+  t = trained.load(args.workdir, args.checkpoint_dir)
+  kwargs = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+  if args.state:
+    text, _ = session.continue_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
+                                    args.state, step=t.step, **kwargs)
+  else:
+    check_prompt_length(len(t.tokenizer.encode(args.prompt)), args.max_new_tokens,
+                        t.run.model.max_seq_len)
+    text = sampling.generate_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
+                                  **kwargs)
   print(args.prompt + text)
   return 0
 
@@ -180,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Everything after the first 'demo' belongs to the demo, in order.
     return _run_demo(argv[argv.index("demo") + 1:])
   from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
-  for name in ("workdir", "checkpoint_dir"):  # resolved once, here: the run never sees a relative path
+  for name in ("workdir", "checkpoint_dir", "state"):  # resolved once, here: the run never sees a relative path
     if getattr(args, name, None):
       setattr(args, name, paths.resolve(getattr(args, name)))
   try:

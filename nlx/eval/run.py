@@ -1,7 +1,8 @@
 """``nlx eval``: perplexity, zero-shot multiple choice and S-NIAH on a trained workdir.
 
 * ``nlx eval --workdir DIR --task ppl --path FILE.txt``: token-level perplexity (and bits per
-  byte) of a text file, over windows of ``train.seq_len``.
+  byte) of a text file, over windows of ``train.seq_len``; with ``--state FILE``, of the whole
+  text read as the continuation of a session (``nlx.eval.session``), which is then saved.
 * ``nlx eval --workdir DIR --task piqa --data_dir ../shared/data [--limit N]``: acc and acc_norm
   (any of ``multiple_choice.TASKS``, or ``--task all``).
 * ``nlx eval --workdir DIR --task s_niah_1 --length 2000 --n 20``: RULER-style needle accuracy.
@@ -26,7 +27,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", required=True, help="the workdir of 'nlx train'")
   parser.add_argument("--task", required=True, choices=ALL_TASKS, metavar="TASK",
                       help=f"one of {', '.join(ALL_TASKS)} ('all': every multiple-choice task)")
+  parser.add_argument("--checkpoint_dir", default=None,
+                      help="its checkpoints, if not WORKDIR/checkpoints")
   parser.add_argument("--path", help="text file of --task ppl")
+  parser.add_argument("--state", default=None, metavar="FILE",
+                      help="--task ppl only: score the text as the continuation of this session "
+                      "file (restored when it exists, then saved; nlx.eval.session)")
   parser.add_argument("--data_dir", default="../shared/data", help="the eval datasets")
   parser.add_argument("--limit", type=int, default=None, help="first N examples per task")
   parser.add_argument("--length", type=int, default=2000, help="S-NIAH haystack characters")
@@ -52,12 +58,21 @@ def run_parsed(args) -> int:
   from nlx.data import sources  # pylint: disable=g-import-not-at-top
   from nlx.eval import loglik, multiple_choice, niah, sampling  # pylint: disable=g-import-not-at-top
   from nlx.train import trained  # pylint: disable=g-import-not-at-top
-  t = trained.load(args.workdir)
+  if args.state and args.task != "ppl":
+    raise ValueError(f"--state is a flag of --task ppl, not --task {args.task}")
+  t = trained.load(args.workdir, args.checkpoint_dir)
   if args.task == "ppl":
     if not args.path:
       raise ValueError("--task ppl needs --path FILE.txt")
     with open(args.path, encoding="utf-8") as f:
-      print(json.dumps(perplexity(t.model, t.tokenizer, f.read(), t.run.train.seq_len)))
+      text = f.read()
+    if args.state:
+      from nlx.eval import session  # pylint: disable=g-import-not-at-top
+      result = session.score_text(t.model, t.tokenizer, text, args.state,
+                                  piece=t.run.train.seq_len, step=t.step)
+      print(json.dumps({"task": "ppl", "state": args.state, **result}))
+    else:
+      print(json.dumps(perplexity(t.model, t.tokenizer, text, t.run.train.seq_len)))
     return 0
   if args.task in NIAH_TASKS:
     haystack = sources.load_documents(t.run.data)[1][0]
