@@ -2,14 +2,38 @@
 
 The associative-memory core (``nlx.memory``), the public sequence ops built on it (``nlx.ops``),
 levels with their own update periods (``nlx.levels``) and optimizers whose state is a memory
-(``nlx.optim``). See DESIGN.md in the project docs.
+(``nlx.optim``); the model zoo (``nlx.nn``, ``nlx.build_model``) and pretrained directories
+(``nlx.from_pretrained``). The architecture is described in docs/ARCHITECTURE.md.
+
+Names are imported on first use, so ``import nlx`` (and ``nlx --help``) does not load JAX.
 """
 
-from nlx import levels, memory, ops, optim
-from nlx.nn import build_model
-from nlx.ops import TitansState, delta_rule, linear_attention, titans_memory
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["levels", "memory", "ops", "optim", "linear_attention", "delta_rule", "titans_memory",
-           "TitansState", "build_model", "__version__"]
+# name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "levels": ("nlx.levels", None), "memory": ("nlx.memory", None), "ops": ("nlx.ops", None),
+    "optim": ("nlx.optim", None),
+    "linear_attention": ("nlx.ops", "linear_attention"), "delta_rule": ("nlx.ops", "delta_rule"),
+    "titans_memory": ("nlx.ops", "titans_memory"), "TitansState": ("nlx.ops", "TitansState"),
+    "build_model": ("nlx.nn", "build_model"),
+    "from_pretrained": ("nlx.pretrained", "from_pretrained"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'nlx' has no attribute {name!r}")
+  module, attribute = _LAZY[name]
+  value = importlib.import_module(module)
+  value = value if attribute is None else getattr(value, attribute)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return __all__

@@ -19,7 +19,7 @@ Measurements (one record per op × impl × mode × T):
 * ``compile_s``: wall time of ``jax.jit(f).lower(inputs).compile()``.
 * ``seconds``: the median wall time of the timed runs, each ended by ``jax.block_until_ready``,
   after one untimed warm-up run. ``--repeats`` runs are timed (default 3), except that a
-  configuration whose warm-up run took longer than ``--slow-run-s`` seconds (default 10) is timed
+  configuration whose warm-up run took longer than ``--slow_run_s`` seconds (default 10) is timed
   once: at that length one run is already a stable measurement, and it keeps the default
   benchmark (whose slowest case is the token-by-token recurrence at T=4096 with gradients) to a
   bearable length. ``repeats`` in the record says how many runs were timed; ``times_s`` lists them.
@@ -33,7 +33,7 @@ Measurements (one record per op × impl × mode × T):
   GPU/TPU whose device reports ``memory_stats()``, ``device_peak_bytes_in_use`` is additionally the
   allocator's ``peak_bytes_in_use`` read after the configuration ran: the high-water mark of the
   process, which with the default isolation (below) is that of this configuration alone (inputs,
-  compilation and runs); with ``--in-process`` it cannot be reset and only grows from record to
+  compilation and runs); with ``--in_process`` it cannot be reset and only grows from record to
   record.
 
 Implementations that are not available (``pallas`` on CPU, where the kernels only run in Pallas
@@ -41,15 +41,15 @@ interpret mode; an op that raises ``NotImplementedError``) are listed under ``un
 the reason instead of being measured.
 
 Isolation: by default every configuration runs in its own ``python -m nlx.bench`` child process,
-killed after ``--timeout-s`` seconds (default 300), or on CPU once it has used no CPU time for
-``--stall-s`` seconds (default 60), and retried ``--retries`` times (default 1).
+killed after ``--timeout_s`` seconds (default 300), or on CPU once it has used no CPU time for
+``--stall_s`` seconds (default 60), and retried ``--retries`` times (default 1).
 XLA's CPU runtime can hang (every thread parked on a futex, no progress, forever): on the 2-vCPU
 development VM the LAPACK triangular solve that the chunked delta rule once used did so in its
 gradient (see docs/RESULTS.md; nlx no longer calls it).
 A configuration that never finishes is
 listed under ``failures`` instead of stopping the benchmark. The children also give every
 configuration a fresh allocator, so that ``device_peak_bytes_in_use`` is per configuration.
-``--in-process`` measures everything in the calling process instead (faster to start; used by the
+``--in_process`` measures everything in the calling process instead (faster to start; used by the
 tests).
 
 The exit status is 0, or 1 when a configuration failed.
@@ -168,7 +168,7 @@ def add_ops_arguments(parser: argparse.ArgumentParser, kernels: bool = False) ->
   parser.add_argument("--heads", type=_positive_int, default=8, help="H (default 8)")
   parser.add_argument("--dim", type=_positive_int, default=64,
                       help="head dimension D = K = V (default 64)")
-  parser.add_argument("--seq-lens", type=_positive_int_list, default=[1024, 4096],
+  parser.add_argument("--seq_lens", type=_positive_int_list, default=[1024, 4096],
                       help="sequence lengths T, comma-separated (default 1024,4096)")
   parser.add_argument("--ops", type=_choice_list(OPS, "op"), default=list(OPS),
                       help=f"ops, comma-separated (default {','.join(OPS)})")
@@ -179,7 +179,7 @@ def add_ops_arguments(parser: argparse.ArgumentParser, kernels: bool = False) ->
                       "on a CUDA GPU, when installed)")
   default_shapes = [list(x) for x in KERNEL_SHAPES] if kernels else None
   parser.add_argument("--shapes", type=_shape_list, default=default_shapes,
-                      help="shapes BxTxHxD, comma-separated; replace --batch/--seq-lens/--heads/"
+                      help="shapes BxTxHxD, comma-separated; replace --batch/--seq_lens/--heads/"
                       "--dim (default: " + (",".join("x".join(map(str, x)) for x in KERNEL_SHAPES)
                                             if kernels else "from those flags") + ")")
   parser.add_argument("--modes", type=_choice_list(MODES, "mode"), default=list(MODES),
@@ -187,27 +187,27 @@ def add_ops_arguments(parser: argparse.ArgumentParser, kernels: bool = False) ->
   dtype = "bfloat16" if kernels else "float32"
   parser.add_argument("--dtype", choices=DTYPES, default=dtype,
                       help=f"input dtype (default {dtype})")
-  parser.add_argument("--chunk-size", type=_positive_int, default=64,
+  parser.add_argument("--chunk_size", type=_positive_int, default=64,
                       help="chunk_size of the ops (default 64)")
   parser.add_argument("--repeats", type=_positive_int, default=3,
                       help="timed runs per configuration, median reported (default 3)")
-  parser.add_argument("--slow-run-s", type=_non_negative_float, default=10.0,
+  parser.add_argument("--slow_run_s", type=_non_negative_float, default=10.0,
                       help="time a configuration only once when its warm-up run takes longer "
                       "than this many seconds (default 10; 0 disables the rule)")
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs (default 0)")
   parser.add_argument("--out", metavar="FILE.json", default=None,
                       help="write records, speedups and metadata to this JSON file")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
+  parser.add_argument("--no_progress", dest="progress", action="store_false",
                       help="no progress bar on stderr")
-  parser.add_argument("--timeout-s", type=_non_negative_float, default=300.0,
+  parser.add_argument("--timeout_s", type=_non_negative_float, default=300.0,
                       help="kill a configuration's child process after this many seconds and "
                       "report it under failures (default 300; 0: no limit)")
-  parser.add_argument("--stall-s", type=_non_negative_float, default=60.0,
+  parser.add_argument("--stall_s", type=_non_negative_float, default=60.0,
                       help="on CPU, kill a child that used no CPU time for this many seconds "
                       "(a hung XLA runtime) and report it under failures (default 60; 0: never)")
   parser.add_argument("--retries", type=int, default=1,
                       help="runs of a configuration that failed or timed out (default 1)")
-  parser.add_argument("--in-process", action="store_true",
+  parser.add_argument("--in_process", action="store_true",
                       help="measure in this process instead of one child process per "
                       "configuration (no timeout)")
   parser.set_defaults(bench_fn=run_ops_command, benchmark_name="kernels" if kernels else "ops")
@@ -807,7 +807,8 @@ def run_parsed(args: argparse.Namespace, command: Optional[str] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  from nlx.cli import normalize_flags  # pylint: disable=g-import-not-at-top
+  argv = normalize_flags(sys.argv[1:] if argv is None else argv)
   if argv[:1] == [_CHILD_COMMAND]:
     return _child_main(argv[1])
   args = build_parser().parse_args(argv)

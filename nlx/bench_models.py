@@ -9,7 +9,7 @@ Measurements (one record per family), as in ``nlx bench ops``:
 
 * ``compile_s``: wall time of ``jax.jit(step).lower(...).compile()``.
 * ``seconds``: median wall time of ``--repeats`` timed steps after one untimed warm-up step
-  (once if the warm-up step took longer than ``--slow-run-s``).
+  (once if the warm-up step took longer than ``--slow_run_s``).
 * ``tokens_per_s = B·T / seconds``.
 * ``peak_bytes``: XLA's compiled memory analysis, argument + output + temp bytes of the step.
 * ``params``: the model's parameter count.
@@ -54,13 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--size", default="20m",
                       help="the config size of every family (default 20m, ~20M parameters)")
   parser.add_argument("--batch", type=bench._positive_int, default=1, help="B (default 1)")  # pylint: disable=protected-access
-  parser.add_argument("--seq-len", type=bench._positive_int, default=2048,  # pylint: disable=protected-access
+  parser.add_argument("--seq_len", type=bench._positive_int, default=2048,  # pylint: disable=protected-access
                       help="T, tokens per sequence (default 2048)")
   parser.add_argument("--repeats", type=bench._positive_int, default=3,  # pylint: disable=protected-access
                       help="timed steps, median reported (default 3)")
-  parser.add_argument("--slow-run-s", type=bench._non_negative_float, default=30.0,  # pylint: disable=protected-access
+  parser.add_argument("--slow_run_s", type=bench._non_negative_float, default=30.0,  # pylint: disable=protected-access
                       help="time only one step when the warm-up step took longer (default 30)")
-  parser.add_argument("--config-dir", default=CONFIG_DIR,
+  parser.add_argument("--config_dir", default=CONFIG_DIR,
                       help="directory of the family configs (default: the repository's configs/)")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every family, e.g. model.impl=recurrent "

@@ -10,6 +10,9 @@ Commands:
   choice (``../shared/data`` formats), S-NIAH-1/2/3 (``nlx.eval``).
 * ``nlx generate --workdir DIR --prompt TEXT [--state FILE]``: samples a continuation from the
   trained model; with ``--state`` its memory persists across invocations (``nlx.eval.session``).
+* ``nlx convert llama HF_DIR OUT_WORKDIR``: a Hugging Face Llama-architecture model as an nlx
+  Transformer++ workdir (``nlx.convert.llama``).
+* ``nlx export WORKDIR OUT``: the newest checkpoint as a pretrained directory (``nlx.pretrained``).
 * ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4``: compiles the train step
   for a TPU topology on any machine; prints memory per device, FLOPs, step time and MFU (JSON).
 * ``nlx bench ops [flags]``: tokens/s and peak memory of the associative-memory ops
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "override its fields.")
   _add_config_flags(train)
   train.add_argument("--workdir", required=True, help="run directory (resumes when it holds "
-                     "checkpoints)")
+                     "checkpoints; without --config, its config.json is the config)")
   train.add_argument("--checkpoint_dir", default=None,
                      help="checkpoints (default WORKDIR/checkpoints; may be gs://...)")
   train.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -88,6 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
   from nlx.eval import run as eval_run  # pylint: disable=g-import-not-at-top  (no JAX at import)
   eval_run.configure_parser(evaluate)
 
+  convert = commands.add_parser(
+      "convert", help="import a Hugging Face model ('nlx convert llama HF_DIR OUT_WORKDIR')",
+      description="Converts a Hugging Face Llama-architecture model directory (config.json, "
+      "*.safetensors, tokenizer.json) into an nlx Transformer++ workdir that 'nlx generate', "
+      "'nlx eval' and 'nlx train' use (nlx.convert.llama).")
+  convert.add_argument("architecture", choices=("llama",), help="the source architecture")
+  convert.add_argument("hf_dir", help="the Hugging Face model directory")
+  convert.add_argument("out_workdir", help="the nlx workdir to write")
+  convert.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                       help="stored dtype of the weights (default float32)")
+
+  export = commands.add_parser(
+      "export", help="write a workdir's newest checkpoint as a pretrained directory",
+      description="Writes the parameters of the newest checkpoint of WORKDIR, its model config "
+      "and tokenizer as an nlx pretrained directory (nlx.pretrained: config.json, "
+      "model.safetensors), which nlx.from_pretrained and --config.train.init_from read.")
+  export.add_argument("workdir", help="the workdir of 'nlx train'")
+  export.add_argument("out", help="the directory to write")
+  export.add_argument("--checkpoint_dir", default=None,
+                      help="its checkpoints, if not WORKDIR/checkpoints")
+  export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="stored dtype of the weights (default float32)")
+
   aot = commands.add_parser("aot", help="compile the train step for a TPU topology (JSON)")
   _add_config_flags(aot)
   aot.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4")
@@ -116,8 +142,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                       help="gin binding, e.g. 'TrainConfig.steps = 5' (repeatable)")
 
 
+# Config fields that name files: a relative path given on the command line is made absolute (the
+# resolved config is saved in the workdir and may be resumed from another directory).
+PATH_FIELDS = ("data.path", "data.spm_model", "data.tokenizer_file", "train.init_from")
+
+
 def config_overrides(extra: Sequence[str]) -> tuple[list, list]:
-  """Splits ``--config.a.b=v`` / ``--config.a.b v`` flags from the rest: ``(overrides, rest)``."""
+  """Splits ``--config.a.b=v`` / ``--config.a.b v`` flags from the rest: ``(overrides, rest)``;
+  the values of ``PATH_FIELDS`` are resolved against the current directory."""
+  from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
   overrides, rest, i = [], [], 0
   while i < len(extra):
     arg = extra[i]
@@ -127,6 +160,8 @@ def config_overrides(extra: Sequence[str]) -> tuple[list, list]:
         if i + 1 >= len(extra):
           raise ValueError(f"{arg} needs a value ('{arg}=VALUE')")
         value, i = extra[i + 1], i + 1
+      if key in PATH_FIELDS and value.strip("'\"") not in ("", "None"):
+        value = paths.resolve(value.strip("'\""))
       overrides.append(f"{key}={value}")
     else:
       rest.append(arg)
@@ -135,7 +170,18 @@ def config_overrides(extra: Sequence[str]) -> tuple[list, list]:
 
 
 def _load_config(args, overrides):
+  """The run config of --config / --gin_file; for 'train' without either, WORKDIR's own."""
   from nlx import configs  # pylint: disable=g-import-not-at-top
+  if args.command == "train" and not args.config and not args.gin_file:
+    from nlx.train import loop  # pylint: disable=g-import-not-at-top
+    try:
+      cfg = loop.load_workdir_config(args.workdir)
+    except ValueError:
+      raise ValueError(f"give --config path.py[:arg] (or --gin_file): --workdir "
+                       f"{args.workdir} has no config.json to resume with") from None
+    for item in overrides:
+      configs.apply_override(cfg, item)
+    return cfg
   return configs.load_run(args.config, overrides, args.gin_file, args.gin_bindings)
 
 
@@ -177,6 +223,22 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: in
                      "prompt tokens + --max_new_tokens <= model.max_seq_len")
 
 
+def _run_convert(args) -> int:
+  import json  # pylint: disable=g-import-not-at-top
+  from nlx.convert import llama  # pylint: disable=g-import-not-at-top
+  print(json.dumps(llama.convert_llama(args.hf_dir, args.out_workdir, dtype=args.dtype)))
+  return 0
+
+
+def _run_export(args) -> int:
+  from nlx import pretrained  # pylint: disable=g-import-not-at-top
+  from nlx.train import trained  # pylint: disable=g-import-not-at-top
+  t = trained.load(args.workdir, args.checkpoint_dir)
+  pretrained.save_pretrained(t.model, args.out, dtype=args.dtype, tokenizer=t.tokenizer)
+  print(f"wrote step {t.step} of {args.workdir} to {args.out}")
+  return 0
+
+
 def _run_aot(args, overrides) -> int:
   import json  # pylint: disable=g-import-not-at-top
   from nlx.train import aot  # pylint: disable=g-import-not-at-top
@@ -190,15 +252,27 @@ def _run_demo(argv: list) -> int:
   return 0 if status is None else int(status)
 
 
+def normalize_flags(argv: Sequence[str]) -> list[str]:
+  """``--seq-len`` -> ``--seq_len``: nlx's flags are spelled with underscores (as absl's and
+  ml_collections' ``--config.a_b`` are); dashes are accepted too. Values are left alone."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--") and not arg.startswith("--config.") and len(arg) > 2:
+      name, sep, value = arg.partition("=")
+      arg = name.replace("-", "_").replace("__", "--", 1) + sep + value
+    out.append(arg)
+  return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = normalize_flags(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   if args.command == "demo":
     # Everything after the first 'demo' belongs to the demo, in order.
     return _run_demo(argv[argv.index("demo") + 1:])
   from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
-  for name in ("workdir", "checkpoint_dir", "state"):  # resolved once, here: the run never sees a relative path
+  for name in ("workdir", "checkpoint_dir", "state", "hf_dir", "out_workdir", "out"):  # resolved once, here: the run never sees a relative path
     if getattr(args, name, None):
       setattr(args, name, paths.resolve(getattr(args, name)))
   try:
@@ -213,6 +287,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return _run_generate(args)
     if args.command == "aot":
       return _run_aot(args, overrides)
+    if args.command == "convert":
+      return _run_convert(args)
+    if args.command == "export":
+      return _run_export(args)
     if args.command == "eval":
       from nlx.eval import run as eval_run  # pylint: disable=g-import-not-at-top
       return eval_run.run_parsed(args)

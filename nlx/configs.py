@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Optional, Sequence
 
 import ml_collections
@@ -151,30 +152,60 @@ def validate(cfg: ml_collections.ConfigDict, **kwargs):
   return run_config.validate(cfg, **kwargs)
 
 
+def shipped() -> list[str]:
+  """The names of the shipped configs (``configs/`` of the checkout, ``nlx.presets`` installed):
+  ``["deltanet", ..., "adapters/hope_attention"]``."""
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  root = importlib.resources.files("nlx.presets")
+  names = [f.name[:-3] for f in root.iterdir() if f.name.endswith(".py") and f.name[0] != "_"]
+  names += [f"adapters/{f.name[:-3]}" for f in root.joinpath("adapters").iterdir()
+            if f.name.endswith(".py") and f.name[0] != "_"]
+  return sorted(names)
+
+
+def resolve_spec(spec: str) -> tuple[str, Optional[str]]:
+  """``(file, arg)`` of ``path/to/config.py[:arg]`` or of a shipped config ``NAME[:arg]``
+  (``hope:tiny``, ``adapters/hope_attention:DIR``); ``arg`` is None when absent.
+
+  Raises:
+    ValueError: no such file or shipped config, naming the allowed names.
+  """
+  match = re.match(r"^(.*?\.py)(?::(.*))?$", spec, re.DOTALL)  # the arg may be a path itself
+  if match:
+    path, arg = match.group(1), match.group(2)
+    if not os.path.isfile(path):
+      raise ValueError(f"config file {path!r} does not exist (spec {spec!r}; expected "
+                       "'path/to/config.py[:arg]' or a shipped config NAME[:arg])")
+    return path, arg
+  name, _, arg = spec.partition(":")
+  if name not in shipped():
+    raise ValueError(f"--config {spec!r}: {name!r} is neither a .py file nor a shipped config; "
+                     f"shipped: {', '.join(shipped())}")
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  return str(importlib.resources.files("nlx.presets").joinpath(name + ".py")), (
+      arg if ":" in spec else None)
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads ``path.py[:arg]``: imports the file, calls ``get_config(arg)``, applies overrides.
+  """Loads a config: imports the file, calls ``get_config(arg)``, applies overrides.
 
   Args:
-    spec: ``"configs/transformer.py:tiny"`` (``get_config("tiny")``) or ``"configs/x.py"``
-      (``get_config()``).
+    spec: a file, ``"configs/transformer.py:tiny"`` (``get_config("tiny")``) or
+      ``"configs/x.py"`` (``get_config()``), or a shipped config by name: ``"transformer:tiny"``
+      (``shipped()`` lists them; they install with nlx).
     overrides: ``"model.d_model=128"`` strings; values are Python literals (or bare strings).
 
   Returns:
     The ConfigDict.
   """
-  path, sep, arg = spec.rpartition(":") if ":" in os.path.basename(spec) else (spec, "", "")
-  if not sep:
-    path = spec
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist (spec {spec!r}; expected "
-                     "'path/to/config.py[:arg]')")
+  path, arg = resolve_spec(spec)
   module_spec = importlib.util.spec_from_file_location(
       f"nlx_config_{os.path.splitext(os.path.basename(path))[0]}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config(arg)")
-  cfg = module.get_config(arg) if sep else module.get_config()
+  cfg = module.get_config(arg) if arg is not None else module.get_config()
   for item in overrides:
     apply_override(cfg, item)
   return cfg

@@ -219,29 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--impl", choices=IMPLS, default="auto", help="implementation of the op")
   p.add_argument("--steps", type=int, default=600, help="training steps")
   p.add_argument("--batch", type=int, default=32, help="examples per step")
-  p.add_argument("--seq-len", type=int, default=64, help="tokens per example")
-  p.add_argument("--num-pairs", type=int, default=12, help="key-value pairs in the context")
-  p.add_argument("--num-queries", type=int, default=None,
-                 help="queries per example (default: as many as fit, at most --num-pairs)")
-  p.add_argument("--vocab-size", type=int, default=128,
+  p.add_argument("--seq_len", type=int, default=64, help="tokens per example")
+  p.add_argument("--num_pairs", type=int, default=12, help="key-value pairs in the context")
+  p.add_argument("--num_queries", type=int, default=None,
+                 help="queries per example (default: as many as fit, at most --num_pairs)")
+  p.add_argument("--vocab_size", type=int, default=128,
                  help="vocabulary: pad, then disjoint key and value ranges")
-  p.add_argument("--d-model", type=int, default=64, help="model width")
+  p.add_argument("--d_model", type=int, default=64, help="model width")
   p.add_argument("--heads", type=int, default=2, help="heads of the mixer")
   p.add_argument("--layers", type=int, default=2, help="blocks")
   p.add_argument("--conv", type=int, default=4,
                  help="width of the short causal convolution on q, k, v (0: none)")
-  p.add_argument("--chunk-size", type=int, default=None,
+  p.add_argument("--chunk_size", type=int, default=None,
                  help="chunk of the op (default 64; titans: 8, since its chunk-start gradients "
                       "make the chunk a modelling choice)")
   p.add_argument("--lr", type=float, default=6e-3, help="peak learning rate (adamw, warmup + "
                                                         "cosine decay)")
-  p.add_argument("--weight-decay", type=float, default=0.01, help="adamw weight decay")
+  p.add_argument("--weight_decay", type=float, default=0.01, help="adamw weight decay")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the initialisation and of the training data; held-out data uses "
                       f"seed + {EVAL_SEED_OFFSET}")
-  p.add_argument("--eval-examples", type=int, default=1024, help="held-out examples")
-  p.add_argument("--log-every", type=int, default=10, help="steps between progress updates")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--eval_examples", type=int, default=1024, help="held-out examples")
+  p.add_argument("--log_every", type=int, default=10, help="steps between progress updates")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
   p.add_argument("--out", default=None, help="write the final metrics to this JSON file")
   return p
 
@@ -254,15 +254,15 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
   if a.conv < 0:
     p.error(f"--conv must be >= 0; got {a.conv}")
   if a.chunk_size is not None and a.chunk_size < 1:
-    p.error(f"--chunk-size must be >= 1; got {a.chunk_size}")
+    p.error(f"--chunk_size must be >= 1; got {a.chunk_size}")
   if not (a.lr > 0 and math.isfinite(a.lr)):
     p.error(f"--lr must be a positive finite number; got {a.lr}")
   if a.weight_decay < 0:
-    p.error(f"--weight-decay must be >= 0; got {a.weight_decay}")
+    p.error(f"--weight_decay must be >= 0; got {a.weight_decay}")
   if a.seed < 0:
     p.error(f"--seed must be >= 0; got {a.seed}")
   if a.d_model % a.heads:
-    p.error(f"--d-model must be a multiple of --heads = {a.heads}; got {a.d_model}")
+    p.error(f"--d_model must be a multiple of --heads = {a.heads}; got {a.d_model}")
   if a.num_queries is None:
     a.num_queries = max(1, min(a.num_pairs, a.seq_len // 2 - a.num_pairs))
   try:
@@ -275,8 +275,9 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the demo; returns 0 on success (1 if the loss became non-finite)."""
+  from nlx.cli import normalize_flags  # pylint: disable=g-import-not-at-top
   parser = build_parser()
-  a = parser.parse_args(argv)
+  a = parser.parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
   _check_args(parser, a)
   chunk_size = a.chunk_size or (8 if a.mixer == "titans" else 64)
   task = dict(num_pairs=a.num_pairs, seq_len=a.seq_len, vocab_size=a.vocab_size,

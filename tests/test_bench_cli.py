@@ -14,7 +14,7 @@ import pytest
 
 from nlx import bench, cli
 
-TINY = ["--batch", "1", "--heads", "2", "--dim", "16", "--repeats", "1", "--no-progress"]
+TINY = ["--batch", "1", "--heads", "2", "--dim", "16", "--repeats", "1", "--no_progress"]
 
 
 def _run(args, timeout=240):
@@ -123,8 +123,8 @@ def test_cli_help(argv, capsys):
   if argv == ["--help"]:
     assert "bench" in text and "demo" in text
   if "ops" in argv:
-    for flag in ("--batch", "--heads", "--dim", "--seq-lens", "--ops", "--impls", "--modes",
-                 "--dtype", "--chunk-size", "--repeats", "--out"):
+    for flag in ("--batch", "--heads", "--dim", "--seq_lens", "--ops", "--impls", "--modes",
+                 "--dtype", "--chunk_size", "--repeats", "--out"):
       assert flag in text
 
 
@@ -158,7 +158,7 @@ def test_defaults():
     (["bench", "nonsense"], "invalid choice: 'nonsense'"),
     (["train"], "the following arguments are required: --workdir"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["bench", "ops", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["bench", "ops", "--bogus-flag"], "unrecognized arguments: --bogus_flag"),
 ])
 def test_cli_errors_name_the_value(argv, needle, capsys):
   with pytest.raises(SystemExit) as e:

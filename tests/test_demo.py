@@ -38,9 +38,9 @@ def test_the_model_learns_recall(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-pairs", "40"], "--seq-len"),
-    (["--vocab-size", "10"], "--vocab-size"),
-    (["--d-model", "30", "--heads", "4"], "--d-model must be a multiple of --heads"),
+    (["--num-pairs", "40"], "--seq_len"),
+    (["--vocab-size", "10"], "--vocab_size"),
+    (["--d-model", "30", "--heads", "4"], "--d_model must be a multiple of --heads"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--mixer", "lstm"], "invalid choice"),
 ])

@@ -101,7 +101,6 @@ def load_splits(data, seq_len: int, workdir: Optional[str] = None):
     workdir: where a SentencePiece model is trained (or found) when ``data.spm_model`` is None.
   """
   train_docs, val_docs = sources.load_documents(data)
-  tokenizer = tokenizers.build_tokenizer(data.tokenizer, data.spm_model, train_docs,
-                                         data.spm_vocab_size, workdir)
+  tokenizer = tokenizers.from_config(data, workdir, train_docs)
   return (tokenizer, pack(train_docs, tokenizer, seq_len),
           pack(val_docs, tokenizer, seq_len, "validation"))

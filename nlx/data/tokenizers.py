@@ -1,6 +1,7 @@
-"""Tokenizers: byte-level (the default; no files) and SentencePiece (trained or loaded).
+"""Tokenizers: byte-level (the default; no files), SentencePiece (trained or loaded) and Hugging
+Face ``tokenizers`` (a ``tokenizer.json``, e.g. of a model converted by ``nlx convert llama``).
 
-Both have ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size`` and ``eos_id``
+Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size`` and ``eos_id``
 (the id that ends a document when documents are packed).
 """
 
@@ -47,6 +48,45 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+class HFTokenizer:
+  """A Hugging Face tokenizer from its ``tokenizer.json`` (the ``tokenizers`` package).
+
+  ``encode`` applies the file's post-processor (a Llama tokenizer puts BOS first, as
+  ``transformers`` does); ``encode(text, add_special_tokens=False)`` does not (a session's later
+  turns). ``eos_id`` is the ``eos_token`` of the ``tokenizer_config.json`` beside the file (its
+  Hugging Face home), else the first of the usual end-of-text tokens the vocabulary has.
+  """
+
+  EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise DataError(f"data.tokenizer_file={path!r} does not exist")
+    self.path = path
+    self._tok = Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    names = list(self.EOS_NAMES)
+    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.isfile(config):
+      import json  # pylint: disable=g-import-not-at-top
+      with open(config, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token")
+      names.insert(0, eos.get("content") if isinstance(eos, dict) else eos)
+    ids = [self._tok.token_to_id(n) for n in names if n]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+      raise DataError(f"{path}: no end-of-text token (looked for {names}); add a "
+                      "tokenizer_config.json with an 'eos_token' beside it")
+    self.eos_id = ids[0]
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int) -> str:
   """Trains a unigram SentencePiece model on ``texts``; returns the ``.model`` path.
 
@@ -73,21 +113,26 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
 
 def build_tokenizer(kind: str, spm_model: Optional[str] = None,
                     train_texts: Optional[Iterable[str]] = None, spm_vocab_size: int = 1024,
-                    workdir: Optional[str] = None):
+                    workdir: Optional[str] = None, tokenizer_file: Optional[str] = None):
   """The tokenizer of ``data.tokenizer``.
 
   Args:
-    kind: ``"byte"`` or ``"sentencepiece"``.
+    kind: ``"byte"``, ``"sentencepiece"`` or ``"hf"``.
     spm_model: a ``.model`` to load; None trains one on ``train_texts``.
     train_texts: the training documents (SentencePiece training only).
     spm_vocab_size: the vocabulary of a trained model.
     workdir: where a trained model is written (``workdir/spm.model``); reused when present.
+    tokenizer_file: the ``tokenizer.json`` of ``"hf"`` (default ``workdir/tokenizer.json``).
   """
   if kind == "byte":
     return ByteTokenizer()
+  if kind == "hf":
+    if tokenizer_file is None and workdir is None:
+      raise ValueError("data.tokenizer='hf' needs data.tokenizer_file (a tokenizer.json)")
+    return HFTokenizer(tokenizer_file or os.path.join(workdir, "tokenizer.json"))
   if kind != "sentencepiece":
     raise ValueError(f"data.tokenizer={kind!r} is not allowed; allowed: ['byte', "
-                     "'sentencepiece']")
+                     "'sentencepiece', 'hf']")
   if spm_model:
     return SentencePieceTokenizer(spm_model)
   if workdir is None:
@@ -98,3 +143,9 @@ def build_tokenizer(kind: str, spm_model: Optional[str] = None,
       raise ValueError("data.spm_model=None and no training text to train one on")
     train_sentencepiece(train_texts, os.path.join(workdir, "spm"), spm_vocab_size)
   return SentencePieceTokenizer(path)
+
+
+def from_config(data, workdir: Optional[str] = None, train_texts: Optional[Iterable[str]] = None):
+  """The tokenizer of a ``DataConfig`` (``config.data``) for a run in ``workdir``."""
+  return build_tokenizer(data.tokenizer, data.spm_model, train_texts, data.spm_vocab_size,
+                         workdir, data.tokenizer_file)

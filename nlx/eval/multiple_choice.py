@@ -124,7 +124,9 @@ def load_task(name: str, data_dir: str) -> list[Example]:
   if name not in TASKS:
     raise ValueError(f"task {name!r} is not known; allowed: {sorted(TASKS)}")
   if not os.path.isdir(data_dir):
-    raise ValueError(f"--data_dir {data_dir!r} does not exist (expected ../shared/data)")
+    raise ValueError(f"--data_dir {data_dir!r} does not exist; it should hold the task files "
+                     "(piqa/valid.jsonl, hellaswag/hellaswag_val_full.txt.bz2, ...: docs/"
+                     "TRAINING.md, 'Evaluation data', lists each file and its source)")
   return TASKS[name](data_dir)
 
 

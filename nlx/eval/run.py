@@ -3,7 +3,7 @@
 * ``nlx eval --workdir DIR --task ppl --path FILE.txt``: token-level perplexity (and bits per
   byte) of a text file, over windows of ``train.seq_len``; with ``--state FILE``, of the whole
   text read as the continuation of a session (``nlx.eval.session``), which is then saved.
-* ``nlx eval --workdir DIR --task piqa --data_dir ../shared/data [--limit N]``: acc and acc_norm
+* ``nlx eval --workdir DIR --task piqa --data_dir DATA [--limit N]``: acc and acc_norm
   (any of ``multiple_choice.TASKS``, or ``--task all``).
 * ``nlx eval --workdir DIR --task s_niah_1 --length 2000 --n 20``: RULER-style needle accuracy.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 # Task names only: this module is imported to build the CLI, without JAX.
 MC_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "siqa",
@@ -33,11 +34,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--state", default=None, metavar="FILE",
                       help="--task ppl only: score the text as the continuation of this session "
                       "file (restored when it exists, then saved; nlx.eval.session)")
-  parser.add_argument("--data_dir", default="../shared/data", help="the eval datasets")
+  parser.add_argument("--data_dir", default=None,
+                      help="the directory of the multiple-choice datasets (default: $NLX_DATA)")
   parser.add_argument("--limit", type=int, default=None, help="first N examples per task")
   parser.add_argument("--length", type=int, default=2000, help="S-NIAH haystack characters")
   parser.add_argument("--n", type=int, default=20, help="S-NIAH examples")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="the seed of S-NIAH's needles")
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 8) -> dict:
@@ -83,9 +85,14 @@ def run_parsed(args) -> int:
     print(json.dumps({"task": args.task, "acc": niah.score(predictions, examples),
                       "n": args.n, "length_chars": args.length}))
     return 0
+  data_dir = args.data_dir or os.environ.get("NLX_DATA")
+  if not data_dir:
+    raise ValueError(f"--task {args.task} reads its dataset from --data_dir (or $NLX_DATA): a "
+                     "directory with the multiple-choice files (docs/TRAINING.md, 'Evaluation "
+                     "data', lists each file and its source)")
   scorer = loglik.Scorer(t.model, max_len=t.run.train.seq_len)
   for task in (MC_TASKS if args.task == "all" else (args.task,)):
-    examples = multiple_choice.load_task(task, args.data_dir)
+    examples = multiple_choice.load_task(task, data_dir)
     print(json.dumps({"task": task, **multiple_choice.evaluate(scorer, t.tokenizer, examples,
                                                                args.limit)}), flush=True)
   return 0

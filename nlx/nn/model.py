@@ -215,6 +215,12 @@ class LM(nnx.Module):
     logits, state = self.prefill(token[:, None], state)
     return logits[:, 0], state
 
+  def save_pretrained(self, directory: str, **kwargs) -> str:
+    """Writes this model's parameters and config to ``directory`` (``nlx.pretrained``; read back
+    by ``nlx.from_pretrained``). ``kwargs``: ``dtype``, ``tokenizer``."""
+    from nlx import pretrained  # pylint: disable=g-import-not-at-top
+    return pretrained.save_pretrained(self, directory, **kwargs)
+
 
 def build_model(config: Any, *, rngs: nnx.Rngs) -> LM:
   """The ``LM`` of ``config`` (``config.model``: a ConfigDict, a mapping or a ``ModelConfig``)."""

@@ -44,10 +44,12 @@ from nlx.train.step import param_paths
 class Checkpointer:
   """Saves and restores ``(state, data_state)`` under ``directory`` (a path or ``gs://`` URL)."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
     directory = paths.resolve(directory)  # orbax refuses relative paths
-    _check_writable(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    if not read_only:
+      _check_writable(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           read_only=read_only,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     # Handlers named up front, so that a fresh manager can read a step's metadata before restoring.

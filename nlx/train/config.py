@@ -23,7 +23,7 @@ SECTIONS = ("model", "optimizer", "data", "train", "mesh", "axis_rules")
 MESH_AXES = ("data", "fsdp", "tensor")
 OPTIMIZERS = ("adamw", "adam_memory", "muon", "m3", "momentum_memory")
 SCHEDULES = ("cosine", "linear", "constant")
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "hf")
 SOURCES = ("embedded", "text", "jsonl", "seqio")
 DTYPES = ("float32", "bfloat16")
 # Every logical axis name of an nlx.nn parameter (tests build each family and check), plus the
@@ -84,10 +84,12 @@ class DataConfig:
     path: the file or directory of ``text``/``jsonl``; also accepted with ``source='embedded'``,
       which then switches to ``text`` (``--config.data.path=../shared/data/ptb``).
     text_field: the field of a jsonl record that holds the text.
-    tokenizer: ``byte`` (UTF-8 bytes, id 0 ends a document) or ``sentencepiece``.
+    tokenizer: ``byte`` (UTF-8 bytes, id 0 ends a document), ``sentencepiece`` or ``hf`` (a
+      Hugging Face ``tokenizer.json``).
     spm_model: a SentencePiece ``.model`` file; None trains one on the training text (saved in
       the workdir) with ``spm_vocab_size`` pieces.
     spm_vocab_size: the vocabulary of a trained SentencePiece model.
+    tokenizer_file: the ``tokenizer.json`` of ``tokenizer='hf'`` (None: ``WORKDIR/tokenizer.json``).
     val_fraction: the tail of a single training file held out for validation.
     shuffle: shuffle the packed windows (the order is a pure function of seed and index).
     seqio_task: the registered seqio task name of ``source='seqio'``.
@@ -100,6 +102,7 @@ class DataConfig:
   tokenizer: str = "byte"
   spm_model: Optional[str] = None
   spm_vocab_size: int = 1024
+  tokenizer_file: Optional[str] = None
   val_fraction: float = 0.1
   shuffle: bool = True
   seqio_task: Optional[str] = None
@@ -140,6 +143,11 @@ class TrainConfig:
     seed: seed of the parameters, the data order and the train RNG.
     compute_dtype: ``float32`` or ``bfloat16`` (parameters stay float32).
     plots: write PNG curves at the end.
+    init_from: an ``nlx.pretrained`` directory (``nlx export``, ``nlx convert``) whose parameters
+      start the run when the workdir has no checkpoint (None: random initialisation).
+    trainable: regexes over parameter paths (``nlx.train.step.param_paths``, e.g.
+      ``layers/blocks/0/mlp/blocks/0/.*``); only parameters whose path one of them matches in
+      full are trained and get optimizer state, the rest stay as they are. None: all of them.
   """
 
   steps: int = 600
@@ -153,9 +161,21 @@ class TrainConfig:
   seed: int = 0
   compute_dtype: str = "float32"
   plots: bool = True
+  init_from: Optional[str] = None
+  trainable: Optional[tuple] = None
 
   def __post_init__(self):
     _check_fields(self, "train")
+    if self.trainable is not None:
+      import re  # pylint: disable=g-import-not-at-top
+      if not self.trainable or not all(isinstance(r, str) for r in self.trainable):
+        raise ValueError(f"train.trainable={self.trainable!r} must be None or a non-empty tuple "
+                         "of regexes (strings)")
+      for regex in self.trainable:
+        try:
+          re.compile(regex)
+        except re.error as e:
+          raise ValueError(f"train.trainable: {regex!r} is not a regex: {e}") from None
     _at_least("train", self, steps=1, batch_size=1, seq_len=2, log_every=1, eval_every=0,
               eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
     _one_of("train", "compute_dtype", self.compute_dtype, DTYPES)
@@ -331,7 +351,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
   ok = {int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
         float: isinstance(value, numbers.Real) and not isinstance(value, bool),
         bool: isinstance(value, bool),
-        str: isinstance(value, str)}[base]
+        str: isinstance(value, str),
+        tuple: isinstance(value, (tuple, list))}[base]
   if not ok:
     raise ValueError(f"{name}={value!r} must be a{'n' if base is int else ''} {base.__name__}"
                      f"{' or None' if optional else ''}")

@@ -116,6 +116,11 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
   os.makedirs(workdir, exist_ok=True)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
   t = run.train
+  if t.init_from and not paths_lib.is_url(t.init_from) and not os.path.isfile(
+      os.path.join(t.init_from, "config.json")):
+    raise ConfigError(f"train.init_from={t.init_from!r} is not a pretrained directory (no "
+                      "config.json); allowed: a directory of 'nlx export', 'nlx convert' or "
+                      "LM.save_pretrained")
   mesh = sharding.make_mesh(run.mesh)
   trainer = step_lib.build(run, mesh)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, t.keep_checkpoints, async_checkpoints)
@@ -133,6 +138,14 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
             file=sys.stderr)
   else:
     state = step_lib.init_state(trainer, run.model, t.seed)
+    if t.init_from:  # a converted or exported model: its parameters, a fresh optimizer
+      from nlx import pretrained  # pylint: disable=g-import-not-at-top
+      state["params"] = pretrained.init_params(t.init_from, run.model,
+                                                 trainer.abstract_state["params"], seed=t.seed)
+      state["opt_state"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings[
+          "opt_state"])(state["params"])
+      if jax.process_index() == 0:
+        print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
   save_config(cfg, workdir)  # after the restore: a refused checkpoint leaves the workdir as it was
   start = int(jax.device_get(state["step"]))
   val = pipeline.eval_batches(val_windows, batch_size=t.batch_size, n_batches=t.eval_batches,

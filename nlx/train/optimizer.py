@@ -46,8 +46,42 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def build(opt, steps: int, abstract_params: nnx.State) -> optax.GradientTransformation:
-  """The transformation of ``opt`` (an ``OptimizerConfig``) for a run of ``steps`` steps."""
+def trainable_mask(abstract_params, regexes) -> list[bool]:
+  """Per parameter (``param_paths`` order): whether a regex of ``train.trainable`` matches its
+  path in full (every parameter when ``regexes`` is None).
+
+  Raises:
+    ValueError: a regex that matches no parameter (a typo would otherwise freeze the model).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  from nlx.train.step import param_paths  # pylint: disable=g-import-not-at-top
+  paths = param_paths(abstract_params)
+  if regexes is None:
+    return [True] * len(paths)
+  for regex in regexes:
+    if not any(re.fullmatch(regex, p) for p in paths):
+      raise ValueError(f"train.trainable: {regex!r} matches no parameter path; paths look like "
+                       f"{paths[:3]} ({len(paths)} in all)")
+  return [any(re.fullmatch(r, p) for r in regexes) for p in paths]
+
+
+def build(opt, steps: int, abstract_params: nnx.State,
+          trainable=None) -> optax.GradientTransformation:
+  """The transformation of ``opt`` (an ``OptimizerConfig``) for a run of ``steps`` steps.
+
+  ``trainable``: ``train.trainable`` regexes; the other parameters get a zero update and no
+  optimizer state (``optax.multi_transform`` with ``set_to_zero``).
+  """
+  tx = _build(opt, steps, abstract_params)
+  if trainable is None:
+    return tx
+  mask = trainable_mask(abstract_params, trainable)
+  leaves, treedef = jax.tree.flatten(abstract_params)
+  labels = jax.tree.unflatten(treedef, ["train" if m else "frozen" for m in mask])
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _build(opt, steps: int, abstract_params: nnx.State) -> optax.GradientTransformation:
   lr = schedule(opt, steps)
   if opt.name == "adamw":
     update = optax.adamw(lr, opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay,

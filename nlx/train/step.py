@@ -41,17 +41,22 @@ class Trainer:
   state_shardings: dict
   batch_sharding: Any
   compute_dtype: Any
+  trainable: tuple = ()  # per parameter (param_paths order): updated by the step (train.trainable)
 
 
 def build(run, mesh: Mesh) -> Trainer:
   """The ``Trainer`` of a validated ``RunConfig`` on ``mesh``."""
   abstract_model = nnx.eval_shape(lambda: build_model(run.model, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  tx = optimizer_lib.build(run.optimizer, run.train.steps, abstract_params)
+  tx = optimizer_lib.build(run.optimizer, run.train.steps, abstract_params, run.train.trainable)
+  trainable = tuple(optimizer_lib.trainable_mask(abstract_params, run.train.trainable))
   param_sh = sharding.param_shardings(abstract_params, run.axis_rules, mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  # A frozen parameter (train.trainable) has an empty MaskedNode where its state would be.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh),
+                                 is_leaf=masked)
   rep = sharding.replicated(mesh)
   shardings = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep}
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
@@ -60,7 +65,8 @@ def build(run, mesh: Mesh) -> Trainer:
                                 shapes, shardings)
   return Trainer(graphdef, tx, mesh, abstract_state, shardings,
                  sharding.batch_sharding(mesh, run.axis_rules),
-                 jnp.bfloat16 if run.train.compute_dtype == "bfloat16" else jnp.float32)
+                 jnp.bfloat16 if run.train.compute_dtype == "bfloat16" else jnp.float32,
+                 trainable)
 
 
 def init_state(trainer: Trainer, model_config, seed: int) -> dict:
@@ -123,6 +129,11 @@ def train_step_fn(trainer: Trainer) -> Callable:
         lambda p: loss_fn(graphdef, p, tokens, dtype, activations))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if not all(trainer.trainable):  # frozen parameters stay bit for bit (even -0.0)
+      leaves, treedef = jax.tree.flatten(params)
+      old = jax.tree.leaves(state["params"])
+      params = jax.tree.unflatten(treedef, [new if t else o for new, o, t in
+                                            zip(leaves, old, trainer.trainable)])
     bad_grads, bad_params = nonfinite_leaves(grads), nonfinite_leaves(params)
     finite = jnp.isfinite(loss) & ~bad_grads.any() & ~bad_params.any()
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
