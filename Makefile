@@ -32,7 +32,7 @@ install-test: $(VENV)/bin/python
 
 # Rewrites constraints.txt from the packages of this venv (after a passing 'make test').
 constraints: install-test
-	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip list --format=freeze --exclude-editable | grep -vE '^(#|pip==|setuptools==|wheel==)'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 demo: install
