@@ -26,7 +26,8 @@ from nlx.nn.config import ModelConfig
 from nlx.train import sharding, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
 MEMORY_FAMILIES = ("hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")
 LONG_T = 16_384
 STREAM_T, PIECE, STEPPED = 65_536, 4_096, 64
