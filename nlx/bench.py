@@ -285,13 +285,13 @@ def make_fn(op: str, impl: str, mode: str, chunk_size: int) -> Callable:
 
   def forward(x):
     if op == "linear_attention":
-      return ops.linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["initial_state"],
+      return ops.linear_attention(x["q"], x["k"], x["v"], g=x["g"], initial_state=x["initial_state"],
                                   chunk_size=chunk_size, impl=impl)
     if op == "delta_rule":
-      return ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
+      return ops.delta_rule(x["q"], x["k"], x["v"], beta=x["beta"], g=x["g"],
                             initial_state=x["initial_state"], chunk_size=chunk_size, impl=impl)
     if op == "titans_memory":
-      return ops.titans_memory(x["q"], x["k"], x["v"], x["lr"], momentum=x["momentum"], g=x["g"],
+      return ops.titans_memory(x["q"], x["k"], x["v"], lr=x["lr"], momentum=x["momentum"], g=x["g"],
                                memory="linear", initial_state=x["initial_state"],
                                chunk_size=chunk_size, impl=impl)
     raise ValueError(f"unknown op {op!r}; allowed: {', '.join(OPS)}")

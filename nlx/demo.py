@@ -105,10 +105,10 @@ class Mixer(nnx.Module):
       o, _ = ops.linear_attention(q, k, v, chunk_size=self.chunk_size, impl=self.impl)
     elif self.kind == "delta_rule":
       beta = jax.nn.sigmoid(self.gates(x))
-      o, _ = ops.delta_rule(q, k, v, beta, chunk_size=self.chunk_size, impl=self.impl)
+      o, _ = ops.delta_rule(q, k, v, beta=beta, chunk_size=self.chunk_size, impl=self.impl)
     else:
       lr, eta, g = jnp.split(self.gates(x), 3, axis=-1)
-      o, _ = ops.titans_memory(q, k, v, jax.nn.sigmoid(lr), momentum=jax.nn.sigmoid(eta),
+      o, _ = ops.titans_memory(q, k, v, lr=jax.nn.sigmoid(lr), momentum=jax.nn.sigmoid(eta),
                                g=jax.nn.log_sigmoid(g), memory="linear",
                                chunk_size=self.chunk_size, impl=self.impl)
     return self.out(o.reshape(b, t, d))

@@ -10,6 +10,9 @@ Conventions (DESIGN.md §3–4, the layout of flash-linear-attention):
   the final state stays in the accumulation dtype.
 * Every op returns ``(o, final_state)``; passing ``final_state`` as ``initial_state`` of the next
   call continues the sequence.
+* Gates are keyword-only (``delta_rule(q, k, v, beta=beta, g=g)``): flash-linear-attention orders
+  them ``(q, k, v, g, beta)``, and a positional call in that order would compute something else
+  silently; here it is a TypeError.
 
 ``impl`` picks the algorithm: ``"recurrent"`` (token-by-token ``lax.scan``: the reference),
 ``"chunked"`` (parallel form over chunks of ``chunk_size`` tokens), ``"pallas"`` (the kernels of
@@ -180,7 +183,7 @@ def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, ob
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), state
 
 
-def linear_attention(q: Array, k: Array, v: Array, g: Optional[Array] = None, *,
+def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
                      scale: Optional[float] = None, initial_state: Optional[Array] = None,
                      chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
   """(Gated) linear attention: ``S ← exp(g_t) S + k_t v_tᵀ``, ``o_t = S_tᵀ (scale q_t)``.
@@ -209,7 +212,7 @@ def linear_attention(q: Array, k: Array, v: Array, g: Optional[Array] = None, *,
   return _linear_memory_op(q, k, v, ones, g, scale, initial_state, chunk_size, impl, DOT)
 
 
-def delta_rule(q: Array, k: Array, v: Array, beta: Array, g: Optional[Array] = None, *,
+def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] = None,
                scale: Optional[float] = None, initial_state: Optional[Array] = None,
                chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
   """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀ k_t)ᵀ``; ``o_t = S_tᵀ(scale q_t)``.
@@ -310,7 +313,7 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
   t = q.shape[1]
   piece = lambda x, a, b: None if x is None else x[:, a:b]
   call = lambda a, b, st, impl: titans_memory(
-      piece(q, a, b), piece(k, a, b), piece(v, a, b), piece(lr, a, b),
+      piece(q, a, b), piece(k, a, b), piece(v, a, b), lr=piece(lr, a, b),
       momentum=piece(momentum, a, b), g=piece(g, a, b), initial_state=st,
       chunk_size=chunk_size, impl=impl)
   if offset:  # finish the chunk in progress, then continue on the kernel
@@ -336,7 +339,7 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
   return o, TitansState(w, p, start, t)
 
 
-def titans_memory(q: Array, k: Array, v: Array, lr: Array, *, momentum: Optional[Array] = None,
+def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional[Array] = None,
                   g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
                   initial_state=None, chunk_size: int = 64,
                   impl: str = "auto") -> tuple[Array, TitansState]:

@@ -65,16 +65,16 @@ def run(variant: str, arrays: dict, impl: str, chunk_size: int):
   """Runs ``variant`` on ``arrays``; returns ``(o, list of final-state leaves)``."""
   a = arrays
   if variant.startswith("linear_attention"):
-    o, s = ops.linear_attention(a["q"], a["k"], a["v"], a.get("g"), initial_state=a["s0"],
+    o, s = ops.linear_attention(a["q"], a["k"], a["v"], g=a.get("g"), initial_state=a["s0"],
                                 chunk_size=chunk_size, impl=impl)
     return o, [s]
   if variant.startswith("delta"):
-    o, s = ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], a.get("g"), initial_state=a["s0"],
+    o, s = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a.get("g"), initial_state=a["s0"],
                           chunk_size=chunk_size, impl=impl)
     return o, [s]
   memory = "mlp" if variant.startswith("titans_mlp") else "linear"
   state = ops.TitansState(a["s0"], a.get("p0"))
-  o, s = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], momentum=a.get("momentum"),
+  o, s = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a.get("momentum"),
                            g=a.get("g"), memory=memory, initial_state=state,
                            chunk_size=chunk_size, impl=impl)
   # The offset is an int (where the next token falls in its chunk); compared by the tests of

@@ -41,7 +41,7 @@ def test_dot_objective_without_momentum_is_delta_rule_with_target_v_hat():
   o, state = m.write(ops.TitansState({"w": s0}), q, k, target, eta, log_alpha, None, chunk=T)
   rate = eta / (1 + eta)  # hope_dgd="arxiv"
   alpha = jnp.exp(log_alpha)
-  o_ref, s_ref = ops.delta_rule(q, k, alpha[..., None] * target, rate / alpha, log_alpha,
+  o_ref, s_ref = ops.delta_rule(q, k, alpha[..., None] * target, beta=rate / alpha, g=log_alpha,
                                 scale=1.0, initial_state=s0, impl="recurrent")
   np.testing.assert_array_equal(o, o_ref)
   np.testing.assert_array_equal(state.memory["w"], s_ref)

@@ -31,7 +31,7 @@ def _x64():
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
 def test_linear_attention_equals_quadratic_form(impl):
   a = _inputs("linear_attention_g")
-  o, s = ops.linear_attention(a["q"], a["k"], a["v"], a["g"], initial_state=a["s0"], scale=0.7,
+  o, s = ops.linear_attention(a["q"], a["k"], a["v"], g=a["g"], initial_state=a["s0"], scale=0.7,
                               chunk_size=8, impl=impl)
   cum = np.cumsum(a["g"], axis=1)  # [B, T, H]
   t = a["q"].shape[1]
@@ -67,7 +67,7 @@ def _delta_rule_loop(q, k, v, beta, g, s0, scale):
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
 def test_delta_rule_equals_numpy_loop(impl):
   a = _inputs("delta_rule_g")
-  o, s = ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], a["g"], initial_state=a["s0"],
+  o, s = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a["g"], initial_state=a["s0"],
                         chunk_size=8, impl=impl)
   want_o, want_s = _delta_rule_loop(a["q"], a["k"], a["v"], a["beta"], a["g"], a["s0"],
                                     a["q"].shape[-1]**-0.5)
@@ -99,7 +99,7 @@ def _titans_linear_loop(q, k, v, lr, eta, g, m0, p0, chunk):
 @pytest.mark.parametrize("chunk", [1, 5, 8])
 def test_titans_linear_equals_numpy_loop(impl, chunk):
   a = _inputs("titans_linear_full")
-  o, st = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], momentum=a["momentum"], g=a["g"],
+  o, st = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a["momentum"], g=a["g"],
                             initial_state=ops.TitansState(a["s0"], a["p0"]), chunk_size=chunk,
                             impl=impl)
   want_o, want_m, want_p = _titans_linear_loop(a["q"], a["k"], a["v"], a["lr"], a["momentum"],
@@ -113,9 +113,9 @@ def test_titans_linear_equals_numpy_loop(impl, chunk):
 def test_titans_linear_online_gd_is_the_delta_rule(impl):
   """Chunk 1, no momentum, no decay: online GD on ½‖Sᵀk − v‖² is DeltaNet with β = lr."""
   a = _inputs("titans_linear")
-  o_t, st = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], initial_state=a["s0"],
+  o_t, st = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], initial_state=a["s0"],
                               chunk_size=1, impl=impl)
-  o_d, s_d = ops.delta_rule(a["q"], a["k"], a["v"], a["lr"], initial_state=a["s0"], scale=1.0,
+  o_d, s_d = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["lr"], initial_state=a["s0"], scale=1.0,
                             impl=impl)
   np.testing.assert_allclose(o_t, o_d, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(st.memory, s_d, rtol=1e-10, atol=1e-10)
@@ -126,7 +126,7 @@ def test_titans_mlp_chunk_one_is_online_gradient_descent(impl):
   """A Python loop of jax.grad steps on the residual MLP, one token at a time."""
   a = _inputs("titans_mlp_full", b=1, t=9, h=2)
   mem = MLPMemory()
-  o, st = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], momentum=a["momentum"], g=a["g"],
+  o, st = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a["momentum"], g=a["g"],
                             memory=mem, initial_state=ops.TitansState(a["s0"], a["p0"]),
                             chunk_size=1, impl=impl)
 
@@ -152,8 +152,8 @@ def test_titans_mlp_chunk_one_is_online_gradient_descent(impl):
 def test_titans_chunk_size_is_part_of_the_model():
   """Chunk-start gradients: a different chunk gives a different (but valid) memory."""
   a = _inputs("titans_linear")
-  o1, _ = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], initial_state=a["s0"], chunk_size=1)
-  o8, _ = ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], initial_state=a["s0"], chunk_size=8)
+  o1, _ = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], initial_state=a["s0"], chunk_size=1)
+  o8, _ = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], initial_state=a["s0"], chunk_size=8)
   assert np.abs(np.asarray(o1) - np.asarray(o8)).max() > 1e-6
 
 
@@ -167,9 +167,9 @@ def test_objective_error_is_the_gradient_of_its_loss(objective):
 
 def test_ops_work_under_jit():
   a = cases.make_arrays("delta_rule_g", 1, 20, 2, 8, 8, jnp.float32)
-  f = jax.jit(lambda q, k, v, b, g: ops.delta_rule(q, k, v, b, g, chunk_size=8))
+  f = jax.jit(lambda q, k, v, b, g: ops.delta_rule(q, k, v, beta=b, g=g, chunk_size=8))
   o, s = f(a["q"], a["k"], a["v"], a["beta"], a["g"])
-  o2, s2 = ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], a["g"], chunk_size=8)
+  o2, s2 = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a["g"], chunk_size=8)
   np.testing.assert_allclose(o, o2, rtol=1e-6, atol=1e-6)
 
 
@@ -189,7 +189,7 @@ GATE = Z(2, 10, 3)
     (lambda: ops.linear_attention(Q, Q, Z(2, 10, 3, 8, dtype=jnp.int32)), TypeError, r"v must be a floating-point array.*int32"),
     (lambda: ops.linear_attention(Q, Q, Q.astype(jnp.bfloat16)), TypeError, r"share a dtype"),
     (lambda: ops.linear_attention(Z(2, 0, 3, 8), Z(2, 0, 3, 8), Z(2, 0, 3, 8)), ValueError, r"q must have no empty axis"),
-    (lambda: ops.linear_attention(Q, Q, Q, Z(2, 10)), ValueError, r"g must have shape \[B, T, H\] = \(2, 10, 3\); got \(2, 10\)"),
+    (lambda: ops.linear_attention(Q, Q, Q, g=Z(2, 10)), ValueError, r"g must have shape \[B, T, H\] = \(2, 10, 3\); got \(2, 10\)"),
     (lambda: ops.linear_attention(Q, Q, Q, initial_state=Z(2, 3, 8, 4)), ValueError, r"initial_state must have shape \(2, 3, 8, 8\)"),
     (lambda: ops.linear_attention(Q, Q, Q, chunk_size=0), ValueError, r"chunk_size must be a positive int; got 0"),
     (lambda: ops.linear_attention(Q, Q, Q, chunk_size=True), ValueError, r"chunk_size must be a positive int; got True"),
@@ -197,19 +197,23 @@ GATE = Z(2, 10, 3)
     (lambda: ops.linear_attention(Q, Q, Q, impl="fast"), ValueError, r"impl='fast' is not one of"),
     (lambda: ops.linear_attention(Q, Q, Q, scale="x"), ValueError, r"scale must be a real number"),
     (lambda: ops.linear_attention(Q, Q, Q, impl="pallas"), ValueError, r"impl='pallas': head dim K=8 is not supported by the kernels; allowed: \(16, 32"),
-    (lambda: ops.delta_rule(Q, Q, Q, None), ValueError, r"beta is required"),
-    (lambda: ops.delta_rule(Q, Q, Q, Z(2, 10, 3, dtype=jnp.int32)), TypeError, r"beta must be a floating-point"),
-    (lambda: ops.delta_rule(Q, Q, Q, GATE, impl="pallas", chunk_size=12), ValueError, r"impl='pallas': head dim K=8"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, memory="mlp", initial_state={"w1": Z(2, 3, 8, 8), "w2": Z(2, 3, 8, 8)}, impl="pallas"), ValueError, r"impl='pallas': the kernels implement linear memories only"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, memory="mlp"), ValueError, r"MLP memory needs initial_state"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, memory="conv"), ValueError, r"memory='conv' is not supported"),
-    (lambda: ops.titans_memory(Q, Q, Z(2, 10, 3, 4), GATE, memory="mlp", initial_state={"w1": 0, "w2": 0}), ValueError, r"needs K == V; got K=8, V=4"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, memory="mlp", initial_state={"w1": Z(2, 3, 4, 8)}), ValueError, r"must be a dict with keys \['w1', 'w2'\]"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, memory="mlp", initial_state={"w1": Z(2, 3, 4, 8), "w2": Z(2, 3, 8, 5)}), ValueError, r"initial_state.memory\['w1'\] must have shape \(2, 3, 5, 8\)"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, initial_state=ops.TitansState(Z(2, 3, 8, 8), Z(2, 3, 8, 8))), ValueError, r"momentum=None"),
-    (lambda: ops.titans_memory(Q, Q, Q, GATE, momentum=Z(2, 10)), ValueError, r"momentum must have shape"),
+    (lambda: ops.delta_rule(Q, Q, Q, beta=None), ValueError, r"beta is required"),
+    (lambda: ops.delta_rule(Q, Q, Q, beta=Z(2, 10, 3, dtype=jnp.int32)), TypeError, r"beta must be a floating-point"),
+    (lambda: ops.delta_rule(Q, Q, Q, beta=GATE, impl="pallas", chunk_size=12), ValueError, r"impl='pallas': head dim K=8"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, memory="mlp", initial_state={"w1": Z(2, 3, 8, 8), "w2": Z(2, 3, 8, 8)}, impl="pallas"), ValueError, r"impl='pallas': the kernels implement linear memories only"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, memory="mlp"), ValueError, r"MLP memory needs initial_state"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, memory="conv"), ValueError, r"memory='conv' is not supported"),
+    (lambda: ops.titans_memory(Q, Q, Z(2, 10, 3, 4), lr=GATE, memory="mlp", initial_state={"w1": 0, "w2": 0}), ValueError, r"needs K == V; got K=8, V=4"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, memory="mlp", initial_state={"w1": Z(2, 3, 4, 8)}), ValueError, r"must be a dict with keys \['w1', 'w2'\]"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, memory="mlp", initial_state={"w1": Z(2, 3, 4, 8), "w2": Z(2, 3, 8, 5)}), ValueError, r"initial_state.memory\['w1'\] must have shape \(2, 3, 5, 8\)"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, initial_state=ops.TitansState(Z(2, 3, 8, 8), Z(2, 3, 8, 8))), ValueError, r"momentum=None"),
+    (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, momentum=Z(2, 10)), ValueError, r"momentum must have shape"),
     (lambda: MLPMemory(activation="swish"), ValueError, r"activation='swish' is not supported"),
     (lambda: objectives.get_objective("huber"), ValueError, r"objective='huber' is not a known"),
+    # flash-linear-attention's positional gate order (g, beta) is refused, not misread.
+    (lambda: ops.delta_rule(Q, Q, Q, GATE, GATE), TypeError, r"positional"),
+    (lambda: ops.linear_attention(Q, Q, Q, GATE), TypeError, r"positional"),
+    (lambda: ops.titans_memory(Q, Q, Q, GATE), TypeError, r"positional"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, exc, match):
   with pytest.raises(exc, match=match):
@@ -242,7 +246,7 @@ def test_user_defined_memory_runs_and_chunked_matches_recurrent():
   a = _inputs("titans_linear", b=1, t=11, h=2)
   r = np.random.default_rng(0)
   init = {"up": 0.3 * r.normal(size=(1, 2, 8, 5)), "down": 0.3 * r.normal(size=(1, 2, 5, 8))}
-  outs = [ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], memory=_TanhMemory(),
+  outs = [ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], memory=_TanhMemory(),
                             initial_state=init, chunk_size=4, impl=impl)
           for impl in ("recurrent", "chunked")]
   np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
@@ -250,5 +254,5 @@ def test_user_defined_memory_runs_and_chunked_matches_recurrent():
     np.testing.assert_allclose(outs[1][1].memory[name], outs[0][1].memory[name], rtol=1e-10,
                                atol=1e-10)
   with pytest.raises(ValueError, match=r"initial_state.memory\['up'\] must have shape \[B, H, in, out\]"):
-    ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], memory=_TanhMemory(),
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], memory=_TanhMemory(),
                       initial_state={"up": init["up"][0], "down": init["down"]})

@@ -55,12 +55,12 @@ def via_recurrence(kind, chunk):
   def run(q, k, v, *, beta=None, g=None, momentum=None, initial_state=None,
           initial_momentum=None):
     if kind == "linear_attention":
-      o, s = ops.linear_attention(q, k, v, g, initial_state=initial_state, impl="recurrent")
+      o, s = ops.linear_attention(q, k, v, g=g, initial_state=initial_state, impl="recurrent")
       return o, s, None
     if kind == "delta_rule":
-      o, s = ops.delta_rule(q, k, v, beta, g, initial_state=initial_state, impl="recurrent")
+      o, s = ops.delta_rule(q, k, v, beta=beta, g=g, initial_state=initial_state, impl="recurrent")
       return o, s, None
-    o, st = ops.titans_memory(q, k, v, beta, momentum=momentum, g=g,
+    o, st = ops.titans_memory(q, k, v, lr=beta, momentum=momentum, g=g,
                               initial_state=ops.TitansState(initial_state, initial_momentum),
                               chunk_size=chunk, impl="recurrent")
     return o, st.memory, st.momentum
@@ -172,10 +172,10 @@ def test_nlx_ops_dispatch_pallas_and_auto():
   x = make_inputs("titans", 1, 20, 2, 16, 16, seed=7)
   q, k, v = x["q"], x["k"], x["v"]
   pairs = [
-      lambda impl: ops.linear_attention(q, k, v, x["g"], initial_state=x["initial_state"],
+      lambda impl: ops.linear_attention(q, k, v, g=x["g"], initial_state=x["initial_state"],
                                         impl=impl, chunk_size=16),
-      lambda impl: ops.delta_rule(q, k, v, x["beta"], x["g"], impl=impl, chunk_size=16),
-      lambda impl: ops.titans_memory(q, k, v, x["beta"], momentum=x["momentum"], g=x["g"],
+      lambda impl: ops.delta_rule(q, k, v, beta=x["beta"], g=x["g"], impl=impl, chunk_size=16),
+      lambda impl: ops.titans_memory(q, k, v, lr=x["beta"], momentum=x["momentum"], g=x["g"],
                                      impl=impl, chunk_size=16),
   ]
   for run in pairs:

@@ -21,7 +21,7 @@ CUTS = (0, 13, 14, 15, 40, 45, 70)  # pieces of 13, 1, 1, 25, 5 and 25 tokens; c
 def call(arrays, lo, hi, state, impl, chunk=16):
   a = {n: x[:, lo:hi] for n, x in arrays.items() if n not in ("s0", "p0")}
   memory = "mlp" if "s0" in arrays and isinstance(arrays["s0"], dict) else "linear"
-  return ops.titans_memory(a["q"], a["k"], a["v"], a["lr"], momentum=a.get("momentum"),
+  return ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a.get("momentum"),
                            g=a.get("g"), memory=memory, initial_state=state, chunk_size=chunk,
                            impl=impl)
 
@@ -117,11 +117,11 @@ LR = jnp.zeros((1, 5, 2))
 ])
 def test_bad_continuation_state(state, match):
   with pytest.raises(ValueError, match=match):
-    ops.titans_memory(Q, Q, Q, LR, initial_state=state, chunk_size=16)
+    ops.titans_memory(Q, Q, Q, lr=LR, initial_state=state, chunk_size=16)
 
 
 def test_traced_offset_refused_by_kernels():
   state = ops.TitansState(S, None, S, jnp.int32(3))
   with pytest.raises(ValueError, match=r"impl='pallas': initial_state.offset is a traced array"):
-    jax.jit(lambda st: ops.titans_memory(Q, Q, Q, LR, initial_state=st, chunk_size=16,
+    jax.jit(lambda st: ops.titans_memory(Q, Q, Q, lr=LR, initial_state=st, chunk_size=16,
                                          impl="pallas"))(state)

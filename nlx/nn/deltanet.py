@@ -62,7 +62,7 @@ class DeltaRuleMixer(Mixer):
     del pos
     q, k, v, conv = self.qkv(x, None if state is None else state.conv)
     beta = jax.nn.sigmoid(self.beta(x))
-    o, memory = ops.delta_rule(q, k, v, beta, self.log_decay(x),
+    o, memory = ops.delta_rule(q, k, v, beta=beta, g=self.log_decay(x),
                                initial_state=None if state is None else state.memory,
                                chunk_size=self.chunk_size, impl=self.impl)
     return self.out(o, x), None if state is None else DeltaState(conv, memory)

@@ -216,13 +216,13 @@ class SelfModifyingTitans(Mixer):
     if cfg.hope_objective == "dot" and momentum is None:
       s0 = state.memory["w"]
       if cfg.hope_dgd == "off":  # Hebbian: M ← αM + η v̂ kᵀ
-        o, s = ops.linear_attention(q, k, eta[..., None] * target, log_alpha, scale=1.0,
+        o, s = ops.linear_attention(q, k, eta[..., None] * target, g=log_alpha, scale=1.0,
                                     initial_state=s0, chunk_size=chunk, impl=impl)
       else:
         alpha = 1.0 if log_alpha is None else jnp.exp(log_alpha)
         beta = rate / alpha
         v = target if log_alpha is None else alpha[..., None] * target
-        o, s = ops.delta_rule(q, k, v, beta, log_alpha, scale=1.0, initial_state=s0,
+        o, s = ops.delta_rule(q, k, v, beta=beta, g=log_alpha, scale=1.0, initial_state=s0,
                               chunk_size=chunk, impl=impl)
       return o, ops.TitansState({"w": s}, None)
     memory, v = self.base, target
@@ -234,7 +234,7 @@ class SelfModifyingTitans(Mixer):
     momentum_state = state.momentum
     if memory is LINEAR and momentum_state is not None:
       momentum_state = momentum_state["w"]
-    o, new = ops.titans_memory(q, k, v, rate, momentum=momentum, g=log_alpha, memory=memory,
+    o, new = ops.titans_memory(q, k, v, lr=rate, momentum=momentum, g=log_alpha, memory=memory,
                                initial_state=ops.TitansState(weights, momentum_state),
                                chunk_size=chunk, impl=impl)
     wrap = (lambda x: None if x is None else {"w": x}) if memory is LINEAR else (lambda x: x)

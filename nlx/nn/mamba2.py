@@ -87,7 +87,7 @@ class Mamba2(Mixer):
     g = -jnp.exp(self.a_log[...]) * dt
     heads = lambda y: jnp.broadcast_to(y[:, :, None, :], (b, t, h, n))
     y, memory = ops.linear_attention(heads(cs), heads(bs), xs * dt[..., None].astype(xs.dtype),
-                                     g.astype(x.dtype), scale=1.0,
+                                     g=g.astype(x.dtype), scale=1.0,
                                      initial_state=None if state is None else state.memory,
                                      chunk_size=self.chunk_size, impl=self.impl)
     y = y + self.d_skip[...].astype(y.dtype)[:, None] * xs

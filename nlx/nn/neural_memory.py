@@ -129,7 +129,7 @@ class NeuralMemory(Mixer):
       lr = lr * (1.0 - momentum)
     g = jax.nn.log_sigmoid(gates[:, :, -1]) if self.decay else None
     initial = self.initial_memory(x.shape[0]) if state is None else state.memory
-    o, memory = ops.titans_memory(q, k, v, lr, momentum=momentum, g=g, memory=self.memory,
+    o, memory = ops.titans_memory(q, k, v, lr=lr, momentum=momentum, g=g, memory=self.memory,
                                   initial_state=initial, chunk_size=self.chunk_size,
                                   impl=self.impl)
     return self.out(o, x), None if state is None else MemoryState(conv, memory)

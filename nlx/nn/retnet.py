@@ -55,7 +55,7 @@ class Retention(Mixer):
     q = rope(self.q(x), positions, self.rope_theta)
     k = rope(self.k(x), positions, self.rope_theta)
     g = jnp.broadcast_to(self.log_decay(), (b, t, self.heads)).astype(x.dtype)
-    o, memory = ops.linear_attention(q, k, self.v(x), g,
+    o, memory = ops.linear_attention(q, k, self.v(x), g=g,
                                      initial_state=None if state is None else state.memory,
                                      chunk_size=self.chunk_size, impl=self.impl)
     return self.out(o, x), None if state is None else RetentionState(memory)
