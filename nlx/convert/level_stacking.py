@@ -7,6 +7,8 @@ MLP weights into CMS level ``level`` (default: the slowest, which holds what the
 longest); the other levels start with a zero ``down`` projection, so they add exactly 0 until
 they learn. With ``cms_lr = 0`` (nothing learns in context) the converted model's logits are
 exactly the Transformer's; with ``cms_lr > 0`` its MLPs keep learning in context at their periods.
+A tuple ``cms_lr`` gives each level its own rate, e.g. 0 for the level that holds the Transformer's
+MLP (its knowledge stays fixed) and > 0 for the faster levels that start at zero output.
 """
 
 from __future__ import annotations

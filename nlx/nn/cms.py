@@ -2,10 +2,11 @@
 
 A CMS is a chain of SwiGLU blocks, one per level, with periods ``C_1 < C_2 < …`` (each dividing the
 next; PAPER.md §3). Level ℓ's weights are an in-context memory: the level accumulates the gradient
-of its inner objective over ``C_ℓ`` tokens and then takes one step, ``θ_ℓ ← θ_ℓ − η Σ ∇ℓ_t``
-(Eq. 71), so a token t reads the weights left by the updates after tokens ``< t``. The levels run
-through ``nlx.levels``: a whole sequence (``state=None``) by ``levels.scan_levels`` (nested scans,
-chunks of ``C_1`` tokens processed in parallel), a stateful call token by token with
+of its inner objective over ``C_ℓ`` tokens and then takes one step, ``θ_ℓ ← θ_ℓ − η_ℓ Σ ∇ℓ_t``
+(Eq. 71), so a token t reads the weights left by the updates after tokens ``< t``. Each level has
+its own rate ``η_ℓ`` (``model.cms_lr``: one float for every level, or a tuple with one per level).
+The levels run through ``nlx.levels``: a whole sequence (``state=None``) by ``levels.scan_levels``
+(nested scans, chunks of ``C_1`` tokens processed in parallel), a stateful call token by token with
 ``levels.tick`` (per-level step counters), so that pieces of a sequence reproduce one call.
 
 Variants (``model.cms_variant``), with ``h_0 = x`` the block input and ``o_ℓ`` block ℓ's output:
@@ -31,8 +32,9 @@ The block output ``y`` is what the residual adds (``x + y`` in ``nlx.nn.model.Bl
 ``cms_lr = 0`` and every level but one starting with a zero ``down`` projection, ``y`` is exactly
 that level's SwiGLU, which is how ``nlx.convert`` stacks a Transformer's MLPs into CMS levels.
 
-With ``cms_lr = 0`` the levels are frozen in context: the blocks run on the whole input at once
-and a state passes through unchanged.
+With every rate 0 the levels are frozen in context: the blocks run on the whole input at once and a
+state passes through unchanged. A level whose own rate is 0 keeps its weights (its gradient is
+still computed and summed, then scaled by 0), while the other levels learn.
 
 The state of a stateful call is ``{level name: levels.LevelState}`` with a leading batch axis on
 every leaf (each sequence learns its own weights); orbax saves it like any pytree.
@@ -97,16 +99,39 @@ def stop_gradient_transform() -> optax.GradientTransformation:
   return optax.stateless(lambda grads, params: jax.lax.stop_gradient(grads))
 
 
-class CMSSpec:
-  """The static part of a CMS: periods, variant, rate; builds levels and runs the chain."""
+def level_rates(lr, n: int) -> tuple[float, ...]:
+  """η of each of ``n`` levels from ``model.cms_lr``: a float for all, or a tuple of ``n``."""
+  if isinstance(lr, (tuple, list)):
+    if len(lr) != n:
+      raise ValueError(f"cms_lr={tuple(lr)!r} must have one rate per CMS level ({n})")
+    return tuple(float(r) for r in lr)
+  return (float(lr),) * n
 
-  def __init__(self, periods, variant: str, lr: float, stop_gradient: bool = False):
-    self.periods, self.variant, self.lr = tuple(periods), variant, lr
+
+class CMSSpec:
+  """The static part of a CMS: periods, variant, rates; builds levels and runs the chain.
+
+  Args:
+    periods: ``C_ℓ`` of each level.
+    variant: ``model.cms_variant``.
+    lr: ``model.cms_lr``: η of every level (a float) or one η per level (a tuple).
+    stop_gradient: ``model.cms_stop_gradient``.
+  """
+
+  def __init__(self, periods, variant: str, lr, stop_gradient: bool = False):
+    self.periods, self.variant = tuple(periods), variant
+    self.rates = level_rates(lr, len(self.periods))
     self.stop_gradient = stop_gradient
     self.names = level_names(len(self.periods))
 
+  @property
+  def frozen(self) -> bool:
+    """Every rate is 0: nothing learns in context."""
+    return not any(self.rates)
+
   def _key(self):
-    return (self.periods, self.variant, self.lr, self.stop_gradient)
+    # The per-level rates: a float and the tuple repeating it are the same spec.
+    return (self.periods, self.variant, self.rates, self.stop_gradient)
 
   # Compared by value: a static field of the model's graph, so equal configs share jit caches.
   def __eq__(self, other):
@@ -117,10 +142,10 @@ class CMSSpec:
 
   def levels(self) -> tuple[nl_levels.Level, ...]:
     out = []
-    for i, (name, period) in enumerate(zip(self.names, self.periods)):
+    for i, (name, period, rate) in enumerate(zip(self.names, self.periods, self.rates)):
       faster_reset = self.variant == "nested" and i < len(self.periods) - 1
-      opt = (reset_every(self.periods[i + 1] // period, self.lr) if faster_reset
-             else optax.sgd(self.lr))
+      opt = (reset_every(self.periods[i + 1] // period, rate) if faster_reset
+             else optax.sgd(rate))
       if self.stop_gradient:
         opt = optax.chain(stop_gradient_transform(), opt)
       out.append(nl_levels.Level(name, period, opt))
@@ -248,7 +273,7 @@ class CMS(Mixer):
     del pos
     targets = None if self.targets is None else [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
-    if self.spec.lr == 0 or (self.reads_only and state is None):  # frozen in context
+    if self.spec.frozen or (self.reads_only and state is None):  # frozen in context
       params = self.spec.initial_params([swiglu_weights(b) for b in self.blocks])
       return self.spec.chain(params, x, targets, mix)[0], state
     if self.reads_only:  # next_token: the weights of the state; nlx.nn.next_token steps them

@@ -9,6 +9,7 @@ field, the value and what is allowed. Families check the fields they use through
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Mapping, Optional
 
@@ -86,8 +87,11 @@ class ModelConfig:
     cms_objective: the inner objective of the levels: "local" (½·mean-square error of each block
       to a learned linear target of its input, block-local) or "next_token" (the LM loss of the
       finished chunk; the LM then runs chunk by chunk).
-    cms_lr: η of every level: a level subtracts ``cms_lr`` × the sum of its gradients over its
-      period (0: frozen in context, the pretrained model; level stacking).
+    cms_lr: η^(ℓ) of the levels (Eq. 71): level ℓ subtracts η^(ℓ) × the sum of its gradients
+      over its period. A float is the rate of every level; a tuple gives one rate per level (the
+      length of ``cms_periods``). 0 freezes a level in context (every rate 0: the pretrained
+      model, level stacking; e.g. ``(1e-3, 1e-3, 0.0)`` keeps a stacked slowest level fixed while
+      the faster ones learn). ``cms_lrs`` is the per-level tuple either way.
     cms_stop_gradient: stop the outer gradient at the inner writes (default: gradients flow
       through every write, PAPER.md §7 item 9).
 
@@ -153,7 +157,7 @@ class ModelConfig:
   cms_periods: tuple = (32, 256, 2048)
   cms_variant: str = "sequential"
   cms_objective: str = "local"
-  cms_lr: float = 1e-3
+  cms_lr: float | tuple = 1e-3
   cms_stop_gradient: bool = False
   hope_memory: str = "mlp"
   hope_objective: str = "l2"
@@ -215,8 +219,7 @@ class ModelConfig:
     if not ok:
       raise ValueError(f"model.cms_periods={periods!r} must be a non-empty tuple of ints >= 1, "
                        "strictly increasing, each dividing the next (e.g. (32, 256, 2048))")
-    if self.cms_lr < 0:
-      raise ValueError(f"model.cms_lr must be >= 0; got {self.cms_lr!r}")
+    self._check_cms_lr()
     if self.hope_chunk_size is not None and self.hope_chunk_size < 1:
       raise ValueError(f"model.hope_chunk_size must be None or >= 1; got "
                        f"{self.hope_chunk_size!r}")
@@ -230,6 +233,28 @@ class ModelConfig:
             f"and at most {MAX_CHUNK_STEP}/{chunk_name} = {MAX_CHUNK_STEP / chunk:.4g} (a chunk "
             f"steps {chunk_name}·lr at once on repeated keys and diverges beyond that); None "
             "picks that bound")
+
+  def _check_cms_lr(self):
+    """``cms_lr``: a float >= 0, or one per level (a list is read as a tuple of floats)."""
+    value, n = self.cms_lr, len(self.cms_periods)
+    rate = lambda x: (isinstance(x, numbers.Real) and not isinstance(x, bool)
+                      and math.isfinite(x) and x >= 0)
+    if isinstance(value, (tuple, list)):
+      ok = len(value) == n and all(rate(x) for x in value)
+      if ok:
+        object.__setattr__(self, "cms_lr", tuple(float(x) for x in value))
+    else:
+      ok = rate(value)
+    if not ok:
+      raise ValueError(f"model.cms_lr must be >= 0 and finite: a float (every level) or a tuple "
+                       f"of len(cms_periods)={n} such floats (one per level); got {value!r}")
+
+  @property
+  def cms_lrs(self) -> tuple:
+    """η^(ℓ) of every CMS level: ``cms_lr`` itself if a tuple, else repeated per level."""
+    if isinstance(self.cms_lr, tuple):
+      return self.cms_lr
+    return (float(self.cms_lr),) * len(self.cms_periods)
 
   @property
   def dk(self) -> int:
@@ -299,7 +324,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
-        "tuple": isinstance(value, (tuple, list))}[base]
-  if not ok:
-    raise ValueError(f"model.{name} must be a{'n' if base == 'int' else ''} {base}"
-                     f"{' or None' if optional else ''}; got {value!r}")
+        "tuple": isinstance(value, (tuple, list))}
+  kinds = base.split(" | ")  # a union such as cms_lr's "float | tuple"
+  if not any(ok[kind] for kind in kinds):
+    raise ValueError(f"model.{name} must be a{'n' if base == 'int' else ''} "
+                     f"{' or '.join(kinds)}{' or None' if optional else ''}; got {value!r}")

@@ -149,7 +149,7 @@ class LM(nnx.Module):
     self.head = (None if cfg.tie_embeddings else
                  Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs))
     # CMS levels learning from the LM loss run the model chunk by chunk (nlx.nn.next_token).
-    self.cms_next_token = (family.mlp is not None and cfg.cms and cfg.cms_lr > 0
+    self.cms_next_token = (family.mlp is not None and cfg.cms and any(cfg.cms_lrs)
                            and cfg.cms_objective == "next_token")
 
   def _cms_levels(self):

@@ -8,11 +8,13 @@ has no successor yet, so the update is causal). The model therefore runs chunk b
     for each chunk of C_1 tokens (aligned to absolute positions):
         logits, states = forward(chunk | states), every CMS reading its levels' current weights
         g_ℓ = ∂ loss(chunk) / ∂ θ_ℓ     for every CMS level ℓ of every layer (per sequence)
-        levels.tick(g, C_1 steps)       (level ℓ steps with −cms_lr · Σ g every C_ℓ tokens)
+        levels.tick(g, C_1 steps)       (level ℓ steps with −η_ℓ · Σ g every C_ℓ tokens)
 
-The gradient runs through the whole chunk forward (every layer, attention within the chunk), at
-the weights of the chunk start; earlier chunks enter only through the states. The outer loop
-differentiates through these inner gradients (second order) unless ``cms_stop_gradient``.
+``η_ℓ`` is level ℓ's rate (``model.cms_lr``, one float for every level or a tuple with one per
+level; a level at 0 keeps its weights). The gradient runs through the whole chunk forward (every
+layer, attention within the chunk), at the weights of the chunk start; earlier chunks enter only
+through the states. The outer loop differentiates through these inner gradients (second order)
+unless ``cms_stop_gradient``.
 
 Two paths implement this contract: ``call`` scans the chunks of a whole sequence (training), and
 ``advance`` runs any piece token by token from any position (``prefill`` / ``step``): it keeps the
