@@ -100,10 +100,12 @@ def m3_numpy(params, loss, lr, beta1, beta2, beta3, alpha, period, decay, eps, s
       m1[k] = decay * m1[k] + beta1 * g[k]
       v[k] = decay * v[k] + beta2 * g[k] ** 2
       acc[k] = acc[k] + g[k]
+      # O2 is the slow momentum as written at the start of this step's chunk (Algorithm 1's
+      # outer loop); the chunk's gradients reach M2 at its end, for the next chunk.
+      p[k] = p[k] - lr * (ns(m1[k]) + alpha * ns(m2[k])) / (np.sqrt(v[k]) + eps)
       if t % period == 0:
         m2[k] = decay * m2[k] + beta3 * acc[k]
         acc[k] = np.zeros_like(acc[k])
-      p[k] = p[k] - lr * (ns(m1[k]) + alpha * ns(m2[k])) / (np.sqrt(v[k]) + eps)
     out.append(dict(p))
   return jax.tree.map(lambda *x: np.stack(x), *out)
 
