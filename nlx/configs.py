@@ -223,6 +223,10 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   _set_field(cfg, key, value, item)
 
 
+# ModelConfig fields whose value may change type (validated by ModelConfig itself).
+_UNION_FIELDS = ("cms_lr",)
+
+
 def _set_field(cfg: ml_collections.ConfigDict, key: str, value, item: Optional[str] = None):
   """Sets the existing field ``a.b.c`` of ``cfg``; type mismatches name the field."""
   item = item or f"{key}={value!r}"
@@ -238,7 +242,11 @@ def _set_field(cfg: ml_collections.ConfigDict, key: str, value, item: Optional[s
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   try:
-    node[leaf] = value
+    if parents == ["model"] and leaf in _UNION_FIELDS:  # e.g. cms_lr: a float or a tuple
+      with node.ignore_type():
+        node[leaf] = value
+    else:
+      node[leaf] = value
   except TypeError:
     raise ValueError(f"override {item!r}: {key} must be a {type(old).__name__} like its default "
                      f"{old!r}; got {value!r}") from None

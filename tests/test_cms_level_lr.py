@@ -155,3 +155,11 @@ def test_a_list_is_read_as_a_tuple_and_a_wrong_type_is_refused():
     ModelConfig(cms_lr="fast")
   with pytest.raises(ValueError, match=r"cms_lr=\(0.1,\) must have one rate per CMS level \(2\)"):
     CMSSpec(PERIODS, "sequential", (0.1,))
+
+
+def test_a_per_level_tuple_is_accepted_as_a_command_line_override():
+  from nlx import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load("configs/hope.py:tiny", ["model.cms_lr=(0.1, 0.0)"])
+  assert configs.validate(cfg).model.cms_lrs == (0.1, 0.0)
+  with pytest.raises(ValueError, match=r"model.cms_lr must be >= 0 .* len\(cms_periods\)=2"):
+    configs.validate(configs.load("configs/hope.py:tiny", ["model.cms_lr=(0.1, 0.0, 0.3)"]))
