@@ -18,6 +18,7 @@ _LAZY = {
     "optim": ("nlx.optim", None),
     "linear_attention": ("nlx.ops", "linear_attention"), "delta_rule": ("nlx.ops", "delta_rule"),
     "titans_memory": ("nlx.ops", "titans_memory"), "TitansState": ("nlx.ops", "TitansState"),
+    "dgd_memory": ("nlx.ops", "dgd_memory"),
     "build_model": ("nlx.nn", "build_model"),
     "from_pretrained": ("nlx.pretrained", "from_pretrained"),
 }

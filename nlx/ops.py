@@ -253,7 +253,7 @@ def _check_offset(offset, chunk_start, chunk_size: int):
   """Validates ``initial_state.offset`` (and that ``chunk_start`` comes with it)."""
   if (offset is None) != (chunk_start is None):
     raise ValueError("initial_state.chunk_start and initial_state.offset must be given together "
-                     "(both come from a previous titans_memory call) or both be None")
+                     "(both come from a previous titans_memory/dgd_memory call) or both be None")
   if offset is None:
     return
   if isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
@@ -283,7 +283,7 @@ def _check_titans_state(memory: core.Memory, state, b, h, dk, dv, chunk_size):
     wrap = lambda x: None if x is None else {"w": x}
     return wrap(weights), wrap(mom), wrap(start), offset
   if weights is None:
-    raise ValueError("titans_memory with an MLP memory needs initial_state: zero MLP weights have "
+    raise ValueError("an MLP memory needs initial_state: zero MLP weights have "
                      "zero gradients and never learn; create one with "
                      "MLPMemory().init_state(key, batch, heads, dim, hidden)")
   names = set(memory.layer_shapes(dk, dv, 1))
@@ -341,7 +341,7 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
 
 def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional[Array] = None,
                   g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
-                  initial_state=None, chunk_size: int = 64,
+                  initial_state=None, chunk_size: int = 64, read: str = "after_write",
                   impl: str = "auto") -> tuple[Array, TitansState]:
   """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
 
@@ -362,16 +362,66 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
     chunk_size: the chunk of the chunk-start gradients (a modelling choice), aligned with the
       start of the sequence. Splitting a sequence across calls anywhere reproduces one call when
       each call gets the previous call's ``TitansState`` (which carries the chunk in progress).
+    read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
     impl: "auto" | "chunked" (dual form) | "recurrent" | "pallas".
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
+  return _gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
+                          impl, dgd=False)
+
+
+def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = None,
+               momentum: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
+               objective: str = "l2", initial_state=None, chunk_size: int = 64,
+               read: str = "after_write", impl: str = "auto") -> tuple[Array, TitansState]:
+  """Delta gradient descent (DGD): ``titans_memory`` plus a decay term on every layer's input.
+
+  HOPE's inner optimizer (docs/EQUATIONS.md, Eqs. 56–57 and 88–93). Per head, with row-vector
+  layers ``y = h W`` (linear memory: ``M(x) = x S``, ``S`` ``[K, V]``; MLP: ``M(x) = x +
+  σ(x W2) W1``): for token t of a chunk (chunks aligned with the sequence start) whose start state
+  is ``W_c``, let ``h_l`` be layer l's input and ``e_l`` the gradient of the objective (``½‖M(k_t) −
+  v_t‖²`` for "l2", ``−⟨M(k_t), v_t⟩`` for "dot") with respect to layer l's output, both with M at
+  ``W_c``. Then::
+
+      P_l ← m_t P_l − lr_t h_lᵀ e_l                         (no momentum: P_l = −lr_t h_lᵀ e_l)
+      W_l ← (exp(g_t) I − lr_t h_lᵀ h_l) W_l + P_l          (the decay touches only W_l)
+      o_t = M_W(q_t)     after the write ("after_write") or before it ("before_write")
+
+  ``chunk_size=1`` is Eq. 88 token by token; per chunk, the decay term acts on the running state
+  and only the gradient term on ``W_c`` (Eq. 93). The chunked form solves each layer's decay terms
+  of a chunk as a unit lower triangular system (the UT transform of ``delta_rule``) and equals
+  the recurrence for every chunk size. ``objective="dot"`` on a linear memory without momentum is
+  the gated delta rule: ``delta_rule(q, k, exp(g)·v, beta=lr/exp(g), g=g, scale=1)``.
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` the rate of both terms;
+    g: ``[B, T, H]`` log-retention (≤ 0; ``exp(g) = α``) or None; momentum: ``[B, T, H]`` or None.
+    memory, initial_state, chunk_size, read: as in ``titans_memory`` (the same state and
+      continuation contract: a sequence split anywhere across calls equals one call).
+    objective: "l2" (Eq. 88) or "dot" (Eq. 92).
+    impl: "auto" | "chunked" | "recurrent" | "pallas" (the ``delta_rule`` kernels; only for the
+      gated-delta-rule case above, read after the write, chunks aligned with the call).
+
+  Returns:
+    ``(o [B, T, H, V], TitansState)``.
+  """
+  if objective not in ("l2", "dot"):
+    raise ValueError(f"objective={objective!r} is not one of ('l2', 'dot')")
+  return _gradient_memory(q, k, v, lr, momentum, g, memory, L2 if objective == "l2" else DOT,
+                          initial_state, chunk_size, read, impl, dgd=True)
+
+
+def _gradient_memory(q, k, v, lr, momentum, g, memory, objective, initial_state, chunk_size, read,
+                     impl, dgd: bool) -> tuple[Array, TitansState]:
+  """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout."""
   b, t, h, dk, dv = _check_sequences(q, k, v)
   _check_gate("lr", lr, b, t, h, required=True)
   _check_gate("momentum", momentum, b, t, h, required=False)
   _check_gate("g", g, b, t, h, required=False)
   impl = _check_options(chunk_size, impl)
+  core.check_read(read)
   mem = _resolve_memory(memory)
   weights, mom, start, offset = _check_titans_state(mem, initial_state, b, h, dk, dv, chunk_size)
   if momentum is None and mom is not None:
@@ -382,10 +432,24 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
   reason = None
   if not isinstance(mem, LinearMemory):
     reason = "the kernels implement linear memories only"
+  elif read != "after_write":
+    reason = "the kernels read after the write only"
+  elif dgd and (objective is not DOT or momentum is not None):
+    reason = ("the kernels implement DGD only as the gated delta rule (objective='dot', a linear "
+              "memory, no momentum)")
   elif offset is not None and not isinstance(offset, numbers.Integral):
     reason = ("initial_state.offset is a traced array; the kernels need to know statically how "
               "many tokens finish the chunk in progress")
-  impl = _resolve_impl(impl, "titans", q, k, v, chunk_size, reason)
+  impl = _resolve_impl(impl, "delta_rule" if dgd else "titans", q, k, v, chunk_size, reason)
+  if impl == "pallas" and dgd:
+    if offset is not None:
+      raise ValueError("impl='pallas': dgd_memory on the kernels starts at a chunk boundary; "
+                       "use impl='chunked' to continue a chunk in progress")
+    alpha = jnp.ones_like(lr) if g is None else jnp.exp(g.astype(lr.dtype))
+    o, s = delta_rule(q, k, (alpha[..., None] * v).astype(v.dtype), beta=lr / alpha, g=g,
+                      scale=1.0, initial_state=weights if weights is None else weights["w"],
+                      chunk_size=chunk_size, impl="pallas")
+    return o, TitansState(s, None, s, 0)
   if impl == "pallas":
     return _titans_pallas(q, k, v, lr, momentum, g, initial_state, offset, chunk_size)
 
@@ -405,20 +469,21 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
     g_ = jnp.zeros_like(lr_)
 
   seqs = [_heads_first(cast(x)) for x in (q, k, v)]
-  args = (mem, L2, *seqs, lr_, g_, m_, weights, mom)
+  args = (mem, objective, *seqs, lr_, g_, m_, weights, mom)
+  options = dict(batch_ndim=2, dgd=dgd, read=read)
   aligned = offset is None and t % chunk_size == 0
   if impl == "recurrent":
-    o, w, p, start = core.recurrent_scan(*args, grad_chunk=chunk_size, batch_ndim=2,
+    o, w, p, start = core.recurrent_scan(*args, grad_chunk=chunk_size,
                                          offset=0 if offset is None else offset,
-                                         chunk_start=start)
+                                         chunk_start=start, **options)
     offset = ((0 if offset is None else offset) + t) % chunk_size
   elif aligned:  # the fast path: chunks aligned with the call, whole chunks
-    o, w, p = core.chunk_start_scan(*args, chunk_size, batch_ndim=2)
+    o, w, p = core.chunk_start_scan(*args, chunk_size, **options)
     start, offset = w, 0
   else:
     o, w, p, start, offset = core.chunk_start_scan_offset(
         *args, weights if start is None else start, 0 if offset is None else offset, chunk_size,
-        batch_ndim=2)
+        **options)
   if isinstance(mem, LinearMemory):
     w, p, start = (None if x is None else x["w"] for x in (w, p, start))
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p, start, offset)

@@ -33,6 +33,10 @@ def _unit(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _is_mlp(variant: str) -> bool:
+  return variant.startswith(("titans_mlp", "dgd_mlp"))
+
+
 def make_arrays(variant: str, b: int, t: int, h: int, dk: int, dv: int, dtype, seed: int = 0):
   """Random, well-conditioned inputs for ``variant`` (keys unit-norm, gates in range)."""
   r = jax.random.split(jax.random.PRNGKey(seed), 10)
@@ -43,15 +47,15 @@ def make_arrays(variant: str, b: int, t: int, h: int, dk: int, dv: int, dtype, s
       "v": normal(2, (b, t, h, dv)),
   }
   gate = (b, t, h)
-  if variant.endswith("_g") or variant.endswith("_full"):
+  if "_g" in variant or variant.endswith("_full"):
     arrays["g"] = -0.5 * jax.nn.softplus(normal(3, gate))
   if variant.startswith("delta"):
     arrays["beta"] = jax.nn.sigmoid(normal(4, gate))
-  if variant.startswith("titans"):
+  if variant.startswith(("titans", "dgd")):
     arrays["lr"] = 0.5 * jax.nn.sigmoid(normal(4, gate))
     if variant.endswith("_full"):
       arrays["momentum"] = jax.nn.sigmoid(normal(5, gate))
-  if variant.startswith("titans_mlp"):
+  if _is_mlp(variant):
     state = MLPMemory().init_state(r[6], b, h, dk, 2 * dk)
     arrays["s0"] = {"w1": state["w1"] + 0.0, "w2": state["w2"] + 0.0}
   else:
@@ -72,22 +76,32 @@ def run(variant: str, arrays: dict, impl: str, chunk_size: int):
     o, s = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a.get("g"), initial_state=a["s0"],
                           chunk_size=chunk_size, impl=impl)
     return o, [s]
-  memory = "mlp" if variant.startswith("titans_mlp") else "linear"
-  state = ops.TitansState(a["s0"], a.get("p0"))
-  o, s = ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a.get("momentum"),
-                           g=a.get("g"), memory=memory, initial_state=state,
-                           chunk_size=chunk_size, impl=impl)
+  o, s = memory_op(variant, a, ops.TitansState(a["s0"], a.get("p0")), chunk_size, impl)
   # The offset is an int (where the next token falls in its chunk); compared by the tests of
   # continuation, not differentiated.
   return o, jax.tree.leaves((s.memory, s.momentum, s.chunk_start))
 
 
+def memory_op(variant: str, a: dict, state, chunk_size: int, impl: str):
+  """``titans_memory`` or ``dgd_memory`` (``dgd_*`` variants; ``_before``: read before the write,
+  ``_dot``: the dot-product objective) on the sequences and gates of ``a``."""
+  kwargs = dict(lr=a["lr"], momentum=a.get("momentum"), g=a.get("g"),
+                memory="mlp" if _is_mlp(variant) else "linear", initial_state=state,
+                chunk_size=chunk_size, impl=impl)
+  if variant.startswith("dgd"):
+    return ops.dgd_memory(a["q"], a["k"], a["v"], objective="dot" if "_dot" in variant else "l2",
+                          read="before_write" if "_before" in variant else "after_write",
+                          **kwargs)
+  return ops.titans_memory(a["q"], a["k"], a["v"], **kwargs)
+
+
 VARIANTS = ["linear_attention", "linear_attention_g", "delta_rule", "delta_rule_g",
-            "titans_linear", "titans_linear_full", "titans_mlp", "titans_mlp_full"]
+            "titans_linear", "titans_linear_full", "titans_mlp", "titans_mlp_full",
+            "dgd_linear_full", "dgd_mlp_full", "dgd_mlp_g_before", "dgd_linear_dot_g"]
 
 
 def shapes_for(variant: str):
-  return SHAPES_SQUARE if variant.startswith("titans_mlp") else SHAPES
+  return SHAPES_SQUARE if _is_mlp(variant) else SHAPES
 
 
 def loss_and_grads(variant: str, impl: str, chunk_size: int):

@@ -1,4 +1,4 @@
-"""titans_memory continued across calls split anywhere (mid-chunk) equals one call.
+"""titans_memory and dgd_memory continued across calls split anywhere (mid-chunk) equals one call.
 
 The state returned by ``titans_memory`` carries the chunk in progress (``chunk_start`` weights and
 ``offset``), so prefill-then-decode (pieces of any length, single tokens included) reproduces the
@@ -14,23 +14,21 @@ import pytest
 from nlx import ops
 import ops_cases as cases
 
-TITANS = ["titans_linear", "titans_linear_full", "titans_mlp", "titans_mlp_full"]
+TITANS = ["titans_linear", "titans_linear_full", "titans_mlp", "titans_mlp_full",
+          "dgd_linear_full", "dgd_mlp_full", "dgd_mlp_g_before"]
 CUTS = (0, 13, 14, 15, 40, 45, 70)  # pieces of 13, 1, 1, 25, 5 and 25 tokens; chunk 16
 
 
-def call(arrays, lo, hi, state, impl, chunk=16):
+def call(arrays, lo, hi, state, impl, variant, chunk=16):
   a = {n: x[:, lo:hi] for n, x in arrays.items() if n not in ("s0", "p0")}
-  memory = "mlp" if "s0" in arrays and isinstance(arrays["s0"], dict) else "linear"
-  return ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], momentum=a.get("momentum"),
-                           g=a.get("g"), memory=memory, initial_state=state, chunk_size=chunk,
-                           impl=impl)
+  return cases.memory_op(variant, a, state, chunk, impl)
 
 
-def pieces(arrays, impl, cuts=CUTS):
+def pieces(arrays, impl, variant, cuts=CUTS):
   state = ops.TitansState(arrays["s0"], arrays.get("p0"))
   outs = []
   for lo, hi in zip(cuts[:-1], cuts[1:]):
-    o, state = call(arrays, lo, hi, state, impl)
+    o, state = call(arrays, lo, hi, state, impl, variant)
     outs.append(o)
   return jnp.concatenate(outs, axis=1), state
 
@@ -49,8 +47,8 @@ def assert_states_equal(got, want, tol):
 def test_split_anywhere_equals_one_call_float64(variant, impl):
   with jax.enable_x64(True):
     arrays = cases.make_arrays(variant, 2, 70, 2, 16, 16, jnp.float64)
-    o_one, s_one = pieces(arrays, "recurrent", (0, 70))
-    o, s = pieces(arrays, impl)
+    o_one, s_one = pieces(arrays, "recurrent", variant, (0, 70))
+    o, s = pieces(arrays, impl, variant)
     np.testing.assert_allclose(o, o_one, rtol=1e-10, atol=1e-10)
     assert_states_equal(s, s_one, 1e-10)
     assert s.offset == 70 % 16
@@ -58,12 +56,14 @@ def test_split_anywhere_equals_one_call_float64(variant, impl):
 
 def test_traced_offset_under_jit():
   """Decoding in a jitted step: the offset is a traced int32 inside the state."""
-  arrays = cases.make_arrays("titans_mlp_full", 1, 40, 2, 16, 16, jnp.float32)
-  o_one, s_one = pieces(arrays, "recurrent", (0, 40))
-  _, state = call(arrays, 0, 13, ops.TitansState(arrays["s0"], arrays.get("p0")), "chunked")
+  variant = "titans_mlp_full"
+  arrays = cases.make_arrays(variant, 1, 40, 2, 16, 16, jnp.float32)
+  o_one, s_one = pieces(arrays, "recurrent", variant, (0, 40))
+  _, state = call(arrays, 0, 13, ops.TitansState(arrays["s0"], arrays.get("p0")), "chunked",
+                  variant)
   step = jax.jit(lambda lo, state: call(jax.tree.map(
       lambda x: jax.lax.dynamic_slice_in_dim(x, lo, 1, axis=1) if x.ndim >= 3 and
-      x.shape[1] == 40 else x, arrays), 0, 1, state, "chunked"))
+      x.shape[1] == 40 else x, arrays), 0, 1, state, "chunked", variant))
   outs = []
   for t in range(13, 40):
     o, state = step(t, state)
@@ -73,14 +73,14 @@ def test_traced_offset_under_jit():
   assert_states_equal(state, s_one, 2e-5)
 
 
-@pytest.mark.parametrize("variant", ["titans_linear_full", "titans_mlp_full"])
+@pytest.mark.parametrize("variant", ["titans_linear_full", "titans_mlp_full", "dgd_mlp_full"])
 def test_gradients_through_a_mid_chunk_split(variant):
   """d(loss)/d(every input) of two calls split mid-chunk (chunked) == one recurrent call."""
   with jax.enable_x64(True):
     arrays = cases.make_arrays(variant, 1, 40, 2, 16, 16, jnp.float64)
 
     def loss(arrays, impl, cuts):
-      o, s = pieces(arrays, impl, cuts)
+      o, s = pieces(arrays, impl, variant, cuts)
       leaves = [o] + jax.tree.leaves((s.memory, s.momentum, s.chunk_start))
       return sum(jnp.sum(jnp.sin(x)) for x in leaves)
 
@@ -94,9 +94,10 @@ def test_gradients_through_a_mid_chunk_split(variant):
 def test_kernels_split_anywhere():
   """impl="pallas" (interpreted): the chunk in progress finishes in XLA, whole chunks on the
   kernel, a final partial chunk as its own kernel call."""
-  arrays = cases.make_arrays("titans_linear_full", 1, 70, 2, 16, 16, jnp.float32)
-  o_one, s_one = pieces(arrays, "recurrent", (0, 70))
-  o, s = pieces(arrays, "pallas")
+  variant = "titans_linear_full"
+  arrays = cases.make_arrays(variant, 1, 70, 2, 16, 16, jnp.float32)
+  o_one, s_one = pieces(arrays, "recurrent", variant, (0, 70))
+  o, s = pieces(arrays, "pallas", variant)
   np.testing.assert_allclose(o, o_one, rtol=1e-4, atol=1e-4)
   assert_states_equal(s, s_one, 1e-4)
 

@@ -10,6 +10,13 @@ learning rate lr_t, log-decay g_t and momentum η_t:
     M_t     = decayed + P_t
     o_t     = M_t(q_t)                         (the read sees token t's own write)
 
+Two options change the write and the read (the delta gradient descent of HOPE, PAPER.md §2, §4):
+
+* ``dgd=True`` adds DGD's decay term: each dense layer ``W_l`` (input ``h_l`` at the gradient's
+  reference state) becomes ``(exp(g_t) I − lr_t h_lᵀ h_l) W_l + P_t``, the decay touching only that
+  layer (``h_l`` a row vector, ``W_l`` ``[in, out]``);
+* ``read="before_write"`` reads ``o_t = M_{t−1}(q_t)`` (the memory before token t's write).
+
 ``recurrent_scan`` runs exactly this, token by token, with ``jax.grad`` for G_t: it is the
 reference every fast path is tested against. ``chunk_start_scan`` is the parallel (dual) form for
 gradients taken at the chunk-start state: within a chunk all G_j are known from the chunk-start
@@ -68,6 +75,26 @@ def tree_scale(a: Array, tree):
   return jax.tree.map(lambda x: a * x, tree)
 
 
+READS = ("after_write", "before_write")
+
+
+def check_read(read: str) -> None:
+  if read not in READS:
+    raise ValueError(f"read={read!r} is not one of {READS}")
+
+
+def layer_inputs(memory: Memory, weights: Weights, x: Array) -> Weights:
+  """The input of every dense layer of ``memory`` (weights ``weights``) in ``M(x)``."""
+  inputs = {}
+
+  def matmul(name, h):
+    inputs[name] = h
+    return h @ weights[name]
+
+  memory.forward(matmul, x)
+  return inputs
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference: token by token.
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +115,8 @@ def _time_major(x, batch_ndim: int):
 def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                    lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
                    momentum_state: Optional[Weights], grad_chunk: Optional[int] = None,
-                   batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None):
+                   batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None,
+                   dgd: bool = False, read: str = "after_write"):
   """The token-by-token recurrence of the module docstring (the reference).
 
   Args:
@@ -102,6 +130,9 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       the scan over time is outermost and the per-slice step is vmapped inside it.
     offset: int scalar (may be traced): tokens of the first chunk already seen by an earlier call.
     chunk_start: the weights at the start of that chunk (needed when ``offset`` can be > 0).
+    dgd: add DGD's per-layer decay term ``−lr_t h_lᵀ (h_l W_l)`` (needs ``grad_chunk``; ``h_l``:
+      layer l's input for the key ``k_t`` at the gradient's reference state).
+    read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
 
   Returns:
     ``(o [T, V], weights, momentum_state, chunk_start)`` after the last token; ``chunk_start`` is
@@ -110,6 +141,9 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
+  if dgd and grad_chunk is None:
+    raise ValueError("dgd=True needs grad_chunk (DGD's keys are taken at the chunk-start state)")
+  check_read(read)
   grad_fn = jax.grad(lambda w, kt, vt: objective.loss(memory.apply(w, kt), vt))
 
   def step(t, carry, x):
@@ -118,12 +152,15 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     if grad_chunk is not None:
       w_ref = jax.tree.map(lambda a, b: jnp.where((t + offset) % grad_chunk == 0, a, b), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
+    if dgd:  # W_l ← exp(g) W_l − lr h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
+      h = layer_inputs(memory, w_ref, kt)
+      decayed = {n: decayed[n] - lrt * jnp.outer(h[n], h[n] @ w[n]) for n in w}
     update = tree_scale(-lrt, grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt))
     if p is not None:
       p = jax.tree.map(lambda a, u: mt * a + u, p, update)
       update = p
-    w = jax.tree.map(jnp.add, decayed, update)
-    return (w, p, w_ref), memory.apply(w, qt)
+    new = jax.tree.map(jnp.add, decayed, update)
+    return (new, p, w_ref), memory.apply(new if read == "after_write" else w, qt)
 
   def body(carry, tx):
     t, x = tx
@@ -225,6 +262,26 @@ def chunk_coefficients(log_decay: Array, momentum: Optional[Array],
   mom_carry = jnp.exp(jnp.cumsum(log_eta)) * (jnp.arange(log_eta.shape[-1]) >= start)
   # M_t = Σ_{s≤t} (γ_t/γ_s) P_s + γ_t M_0, and P_s expands in P_0 and U_j: compose the two.
   return ChunkCoefficients(gamma, decay @ mom_write, decay @ mom_carry, mom_carry, mom_write)
+
+
+def previous_rows(coef: ChunkCoefficients) -> ChunkCoefficients:
+  """The coefficients of the memory before each token's write: row t is ``coef``'s row t − 1
+  (row 0: the chunk's start state). Momentum fields are dropped (reads need the weights only)."""
+  shift = lambda x, first: jnp.concatenate([first.astype(x.dtype), x[:-1]], axis=0)
+  gamma = shift(coef.gamma, jnp.ones((1,)))
+  write = shift(coef.write, jnp.zeros((1,) + coef.write.shape[1:]))
+  carry = None if coef.carry is None else shift(coef.carry, jnp.zeros((1,)))
+  return ChunkCoefficients(gamma, write, carry, None, None)
+
+
+def dgd_coefficients(coef: ChunkCoefficients, log_decay: Array) -> ChunkCoefficients:
+  """``coef`` over DGD's writes ``[U; w]``: the gradient writes U (with their momentum) followed
+  by the pseudo-values w of the decay term (``_dgd_writes``), which decay but have no momentum.
+  ``write`` and ``mom_write`` become ``[C, 2C]``."""
+  decay = coef.write if coef.mom_write is None else decay_matrix(log_decay)
+  mom_write = (None if coef.mom_write is None else
+               jnp.concatenate([coef.mom_write, jnp.zeros_like(decay)], axis=1))
+  return coef._replace(write=jnp.concatenate([coef.write, decay], axis=1), mom_write=mom_write)
 
 
 def chunk_matmul(h: Array, w0: Array, keys: Array, writes: Array, write: Array, gamma: Array,
@@ -347,6 +404,40 @@ def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Arra
   return inputs, {name: -lr[:, None] * e for name, e in errors.items()}
 
 
+def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
+                lr: Array, w0: Weights, p0: Optional[Weights],
+                prev: ChunkCoefficients) -> tuple[Weights, Weights]:
+  """A chunk's writes with DGD's decay term: (keys ``[2C, in]``, writes ``[2C, out]``) per layer.
+
+  Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
+  ``h_s`` (its input at ``w_grad``) and the pseudo-value ``w_s = −lr_s h_s W_{s−1}``. ``W_{s−1}`` is
+  linear in the earlier pseudo-values (``prev``, the coefficients over ``[U; w]`` of the state
+  before each write), so they solve a unit lower triangular system, as in the delta rule's UT
+  transform: ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for j < s and
+  ``known`` the part of ``h_s W_{s−1}`` that does not involve w.
+  """
+  keys, writes = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  c = k.shape[0]
+  values = {}
+  for name, h in keys.items():
+    known = chunk_matmul(h, w0[name], h, writes[name], prev.write[:, :c], prev.gamma,
+                         None if p0 is None else p0[name], prev.carry)
+    system = lr[:, None] * prev.write[:, c:] * (h @ h.T)
+    pseudo = -unit_lower_inverse(system) @ (lr[:, None] * known)
+    values[name] = jnp.concatenate([writes[name], pseudo])
+  return {name: jnp.concatenate([h, h]) for name, h in keys.items()}, values
+
+
+def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
+                          start=0) -> tuple[ChunkCoefficients, Optional[ChunkCoefficients]]:
+  """A chunk's coefficients of the state after each write, and (for DGD's system or a read
+  before the write) of the state before each write."""
+  coef = chunk_coefficients(log_decay, momentum, start)
+  if dgd:
+    coef = dgd_coefficients(coef, log_decay)
+  return coef, previous_rows(coef) if dgd or read == "before_write" else None
+
+
 def _weights_at(w0: Weights, p0: Optional[Weights], inputs: Weights, writes: Weights,
                 coef: ChunkCoefficients, row) -> tuple[Weights, Optional[Weights]]:
   """Memory and momentum after token ``row`` (int scalar, may be traced) of a chunk."""
@@ -371,34 +462,52 @@ def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
   return memory.forward(matmul, q)
 
 
+def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weights,
+                 p0: Optional[Weights], chunk: tuple, dgd: bool) -> tuple[Weights, Weights]:
+  """The writes of one prepared chunk ``(q, k, v, lr, coef, prev)`` (``_prepare_coefficients``):
+  gradients at ``w_grad``, the chunk's running state starting from ``w0``/``p0``."""
+  _, kc, vc, lrc, _, prev = chunk
+  if dgd:
+    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev)
+  return _chunk_writes(memory, objective, w_grad, kc, vc, lrc)
+
+
+def chunk_read(memory: Memory, chunk: tuple, y: tuple, read: str) -> Array:
+  """Every token's read of one prepared chunk, from ``y = (w0, p0, keys, writes)``."""
+  return _chunk_read(memory, chunk[0], chunk[5] if read == "before_write" else chunk[4], *y)
+
+
 def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                      lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
-                     momentum_state: Optional[Weights], chunk_size: int, batch_ndim: int = 0):
+                     momentum_state: Optional[Weights], chunk_size: int, batch_ndim: int = 0,
+                     dgd: bool = False, read: str = "after_write"):
   """The parallel form of ``recurrent_scan(..., grad_chunk=chunk_size)`` (same arguments/returns).
 
   Within a chunk every gradient is taken at the chunk-start weights, so each per-token weight is
   ``ChunkCoefficients``-linear in the start weights, start momentum and per-token gradient
   factors; the read of token t (after its own write) runs the memory's forward pass with
   ``chunk_matmul`` for every layer. When the objective's gradient does not depend on the memory
-  (``dot``), the result equals the online recurrence for every chunk size. Returns
-  ``(o, weights, momentum_state)``: chunks are aligned with the call (``chunk_start_scan_offset``
-  continues a chunk that an earlier call began).
+  (``dot``), the result equals the online recurrence for every chunk size. With ``dgd`` every
+  layer's decay term joins the writes (``_dgd_writes``). Returns ``(o, weights,
+  momentum_state)``: chunks are aligned with the call (``chunk_start_scan_offset`` continues a
+  chunk that an earlier call began).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
+  check_read(read)
 
   def prepare(chunk):  # gate coefficients do not depend on the state: all chunks at once
     qc, kc, vc, lrc, gc, mc = chunk
-    return qc, kc, vc, lrc, chunk_coefficients(gc, mc)
+    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read)
 
   def body(carry, chunk):  # sequential: only what the next chunk's state needs
     w0, p0 = carry
-    _, kc, vc, lrc, coef = chunk
-    inputs, writes = _chunk_writes(memory, objective, w0, kc, vc, lrc)
-    return _weights_at(w0, p0, inputs, writes, coef, kc.shape[0] - 1), (w0, p0, inputs, writes)
+    keys, writes = chunk_writes(memory, objective, w0, w0, p0, chunk, dgd)
+    return _weights_at(w0, p0, keys, writes, chunk[4], chunk[1].shape[0] - 1), (w0, p0, keys,
+                                                                               writes)
 
   def finish(chunk, y):  # parallel over chunks: token t reads its own weights (the dual form)
-    return _chunk_read(memory, chunk[0], chunk[4], *y)
+    return chunk_read(memory, chunk, y, read)
 
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
                                              (q, k, v, lr, log_decay, momentum), chunk_size,
@@ -410,7 +519,8 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
 def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                             lr: Array, log_decay: Array, momentum: Optional[Array],
                             weights: Weights, momentum_state: Optional[Weights],
-                            chunk_start: Weights, offset, chunk_size: int, batch_ndim: int = 0):
+                            chunk_start: Weights, offset, chunk_size: int, batch_ndim: int = 0,
+                            dgd: bool = False, read: str = "after_write"):
   """``chunk_start_scan`` continuing a chunk: the first token is ``offset`` tokens into a chunk
   whose start weights (its gradient reference) are ``chunk_start``. ``offset`` may be traced.
 
@@ -440,9 +550,11 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
         place(momentum, 1))
 
+  check_read(read)
+
   def prepare(start, chunk):
     qc, kc, vc, lrc, gc, mc = chunk
-    return qc, kc, vc, lrc, chunk_coefficients(gc, mc, start)
+    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read, start)
 
   last = offset + t - 1  # the final state: after the last real token, row last % c of its chunk
   batch_shape = q.shape[:batch_ndim]
@@ -450,12 +562,12 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
                            (n,) + batch_shape)  # [N, *batch]: the chunk that continues
 
   def body(carry, x):
-    (w0, p0, ref), (is_first, (_, kc, vc, lrc, coef)) = carry, x
+    (w0, p0, ref), (is_first, chunk) = carry, x
     w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
-    inputs, writes = _chunk_writes(memory, objective, w_grad, kc, vc, lrc)
-    at_last = _weights_at(w0, p0, inputs, writes, coef, last % c)
-    w1, p1 = _weights_at(w0, p0, inputs, writes, coef, c - 1)
-    return (w1, p1, ref), ((w0, p0, inputs, writes), at_last)
+    keys, writes = chunk_writes(memory, objective, w_grad, w0, p0, chunk, dgd)
+    at_last = _weights_at(w0, p0, keys, writes, chunk[4], last % c)
+    w1, p1 = _weights_at(w0, p0, keys, writes, chunk[4], c - 1)
+    return (w1, p1, ref), ((w0, p0, keys, writes), at_last)
 
   # Momentum arrives at slot `offset` of the first chunk (slot 0 of the others). One scan over
   # all chunks, the first selected by a mask: peeling the first chunk off before the scan gave
@@ -465,7 +577,7 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
       starts, xs)
   _, (ys, at_last) = jax.lax.scan(batched(body, batch_ndim),
                                   (weights, momentum_state, chunk_start), (first, chunks))
-  o = batched(lambda ch, y: _chunk_read(memory, ch[0], ch[4], *y), batch_ndim + 1)(chunks, ys)
+  o = batched(lambda ch, y: chunk_read(memory, ch, y, read), batch_ndim + 1)(chunks, ys)
   o = jnp.moveaxis(o, 0, batch_ndim)
   o = o.reshape(o.shape[:batch_ndim] + (n * c,) + o.shape[batch_ndim + 2:])
   o = jax.lax.dynamic_slice_in_dim(o, offset, t, axis=batch_ndim)
