@@ -1,6 +1,6 @@
 """Hope-attention: the softmax attention of Transformer++, then the Continuum Memory System.
 
-Sizes: tiny (laptop CPU: CMS periods 4 / 16), 340m, 760m, 1.3b, 20m (the benchmark size): CMS
+Sizes: tiny (laptop CPU: CMS periods 16 / 64), 340m, 760m, 1.3b, 20m (the benchmark size): CMS
 periods 32 / 256 / 2048. ``nlx.convert.transformer_to_hope_attention`` builds one from a trained
 Transformer++ (level stacking). Build the model::
 
@@ -13,6 +13,6 @@ from nlx import configs as nlx_configs
 
 def get_config(size: str = "tiny"):
   model = nlx_configs.model_config("hope_attention", size, mlp_ratio=0.55,
-                                   tiny=dict(cms_periods=(4, 16), mlp_dim=96),
+                                   tiny=dict(cms_periods=(16, 64), mlp_dim=96),
                                    paper=dict(cms_periods=(32, 256, 2048)))
   return nlx_configs.config(model)

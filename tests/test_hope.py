@@ -1,7 +1,8 @@
-"""Tests of HOPE (nlx.nn.hope): the dot-product linear memory without momentum is exactly
-nlx.ops.delta_rule with target v̂; DGD with momentum on a linear memory equals a plain loop of
-Eq. 88; every Table 6 ablation switch builds, runs and changes the output; bad settings are
-refused by name."""
+"""Tests of HOPE (nlx.nn.hope): the mixer equals a plain numpy loop over tokens of the whole
+self-modifying Titans step (Eqs. 83–93: five memories, self-generated targets, gates, DGD,
+momentum, chunk-wise references); the dot-product linear memory without momentum is exactly
+nlx.ops.delta_rule with target v̂; every Table 6 ablation switch builds, runs and changes the
+output; a split anywhere equals one call; bad settings are refused by name."""
 
 import jax
 import jax.numpy as jnp
@@ -17,64 +18,132 @@ from nlx.nn.hope import SelfModifyingTitans
 B, T, H, DK = 2, 7, 2, 4
 
 
-def mixer(**fields):
-  cfg = ModelConfig(family="hope", d_model=H * DK, n_heads=H, memory_chunk_size=1,
-                    hope_memory="linear", impl="recurrent", **fields)
-  return SelfModifyingTitans(cfg, rngs=nnx.Rngs(0))
+def _silu(x):
+  return x / (1.0 + np.exp(-x))
 
 
-def inputs(seed=0):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  q, k = unit(jax.random.normal(keys[0], (B, T, H, DK))), unit(jax.random.normal(keys[1], (B, T, H,
-                                                                                             DK)))
-  target = jax.random.normal(keys[2], (B, T, H, DK))
-  eta = jax.random.uniform(keys[3], (B, T, H), minval=0.1, maxval=0.9)
-  log_alpha = jnp.log(jax.random.uniform(keys[4], (B, T, H), minval=0.8, maxval=1.0))
-  s0 = jax.random.normal(keys[5], (B, H, DK, DK))
-  return q, k, target, eta, log_alpha, s0
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def _unit(x):
+  return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+class NumpyMemory:
+  """One memory of one head, float64: linear ``x S`` or residual MLP ``x + silu(x W2) W1``."""
+
+  def __init__(self, weights):
+    self.w = {n: np.array(x, np.float64) for n, x in weights.items()}
+    self.p = {n: np.zeros_like(x) for n, x in self.w.items()}
+
+  def __call__(self, x, w=None):
+    w = self.w if w is None else w
+    if "w" in w:
+      return x @ w["w"]
+    return x + _silu(x @ w["w2"]) @ w["w1"]
+
+  def layers(self, x, target, w, objective):
+    """(input h_l, error e_l) of every layer at weights w for the loss at key x."""
+    if "w" in w:
+      e = x @ w["w"] - target if objective == "l2" else -target
+      return {"w": (x, e)}
+    z = x @ w["w2"]
+    e = x + _silu(z) @ w["w1"] - target if objective == "l2" else -target
+    return {"w1": (_silu(z), e), "w2": (x, (e @ w["w1"].T) * _sigmoid(z) * (1 + z * (1 - _sigmoid(z))))}
+
+  def dgd(self, x, target, lr, alpha, m, ref, objective, dgd):
+    """P ← m P − lr h eᵀ; W ← (α I − lr h hᵀ) W + P, per layer, h and e at ``ref``."""
+    for name, (h, e) in self.layers(x, target, ref, objective).items():
+      self.p[name] = m * self.p[name] - lr * np.outer(h, e)
+      decay = alpha * np.eye(len(h)) - (lr * np.outer(h, h) if dgd else 0.0)
+      self.w[name] = decay @ self.w[name] + self.p[name]
+
+
+def hope_loop(mixer, x):
+  """HOPE's mixer output before the output gate, ``[B, T, H, dk]``, written from the equations."""
+  cfg = mixer.cfg
+  q_in, k_in, v_in, _ = (np.asarray(a, np.float64) for a in mixer.qkv(x))
+  m_gate = (np.asarray(_sigmoid(mixer.momentum_gate(x)), np.float64) if cfg.hope_momentum
+            else np.zeros(q_in.shape[:3]))
+  bias = np.asarray(mixer.gate_bias[...], np.float64)
+  names, n = mixer.names, len(mixer.names)
+  comps = {name: np.asarray(w[...]) for name, w in mixer.components_init.items()}
+  out_init = {name: np.asarray(w[...]) for name, w in mixer.memory_init.items()}
+  c_h, c_m = cfg.hope_chunk, cfg.memory_chunk_size
+  rate = (lambda e: e / (1 + e)) if cfg.hope_dgd == "arxiv" else (lambda e: e)
+  o = np.zeros_like(q_in)
+  for b in range(x.shape[0]):
+    for h in range(cfg.n_heads):
+      mems = {name: NumpyMemory({w: a[i * cfg.n_heads + h] for w, a in comps.items()})
+              for i, name in enumerate(names)}
+      mems["mem"] = NumpyMemory({w: a[h] for w, a in out_init.items()})
+      for t in range(x.shape[1]):
+        if t % c_h == 0:  # Eqs. 90–91: the component memories' chunk-boundary state
+          start = {name: {w: a.copy() for w, a in mem.w.items()} for name, mem in mems.items()
+                   if name != "mem"}
+        if t % c_m == 0:
+          start["mem"] = {w: a.copy() for w, a in mems["mem"].w.items()}
+        gen = lambda name, xt: mems[name](xt, start[name])  # M_□ at its chunk start
+        kt = _unit(gen("k", k_in[b, t, h])) if "k" in mems else k_in[b, t, h]
+        vt = gen("v", v_in[b, t, h]) if "v" in mems else v_in[b, t, h]
+        vt = _unit(vt) if cfg.hope_normalize_v else vt
+        qt = _unit(gen("q", q_in[b, t, h])) if "q" in mems else q_in[b, t, h]
+        eta = cfg.hope_lr * _sigmoid(gen("eta", k_in[b, t, h]).mean() + bias[0, h])
+        eta *= 1 - m_gate[b, t, h]
+        alpha = _sigmoid(gen("alpha", k_in[b, t, h]).mean() + bias[1, h]) if "alpha" in mems else 1.0
+        before = mems["mem"](qt)
+        for name, mem in mems.items():  # v̂_□ = M_□(v_t), then the DGD step (Eq. 88)
+          mem.dgd(kt, gen(name, vt), rate(eta), alpha, m_gate[b, t, h], start[name],
+                  cfg.hope_objective, cfg.hope_dgd != "off")
+        o[b, t, h] = before if cfg.hope_read == "before_write" else mems["mem"](qt)
+  return o
+
+
+def _mixer_and_inner(fields):
+  cfg = ModelConfig(family="hope", d_model=H * DK, n_heads=H, **fields)
+  mixer = SelfModifyingTitans(cfg, rngs=nnx.Rngs(0))
+  captured = {}
+  gate = mixer.out
+  mixer.out = lambda o, x: captured.setdefault("o", o)  # the memory read, before the output gate
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, 9, H * DK))
+  mixer(x)
+  mixer.out = gate
+  return mixer, x, captured["o"]
+
+
+@pytest.mark.parametrize("fields", [
+    dict(memory_chunk_size=1),                                          # Eq. 88 token by token
+    dict(memory_chunk_size=1, hope_dgd="neurips", hope_read="before_write"),
+    dict(memory_chunk_size=1, hope_memory="linear", hope_adaptive_q=True),
+    dict(memory_chunk_size=2, hope_chunk_size=4),                      # Eqs. 90–93, sub-chunks
+    dict(memory_chunk_size=3, hope_dgd="off", hope_weight_decay=False),
+    dict(memory_chunk_size=4, hope_momentum=False, hope_objective="dot", hope_memory="linear"),
+], ids=["eq88", "neurips-before", "linear-adaptive-q", "subchunks", "gd-no-decay", "dot"])
+def test_the_mixer_equals_a_loop_of_the_self_modifying_titans_step(fields):
+  mixer, x, o = _mixer_and_inner(dict(memory_expand=2, **fields))
+  np.testing.assert_allclose(o, hope_loop(mixer, x), rtol=2e-4, atol=2e-5)
 
 
 def test_dot_objective_without_momentum_is_delta_rule_with_target_v_hat():
-  m = mixer(hope_objective="dot", hope_momentum=False)
-  q, k, target, eta, log_alpha, s0 = inputs()
-  o, state = m.write(ops.TitansState({"w": s0}), q, k, target, eta, log_alpha, None, chunk=T)
-  rate = eta / (1 + eta)  # hope_dgd="arxiv"
+  cfg = ModelConfig(family="hope", d_model=H * DK, n_heads=H, memory_chunk_size=1,
+                    hope_memory="linear", hope_objective="dot", hope_momentum=False)
+  m = SelfModifyingTitans(cfg, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q, k = unit(jax.random.normal(keys[0], (B, T, H, DK))), unit(jax.random.normal(keys[1],
+                                                                                 (B, T, H, DK)))
+  target = jax.random.normal(keys[2], (B, T, H, DK))
+  rate = jax.random.uniform(keys[3], (B, T, H), minval=0.1, maxval=0.5)
+  log_alpha = jnp.log(jax.random.uniform(keys[4], (B, T, H), minval=0.8, maxval=1.0))
+  s0 = jax.random.normal(keys[5], (B, H, DK, DK))
+  (w, _), reader = m.write({"w": s0}, None, k, target, rate, log_alpha, None)
+  o = m.output(q, reader)
   alpha = jnp.exp(log_alpha)
   o_ref, s_ref = ops.delta_rule(q, k, alpha[..., None] * target, beta=rate / alpha, g=log_alpha,
                                 scale=1.0, initial_state=s0, impl="recurrent")
-  np.testing.assert_array_equal(o, o_ref)
-  np.testing.assert_array_equal(state.memory["w"], s_ref)
-  # ... and that is Eq. 92, M ← M(αI − η' k kᵀ) + η' v̂ kᵀ, token by token (S = Mᵀ).
-  s = s0
-  for t in range(T):
-    a, e = alpha[:, t, :, None, None], rate[:, t, :, None, None]
-    kk = jnp.einsum("bhi,bhj->bhij", k[:, t], k[:, t])
-    s = a * s - e * kk @ s + e * jnp.einsum("bhi,bhj->bhij", k[:, t], target[:, t])
-  np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dgd", ["arxiv", "neurips", "off"])
-def test_l2_dgd_with_momentum_on_a_linear_memory_is_eq_88(dgd):
-  m = mixer(hope_dgd=dgd)
-  q, k, target, eta, log_alpha, s0 = inputs(1)
-  mom = jnp.full((B, T, H), 0.6)
-  p0 = jnp.zeros_like(s0)
-  o, state = m.write(ops.TitansState({"w": s0}, {"w": p0}), q, k, target, eta, log_alpha, mom,
-                     chunk=1)
-  rate = eta / (1 + eta) if dgd == "arxiv" else eta
-  s, p, outs = s0, p0, []
-  for t in range(T):  # M_t = α M − η'(M k kᵀ [DGD]) − η' ∇½‖Mk − v̂‖², with momentum S_t
-    kt, e = k[:, t], rate[:, t, :, None, None]
-    pred = jnp.einsum("bhi,bhij->bhj", kt, s)
-    grad = jnp.einsum("bhi,bhj->bhij", kt, pred - target[:, t])
-    if dgd != "off":
-      grad = grad + jnp.einsum("bhi,bhj->bhij", kt, pred)
-    p = mom[:, t, :, None, None] * p - e * grad
-    s = jnp.exp(log_alpha[:, t, :, None, None]) * s + p
-    outs.append(jnp.einsum("bhi,bhij->bhj", q[:, t], s))
-  np.testing.assert_allclose(state.memory["w"], s, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(o, jnp.stack(outs, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(w["w"], s_ref, rtol=1e-5, atol=1e-5)
 
 
 def tiny_hope(**fields):
@@ -143,13 +212,11 @@ def test_a_sequence_split_anywhere_has_the_one_call_gradients():
 @pytest.mark.parametrize("fields, message", [
     (dict(hope_dgd="nips"), r"model.hope_dgd='nips' is not one of \('arxiv', 'neurips', 'off'\)"),
     (dict(hope_memory="deep"), r"model.hope_memory='deep' is not one of"),
-    (dict(hope_read="before_write"), r"model.hope_read='before_write' is not one of"),
+    (dict(hope_read="before"), r"model.hope_read='before' is not one of"),
     (dict(hope_lr_max=0.0), r"model.hope_lr_max=0.0 is not allowed with "
      r"model.memory_chunk_size=\d+: must be > 0"),
     (dict(hope_lr_max=0.1, hope_chunk_size=8), r"model.hope_lr_max=0.1 is not allowed with "
      r"model.hope_chunk_size=8: must be > 0 and at most 0.5/hope_chunk_size = 0.0625"),
-    (dict(hope_objective="dot"), r"model.hope_objective='dot' is not allowed for family 'hope': "
-     r"the dot-product objective needs hope_memory='linear'"),
     (dict(expand_v=2), r"model.expand_v=2 is not allowed for family 'hope'"),
     (dict(hope_chunk_size=3, memory_chunk_size=2), r"model.memory_chunk_size=2 is not allowed "
      r"for family 'hope': must divide hope_chunk_size=3"),

@@ -204,37 +204,33 @@ def decay_matrix(log_a: Array) -> Array:
 
 
 def unit_lower_inverse(a: Array) -> Array:
-  """``(I + a)^{-1}`` for a strictly lower triangular ``a: [C, C]``, by recursive doubling.
+  """``(I + a)^{-1}`` for a strictly lower triangular ``a: [C, C]``.
 
-  Diagonal blocks of the inverse are merged pairwise, ``[[L11, 0], [A21, L22]]^{-1} =
-  [[L11^{-1}, 0], [-L22^{-1} A21 L11^{-1}, L22^{-1}]]``, for block sizes 1, 2, 4, … (the matrix is
-  padded with the identity to a power of two). Only matmuls: log2(C) levels, differentiable with
-  small residuals, and no LAPACK custom call (XLA's CPU triangular solve stalled under load in
-  the backward pass).
+  ``a`` is nilpotent (``aᶜ = 0``), so ``(I + a)^{-1} = Σ_{k<C} (−a)^k = Π_j (I + (−a)^{2^j})``:
+  log2(C) squarings and products, only matmuls (differentiable with small residuals, and no
+  LAPACK custom call: XLA's CPU triangular solve stalled under load in the backward pass).
   """
   c = a.shape[-1]
-  p = 1 << max(c - 1, 0).bit_length()
-  m = jnp.eye(p, dtype=a.dtype).at[:c, :c].add(jnp.tril(a, -1))
-  inv = jnp.ones((p, 1, 1), a.dtype)  # diagonal blocks of size 1 (unit diagonal)
-  size = 1
-  while size < p:
-    n = p // (2 * size)
-    blocks = jnp.einsum("aiaj->aij", m.reshape(n, 2 * size, n, 2 * size))  # [n, 2s, 2s]
-    l11, l22 = inv[0::2], inv[1::2]
-    x21 = -l22 @ blocks[:, size:, :size] @ l11
-    top = jnp.concatenate([l11, jnp.zeros_like(l11)], axis=-1)
-    inv = jnp.concatenate([top, jnp.concatenate([x21, l22], axis=-1)], axis=-2)
-    size *= 2
-  return inv[0, :c, :c]
+  power = -jnp.tril(a, -1)
+  inverse = jnp.eye(c, dtype=a.dtype) + power
+  span = 2  # inverse = Σ_{k<span} (−a)^k
+  while span < c:
+    power = power @ power
+    inverse = inverse + power @ inverse
+    span *= 2
+  return inverse
 
 
 class ChunkCoefficients(NamedTuple):
   """How memory and momentum at each token of a chunk depend on the chunk's start and writes.
 
-  With U_j = −lr_j G_j the write of token j (a gradient step), for t, j in the chunk:
-    M_t = gamma[t] M_0 + carry[t] P_0 + Σ_{j≤t} write[t, j] U_j
+  With U_j = −lr_j G_j the write of token j (a gradient step) and, for DGD, w_j the pseudo-value
+  of its decay term (``_dgd_writes``), both outer products with token j's key, for t, j in the
+  chunk:
+    M_t = gamma[t] M_0 + carry[t] P_0 + Σ_{j≤t} (write[t, j] U_j + decay[t, j] w_j)
     P_t = mom_carry[t] P_0 + Σ_{j≤t} mom_write[t, j] U_j
-  Without momentum, ``write`` is the decay matrix and the momentum fields are None.
+  Without momentum, ``write`` is the decay matrix and the momentum fields are None; without DGD,
+  ``decay`` is None.
   """
 
   gamma: Array          # [C]
@@ -242,71 +238,76 @@ class ChunkCoefficients(NamedTuple):
   carry: Optional[Array]      # [C]
   mom_carry: Optional[Array]  # [C]
   mom_write: Optional[Array]  # [C, C]
+  decay: Optional[Array] = None  # [C, C]
 
 
-def chunk_coefficients(log_decay: Array, momentum: Optional[Array],
-                       start=0) -> ChunkCoefficients:
+def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
+                       dgd: bool = False) -> ChunkCoefficients:
   """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``.
 
   ``start`` (int scalar, may be traced): the first token of the chunk that this call owns; the
   momentum ``P_0`` is carried in at that token (earlier positions hold placeholder tokens that
-  write nothing, decay nothing and have η = 1, see ``chunk_start_scan_offset``).
+  write nothing, decay nothing and have η = 1, see ``chunk_start_scan_offset``). ``dgd``: also
+  the coefficients of DGD's pseudo-values (they decay, and have no momentum).
   """
   gamma = jnp.exp(jnp.cumsum(log_decay))
   decay = decay_matrix(log_decay)
+  dgd_decay = decay if dgd else None
   if momentum is None:
-    return ChunkCoefficients(gamma, decay, None, None, None)
+    return ChunkCoefficients(gamma, decay, None, None, None, dgd_decay)
   # η = 0 is allowed (no carry-over); clamp its log so that gradients stay finite.
   log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(momentum.dtype).tiny))
   mom_write = decay_matrix(log_eta)
   mom_carry = jnp.exp(jnp.cumsum(log_eta)) * (jnp.arange(log_eta.shape[-1]) >= start)
   # M_t = Σ_{s≤t} (γ_t/γ_s) P_s + γ_t M_0, and P_s expands in P_0 and U_j: compose the two.
-  return ChunkCoefficients(gamma, decay @ mom_write, decay @ mom_carry, mom_carry, mom_write)
+  return ChunkCoefficients(gamma, decay @ mom_write, decay @ mom_carry, mom_carry, mom_write,
+                           dgd_decay)
 
 
 def previous_rows(coef: ChunkCoefficients) -> ChunkCoefficients:
   """The coefficients of the memory before each token's write: row t is ``coef``'s row t − 1
   (row 0: the chunk's start state). Momentum fields are dropped (reads need the weights only)."""
-  shift = lambda x, first: jnp.concatenate([first.astype(x.dtype), x[:-1]], axis=0)
-  gamma = shift(coef.gamma, jnp.ones((1,)))
-  write = shift(coef.write, jnp.zeros((1,) + coef.write.shape[1:]))
-  carry = None if coef.carry is None else shift(coef.carry, jnp.zeros((1,)))
-  return ChunkCoefficients(gamma, write, carry, None, None)
+  def shift(x, first):
+    return None if x is None else jnp.concatenate([jnp.full((1,) + x.shape[1:], first, x.dtype),
+                                                   x[:-1]], axis=0)
 
-
-def dgd_coefficients(coef: ChunkCoefficients, log_decay: Array) -> ChunkCoefficients:
-  """``coef`` over DGD's writes ``[U; w]``: the gradient writes U (with their momentum) followed
-  by the pseudo-values w of the decay term (``_dgd_writes``), which decay but have no momentum.
-  ``write`` and ``mom_write`` become ``[C, 2C]``."""
-  decay = coef.write if coef.mom_write is None else decay_matrix(log_decay)
-  mom_write = (None if coef.mom_write is None else
-               jnp.concatenate([coef.mom_write, jnp.zeros_like(decay)], axis=1))
-  return coef._replace(write=jnp.concatenate([coef.write, decay], axis=1), mom_write=mom_write)
+  return ChunkCoefficients(shift(coef.gamma, 1.0), shift(coef.write, 0.0),
+                           shift(coef.carry, 0.0), None, None, shift(coef.decay, 0.0))
 
 
 def chunk_matmul(h: Array, w0: Array, keys: Array, writes: Array, write: Array, gamma: Array,
-                 p0: Optional[Array] = None, carry: Optional[Array] = None) -> Array:
+                 p0: Optional[Array] = None, carry: Optional[Array] = None,
+                 pseudo: Optional[Array] = None, decay: Optional[Array] = None) -> Array:
   """Row t of ``h`` times the weights of token t, without forming them (the dual form).
 
-  The weights of token t are ``gamma[t] w0 + carry[t] p0 + Σ_{j≤t} write[t, j] keys_jᵀ writes_j``.
+  The weights of token t are ``gamma[t] w0 + carry[t] p0 + Σ_{j≤t} keys_jᵀ (write[t, j] writes_j
+  + decay[t, j] pseudo_j)``.
 
   Args:
-    h: ``[C, in]`` inputs; w0, p0: ``[in, out]``; keys: ``[C, in]``; writes: ``[C, out]``;
-    write: ``[C, C]``; gamma, carry: ``[C]``.
+    h: ``[C, in]`` inputs; w0, p0: ``[in, out]``; keys: ``[C, in]``; writes, pseudo:
+    ``[C, out]``; write, decay: ``[C, C]``; gamma, carry: ``[C]``.
 
   Returns:
     ``[C, out]``.
   """
-  out = gamma[:, None] * (h @ w0) + (write * (h @ keys.T)) @ writes
+  x = h @ keys.T
+  out = gamma[:, None] * (h @ w0) + (write * x) @ writes
+  if pseudo is not None:
+    out = out + (decay * x) @ pseudo
   if p0 is not None:
     out = out + carry[:, None] * (h @ p0)
   return out
 
 
 def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, gamma_end: Array,
-                      p0: Optional[Array] = None, carry_end: Optional[Array] = None) -> Array:
+                      p0: Optional[Array] = None, carry_end: Optional[Array] = None,
+                      pseudo: Optional[Array] = None,
+                      decay_row: Optional[Array] = None) -> Array:
   """The weights after the chunk's last token: ``chunk_matmul``'s weights for its last row."""
-  w = gamma_end * w0 + keys.T @ (write_row[:, None] * writes)
+  combined = write_row[:, None] * writes
+  if pseudo is not None:
+    combined = combined + decay_row[:, None] * pseudo
+  w = gamma_end * w0 + keys.T @ combined
   if p0 is not None:
     w = w + carry_end * p0
   return w
@@ -367,114 +368,149 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
 
 
 def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k: Array,
-                       v: Array) -> tuple[Weights, Weights]:
+                       v: Array) -> tuple[Weights, Weights, Weights]:
   """Per-token gradient factors at fixed weights.
 
   Each layer is used once, so ``∇_{W[name]} loss(M(k_j), v_j) = inputs[name][j]ᵀ ⊗ errors[name][j]``
-  with ``inputs`` the layer's input and ``errors`` the loss gradient w.r.t. its output.
+  with ``inputs`` the layer's input and ``errors`` the loss gradient w.r.t. its output. One
+  backward pass for the chunk: a zero "tap" added to every layer's output, one row per token,
+  receives exactly that token's error.
 
   Args:
     k: ``[C, K]``; v: ``[C, V]``.
 
   Returns:
-    ``(inputs, errors)``: dicts of ``[C, in]`` and ``[C, out]`` arrays.
+    ``(inputs, errors, outputs)``: dicts of ``[C, in]``, ``[C, out]`` and ``[C, out]`` arrays
+    (``outputs``: each layer's output ``inputs @ W``).
   """
 
-  def one(k_t, v_t):
-    def tapped_loss(taps):
-      inputs = {}
+  def tapped_loss(taps):
+    inputs, outputs = {}, {}
 
-      def matmul(name, h):
-        inputs[name] = h
-        return h @ weights[name] + taps[name]
+    def matmul(name, h):
+      inputs[name], outputs[name] = h, h @ weights[name]
+      return outputs[name] + taps[name]
 
-      return objective.loss(memory.forward(matmul, k_t), v_t), inputs
+    return objective.loss(memory.forward(matmul, k), v).sum(), (inputs, outputs)
 
-    taps = {name: jnp.zeros(w.shape[-1], w.dtype) for name, w in weights.items()}
-    errors, inputs = jax.grad(tapped_loss, has_aux=True)(taps)
-    return inputs, errors
+  taps = {name: jnp.zeros(k.shape[:1] + w.shape[-1:], w.dtype) for name, w in weights.items()}
+  errors, (inputs, outputs) = jax.grad(tapped_loss, has_aux=True)(taps)
+  return inputs, errors, outputs
 
-  return jax.vmap(one)(k, v)
+
+class ChunkWrites(NamedTuple):
+  """A chunk's writes, per layer: ``keys [C, in]`` (the layer's inputs at the gradient's
+  reference state), ``writes [C, out]`` (U_j = −lr_j e_j, e the loss gradient w.r.t. the layer's
+  output) and, for DGD, ``pseudo [C, out]`` (the pseudo-values of the decay term)."""
+
+  keys: Weights
+  writes: Weights
+  pseudo: Optional[Weights] = None
 
 
 def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
-                  lr: Array) -> tuple[Weights, Weights]:
-  """A chunk's gradient factors at ``w_grad``: (layer inputs ``[C, in]``, writes ``[C, out]``)."""
-  inputs, errors = layer_grad_factors(memory, objective, w_grad, k, v)
-  return inputs, {name: -lr[:, None] * e for name, e in errors.items()}
+                  lr: Array) -> tuple[ChunkWrites, Weights]:
+  """A chunk's gradient factors at ``w_grad``, and each layer's output there."""
+  inputs, errors, outputs = layer_grad_factors(memory, objective, w_grad, k, v)
+  return ChunkWrites(inputs, {name: -lr[:, None] * e for name, e in errors.items()}), outputs
 
 
 def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
                 lr: Array, w0: Weights, p0: Optional[Weights],
-                prev: ChunkCoefficients) -> tuple[Weights, Weights]:
-  """A chunk's writes with DGD's decay term: (keys ``[2C, in]``, writes ``[2C, out]``) per layer.
+                prev: ChunkCoefficients) -> ChunkWrites:
+  """A chunk's writes with DGD's decay term.
 
   Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
   ``h_s`` (its input at ``w_grad``) and the pseudo-value ``w_s = −lr_s h_s W_{s−1}``. ``W_{s−1}`` is
-  linear in the earlier pseudo-values (``prev``, the coefficients over ``[U; w]`` of the state
-  before each write), so they solve a unit lower triangular system, as in the delta rule's UT
-  transform: ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for j < s and
-  ``known`` the part of ``h_s W_{s−1}`` that does not involve w.
+  linear in the earlier pseudo-values (``prev``: the coefficients of the state before each
+  write), so they solve a unit lower triangular system, as in the delta rule's UT transform:
+  ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for j < s and ``known``
+  the part of ``h_s W_{s−1}`` that does not involve w.
   """
-  keys, writes = _chunk_writes(memory, objective, w_grad, k, v, lr)
-  c = k.shape[0]
-  values = {}
+  (keys, writes, _), outputs = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  pseudo = {}
   for name, h in keys.items():
-    known = chunk_matmul(h, w0[name], h, writes[name], prev.write[:, :c], prev.gamma,
-                         None if p0 is None else p0[name], prev.carry)
-    system = lr[:, None] * prev.write[:, c:] * (h @ h.T)
-    pseudo = -unit_lower_inverse(system) @ (lr[:, None] * known)
-    values[name] = jnp.concatenate([writes[name], pseudo])
-  return {name: jnp.concatenate([h, h]) for name, h in keys.items()}, values
+    x = h @ h.T
+    hw0 = outputs[name] if w_grad is w0 else h @ w0[name]  # the same product when w_grad is w0
+    known = prev.gamma[:, None] * hw0 + (prev.write * x) @ writes[name]
+    if p0 is not None:
+      known = known + prev.carry[:, None] * (h @ p0[name])
+    system = lr[:, None] * prev.decay * x
+    pseudo[name] = -unit_lower_inverse(system) @ (lr[:, None] * known)
+  return ChunkWrites(keys, writes, pseudo)
 
 
 def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
                           start=0) -> tuple[ChunkCoefficients, Optional[ChunkCoefficients]]:
   """A chunk's coefficients of the state after each write, and (for DGD's system or a read
   before the write) of the state before each write."""
-  coef = chunk_coefficients(log_decay, momentum, start)
-  if dgd:
-    coef = dgd_coefficients(coef, log_decay)
+  coef = chunk_coefficients(log_decay, momentum, start, dgd)
   return coef, previous_rows(coef) if dgd or read == "before_write" else None
 
 
-def _weights_at(w0: Weights, p0: Optional[Weights], inputs: Weights, writes: Weights,
-                coef: ChunkCoefficients, row) -> tuple[Weights, Optional[Weights]]:
+def _weights_at(w0: Weights, p0: Optional[Weights], cw: ChunkWrites, coef: ChunkCoefficients,
+                row) -> tuple[Weights, Optional[Weights]]:
   """Memory and momentum after token ``row`` (int scalar, may be traced) of a chunk."""
-  take = lambda x: jax.lax.dynamic_index_in_dim(x, row, axis=0, keepdims=False)
-  w = {name: chunk_end_weights(w0[name], inputs[name], writes[name], take(coef.write),
-                               take(coef.gamma), None if p0 is None else p0[name],
-                               None if p0 is None else take(coef.carry)) for name in w0}
+  take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, row, axis=0,
+                                                                        keepdims=False)
+  get = lambda tree, name: None if tree is None else tree[name]
+  w = {name: chunk_end_weights(w0[name], cw.keys[name], cw.writes[name], take(coef.write),
+                               take(coef.gamma), get(p0, name), take(coef.carry),
+                               get(cw.pseudo, name), take(coef.decay)) for name in w0}
   p = None if p0 is None else {
-      name: chunk_end_weights(p0[name], inputs[name], writes[name], take(coef.mom_write),
+      name: chunk_end_weights(p0[name], cw.keys[name], cw.writes[name], take(coef.mom_write),
                               take(coef.mom_carry)) for name in p0}
   return w, p
 
 
 def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
-                p0: Optional[Weights], inputs: Weights, writes: Weights) -> Array:
-  """Every token's read after its own write (the dual form); q ``[C, K]`` -> ``[C, V]``."""
+                p0: Optional[Weights], cw: ChunkWrites) -> Array:
+  """Every token's read at the weights of ``coef``'s rows (the dual form); q ``[C, K]``."""
+  get = lambda tree, name: None if tree is None else tree[name]
 
   def matmul(name, h):
-    return chunk_matmul(h, w0[name], inputs[name], writes[name], coef.write, coef.gamma,
-                        None if p0 is None else p0[name], coef.carry)
+    return chunk_matmul(h, w0[name], cw.keys[name], cw.writes[name], coef.write, coef.gamma,
+                        get(p0, name), coef.carry, get(cw.pseudo, name), coef.decay)
 
   return memory.forward(matmul, q)
 
 
 def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weights,
-                 p0: Optional[Weights], chunk: tuple, dgd: bool) -> tuple[Weights, Weights]:
+                 p0: Optional[Weights], chunk: tuple, dgd: bool) -> ChunkWrites:
   """The writes of one prepared chunk ``(q, k, v, lr, coef, prev)`` (``_prepare_coefficients``):
   gradients at ``w_grad``, the chunk's running state starting from ``w0``/``p0``."""
   _, kc, vc, lrc, _, prev = chunk
   if dgd:
     return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev)
-  return _chunk_writes(memory, objective, w_grad, kc, vc, lrc)
+  return _chunk_writes(memory, objective, w_grad, kc, vc, lrc)[0]
 
 
 def chunk_read(memory: Memory, chunk: tuple, y: tuple, read: str) -> Array:
-  """Every token's read of one prepared chunk, from ``y = (w0, p0, keys, writes)``."""
+  """Every token's read of one prepared chunk, from ``y = (w0, p0, writes)``."""
   return _chunk_read(memory, chunk[0], chunk[5] if read == "before_write" else chunk[4], *y)
+
+
+def chunk_update(memory: Memory, objective: Objective, w0: Weights, p0: Optional[Weights],
+                 k: Array, v: Array, lr: Array, log_decay: Array, momentum: Optional[Array], *,
+                 dgd: bool = False, read: str = "after_write"):
+  """One whole chunk of ``chunk_start_scan`` for one slice, its coefficients included.
+
+  For callers that scan over chunks themselves (HOPE, whose keys and values come from memories
+  written by the previous chunk). Gradients are taken at ``w0``.
+
+  Returns:
+    ``((weights, momentum_state) after the chunk, reader)``: ``chunk_output(memory, q, reader)``
+    gives the chunk's reads.
+  """
+  coef, prev = _prepare_coefficients(log_decay, momentum, dgd, read)
+  cw = chunk_writes(memory, objective, w0, w0, p0, (None, k, v, lr, coef, prev), dgd)
+  state = _weights_at(w0, p0, cw, coef, k.shape[0] - 1)
+  return state, (prev if read == "before_write" else coef, w0, p0, cw)
+
+
+def chunk_output(memory: Memory, q: Array, reader: tuple) -> Array:
+  """The reads ``[C, V]`` of a chunk at queries ``q [C, K]`` from ``chunk_update``'s reader."""
+  return _chunk_read(memory, q, *reader)
 
 
 def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
@@ -502,9 +538,8 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
 
   def body(carry, chunk):  # sequential: only what the next chunk's state needs
     w0, p0 = carry
-    keys, writes = chunk_writes(memory, objective, w0, w0, p0, chunk, dgd)
-    return _weights_at(w0, p0, keys, writes, chunk[4], chunk[1].shape[0] - 1), (w0, p0, keys,
-                                                                               writes)
+    cw = chunk_writes(memory, objective, w0, w0, p0, chunk, dgd)
+    return _weights_at(w0, p0, cw, chunk[4], chunk[1].shape[0] - 1), (w0, p0, cw)
 
   def finish(chunk, y):  # parallel over chunks: token t reads its own weights (the dual form)
     return chunk_read(memory, chunk, y, read)
@@ -564,10 +599,10 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   def body(carry, x):
     (w0, p0, ref), (is_first, chunk) = carry, x
     w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
-    keys, writes = chunk_writes(memory, objective, w_grad, w0, p0, chunk, dgd)
-    at_last = _weights_at(w0, p0, keys, writes, chunk[4], last % c)
-    w1, p1 = _weights_at(w0, p0, keys, writes, chunk[4], c - 1)
-    return (w1, p1, ref), ((w0, p0, keys, writes), at_last)
+    cw = chunk_writes(memory, objective, w_grad, w0, p0, chunk, dgd)
+    at_last = _weights_at(w0, p0, cw, chunk[4], last % c)
+    w1, p1 = _weights_at(w0, p0, cw, chunk[4], c - 1)
+    return (w1, p1, ref), ((w0, p0, cw), at_last)
 
   # Momentum arrives at slot `offset` of the first chunk (slot 0 of the others). One scan over
   # all chunks, the first selected by a mask: peeling the first chunk off before the scan gave

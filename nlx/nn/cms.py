@@ -221,8 +221,17 @@ def run_tokens(spec: CMSSpec, states: dict, x: Array, targets, mix) -> tuple[dic
 
 
 def run_sequence(spec: CMSSpec, states: dict, x: Array, targets, mix) -> tuple[dict, Array]:
-  """One sequence from level boundaries (``x [T, d]``): ``levels.scan_levels`` over chunks of
-  ``C_1`` tokens, then the remainder token by token."""
+  """One sequence from level boundaries (``x [T, d]``), its outputs and final states.
+
+  ``sequential`` and ``independent``: a level's input does not depend on the faster levels'
+  weights, only on their outputs, so the levels run one after another, each a flat scan over its
+  own periods (``T / C_ℓ`` steps of one block): a token reads the weights of the level's last
+  update before it, as in the nested form, at a fraction of its sequential steps. ``nested``
+  (a level meta-learns the faster one's initial state): ``levels.scan_levels`` over chunks of
+  ``C_1`` tokens with every level, then the remainder token by token.
+  """
+  if spec.variant != "nested":
+    return _run_levels_in_turn(spec, states, x, targets, mix)
   c1 = spec.periods[0]
   main = x.shape[0] - x.shape[0] % c1
   ys = []
@@ -237,6 +246,44 @@ def run_sequence(spec: CMSSpec, states: dict, x: Array, targets, mix) -> tuple[d
     states, y = run_tokens(spec, states, x[main:], targets, mix)
     ys.append(y)
   return states, ys[0] if len(ys) == 1 else jnp.concatenate(ys, 0)
+
+
+def _run_levels_in_turn(spec: CMSSpec, states: dict, x: Array, targets, mix):
+  """``run_sequence`` for ``sequential``/``independent``: one flat scan per level.
+
+  The returned states are those after the last whole period of each level (the tokens after it
+  are read with those weights; their gradients, which no update has used yet, are not kept: the
+  stateful path, ``run_tokens``, carries them).
+  """
+  h, y, new_states = x, None, dict(states)
+  for i, (level, name) in enumerate(zip(spec.levels(), spec.names)):
+    inp = x if spec.variant == "independent" else h
+    target = None if targets is None else targets[i]
+
+    def chunk_fn(params, carry, xs, name=name, target=target):
+      o = swiglu(params[name], xs)
+      losses = {}
+      if target is not None:
+        err = (o - dense(xs, target)).astype(jnp.float32)
+        losses[name] = 0.5 * jnp.mean(err * err, axis=-1).sum()
+      return losses, (carry, o)
+
+    main = inp.shape[0] - inp.shape[0] % level.period
+    outs = []
+    if main:
+      run, _, o = nl_levels.scan_levels((level,), chunk_fn, {name: states[name]}, None,
+                                        inp[:main])
+      new_states[name] = run[name]
+      outs.append(o)
+    if main < inp.shape[0]:  # fewer than C_ℓ tokens: they all read the last update's weights
+      outs.append(swiglu(new_states[name].params, inp[main:]))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, 0)
+    if spec.variant == "independent":
+      o = mix[i].astype(o.dtype) * o
+    else:
+      h = h + o
+    y = o if y is None else y + o
+  return new_states, y
 
 
 class CMS(Mixer):

@@ -25,10 +25,10 @@ CHOICES = {
     "hope_memory": ("mlp", "linear"),
     "hope_objective": ("l2", "dot"),
     "hope_dgd": ("arxiv", "neurips", "off"),
-    "hope_dgd_keys": ("per_layer", "first_layer"),
+    "hope_dgd_keys": ("per_layer",),
     "hope_chunk_boundary": ("previous_end",),
     "hope_gate_reduce": ("mean",),
-    "hope_read": ("after_write",),
+    "hope_read": ("after_write", "before_write"),
 }
 
 
@@ -98,12 +98,13 @@ class ModelConfig:
   HOPE (``nlx.nn.hope``: self-modifying Titans; PAPER.md §4, §7):
     hope_memory: "mlp" (residual ``x + W1 σ(W2 x)`` per head, Eq. 89) or "linear".
     hope_objective: inner objective of every memory: "l2" (``½‖M(k) − v̂‖²``, Eq. 88) or "dot"
-      (``−⟨M(k), v̂⟩``, linear memories only, Eq. 92).
+      (``−⟨M(k), v̂⟩``; Eq. 92 on a linear memory).
     hope_dgd: delta gradient descent (item 1): "arxiv" (rate ``η' = η/(1+η)`` on the gradient and
       on the ``k kᵀ`` decay term), "neurips" (rate η on both) or "off" (plain gradient descent:
       the "w/o DGD" ablation).
     hope_dgd_keys: the keys of the DGD decay term of an MLP memory (item 2): "per_layer" (each
-      layer's own input) or "first_layer" (the memory's input only).
+      layer's own input, at the chunk-start state; the decay touches only that layer). The only
+      reading implemented (``nlx.ops.dgd_memory``'s contract).
     hope_chunk_size: chunk of the k, v, η, α memories (all reads and targets of a chunk come
       from its start state); None: ``memory_chunk_size`` (item 4). ``memory_chunk_size`` is the
       chunk of the output memory and must divide it.
@@ -123,7 +124,8 @@ class ModelConfig:
     hope_normalize_v: L2-normalise v_t (after M_v), like q and k. Not in the paper: without it
       the self-generated targets v̂ = M(v) compound a memory's gain chunk after chunk (the tiny
       model's activations overflowed within 300 tokens).
-    hope_read: "after_write": token t reads the memory after its own write (item 13).
+    hope_read: "after_write": token t reads the memory after its own write (the DeltaNet /
+      parallel-Titans convention), or "before_write": ``M_{t−1}(q_t)``, the paper's read (item 13).
   """
 
   family: str = "transformer"

@@ -1,7 +1,7 @@
 """HOPE: self-modifying Titans followed by the Continuum Memory System; and Hope-attention.
 
-Self-modifying Titans (PAPER.md §4, Eqs. 83–93). Per head, memories ``M_□`` (□ ∈ {k, v, η, α}
-and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the output memory
+Self-modifying Titans (docs/EQUATIONS.md §4, Eqs. 83–93). Per head, memories ``M_□`` (□ ∈ {k, v,
+η, α} and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the output memory
 ``M_mem`` is written and read:
 
     k_t = M_k(x^k_t)   v_t = M_v(x^v_t)   q_t = x^q_t            (x^□ = SiLU(conv(x W_□)), as in
@@ -10,32 +10,27 @@ and, with ``hope_adaptive_q``, q) generate the inputs of the write, and the outp
     v̂_□ = M_□(v_t)       (each memory makes its own target, □ ∈ {k, v, η, α, mem};
                           v_t L2-normalised too, `hope_normalize_v`: see ModelConfig)
     M_□ ← M_□ (α_t I − η_t k_t k_tᵀ) − η_t ∇ ½‖M_□(k_t) − v̂_□‖²   (DGD with weight decay, Eq. 88)
-    y_t = M_mem(q_t)      (after token t's write)
+    y_t = M_mem(q_t)      (after token t's write; ``hope_read="before_write"``: before it)
 
 with Titans-style momentum on the write (``hope_momentum``: momentum gate m_t, the write's rate
 then η_t(1 − m_t), an average of the writes, as in ``nlx.nn.neural_memory``) and everything
 chunk-wise: within a chunk of ``hope_chunk_size`` tokens every k, v, η, α, v̂ comes from the
 memories' state at the end of the previous chunk, and every gradient is taken there (Eqs. 90–91).
-``memory_chunk_size`` is the output memory's gradient chunk.
+``memory_chunk_size`` is the output memory's chunk: its gradients and its own targets v̂_mem come
+from the state at the start of each of its (sub-)chunks.
 
-How the writes map onto ``nlx.ops`` (no recurrence here): DGD's decay term ``−η M k kᵀ`` is the
-gradient of ``½‖M k‖²``, so DGD on the L2 objective is ``titans_memory`` on the memory
-``DGDMemory(M)``, whose output is ``[M(k), z_1, …]`` (``z_l``: each layer's pre-activation, the
-layer's input being the key of its decay term, PAPER.md §7 item 2) with target ``[v̂, 0, …]``:
-``titans_memory`` then applies ``−lr·∇(½‖M(k) − v̂‖² + Σ_l ½‖z_l‖²)`` at the chunk-start state,
-decay ``exp(g) = α`` and momentum: exactly Eq. 88 for chunk size 1 (Eq. 93 per chunk). The rate
-is ``η' = η/(1+η)`` (``hope_dgd="arxiv"``) or η ("neurips"); "off" drops the decay term.
+Every write is ``nlx.ops.dgd_memory``'s (``hope_dgd="off"``: ``titans_memory``'s) chunk step,
+``nlx.memory.core.chunk_update``: on an MLP memory each layer's decay term takes the layer's own
+input as key and touches only that layer (docs/EQUATIONS.md §7 item 2); per chunk, the decay acts
+on the running state and only the gradient term on the chunk-start state (Eq. 93). The rate is
+``η' = η/(1+η)`` (``hope_dgd="arxiv"``) or η ("neurips"), on both terms. All memories of a chunk
+are written in one call, stacked on the head axis (they share the key k_t), inside one scan over
+chunks whose body is rematerialised in the backward pass (only chunk-boundary states are kept).
 
-The dot-product objective on a linear memory (Eq. 92, ``M ← M(αI − η k kᵀ) + η v̂ kᵀ``) is the
-gated delta rule. Exactly, without momentum, with ``S = Mᵀ`` (``[K, V]``, the ops' layout)::
-
-    HOPE(dot, linear, no momentum) == nlx.ops.delta_rule(q, k, v=α·v̂, beta=η'/α, g=log α,
-                                                         scale=1)
-
-since the delta rule writes ``S ← αS + β k (v − αSᵀk)ᵀ = S(…)`` i.e. ``M ← αM − βα M k kᵀ + β v kᵀ``
-(η' is the DGD rate above; α = 1 and g = None without weight decay). With momentum it is
-``titans_memory`` on the linear memory with target v̂ (dot + DGD = the L2 gradient), exact for
-chunk 1.
+The dot-product objective (``hope_objective="dot"``) on a linear memory is Eq. 92,
+``M ← M(αI − η k kᵀ) + η v̂ kᵀ``, the gated delta rule with target v̂: without momentum, with
+``S = Mᵀ`` (``[K, V]``, the ops' layout), ``nlx.ops.delta_rule(q, k, v=α·v̂, beta=η'/α, g=log α,
+scale=1)`` (tests/test_hope.py).
 
 Stateful use: the state carries the conv state, every memory's weights (and momentum) at the
 start of the chunk in progress, and the inputs of that chunk's tokens so far; a call runs them
@@ -47,7 +42,6 @@ Hope-attention (``hope_attention``): the softmax attention of Transformer++ foll
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Optional
 
 import jax
@@ -55,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nlx import ops
-from nlx.memory import LINEAR, MLPMemory, core
+from nlx.memory import DOT, L2, LINEAR, MLPMemory, core
 from nlx.nn.attention import transformer
 from nlx.nn.cms import CMS
 from nlx.nn.config import ModelConfig
@@ -67,50 +61,6 @@ from nlx.nn.qkv import QKV, OutputGate
 from nlx.nn.registry import register
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class DGDMemory(core.Memory):
-  """``base`` whose output also carries the pre-activation of its layers: ``[M(x), z_1, …]``.
-
-  With target ``[v̂, 0, …]`` the L2 objective is ``½‖M(k) − v̂‖² + Σ_l ½‖z_l‖²``, whose extra terms'
-  gradients are DGD's decay ``W_l ← W_l − η h_lᵀ h_l W_l`` with each layer's input h_l as key.
-
-  Attributes:
-    base: the memory (``LINEAR`` or an ``MLPMemory``).
-    keys: "per_layer" (every layer) or "first_layer" (the layer that reads the memory input).
-  """
-
-  base: core.Memory
-  keys: str = "per_layer"
-
-  def forward(self, matmul: core.MatMul, x: Array) -> Array:
-    outs = []
-
-    def tapped(name, h):
-      outs.append(matmul(name, h))
-      return outs[-1]
-
-    y = self.base.forward(tapped, x)
-    return jnp.concatenate([y] + (outs if self.keys == "per_layer" else outs[:1]), axis=-1)
-
-  def layer_shapes(self, key_dim: int, value_dim: int, hidden_dim: int = 0) -> dict:
-    del value_dim  # the output is wider than the memory: [M(x), z_1, ...]
-    return self.base.layer_shapes(key_dim, key_dim, hidden_dim)
-
-  def hidden_dim(self, weights: dict) -> int:
-    return self.base.hidden_dim(weights)
-
-  def extra_dim(self, dim: int, hidden: int) -> int:
-    """Width of ``[z_1, …]`` for a memory of width ``dim`` and hidden width ``hidden``."""
-    shapes, widths = self.base.layer_shapes(dim, dim, hidden), []
-
-    def matmul(name, h):  # records the layers' output widths in the order of use
-      widths.append(shapes[name][1])
-      return jnp.zeros(h.shape[:-1] + (shapes[name][1],))
-
-    self.base.forward(matmul, jnp.zeros((dim,)))
-    return sum(widths if self.keys == "per_layer" else widths[:1])
 
 
 def read(memory: core.Memory, weights: dict, x: Array) -> Array:
@@ -125,8 +75,8 @@ class HopeState(NamedTuple):
   chunk-start state, when the chunk continues)."""
 
   conv: Optional[Array]             # [B, W − 1, channels] or None without conv
-  components: ops.TitansState       # the k, v, (q), η, α memories, stacked on the head axis
-  memory: ops.TitansState           # the output memory
+  memories: ops.TitansState         # the k, v, (q), η, α memories, then the output memory,
+                                    # stacked on the head axis ([B, (n + 1)·H, ...])
   pending: tuple                    # (q, k, v [B, C − 1, H, dk], momentum [B, C − 1, H] or None)
   offset: Array                     # int32 scalar: tokens of the chunk in progress, 0 ≤ · < C
 
@@ -135,13 +85,22 @@ def check_hope(cfg: ModelConfig) -> None:
   """Refuses HOPE settings that the memories cannot take, naming the field."""
   cfg.require("hope", expand_v=(cfg.expand_v == 1, "HOPE's memories map head_dim -> head_dim "
                                 "(v̂ = M(v)); use expand_v = 1"))
-  cfg.require("hope", hope_objective=(cfg.hope_objective == "l2" or cfg.hope_memory == "linear",
-                                      "the dot-product objective needs hope_memory='linear'"))
-  cfg.require("hope", hope_momentum=(not (cfg.hope_objective == "dot" and cfg.hope_dgd == "off"
-                                          and cfg.hope_momentum),
-                                     "the Hebbian write (dot, hope_dgd='off') has no momentum"))
   cfg.require("hope", memory_chunk_size=(cfg.hope_chunk % cfg.memory_chunk_size == 0,
                                          f"must divide hope_chunk_size={cfg.hope_chunk}"))
+
+
+def _heads_first(x: Optional[Array]) -> Optional[Array]:
+  """``[B, C, H, ...] -> [B, H, C, ...]`` (None passes through)."""
+  return None if x is None else jnp.moveaxis(x, 2, 1)
+
+
+def _heads(tree, lo: int, hi: Optional[int] = None):
+  """The memories ``lo:hi`` of stacked weights ``{name: [B, H', ...]}`` (None passes through)."""
+  return None if tree is None else jax.tree.map(lambda x: x[:, lo:hi], tree)
+
+
+def _stack(a, b):
+  return None if a is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y], 1), a, b)
 
 
 class SelfModifyingTitans(Mixer):
@@ -155,7 +114,7 @@ class SelfModifyingTitans(Mixer):
     self.names = tuple(n for n, on in (("k", cfg.hope_adaptive_k), ("v", cfg.hope_adaptive_v),
                                        ("q", cfg.hope_adaptive_q), ("eta", True),
                                        ("alpha", cfg.hope_weight_decay)) if on)
-    self.base = LINEAR if cfg.hope_memory == "linear" else MLPMemory("silu")
+    self.memory = LINEAR if cfg.hope_memory == "linear" else MLPMemory("silu")
     self.hidden = 0 if cfg.hope_memory == "linear" else cfg.memory_expand * dk
     self.qkv = QKV(d, h, dk, dk, cfg.conv_size, rngs=rngs)
     self.components_init = self._memory_init(rngs, len(self.names) * h)
@@ -178,12 +137,17 @@ class SelfModifyingTitans(Mixer):
         w1=param(rngs, normal(hidden**-0.5), (heads, hidden, dk),
                  ("heads", "memory_mlp", "head_dim")))
 
-  def _initial(self, init: nnx.Dict, batch_size: int) -> ops.TitansState:
-    # Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params.
-    weights = {n: jnp.broadcast_to(w[...].astype(jnp.promote_types(w.dtype, jnp.float32)),
-                                   (batch_size,) + w.shape) for n, w in init.items()}
+  def _initial(self, batch_size: int) -> tuple:
+    """``(weights, momentum)`` of every memory, stacked: the components, then the output memory.
+    Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params."""
+    def stacked(name):
+      w = jnp.concatenate([self.components_init[name][...], self.memory_init[name][...]], 0)
+      w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+      return jnp.broadcast_to(w, (batch_size,) + w.shape)
+
+    weights = {name: stacked(name) for name in self.memory_init}
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.cfg.hope_momentum else None
-    return ops.TitansState(weights, momentum)
+    return weights, momentum
 
   def init_state(self, batch_size: int, max_len: int) -> HopeState:
     del max_len
@@ -191,64 +155,52 @@ class SelfModifyingTitans(Mixer):
     seq = jnp.zeros((batch_size, self.chunk - 1, self.heads, self.dk), dtype)
     momentum = (jnp.zeros((batch_size, self.chunk - 1, self.heads), dtype)
                 if self.momentum_gate is not None else None)
-    return HopeState(self.qkv.init_state(batch_size),
-                     self._initial(self.components_init, batch_size),
-                     self._initial(self.memory_init, batch_size),
+    return HopeState(self.qkv.init_state(batch_size), ops.TitansState(*self._initial(batch_size)),
                      (seq, seq, seq, momentum), jnp.zeros((), jnp.int32))
 
-  # -- the write of one group of memories --------------------------------------------------------
+  # -- the write of a group of memories ---------------------------------------------------------
 
   def _rate(self, eta: Array) -> Array:
     return eta / (1.0 + eta) if self.cfg.hope_dgd == "arxiv" else eta
 
-  def write(self, state: ops.TitansState, q, k, target, eta, log_alpha, momentum, chunk: int):
-    """Writes ``(k, target)`` into memories with state ``state`` and reads them at q.
+  def write(self, weights: dict, momentum_state: Optional[dict], k: Array, target: Array,
+            lr: Array, log_alpha: Optional[Array], momentum: Optional[Array]):
+    """One chunk of DGD (``hope_dgd="off"``: GD) on stacked memories, gradients at ``weights``.
 
     Args:
-      q, k, target: ``[B, T, H, dk]``; eta: ``[B, T, H]`` (η, before the DGD rate);
-      log_alpha: ``[B, T, H]`` log-retention or None; momentum: ``[B, T, H]`` or None.
+      weights, momentum_state: ``{name: [B, H', in, out]}`` (momentum_state None: no momentum).
+      k, target: ``[B, C, H', dk]``; lr (the rate, η' or η), log_alpha, momentum: ``[B, C, H']``
+        (log_alpha, momentum may be None).
 
     Returns:
-      ``(o [B, T, H, dk], TitansState(weights, momentum))``.
+      ``((weights, momentum_state) after the chunk, reader)``; ``self.output(q, reader)`` reads.
     """
-    cfg, impl = self.cfg, self.cfg.impl
-    rate = self._rate(eta)
-    if cfg.hope_objective == "dot" and momentum is None:
-      s0 = state.memory["w"]
-      if cfg.hope_dgd == "off":  # Hebbian: M ← αM + η v̂ kᵀ
-        o, s = ops.linear_attention(q, k, eta[..., None] * target, g=log_alpha, scale=1.0,
-                                    initial_state=s0, chunk_size=chunk, impl=impl)
-      else:
-        alpha = 1.0 if log_alpha is None else jnp.exp(log_alpha)
-        beta = rate / alpha
-        v = target if log_alpha is None else alpha[..., None] * target
-        o, s = ops.delta_rule(q, k, v, beta=beta, g=log_alpha, scale=1.0, initial_state=s0,
-                              chunk_size=chunk, impl=impl)
-      return o, ops.TitansState({"w": s}, None)
-    memory, v = self.base, target
-    if cfg.hope_objective == "l2" and cfg.hope_dgd != "off":
-      memory = DGDMemory(self.base, cfg.hope_dgd_keys)
-      extra = memory.extra_dim(self.dk, self.hidden)
-      v = jnp.concatenate([target, jnp.zeros(target.shape[:-1] + (extra,), target.dtype)], -1)
-    weights = state.memory["w"] if memory is LINEAR else state.memory
-    momentum_state = state.momentum
-    if memory is LINEAR and momentum_state is not None:
-      momentum_state = momentum_state["w"]
-    o, new = ops.titans_memory(q, k, v, lr=rate, momentum=momentum, g=log_alpha, memory=memory,
-                               initial_state=ops.TitansState(weights, momentum_state),
-                               chunk_size=chunk, impl=impl)
-    wrap = (lambda x: None if x is None else {"w": x}) if memory is LINEAR else (lambda x: x)
-    return o[..., :self.dk], ops.TitansState(wrap(new.memory), wrap(new.momentum))
+    dtype = jax.tree.leaves(weights)[0].dtype
+    cast = lambda x: None if x is None else _heads_first(x.astype(dtype))
+    g = jnp.zeros_like(lr) if log_alpha is None else log_alpha
+    step = lambda w, p, kc, vc, lrc, gc, mc: core.chunk_update(
+        self.memory, L2 if self.cfg.hope_objective == "l2" else DOT, w, p, kc, vc, lrc, gc, mc,
+        dgd=self.cfg.hope_dgd != "off", read=self.cfg.hope_read)
+    return core.batched(step, 2)(weights, momentum_state, cast(k), cast(target), cast(lr),
+                                 cast(g), cast(momentum))
+
+  def output(self, q: Array, reader: tuple) -> Array:
+    """The reads ``[B, C, H', dk]`` of a chunk written by ``write`` at queries q ``[B, C, H', dk]``."""
+    dtype = jax.tree.leaves(reader[1])[0].dtype
+    o = core.batched(lambda qc, r: core.chunk_output(self.memory, qc, r), 2)(
+        _heads_first(q.astype(dtype)), reader)
+    return jnp.moveaxis(o, 1, 2)
 
   # -- one chunk --------------------------------------------------------------------------------
 
   def _chunk(self, carry, inputs):
     """One chunk ``[B, C, ...]``: reads and targets at the chunk-start state, then the writes."""
-    comps, mem = carry
+    weights, mom = carry
     q, k, v, momentum = inputs
-    n = len(self.names)
+    n, h, c = len(self.names), self.heads, q.shape[1]
+    comps = _heads(weights, 0, n * h)
     streams = {"k": k, "v": v, "q": q, "eta": k, "alpha": k}
-    reads = read(self.base, comps.memory, jnp.concatenate([streams[c] for c in self.names], 2))
+    reads = read(self.memory, comps, jnp.concatenate([streams[name] for name in self.names], 2))
     out = dict(zip(self.names, jnp.split(reads, n, axis=2)))
     k = l2_normalize(out["k"]) if "k" in out else k
     v = out.get("v", v)
@@ -258,19 +210,31 @@ class SelfModifyingTitans(Mixer):
     eta = self.cfg.hope_lr * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
     if momentum is not None:  # an EMA of the writes: a chunk steps at most C·η_max (ModelConfig)
       eta = eta * (1.0 - momentum)
+    lr = self._rate(eta)
     log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
                  else None)
-    targets = read(self.base, comps.memory, jnp.tile(v, (1, 1, n, 1)))
-    target_mem = read(self.base, mem.memory, v)
-    if self.cfg.hope_stop_gradient:
-      targets, target_mem = jax.lax.stop_gradient((targets, target_mem))
-    tile = lambda g: None if g is None else jnp.tile(g, (1, 1, n))
-    kn = jnp.tile(k, (1, 1, n, 1))
-    _, comps = self.write(comps, kn, kn, targets, tile(eta), tile(log_alpha), tile(momentum),
-                          q.shape[1])
-    o, mem = self.write(mem, q, k, target_mem, eta, log_alpha, momentum,
-                        min(self.cfg.memory_chunk_size, q.shape[1]))
-    return (comps, mem), o
+    targets = lambda w, copies: self._stop(read(self.memory, w, jnp.tile(v, (1, 1, copies, 1))))
+    tile = lambda x, copies: None if x is None else jnp.tile(x, (1, 1, copies) + (1,) * (x.ndim - 3))
+    sub = self.cfg.memory_chunk_size
+    if c <= sub:  # every memory in one write (the default: memory_chunk_size == hope_chunk_size)
+      (weights, mom), reader = self.write(weights, mom, tile(k, n + 1), targets(weights, n + 1),
+                                          tile(lr, n + 1), tile(log_alpha, n + 1),
+                                          tile(momentum, n + 1))
+      return (weights, mom), self.output(q, jax.tree.map(lambda x: x[:, n * h:], reader))
+    # The output memory in sub-chunks of its own, each with its own start state and targets.
+    (w_c, p_c), _ = self.write(comps, _heads(mom, 0, n * h), tile(k, n), targets(comps, n),
+                               tile(lr, n), tile(log_alpha, n), tile(momentum, n))
+    w_m, p_m, outs = _heads(weights, n * h), _heads(mom, n * h), []
+    for lo in range(0, c, sub):
+      piece = lambda x: None if x is None else x[:, lo:lo + sub]
+      (w_m, p_m), reader = self.write(w_m, p_m, piece(k), self._stop(read(self.memory, w_m,
+                                                                             piece(v))),
+                                      piece(lr), piece(log_alpha), piece(momentum))
+      outs.append(self.output(piece(q), reader))
+    return (_stack(w_c, w_m), _stack(p_c, p_m)), jnp.concatenate(outs, 1)
+
+  def _stop(self, targets: Array) -> Array:
+    return jax.lax.stop_gradient(targets) if self.cfg.hope_stop_gradient else targets
 
   def __call__(self, x: Array, state: Optional[HopeState] = None,
                pos: Array | int = 0) -> tuple[Array, Optional[HopeState]]:
@@ -279,18 +243,20 @@ class SelfModifyingTitans(Mixer):
     momentum = (jax.nn.sigmoid(self.momentum_gate(x)) if self.momentum_gate is not None
                 else None)
     if state is None:
-      b = x.shape[0]
-      carry = (self._initial(self.components_init, b), self._initial(self.memory_init, b))
-      (_, _), o = core.scan_chunks(self._chunk_time_major, carry,
-                                   tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
+      _, o = core.scan_chunks(self._chunk_time_major, self._initial(x.shape[0]),
+                              tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
       return self.out(_batch_major(o).astype(x.dtype), x), None
     o, state = self._continue(state._replace(conv=conv), (q, k, v, momentum))
     return self.out(o.astype(x.dtype), x), state
 
   def _chunk_time_major(self, carry, chunk):
-    """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``)."""
-    carry, o = self._chunk(carry, jax.tree.map(_batch_major, chunk))
-    return carry, _time_major(o)
+    """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``),
+    rematerialised in the backward pass: a chunk keeps only its start state for it."""
+    def run(carry, chunk):
+      carry, o = self._chunk(carry, jax.tree.map(_batch_major, chunk))
+      return carry, _time_major(o)
+
+    return jax.checkpoint(run)(carry, chunk)
 
   def _continue(self, state: HopeState, inputs: tuple) -> tuple[Array, HopeState]:
     """Continues the chunk in progress of ``state`` with ``inputs`` (q, k, v ``[B, T, H, dk]``,
@@ -326,14 +292,14 @@ class SelfModifyingTitans(Mixer):
       now, o = self._chunk_time_major(now, chunk)
       return (now, saved), o
 
-    start = (state.components, state.memory)
+    start = tuple(state.memories[:2])
     (end, saved), o = jax.lax.scan(body, (start, start), (jnp.arange(n), chunks))
-    comps, mem = jax.tree.map(lambda a, b: jnp.where(finished == n, a, b), end, saved)
+    memories = jax.tree.map(lambda a, b: jnp.where(finished == n, a, b), end, saved)
     o = jax.lax.dynamic_slice_in_dim(_batch_major(o.reshape((n * c,) + o.shape[2:])), r, t, 1)
     pending = tuple(None if a is None else
                     jax.lax.dynamic_slice_in_dim(a, finished * c, c - 1, 1).astype(old.dtype)
                     for a, old in zip(buffers, state.pending))
-    return o, HopeState(state.conv, comps, mem, pending, (r + t) % c)
+    return o, HopeState(state.conv, ops.TitansState(*memories), pending, (r + t) % c)
 
 
 def _time_major(a: Optional[Array]) -> Optional[Array]:
