@@ -256,3 +256,15 @@ def test_user_defined_memory_runs_and_chunked_matches_recurrent():
   with pytest.raises(ValueError, match=r"initial_state.memory\['up'\] must have shape \[B, H, in, out\]"):
     ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], memory=_TanhMemory(),
                       initial_state={"up": init["up"][0], "down": init["down"]})
+
+
+@pytest.mark.parametrize("c,n", [(1, 3), (7, 2), (16, 5), (33, 4), (64, 8)])
+def test_unit_lower_solve_matches_numpy(c, n):
+  from nlx.memory.core import unit_lower_solve
+  rng = np.random.default_rng(c)
+  a = np.tril(rng.normal(size=(c, c)) * 0.3, -1)
+  a[np.triu_indices(c)] = 5.0  # entries on and above the diagonal must be ignored
+  rhs = rng.normal(size=(c, n))
+  want = np.linalg.solve(np.eye(c) + np.tril(a, -1), rhs)
+  np.testing.assert_allclose(unit_lower_solve(jnp.asarray(a), jnp.asarray(rhs)), want,
+                             rtol=1e-11, atol=1e-11)

@@ -221,6 +221,25 @@ def unit_lower_inverse(a: Array) -> Array:
   return inverse
 
 
+def unit_lower_solve(a: Array, rhs: Array, block: int = 16) -> Array:
+  """``(I + a)^{-1} rhs`` for a strictly lower triangular ``a: [C, C]`` and ``rhs: [C, N]``.
+
+  Blocked forward substitution: the diagonal blocks are inverted (``unit_lower_inverse``) and
+  the blocks below them are eliminated by matmuls, ``O(C² N + C b²)`` against the explicit
+  inverse's ``O(C³ log C)`` (which dominated DGD's chunk at C = 64). Only matmuls, as above.
+  """
+  c = a.shape[-1]
+  a = jnp.tril(a, -1)
+  done = []
+  for lo in range(0, c, block):
+    hi = min(lo + block, c)
+    r = rhs[lo:hi]
+    if done:
+      r = r - a[lo:hi, :lo] @ jnp.concatenate(done, 0)
+    done.append(unit_lower_inverse(a[lo:hi, lo:hi]) @ r)
+  return done[0] if len(done) == 1 else jnp.concatenate(done, 0)
+
+
 class ChunkCoefficients(NamedTuple):
   """How memory and momentum at each token of a chunk depend on the chunk's start and writes.
 
@@ -436,7 +455,7 @@ def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array,
     if p0 is not None:
       known = known + prev.carry[:, None] * (h @ p0[name])
     system = lr[:, None] * prev.decay * x
-    pseudo[name] = -unit_lower_inverse(system) @ (lr[:, None] * known)
+    pseudo[name] = -unit_lower_solve(system, lr[:, None] * known)
   return ChunkWrites(keys, writes, pseudo)
 
 
