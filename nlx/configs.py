@@ -107,8 +107,8 @@ RUN_PRESETS = {
 AXIS_RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"),
               ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
               ("head_dim_v", None), ("qkv", None), ("gates", None), ("conv", None),
-              ("layers", None), ("memory_mlp", None), ("persistent", None),
-              ("cms_target", None))
+              ("layers", None), ("memory_mlp", None), ("memory_rows", "fsdp"),
+              ("persistent", None), ("cms_target", None))
 
 
 def _size_of(model: ml_collections.ConfigDict) -> str:

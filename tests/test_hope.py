@@ -68,8 +68,9 @@ def hope_loop(mixer, x):
             else np.zeros(q_in.shape[:3]))
   bias = np.asarray(mixer.gate_bias[...], np.float64)
   names, n = mixer.names, len(mixer.names)
-  comps = {name: np.asarray(w[...]) for name, w in mixer.components_init.items()}
-  out_init = {name: np.asarray(w[...]) for name, w in mixer.memory_init.items()}
+  init = {name: np.asarray(w) for name, w in mixer.initial_weights().items()}
+  comps = {name: w[:n * cfg.n_heads] for name, w in init.items()}
+  out_init = {name: w[n * cfg.n_heads:] for name, w in init.items()}
   c_h, c_m = cfg.hope_chunk, cfg.memory_chunk_size
   rate = (lambda e: e / (1 + e)) if cfg.hope_dgd == "arxiv" else (lambda e: e)
   o = np.zeros_like(q_in)

@@ -89,6 +89,24 @@ def check_hope(cfg: ModelConfig) -> None:
                                          f"must divide hope_chunk_size={cfg.hope_chunk}"))
 
 
+def memory_init_params(rngs: nnx.Rngs, heads: int, dk: int, hidden: int) -> nnx.Dict:
+  """Learned initial weights of ``heads`` memories: identity (linear, ``hidden == 0``) or a
+  fan-in residual MLP. Stored with the head axis folded into the rows (``[heads·in, out]``,
+  logical axis ``memory_rows``) so that FSDP shards them whatever the head count."""
+  if hidden == 0:
+    eye = lambda key, shape, dtype: jnp.tile(jnp.eye(dk, dtype=dtype), (heads, 1))
+    return nnx.Dict(w=param(rngs, eye, (heads * dk, dk), ("memory_rows", "head_dim_v")))
+  return nnx.Dict(
+      w2=param(rngs, normal(dk**-0.5), (heads * dk, hidden), ("memory_rows", "memory_mlp")),
+      w1=param(rngs, normal(hidden**-0.5), (heads * hidden, dk), ("memory_rows", "head_dim")))
+
+
+def memory_init_weights(params: nnx.Dict, dk: int, hidden: int) -> dict:
+  """``memory_init_params`` as ``{name: [heads, in, out]}``."""
+  rows = {"w": dk, "w2": dk, "w1": hidden}
+  return {name: w[...].reshape((-1, rows[name]) + w.shape[1:]) for name, w in params.items()}
+
+
 def _heads_first(x: Optional[Array]) -> Optional[Array]:
   """``[B, C, H, ...] -> [B, H, C, ...]`` (None passes through)."""
   return None if x is None else jnp.moveaxis(x, 2, 1)
@@ -117,8 +135,7 @@ class SelfModifyingTitans(Mixer):
     self.memory = LINEAR if cfg.hope_memory == "linear" else MLPMemory("silu")
     self.hidden = 0 if cfg.hope_memory == "linear" else cfg.memory_expand * dk
     self.qkv = QKV(d, h, dk, dk, cfg.conv_size, rngs=rngs)
-    self.components_init = self._memory_init(rngs, len(self.names) * h)
-    self.memory_init = self._memory_init(rngs, h)
+    self.memories_init = memory_init_params(rngs, (len(self.names) + 1) * h, dk, self.hidden)
     # b_η, b_α: η ≈ 0.12 η_max and α ≈ 0.993 at the start (the gates of Titans).
     self.gate_bias = param(rngs, lambda key, shape, dtype: jnp.broadcast_to(
         jnp.asarray([-2.0, 5.0], dtype)[:, None], shape), (2, h), ("gates", "heads"))
@@ -126,32 +143,23 @@ class SelfModifyingTitans(Mixer):
                           if cfg.hope_momentum else None)
     self.out = OutputGate(d, h, dk, rngs=rngs, eps=cfg.norm_eps)
 
-  def _memory_init(self, rngs: nnx.Rngs, heads: int) -> nnx.Dict:
-    """Learned initial weights of ``heads`` memories: identity (linear) or a fan-in MLP."""
-    dk, hidden = self.dk, self.hidden
-    if self.hidden == 0:
-      eye = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(dk, dtype=dtype), shape)
-      return nnx.Dict(w=param(rngs, eye, (heads, dk, dk), ("heads", "head_dim", "head_dim_v")))
-    return nnx.Dict(
-        w2=param(rngs, normal(dk**-0.5), (heads, dk, hidden), ("heads", "head_dim", "memory_mlp")),
-        w1=param(rngs, normal(hidden**-0.5), (heads, hidden, dk),
-                 ("heads", "memory_mlp", "head_dim")))
+  def initial_weights(self) -> dict:
+    """The learned initial weights of every memory, ``{name: [(n + 1)·H, in, out]}``: the
+    components (k, v, (q), η, α; n·H heads), then the output memory (H heads)."""
+    return memory_init_weights(self.memories_init, self.dk, self.hidden)
 
   def _initial(self, batch_size: int) -> tuple:
     """``(weights, momentum)`` of every memory, stacked: the components, then the output memory.
     Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params."""
-    def stacked(name):
-      w = jnp.concatenate([self.components_init[name][...], self.memory_init[name][...]], 0)
-      w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
-      return jnp.broadcast_to(w, (batch_size,) + w.shape)
-
-    weights = {name: stacked(name) for name in self.memory_init}
+    weights = {name: jnp.broadcast_to(w.astype(jnp.promote_types(w.dtype, jnp.float32)),
+                                      (batch_size,) + w.shape)
+               for name, w in self.initial_weights().items()}
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.cfg.hope_momentum else None
     return weights, momentum
 
   def init_state(self, batch_size: int, max_len: int) -> HopeState:
     del max_len
-    dtype = self.memory_init[next(iter(self.memory_init))][...].dtype
+    dtype = jax.tree.leaves(self.initial_weights())[0].dtype
     seq = jnp.zeros((batch_size, self.chunk - 1, self.heads, self.dk), dtype)
     momentum = (jnp.zeros((batch_size, self.chunk - 1, self.heads), dtype)
                 if self.momentum_gate is not None else None)

@@ -78,15 +78,17 @@ class NeuralMemory(Mixer):
                        use_bias=True,
                        bias_init=lambda key, shape, dtype: jnp.broadcast_to(
                            jnp.asarray(biases, dtype)[:, None], shape))
+    # Initial weights with the head axis folded into the rows ([heads·in, out], logical axis
+    # memory_rows) so that FSDP shards them whatever the head count.
+    self.hidden = 0 if memory == "linear" else cfg.memory_expand * dk
     if memory == "linear":
-      self.init_weights = nnx.Dict(w=param(rngs, constant(0.0), (h, dk, dv),
-                                           ("heads", "head_dim", "head_dim_v")))
+      self.init_weights = nnx.Dict(w=param(rngs, constant(0.0), (h * dk, dv),
+                                           ("memory_rows", "head_dim_v")))
     else:
-      hidden = cfg.memory_expand * dk
       self.init_weights = nnx.Dict(
-          w2=param(rngs, normal(dk**-0.5), (h, dk, hidden), ("heads", "head_dim", "memory_mlp")),
-          w1=param(rngs, normal(hidden**-0.5), (h, hidden, dv),
-                   ("heads", "memory_mlp", "head_dim")))
+          w2=param(rngs, normal(dk**-0.5), (h * dk, self.hidden), ("memory_rows", "memory_mlp")),
+          w1=param(rngs, normal(self.hidden**-0.5), (h * self.hidden, dv),
+                   ("memory_rows", "head_dim")))
     self.out = OutputGate(d, h, dv, rngs=rngs, eps=cfg.norm_eps)
 
   def initial_memory(self, batch_size: int, stateful: bool = False) -> ops.TitansState:
@@ -96,9 +98,11 @@ class NeuralMemory(Mixer):
     chunk starts at offset 0), so that its structure stays the same from call to call.
     """
     # Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params.
-    weights = {name: jnp.broadcast_to(w[...].astype(jnp.promote_types(w.dtype, jnp.float32)),
-                                      (batch_size,) + w.shape)
+    rows = {"w": self.dk, "w2": self.dk, "w1": self.hidden}
+    weights = {name: w[...].reshape((self.heads, rows[name]) + w.shape[1:])
                for name, w in self.init_weights.items()}
+    weights = {name: jnp.broadcast_to(w.astype(jnp.promote_types(w.dtype, jnp.float32)),
+                                      (batch_size,) + w.shape) for name, w in weights.items()}
     if self.memory is LINEAR:
       weights = weights["w"]
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.momentum else None

@@ -29,7 +29,8 @@ DTYPES = ("float32", "bfloat16")
 # Every logical axis name of an nlx.nn parameter (tests build each family and check), plus the
 # activation axis "batch". Rules map each to a mesh axis, a tuple of mesh axes, or None.
 LOGICAL_AXES = ("batch", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "head_dim_v",
-                "qkv", "gates", "conv", "layers", "memory_mlp", "persistent", "cms_target")
+                "qkv", "gates", "conv", "layers", "memory_mlp", "memory_rows", "persistent",
+                "cms_target")
 
 
 @dataclasses.dataclass(frozen=True)
