@@ -23,7 +23,7 @@ training answer (what a model that ignores the story gets).
 
     python experiments/babi_long.py --scale tiny         # ~9 min on 2 idle CPU cores
     python experiments/babi_long.py --scale small --out runs/babi_long_small   # a GPU
-    python experiments/babi_long.py --models transformer --steps 2 --lengths 512 --n-eval 2
+    python experiments/babi_long.py --models transformer --steps 2 --lengths 512 --n_eval 2
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def run(settings: dict, data: str, filler_path: str, seed: int) -> dict:
   tests = {t: load_task(directory, t, "test") for t in settings["tasks"]}
   missing = [n for n in settings["lengths"] if n not in settings["n_eval"]]
   if missing:
-    raise ValueError(f"--lengths {missing}: no n_eval for them at this scale (use --n-eval N)")
+    raise ValueError(f"--lengths {missing}: no n_eval for them at this scale (use --n_eval N)")
   filler_train, filler_eval = (t.encode("ascii", "ignore").decode()
                                for t in niah.essay_text(filler_path, "--filler"))
   configs = niah.model_configs(settings)
@@ -278,9 +278,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--models", nargs="+", default=None, help="families (default: all three)")
   parser.add_argument("--tasks", type=int, nargs="+", default=None, help="bAbI tasks (1..20)")
   parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--n-eval", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--n_eval", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--lengths", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--train-len", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--train_len", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   settings = study.scale_settings(

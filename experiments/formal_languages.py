@@ -459,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--languages", default=None,
                       help=f"comma-separated of {', '.join(LANGUAGES)} (default: all)")
   parser.add_argument("--steps", type=int, default=None, help="override the scale's steps")
-  parser.add_argument("--eval-size", type=int, default=None,
+  parser.add_argument("--eval_size", type=int, default=None,
                       help="override the strings drawn per bin (before de-duplication)")
   parser.add_argument("--lr", type=float, default=None, help="override the scale's peak lr")
   args = parser.parse_args(argv)

@@ -241,9 +241,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--widths", default=None, help="comma-separated d_model values")
   parser.add_argument("--pairs", default=None, help="comma-separated P of the levels")
   parser.add_argument("--steps", type=int, default=None, help="training steps per model")
-  parser.add_argument("--eval-sequences", type=int, default=None,
+  parser.add_argument("--eval_sequences", type=int, default=None,
                       help="test sequences per level")
-  parser.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
+  parser.add_argument("--batch_size", type=int, default=None, help="training sequences per step")
   parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
   args = parser.parse_args(argv)
   families = check_families([f.strip() for f in args.families.split(",") if f.strip()])

@@ -21,7 +21,7 @@ fraction of answer characters right (chance: about 0.1 for digits, 1/16 for UUID
 
     python experiments/niah.py --scale tiny                  # ~7 min on 2 idle CPU cores
     python experiments/niah.py --scale small --out runs/niah_small   # a GPU
-    python experiments/niah.py --models transformer --steps 2 --n-eval 2 --lengths 512  # smoke
+    python experiments/niah.py --models transformer --steps 2 --n_eval 2 --lengths 512  # smoke
 """
 
 from __future__ import annotations
@@ -213,9 +213,9 @@ def main(argv=None) -> dict:
                       help="essay text file of S-NIAH-2/3 ('embedded': tinyshakespeare)")
   parser.add_argument("--models", nargs="+", default=None, help="families (default: all three)")
   parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--n-eval", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--n_eval", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--lengths", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--train-len", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--train_len", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   settings = study.scale_settings(

@@ -32,17 +32,19 @@ BENCH_SIZE = "20m"  # the size of ``nlx bench models``
 SIZES = ("tiny",) + PAPER_SIZES + (BENCH_SIZE,)
 
 # The shared presets. Paper sizes follow the Transformer++ baselines of flash-linear-attention and
-# Titans (d_model 1024 / 1536 / 2048, 24 layers, head dim 64, 32K vocabulary).
+# Titans (d_model 1024 / 1536 / 2048, 24 layers, head dim 64, 32K vocabulary). They are meant for
+# a v5p:4x4x4 slice (64 chips, FSDP) and rematerialise every layer in the backward pass, which
+# every family needs to fit there at 128 x 4096 tokens (docs/TRAINING.md, "TPU table").
 _PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=2, mlp_dim=192, vocab_size=256,
                  max_seq_len=4096, state_dim=16, mamba_head_dim=32, memory_chunk_size=16,
                  chunk_size=64),
     "340m": dict(d_model=1024, n_layers=24, n_heads=16, vocab_size=32000, max_seq_len=4096,
-                 state_dim=128, mamba_head_dim=64),
+                 state_dim=128, mamba_head_dim=64, remat="full"),
     "760m": dict(d_model=1536, n_layers=24, n_heads=24, vocab_size=32000, max_seq_len=4096,
-                 state_dim=128, mamba_head_dim=64),
+                 state_dim=128, mamba_head_dim=64, remat="full"),
     "1.3b": dict(d_model=2048, n_layers=24, n_heads=32, vocab_size=32000, max_seq_len=4096,
-                 state_dim=128, mamba_head_dim=64),
+                 state_dim=128, mamba_head_dim=64, remat="full"),
     "20m": dict(d_model=384, n_layers=10, n_heads=6, vocab_size=4096, max_seq_len=2048,
                 state_dim=64, mamba_head_dim=64),
 }

@@ -68,7 +68,7 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
     (data / f"qa1_single-supporting-fact_{split}.txt").write_text(STORY * 3)
   out = str(tmp_path / "out")
   babi_long.main(["--data", str(tmp_path), "--models", "transformer", "--steps", "2",
-                  "--n-eval", "2", "--lengths", "512", "--batch", "2", "--out", out])
+                  "--n_eval", "2", "--lengths", "512", "--batch", "2", "--out", out])
   for ext in ("json", "md", "png"):
     assert os.path.getsize(os.path.join(out, f"babi_long.{ext}")) > 0
   with open(os.path.join(out, "babi_long.json"), encoding="utf-8") as f:

@@ -102,7 +102,7 @@ def test_bad_flags_name_the_flag_and_value(tmp_path):
 def test_main_writes_json_markdown_and_png(tmp_path):
   out = str(tmp_path / "fl")
   results = fl.main(["--families", "transformer", "--languages", "anbn,parity", "--steps", "2",
-                     "--eval-size", "8", "--out", out])
+                     "--eval_size", "8", "--out", out])
   for kind in ("json", "md", "png"):
     assert os.path.getsize(os.path.join(out, f"formal_languages.{kind}")) > 0
   with open(os.path.join(out, "formal_languages.json"), encoding="utf-8") as f:

@@ -74,7 +74,7 @@ def test_bad_flags_name_themselves(tmp_path):
 
 def test_smoke_run_writes_outputs(tmp_path):
   out = mqar.main(["--families", "transformer", "--widths", "16", "--pairs", "2,4",
-                   "--steps", "2", "--eval-sequences", "8", "--out", str(tmp_path)])
+                   "--steps", "2", "--eval_sequences", "8", "--out", str(tmp_path)])
   for kind in ("json", "md", "png"):
     assert os.path.getsize(tmp_path / f"mqar.{kind}") > 0
   with open(tmp_path / "mqar.json", encoding="utf-8") as f:

@@ -56,7 +56,7 @@ def test_bad_flags_are_named():
 
 def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   out = str(tmp_path / "out")
-  niah.main(["--models", "transformer", "--steps", "2", "--n-eval", "2", "--lengths", "512",
+  niah.main(["--models", "transformer", "--steps", "2", "--n_eval", "2", "--lengths", "512",
              "--batch", "2", "--out", out])
   for ext in ("json", "md", "png"):
     assert os.path.getsize(os.path.join(out, f"niah.{ext}")) > 0
