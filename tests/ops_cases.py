@@ -73,7 +73,8 @@ def run(variant: str, arrays: dict, impl: str, chunk_size: int):
                                 chunk_size=chunk_size, impl=impl)
     return o, [s]
   if variant.startswith("delta"):
-    o, s = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a.get("g"), initial_state=a["s0"],
+    o, s = ops.delta_rule(a["q"], a["k"], a["v"], beta=a["beta"], g=a.get("g"),
+                          initial_state=a["s0"],
                           chunk_size=chunk_size, impl=impl)
     return o, [s]
   o, s = memory_op(variant, a, ops.TitansState(a["s0"], a.get("p0")), chunk_size, impl)

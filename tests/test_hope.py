@@ -50,7 +50,8 @@ class NumpyMemory:
       return {"w": (x, e)}
     z = x @ w["w2"]
     e = x + _silu(z) @ w["w1"] - target if objective == "l2" else -target
-    return {"w1": (_silu(z), e), "w2": (x, (e @ w["w1"].T) * _sigmoid(z) * (1 + z * (1 - _sigmoid(z))))}
+    silu_grad = _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))
+    return {"w1": (_silu(z), e), "w2": (x, (e @ w["w1"].T) * silu_grad)}
 
   def dgd(self, x, target, lr, alpha, m, ref, objective, dgd):
     """P ← m P − lr h eᵀ; W ← (α I − lr h hᵀ) W + P, per layer, h and e at ``ref``."""
@@ -92,7 +93,8 @@ def hope_loop(mixer, x):
         qt = _unit(gen("q", q_in[b, t, h])) if "q" in mems else q_in[b, t, h]
         eta = cfg.hope_lr * _sigmoid(gen("eta", k_in[b, t, h]).mean() + bias[0, h])
         eta *= 1 - m_gate[b, t, h]
-        alpha = _sigmoid(gen("alpha", k_in[b, t, h]).mean() + bias[1, h]) if "alpha" in mems else 1.0
+        alpha = (_sigmoid(gen("alpha", k_in[b, t, h]).mean() + bias[1, h]) if "alpha" in mems
+                 else 1.0)
         before = mems["mem"](qt)
         for name, mem in mems.items():  # v̂_□ = M_□(v_t), then the DGD step (Eq. 88)
           mem.dgd(kt, gen(name, vt), rate(eta), alpha, m_gate[b, t, h], start[name],

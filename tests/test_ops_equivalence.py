@@ -15,9 +15,13 @@ import ops_cases as cases
 
 
 def _cases(shapes_per_variant, slow_if_odd=False):
-  """(variant, shape) params; with ``slow_if_odd`` the odd-numbered shapes are marked slow."""
+  """(variant, shape) params; with ``slow_if_odd`` the odd-numbered shapes are marked slow. The
+  DGD variants (tests/test_dgd.py checks them against the equation) run two shapes by default."""
+  def slow(v, i):
+    return (slow_if_odd and i % 2) or (v.startswith("dgd") and i >= 3)
+
   return [pytest.param(v, s, id=f"{v}-B{s[0]}T{s[1]}H{s[2]}K{s[3]}V{s[4]}C{s[5]}",
-                       marks=pytest.mark.slow if slow_if_odd and i % 2 else ())
+                       marks=pytest.mark.slow if slow(v, i) else ())
           for v in cases.VARIANTS for i, s in enumerate(shapes_per_variant(v))]
 
 

@@ -42,7 +42,8 @@ def assert_states_equal(got, want, tol):
 
 @pytest.mark.parametrize("variant, impl", [
     # The recurrence's split path is the same code for every variant: the `_full` ones are slow.
-    pytest.param(v, i, marks=pytest.mark.slow if (i, v.endswith("_full")) == ("recurrent", True)
+    pytest.param(v, i, marks=pytest.mark.slow if (i == "recurrent" and (v.endswith("_full") or
+                                                                       v.startswith("dgd")))
                  else ()) for v in TITANS for i in ("recurrent", "chunked")])
 def test_split_anywhere_equals_one_call_float64(variant, impl):
   with jax.enable_x64(True):

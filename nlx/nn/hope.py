@@ -193,7 +193,7 @@ class SelfModifyingTitans(Mixer):
                                  cast(g), cast(momentum))
 
   def output(self, q: Array, reader: tuple) -> Array:
-    """The reads ``[B, C, H', dk]`` of a chunk written by ``write`` at queries q ``[B, C, H', dk]``."""
+    """A chunk's reads ``[B, C, H', dk]`` at queries ``[B, C, H', dk]`` (``reader``: from write)."""
     dtype = jax.tree.leaves(reader[1])[0].dtype
     o = core.batched(lambda qc, r: core.chunk_output(self.memory, qc, r), 2)(
         _heads_first(q.astype(dtype)), reader)
@@ -222,7 +222,7 @@ class SelfModifyingTitans(Mixer):
     log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
                  else None)
     targets = lambda w, copies: self._stop(read(self.memory, w, jnp.tile(v, (1, 1, copies, 1))))
-    tile = lambda x, copies: None if x is None else jnp.tile(x, (1, 1, copies) + (1,) * (x.ndim - 3))
+    tile = lambda x, n: None if x is None else jnp.tile(x, (1, 1, n) + (1,) * (x.ndim - 3))
     sub = self.cfg.memory_chunk_size
     if c <= sub:  # every memory in one write (the default: memory_chunk_size == hope_chunk_size)
       (weights, mom), reader = self.write(weights, mom, tile(k, n + 1), targets(weights, n + 1),
