@@ -54,12 +54,18 @@ class TitansState(NamedTuple):
   earlier call, whose start weights (the chunk's gradient reference) are ``chunk_start`` (same
   structure as ``memory``). ``titans_memory`` returns them, so a sequence split anywhere across
   calls (prefill, then token-by-token decoding) equals one call. None means a chunk starts now.
+
+  ``accumulated`` (only with ``titans_memory``'s ``position_scale``): the chunk in progress's
+  writes summed before the position scale (``A`` of ``nlx.memory.core``; same structure as
+  ``memory``; zeros when a chunk starts now). The weights of a position-scaled chunk are not a
+  function of the previous weights alone, so continuing a chunk needs it. None otherwise.
   """
 
   memory: Union[Array, dict]
   momentum: Optional[Union[Array, dict]] = None
   chunk_start: Optional[Union[Array, dict]] = None
   offset: Optional[Union[int, Array]] = None
+  accumulated: Optional[Union[Array, dict]] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +177,8 @@ def _linear_memory_op(q, k, v, lr, g, scale, initial_state, chunk_size, impl, ob
   s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
 
   if impl == "recurrent":
-    o, state, _, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0},
-                                         None, batch_ndim=2)
+    o, state, _, _, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None,
+                                            {"w": s0}, None, batch_ndim=2)
     state = state["w"]
   elif objective is DOT:  # chunked: the dot objective's gradient is state-free: exact
     o, state, _ = core.chunk_start_scan(LINEAR, objective, qs, ks, vs, lr, g, None, {"w": s0},
@@ -266,29 +272,35 @@ def _check_offset(offset, chunk_start, chunk_size: int):
 
 
 def _check_titans_state(memory: core.Memory, state, b, h, dk, dv, chunk_size):
-  """Validates and splits ``initial_state`` into weights, momentum and chunk-start dicts (each
-  or None) and the offset."""
+  """Validates and splits ``initial_state`` into weights, momentum, chunk-start and accumulated
+  dicts (each or None) and the offset."""
   if isinstance(state, TitansState):
-    weights, mom, start, offset = state
+    weights, mom, start, offset, acc = state
   else:
-    weights, mom, start, offset = state, None, None, None
+    weights, mom, start, offset, acc = state, None, None, None, None
   _check_offset(offset, start, chunk_size)
+  trees = (("initial_state.momentum", mom), ("initial_state.chunk_start", start),
+           ("initial_state.accumulated", acc))
   if isinstance(memory, LinearMemory):
     if weights is None:
-      return None, None, None, None
+      if acc is not None:
+        raise ValueError("initial_state.accumulated is given without initial_state.memory")
+      return None, None, None, None, None
     _check_state("initial_state.memory", weights, (b, h, dk, dv))
-    for label, x in (("initial_state.momentum", mom), ("initial_state.chunk_start", start)):
+    for label, x in trees:
       if x is not None:
         _check_state(label, x, (b, h, dk, dv))
     wrap = lambda x: None if x is None else {"w": x}
-    return wrap(weights), wrap(mom), wrap(start), offset
+    return wrap(weights), wrap(mom), wrap(start), offset, wrap(acc)
   if weights is None:
-    raise ValueError("an MLP memory needs initial_state: zero MLP weights have "
-                     "zero gradients and never learn; create one with "
-                     "MLPMemory().init_state(key, batch, heads, dim, hidden)")
+    if isinstance(memory, MLPMemory):
+      raise ValueError("an MLP memory needs initial_state: zero MLP weights have "
+                       "zero gradients and never learn; create one with "
+                       "MLPMemory().init_state(key, batch, heads, dim, hidden)")
+    raise ValueError(f"memory={memory!r} needs initial_state (its weights, a dict with keys "
+                     f"{sorted(memory.layer_shapes(dk, dv, 1))}), e.g. from its init_state")
   names = set(memory.layer_shapes(dk, dv, 1))
-  for label, tree in (("initial_state.memory", weights), ("initial_state.momentum", mom),
-                      ("initial_state.chunk_start", start)):
+  for label, tree in (("initial_state.memory", weights),) + trees:
     if tree is None:
       continue
     if not isinstance(tree, dict) or set(tree) != names:
@@ -300,7 +312,40 @@ def _check_titans_state(memory: core.Memory, state, b, h, dk, dv, chunk_size):
                          f"{getattr(tree[name], 'shape', type(tree[name]).__name__)}")
     for name, shape in memory.layer_shapes(dk, dv, memory.hidden_dim(tree)).items():
       _check_state(f"{label}[{name!r}]", tree[name], (b, h) + shape)
-  return weights, mom, start, offset
+  return weights, mom, start, offset, acc
+
+
+def _check_position_scale(position_scale, chunk_size: int, momentum, dgd: bool) -> None:
+  if position_scale is None:
+    return
+  if getattr(position_scale, "shape", None) != (chunk_size,):
+    raise ValueError(f"position_scale must have shape [chunk_size] = ({chunk_size},); got "
+                     f"{getattr(position_scale, 'shape', type(position_scale).__name__)}")
+  _check_float("position_scale", position_scale)
+  if momentum is not None:
+    raise ValueError("position_scale is given with momentum: position-scaled writes are "
+                     "defined without momentum only (TTT's schedule); pass momentum=None")
+  if dgd:
+    raise ValueError("position_scale is not defined for dgd_memory")
+
+
+def _check_memory_params(memory: core.Memory, memory_params, h, dk, dv, hidden):
+  """Validates ``memory_params`` against the memory's fixed parameters."""
+  shapes = memory.param_shapes(dk, dv, hidden)
+  if memory_params is None:
+    if shapes:
+      raise ValueError(f"memory={memory!r} needs memory_params: a dict {{name: [H, ...]}} with "
+                       f"shapes {{name: [{h}] + shape}} for {shapes}")
+    return
+  if not shapes:
+    raise ValueError(f"memory={memory!r} has no fixed parameters; memory_params must be None, "
+                     f"got a {type(memory_params).__name__}")
+  if not isinstance(memory_params, dict) or set(memory_params) != set(shapes):
+    got = (sorted(memory_params) if isinstance(memory_params, dict)
+           else type(memory_params).__name__)
+    raise ValueError(f"memory_params must be a dict with keys {sorted(shapes)}; got {got}")
+  for name, shape in shapes.items():
+    _check_state(f"memory_params[{name!r}]", memory_params[name], (h,) + tuple(shape))
 
 
 def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
@@ -342,21 +387,23 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
 def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional[Array] = None,
                   g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
                   initial_state=None, chunk_size: int = 64, read: str = "after_write",
-                  impl: str = "auto") -> tuple[Array, TitansState]:
+                  impl: str = "auto", position_scale: Optional[Array] = None,
+                  memory_params: Optional[dict] = None) -> tuple[Array, TitansState]:
   """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
 
   For token t in a chunk whose start state is ``M_c``: ``G_t = ∇ℓ(M_c; k_t, v_t)``,
   ``P_t = η_t P_{t−1} − lr_t G_t`` (η = 0 without momentum), ``M_t = exp(g_t) M_{t−1} + P_t``,
   ``o_t = M_t(q_t)``. Gradients at the chunk-start state are part of the model (as in Titans and
   TTT): the chunk size changes the result, the recurrent reference follows the same rule, and
-  ``chunk_size=1`` is exact online gradient descent. TTT-Linear/TTT-MLP: no momentum, no decay;
-  Titans LMM: both. q is used as given (no scale).
+  ``chunk_size=1`` is exact online gradient descent. TTT-Linear/TTT-MLP: no momentum, no decay,
+  ``memory=TTTMemory(...)`` with its LayerNorm in ``memory_params`` and TTT's ``1/(i+1)``
+  schedule in ``position_scale``; Titans LMM: momentum and decay. q is used as given (no scale).
 
   Args:
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` inner learning rate;
     momentum: ``[B, T, H]`` η in [0, 1] or None; g: ``[B, T, H]`` log-decay (≤ 0) or None.
     memory: "linear" (``M(x) = Sᵀx``), "mlp" (``MLPMemory()``: ``x + W1 σ(W2 x)``, K == V) or a
-      ``Memory`` instance.
+      ``Memory`` instance (e.g. ``nlx.memory.deep.TTTMemory``).
     initial_state: a ``TitansState``, or the memory alone (momentum then starts at zero).
       Linear: ``[B, H, K, V]`` (zeros if None). MLP: required (see ``MLPMemory.init_state``).
     chunk_size: the chunk of the chunk-start gradients (a modelling choice), aligned with the
@@ -364,12 +411,23 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       each call gets the previous call's ``TitansState`` (which carries the chunk in progress).
     read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
     impl: "auto" | "chunked" (dual form) | "recurrent" | "pallas".
+    position_scale: ``[chunk_size]`` ``c`` or None (``c ≡ 1``): TTT's schedule inside a chunk.
+      Without momentum only. The token at position i of its chunk (i = 0..C−1; a final partial
+      chunk of r tokens uses ``c_0..c_{r−1}``) reads ``M_t = γ_t M_c + c_i Σ_{j≤t} (γ_t/γ_j) U_j``
+      with ``U_j = −lr_j G_j`` and γ the decay since the chunk start ``M_c``; the chunk's last
+      token's weights are the next chunk's start. ``c_i = 1/(i+1)`` (TTT: ``token_idx``) steps by
+      the mean of the chunk's gradients so far. Differentiable (TTT learns an offset on it).
+      The returned state carries the chunk's accumulated writes (``TitansState.accumulated``).
+    memory_params: the memory's fixed (not written) parameters, per head, shared by the batch:
+      ``{name: [H, *shape]}`` for ``memory.param_shapes`` (``TTTMemory``: the LayerNorm's
+      ``scale`` and ``shift``, ``[H, V]``), or None for memories without any. Differentiable.
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
   return _gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
-                          impl, dgd=False)
+                          impl, dgd=False, position_scale=position_scale,
+                          memory_params=memory_params)
 
 
 def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = None,
@@ -414,7 +472,8 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
 
 
 def _gradient_memory(q, k, v, lr, momentum, g, memory, objective, initial_state, chunk_size, read,
-                     impl, dgd: bool) -> tuple[Array, TitansState]:
+                     impl, dgd: bool, position_scale=None,
+                     memory_params=None) -> tuple[Array, TitansState]:
   """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout."""
   b, t, h, dk, dv = _check_sequences(q, k, v)
   _check_gate("lr", lr, b, t, h, required=True)
@@ -423,14 +482,27 @@ def _gradient_memory(q, k, v, lr, momentum, g, memory, objective, initial_state,
   impl = _check_options(chunk_size, impl)
   core.check_read(read)
   mem = _resolve_memory(memory)
-  weights, mom, start, offset = _check_titans_state(mem, initial_state, b, h, dk, dv, chunk_size)
+  _check_position_scale(position_scale, chunk_size, momentum, dgd)
+  weights, mom, start, offset, acc = _check_titans_state(mem, initial_state, b, h, dk, dv,
+                                                         chunk_size)
+  _check_memory_params(mem, memory_params, h, dk, dv,
+                       0 if weights is None else mem.hidden_dim(weights))
   if momentum is None and mom is not None:
     raise ValueError("initial_state.momentum is given but momentum=None; pass the momentum "
                      "gates, or an initial_state without momentum")
+  if position_scale is None and acc is not None:
+    raise ValueError("initial_state.accumulated is given but position_scale=None; it belongs to "
+                     "a position-scaled call (pass the same position_scale)")
   if isinstance(offset, numbers.Integral) and offset == 0:
-    start, offset = None, None  # a chunk starts now: nothing to continue
+    start, offset, acc = None, None, None  # a chunk starts now: nothing to continue
+  if position_scale is not None and offset is not None and acc is None:
+    raise ValueError("initial_state continues a chunk (offset given) with position_scale but "
+                     "has no accumulated writes: pass the TitansState returned by the previous "
+                     "position-scaled call")
   reason = None
-  if not isinstance(mem, LinearMemory):
+  if position_scale is not None:
+    reason = "the kernels do not implement position_scale"
+  elif not isinstance(mem, LinearMemory):
     reason = "the kernels implement linear memories only"
   elif read != "after_write":
     reason = "the kernels read after the write only"
@@ -462,28 +534,33 @@ def _gradient_memory(q, k, v, lr, momentum, g, memory, objective, initial_state,
   if momentum is not None and mom is None:
     mom = jax.tree.map(jnp.zeros_like, weights)
   mom = castt(mom) if momentum is not None else None
-  start = castt(start)
+  start, acc = castt(start), castt(acc)
   gates = [None if x is None else jnp.moveaxis(cast(x), 2, 1) for x in (lr, g, momentum)]
   lr_, g_, m_ = gates
   if g_ is None:
     g_ = jnp.zeros_like(lr_)
+  per_slice = lambda x: jnp.broadcast_to(cast(x), (b,) + x.shape)  # [H, ...] -> [B, H, ...]
+  params = None if memory_params is None else jax.tree.map(per_slice, memory_params)
+  scale = None if position_scale is None else jnp.broadcast_to(cast(position_scale),
+                                                               (b, h, chunk_size))
 
   seqs = [_heads_first(cast(x)) for x in (q, k, v)]
   args = (mem, objective, *seqs, lr_, g_, m_, weights, mom)
-  options = dict(batch_ndim=2, dgd=dgd, read=read)
+  options = dict(batch_ndim=2, dgd=dgd, read=read, params=params, row_scale=scale)
   aligned = offset is None and t % chunk_size == 0
   if impl == "recurrent":
-    o, w, p, start = core.recurrent_scan(*args, grad_chunk=chunk_size,
-                                         offset=0 if offset is None else offset,
-                                         chunk_start=start, **options)
+    o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size,
+                                              offset=0 if offset is None else offset,
+                                              chunk_start=start, accumulated=acc, **options)
     offset = ((0 if offset is None else offset) + t) % chunk_size
   elif aligned:  # the fast path: chunks aligned with the call, whole chunks
     o, w, p = core.chunk_start_scan(*args, chunk_size, **options)
     start, offset = w, 0
+    acc = None if scale is None else jax.tree.map(jnp.zeros_like, w)
   else:
-    o, w, p, start, offset = core.chunk_start_scan_offset(
+    o, w, p, start, offset, acc = core.chunk_start_scan_offset(
         *args, weights if start is None else start, 0 if offset is None else offset, chunk_size,
-        **options)
+        accumulated=acc, **options)
   if isinstance(mem, LinearMemory):
-    w, p, start = (None if x is None else x["w"] for x in (w, p, start))
-  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p, start, offset)
+    w, p, start, acc = (None if x is None else x["w"] for x in (w, p, start, acc))
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p, start, offset, acc)

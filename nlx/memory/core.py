@@ -17,6 +17,16 @@ Two options change the write and the read (the delta gradient descent of HOPE, P
   layer (``h_l`` a row vector, ``W_l`` ``[in, out]``);
 * ``read="before_write"`` reads ``o_t = M_{t−1}(q_t)`` (the memory before token t's write).
 
+A third option is TTT's learning-rate schedule inside a chunk (Sun et al. 2024, Eq. 4 and the
+``token_idx`` of its code), for gradients at the chunk-start state and without momentum or DGD:
+
+* ``row_scale`` ``c [C]`` scales the chunk's accumulated writes by the token's position i in its
+  chunk: ``M_t = γ_t M_0 + c_i A_t`` with ``A_t = Σ_{j≤t} (γ_t/γ_j) U_j`` (γ_t: the decay since
+  the chunk start; ``M_0`` the chunk-start state), so ``c_i = 1/(i+1)`` makes every token read
+  the chunk-start weights minus the *mean* of the chunk's gradient steps so far. ``c ≡ 1`` is the
+  plain recurrence above. ``A`` is not a function of ``M``, so a call continuing a chunk needs it
+  (``accumulated``; zero at a chunk boundary).
+
 ``recurrent_scan`` runs exactly this, token by token, with ``jax.grad`` for G_t: it is the
 reference every fast path is tested against. ``chunk_start_scan`` is the parallel (dual) form for
 gradients taken at the chunk-start state: within a chunk all G_j are known from the chunk-start
@@ -30,6 +40,16 @@ memory weights a dict ``{layer name: [in, out]}``. ``nlx.ops`` vmaps them over b
 A memory is any ``Memory`` whose forward pass uses each of its dense layers exactly once, through
 a ``matmul(name, h)`` callback. That single restriction lets the same forward pass run with plain
 weights, with gradient taps (per-token gradient factors), and with per-token weights (dual form).
+A bias is such a layer too, with a constant-1 input (``[1, out]`` weights).
+
+Every entry of the weights dict is written. Parameters that the forward pass reads but the inner
+loop must not write (TTT's inner LayerNorm scale and shift, learned by the outer loop only) are
+the memory's *fixed parameters*: ``Memory.param_shapes`` declares them, and every scan takes them
+per slice as ``params`` (leaves ``[*batch, ...]``, vmapped with the weights) and binds them to
+the memory (``Memory.bind``) inside the per-slice step. They are kept out of the weights dict
+because everything that walks that dict (decay, gradient taps, the dual form's per-layer
+matmuls, the state) would otherwise need to skip them; outside it, no core algebra changes and a
+memory without fixed parameters is untouched. Outer gradients reach them like any other input.
 """
 
 from __future__ import annotations
@@ -68,6 +88,23 @@ class Memory:
   def apply(self, weights: Weights, x: Array) -> Array:
     """``M(x)`` with plain weights; x ``[..., K]`` -> ``[..., V]``."""
     return self.forward(lambda name, h: h @ weights[name], x)
+
+  def param_shapes(self, key_dim: int, value_dim: int, hidden_dim: int) -> dict:
+    """``{name: shape}`` of the fixed (not written) parameters of one slice; none by default."""
+    del key_dim, value_dim, hidden_dim
+    return {}
+
+  def bind(self, params: Optional[dict]) -> "Memory":
+    """This memory with its fixed parameters ``params`` (one slice's) in its forward pass."""
+    if params:
+      raise ValueError(f"{type(self).__name__} has no fixed parameters; got params with keys "
+                       f"{sorted(params)}")
+    return self
+
+
+def bind(memory: Memory, params: Optional[dict]) -> Memory:
+  """``memory.bind(params)``, or ``memory`` itself when there are no parameters."""
+  return memory if params is None else memory.bind(params)
 
 
 def tree_scale(a: Array, tree):
@@ -116,7 +153,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
                    lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
                    momentum_state: Optional[Weights], grad_chunk: Optional[int] = None,
                    batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None,
-                   dgd: bool = False, read: str = "after_write"):
+                   dgd: bool = False, read: str = "after_write", params: Optional[dict] = None,
+                   row_scale: Optional[Array] = None, accumulated: Optional[Weights] = None):
   """The token-by-token recurrence of the module docstring (the reference).
 
   Args:
@@ -133,49 +171,95 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     dgd: add DGD's per-layer decay term ``−lr_t h_lᵀ (h_l W_l)`` (needs ``grad_chunk``; ``h_l``:
       layer l's input for the key ``k_t`` at the gradient's reference state).
     read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
+    params: the memory's fixed parameters (``Memory.param_shapes``), or None.
+    row_scale: ``[C]`` (C = ``grad_chunk``) or None: ``M_t = γ_t M_0 + c_i A_t`` for the token at
+      position i of its chunk (module docstring); needs ``grad_chunk``, no momentum, no DGD.
+    accumulated: with ``row_scale``, the accumulated writes ``A`` of the chunk that an earlier
+      call began (same structure as ``weights``; None: zeros, as at a chunk boundary).
 
   Returns:
-    ``(o [T, V], weights, momentum_state, chunk_start)`` after the last token; ``chunk_start`` is
-    the start weights of the chunk the next token belongs to (the final weights when it starts a
-    new chunk; None without ``grad_chunk``).
+    ``(o [T, V], weights, momentum_state, chunk_start, accumulated)`` after the last token;
+    ``chunk_start`` is the start weights of the chunk the next token belongs to (the final
+    weights when it starts a new chunk; None without ``grad_chunk``), ``accumulated`` that
+    chunk's ``A`` so far (zeros when it starts a new chunk; None without ``row_scale``).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
   if dgd and grad_chunk is None:
     raise ValueError("dgd=True needs grad_chunk (DGD's keys are taken at the chunk-start state)")
   check_read(read)
-  grad_fn = jax.grad(lambda w, kt, vt: objective.loss(memory.apply(w, kt), vt))
+  check_row_scale(row_scale, momentum, dgd, grad_chunk)
+  scaled = row_scale is not None
 
-  def step(t, carry, x):
-    w, p, w_ref = carry
+  def step(t, carry, x, consts):
+    mem, scale = bind(memory, consts[0]), consts[1]
+    grad_fn = jax.grad(lambda w, kt, vt: objective.loss(mem.apply(w, kt), vt))
+    w, p, w_ref, a, d = carry
     qt, kt, vt, lrt, gt, mt = x
     if grad_chunk is not None:
-      w_ref = jax.tree.map(lambda a, b: jnp.where((t + offset) % grad_chunk == 0, a, b), w, w_ref)
+      position = (t + offset) % grad_chunk
+      w_ref = jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
     if dgd:  # W_l ← exp(g) W_l − lr h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
-      h = layer_inputs(memory, w_ref, kt)
+      h = layer_inputs(mem, w_ref, kt)
       decayed = {n: decayed[n] - lrt * jnp.outer(h[n], h[n] @ w[n]) for n in w}
     update = tree_scale(-lrt, grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt))
-    if p is not None:
-      p = jax.tree.map(lambda a, u: mt * a + u, p, update)
-      update = p
-    new = jax.tree.map(jnp.add, decayed, update)
-    return (new, p, w_ref), memory.apply(new if read == "after_write" else w, qt)
+    if scaled:  # M_t = γ_t M_0 + c_i A_t, tracking d = γ_t M_0 and A_t = exp(g_t) A_{t−1} + U_t
+      d = tree_scale(jnp.exp(gt), jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, d))
+      a = jax.tree.map(lambda x, u: jnp.exp(gt) * jnp.where(position == 0, 0, x) + u, a, update)
+      new = jax.tree.map(lambda x, y: x + scale[position] * y, d, a)
+    else:
+      if p is not None:
+        p = jax.tree.map(lambda x, u: mt * x + u, p, update)
+        update = p
+      new = jax.tree.map(jnp.add, decayed, update)
+    return (new, p, w_ref, a, d), mem.apply(new if read == "after_write" else w, qt)
+
+  consts = (params, row_scale)
 
   def body(carry, tx):
     t, x = tx
-    return batched(lambda c, xt: step(t, c, xt), batch_ndim)(carry, x)
+    return batched(lambda c, xt, cs: step(t, c, xt, cs), batch_ndim)(carry, x, consts)
 
   xs = jax.tree.map(lambda x: _time_major(x, batch_ndim), (q, k, v, lr, log_decay, momentum))
   t = q.shape[batch_ndim]
   start = weights if chunk_start is None else chunk_start
-  (weights, momentum_state, w_ref), o = jax.lax.scan(body, (weights, momentum_state, start),
-                                                     (jnp.arange(t), xs))
+  a = d = None
+  if scaled:
+    a = jax.tree.map(jnp.zeros_like, weights) if accumulated is None else accumulated
+
+    def start_d(w, acc, scale):  # γ M_0 of the chunk in progress: M = γ M_0 + c A at its last token
+      c_prev = jnp.where(offset % grad_chunk > 0, scale[(offset - 1) % grad_chunk], 0.0)
+      return jax.tree.map(lambda x, y: x - c_prev * y, w, acc)
+
+    d = batched(start_d, batch_ndim)(weights, a, row_scale)
+  (weights, momentum_state, w_ref, a, _), o = jax.lax.scan(
+      body, (weights, momentum_state, start, a, d), (jnp.arange(t), xs))
   if grad_chunk is not None:
     new_chunk = (offset + t) % grad_chunk == 0
-    w_ref = jax.tree.map(lambda a, b: jnp.where(new_chunk, a, b), weights, w_ref)
+    w_ref = jax.tree.map(lambda x, y: jnp.where(new_chunk, x, y), weights, w_ref)
+    if scaled:
+      a = jax.tree.map(lambda x: jnp.where(new_chunk, 0, x), a)
   return jnp.moveaxis(o, 0, batch_ndim), weights, momentum_state, (
-      w_ref if grad_chunk is not None else None)
+      w_ref if grad_chunk is not None else None), a
+
+
+def check_row_scale(row_scale: Optional[Array], momentum: Optional[Array], dgd: bool,
+                    grad_chunk: Optional[int]) -> None:
+  """Refuses ``row_scale`` where it is not defined (module docstring)."""
+  if row_scale is None:
+    return
+  if grad_chunk is None:
+    raise ValueError("row_scale needs grad_chunk (it scales by the position inside a chunk)")
+  if momentum is not None:
+    raise ValueError("row_scale is given with momentum: the position-scaled writes are defined "
+                     "without momentum only (TTT's schedule); pass momentum=None")
+  if dgd:
+    raise ValueError("row_scale is given with dgd=True: the position-scaled writes are defined "
+                     "for plain gradient steps only (TTT's schedule); pass dgd=False")
+  if row_scale.shape[-1] != grad_chunk:
+    raise ValueError(f"row_scale must have shape [..., C] with C = the chunk size {grad_chunk}; "
+                     f"got {row_scale.shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +334,13 @@ class ChunkCoefficients(NamedTuple):
     P_t = mom_carry[t] P_0 + Σ_{j≤t} mom_write[t, j] U_j
   Without momentum, ``write`` is the decay matrix and the momentum fields are None; without DGD,
   ``decay`` is None.
+
+  With a row scale ``c`` (``chunk_coefficients(row_scale=...)``, no momentum, no DGD) the second
+  state ``P`` is the chunk's accumulated writes ``A`` instead of a momentum: ``M_t = γ_t M_in +
+  (c_t − c_{s−1}) γ_t A_in + c_t Σ_{j≤t} (γ_t/γ_j) U_j`` and ``A_t = γ_t A_in + Σ_{j≤t}
+  (γ_t/γ_j) U_j``, where ``M_in``, ``A_in`` are the state before slot ``s = start`` (a call that
+  continues a chunk; ``c_{−1} = 0``, and ``A_in = 0`` at a chunk boundary). So ``write = c ⊙
+  decay`` (row-scaled), ``carry = (c − c_{s−1}) γ``, ``mom_carry = γ``, ``mom_write = decay``.
   """
 
   gamma: Array          # [C]
@@ -261,17 +352,25 @@ class ChunkCoefficients(NamedTuple):
 
 
 def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
-                       dgd: bool = False) -> ChunkCoefficients:
+                       dgd: bool = False, row_scale: Optional[Array] = None) -> ChunkCoefficients:
   """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``.
 
   ``start`` (int scalar, may be traced): the first token of the chunk that this call owns; the
   momentum ``P_0`` is carried in at that token (earlier positions hold placeholder tokens that
   write nothing, decay nothing and have η = 1, see ``chunk_start_scan_offset``). ``dgd``: also
-  the coefficients of DGD's pseudo-values (they decay, and have no momentum).
+  the coefficients of DGD's pseudo-values (they decay, and have no momentum). ``row_scale``:
+  ``[C]``, the scale ``c`` of every position's accumulated writes (``ChunkCoefficients``; a
+  final partial chunk passes its first positions).
   """
   gamma = jnp.exp(jnp.cumsum(log_decay))
   decay = decay_matrix(log_decay)
   dgd_decay = decay if dgd else None
+  if row_scale is not None:
+    check_row_scale(row_scale, momentum, dgd, log_decay.shape[-1])
+    live = jnp.arange(log_decay.shape[-1]) >= start
+    c_in = jnp.where(start > 0, row_scale[jnp.maximum(start - 1, 0)], 0.0)
+    return ChunkCoefficients(gamma, row_scale[:, None] * decay, (row_scale - c_in) * gamma * live,
+                             gamma * live, decay)
   if momentum is None:
     return ChunkCoefficients(gamma, decay, None, None, None, dgd_decay)
   # η = 0 is allowed (no carry-over); clamp its log so that gradients stay finite.
@@ -333,7 +432,7 @@ def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, g
 
 
 def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
-                batch_ndim: int = 0):
+                batch_ndim: int = 0, consts=None):
   """``lax.scan`` of ``body`` over chunks of ``chunk_size`` steps, and the remainder chunk.
 
   Only ``body`` is sequential. ``prepare`` (before) and ``finish`` (after) run for all chunks at
@@ -353,6 +452,8 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
       ``[N, *batch, C, ...]`` with ``body`` vmapped inside it; a scan nested in vmaps would slice
       batch-strided stacks, which XLA's CPU backend copies whole at every step of the backward
       pass (quadratic in the number of chunks).
+    consts: optional per-slice constants (a pytree of ``[*batch, ...]`` leaves, e.g. a memory's
+      fixed parameters): when given, the last argument of ``body`` and ``finish``.
 
   Returns:
     ``(carry, ys [*batch, T, ...])``.
@@ -360,8 +461,17 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
   t = jax.tree.leaves(xs)[0].shape[batch_ndim]
   n = t // chunk_size
   prepare = prepare or (lambda chunk: chunk)
-  finish = finish or (lambda chunk, y: y)
-  step = batched(body, batch_ndim)
+  if consts is None:
+    finish = finish or (lambda chunk, y: y)
+    step = batched(body, batch_ndim)
+    finish_all, finish_one = batched(finish, batch_ndim + 1), batched(finish, batch_ndim)
+  else:  # constants are per slice: every chunk of a slice shares them (not mapped over chunks)
+    per_slice_body = batched(body, batch_ndim)
+    per_slice_finish = batched(finish or (lambda chunk, y, cs: y), batch_ndim)
+    step = lambda c, chunk: per_slice_body(c, chunk, consts)
+    finish_all = lambda chunks, y: jax.vmap(per_slice_finish, in_axes=(0, 0, None))(chunks, y,
+                                                                                   consts)
+    finish_one = lambda chunk, y: per_slice_finish(chunk, y, consts)
   ys = []
   if n:
     def split(x):
@@ -371,13 +481,13 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
 
     full = batched(prepare, batch_ndim + 1)(jax.tree.map(split, xs))
     carry, y = jax.lax.scan(step, carry, full)
-    y = jnp.moveaxis(batched(finish, batch_ndim + 1)(full, y), 0, batch_ndim)
+    y = jnp.moveaxis(finish_all(full, y), 0, batch_ndim)
     ys.append(y.reshape(y.shape[:batch_ndim] + (n * chunk_size,) + y.shape[batch_ndim + 2:]))
   if t > n * chunk_size:
     tail = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, n * chunk_size, t, axis=batch_ndim), xs)
     tail = batched(prepare, batch_ndim)(tail)
     carry, y = step(carry, tail)
-    ys.append(batched(finish, batch_ndim)(tail, y))
+    ys.append(finish_one(tail, y))
   return carry, jnp.concatenate(ys, axis=batch_ndim) if len(ys) > 1 else ys[0]
 
 
@@ -460,10 +570,11 @@ def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array,
 
 
 def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
-                          start=0) -> tuple[ChunkCoefficients, Optional[ChunkCoefficients]]:
+                          start=0, row_scale: Optional[Array] = None
+                          ) -> tuple[ChunkCoefficients, Optional[ChunkCoefficients]]:
   """A chunk's coefficients of the state after each write, and (for DGD's system or a read
   before the write) of the state before each write."""
-  coef = chunk_coefficients(log_decay, momentum, start, dgd)
+  coef = chunk_coefficients(log_decay, momentum, start, dgd, row_scale)
   return coef, previous_rows(coef) if dgd or read == "before_write" else None
 
 
@@ -532,10 +643,19 @@ def chunk_output(memory: Memory, q: Array, reader: tuple) -> Array:
   return _chunk_read(memory, q, *reader)
 
 
+def _positions(row_scale: Optional[Array], t: int, offset=0) -> Optional[Array]:
+  """``row_scale [..., C]`` laid out over ``t`` tokens whose first is at position ``offset`` of
+  its chunk: ``[..., t]`` (None passes through)."""
+  if row_scale is None:
+    return None
+  return jnp.take(row_scale, (jnp.arange(t) + offset) % row_scale.shape[-1], axis=-1)
+
+
 def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                      lr: Array, log_decay: Array, momentum: Optional[Array], weights: Weights,
                      momentum_state: Optional[Weights], chunk_size: int, batch_ndim: int = 0,
-                     dgd: bool = False, read: str = "after_write"):
+                     dgd: bool = False, read: str = "after_write", params: Optional[dict] = None,
+                     row_scale: Optional[Array] = None):
   """The parallel form of ``recurrent_scan(..., grad_chunk=chunk_size)`` (same arguments/returns).
 
   Within a chunk every gradient is taken at the chunk-start weights, so each per-token weight is
@@ -543,30 +663,33 @@ def chunk_start_scan(memory: Memory, objective: Objective, q: Array, k: Array, v
   factors; the read of token t (after its own write) runs the memory's forward pass with
   ``chunk_matmul`` for every layer. When the objective's gradient does not depend on the memory
   (``dot``), the result equals the online recurrence for every chunk size. With ``dgd`` every
-  layer's decay term joins the writes (``_dgd_writes``). Returns ``(o, weights,
-  momentum_state)``: chunks are aligned with the call (``chunk_start_scan_offset`` continues a
-  chunk that an earlier call began).
+  layer's decay term joins the writes (``_dgd_writes``); with ``row_scale`` (``[*batch, C]``)
+  the writes are row-scaled (``ChunkCoefficients``). Returns ``(o, weights, momentum_state)``:
+  chunks are aligned with the call (``chunk_start_scan_offset`` continues a chunk that an earlier
+  call began).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
   check_read(read)
+  check_row_scale(row_scale, momentum, dgd, chunk_size)
 
   def prepare(chunk):  # gate coefficients do not depend on the state: all chunks at once
-    qc, kc, vc, lrc, gc, mc = chunk
-    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read)
+    qc, kc, vc, lrc, gc, mc, rc = chunk
+    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read, row_scale=rc)
 
-  def body(carry, chunk):  # sequential: only what the next chunk's state needs
-    w0, p0 = carry
-    cw = chunk_writes(memory, objective, w0, w0, p0, chunk, dgd)
+  def body(carry, chunk, consts):  # sequential: only what the next chunk's state needs
+    mem, (w0, p0) = bind(memory, consts[0]), carry
+    cw = chunk_writes(mem, objective, w0, w0, p0, chunk, dgd)
     return _weights_at(w0, p0, cw, chunk[4], chunk[1].shape[0] - 1), (w0, p0, cw)
 
-  def finish(chunk, y):  # parallel over chunks: token t reads its own weights (the dual form)
-    return chunk_read(memory, chunk, y, read)
+  def finish(chunk, y, consts):  # parallel over chunks: token t reads its own weights (dual form)
+    return chunk_read(bind(memory, consts[0]), chunk, y, read)
 
+  positions = _positions(row_scale, q.shape[batch_ndim])
   (weights, momentum_state), o = scan_chunks(body, (weights, momentum_state),
-                                             (q, k, v, lr, log_decay, momentum), chunk_size,
-                                             prepare=prepare, finish=finish,
-                                             batch_ndim=batch_ndim)
+                                             (q, k, v, lr, log_decay, momentum, positions),
+                                             chunk_size, prepare=prepare, finish=finish,
+                                             batch_ndim=batch_ndim, consts=(params,))
   return o, weights, momentum_state
 
 
@@ -574,7 +697,9 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
                             lr: Array, log_decay: Array, momentum: Optional[Array],
                             weights: Weights, momentum_state: Optional[Weights],
                             chunk_start: Weights, offset, chunk_size: int, batch_ndim: int = 0,
-                            dgd: bool = False, read: str = "after_write"):
+                            dgd: bool = False, read: str = "after_write",
+                            params: Optional[dict] = None, row_scale: Optional[Array] = None,
+                            accumulated: Optional[Weights] = None):
   """``chunk_start_scan`` continuing a chunk: the first token is ``offset`` tokens into a chunk
   whose start weights (its gradient reference) are ``chunk_start``. ``offset`` may be traced.
 
@@ -582,16 +707,24 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   placeholders that write nothing (lr 0, zero keys), decay nothing (g 0) and keep the momentum
   (η 1). The first chunk takes its gradients at ``chunk_start`` and receives the momentum at slot
   ``offset``; the final state is read at the last real token, not at the end of the buffer.
-  Costs at most 2C − 1 extra slots.
+  Costs at most 2C − 1 extra slots. With ``row_scale`` the chunk's accumulated writes take the
+  momentum's place (``ChunkCoefficients``): ``accumulated`` (None: zeros) enters the first chunk
+  at slot ``offset``, and every later chunk starts from zero.
 
   Returns:
-    ``(o, weights, momentum_state, chunk_start, offset)`` after the last token: the last two are
-    the state of the chunk the next token belongs to (``recurrent_scan``'s convention).
+    ``(o, weights, momentum_state, chunk_start, offset, accumulated)`` after the last token: the
+    last three are the state of the chunk the next token belongs to (``recurrent_scan``'s
+    convention; ``accumulated`` None without ``row_scale``).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
+  check_read(read)
+  check_row_scale(row_scale, momentum, dgd, chunk_size)
   c, t = chunk_size, q.shape[batch_ndim]
   n = -(-(t + c - 1) // c)
+  scaled = row_scale is not None
+  if scaled:  # the accumulated writes ride in the momentum's slot (there is no momentum)
+    momentum_state = jax.tree.map(jnp.zeros_like, weights) if accumulated is None else accumulated
 
   def place(x, fill):
     if x is None:
@@ -601,26 +734,28 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
     buffer = buffer.reshape(x.shape[:batch_ndim] + (n, c) + x.shape[batch_ndim + 1:])
     return jnp.moveaxis(buffer, batch_ndim, 0)  # [N, *batch, C, ...]
 
+  # The buffer's chunks are the sequence's: slot s of every chunk is position s.
+  positions = None if not scaled else jnp.broadcast_to(row_scale, (n,) + row_scale.shape)
   xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
-        place(momentum, 1))
-
-  check_read(read)
+        place(momentum, 1), positions)
 
   def prepare(start, chunk):
-    qc, kc, vc, lrc, gc, mc = chunk
-    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read, start)
+    qc, kc, vc, lrc, gc, mc, rc = chunk
+    return (qc, kc, vc, lrc) + _prepare_coefficients(gc, mc, dgd, read, start, rc)
 
   last = offset + t - 1  # the final state: after the last real token, row last % c of its chunk
   batch_shape = q.shape[:batch_ndim]
   first = jnp.broadcast_to((jnp.arange(n) == 0).reshape((n,) + (1,) * batch_ndim),
                            (n,) + batch_shape)  # [N, *batch]: the chunk that continues
 
-  def body(carry, x):
-    (w0, p0, ref), (is_first, chunk) = carry, x
+  def body(carry, x, consts):
+    mem, (w0, p0, ref), (is_first, chunk) = bind(memory, consts), carry, x
     w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
-    cw = chunk_writes(memory, objective, w_grad, w0, p0, chunk, dgd)
+    cw = chunk_writes(mem, objective, w_grad, w0, p0, chunk, dgd)
     at_last = _weights_at(w0, p0, cw, chunk[4], last % c)
     w1, p1 = _weights_at(w0, p0, cw, chunk[4], c - 1)
+    if scaled:  # a new chunk accumulates from zero
+      p1 = jax.tree.map(jnp.zeros_like, p1)
     return (w1, p1, ref), ((w0, p0, cw), at_last)
 
   # Momentum arrives at slot `offset` of the first chunk (slot 0 of the others). One scan over
@@ -629,9 +764,11 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   starts = jnp.where(jnp.arange(n) == 0, offset, 0)
   chunks = jax.vmap(lambda start, ch: batched(lambda x: prepare(start, x), batch_ndim)(ch))(
       starts, xs)
-  _, (ys, at_last) = jax.lax.scan(batched(body, batch_ndim),
+  step = batched(body, batch_ndim)
+  _, (ys, at_last) = jax.lax.scan(lambda carry, x: step(carry, x, params),
                                   (weights, momentum_state, chunk_start), (first, chunks))
-  o = batched(lambda ch, y: chunk_read(memory, ch, y, read), batch_ndim + 1)(chunks, ys)
+  read_chunk = batched(lambda ch, y, cs: chunk_read(bind(memory, cs), ch, y, read), batch_ndim)
+  o = jax.vmap(read_chunk, in_axes=(0, 0, None))(chunks, ys, params)
   o = jnp.moveaxis(o, 0, batch_ndim)
   o = o.reshape(o.shape[:batch_ndim] + (n * c,) + o.shape[batch_ndim + 2:])
   o = jax.lax.dynamic_slice_in_dim(o, offset, t, axis=batch_ndim)
@@ -644,4 +781,8 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   # The next token's chunk: a new one, the first (whose start weights are chunk_start), or w0.
   ref = jax.tree.map(lambda a, b: jnp.where(last // c == 0, a, b), chunk_start, w0)
   chunk_start = jax.tree.map(lambda a, b: jnp.where(new_offset == 0, a, b), weights, ref)
-  return o, weights, momentum_state, chunk_start, new_offset
+  accumulated = None
+  if scaled:
+    accumulated = jax.tree.map(lambda x: jnp.where(new_offset == 0, 0, x), momentum_state)
+    momentum_state = None
+  return o, weights, momentum_state, chunk_start, new_offset, accumulated

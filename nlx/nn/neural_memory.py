@@ -1,10 +1,23 @@
 """A neural long-term memory mixer on ``nlx.ops.titans_memory`` (TTT and Titans share it).
 
 For each token the memory ``M`` (a matrix or the residual MLP of ``nlx.memory.MLPMemory``, one per
-head) takes a gradient step on ``½‖M(k_t) − v_t‖²`` at the chunk-start weights, with optional
-momentum and decay, and is read at ``q_t`` after the write (DESIGN.md §4):
+head, or TTT's inner model ``nlx.memory.deep.TTTMemory``) takes a gradient step on
+``½‖M(k_t) − v_t‖²`` at the chunk-start weights, with optional momentum and decay, and is read at
+``q_t`` after the write (DESIGN.md §4):
 
-* TTT-Linear / TTT-MLP: ``lr = ttt_base_lr · sigmoid(x W_lr) / head_dim``, no momentum, no decay.
+* TTT-Linear / TTT-MLP (``ttt=True``), as the TTT paper's code (Sun et al. 2024): the inner model
+  is ``M(x) = x + LN(x W + b)`` or ``x + LN(gelu(x W1 + b1) W2 + b2)`` with a per-head
+  LayerNorm whose scale and shift (init 1, 0) are learned by the outer loop only, while the
+  inner loop writes W and b (init: normals of std 0.02, zero biases, as TTT); the loss
+  ``½‖M(k) − v‖²`` is TTT's ``½‖LN(·) − (v − k)‖²`` and the read is ``q + LN(·)``. Inside each
+  chunk (TTT's mini-batch) token i reads the chunk-start weights minus ``c_i`` times its
+  accumulated gradient steps, ``c_i = max(1/(i+1) + offset_i, 0)`` with a learned per-position
+  offset (init 0; TTT's ``token_idx + learnable_token_idx``), and the chunk ends at its last
+  token's weights (``titans_memory``'s ``position_scale``).
+  ``lr = ttt_base_lr · sigmoid(x W_lr) / head_dim``, no momentum, no decay. Not TTT's: the gate's
+  bias starts at −2 as for every family here (TTT's code: 0), the hidden width of TTT-MLP is
+  ``memory_expand · head_dim`` (TTT: 4 · head_dim), and q, k, v come from ``QKV`` below rather
+  than TTT's projections (which also apply RoPE within each mini-batch).
 * Titans LMM: ``lr = titans_lr_max · sigmoid(x W_lr) · (1 − η)`` (``ModelConfig.titans_lr``),
   momentum ``η = sigmoid(x W_η)``, log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the
   paper). The factor 1 − η makes the momentum an average of gradients: Titans' θ_t is a learned
@@ -18,8 +31,9 @@ weights and momentum after the last token.
 
 Stateful use is exact for any ``memory_chunk_size`` and any split of a sequence into calls
 (prefill, then token-by-token steps): the state carries the gradient chunk in progress
-(``ops.TitansState.chunk_start`` and ``offset``), so a call that starts mid-chunk keeps taking
-gradients at that chunk's start weights.
+(``ops.TitansState.chunk_start`` and ``offset``; for TTT also the chunk's accumulated writes,
+``accumulated``), so a call that starts mid-chunk keeps taking gradients at that chunk's start
+weights.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from flax import nnx
 
 from nlx import ops
 from nlx.memory import LINEAR, MLPMemory
+from nlx.memory.deep import TTTMemory
 from nlx.nn.config import ModelConfig
 from nlx.nn.mixer import Mixer
 from nlx.nn.params import Dense, constant, normal, param
@@ -55,19 +70,30 @@ class NeuralMemory(Mixer):
     activation: σ of the MLP memory.
     lr_max: the largest inner learning rate.
     momentum, decay: Titans' momentum and forgetting gate.
+    ttt: TTT's inner model and schedule (module docstring): ``TTTMemory(memory, activation)``
+      with a learned LayerNorm and biases, and the position-scaled chunk (needs no momentum, no
+      decay).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, memory: str, lr_max: float,
-               activation: str = "silu", momentum: bool = False, decay: bool = False):
+               activation: str = "silu", momentum: bool = False, decay: bool = False,
+               ttt: bool = False):
     d, h, dk, dv = cfg.d_model, cfg.n_heads, cfg.dk, cfg.dv
     if memory not in ("linear", "mlp"):
       raise ValueError(f"memory={memory!r} is not one of ('linear', 'mlp')")
-    if memory == "mlp" and dk != dv:
+    if ttt and (momentum or decay):
+      raise ValueError(f"ttt=True takes no momentum and no decay; got momentum={momentum}, "
+                       f"decay={decay}")
+    if (memory == "mlp" or ttt) and dk != dv:
+      what = "TTT's inner model x + LN(...)" if ttt else "the residual MLP memory"
       raise ValueError(f"model.expand_v={cfg.expand_v} is not allowed for family "
-                       f"{cfg.family!r}: the residual MLP memory needs expand_v = 1")
+                       f"{cfg.family!r}: {what} needs expand_v = 1")
     self.heads, self.dk, self.dv, self.lr_max = h, dk, dv, lr_max
-    self.chunk_size, self.impl = cfg.memory_chunk_size, cfg.impl
-    self.memory = LINEAR if memory == "linear" else MLPMemory(activation)
+    self.chunk_size, self.impl, self.ttt = cfg.memory_chunk_size, cfg.impl, ttt
+    if ttt:
+      self.memory = TTTMemory(memory, activation)
+    else:
+      self.memory = LINEAR if memory == "linear" else MLPMemory(activation)
     self.qkv = QKV(d, h, dk, dv, cfg.conv_size, rngs=rngs)
     # Gates: [lr, momentum, decay] logits per head; biases start at lr ≈ 0.12 lr_max, η = 0.5,
     # g ≈ −0.007 (slow forgetting). A chunk of C tokens steps C gradients from one state, so the
@@ -81,7 +107,19 @@ class NeuralMemory(Mixer):
     # Initial weights with the head axis folded into the rows ([heads·in, out], logical axis
     # memory_rows) so that FSDP shards them whatever the head count.
     self.hidden = 0 if memory == "linear" else cfg.memory_expand * dk
-    if memory == "linear":
+    if ttt:
+      # TTT's initialisation: normals of std 0.02, zero biases. A zero W would make every
+      # LN(x W + b) the normalisation of a constant vector, whose gradient is 1/sqrt(eps) large.
+      out_axis = lambda n: "memory_mlp" if n in ("w1", "b1") else "head_dim_v"
+      self.init_weights = nnx.Dict({
+          n: param(rngs, constant(0.0) if n.startswith("b") else normal(0.02),
+                   (h * shape[0], shape[1]), ("memory_rows", out_axis(n)))
+          for n, shape in self.memory.layer_shapes(dk, dv, self.hidden).items()})
+      # The inner LayerNorm (outer-learned only) and the learned offset of the schedule c_i.
+      self.ln = nnx.Dict(scale=param(rngs, constant(1.0), (h, dv), ("heads", "head_dim_v")),
+                         shift=param(rngs, constant(0.0), (h, dv), ("heads", "head_dim_v")))
+      self.position_offset = param(rngs, constant(0.0), (self.chunk_size,), ("gates",))
+    elif memory == "linear":
       self.init_weights = nnx.Dict(w=param(rngs, constant(0.0), (h * dk, dv),
                                            ("memory_rows", "head_dim_v")))
     else:
@@ -91,6 +129,18 @@ class NeuralMemory(Mixer):
                    ("memory_rows", "head_dim")))
     self.out = OutputGate(d, h, dv, rngs=rngs, eps=cfg.norm_eps)
 
+  def position_scale(self) -> Optional[Array]:
+    """TTT's ``c_i = max(1/(i+1) + offset_i, 0)`` for positions i of a chunk, or None."""
+    if not self.ttt:
+      return None
+    offset = self.position_offset[...]
+    first = 1.0 / jnp.arange(1, self.chunk_size + 1, dtype=offset.dtype)
+    return jnp.maximum(first + offset, 0.0)
+
+  def memory_params(self) -> Optional[dict]:
+    """The inner LayerNorm's ``{"scale", "shift": [H, dv]}`` (TTT), or None."""
+    return {name: p[...] for name, p in self.ln.items()} if self.ttt else None
+
   def initial_memory(self, batch_size: int, stateful: bool = False) -> ops.TitansState:
     """The learned initial weights broadcast to the batch (momentum zero, if any).
 
@@ -98,16 +148,17 @@ class NeuralMemory(Mixer):
     chunk starts at offset 0), so that its structure stays the same from call to call.
     """
     # Memory states are float32 (what nlx.ops returns), whatever the compute dtype of the params.
-    rows = {"w": self.dk, "w2": self.dk, "w1": self.hidden}
-    weights = {name: w[...].reshape((self.heads, rows[name]) + w.shape[1:])
+    shapes = self.memory.layer_shapes(self.dk, self.dv, self.hidden)
+    weights = {name: w[...].reshape((self.heads,) + shapes[name])
                for name, w in self.init_weights.items()}
     weights = {name: jnp.broadcast_to(w.astype(jnp.promote_types(w.dtype, jnp.float32)),
                                       (batch_size,) + w.shape) for name, w in weights.items()}
     if self.memory is LINEAR:
       weights = weights["w"]
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.momentum else None
+    accumulated = jax.tree.map(jnp.zeros_like, weights) if self.ttt else None
     if stateful:
-      return ops.TitansState(weights, momentum, weights, jnp.zeros((), jnp.int32))
+      return ops.TitansState(weights, momentum, weights, jnp.zeros((), jnp.int32), accumulated)
     return ops.TitansState(weights, momentum)
 
   def init_state(self, batch_size: int, max_len: int) -> MemoryState:
@@ -118,8 +169,9 @@ class NeuralMemory(Mixer):
   def read(self, weights, q: Array) -> Array:
     """``M(q)`` without a write: weights of ``TitansState.memory``, q ``[B, T, H, dk]`` -> dv."""
     tree = {"w": weights} if self.memory is LINEAR else weights
-    apply = lambda w, x: self.memory.apply(w, x.astype(jnp.float32))
-    o = jax.vmap(jax.vmap(apply, in_axes=(0, 1), out_axes=1))(tree, q)
+    apply = lambda w, x, params: self.memory.bind(params).apply(w, x.astype(jnp.float32))
+    o = jax.vmap(jax.vmap(apply, in_axes=(0, 1, 0), out_axes=1),
+                 in_axes=(0, 0, None))(tree, q, self.memory_params())
     return o.astype(q.dtype)
 
   def __call__(self, x: Array, state: Optional[MemoryState] = None,
@@ -135,5 +187,6 @@ class NeuralMemory(Mixer):
     initial = self.initial_memory(x.shape[0]) if state is None else state.memory
     o, memory = ops.titans_memory(q, k, v, lr=lr, momentum=momentum, g=g, memory=self.memory,
                                   initial_state=initial, chunk_size=self.chunk_size,
-                                  impl=self.impl)
+                                  impl=self.impl, position_scale=self.position_scale(),
+                                  memory_params=self.memory_params())
     return self.out(o, x), None if state is None else MemoryState(conv, memory)

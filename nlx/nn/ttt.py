@@ -1,8 +1,13 @@
-"""TTT-Linear and TTT-MLP: test-time training of a linear or MLP memory by chunked gradient descent.
+"""TTT-Linear and TTT-MLP (Sun et al. 2024, "Learning to (Learn at Test Time)").
 
-``NeuralMemory`` without momentum or decay (``nlx.ops.titans_memory`` with a linear memory or
-``MLPMemory("gelu")``): inside each chunk of ``memory_chunk_size`` tokens (TTT's mini-batch, 16)
-the gradients are taken at the chunk-start weights, the TTT dual form.
+``NeuralMemory(ttt=True)``: ``nlx.ops.titans_memory`` without momentum or decay, on TTT's inner
+model ``nlx.memory.deep.TTTMemory`` (``x + LN(x W + b)``, or ``x + LN(gelu(x W1 + b1) W2 + b2)``;
+the per-head LayerNorm learned by the outer loop only, W and b written by the inner loop), with
+TTT's learning-rate schedule inside each chunk of ``memory_chunk_size`` tokens (TTT's mini-batch,
+16): gradients at the chunk-start weights (the dual form), token i of a chunk reading the
+start weights minus ``c_i`` times the chunk's gradient steps so far, ``c_i = max(1/(i+1) +
+offset_i, 0)`` with a learned offset. Inner rate ``ttt_base_lr · sigmoid(x W_lr) / head_dim``.
+Both follow the TTT paper's code (ttt-lm-jax / ttt-lm-pytorch, ``ttt.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from nlx.nn.registry import register
 
 
 def ttt_linear(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
-  return NeuralMemory(cfg, rngs=rngs, memory="linear", lr_max=cfg.ttt_base_lr / cfg.dk)
+  return NeuralMemory(cfg, rngs=rngs, memory="linear", lr_max=cfg.ttt_base_lr / cfg.dk, ttt=True)
 
 
 def ttt_mlp(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
   return NeuralMemory(cfg, rngs=rngs, memory="mlp", activation="gelu",
-                      lr_max=cfg.ttt_base_lr / cfg.dk)
+                      lr_max=cfg.ttt_base_lr / cfg.dk, ttt=True)
 
 
-register("ttt_linear", ttt_linear, description="TTT-Linear: chunked GD on a linear memory")
-register("ttt_mlp", ttt_mlp, description="TTT-MLP: chunked GD on a residual MLP memory")
+register("ttt_linear", ttt_linear,
+         description="TTT-Linear: x + LN(xW + b), chunked GD with the 1/i schedule")
+register("ttt_mlp", ttt_mlp,
+         description="TTT-MLP: x + LN(gelu(xW1 + b1)W2 + b2), chunked GD with the 1/i schedule")
