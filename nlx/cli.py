@@ -28,6 +28,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -204,8 +205,12 @@ def _run_generate(args) -> int:
   t = trained.load(args.workdir, args.checkpoint_dir)
   kwargs = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
   if args.state:
+    held = session.info(args.state)["tokens"] if os.path.exists(args.state) else None
     text, _ = session.continue_text(t.model, t.tokenizer, args.prompt, args.max_new_tokens,
                                     args.state, step=t.step, **kwargs)
+    # On stderr, so that stdout stays the text: what the memory held, and holds now.
+    print(f"session {args.state}: " + ("new" if held is None else f"restored {held} tokens") +
+          f"; saved {session.info(args.state)['tokens']} tokens", file=sys.stderr)
   else:
     check_prompt_length(len(t.tokenizer.encode(args.prompt)), args.max_new_tokens,
                         t.run.model.max_seq_len)

@@ -147,6 +147,11 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
       if jax.process_index() == 0:
         print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
   save_config(cfg, workdir)  # after the restore: a refused checkpoint leaves the workdir as it was
+  if t.trainable and jax.process_index() == 0:  # adapters: say what trains
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"])]
+    trains = sum(n for n, on in zip(sizes, trainer.trainable) if on)
+    print(f"train.trainable: {trains:,} of {sum(sizes):,} parameters train; the others stay "
+          "fixed", file=sys.stderr)
   start = int(jax.device_get(state["step"]))
   val = pipeline.eval_batches(val_windows, batch_size=t.batch_size, n_batches=t.eval_batches,
                               process_index=jax.process_index(),
