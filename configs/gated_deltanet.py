@@ -1,6 +1,12 @@
 """Gated DeltaNet: delta rule with a Mamba2-style decay and an output gate.
 
-Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b.
+
+Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
+there with no overrides: ``nlx aot --config configs/gated_deltanet.py:1.3b --topology v5p:4x4x4``
+(docs/TRAINING.md, "TPU table").
+
+Build the model::
 
   cfg = nlx.configs.load("configs/gated_deltanet.py:tiny")
   model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))

@@ -3,7 +3,13 @@ and momentum, chunk-wise), then the Continuum Memory System (PAPER.md §4, §7).
 
 Sizes: tiny (laptop CPU: CMS periods 16 / 64, the fastest level updating once per memory chunk),
 340m, 760m, 1.3b, 20m (the benchmark size): CMS periods 32 / 256 / 2048, memory chunks 64. MLP
-memories have hidden width head_dim at every size. Build the model::
+memories have hidden width head_dim at every size.
+
+Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
+there with no overrides: ``nlx aot --config configs/hope.py:1.3b --topology v5p:4x4x4``
+(docs/TRAINING.md, "TPU table"). The 1.3b preset also fits a v5e:8x16 slice (16 GiB chips).
+
+Build the model::
 
   cfg = nlx.configs.load("configs/hope.py:tiny")
   model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))

@@ -2,7 +2,13 @@
 
 Sizes: tiny (laptop CPU: CMS periods 16 / 64), 340m, 760m, 1.3b, 20m (the benchmark size): CMS
 periods 32 / 256 / 2048. ``nlx.convert.transformer_to_hope_attention`` builds one from a trained
-Transformer++ (level stacking). Build the model::
+Transformer++ (level stacking).
+
+Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
+there with no overrides: ``nlx aot --config configs/hope_attention.py:1.3b --topology v5p:4x4x4``
+(docs/TRAINING.md, "TPU table").
+
+Build the model::
 
   cfg = nlx.configs.load("configs/hope_attention.py:tiny")
   model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))

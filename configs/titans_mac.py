@@ -1,6 +1,12 @@
 """Titans MAC: memory as context (segments of `window` tokens).
 
-Sizes: tiny (laptop CPU), 340m, 760m, 1.3b. Build the model::
+Sizes: tiny (laptop CPU), 340m, 760m, 1.3b.
+
+Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
+there with no overrides: ``nlx aot --config configs/titans_mac.py:1.3b --topology v5p:4x4x4``
+(docs/TRAINING.md, "TPU table").
+
+Build the model::
 
   cfg = nlx.configs.load("configs/titans_mac.py:tiny")
   model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
