@@ -1,5 +1,5 @@
 """HOPE: self-modifying Titans (MLP memories for k, v, η, α and the output, DGD with weight decay
-and momentum, chunk-wise), then the Continuum Memory System (PAPER.md §4, §7).
+and momentum, chunk-wise), then the Continuum Memory System (docs/EQUATIONS.md §4, §7).
 
 Sizes: tiny (laptop CPU: CMS periods 16 / 64, the fastest level updating once per memory chunk),
 340m, 760m, 1.3b, 20m (the benchmark size): CMS periods 32 / 256 / 2048, memory chunks 64. MLP

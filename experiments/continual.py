@@ -1,5 +1,5 @@
 """Class-incremental text classification: Hope-attention (level stacking) against fine-tuning,
-EWC and in-context learning (PAPER.md §3, §6, §7 item 12).
+EWC and in-context learning (docs/EQUATIONS.md §3, §6; docs/EQUATIONS.md, choice 12).
 
 The paper converts a pretrained Transformer into a Hope-attention model by level stacking (each
 MLP becomes a CMS level) and reports, in a figure only, that it beats ICL, EWC and InCA on
@@ -39,9 +39,9 @@ Methods (every one starts from the same pretrained Transformer):
   as one long context so that only in-context updates learn, is not run here: the tiny model's
   attention is pretrained on short contexts and each test query would need the whole stream.)
 
-Metrics (PAPER.md §7 item 12): the accuracy matrix ``A[i, j]`` (accuracy on task j's classes
-after learning task i, argmax over all classes seen after task i); average accuracy after task
-i (over every test example of the classes seen so far); forgetting after the last task (mean
+Metrics (docs/EQUATIONS.md, choice 12): the accuracy matrix ``A[i, j]`` (accuracy on task j's
+classes after learning task i, argmax over all classes seen after task i); average accuracy after
+task i (over every test example of the classes seen so far); forgetting after the last task (mean
 over earlier tasks of the max earlier accuracy minus the final accuracy).
 
 Sweep (first dataset only), Hope-attention with the fastest level at ``outer_period`` (16

@@ -1,11 +1,11 @@
 """Formal languages: parity, (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ and Shuffle-2 for HOPE, Transformer++
 and DeltaNet, in-distribution (bin 0) and on longer strings (bin 1).
 
-The paper (PAPER.md §6) reports, on the languages of Irie et al. (2023, "Practical Computational
-Power of Linear Transformers and Their Recurrent and Self-Referential Extensions"), HOPE 100% on
-all six, Transformer parity 46.4 / 0.0 and DeltaNet 98.2 / 10.1 (bin 0 / bin 1). Irie et al. use
-the datasets and the protocol of Bhattamishra et al. (2020, "On the Ability and Limitations of
-Transformers to Recognize Formal Languages"), which this study re-implements:
+The paper (docs/EQUATIONS.md §6) reports, on the languages of Irie et al. (2023, "Practical
+Computational Power of Linear Transformers and Their Recurrent and Self-Referential Extensions"),
+HOPE 100% on all six, Transformer parity 46.4 / 0.0 and DeltaNet 98.2 / 10.1 (bin 0 / bin 1). Irie
+et al. use the datasets and the protocol of Bhattamishra et al. (2020, "On the Ability and
+Limitations of Transformers to Recognize Formal Languages"), which this study re-implements:
 
 * Character prediction: the model reads a string and at every position outputs a multi-hot
   vector, one sigmoid per label, trained with binary cross-entropy. A string counts as right only

@@ -1,10 +1,10 @@
 """Language modelling at equal parameters and tokens, and the HOPE ablations of Table 6.
 
-The study follows the paper's language-modelling comparison (PAPER.md §6, arXiv Table 2: HOPE,
-Titans, Samba and Transformer++ at 760M / 1.3B on 30B / 100B tokens, with Gated DeltaNet from the
-same table) and its ablation study (PAPER.md §4, Table 6), at a size a CPU can train: byte-level
-Penn Treebank (``--data``/ptb/ptb.{train,valid}.txt; ``--corpus tinyshakespeare`` takes the first
-90% of tinyshakespeare/input.txt for training and the last 10% for validation).
+The study follows the paper's language-modelling comparison (docs/EQUATIONS.md §6, arXiv Table 2:
+HOPE, Titans, Samba and Transformer++ at 760M / 1.3B on 30B / 100B tokens, with Gated DeltaNet from
+the same table) and its ablation study (docs/EQUATIONS.md §4, Table 6), at a size a CPU can train:
+byte-level Penn Treebank (``--data``/ptb/ptb.{train,valid}.txt; ``--corpus tinyshakespeare`` takes
+the first 90% of tinyshakespeare/input.txt for training and the last 10% for validation).
 
 1. Main comparison: ``hope``, ``titans_lmm``, ``gated_deltanet``, ``samba`` and ``transformer``,
    each sized with ``study.matched`` (the SwiGLU / CMS width ``mlp_dim``) to the parameter count of

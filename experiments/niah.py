@@ -1,8 +1,8 @@
 """S-NIAH-1/2/3 (RULER single needle in a haystack) at 1K / 2K / 4K tokens: HOPE, Titans (LMM)
 and Transformer++ trained briefly on short synthetic haystacks, evaluated at longer ones.
 
-The paper (PAPER.md §6) reports RULER S-NIAH at 4K / 8K / 16K for 760M / 1.3B models pre-trained
-on 30B-100B tokens (pass-key, number, UUID). Here the tasks of ``nlx/eval/niah.py`` are:
+The paper (docs/EQUATIONS.md §6) reports RULER S-NIAH at 4K / 8K / 16K for 760M / 1.3B models
+pre-trained on 30B-100B tokens (pass-key, number, UUID). Here the tasks of ``nlx/eval/niah.py`` are:
 
 * S-NIAH-1: a 7-digit number in a repeated noise passage (pass-key retrieval);
 * S-NIAH-2: a 7-digit number in an essay (the embedded tinyshakespeare corpus, or ``--haystack``);

@@ -23,8 +23,8 @@ examples, the study measures the answer accuracy of
 * Transformer++ with its KV cache of the facts saved and restored the same way (its memory of the
   facts grows with their length; the table gives each state's size per sequence).
 
-The paper (PAPER.md) has no such experiment; it is the stateful use that its claim of continual,
-in-context memory implies. Commands (``runs/remember`` by default)::
+The paper (docs/EQUATIONS.md §6) has no such experiment; it is the stateful use that its claim of
+continual, in-context memory implies. Commands (``runs/remember`` by default)::
 
   python experiments/remember.py --scale tiny     # ~5 CPU-min (16 min wall on a shared 2-core box)
   python experiments/remember.py --scale small    # a GPU: wider models, 16 facts, longer training

@@ -1,9 +1,9 @@
 """Zero-shot commonsense reasoning of the language models trained by ``experiments/lm.py``.
 
-The paper (PAPER.md §6, arXiv Table 2) reports, next to perplexity, LAMBADA (acc, ppl) and the
-accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, SIQA and BoolQ, scored zero-shot by
-log-likelihood as lm-eval-harness does, and their average over the 8 tasks. This study scores
-every model saved under ``--models`` (``<lm out>/models/<family>/``) the same way with
+The paper (docs/EQUATIONS.md §6, arXiv Table 2) reports, next to perplexity, LAMBADA (acc, ppl) and
+the accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, SIQA and BoolQ, scored zero-shot by
+log-likelihood as lm-eval-harness does, and their average over the 8 tasks. This study scores every
+model saved under ``--models`` (``<lm out>/models/<family>/``) the same way with
 ``nlx.eval.multiple_choice`` and ``nlx.eval.loglik.Scorer``: ``acc`` (largest summed
 log-likelihood of a choice) and ``acc_norm`` (per character; HellaSwag, ARC, PIQA report it in
 lm-eval), WinoGrande by partial scoring, LAMBADA acc (the last word is the greedy decode) and
@@ -35,7 +35,7 @@ import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nlx.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nlx.eval import loglik, multiple_choice  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Paper order (PAPER.md §6); the metric of each task in the paper's average.
+# Paper order (docs/EQUATIONS.md §6); the metric of each task in the paper's average.
 TASKS = ("lambada", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "siqa",
          "boolq")
 LABELS = {"lambada": "LMB acc", "piqa": "PIQA", "hellaswag": "Hella (norm)",

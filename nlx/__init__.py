@@ -3,7 +3,8 @@
 The associative-memory core (``nlx.memory``), the public sequence ops built on it (``nlx.ops``),
 levels with their own update periods (``nlx.levels``) and optimizers whose state is a memory
 (``nlx.optim``); the model zoo (``nlx.nn``, ``nlx.build_model``) and pretrained directories
-(``nlx.from_pretrained``). The architecture is described in docs/ARCHITECTURE.md.
+(``nlx.from_pretrained``). README.md ("Layout") maps the modules, each page of docs/ covers one
+part, and docs/EQUATIONS.md gives the equations the code implements.
 
 Names are imported on first use, so ``import nlx`` (and ``nlx --help``) does not load JAX.
 """

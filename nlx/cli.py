@@ -7,7 +7,8 @@ Commands:
   with a progress bar; writes ``DIR/metrics.jsonl``, TensorBoard events, ``DIR/config.json``,
   checkpoints and plots; resumes from the latest checkpoint of ``DIR``.
 * ``nlx eval --workdir DIR --task ppl|mc|niah ...``: perplexity of a text file, zero-shot multiple
-  choice (``../shared/data`` formats), S-NIAH-1/2/3 (``nlx.eval``).
+  choice (``--data_dir``: the files of docs/TRAINING.md, "Evaluation data"), S-NIAH-1/2/3
+  (``nlx.eval``).
 * ``nlx generate --workdir DIR --prompt TEXT [--state FILE]``: samples a continuation from the
   trained model; with ``--state`` its memory persists across invocations (``nlx.eval.session``).
 * ``nlx convert llama HF_DIR OUT_WORKDIR``: a Hugging Face Llama-architecture model as an nlx

@@ -20,7 +20,8 @@ The model (Flax NNX)::
 
 The short convolution lets a key token's features reach the value token that follows it (as in
 DeltaNet, Mamba and Zoology's models); all recurrences are in ``nlx.ops``. The train step is a pure
-jitted function of ``(graphdef, state, opt_state, batch)`` (DESIGN.md §1.3).
+jitted function of ``(graphdef, state, opt_state, batch)``, not ``nnx.jit`` (docs/MODELS.md,
+"Example").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Public sequence ops of nlx: associative memories over ``[B, T, H, D]`` sequences.
 
-Conventions (DESIGN.md §3–4, the layout of flash-linear-attention):
+Conventions (README.md, "The ops"; the layout of flash-linear-attention):
 
 * q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; gates (g, beta, lr, momentum): ``[B, T, H]``.
 * ``g`` is a log-decay (≤ 0; the memory is multiplied by ``exp(g_t)`` before token t's write).
@@ -194,7 +194,7 @@ def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
                      chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
   """(Gated) linear attention: ``S ← exp(g_t) S + k_t v_tᵀ``, ``o_t = S_tᵀ (scale q_t)``.
 
-  The dot-product memory of PAPER.md §1. g=None is linear attention; g constant per head is
+  The dot-product memory of docs/EQUATIONS.md §1. g=None is linear attention; g constant per head is
   RetNet; data-dependent g is Mamba2/SSD and scalar-gated GLA. The chunked form is exact for
   every chunk size and sequence length.
 
@@ -224,8 +224,8 @@ def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] 
   """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀ k_t)ᵀ``; ``o_t = S_tᵀ(scale q_t)``.
 
   One online gradient step of ``½‖Sᵀk − v‖²`` per token: DeltaNet (g=None), Gated DeltaNet, and
-  HOPE's DGD on a linear memory (PAPER.md §4). The chunked form (UT transform) is exact for every
-  chunk size and sequence length. Keys are used as given (DeltaNet L2-normalises them first).
+  HOPE's DGD on a linear memory (docs/EQUATIONS.md §4). The chunked form (UT transform) is exact for
+  every chunk size and sequence length. Keys are used as given (DeltaNet L2-normalises them first).
 
   Args:
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` write strength;

@@ -1,5 +1,5 @@
-"""The multiple-choice loaders on the real files of ../shared/data (PROVENANCE.md there): example
-counts, and the first examples read into lm-eval-harness prompts. Skipped only when the data
+"""The multiple-choice loaders on the real evaluation files (docs/TRAINING.md, "Evaluation data"):
+example counts, and the first examples read into lm-eval-harness prompts. Skipped only when the data
 directory is absent."""
 
 import bz2
@@ -69,7 +69,7 @@ def test_arc_easy_reads_the_question_and_native_choices(tasks):
                              " Carbon dioxide is more available than other gases.",
                              " The producers in all ecosystems are plants.")
   assert e.gold == 0
-  # ARC keeps its native 3/4/5 choices (PROVENANCE.md: 2365 / 7 / 4 in ARC-Easy).
+  # ARC keeps its native 3/4/5 choices: ARC-Easy has 7, 2365 and 4 questions with 3, 4 and 5.
   sizes = [x.n_choices for x in tasks["arc_easy"]]
   assert (sizes.count(3), sizes.count(4), sizes.count(5)) == (7, 2365, 4)
 

@@ -1,8 +1,9 @@
 """The ops against references written independently of the memory core, and their errors.
 
 ``test_ops_equivalence`` checks chunked == recurrent; these tests check that the recurrence is the
-one DESIGN.md §4 specifies: plain numpy loops over the formulas, a quadratic (attention-like) form,
-online gradient descent with ``jax.grad``, and the paper's equivalences.
+one the docstrings of ``nlx.ops`` specify (README.md, "The ops"): plain numpy loops over the
+formulas, a quadratic (attention-like) form, online gradient descent with ``jax.grad``, and the
+paper's equivalences.
 """
 
 import jax
@@ -48,7 +49,7 @@ def test_linear_attention_equals_quadratic_form(impl):
 
 
 def _delta_rule_loop(q, k, v, beta, g, s0, scale):
-  """DESIGN.md §4: S ← exp(g)S; u = β(v − Sᵀk); S ← S + k uᵀ; o = Sᵀ(scale·q)."""
+  """``delta_rule``'s contract: S ← exp(g)S; u = β(v − Sᵀk); S ← S + k uᵀ; o = Sᵀ(scale·q)."""
   b, t, h, _ = q.shape
   o = np.zeros(v.shape)
   s = s0.copy()
@@ -76,7 +77,7 @@ def test_delta_rule_equals_numpy_loop(impl):
 
 
 def _titans_linear_loop(q, k, v, lr, eta, g, m0, p0, chunk):
-  """DESIGN.md §4 with the linear memory: G_t = k_t(M_cᵀk_t − v_t)ᵀ at the chunk-start M_c."""
+  """``titans_memory``, linear memory: G_t = k_t(M_cᵀk_t − v_t)ᵀ at the chunk-start M_c."""
   b, t, h, _ = q.shape
   o = np.zeros(v.shape)
   m, p = m0.copy(), p0.copy()

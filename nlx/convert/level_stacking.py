@@ -1,5 +1,5 @@
-"""Model conversions. Level stacking (PAPER.md §3, §7.3): a Hope-attention model from a trained
-Transformer++, each block's SwiGLU MLP becoming one level of the block's CMS.
+"""Model conversions. Level stacking (docs/EQUATIONS.md §3; the paper's §7.3): a Hope-attention
+model from a trained Transformer++, each block's SwiGLU MLP becoming one level of the block's CMS.
 
 ``transformer_to_hope_attention(model_or_state, cfg)`` copies every parameter of the Transformer++
 (embedding, attention, norms, head) into a Hope-attention model of ``cfg`` and puts each block's

@@ -5,8 +5,8 @@ queries, each a key seen in the context whose next token must be the value paire
 
 Every example is a pure function of ``(seed, index)``: the generator is seeded with
 ``np.random.default_rng([seed, index])``, so the data a run sees never depends on the number of
-hosts, the batch split or restarts (DESIGN.md §9). A batch is the stack of consecutive global
-indices.
+hosts, the batch split or restarts (as for training data: docs/TRAINING.md, "Data"). A batch is the
+stack of consecutive global indices.
 
 Vocabulary layout (``vocab_size = V``)::
 

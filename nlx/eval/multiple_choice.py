@@ -6,8 +6,9 @@ characters)``. WinoGrande uses partial scoring (lm-eval's): the choices are cont
 shared continuation is scored after each. LAMBADA reports ``acc`` (the continuation is the greedy
 decode) and the perplexity of the continuations.
 
-Loaders read the files of ``../shared/data`` (see its PROVENANCE.md) into ``Example``s with the
-prompts of lm-eval-harness: ``"Question: {q}\\nAnswer:"`` + ``" {choice}"`` (PIQA, ARC, SIQA),
+Loaders read the files of a data directory (docs/TRAINING.md, "Evaluation data", names each
+file and its public source) into ``Example``s with the prompts of lm-eval-harness:
+``"Question: {q}\\nAnswer:"`` + ``" {choice}"`` (PIQA, ARC, SIQA),
 ``"{passage}\\nQuestion: {q}?\\nAnswer:"`` + ``" no"|" yes"`` (BoolQ), HellaSwag's
 ``"{activity}: {ctx}"`` + ``" {ending}"``.
 """

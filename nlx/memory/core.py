@@ -1,7 +1,7 @@
 """The associative-memory core: one recurrence and one chunk-parallel form for every memory.
 
 Every sequence op of nlx is an associative memory ``M`` written once per token by a gradient step
-on an inner objective (PAPER.md §1, DESIGN.md §4). For token t with key k_t, value v_t, query q_t,
+on an inner objective (docs/EQUATIONS.md §1). For token t with key k_t, value v_t, query q_t,
 learning rate lr_t, log-decay g_t and momentum η_t:
 
     decayed = exp(g_t) · M_{t-1}
@@ -10,7 +10,7 @@ learning rate lr_t, log-decay g_t and momentum η_t:
     M_t     = decayed + P_t
     o_t     = M_t(q_t)                         (the read sees token t's own write)
 
-Two options change the write and the read (the delta gradient descent of HOPE, PAPER.md §2, §4):
+Two options change the write and the read (HOPE's delta gradient descent, docs/EQUATIONS.md §4):
 
 * ``dgd=True`` adds DGD's decay term: each dense layer ``W_l`` (input ``h_l`` at the gradient's
   reference state) becomes ``(exp(g_t) I − lr_t h_lᵀ h_l) W_l + P_t``, the decay touching only that

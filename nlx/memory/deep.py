@@ -1,7 +1,7 @@
 """Deep (MLP) memories of Titans and HOPE, and TTT's inner models with their LayerNorm.
 
-``MLPMemory`` is the per-head residual two-layer MLP ``M(x) = x + W1 σ(W2 x)`` (PAPER.md §4,
-Eq. 89). It is written like any other memory by ``core.recurrent_scan`` (reference) and
+``MLPMemory`` is the per-head residual two-layer MLP ``M(x) = x + W1 σ(W2 x)`` (Eq. 89
+(docs/EQUATIONS.md)). It is written like any other memory by ``core.recurrent_scan`` (reference) and
 ``core.chunk_start_scan`` (the TTT/Titans dual form: per-token gradients at the chunk-start
 weights, combined with decay and momentum, read through per-layer masked matmuls).
 

@@ -1,7 +1,7 @@
 """Matrix memories: ``M(x) = x S`` with ``S`` of shape ``[K, V]``, and the delta rule's chunked form.
 
 Linear attention, RetNet, Mamba2/SSD, GLA, DeltaNet, Gated DeltaNet, TTT-Linear and linear-memory
-Titans all write a matrix memory (DESIGN.md §4). Their token-by-token reference is
+Titans all write a matrix memory (README.md, "The ops"). Their token-by-token reference is
 ``core.recurrent_scan`` with ``LINEAR``; linear attention and Titans use ``core.chunk_start_scan``
 for their parallel form. The delta rule's gradient depends on the memory written by the previous
 token of the same chunk, so its parallel form needs the UT transform, below; it shares the chunk

@@ -1,7 +1,7 @@
 """Inner objectives of associative memories.
 
 An associative memory ``M`` is written by one gradient step on an inner objective
-``loss(M(k), v)`` (PAPER.md §1). Two objectives cover the sequence ops of nlx:
+``loss(M(k), v)`` (docs/EQUATIONS.md §1). Two objectives cover the sequence ops of nlx:
 
 * ``dot``: ``-<M(k), v>``, the Hebbian / dot-product objective. Its gradient does not depend on
   the memory, which is why linear attention's chunked form is exact.

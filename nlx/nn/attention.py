@@ -1,10 +1,10 @@
 """Softmax attention: causal, RoPE, grouped-query, optional sliding window and persistent tokens.
 
-Attention is the non-parametric memory of PAPER.md §1 (no write: the KV cache is the memory). The
-cache is a ring of ``L`` slots (``L = window`` for sliding-window attention, else
-``max_seq_len``); each slot remembers the absolute position of its key, so one masking rule
-serves training, prefill and decoding. Persistent-memory tokens (Titans) are learned vectors
-projected to keys and values that every query sees.
+Attention is the non-parametric memory of docs/EQUATIONS.md §1 (no write: the KV cache is the
+memory). The cache is a ring of ``L`` slots (``L = window`` for sliding-window attention, else
+``max_seq_len``); each slot remembers the absolute position of its key, so one masking rule serves
+training, prefill and decoding. Persistent-memory tokens (Titans) are learned vectors projected to
+keys and values that every query sees.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The Continuum Memory System (CMS): MLP blocks that keep learning in context at their own periods.
 
 A CMS is a chain of SwiGLU blocks, one per level, with periods ``C_1 < C_2 < …`` (each dividing the
-next; PAPER.md §3). Level ℓ's weights are an in-context memory: the level accumulates the gradient
-of its inner objective over ``C_ℓ`` tokens and then takes one step, ``θ_ℓ ← θ_ℓ − η_ℓ Σ ∇ℓ_t``
-(Eq. 71), so a token t reads the weights left by the updates after tokens ``< t``. Each level has
-its own rate ``η_ℓ`` (``model.cms_lr``: one float for every level, or a tuple with one per level).
-The levels run through ``nlx.levels``: a whole sequence (``state=None``) by ``levels.scan_levels``
-(nested scans, chunks of ``C_1`` tokens processed in parallel), a stateful call token by token with
-``levels.tick`` (per-level step counters), so that pieces of a sequence reproduce one call.
+next; docs/EQUATIONS.md §3). Level ℓ's weights are an in-context memory: the level accumulates the
+gradient of its inner objective over ``C_ℓ`` tokens and then takes one step,
+``θ_ℓ ← θ_ℓ − η_ℓ Σ ∇ℓ_t`` (Eq. 71), so a token t reads the weights left by the updates after
+tokens ``< t``. Each level has its own rate ``η_ℓ`` (``model.cms_lr``: one float for every level, or
+a tuple with one per level). The levels run through ``nlx.levels``: a whole sequence
+(``state=None``) by ``levels.scan_levels`` (nested scans, chunks of ``C_1`` tokens processed in
+parallel), a stateful call token by token with ``levels.tick`` (per-level step counters), so that
+pieces of a sequence reproduce one call.
 
 Variants (``model.cms_variant``), with ``h_0 = x`` the block input and ``o_ℓ`` block ℓ's output:
 

@@ -21,7 +21,7 @@ from the state at the start of each of its (sub-)chunks.
 
 Every write is ``nlx.ops.dgd_memory``'s (``hope_dgd="off"``: ``titans_memory``'s) chunk step,
 ``nlx.memory.core.chunk_update``: on an MLP memory each layer's decay term takes the layer's own
-input as key and touches only that layer (docs/EQUATIONS.md §7 item 2); per chunk, the decay acts
+input as key and touches only that layer (docs/EQUATIONS.md, choice 2); per chunk, the decay acts
 on the running state and only the gradient term on the chunk-start state (Eq. 93). The rate is
 ``η' = η/(1+η)`` (``hope_dgd="arxiv"``) or η ("neurips"), on both terms. All memories of a chunk
 are written in one call, stacked on the head axis (they share the key k_t), inside one scan over

@@ -3,7 +3,7 @@
 For each token the memory ``M`` (a matrix or the residual MLP of ``nlx.memory.MLPMemory``, one per
 head, or TTT's inner model ``nlx.memory.deep.TTTMemory``) takes a gradient step on
 ``½‖M(k_t) − v_t‖²`` at the chunk-start weights, with optional momentum and decay, and is read at
-``q_t`` after the write (DESIGN.md §4):
+``q_t`` after the write (the convention of ``nlx.ops``; docs/EQUATIONS.md, choice 13):
 
 * TTT-Linear / TTT-MLP (``ttt=True``), as the TTT paper's code (Sun et al. 2024): the inner model
   is ``M(x) = x + LN(x W + b)`` or ``x + LN(gelu(x W1 + b1) W2 + b2)`` with a per-head
@@ -25,7 +25,7 @@ head, or TTT's inner model ``nlx.memory.deep.TTTMemory``) takes a gradient step 
   up to C(C+1)/2·θ·G as η → 1 (a repeated key then diverged; tests/test_long_sequences.py).
 
 q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
-is per-head RMSNorm, a SiLU gate and the output projection (PAPER.md §5 block details). The
+is per-head RMSNorm, a SiLU gate and the output projection (docs/EQUATIONS.md §5, the block). The
 memory's initial weights are parameters (learned in the outer loop); the state carries the
 weights and momentum after the last token.
 

@@ -1,4 +1,6 @@
-"""CMS levels that learn from the LM loss: the ``next_token`` inner objective (PAPER.md §3, §7 item 8).
+"""CMS levels that learn from the LM loss: the ``next_token`` inner objective.
+
+docs/EQUATIONS.md §3 and docs/EQUATIONS.md, choice 8.
 
 With ``model.cms_objective = "next_token"`` every CMS level's inner objective is the language-model
 loss of the finished chunk of ``C_1`` tokens (``C_1`` the fastest period): the sum over the chunk of

@@ -1,10 +1,10 @@
 """The input side shared by the memory mixers: q, k, v projections, short conv, SiLU, L2 norm.
 
-DeltaNet, Gated DeltaNet, TTT and Titans all read ``x`` the same way (PAPER.md §5 block details):
-``q, k, v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))`` with q and k L2-normalised
-per head; one depthwise convolution over the concatenated channels equals three separate ones.
-The output side shared by them is ``OutputGate``: per-head RMSNorm, an optional SiLU gate from
-``x``, and the output projection.
+DeltaNet, Gated DeltaNet, TTT and Titans all read ``x`` the same way (docs/EQUATIONS.md §5, the
+block): ``q, k, v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))`` with q and k
+L2-normalised per head; one depthwise convolution over the concatenated channels equals three
+separate ones. The output side shared by them is ``OutputGate``: per-head RMSNorm, an optional SiLU
+gate from ``x``, and the output projection.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 All four use the same neural memory (``NeuralMemory``: a residual MLP memory per head, written by
 gradient descent with momentum and decay through ``nlx.ops.titans_memory``) and attention with
-learned persistent-memory tokens (PAPER.md §5):
+learned persistent-memory tokens (docs/EQUATIONS.md §5):
 
 * ``titans_lmm``: the memory as the mixer of every block.
 * ``titans_mag`` (memory as a gate): ``y = RMSNorm(SWA(x)) ⊙ sigmoid(RMSNorm(LMM(x)))``, the

@@ -1,4 +1,4 @@
-"""Optimizers as optax transforms whose state is an associative memory (DESIGN.md §8).
+"""Optimizers as optax transforms whose state is an associative memory (docs/OPTIMIZERS.md).
 
 * ``momentum_memory``: momentum with the dot-product objective (= ``optax.sgd`` with momentum)
   or the L2 objective (delta momentum); ``preconditioned_momentum``: ``m ← β m + P ∇L``.

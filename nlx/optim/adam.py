@@ -1,9 +1,9 @@
-"""Adam written as two element-wise associative memories of the gradient (PAPER.md §1, Eq. 101).
+"""Adam written as two element-wise associative memories of the gradient.
 
-The first moment is a memory of ``g`` and the second a memory of ``g²``, each written by one step
-of the L2 objective (``moments.write_moment``: the exponential moving average). The update reads
-them out, debiased, as ``m̂ / (√(v̂ + eps_root) + eps)``: the optimum of Adam's element-wise
-objective (Eq. 105). ``adam_memory`` equals ``optax.adam``.
+Eq. 101 (docs/EQUATIONS.md). The first moment is a memory of ``g`` and the second a memory of
+``g²``, each written by one step of the L2 objective (``moments.write_moment``: the exponential
+moving average). The update reads them out, debiased, as ``m̂ / (√(v̂ + eps_root) + eps)``: the
+optimum of Adam's element-wise objective (Eq. 105). ``adam_memory`` equals ``optax.adam``.
 """
 
 from __future__ import annotations

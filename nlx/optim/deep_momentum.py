@@ -1,9 +1,9 @@
 """Deep momentum gradient descent (DMGD): the momentum is an MLP memory trained inside the update.
 
-PAPER.md §2, Eq. 50: ``W ← W + m(u)`` with ``u = ∇L(W)``, and the memory ``m`` takes a gradient
-step on its own inner objective at every step. In nlx the memory is any ``nlx.memory.Memory``
-(default: the residual MLP ``MLPMemory``, ``M(x) = x + σ(x W2) W1``) with an ``nlx.memory``
-objective (``dot`` by default, or ``l2``), applied to the rows of each gradient
+Eq. 50 (docs/EQUATIONS.md): ``W ← W + m(u)`` with ``u = ∇L(W)``, and the memory ``m`` takes a
+gradient step on its own inner objective at every step. In nlx the memory is any
+``nlx.memory.Memory`` (default: the residual MLP ``MLPMemory``, ``M(x) = x + σ(x W2) W1``) with an
+``nlx.memory`` objective (``dot`` by default, or ``l2``), applied to the rows of each gradient
 (``shapes.as_rows``: ``[n, d]``, one memory of width d per parameter). For each parameter and step:
 
     k = G / ‖G‖_row                        keys = values = queries: the gradient's row directions

@@ -1,4 +1,4 @@
-"""M3, multi-scale momentum Muon (PAPER.md §2, Algorithm 1).
+"""M3, multi-scale momentum Muon (docs/EQUATIONS.md §2, Algorithm 1).
 
 Two momentum memories at two levels, orthogonalised by Newton–Schulz, and a second moment.
 Algorithm 1 of the paper is two nested loops; k counts chunks of f steps:

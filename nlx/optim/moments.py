@@ -1,8 +1,8 @@
 """Element-wise moment memories: Adam's moments and Muon's momentum as one write rule.
 
 A moment is an element-wise memory of a signal ``s`` (the gradient, or its square) with the L2
-objective ``½‖m − s‖²`` (PAPER.md §1, Adam as associative memory, Eq. 101). One gradient step of
-size ``1 − β`` on it is the exponential moving average,
+objective ``½‖m − s‖²`` (Adam as associative memory, Eq. 101 (docs/EQUATIONS.md)). One gradient step
+of size ``1 − β`` on it is the exponential moving average,
 
     m ← m − (1 − β) · ∂/∂m ½‖m − s‖² = β m + (1 − β) s,
 

@@ -1,8 +1,8 @@
 """Momentum as an associative memory of gradients: dot-product (classical) and L2 (delta).
 
 Momentum is a memory ``m`` (shaped like the parameters) that compresses the gradients it is shown
-(PAPER.md §1–2, Eqs. 12–13 and 46–49). With the dot-product objective ``−⟨m, P∇L⟩`` one gradient
-step of size 1 with retention β is the classical trace
+(docs/EQUATIONS.md §1–2: Eqs. 12–13 and 46–49 of the paper). With the dot-product objective
+``−⟨m, P∇L⟩`` one gradient step of size 1 with retention β is the classical trace
 
     m ← β m + P g,                                  W ← W − η m
 

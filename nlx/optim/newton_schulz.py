@@ -1,9 +1,9 @@
-"""Nonlinear outputs: the momentum memory read through Newton–Schulz, i.e. Muon (PAPER.md §2).
+"""Nonlinear outputs: the momentum memory read through Newton–Schulz, i.e. Muon.
 
-``W ← W + σ(m(u))`` with σ the Newton–Schulz orthogonalisation (a few gradient steps on
-``‖PᵀP − I‖²``, Eqs. 43–44) and ``m`` the momentum memory. With the linear (EMA) memory this is
-Muon and ``nonlinear_output`` equals ``optax.contrib.muon``; any other memory transformation (for
-example ``scale_by_deep_momentum``) can be read through σ instead. Parameters of rank < 2 go to
+docs/EQUATIONS.md §2. ``W ← W + σ(m(u))`` with σ the Newton–Schulz orthogonalisation (a few gradient
+steps on ``‖PᵀP − I‖²``, Eqs. 43–44) and ``m`` the momentum memory. With the linear (EMA) memory
+this is Muon and ``nonlinear_output`` equals ``optax.contrib.muon``; any other memory transformation
+(for example ``scale_by_deep_momentum``) can be read through σ instead. Parameters of rank < 2 go to
 Adam (``adam_memory``), as in Muon.
 """
 

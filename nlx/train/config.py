@@ -83,7 +83,7 @@ class DataConfig:
       object per line, text in ``text_field``) or ``seqio`` (the task ``seqio_task``; extra
       ``nlx[seqio]``).
     path: the file or directory of ``text``/``jsonl``; also accepted with ``source='embedded'``,
-      which then switches to ``text`` (``--config.data.path=../shared/data/ptb``).
+      which then switches to ``text`` (``--config.data.path=DATA/ptb``).
     text_field: the field of a jsonl record that holds the text.
     tokenizer: ``byte`` (UTF-8 bytes, id 0 ends a document), ``sentencepiece`` or ``hf`` (a
       Hugging Face ``tokenizer.json``).
