@@ -31,8 +31,6 @@ ALLOWED = {
     "experiments/optimizers.py": ("../shared/data", "shared/data/PROVENANCE.md"),
     "experiments/continual.py": ("shared/data/PROVENANCE.md",),
     "tests/test_experiment_continual.py": ("shared/data is not there",),
-    "docs/TRAINING.md": ("../shared/data",),
-    "docs/RESULTS.md": ("../shared/data",),
 }
 
 # "12", "46–49", "56–57 and 88–93", "3, 4 and 5".
