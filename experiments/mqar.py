@@ -47,6 +47,7 @@ Commands::
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import time
@@ -136,10 +137,11 @@ def check_families(families) -> tuple:
 def config(family: str, width: int, settings: dict):
   """The ``ModelConfig`` of ``family`` at ``d_model = width`` (2 layers, 2 heads)."""
   ratio = MLP_RATIO.get(family, DEFAULT_MLP_RATIO)
-  return study.model_config(family, vocab_size=settings["vocab_size"], d_model=width,
-                            n_layers=settings["n_layers"], n_heads=settings["n_heads"],
-                            mlp_dim=max(8, int(ratio * width)),
-                            max_seq_len=level_length(max(settings["pairs"])))
+  fields = dict(vocab_size=settings["vocab_size"], d_model=width, n_layers=settings["n_layers"],
+                n_heads=settings["n_heads"], mlp_dim=max(8, int(ratio * width)),
+                max_seq_len=level_length(max(settings["pairs"])))
+  fields.update(settings.get("model", {}))
+  return study.model_config(family, **fields)
 
 
 def state_floats_per_layer(model, max_len: int) -> int:
@@ -234,6 +236,21 @@ def parse_ints(flag: str, text: str) -> tuple:
   return values
 
 
+def parse_fields(flag: str, items) -> dict:
+  """``["conv_size=0", "window=16"]`` -> ``{"conv_size": 0, "window": 16}`` (Python literals, else
+  strings); ValueError names the flag."""
+  fields = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"{flag}: expected FIELD=VALUE, got {item!r}")
+    try:
+      fields[key.strip()] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      fields[key.strip()] = text
+  return fields
+
+
 def main(argv=None) -> dict:
   parser = study.arg_parser(__doc__, STUDY)
   parser.add_argument("--families", default=",".join(FAMILIES),
@@ -245,13 +262,18 @@ def main(argv=None) -> dict:
                       help="test sequences per level")
   parser.add_argument("--batch_size", type=int, default=None, help="training sequences per step")
   parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
+  parser.add_argument("--vocab_size", type=int, default=None,
+                      help="vocabulary (pad, then disjoint key and value ranges)")
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a ModelConfig field of every model, e.g. conv_size=0 (repeatable)")
   args = parser.parse_args(argv)
   families = check_families([f.strip() for f in args.families.split(",") if f.strip()])
   settings = study.scale_settings(
       PRESETS, args.scale, steps=args.steps, eval_sequences=args.eval_sequences,
-      batch_size=args.batch_size, lr=args.lr,
+      batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size,
       widths=args.widths and parse_ints("--widths", args.widths),
       pairs=args.pairs and parse_ints("--pairs", args.pairs))
+  settings["model"] = parse_fields("--model", args.model)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
                               vocab_size=settings["vocab_size"], num_queries=p)
