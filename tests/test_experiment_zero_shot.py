@@ -38,12 +38,14 @@ def test_average_takes_acc_norm_for_hellaswag_and_arc_challenge(zs):
 
 
 def test_missing_models_and_unknown_task_are_clear_errors(zs, tmp_path):
+  # An existing --data directory, so that these checks run on a checkout without the datasets.
+  data = ["--data", str(tmp_path)]
   with pytest.raises(FileNotFoundError, match="experiments/lm.py --scale tiny"):
-    zs.main(["--models", str(tmp_path / "none"), "--out", str(tmp_path)])
+    zs.main(data + ["--models", str(tmp_path / "none"), "--out", str(tmp_path)])
   with pytest.raises(FileNotFoundError, match="holds no saved model"):
-    zs.main(["--models", str(tmp_path), "--out", str(tmp_path)])
+    zs.main(data + ["--models", str(tmp_path), "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="--tasks: unknown 'copa'"):
-    zs.main(["--tasks", "copa", "--models", str(tmp_path), "--out", str(tmp_path)])
+    zs.main(data + ["--tasks", "copa", "--models", str(tmp_path), "--out", str(tmp_path)])
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "piqa")), reason="no shared data")
