@@ -46,13 +46,15 @@ SCALES = ("tiny", "small", "paper")
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def arg_parser(doc: str, study: str) -> argparse.ArgumentParser:
-  """The flags every study takes: ``--scale``, ``--out``, ``--data``, ``--seed``."""
+def arg_parser(doc: str, study: str, scales: Sequence[str] = SCALES,
+               scale_help: Optional[str] = None) -> argparse.ArgumentParser:
+  """The flags every study takes: ``--scale`` (one of ``scales``), ``--out``, ``--data``,
+  ``--seed``."""
   parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--scale", default="tiny", choices=SCALES,
-                      help="tiny: <= 15 min on 2 CPU cores; small: a GPU/TPU hour; paper: the "
-                           "paper's sizes")
+  parser.add_argument("--scale", default="tiny", choices=tuple(scales),
+                      help=scale_help or "tiny: <= 15 min on 2 CPU cores; small: a GPU/TPU hour; "
+                                         "paper: the paper's sizes")
   parser.add_argument("--out", default=os.path.join("runs", study),
                       help="directory of the JSON, markdown and PNG outputs")
   parser.add_argument("--data", default=DEFAULT_DATA, help="the shared datasets directory")
@@ -128,13 +130,15 @@ def lm_batch(tokens: np.ndarray) -> Batch:
 
 @dataclasses.dataclass
 class TrainResult:
-  """The trained ``model``, the loss of every step, the wall time and the throughput."""
+  """The trained ``model``, the loss of every step, the wall time and the throughput; ``evals``:
+  ``{"step": steps done, **evaluate(model)}`` of every evaluation during training."""
 
   model: Any
   losses: list
   seconds: float
   tokens_per_second: float
   params: int
+  evals: list = dataclasses.field(default_factory=list)
 
 
 def masked_loss(model, batch: Batch) -> jax.Array:
@@ -156,7 +160,9 @@ def optimizer(steps: int, lr: float, warmup: int, weight_decay: float,
 
 def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: float = 3e-3,
           warmup: Optional[int] = None, weight_decay: float = 0.1, clip: float = 1.0,
-          seed: int = 0, desc: str = "", progress: bool = True) -> TrainResult:
+          seed: int = 0, desc: str = "", progress: bool = True,
+          tx: Optional[optax.GradientTransformation] = None,
+          evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0) -> TrainResult:
   """Trains a model on ``batch_fn(step)`` for ``steps`` steps with ``masked_loss``.
 
   Args:
@@ -168,12 +174,17 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
     seed: parameter initialization.
     desc: label of the progress bar.
     progress: show a tqdm progress bar.
+    tx: the optimizer, instead of ``optimizer(steps, lr, warmup, weight_decay, clip)`` (which
+      ``lr``, ``warmup``, ``weight_decay`` and ``clip`` then do not build).
+    evaluate, eval_every: ``evaluate(model)`` (a dict) after every ``eval_every`` steps and after
+      the last, into ``TrainResult.evals``; its time is not in the throughput.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   model = (nlx.build_model(cfg_or_model, rngs=nnx.Rngs(seed))
            if isinstance(cfg_or_model, ModelConfig) else cfg_or_model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optimizer(steps, lr, steps // 10 if warmup is None else warmup, weight_decay, clip)
+  if tx is None:
+    tx = optimizer(steps, lr, steps // 10 if warmup is None else warmup, weight_decay, clip)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -183,7 +194,7 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  losses, tokens, start, compiled = [], 0, time.time(), None
+  losses, tokens, start, compiled, evals, eval_seconds = [], 0, time.time(), None, [], 0.0
   bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
              leave=False)
   for step in bar:
@@ -197,10 +208,16 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
       tokens += batch.inputs.size
     if step % 10 == 0 or step == steps - 1:
       bar.set_postfix(loss=f"{float(loss):.3f}")
+    if evaluate is not None and eval_every and ((step + 1) % eval_every == 0
+                                                or step == steps - 1):
+      tic = time.time()
+      evals.append({"step": step + 1, **evaluate(nnx.merge(graphdef, params, rest))})
+      eval_seconds += time.time() - tic
   losses = [float(x) for x in jax.device_get(losses)]
   end = time.time()
   return TrainResult(nnx.merge(graphdef, params, rest), losses, end - start,
-                     tokens / max(end - (compiled or start), 1e-9), _count(params))
+                     tokens / max(end - (compiled or start) - eval_seconds, 1e-9),
+                     _count(params), evals)
 
 
 def _count(params) -> int:
