@@ -486,8 +486,11 @@ def scan_chunks(body, carry, xs, chunk_size: int, prepare=None, finish=None,
   if t > n * chunk_size:
     tail = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, n * chunk_size, t, axis=batch_ndim), xs)
     tail = batched(prepare, batch_ndim)(tail)
-    carry, y = step(carry, tail)
-    ys.append(finish_one(tail, y))
+    # A scan of length 1, not a plain call: the remainder chunk called outside a scan gave
+    # garbage gradients (NaN, ~1e30) in about half of the processes under jit on XLA:CPU (jaxlib
+    # 0.10.2; Mamba2 with T < chunk_size), right ones eagerly and inside a scan.
+    carry, y = jax.lax.scan(step, carry, jax.tree.map(lambda x: x[None], tail))
+    ys.append(finish_one(tail, jax.tree.map(lambda x: x[0], y)))
   return carry, jnp.concatenate(ys, axis=batch_ndim) if len(ys) > 1 else ys[0]
 
 
