@@ -38,8 +38,7 @@ Protocol (MAD's ``train.py`` / ``benchmark.py``, what differs is said):
   ``max_seq_len`` its length, an untied output head (MAD's ``unembed``), SwiGLU width 352 (MAD's:
   ``int(2 * 128 * 4 / 3)`` rounded up to 16); HOPE's MLP is its CMS, two levels (tiny periods
   16 / 64) of width 176 each (the same MLP parameters). Other fields stay at the tiny preset (2
-  heads of dim 64; MAD's attention has 16 heads of dim 8). On the CPU Mamba2 runs its recurrent
-  form (``model_config`` says why).
+  heads of dim 64; MAD's attention has 16 heads of dim 8).
 * Optimisation: AdamW (torch defaults: β 0.9 / 0.999, ε 1e-8, decay on every parameter), batch
   128, cosine decay of the learning rate per epoch from lr to 1e-6 over the run (MAD's
   ``CosineAnnealingLR``), no warmup or clipping, float32 (MAD: bf16 mixed precision). Grid: lr
@@ -429,16 +428,10 @@ def known_families() -> list:
 def model_config(family: str, vocab_size: int, seq_len: int, d_model: int = D_MODEL):
   """MAD's model in ``family``: ``configs/<family>.py:tiny`` at width ``d_model``, 2 blocks, an
   untied head, SwiGLU width 352 (HOPE: two CMS levels of 176).
-
-  On the CPU, Mamba2 runs its recurrent form: its chunked form's compiled gradient came out NaN /
-  garbage (|error| ~1e30) in about half of the processes on this study's tiny batches (the same
-  optimized HLO, right in the other processes and in eager mode; the recurrent form was right in
-  every process).
   """
   mlp_dim = SWIGLU_WIDTH // 2 if family == "hope" else SWIGLU_WIDTH
-  extra = dict(impl="recurrent") if family == "mamba2" and jax.default_backend() == "cpu" else {}
   return study.model_config(family, vocab_size=vocab_size, d_model=d_model, n_layers=2,
-                            mlp_dim=mlp_dim, max_seq_len=seq_len, tie_embeddings=False, **extra)
+                            mlp_dim=mlp_dim, max_seq_len=seq_len, tie_embeddings=False)
 
 
 def sincos(length: int, dim: int) -> jax.Array:
