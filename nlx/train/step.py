@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,59 @@ def nonfinite_leaves(tree) -> jax.Array:
   return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
 
 
+class Update(NamedTuple):
+  """What ``apply_gradients`` returns: the new (or, after a non-finite step, the old) parameters
+  and optimizer state, the loss, the loss function's auxiliary output (None without ``has_aux``),
+  the gradients and updates, and the finite checks."""
+
+  params: Any
+  opt_state: Any
+  loss: jax.Array
+  aux: Any
+  grads: Any
+  updates: Any
+  finite: jax.Array  # bool []: loss, gradients and new parameters all finite
+  nonfinite_grads: jax.Array  # bool [n_params]
+  nonfinite_params: jax.Array  # bool [n_params]
+
+
+def apply_gradients(loss_fn: Callable, tx: optax.GradientTransformation, params, opt_state,
+                    *args, has_aux: bool = False, trainable: Optional[Sequence[bool]] = None
+                    ) -> Update:
+  """One optimizer step on ``loss_fn(params, *args)``: the train step of every trainer in nlx.
+
+  ``nlx train`` (``train_step_fn``), ``fit`` (studies, examples, benchmarks) all step through
+  this function: gradients by ``jax.value_and_grad``, ``tx.update``, ``optax.apply_updates``.
+
+  Args:
+    loss_fn: ``(params, *args) -> loss`` (a float32 scalar), or ``-> (loss, aux)`` with
+      ``has_aux``.
+    tx: the optax optimizer; ``opt_state`` its state.
+    trainable: per parameter leaf, whether the step updates it (``train.trainable``); frozen
+      leaves are kept bit for bit (even -0.0). None: all train.
+
+  A step whose loss, gradients or new parameters are not finite returns the old parameters and
+  optimizer state (``finite`` False, and which leaves were not finite); pure and jittable.
+  """
+  (loss, aux), grads = jax.value_and_grad(
+      loss_fn if has_aux else lambda p, *a: (loss_fn(p, *a), None), has_aux=True)(params, *args)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if trainable is not None and not all(trainable):
+    leaves, treedef = jax.tree.flatten(new_params)
+    old = jax.tree.leaves(params)
+    new_params = jax.tree.unflatten(treedef, [new if t else o for new, o, t in
+                                              zip(leaves, old, trainable)])
+  bad_grads, bad_params = nonfinite_leaves(grads), nonfinite_leaves(new_params)
+  finite = jnp.isfinite(loss) & ~bad_grads.any() & ~bad_params.any()
+  new_params, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                           (new_params, new_opt_state), (params, opt_state))
+  return Update(new_params, new_opt_state, loss, aux, grads, updates, finite, bad_grads,
+                bad_params)
+
+
 def train_step_fn(trainer: Trainer) -> Callable:
-  """``(state, tokens [B, T+1]) -> (state, metrics)``: pure.
+  """``(state, tokens [B, T+1]) -> (state, metrics)``: pure (``apply_gradients`` on the state).
 
   Metrics are float32 scalars, plus the bool vectors ``nonfinite_grads`` and ``nonfinite_params``
   (per parameter, in ``param_paths`` order). A step whose loss, gradients or new parameters are
@@ -125,24 +176,14 @@ def train_step_fn(trainer: Trainer) -> Callable:
   activations = trainer.batch_sharding
 
   def step(state, tokens):
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, p, tokens, dtype, activations))(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    if not all(trainer.trainable):  # frozen parameters stay bit for bit (even -0.0)
-      leaves, treedef = jax.tree.flatten(params)
-      old = jax.tree.leaves(state["params"])
-      params = jax.tree.unflatten(treedef, [new if t else o for new, o, t in
-                                            zip(leaves, old, trainer.trainable)])
-    bad_grads, bad_params = nonfinite_leaves(grads), nonfinite_leaves(params)
-    finite = jnp.isfinite(loss) & ~bad_grads.any() & ~bad_params.any()
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state["params"], state["opt_state"]))
+    up = apply_gradients(lambda p: loss_fn(graphdef, p, tokens, dtype, activations), tx,
+                         state["params"], state["opt_state"], trainable=trainer.trainable)
     rng, _ = jax.random.split(state["rng"])
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-               "nonfinite_grads": bad_grads, "nonfinite_params": bad_params}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+    metrics = {"loss": up.loss, "grad_norm": optax.tree.norm(up.grads),
+               "param_norm": optax.tree.norm(up.params),
+               "update_norm": optax.tree.norm(up.updates),
+               "nonfinite_grads": up.nonfinite_grads, "nonfinite_params": up.nonfinite_params}
+    return {"step": state["step"] + 1, "params": up.params, "opt_state": up.opt_state,
             "rng": rng}, metrics
 
   return step

@@ -1,0 +1,141 @@
+"""``fit``: a small training loop for an ``nnx`` model, on nlx's one train step.
+
+``nlx train`` runs the full loop (``nlx.train.loop``: sharding, checkpoints, metrics files). The
+studies, the examples and the benchmarks train small models in one process; they all call
+``fit``, whose step is ``nlx.train.step.apply_gradients`` (the step of ``nlx train``), jitted once
+per (model graph, optimizer, loss)::
+
+  import numpy as np, optax
+  from flax import nnx
+  import nlx
+  from nlx import configs
+  from nlx.nn import ModelConfig
+  from nlx.train import fit
+
+  cfg = ModelConfig.from_config(configs.load("transformer:tiny").model)
+  model = nlx.build_model(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 65))
+  result = fit(model, lambda step: tokens, steps=20, tx=optax.adamw(1e-3))
+  result.losses[-1] < result.losses[0]  # next-token loss (the default) of tokens [B, T+1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nlx.train.step import apply_gradients
+
+LossFn = Callable[[Any, Any], jax.Array]  # (model, batch) -> scalar
+
+
+def next_token_loss(model, tokens: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``)."""
+  logits = model(tokens[:, :-1]).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@dataclasses.dataclass
+class FitResult:
+  """The trained ``model``; the loss of every step; wall ``seconds`` of the whole call; training
+  ``tokens_per_second`` (the compiling first step and the evaluations excluded); ``evals``:
+  ``{"step": steps done, **evaluate(model)}`` of every evaluation; ``skipped``: steps whose loss,
+  gradients or parameters were not finite (their update was not applied); ``params``: the number
+  of parameters."""
+
+  model: Any
+  losses: list
+  seconds: float
+  tokens_per_second: float
+  params: int
+  evals: list = dataclasses.field(default_factory=list)
+  skipped: int = 0
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_step(graphdef, tx: optax.GradientTransformation, loss: LossFn, has_aux: bool = False
+                  ) -> Callable:
+  """``jit((params, rest, opt_state, batch) -> Update)`` of ``loss(merge(graphdef, params, rest),
+  batch)``: one compile per (graph, optimizer, loss); the same objects reuse it."""
+
+  def step(params, rest, opt_state, batch):
+    return apply_gradients(lambda p: loss(nnx.merge(graphdef, p, rest), batch), tx, params,
+                           opt_state, has_aux=has_aux)
+
+  return jax.jit(step)
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def first_leaf_size(batch) -> int:
+  """Tokens of a batch: the size of its first leaf (``inputs`` of a study batch, ``tokens``)."""
+  return int(np.size(jax.tree.leaves(batch)[0]))
+
+
+def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientTransformation,
+        loss: LossFn = next_token_loss, opt_state=None, evaluate: Optional[Callable] = None,
+        eval_every: int = 0, progress: bool = True, desc: str = "",
+        count_tokens: Callable[[Any], int] = first_leaf_size,
+        on_step: Optional[Callable[[int, Any], None]] = None) -> FitResult:
+  """Trains ``model`` (an ``nnx.Module``) for ``steps`` optimizer steps on ``batches(step)``.
+
+  Args:
+    model: the model; its ``nnx.Param`` leaves train, everything else is held fixed.
+    batches: ``step -> batch`` (any pytree of arrays ``loss`` reads); a pure function of the step
+      for reproducible runs.
+    steps: optimizer steps.
+    tx: the optax optimizer. Pass the same object (and the same ``loss`` function) to reuse a
+      compiled step across calls.
+    loss: ``(model, batch) -> scalar``; default ``next_token_loss`` of a token batch ``[B, T+1]``.
+    opt_state: ``tx``'s state to continue from (default ``tx.init(params)``).
+    evaluate, eval_every: ``evaluate(model) -> dict`` after every ``eval_every`` steps and after
+      the last, into ``FitResult.evals``; its time is not counted in the throughput.
+    progress, desc: a tqdm progress bar (the loss every 10 steps) and its label.
+    count_tokens: ``batch -> tokens`` for the throughput (default: the size of the first leaf).
+    on_step: ``(step, Update)`` after each step (e.g. to record metrics); may block.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt_state = tx.init(params) if opt_state is None else opt_state
+  step_fn = compiled_step(graphdef, tx, loss)
+  losses, finite, evals = [], [], []
+  tokens, eval_seconds, start, compiled = 0, 0.0, time.time(), None
+  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
+             leave=False)
+  for step in bar:
+    batch = jax.tree.map(jnp.asarray, batches(step))
+    up = step_fn(params, rest, opt_state, batch)
+    params, opt_state = up.params, up.opt_state
+    losses.append(up.loss)
+    finite.append(up.finite)
+    if on_step is not None:
+      on_step(step, up)
+    if step == 0:
+      jax.block_until_ready(up.loss)
+      compiled = time.time()  # the throughput excludes the first (compiling) step
+    else:
+      tokens += count_tokens(batch)
+    if progress and (step % 10 == 0 or step == steps - 1):
+      bar.set_postfix(loss=f"{float(up.loss):.3f}")
+    if evaluate is not None and eval_every and ((step + 1) % eval_every == 0
+                                                or step == steps - 1):
+      jax.block_until_ready(up.loss)
+      tic = time.time()
+      evals.append({"step": step + 1, **evaluate(nnx.merge(graphdef, params, rest))})
+      eval_seconds += time.time() - tic
+  losses = [float(x) for x in jax.device_get(losses)]
+  skipped = int(steps - np.sum(jax.device_get(finite))) if steps else 0
+  end = time.time()
+  return FitResult(nnx.merge(graphdef, params, rest), losses, end - start,
+                   tokens / max(end - (compiled or start) - eval_seconds, 1e-9),
+                   param_count(params), evals, skipped)
