@@ -1,24 +1,12 @@
-"""Titans MAG: sliding-window attention gated by the memory.
+"""Titans MAG: sliding-window attention gated by the memory (windows of 64 tokens at
+tiny size, 512 at the paper sizes).
 
-Sizes: tiny (laptop CPU), 340m, 760m, 1.3b.
-
-Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
-there with no overrides: ``nlx aot --config configs/titans_mag.py:1.3b --topology v5p:4x4x4``
-(docs/TRAINING.md, "TPU table").
-
-Build the model::
-
-  cfg = nlx.configs.load("configs/titans_mag.py:tiny")
-  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+Sizes and run defaults: configs/_common.py.
 """
 
-from nlx import configs as nlx_configs
+from nlx.presets import _common as common
 
 
 def get_config(size: str = "tiny"):
-  model = nlx_configs.model_config("titans_mag",
-                                   size,
-                                   tiny=dict(window=64),
-                                   paper=dict(window=512),
-                                   mlp_ratio=1.0)
-  return nlx_configs.config(model)
+  return common.family_config("titans_mag", size, tiny=dict(window=64), paper=dict(window=512),
+                              mlp_ratio=1.0)

@@ -1,19 +1,10 @@
 """TTT-Linear: chunked gradient descent on a linear memory (mini-batch 16).
 
-Sizes: tiny (laptop CPU), 340m, 760m, 1.3b.
-
-Paper sizes are meant for a TPU v5p:4x4x4 slice (64 chips, FSDP over the slice) and compile
-there with no overrides: ``nlx aot --config configs/ttt_linear.py:1.3b --topology v5p:4x4x4``
-(docs/TRAINING.md, "TPU table").
-
-Build the model::
-
-  cfg = nlx.configs.load("configs/ttt_linear.py:tiny")
-  model = nlx.build_model(cfg.model, rngs=nnx.Rngs(0))
+Sizes and run defaults: configs/_common.py.
 """
 
-from nlx import configs as nlx_configs
+from nlx.presets import _common as common
 
 
 def get_config(size: str = "tiny"):
-  return nlx_configs.config(nlx_configs.model_config("ttt_linear", size, mlp_ratio=2.375))
+  return common.family_config("ttt_linear", size, mlp_ratio=2.375)

@@ -17,9 +17,9 @@ learn in context at their periods (``cms_periods``) once training gives them wei
 
 import os
 
-from nlx import configs as nlx_configs
 from nlx import pretrained
 from nlx.convert.level_stacking import SHARED
+from nlx.presets import _common as common
 
 # The levels that learn: each block's CMS (its SwiGLU levels and their local targets).
 CMS_PARAMS = (r"layers/blocks/0/mlp/.*",)
@@ -32,13 +32,13 @@ def get_config(pretrained_dir: str):
     raise ValueError(f"{pretrained_dir} holds a {source.family!r} model; level stacking needs a "
                      "Transformer++ (e.g. from 'nlx convert llama')")
   shared = {name: getattr(source, name) for name in SHARED + ("max_seq_len",)}
-  model = nlx_configs.model_config("hope_attention", "tiny", **shared,
-                                   cms_periods=(16, 64, 256), cms_lr=1e-3)
+  model = common.model_config("hope_attention", "tiny", **shared, cms_periods=(16, 64, 256),
+                              cms_lr=1e-3)
   data = {}
   if os.path.isfile(os.path.join(pretrained_dir, pretrained.TOKENIZER_FILE)):
     data = dict(tokenizer="hf",
                 tokenizer_file=os.path.join(pretrained_dir, pretrained.TOKENIZER_FILE))
-  return nlx_configs.config(
+  return common.config(
       model, data=data,
       train=dict(init_from=pretrained_dir, trainable=CMS_PARAMS, steps=200, batch_size=8,
                  seq_len=min(256, source.max_seq_len), checkpoint_every=100, eval_every=100,

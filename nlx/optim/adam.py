@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nlx.optim import moments, validation
+from nlx import validation
+from nlx.optim import moments
 
 
 class AdamMemoryState(NamedTuple):

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nlx import validation
 from nlx.memory import LinearMemory, Memory, MLPMemory, Objective, get_objective
-from nlx.optim import shapes, validation
+from nlx.optim import shapes
 
 PyTree = Any
 

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nlx import levels
-from nlx.optim import validation
+from nlx import levels, validation
 
 PyTree = Any
 

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nlx import levels
-from nlx.optim import adam, newton_schulz, validation
+from nlx import levels, validation
+from nlx.optim import adam, newton_schulz
 
 SLOW = "slow"
 

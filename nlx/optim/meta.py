@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nlx import levels
+from nlx import levels, validation
 from nlx.memory import Memory, MLPMemory
 from nlx.optim import deep_momentum as dm
-from nlx.optim import validation
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]  # (params, data) -> scalar

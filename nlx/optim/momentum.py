@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nlx import validation
 from nlx.memory import DOT
-from nlx.optim import shapes, validation
+from nlx.optim import shapes
 
 OBJECTIVES = ("dot", "l2")
 DELTA_FORMS = ("arxiv", "neurips")
@@ -78,8 +79,8 @@ def scale_by_momentum_memory(beta=0.9, objective: str = "dot", delta_form: str =
     An ``optax.GradientTransformation`` with ``MomentumMemoryState``.
   """
   validation.check_range("beta", beta, 0.0, 1.0)
-  validation.check_choice("objective", objective, OBJECTIVES)
-  validation.check_choice("delta_form", delta_form, DELTA_FORMS)
+  validation.check_choice("objective", objective, OBJECTIVES, style="supported")
+  validation.check_choice("delta_form", delta_form, DELTA_FORMS, style="supported")
   precond = optax.identity() if preconditioner is None else preconditioner
 
   def init_fn(params):

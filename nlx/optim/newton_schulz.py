@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nlx.optim import adam, moments, shapes, validation
+from nlx import validation
+from nlx.optim import adam, moments, shapes
 
 # Quintic coefficients of Muon (Jordan et al. 2024): maximal slope at zero.
 MUON_COEFFS = (3.4445, -4.775, 2.0315)

@@ -5,8 +5,8 @@ A run config (``configs/<family>.py:<size>``, built by ``nlx.configs.config``) i
 ``mesh`` and ``axis_rules``. ``validate(config)`` reads every section into its frozen dataclass
 (``ModelConfig``, ``OptimizerConfig``, ``DataConfig``, ``TrainConfig``, ``MeshConfig``) and checks
 the values against each other; an unknown field, a wrong type or an impossible value is a
-``ValueError`` naming the field, the value and what is allowed. The dataclasses are also the gin
-configurables (``nlx.configs.load_gin``).
+``ValueError`` naming the field, the value and what is allowed (``nlx.validation``). The
+dataclasses are also the gin configurables (``nlx.configs.load_gin``).
 
 This module imports no JAX: it runs before ``jax.distributed.initialize``.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import typing
 from typing import Any, Mapping, Optional
+
+from nlx import validation
 
 SECTIONS = ("model", "optimizer", "data", "train", "mesh", "axis_rules")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -63,11 +63,12 @@ class OptimizerConfig:
   slow_period: int = 100
 
   def __post_init__(self):
-    _check_fields(self, "optimizer")
-    _one_of("optimizer", "name", self.name, OPTIMIZERS)
-    _one_of("optimizer", "schedule", self.schedule, SCHEDULES)
-    _at_least("optimizer", self, learning_rate=0.0, warmup_steps=0, min_lr_ratio=0.0,
-              weight_decay=0.0, eps=0.0, clip_norm=0.0, slow_period=1)
+    validation.check_fields(self, "optimizer")
+    validation.check_choice("optimizer.name", self.name, OPTIMIZERS)
+    validation.check_choice("optimizer.schedule", self.schedule, SCHEDULES)
+    validation.check_minimums("optimizer", self, learning_rate=0.0, warmup_steps=0,
+                              min_lr_ratio=0.0, weight_decay=0.0, eps=0.0, clip_norm=0.0,
+                              slow_period=1)
     for name in ("b1", "b2", "min_lr_ratio"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"optimizer.{name}={getattr(self, name)!r} must be in [0, 1]")
@@ -110,10 +111,10 @@ class DataConfig:
   prefetch_threads: int = 2
 
   def __post_init__(self):
-    _check_fields(self, "data")
-    _one_of("data", "source", self.source, SOURCES)
-    _one_of("data", "tokenizer", self.tokenizer, TOKENIZERS)
-    _at_least("data", self, spm_vocab_size=8, prefetch_threads=0)
+    validation.check_fields(self, "data")
+    validation.check_choice("data.source", self.source, SOURCES)
+    validation.check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+    validation.check_minimums("data", self, spm_vocab_size=8, prefetch_threads=0)
     if not 0.0 < self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
     if self.source in ("text", "jsonl") and not self.path:
@@ -166,7 +167,7 @@ class TrainConfig:
   trainable: Optional[tuple] = None
 
   def __post_init__(self):
-    _check_fields(self, "train")
+    validation.check_fields(self, "train")
     if self.trainable is not None:
       import re  # pylint: disable=g-import-not-at-top
       if not self.trainable or not all(isinstance(r, str) for r in self.trainable):
@@ -177,9 +178,10 @@ class TrainConfig:
           re.compile(regex)
         except re.error as e:
           raise ValueError(f"train.trainable: {regex!r} is not a regex: {e}") from None
-    _at_least("train", self, steps=1, batch_size=1, seq_len=2, log_every=1, eval_every=0,
-              eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
-    _one_of("train", "compute_dtype", self.compute_dtype, DTYPES)
+    validation.check_minimums("train", self, steps=1, batch_size=1, seq_len=2, log_every=1,
+                              eval_every=0, eval_batches=1, checkpoint_every=0,
+                              keep_checkpoints=1)
+    validation.check_choice("train.compute_dtype", self.compute_dtype, DTYPES)
     if self.eval_every % self.log_every:
       raise ValueError(f"train.eval_every={self.eval_every} must be a multiple of "
                        f"train.log_every={self.log_every} (evaluations are logged)")
@@ -198,7 +200,7 @@ class MeshConfig:
   tensor: int = 1
 
   def __post_init__(self):
-    _check_fields(self, "mesh")
+    validation.check_fields(self, "mesh")
     sizes = self.sizes()
     if any(s == 0 or s < -1 for s in sizes.values()):
       raise ValueError(f"mesh {sizes}: every axis must be >= 1 or -1 (fill)")
@@ -336,35 +338,3 @@ def _check_model_for_training(run: RunConfig) -> None:
     raise ValueError(f"model.vocab_size={run.model.vocab_size} is too small for the byte "
                      "tokenizer; allowed: >= 256")
 
-
-def _check_fields(obj, section: str) -> None:
-  hints = typing.get_type_hints(type(obj))
-  for f in dataclasses.fields(obj):
-    _check_type(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-  args = typing.get_args(annotation)
-  optional = type(None) in args
-  base = next(a for a in args if a is not type(None)) if optional else annotation
-  if value is None and optional:
-    return
-  ok = {int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
-        float: isinstance(value, numbers.Real) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        str: isinstance(value, str),
-        tuple: isinstance(value, (tuple, list))}[base]
-  if not ok:
-    raise ValueError(f"{name}={value!r} must be a{'n' if base is int else ''} {base.__name__}"
-                     f"{' or None' if optional else ''}")
-
-
-def _one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
-  if value not in allowed:
-    raise ValueError(f"{section}.{name}={value!r} is not allowed; allowed: {list(allowed)}")
-
-
-def _at_least(section: str, obj, **minimums) -> None:
-  for name, low in minimums.items():
-    if getattr(obj, name) < low:
-      raise ValueError(f"{section}.{name}={getattr(obj, name)!r} must be >= {low}")
