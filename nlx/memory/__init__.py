@@ -1,16 +1,30 @@
 """The associative-memory core: objectives, memories, one recurrence and its parallel forms.
 
 * ``objectives``: inner objectives (``dot``, ``l2``) with their errors ``∂loss/∂M(k)``.
-* ``core``: the ``Memory`` abstraction, ``recurrent_scan`` (the token-by-token reference for every
-  op) and ``chunk_start_scan`` (the dual form for chunk-start gradients, any memory).
-* ``linear``: the matrix memory and the delta rule's UT-transform chunked form.
-* ``deep``: the residual MLP memory of Titans and HOPE.
+* ``core``: the recurrence every op runs, and the one entry point to its pieces:
+  ``base`` (the ``Memory`` abstraction), ``recurrent`` (``recurrent_scan``, the token-by-token
+  reference for every op), ``chunks`` (the chunk algebra and the UT inverse) and
+  ``chunk_start`` (``chunk_start_scan``, the dual form for chunk-start gradients, any memory).
+* ``linear``: the matrix memory.
+* ``deep``: the residual MLP memory of Titans and HOPE, and TTT's inner models.
+
+The ops built on it (``linear_attention``, ``delta_rule`` with its UT-transform chunked form,
+``titans_memory``, ``dgd_memory``) are in ``nlx.ops``.
 """
 
 from nlx.memory.core import Memory, chunk_start_scan, recurrent_scan
 from nlx.memory.deep import MLPMemory
-from nlx.memory.linear import LINEAR, LinearMemory, delta_rule_chunked
+from nlx.memory.linear import LINEAR, LinearMemory
 from nlx.memory.objectives import DOT, L2, Objective, get_objective
 
 __all__ = ["Memory", "LinearMemory", "MLPMemory", "LINEAR", "Objective", "DOT", "L2",
            "get_objective", "recurrent_scan", "chunk_start_scan", "delta_rule_chunked"]
+
+
+def __getattr__(name):
+  # The delta rule's chunked form lives next to its op, in nlx/ops/delta_rule.py; nlx.ops imports
+  # nlx.memory, so the old name is resolved on first use.
+  if name == "delta_rule_chunked":
+    from nlx.ops.delta_rule import delta_rule_chunked  # pylint: disable=g-import-not-at-top
+    return delta_rule_chunked
+  raise AttributeError(f"module 'nlx.memory' has no attribute {name!r}")

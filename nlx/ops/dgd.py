@@ -1,0 +1,88 @@
+"""Delta gradient descent (DGD): HOPE's inner optimizer, ``titans_memory`` plus a decay term.
+
+``dgd_memory`` adds to every layer's write the decay term ``−lr_t h_lᵀ (h_l W_l)`` on the layer's
+input (docs/EQUATIONS.md, Eqs. 88–93). Its three forms (``impl``):
+
+* reference, token by token: ``nlx/memory/recurrent.py::recurrent_scan`` with ``dgd=True`` and
+  ``grad_chunk=chunk_size`` (``impl="recurrent"``);
+* chunked: the chunk-start dual form ``nlx/memory/chunk_start.py::chunk_start_scan`` with
+  ``dgd=True``, whose ``_dgd_writes`` solves each layer's decay terms of a chunk as a unit lower
+  triangular system (``nlx/memory/chunks.py::unit_lower_solve``, the UT transform of the delta
+  rule); ``chunk_start_scan_offset`` continues a chunk in progress;
+* kernel: the delta rule's (``pallas_kernels/chunked_memory``, kind ``"delta_rule"``, through
+  ``nlx.ops.delta_rule``), for the case that is the gated delta rule: ``objective="dot"``, a
+  linear memory, no momentum, read after the write, chunks aligned with the call.
+
+Validation, layout and the ``TitansState`` are ``titans_memory``'s
+(``nlx.ops.titans.gradient_memory``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from nlx.memory import core
+from nlx.memory.objectives import DOT, L2
+from nlx.ops.delta_rule import delta_rule
+from nlx.ops.titans import TitansState, gradient_memory
+from nlx.ops.validation import check_objective
+
+Array = jax.Array
+
+
+def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = None,
+               momentum: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
+               objective: str = "l2", initial_state=None, chunk_size: int = 64,
+               read: str = "after_write", impl: str = "auto") -> tuple[Array, TitansState]:
+  """Delta gradient descent (DGD): ``titans_memory`` plus a decay term on every layer's input.
+
+  HOPE's inner optimizer (docs/EQUATIONS.md, Eqs. 56–57 and 88–93). Per head, with row-vector
+  layers ``y = h W`` (linear memory: ``M(x) = x S``, ``S`` ``[K, V]``; MLP: ``M(x) = x +
+  σ(x W2) W1``): for token t of a chunk (chunks aligned with the sequence start) whose start state
+  is ``W_c``, let ``h_l`` be layer l's input and ``e_l`` the gradient of the objective (``½‖M(k_t) −
+  v_t‖²`` for "l2", ``−⟨M(k_t), v_t⟩`` for "dot") with respect to layer l's output, both with M at
+  ``W_c``. Then::
+
+      P_l ← m_t P_l − lr_t h_lᵀ e_l                         (no momentum: P_l = −lr_t h_lᵀ e_l)
+      W_l ← (exp(g_t) I − lr_t h_lᵀ h_l) W_l + P_l          (the decay touches only W_l)
+      o_t = M_W(q_t)     after the write ("after_write") or before it ("before_write")
+
+  ``chunk_size=1`` is Eq. 88 token by token; per chunk, the decay term acts on the running state
+  and only the gradient term on ``W_c`` (Eq. 93). The chunked form solves each layer's decay terms
+  of a chunk as a unit lower triangular system (the UT transform of ``delta_rule``) and equals
+  the recurrence for every chunk size. ``objective="dot"`` on a linear memory without momentum is
+  the gated delta rule: ``delta_rule(q, k, exp(g)·v, beta=lr/exp(g), g=g, scale=1)``.
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` the rate of both terms;
+    g: ``[B, T, H]`` log-retention (≤ 0; ``exp(g) = α``) or None; momentum: ``[B, T, H]`` or None.
+    memory, initial_state, chunk_size, read: as in ``titans_memory`` (the same state and
+      continuation contract: a sequence split anywhere across calls equals one call).
+    objective: "l2" (Eq. 88) or "dot" (Eq. 92).
+    impl: "auto" | "chunked" | "recurrent" | "pallas" (the ``delta_rule`` kernels; only for the
+      gated-delta-rule case above, read after the write, chunks aligned with the call).
+
+  Returns:
+    ``(o [B, T, H, V], TitansState)``.
+  """
+  check_objective(objective)
+  return gradient_memory(q, k, v, lr, momentum, g, memory, L2 if objective == "l2" else DOT,
+                         initial_state, chunk_size, read, impl, dgd=True, kernel=_dgd_pallas)
+
+
+def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
+  """``dgd_memory`` on the delta rule's kernels: ``delta_rule(q, k, exp(g)·v, beta=lr/exp(g),
+  g=g, scale=1)``, for the gated-delta-rule case only (no momentum: ``gradient_memory`` sends
+  nothing else here), starting at a chunk boundary."""
+  del momentum
+  if offset is not None:
+    raise ValueError("impl='pallas': dgd_memory on the kernels starts at a chunk boundary; "
+                     "use impl='chunked' to continue a chunk in progress")
+  weights = state.memory if isinstance(state, TitansState) else state
+  alpha = jnp.ones_like(lr) if g is None else jnp.exp(g.astype(lr.dtype))
+  o, s = delta_rule(q, k, (alpha[..., None] * v).astype(v.dtype), beta=lr / alpha, g=g,
+                    scale=1.0, initial_state=weights, chunk_size=chunk_size, impl="pallas")
+  return o, TitansState(s, None, s, 0)

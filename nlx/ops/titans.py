@@ -1,0 +1,224 @@
+"""Titans' neural memory: gradient descent with momentum and decay, gradients at the chunk start.
+
+``titans_memory`` writes any memory (``"linear"``, ``"mlp"``, TTT's inner models) by a gradient
+step on ``½‖M(k) − v‖²`` taken at the state at the start of the token's chunk (Titans LMM,
+TTT-Linear/TTT-MLP with ``position_scale``). Its three forms (``impl``):
+
+* reference, token by token: ``nlx/memory/recurrent.py::recurrent_scan`` with
+  ``grad_chunk=chunk_size`` (``impl="recurrent"``);
+* chunked: the chunk-start dual form, ``nlx/memory/chunk_start.py::chunk_start_scan`` (chunks
+  aligned with the call) and ``chunk_start_scan_offset`` (a call that continues a chunk an
+  earlier call began);
+* kernel: ``pallas_kernels/chunked_memory`` with kind ``"titans"`` (linear memory only;
+  ``_titans_pallas`` below splits a call into the whole chunks the kernels take).
+
+``gradient_memory`` is the body shared with ``nlx.ops.dgd`` (``dgd_memory`` is this op plus
+DGD's decay term): validation, dispatch and layout, and the ``TitansState`` that lets a sequence
+split anywhere across calls equal one call.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from nlx.memory import core
+from nlx.memory.linear import LinearMemory
+from nlx.memory.objectives import DOT, L2, Objective
+from nlx.ops.common import compute_dtype, heads_first, resolve_impl
+from nlx.ops.validation import (check_continuation, check_gate, check_memory_params,
+                                check_memory_state, check_options, check_position_scale,
+                                check_sequences, resolve_memory)
+from pallas_kernels.chunked_memory import ops as pallas_ops
+
+Array = jax.Array
+
+
+class TitansState(NamedTuple):
+  """State of ``titans_memory``: the memory weights and, with momentum, the momentum (surprise).
+
+  ``memory`` is ``[B, H, K, V]`` for the linear memory, or ``{"w2": [B, H, K, hidden],
+  "w1": [B, H, hidden, V]}`` for the MLP memory; ``momentum`` has the same structure, or is None.
+
+  ``chunk_start`` and ``offset`` say where the next token falls in its gradient chunk: ``offset``
+  tokens of it (int, 0 ≤ offset < chunk_size; may be a traced int32 scalar) were written by an
+  earlier call, whose start weights (the chunk's gradient reference) are ``chunk_start`` (same
+  structure as ``memory``). ``titans_memory`` returns them, so a sequence split anywhere across
+  calls (prefill, then token-by-token decoding) equals one call. None means a chunk starts now.
+
+  ``accumulated`` (only with ``titans_memory``'s ``position_scale``): the chunk in progress's
+  writes summed before the position scale (``A`` of ``nlx.memory.core``; same structure as
+  ``memory``; zeros when a chunk starts now). The weights of a position-scaled chunk are not a
+  function of the previous weights alone, so continuing a chunk needs it. None otherwise.
+  """
+
+  memory: Union[Array, dict]
+  momentum: Optional[Union[Array, dict]] = None
+  chunk_start: Optional[Union[Array, dict]] = None
+  offset: Optional[Union[int, Array]] = None
+  accumulated: Optional[Union[Array, dict]] = None
+
+
+def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional[Array] = None,
+                  g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
+                  initial_state=None, chunk_size: int = 64, read: str = "after_write",
+                  impl: str = "auto", position_scale: Optional[Array] = None,
+                  memory_params: Optional[dict] = None) -> tuple[Array, TitansState]:
+  """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
+
+  For token t in a chunk whose start state is ``M_c``: ``G_t = ∇ℓ(M_c; k_t, v_t)``,
+  ``P_t = η_t P_{t−1} − lr_t G_t`` (η = 0 without momentum), ``M_t = exp(g_t) M_{t−1} + P_t``,
+  ``o_t = M_t(q_t)``. Gradients at the chunk-start state are part of the model (as in Titans and
+  TTT): the chunk size changes the result, the recurrent reference follows the same rule, and
+  ``chunk_size=1`` is exact online gradient descent. TTT-Linear/TTT-MLP: no momentum, no decay,
+  ``memory=TTTMemory(...)`` with its LayerNorm in ``memory_params`` and TTT's ``1/(i+1)``
+  schedule in ``position_scale``; Titans LMM: momentum and decay. q is used as given (no scale).
+
+  Args:
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` inner learning rate;
+    momentum: ``[B, T, H]`` η in [0, 1] or None; g: ``[B, T, H]`` log-decay (≤ 0) or None.
+    memory: "linear" (``M(x) = Sᵀx``), "mlp" (``MLPMemory()``: ``x + W1 σ(W2 x)``, K == V) or a
+      ``Memory`` instance (e.g. ``nlx.memory.deep.TTTMemory``).
+    initial_state: a ``TitansState``, or the memory alone (momentum then starts at zero).
+      Linear: ``[B, H, K, V]`` (zeros if None). MLP: required (see ``MLPMemory.init_state``).
+    chunk_size: the chunk of the chunk-start gradients (a modelling choice), aligned with the
+      start of the sequence. Splitting a sequence across calls anywhere reproduces one call when
+      each call gets the previous call's ``TitansState`` (which carries the chunk in progress).
+    read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
+    impl: "auto" | "chunked" (dual form) | "recurrent" | "pallas".
+    position_scale: ``[chunk_size]`` ``c`` or None (``c ≡ 1``): TTT's schedule inside a chunk.
+      Without momentum only. The token at position i of its chunk (i = 0..C−1; a final partial
+      chunk of r tokens uses ``c_0..c_{r−1}``) reads ``M_t = γ_t M_c + c_i Σ_{j≤t} (γ_t/γ_j) U_j``
+      with ``U_j = −lr_j G_j`` and γ the decay since the chunk start ``M_c``; the chunk's last
+      token's weights are the next chunk's start. ``c_i = 1/(i+1)`` (TTT: ``token_idx``) steps by
+      the mean of the chunk's gradients so far. Differentiable (TTT learns an offset on it).
+      The returned state carries the chunk's accumulated writes (``TitansState.accumulated``).
+    memory_params: the memory's fixed (not written) parameters, per head, shared by the batch:
+      ``{name: [H, *shape]}`` for ``memory.param_shapes`` (``TTTMemory``: the LayerNorm's
+      ``scale`` and ``shift``, ``[H, V]``), or None for memories without any. Differentiable.
+
+  Returns:
+    ``(o [B, T, H, V], TitansState)``.
+  """
+  return gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
+                         impl, dgd=False, kernel=_titans_pallas, position_scale=position_scale,
+                         memory_params=memory_params)
+
+
+def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
+  """``titans_memory`` on the kernels, which take whole chunks aligned with their call.
+
+  A chunk in progress (static ``offset``) is finished by the XLA form; whole chunks run on the
+  kernel; a final partial chunk runs as a second kernel call, so that the state at its start
+  (the returned ``chunk_start``) is known.
+  """
+  t = q.shape[1]
+  piece = lambda x, a, b: None if x is None else x[:, a:b]
+  call = lambda a, b, st, impl: titans_memory(
+      piece(q, a, b), piece(k, a, b), piece(v, a, b), lr=piece(lr, a, b),
+      momentum=piece(momentum, a, b), g=piece(g, a, b), initial_state=st,
+      chunk_size=chunk_size, impl=impl)
+  if offset:  # finish the chunk in progress, then continue on the kernel
+    head = min(chunk_size - offset, t)
+    o1, state = call(0, head, state, "chunked")
+    if head == t:
+      return o1, state
+    o2, state = call(head, t, state, "pallas")
+    return jnp.concatenate([o1, o2], axis=1), state
+  whole = t - t % chunk_size
+  if whole not in (0, t):
+    o1, state = call(0, whole, state, "pallas")
+    o2, state = call(whole, t, state, "pallas")
+    return jnp.concatenate([o1, o2], axis=1), state
+  weights, mom = (state.memory, state.momentum) if isinstance(state, TitansState) else (state,
+                                                                                       None)
+  o, w, p = pallas_ops.chunked_memory("titans", q, k, v, beta=lr, g=g, momentum=momentum,
+                                      initial_state=weights, initial_momentum=mom,
+                                      chunk_size=chunk_size)
+  if whole == t:
+    return o, TitansState(w, p, w, 0)
+  start = jnp.zeros_like(w) if weights is None else weights.astype(w.dtype)
+  return o, TitansState(w, p, start, t)
+
+
+def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, initial_state,
+                    chunk_size: int, read: str, impl: str, *, dgd: bool, kernel: Callable,
+                    position_scale=None, memory_params=None) -> tuple[Array, TitansState]:
+  """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout.
+
+  ``kernel``: the op's ``impl="pallas"`` path, ``(q, k, v, lr, momentum, g, initial_state,
+  offset, chunk_size) -> (o, TitansState)`` (``offset``: None when a chunk starts now).
+  """
+  b, t, h, dk, dv = check_sequences(q, k, v)
+  check_gate("lr", lr, b, t, h, required=True)
+  check_gate("momentum", momentum, b, t, h, required=False)
+  check_gate("g", g, b, t, h, required=False)
+  impl = check_options(chunk_size, impl)
+  core.check_read(read)
+  mem = resolve_memory(memory)
+  check_position_scale(position_scale, chunk_size, momentum, dgd)
+  parts = (tuple(initial_state) if isinstance(initial_state, TitansState)
+           else (initial_state, None, None, None, None))
+  weights, mom, start, offset, acc = check_memory_state(mem, parts, b, h, dk, dv, chunk_size)
+  check_memory_params(mem, memory_params, h, dk, dv,
+                      0 if weights is None else mem.hidden_dim(weights))
+  start, offset, acc = check_continuation(momentum, position_scale, mom, start, offset, acc)
+  reason = None
+  if position_scale is not None:
+    reason = "the kernels do not implement position_scale"
+  elif not isinstance(mem, LinearMemory):
+    reason = "the kernels implement linear memories only"
+  elif read != "after_write":
+    reason = "the kernels read after the write only"
+  elif dgd and (objective is not DOT or momentum is not None):
+    reason = ("the kernels implement DGD only as the gated delta rule (objective='dot', a linear "
+              "memory, no momentum)")
+  elif offset is not None and not isinstance(offset, numbers.Integral):
+    reason = ("initial_state.offset is a traced array; the kernels need to know statically how "
+              "many tokens finish the chunk in progress")
+  impl = resolve_impl(impl, "delta_rule" if dgd else "titans", q, k, v, chunk_size, reason)
+  if impl == "pallas":
+    return kernel(q, k, v, lr, momentum, g, initial_state, offset, chunk_size)
+
+  cdt = compute_dtype(q.dtype)
+  cast = lambda x: None if x is None else jnp.asarray(x, cdt)
+  castt = lambda tree: None if tree is None else jax.tree.map(cast, tree)
+  if weights is None:
+    weights = {"w": jnp.zeros((b, h, dk, dv), cdt)}
+  weights = castt(weights)
+  if momentum is not None and mom is None:
+    mom = jax.tree.map(jnp.zeros_like, weights)
+  mom = castt(mom) if momentum is not None else None
+  start, acc = castt(start), castt(acc)
+  gates = [None if x is None else jnp.moveaxis(cast(x), 2, 1) for x in (lr, g, momentum)]
+  lr_, g_, m_ = gates
+  if g_ is None:
+    g_ = jnp.zeros_like(lr_)
+  per_slice = lambda x: jnp.broadcast_to(cast(x), (b,) + x.shape)  # [H, ...] -> [B, H, ...]
+  params = None if memory_params is None else jax.tree.map(per_slice, memory_params)
+  scale = None if position_scale is None else jnp.broadcast_to(cast(position_scale),
+                                                               (b, h, chunk_size))
+
+  seqs = [heads_first(cast(x)) for x in (q, k, v)]
+  args = (mem, objective, *seqs, lr_, g_, m_, weights, mom)
+  options = dict(batch_ndim=2, dgd=dgd, read=read, params=params, row_scale=scale)
+  aligned = offset is None and t % chunk_size == 0
+  if impl == "recurrent":
+    o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size,
+                                              offset=0 if offset is None else offset,
+                                              chunk_start=start, accumulated=acc, **options)
+    offset = ((0 if offset is None else offset) + t) % chunk_size
+  elif aligned:  # the fast path: chunks aligned with the call, whole chunks
+    o, w, p = core.chunk_start_scan(*args, chunk_size, **options)
+    start, offset = w, 0
+    acc = None if scale is None else jax.tree.map(jnp.zeros_like, w)
+  else:
+    o, w, p, start, offset, acc = core.chunk_start_scan_offset(
+        *args, weights if start is None else start, 0 if offset is None else offset, chunk_size,
+        accumulated=acc, **options)
+  if isinstance(mem, LinearMemory):
+    w, p, start, acc = (None if x is None else x["w"] for x in (w, p, start, acc))
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), TitansState(w, p, start, offset, acc)
