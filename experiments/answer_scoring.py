@@ -1,5 +1,5 @@
-"""Prompt + answer batches of bytes and teacher-forced answer scoring (``niah.py``,
-``babi_long.py``).
+"""Prompt + answer batches of bytes and teacher-forced answer scoring (``experiments.niah``,
+``experiments.babi_long``).
 
 A question-answering example is a ``prompt`` string and its ``answer`` string. Its byte tokens
 ``prompt + answer`` become one row of a ``study.Batch``: the loss mask is 1 on the positions that
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import study
+from experiments import study
 
 PAD = 0  # the ByteTokenizer's end-of-document id, never inside a text
 

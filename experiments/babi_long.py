@@ -4,7 +4,8 @@ filler text, question at the end; accuracy vs context length (512 .. 16K byte to
 BABILong (Kuratov et al., 2024) hides the sentences of bAbI stories (Weston et al., 2015) in
 PG-19 books and asks the bAbI question at the end, at lengths from 0 to millions of tokens. Here:
 
-* bAbI from ``--data`` (``<data>/babi/en/qa<N>_*_{train,test}.txt``; the numbered-line format:
+* bAbI from the datasets directory (``--data DIR``, else ``$NLX_DATA``):
+  ``DIR/babi/en/qa<N>_*_{train,test}.txt``, the English bAbI tasks 1-20 (numbered-line format:
   a line number 1 starts a story, a question line holds ``question<TAB>answer<TAB>fact ids``);
   a question's facts are the story's statements before it;
 * filler: the embedded tinyshakespeare corpus (or ``--filler``), the first 90% for training and
@@ -21,9 +22,9 @@ word: the argmax at every answer position (= greedy decoding, temperature 0, sta
 answer). ``majority`` is the share of the evaluated questions whose answer is the most common
 training answer (what a model that ignores the story gets).
 
-    python experiments/babi_long.py --scale tiny         # ~9 min on 2 idle CPU cores
-    python experiments/babi_long.py --scale small --out runs/babi_long_small   # a GPU
-    python experiments/babi_long.py --models transformer --steps 2 --lengths 512 --n_eval 2
+    python -m experiments.babi_long --scale tiny --data DATA   # ~9 min on 2 idle CPU cores
+    python -m experiments.babi_long --scale small --out runs/babi_long_small   # a GPU; NLX_DATA
+    python -m experiments.babi_long --models transformer --steps 2 --lengths 512 --n_eval 2
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ import collections
 import dataclasses
 import glob
 import os
-import sys
+from typing import Optional
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
-import niah  # pylint: disable=g-import-not-at-top,wrong-import-position  (model configs, text)
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import answer_scoring, study
+from experiments import niah  # the model configs and the filler text of S-NIAH
 
 STUDY = "babi_long"
+BABI_FILES = ("babi/en/qa<N>_<name>_{train,test}.txt: the English bAbI tasks 1-20 (Weston et al., "
+              "2015; the tasks/en folder of the bAbI release, e.g. siddk/entity-network tasks/en)")
 MODELS = ("transformer", "titans_lmm", "hope")
 TINY_N = {512: 16, 1024: 16, 2048: 16, 4096: 8, 8192: 4, 16384: 2}
 SCALES = {
@@ -98,13 +99,19 @@ def parse_babi(text: str) -> list[BabiQuestion]:
   return questions
 
 
-def babi_dir(data: str) -> str:
-  """The directory of the bAbI ``qa*_train.txt`` files under ``--data``."""
-  for candidate in (os.path.join(data, "babi", "en"), os.path.join(data, "en"), data):
+def babi_dir(data: Optional[str]) -> str:
+  """The directory of the bAbI ``qa*_train.txt`` files: ``<data>/babi/en`` (or ``<data>/en``, or
+  ``<data>`` itself), ``data`` the ``--data`` value (None: ``$NLX_DATA``).
+
+  Raises:
+    study.DataNotFound: no datasets directory, or no bAbI files in it (one line).
+  """
+  root, source = study.data_root(data, BABI_FILES)
+  for candidate in (os.path.join(root, "babi", "en"), os.path.join(root, "en"), root):
     if glob.glob(os.path.join(candidate, "qa1_*_train.txt")):
       return candidate
-  raise FileNotFoundError(f"--data={data!r}: no bAbI files (expected "
-                          f"{os.path.join(data, 'babi', 'en', 'qa1_*_train.txt')})")
+  raise study.missing_data(root, source, os.path.join(root, "babi", "en", "qa1_*_train.txt"),
+                           BABI_FILES)
 
 
 def load_task(directory: str, task: int, split: str) -> list[BabiQuestion]:
@@ -293,7 +300,8 @@ def main(argv=None) -> dict:
   results = run(settings, args.data, args.filler, args.seed)
   table = tables(results)
   print(table)
-  study.write_outputs(args.out, STUDY, results, table, plot(results))
+  study.write_outputs(args.out, STUDY, results, table, plot(results),
+                      command=study.command_line(STUDY, argv))
   return results
 
 

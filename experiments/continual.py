@@ -56,11 +56,14 @@ dataset 3 tasks x 5 classes (DBpedia: 3 x 4 of its 14), 24 training and 8 test e
 class, texts cut to 55 bytes; 50 steps of 16 examples per task for every trained method (lr
 3e-3).
 
-Commands::
+Data: the datasets directory (``--data DIR``, else ``$NLX_DATA``) holds ``clinc150/``,
+``banking77/`` and ``dbpedia14/`` (``experiments.continual_data``, which also builds the tasks).
 
-  python experiments/continual.py --scale tiny          # ~10 min on 2 idle CPU cores
-  python experiments/continual.py --scale small --out runs/continual_small   # a GPU/TPU
-  python experiments/continual.py --datasets clinc150 --steps 2 --levels "" --lowest-periods ""
+Commands (from the repository root; ``DATA`` the datasets directory)::
+
+  python -m experiments.continual --scale tiny --data DATA     # ~10 min on 2 idle CPU cores
+  python -m experiments.continual --scale small --out runs/continual_small   # GPU/TPU; NLX_DATA
+  python -m experiments.continual --datasets clinc150 --steps 2 --levels "" --lowest-periods ""
 
 Outputs: ``runs/continual/continual.{json,md,png}``.
 """
@@ -68,31 +71,26 @@ Outputs: ``runs/continual/continual.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import sys
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 import nlx
-import study
+from experiments import study
+from experiments.continual_data import (DATASETS, PROMPT, Examples, Task, encode_examples,
+                                        icl_prefix, load_dataset, make_tasks, train_batch)
 from nlx import convert
 from nlx.data import sources
 from nlx.data.tokenizers import ByteTokenizer
+from nlx.train.fitting import fit
 
 STUDY = "continual"
-DATASETS = ("clinc150", "banking77", "dbpedia14")
 METHODS = ("fine-tune", "EWC", "ICL", "Hope-attention")
-PROMPT = "\nlabel: "
 
 PRESETS = {
     "tiny": dict(size="tiny", pretrain_steps=150, pretrain_len=128, pretrain_batch=16,
@@ -114,133 +112,6 @@ PRESETS = {
                   main_periods=(128, 2048), levels=(1, 2, 3, 4), levels_period=2048,
                   lowest_periods=(512, 2048, 8192)),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: examples, class split, label tokens
-# ---------------------------------------------------------------------------------------------
-
-def load_dataset(name: str, data_dir: str, seed: int) -> dict:
-  """``{"train": {class: [texts]}, "test": {class: [texts]}}`` of one dataset.
-
-  DBpedia has only a test file here: each class's examples are shuffled with ``seed`` and split
-  in halves (train, test).
-  """
-  if name not in DATASETS:
-    raise ValueError(f"--datasets: unknown dataset {name!r}; allowed: {list(DATASETS)}")
-  path = os.path.join(data_dir, name)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"--data={data_dir!r}: no {name}/ directory there (see "
-                            "shared/data/PROVENANCE.md)")
-  return {"clinc150": _clinc, "banking77": _banking, "dbpedia14": _dbpedia}[name](path, seed)
-
-
-def _group(pairs) -> dict:
-  out: dict = {}
-  for text, label in pairs:
-    out.setdefault(label, []).append(text)
-  return out
-
-
-def _clinc(path: str, seed: int) -> dict:
-  del seed
-  with open(os.path.join(path, "data_full.json"), encoding="utf-8") as f:
-    raw = json.load(f)
-  return {split: _group(raw[split]) for split in ("train", "test")}
-
-
-def _banking(path: str, seed: int) -> dict:
-  del seed
-  out = {}
-  for split in ("train", "test"):
-    with open(os.path.join(path, f"{split}.csv"), encoding="utf-8", newline="") as f:
-      out[split] = _group((row["text"], row["category"]) for row in csv.DictReader(f))
-  return out
-
-
-def _dbpedia(path: str, seed: int) -> dict:
-  with open(os.path.join(path, "olora_test.json"), encoding="utf-8") as f:
-    by_class = _group((r["sentence"], r["label"]) for r in json.load(f))
-  train, test = {}, {}
-  for k, label in enumerate(sorted(by_class)):
-    texts = by_class[label]
-    order = np.random.default_rng([seed, k]).permutation(len(texts))
-    half = len(texts) // 2
-    train[label] = [texts[i] for i in order[:half]]
-    test[label] = [texts[i] for i in order[half:]]
-  return {"train": train, "test": test}
-
-
-def class_split(classes: Sequence[str], n_tasks: int, per_task: int,
-                seed: int) -> list[list[str]]:
-  """``n_tasks`` disjoint groups of ``per_task`` classes, drawn and ordered by ``seed``."""
-  classes = sorted(classes)
-  if n_tasks * per_task > len(classes):
-    raise ValueError(f"{n_tasks} tasks x {per_task} classes needs {n_tasks * per_task} classes; "
-                     f"the dataset has {len(classes)}")
-  order = np.random.default_rng(seed).permutation(len(classes))[:n_tasks * per_task]
-  return [[classes[i] for i in order[t * per_task:(t + 1) * per_task]] for t in range(n_tasks)]
-
-
-def label_token(k: int) -> int:
-  """The byte of class number ``k`` (task order): ``A``-``Z``, ``a``-``z``, then 128 + k - 52."""
-  if k < 26:
-    return ord("A") + k
-  if k < 52:
-    return ord("a") + k - 26
-  if k < 52 + 128:
-    return 128 + k - 52
-  raise ValueError(f"class number {k} has no label byte (at most 180 classes)")
-
-
-def clean(text: str, max_bytes: int) -> list[int]:
-  """Byte ids of ``text`` with whitespace runs as one space, cut to ``max_bytes``."""
-  return ByteTokenizer().encode(" ".join(text.split()))[:max_bytes]
-
-
-class Examples(NamedTuple):
-  """Token rows: ``tokens [N, T]`` (0-padded), ``pos [N]`` (the index whose next token is the
-  label), ``label [N]`` (the label byte)."""
-
-  tokens: np.ndarray
-  pos: np.ndarray
-  label: np.ndarray
-
-
-def encode_examples(items: Sequence[tuple[list[int], int]], seq_len: int,
-                    prefix: Sequence[int] = ()) -> Examples:
-  """``prefix + text + "\\nlabel: "`` per ``(text ids, label byte)``, right-padded to
-  ``seq_len`` (the prefix is cut from the left if too long)."""
-  prompt = ByteTokenizer().encode(PROMPT)
-  tokens = np.zeros((len(items), seq_len), np.int32)
-  pos, label = np.zeros(len(items), np.int32), np.zeros(len(items), np.int32)
-  for row, (text, lab) in enumerate(items):
-    seq = (list(prefix) + list(text) + prompt)[-seq_len:]
-    tokens[row, :len(seq)] = seq
-    pos[row], label[row] = len(seq) - 1, lab
-  return Examples(tokens, pos, label)
-
-
-def task_items(data: dict, split: str, classes: Sequence[str], tokens: dict, n: int,
-               max_text: int, seed: int) -> list[tuple[list[int], int]]:
-  """The first ``n`` examples (after a seeded shuffle) of each class: ``(text ids, byte)``."""
-  items = []
-  for name in classes:
-    texts = data[split][name]
-    order = np.random.default_rng([seed, tokens[name]]).permutation(len(texts))[:n]
-    items += [(clean(texts[i], max_text), tokens[name]) for i in order]
-  return items
-
-
-def train_batch(ex: Examples, step: int, batch: int, seed: int) -> study.Batch:
-  """Batch ``step`` of a task: rows drawn with (seed, step); loss on the label token only."""
-  rows = np.random.default_rng([seed, step]).integers(0, len(ex.label), batch)
-  tokens = ex.tokens[rows]
-  targets = np.zeros_like(tokens)
-  mask = np.zeros(tokens.shape, np.float32)
-  targets[np.arange(batch), ex.pos[rows]] = ex.label[rows]
-  mask[np.arange(batch), ex.pos[rows]] = 1.0
-  return study.Batch(tokens, targets, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +145,17 @@ def forgetting(acc: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Learners: a model with a cached jitted train step and evaluation
+# Learners: a model trained by nlx's one train step (``fit``), its Fisher and its predictions
 # ---------------------------------------------------------------------------------------------
+
+def ewc_loss(model, batch) -> jax.Array:
+  """``masked_loss`` plus the EWC penalty ``lambda/2 · Σ F (θ − θ*)²`` of ``model``'s parameters
+  ``θ``; ``batch = (study.Batch, fisher F, anchor θ*, lambda)`` (lambda 0: plain fine-tuning)."""
+  data, fisher, anchor, lam = batch
+  params = nnx.state(model, nnx.Param)
+  sq = jax.tree.map(lambda f, x, a: jnp.sum(f * (x - a) ** 2), fisher, params, anchor)
+  return study.masked_loss(model, data) + 0.5 * lam * sum(jax.tree.leaves(sq))
+
 
 def level_scales(params, cfg, outer_period: int):
   """Outer-update scale per parameter: ``min(1, outer_period / C_ℓ)`` on CMS level ℓ, 1 else."""
@@ -305,10 +185,11 @@ class Learner:
     self.params = params
     scales = level_scales(params, model.cfg, outer_period)
     decay = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    # One optimizer object per learner: ``fit`` compiles its step once per learner (per graph,
+    # optimizer and loss), for every task and dataset.
     self.tx = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(lr, b2=0.95, weight_decay=0.0, mask=decay),
                           optax.stateless(lambda u, _: jax.tree.map(jnp.multiply, u, scales)))
-    self._step = jax.jit(self._step_impl)
     self._grad = jax.jit(jax.grad(self._loss))
     self._logits = jax.jit(self._logits_impl)
 
@@ -322,30 +203,21 @@ class Learner:
   def _loss(self, params, batch):
     return study.masked_loss(nnx.merge(self.graphdef, params, self.rest), batch)
 
-  def _step_impl(self, params, opt_state, batch, fisher, anchor, lam):
-    def total(p):
-      sq = jax.tree.map(lambda f, x, a: jnp.sum(f * (x - a) ** 2), fisher, p, anchor)
-      return self._loss(p, batch) + 0.5 * lam * sum(jax.tree.leaves(sq))
-    loss, grads = jax.value_and_grad(total)(params)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
   def _logits_impl(self, params, tokens, pos):
     logits = nnx.merge(self.graphdef, params, self.rest)(tokens)
     return jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
   def fit(self, batch_fn: Callable[[int], study.Batch], steps: int, ewc=None, desc=""):
-    """``steps`` AdamW steps on ``batch_fn``; ``ewc = (fisher, anchor, lambda)`` or None."""
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    """``steps`` AdamW steps (a fresh optimizer state) on ``batch_fn`` with ``ewc_loss``;
+    ``ewc = (fisher, anchor, lambda)`` or None. Returns the loss of every step."""
     zeros = jax.tree.map(jnp.zeros_like, self.params)
     fisher, anchor, lam = ewc if ewc else (zeros, zeros, 0.0)
-    opt_state, losses = self.tx.init(self.params), []
-    for step in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True):
-      batch = study.Batch(*(jnp.asarray(x) for x in batch_fn(step)))
-      self.params, opt_state, loss = self._step(self.params, opt_state, batch, fisher, anchor,
-                                                jnp.float32(lam))
-      losses.append(loss)
-    return [float(x) for x in jax.device_get(losses)]
+    lam = jnp.float32(lam)
+    result = fit(nnx.merge(self.graphdef, self.params, self.rest),
+                 lambda step: (batch_fn(step), fisher, anchor, lam), steps, tx=self.tx,
+                 loss=ewc_loss, desc=desc)
+    self.params = nnx.split(result.model, nnx.Param, ...)[1]
+    return result.losses
 
   def fisher(self, batch_fn: Callable[[int], study.Batch], n: int):
     """Diagonal empirical Fisher: mean over ``n`` batches of the squared loss gradient."""
@@ -372,28 +244,6 @@ class Learner:
 # ---------------------------------------------------------------------------------------------
 # One continual run
 # ---------------------------------------------------------------------------------------------
-
-class Task(NamedTuple):
-  train: Examples
-  test: Examples
-  tokens: list  # label bytes of the task's classes
-  classes: list  # their names
-
-
-def make_tasks(data: dict, s: dict, seed: int) -> list[Task]:
-  """The tasks of one dataset: class split, label bytes, encoded train and test examples
-  (``classes_per_task``, or fewer when the dataset has too few classes)."""
-  per_task = min(s["classes_per_task"], len(data["test"]) // s["n_tasks"])  # DBpedia: 14
-  groups = class_split(sorted(data["test"]), s["n_tasks"], per_task, seed)
-  byte_of = {name: label_token(k) for k, name in enumerate(c for g in groups for c in g)}
-  tasks = []
-  for group in groups:
-    items = lambda split, n: task_items(data, split, group, byte_of, n, s["max_text"], seed)
-    tasks.append(Task(encode_examples(items("train", s["n_train"]), s["seq_len"]),
-                      encode_examples(items("test", s["n_test"]), s["seq_len"]),
-                      [byte_of[c] for c in group], list(group)))
-  return tasks
-
 
 def accuracy_row(predict: Callable, tasks: list[Task], upto: int) -> list[float]:
   """Accuracy on each task ``j <= upto`` (argmax over the classes of tasks ``<= upto``)."""
@@ -426,23 +276,6 @@ def run_sequential(learner: Learner, tasks: list[Task], s: dict, seed: int, ewc:
       anchor = learner.params
     rows.append(accuracy_row(learner.predict, tasks, i))
   return {**summarize(rows, tasks), "final_loss": [l[-1] for l in losses]}
-
-
-def icl_prefix(tasks: list[Task], upto: int, s: dict, seed: int) -> list[int]:
-  """``icl_shots`` labelled training examples per seen class, seeded order, as byte ids."""
-  shots = []
-  for task in tasks[:upto + 1]:
-    for b in task.tokens:
-      rows = np.flatnonzero(task.train.label == b)[:s["icl_shots"]]
-      shots += [(task.train.tokens[r, :task.train.pos[r] + 1], b) for r in rows]
-  order = np.random.default_rng([seed, upto]).permutation(len(shots))
-  prompt = ByteTokenizer().encode(PROMPT)
-  out = []
-  for k in order:
-    row, b = shots[k]
-    text = list(row[:len(row) - len(prompt)])[:s["icl_text"]]
-    out += text + prompt + [b, ord("\n")]
-  return out
 
 
 def run_icl(learner: Learner, tasks: list[Task], s: dict, seed: int) -> dict:
@@ -480,7 +313,7 @@ def pretrain(s: dict, seed: int):
   cfg = study.model_config("transformer", s["size"])
   if not s["pretrain_steps"]:  # smoke runs: the untrained model
     model = nlx.build_model(cfg, rngs=nnx.Rngs(seed))
-    return model, study.TrainResult(model, [], 0.0, 0.0, 0)
+    return model, study.FitResult(model, [], 0.0, 0.0, 0)
   result = study.train(cfg, batch_fn, s["pretrain_steps"], lr=3e-3, seed=seed, desc="pretrain")
   return result.model, result
 
@@ -620,27 +453,19 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def int_tuple(text):
-  """``"16,64"`` -> ``(16, 64)``; ``""`` -> ``()``; None stays None."""
-  if text is None:
-    return None
-  return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  # "16,64" -> (16, 64); "" -> () (no sweep of that kind); None: the scale's.
+  ints = lambda flag, text: None if text is None else tuple(
+      study.parse_list(flag, text, convert=int, minimum=1, empty=True))
   s = study.scale_settings(
       PRESETS, args.scale, steps=args.steps, pretrain_steps=args.pretrain_steps,
       n_train=args.n_train, n_test=args.n_test, classes_per_task=args.classes_per_task,
-      n_tasks=args.n_tasks, levels=int_tuple(args.levels),
-      lowest_periods=int_tuple(args.lowest_periods), main_periods=int_tuple(args.main_periods))
-  names = [x.strip() for x in args.datasets.split(",") if x.strip()]
-  methods = [x.strip() for x in args.methods.split(",") if x.strip()]
-  for method in methods:
-    if method not in METHODS:
-      raise ValueError(f"--methods: unknown method {method!r}; allowed: {list(METHODS)}")
-  if not os.path.isdir(args.data):
-    raise FileNotFoundError(f"--data={args.data!r} is not a directory")
+      n_tasks=args.n_tasks, levels=ints("--levels", args.levels),
+      lowest_periods=ints("--lowest-periods", args.lowest_periods),
+      main_periods=ints("--main-periods", args.main_periods))
+  names = study.parse_list("--datasets", args.datasets, known=DATASETS)
+  methods = study.parse_list("--methods", args.methods, known=METHODS)
   datasets = {name: load_dataset(name, args.data, args.seed) for name in names}
   all_tasks = {name: make_tasks(data, s, args.seed) for name, data in datasets.items()}
   chance = {name: chance_levels(tasks) for name, tasks in all_tasks.items()}
@@ -661,7 +486,8 @@ def main(argv=None) -> dict:
          "classes": {name: [dict(zip(t.classes, map(chr, t.tokens))) for t in tasks]
                      for name, tasks in all_tasks.items()},
          "chance": chance, "results": results, "sweep": sweep, "seconds": time.time() - start}
-  paths = study.write_outputs(args.out, STUDY, out, md, plot(results, sweep, s, chance))
+  paths = study.write_outputs(args.out, STUDY, out, md, plot(results, sweep, s, chance),
+                              command=study.command_line(STUDY, argv))
   return {"paths": paths, **out}
 
 

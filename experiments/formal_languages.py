@@ -27,12 +27,12 @@ optimizer steps instead of 300 epochs with early stopping; the nlx models as con
 Transformer++, the tiny HOPE chunk sizes and CMS periods) with an untied output head whose first
 logits are the label logits; bins are scored after training, one seed.
 
-Commands (``--scale tiny`` takes minutes on a 2-core CPU; ``small`` and ``paper`` are GPU/TPU
-settings)::
+Commands, from the repository root (``--scale tiny`` takes minutes on a 2-core CPU; ``small`` and
+``paper`` are GPU/TPU settings)::
 
-  python experiments/formal_languages.py --scale tiny
-  python experiments/formal_languages.py --scale small --out runs/formal_languages_small
-  python experiments/formal_languages.py --families deltanet --languages parity,anbn --steps 50
+  python -m experiments.formal_languages --scale tiny
+  python -m experiments.formal_languages --scale small --out runs/formal_languages_small
+  python -m experiments.formal_languages --families deltanet --languages parity,anbn --steps 50
 
 Writes ``<out>/formal_languages.{json,md,png}`` (default ``runs/formal_languages``). ``--data``
 is accepted for uniformity with the other studies and unused (the data are generated).
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -52,10 +51,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import nlx  # pylint: disable=g-import-not-at-top,wrong-import-position
+import nlx
+from experiments import study
+from nlx.train.fitting import fit
 
 STUDY = "formal_languages"
 FAMILIES = ("hope", "transformer", "deltanet")
@@ -261,19 +259,18 @@ def bce_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   return jnp.sum(loss * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def language_loss(model, batch) -> jax.Array:
+  """``bce_loss`` of ``model`` on ``batch = (inputs, targets, mask, labels)`` (see ``encode``,
+  ``label_mask``): the loss ``fit`` trains with."""
+  inputs, targets, mask, labels = batch
+  return bce_loss(model(inputs), targets, mask, labels)
+
+
 @functools.lru_cache(maxsize=None)
 def _optimizer(steps: int, lr: float) -> optax.GradientTransformation:
-  # One object per (steps, lr): a static argument of the jitted step, compiled once per model.
+  # One object per (steps, lr): with the one graphdef per config (``build``) and the one loss
+  # function, ``fit``'s compiled step is reused, a compile per model config.
   return study.optimizer(steps, lr, warmup=steps // 10, weight_decay=0.1, clip=1.0)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(graphdef, tx, params, rest, opt_state, inputs, targets, mask, labels):
-  def loss_fn(p):
-    return bce_loss(nnx.merge(graphdef, p, rest)(inputs), targets, mask, labels)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -289,43 +286,30 @@ _GRAPHDEFS: dict = {}
 
 
 def build(cfg, seed: int):
-  """``(graphdef, params, rest)`` of a fresh model; one graphdef per config.
+  """A fresh model of ``cfg``, merged from the first graphdef of that config.
 
   HOPE's CMS keeps a spec object (compared by identity) in the graph definition, so two builds of
   one config would not share jitted functions; reusing the first graphdef compiles once.
   """
   graphdef, params, rest = nnx.split(nlx.build_model(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-  return _GRAPHDEFS.setdefault(cfg, graphdef), params, rest
+  return nnx.merge(_GRAPHDEFS.setdefault(cfg, graphdef), params, rest)
 
 
 def train_language(cfg, lang: Language, settings: dict, seed: int, desc: str = ""):
-  """Trains a fresh model on ``lang``; returns ``(model, losses, seconds, tokens_per_second)``."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = build(cfg, seed)
+  """Trains a fresh model on ``lang`` (``nlx.train.fit``); returns ``(model, losses, seconds,
+  tokens_per_second)``."""
   steps, batch, width = settings["steps"], settings["batch"], pad_to(settings["train_max"],
                                                                      settings["pad_multiple"])
-  tx = _optimizer(steps, settings["lr"])
-  opt_state, labels, losses = tx.init(params), jnp.asarray(label_mask(lang)), []
-  start, tokens, compiled = time.time(), 0, None
-  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, leave=False)
-  for step in bar:
+  labels = label_mask(lang)
+
+  def batches(step):
     strings = [example(lang, seed, TRAIN, step * batch + i, 1, settings["train_max"])
                for i in range(batch)]
-    inputs, targets, mask = encode(lang, strings, width)
-    params, opt_state, loss = _train_step(graphdef, tx, params, rest, opt_state, inputs,
-                                          targets, mask, labels)
-    losses.append(loss)
-    if step == 0:
-      jax.block_until_ready(loss)
-      compiled = time.time()
-    else:
-      tokens += inputs.size
-    if step % 10 == 0 or step == steps - 1:
-      bar.set_postfix(loss=f"{float(loss):.3f}")
-  losses = [float(x) for x in jax.device_get(losses)]
-  end = time.time()
-  return (nnx.merge(graphdef, params, rest), losses, end - start,
-          tokens / max(end - (compiled or start), 1e-9))
+    return (*encode(lang, strings, width), labels)
+
+  result = fit(build(cfg, seed), batches, steps, tx=_optimizer(steps, settings["lr"]),
+               loss=language_loss, desc=desc)
+  return result.model, result.losses, result.seconds, result.tokens_per_second
 
 
 def score(predicted: np.ndarray, targets: np.ndarray, mask: np.ndarray,
@@ -366,17 +350,6 @@ def evaluate(model, lang: Language, strings: Sequence[str], width: int, rows: in
 # ---------------------------------------------------------------------------------------------
 # The study
 # ---------------------------------------------------------------------------------------------
-
-def parse_list(flag: str, value: Optional[str], known: Sequence[str]) -> list:
-  """Comma-separated ``value`` of ``flag`` (all of ``known`` when None); unknown names raise."""
-  if value is None:
-    return list(known)
-  names = [v.strip() for v in value.split(",") if v.strip()]
-  for name in names:
-    if name not in known:
-      raise ValueError(f"{flag}: unknown value {name!r}; allowed: {', '.join(known)}")
-  return names
-
 
 def run(settings: dict, families: Sequence[str], languages: Sequence[str], seed: int) -> dict:
   """Trains and scores every (family, language); returns the JSON results."""
@@ -465,18 +438,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parser.parse_args(argv)
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
                                   eval_size=args.eval_size)
-  families = (list(FAMILIES) if args.families is None
-              else parse_list("--families", args.families, known_families()))
-  languages = parse_list("--languages", args.languages, tuple(LANGUAGES))
+  families = study.parse_list("--families", args.families, known=known_families(),
+                              default=list(FAMILIES))
+  languages = study.parse_list("--languages", args.languages, known=tuple(LANGUAGES))
   start = time.time()
   results = run(settings, families, languages, args.seed)
   results["seconds"] = time.time() - start
   results["seed"] = args.seed
   table = tables(results, families, languages)
   print(table)
-  command = None if argv is None else "python experiments/formal_languages.py " + " ".join(argv)
   results["paths"] = study.write_outputs(args.out, STUDY, results, table,
-                                         plot(results, families, languages), command=command)
+                                         plot(results, families, languages),
+                                         command=study.command_line(STUDY, argv))
   return results
 
 

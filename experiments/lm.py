@@ -3,26 +3,27 @@
 The study follows the paper's language-modelling comparison (docs/EQUATIONS.md §6, arXiv Table 2:
 HOPE, Titans, Samba and Transformer++ at 760M / 1.3B on 30B / 100B tokens, with Gated DeltaNet from
 the same table) and its ablation study (docs/EQUATIONS.md §4, Table 6), at a size a CPU can train:
-byte-level Penn Treebank (``--data``/ptb/ptb.{train,valid}.txt; ``--corpus tinyshakespeare`` takes
-the first 90% of tinyshakespeare/input.txt for training and the last 10% for validation).
+byte-level Penn Treebank (``DATA/ptb/ptb.{train,valid}.txt``, ``DATA`` the datasets directory:
+``--data DIR``, else ``$NLX_DATA``; ``--corpus tinyshakespeare`` takes the first 90% of
+``DATA/tinyshakespeare/input.txt`` for training and the last 10% for validation).
 
 1. Main comparison: ``hope``, ``titans_lmm``, ``gated_deltanet``, ``samba`` and ``transformer``,
    each sized with ``study.matched`` (the SwiGLU / CMS width ``mlp_dim``) to the parameter count of
    HOPE at the scale's size, trained on the same batches (a pure function of seed and step) for the
    same number of tokens. Reported: validation perplexity per byte token and bits per byte, with
    the validation curve against tokens. Every model is saved under ``<out>/models/<family>/`` for
-   ``experiments/zero_shot.py``.
+   ``python -m experiments.zero_shot``.
 2. Ablations of HOPE (Table 6): w/o DGD, w/o momentum, w/o weight decay, w/o CMS, w/o adaptive k,
    w/o adaptive v and with adaptive q (nlx's default q is not adaptive: the paper's "w/o adaptive
    q" row is nlx's default HOPE), each re-matched to the same parameter count and trained with the
    ablation settings of the scale (at ``tiny``: fewer tokens and shorter sequences than part 1,
    with a default HOPE trained the same way as the reference row).
 
-Commands::
+Commands (from the repository root; ``DATA`` holds ``ptb/`` and ``tinyshakespeare/``)::
 
-  python experiments/lm.py --scale tiny                  # ~8 min on an idle 2-core CPU
-  python experiments/lm.py --scale small --out runs/lm_small   # a GPU / TPU
-  python experiments/lm.py --corpus tinyshakespeare --ablations none
+  python -m experiments.lm --scale tiny --data DATA      # ~8 min on an idle 2-core CPU
+  python -m experiments.lm --scale small --out runs/lm_small   # a GPU / TPU; NLX_DATA=DATA
+  python -m experiments.lm --corpus tinyshakespeare --ablations none --data DATA
 
 Writes ``<out>/lm.json``, ``lm.md`` (two tables) and ``lm.png`` (validation perplexity against
 tokens; ablation bars).
@@ -32,18 +33,14 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
-import jax
 import numpy as np
-import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import nlx  # pylint: disable=g-import-not-at-top,wrong-import-position
+import nlx
+from experiments import study
+from nlx.train.fitting import compiled_step
 
 FAMILIES = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
             "samba": "Samba", "transformer": "Transformer++"}
@@ -60,6 +57,15 @@ ABLATIONS = {
 }
 ABLATION_FAMILY = "hope"
 CORPORA = ("ptb", "tinyshakespeare")
+# Per corpus: its files under the datasets directory, and what to put there.
+CORPUS_FILES = {
+    "ptb": (("ptb/ptb.train.txt", "ptb/ptb.valid.txt"),
+            "ptb/ptb.train.txt and ptb/ptb.valid.txt, Penn Treebank in Mikolov's preprocessing "
+            "(ptb.zip of the d2l-ai/d2l-zh repository, data/ptb.zip)"),
+    "tinyshakespeare": (("tinyshakespeare/input.txt",),
+                        "tinyshakespeare/input.txt (karpathy/char-rnn, "
+                        "data/tinyshakespeare/input.txt)"),
+}
 # target_params None: the parameter count of HOPE at `size` (byte vocabulary).
 PRESETS = {
     "tiny": dict(size="tiny", target_params=200_000, batch=16, seq_len=128, steps=100, lr=3e-3,
@@ -78,18 +84,18 @@ PRESETS = {
 # Data: byte streams and batches that are a pure function of (seed, step)
 # ---------------------------------------------------------------------------------------------
 
-def load_corpus(data_dir: str, corpus: str) -> tuple[np.ndarray, np.ndarray]:
-  """``(train, valid)`` uint8 byte streams of ``corpus`` under ``data_dir``."""
+def load_corpus(data_dir, corpus: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(train, valid)`` uint8 byte streams of ``corpus`` under the datasets directory
+  ``data_dir`` (the ``--data`` value; None: ``$NLX_DATA``).
+
+  Raises:
+    study.DataNotFound: no directory, or the corpus's files are not in it (one line).
+  """
   if corpus not in CORPORA:
     raise ValueError(f"--corpus={corpus!r} is not one of {list(CORPORA)}")
-  if corpus == "ptb":
-    paths = [os.path.join(data_dir, "ptb", f"ptb.{split}.txt") for split in ("train", "valid")]
-  else:
-    paths = [os.path.join(data_dir, "tinyshakespeare", "input.txt")]
-  for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"--data={data_dir!r}: {path} does not exist (the shared datasets "
-                              "directory holds ptb/ and tinyshakespeare/)")
+  files, what = CORPUS_FILES[corpus]
+  root = study.data_dir(data_dir, files, what)
+  paths = [os.path.join(root, f) for f in files]
   streams = [np.frombuffer(open(p, "rb").read(), np.uint8) for p in paths]  # pylint: disable=consider-using-with
   if corpus == "tinyshakespeare":
     cut = len(streams[0]) * 9 // 10
@@ -118,48 +124,34 @@ def train_with_curve(cfg, batch_fn, steps: int, windows: np.ndarray, s: dict, se
                      eval_every: int, desc: str) -> dict:
   """``study.train``'s AdamW recipe, with the validation NLL every ``eval_every`` steps.
 
-  The validation loss comes from the compiled training step itself (its update discarded), so a
+  The validation loss is the loss of ``fit``'s compiled step itself (its update discarded), so a
   model compiles once; ``windows [N, T + 1]`` are read ``B`` rows at a time, ``B`` the batch.
 
   Returns a dict: model, params, curve ``[(tokens, nll)]`` on the first ``s["eval_rows"]``
-  windows, the final nll on all of them, train losses, seconds and tokens per second (the
-  compiling step and the evaluations excluded).
+  windows, the final nll on all of them, train losses, seconds, tokens per second (the compiling
+  step and the evaluations excluded) and the steps skipped as not finite.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   model = nlx.build_model(cfg, rngs=nnx.Rngs(seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = study.optimizer(steps, s["lr"], steps // 10, 0.1, 1.0)
-  opt_state = tx.init(params)
+  step_fn = compiled_step(nnx.split(model, nnx.Param, ...)[0], tx, study.masked_loss)
+  rows = batch_fn(0).inputs.shape[0]
+  latest = {}  # the optimizer state after the last step (the compiled step takes it)
 
-  @jax.jit
-  def step_fn(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(
-        lambda p: study.masked_loss(nnx.merge(graphdef, p, rest), batch))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def evaluate(n_rows):
-    rows = batch_fn(0).inputs.shape[0]
-    return float(np.mean([step_fn(params, opt_state, study.lm_batch(windows[i:i + rows]))[2]
+  def nll(model, n_rows):
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return float(np.mean([step_fn(params, rest, latest["opt_state"],
+                                  study.lm_batch(windows[i:i + rows])).loss
                           for i in range(0, n_rows - rows + 1, rows)]))
 
-  curve, losses, tokens, train_seconds, start = [], [], 0, 0.0, time.time()
-  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, leave=False)
-  for step in bar:
-    batch = batch_fn(step)
-    t0 = time.time()
-    params, opt_state, loss = step_fn(params, opt_state, batch)
-    losses.append(float(loss))
-    if step > 0:  # throughput excludes the compiling step
-      train_seconds += time.time() - t0
-      tokens += batch.inputs.size
-    if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
-      curve.append(((step + 1) * batch.inputs.size, evaluate(s["eval_rows"])))
-      bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{curve[-1][1]:.3f}")
-  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-  return dict(model=nnx.merge(graphdef, params, rest), params=n_params, curve=curve,
-              nll=evaluate(len(windows)), losses=losses, seconds=time.time() - start,
-              tokens_per_second=tokens / max(train_seconds, 1e-9))
+  result = study.train(model, batch_fn, steps, tx=tx, desc=desc,
+                       on_step=lambda step, up: latest.update(opt_state=up.opt_state),
+                       evaluate=lambda m: {"nll": nll(m, s["eval_rows"])}, eval_every=eval_every)
+  size, tic = batch_fn(0).inputs.size, time.time()
+  final = nll(result.model, len(windows))
+  return dict(model=result.model, params=result.params,
+              curve=[(e["step"] * size, e["nll"]) for e in result.evals], nll=final,
+              losses=result.losses, seconds=result.seconds + time.time() - tic,
+              tokens_per_second=result.tokens_per_second, skipped=result.skipped)
 
 
 def metrics(nll: float) -> dict:
@@ -191,7 +183,8 @@ def run_main(families, train, valid, s, seed, out) -> dict:
                            params=r["params"], tokens=s["steps"] * s["batch"] * s["seq_len"],
                            curve=r["curve"], seconds=r["seconds"],
                            tokens_per_second=r["tokens_per_second"],
-                           final_train_loss=float(np.mean(r["losses"][-5:])), **metrics(r["nll"]))
+                           final_train_loss=float(np.mean(r["losses"][-5:])),
+                           skipped_steps=r["skipped"], **metrics(r["nll"]))
     print(f"{family}: params {r['params']:,} val ppl {results[family]['val_ppl']:.3f}", flush=True)
   return results
 
@@ -207,7 +200,7 @@ def run_ablations(names, train, valid, s, seed) -> dict:
     r = train_with_curve(cfg, batch_fn, s["abl_steps"], windows, s, seed, 0, name)
     results[name] = dict(fields=ABLATIONS[name], mlp_dim=cfg.mlp_dim, params=r["params"],
                          tokens=s["abl_steps"] * s["abl_batch"] * s["abl_seq_len"],
-                         seconds=r["seconds"], **metrics(r["nll"]))
+                         seconds=r["seconds"], skipped_steps=r["skipped"], **metrics(r["nll"]))
     print(f"{name}: params {r['params']:,} val ppl {results[name]['val_ppl']:.3f}", flush=True)
   return results
 
@@ -256,19 +249,6 @@ def plot(main: dict, ablations: dict):
   return fig
 
 
-def parse_list(value: str, allowed, flag: str) -> list:
-  """Comma-separated names, every one in ``allowed`` ('none': empty, 'all': every one)."""
-  if value == "none":
-    return []
-  if value == "all":
-    return list(allowed)
-  names = [x.strip() for x in value.split(",") if x.strip()]
-  for name in names:
-    if name not in allowed:
-      raise ValueError(f"{flag}: unknown {name!r}; allowed: {', '.join(allowed)}, all, none")
-  return names
-
-
 def main(argv=None) -> dict:
   parser = study.arg_parser(__doc__, "lm")
   parser.add_argument("--corpus", default="ptb", choices=CORPORA)
@@ -288,8 +268,9 @@ def main(argv=None) -> dict:
     if s[rows] < s[batch]:
       raise ValueError(f"--{rows}={s[rows]} must be >= --{batch}={s[batch]} (the validation "
                        "windows are read a batch at a time)")
-  families = parse_list(args.families, list(FAMILIES), "--families")
-  ablations = parse_list(args.ablations, list(ABLATIONS), "--ablations")
+  families = study.parse_list("--families", args.families, known=list(FAMILIES), keywords=True)
+  ablations = study.parse_list("--ablations", args.ablations, known=list(ABLATIONS),
+                               keywords=True)
   train, valid = load_corpus(args.data, args.corpus)
   start = time.time()
   main_results = run_main(families, train, valid, s, args.seed, args.out)
@@ -297,9 +278,8 @@ def main(argv=None) -> dict:
   md = tables(main_results, abl_results, s)
   results = dict(scale=args.scale, corpus=args.corpus, settings=s, seed=args.seed,
                  main=main_results, ablations=abl_results, seconds=time.time() - start)
-  command = "python experiments/lm.py " + " ".join(sys.argv[1:] if argv is None else argv)
   study.write_outputs(args.out, "lm", results, md, plot(main_results, abl_results),
-                      command=command.strip())
+                      command=study.command_line("lm", argv))
   print(md)
   return results
 

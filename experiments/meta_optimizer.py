@@ -7,7 +7,7 @@ through K unrolled training steps (nested scans through ``nlx.levels``), then th
 optimizer is evaluated on held-out tasks of the same family against momentum and Adam whose
 learning rates are tuned on a small grid (on the training tasks, by mean final loss).
 
-    python experiments/meta_optimizer.py --out runs/meta_optimizer
+    python -m experiments.meta_optimizer --out runs/meta_optimizer   # from the repository root
 """
 
 from __future__ import annotations

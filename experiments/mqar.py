@@ -37,27 +37,27 @@ model, orders of magnitude fewer than Zoology; at that scale the models are stil
 development runs none got far past the 1 / P reference), and the numbers say how far they got, not
 where they would end.
 
-Commands::
+Commands (from the repository root)::
 
-  python experiments/mqar.py --scale tiny                     # writes runs/mqar/mqar.{json,md,png}
-  python experiments/mqar.py --scale small --out runs/mqar_small   # GPU/TPU
-  python experiments/mqar.py --scale tiny --families transformer,gated_deltanet --widths 32 \\
+  python -m experiments.mqar --scale tiny                     # writes runs/mqar/mqar.{json,md,png}
+  python -m experiments.mqar --scale small --out runs/mqar_small   # GPU/TPU
+  python -m experiments.mqar --scale tiny --families transformer,gated_deltanet --widths 32 \\
       --steps 30                                              # a quick look
+
+``--data`` is accepted for uniformity with the other studies and unused (the data are generated).
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nlx.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import study
+from nlx.data import synthetic
 
 STUDY = "mqar"
 FAMILIES = ("transformer", "gated_deltanet", "titans_lmm", "hope")  # cheapest first
@@ -174,7 +174,7 @@ def run_one(family: str, width: int, settings: dict, seed: int) -> dict:
   diverged = next((i for i, x in enumerate(result.losses) if not np.isfinite(x)), None)
   return {"family": family, "d_model": width, "params": result.params,
           "train_seconds": result.seconds, "final_loss": float(np.mean(result.losses[-10:])),
-          "diverged_at_step": diverged,
+          "diverged_at_step": diverged, "skipped_steps": result.skipped,
           "losses": result.losses, "levels": levels}
 
 
@@ -196,10 +196,13 @@ def table(runs: list, pairs: tuple, vocab_size: int) -> str:
 
 
 def final_loss_cell(run: dict):
-  """The mean of the last 10 losses, or where the loss became NaN / inf (the accuracies of such a
-  model are those of its NaN logits: greedy token 0, never a value)."""
+  """The mean of the last 10 losses, or where the loss first became NaN / inf and how many steps
+  were not finite (the shared train step skips their update: the model keeps its last finite
+  parameters)."""
   if run.get("diverged_at_step") is not None:
-    return f"diverged (non-finite loss from step {run['diverged_at_step']})"
+    skipped = run.get("skipped_steps")
+    return (f"diverged (non-finite loss from step {run['diverged_at_step']}"
+            + ("" if skipped is None else f"; {skipped} steps skipped") + ")")
   return run["final_loss"]
 
 
@@ -223,17 +226,6 @@ def plot(runs: list, pairs: tuple):
   axes[-1].legend(fontsize=8)
   fig.tight_layout()
   return fig
-
-
-def parse_ints(flag: str, text: str) -> tuple:
-  """``"32,64"`` -> ``(32, 64)``; ValueError names the flag."""
-  try:
-    values = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-  if not values or min(values) < 1:
-    raise ValueError(f"{flag}: expected positive integers, got {text!r}")
-  return values
 
 
 def parse_fields(flag: str, items) -> dict:
@@ -267,12 +259,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                       help="a ModelConfig field of every model, e.g. conv_size=0 (repeatable)")
   args = parser.parse_args(argv)
-  families = check_families([f.strip() for f in args.families.split(",") if f.strip()])
+  families = check_families(study.parse_list("--families", args.families))
+  ints = lambda flag, value: value and tuple(study.parse_list(flag, value, convert=int,
+                                                              minimum=1))
   settings = study.scale_settings(
       PRESETS, args.scale, steps=args.steps, eval_sequences=args.eval_sequences,
       batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size,
-      widths=args.widths and parse_ints("--widths", args.widths),
-      pairs=args.pairs and parse_ints("--pairs", args.pairs))
+      widths=ints("--widths", args.widths), pairs=ints("--pairs", args.pairs))
   settings["model"] = parse_fields("--model", args.model)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
@@ -284,11 +277,13 @@ def main(argv=None) -> dict:
       accs = ", ".join(f"P={k}: {v['accuracy']:.3f}" for k, v in runs[-1]["levels"].items())
       print(f"{family} d={width}: {accs} ({runs[-1]['train_seconds']:.0f} s)", flush=True)
       done = len(runs) == len(families) * len(settings["widths"])
-      out = write(args, settings, runs, time.time() - start, complete=done)
+      out = write(args, settings, runs, time.time() - start, complete=done,
+                  command=study.command_line(STUDY, argv))
   return out
 
 
-def write(args, settings: dict, runs: list, seconds: float, complete: bool) -> dict:
+def write(args, settings: dict, runs: list, seconds: float, complete: bool,
+          command: str) -> dict:
   """Writes the outputs of the runs so far (after every model, so a cut-short run leaves its
   finished models on disk; ``complete`` says whether every model is in)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -299,7 +294,7 @@ def write(args, settings: dict, runs: list, seconds: float, complete: bool) -> d
   results = {"scale": args.scale, "seed": args.seed, "settings": settings, "runs": runs,
              "complete": complete, "wall_seconds": seconds}
   fig = plot(runs, pairs)
-  paths = study.write_outputs(args.out, STUDY, results, md, fig)
+  paths = study.write_outputs(args.out, STUDY, results, md, fig, command=command)
   plt.close(fig)
   return {"paths": paths, **results}
 

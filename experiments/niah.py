@@ -19,9 +19,12 @@ position (= greedy decoding, temperature 0, reproduces the answer exactly; RULER
 a prediction as long as the answer). The table gives that exact match and, in parentheses, the
 fraction of answer characters right (chance: about 0.1 for digits, 1/16 for UUID hex digits).
 
-    python experiments/niah.py --scale tiny                  # ~7 min on 2 idle CPU cores
-    python experiments/niah.py --scale small --out runs/niah_small   # a GPU
-    python experiments/niah.py --models transformer --steps 2 --n_eval 2 --lengths 512  # smoke
+    python -m experiments.niah --scale tiny                  # ~7 min on 2 idle CPU cores
+    python -m experiments.niah --scale small --out runs/niah_small   # a GPU
+    python -m experiments.niah --models transformer --steps 2 --n_eval 2 --lengths 512  # smoke
+
+(from the repository root). ``--data`` is accepted for uniformity with the other studies and
+unused (the haystacks are generated, or read from ``--haystack``).
 """
 
 from __future__ import annotations
@@ -29,14 +32,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from nlx.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nlx.eval import niah  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import answer_scoring, study
+from nlx.data import sources
+from nlx.eval import niah
 
 STUDY = "niah"
 MODELS = ("transformer", "titans_lmm", "hope")
@@ -226,7 +225,8 @@ def main(argv=None) -> dict:
   results = run(settings, args.haystack, args.seed)
   table = tables(results)
   print(table)
-  study.write_outputs(args.out, STUDY, results, table, plot(results))
+  study.write_outputs(args.out, STUDY, results, table, plot(results),
+                      command=study.command_line(STUDY, argv))
   return results
 
 

@@ -4,12 +4,17 @@
 momentum, delta momentum, DMGD and M3; each optimizer's learning rate is the best of a small grid
 (fewest steps to ``ψ < tol``). Writes trajectories (PNG) and a table of steps to tolerance.
 (b) ``lm``: the ``configs/transformer.py:tiny`` model (``nlx.nn.build_model``) on PTB bytes,
-trained with AdamW, Muon, M3 and DMGD for the same number of steps, 3 seeds. Writes loss curves
-(PNG) and a table of final training / validation loss.
+trained with AdamW, Muon, M3 and DMGD for the same number of steps, 3 seeds, by nlx's one train
+step (``nlx.train.step.apply_gradients``). Writes loss curves (PNG) and a table of final training /
+validation loss. PTB is read from the datasets directory (``--data DIR``, else ``$NLX_DATA``):
+``DIR/ptb/ptb.{train,valid}.txt`` (a directory holding ``ptb.{train,valid}.txt`` itself is
+accepted too).
 
-    python experiments/optimizers.py --out runs/optimizers            # both parts
-    python experiments/optimizers.py --part toy --out runs/optimizers
-    python experiments/optimizers.py --part lm --data ../shared/data/ptb --steps 300
+From the repository root (``DATA`` the datasets directory)::
+
+    python -m experiments.optimizers --out runs/optimizers --data DATA   # both parts
+    python -m experiments.optimizers --part toy --out runs/optimizers
+    python -m experiments.optimizers --part lm --data DATA --steps 300
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import study
 from nlx import optim
+from nlx.train.step import apply_gradients
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+PTB_FILES = ("ptb.train.txt", "ptb.valid.txt")
+PTB = ("ptb/ptb.train.txt and ptb/ptb.valid.txt, Penn Treebank in Mikolov's preprocessing "
+       "(ptb.zip of the d2l-ai/d2l-zh repository, data/ptb.zip)")
 
 # ---------------------------------------------------------------------------------------------
 # (a) The toy function of Fig. 4
@@ -59,7 +68,12 @@ def toy_optimizers() -> dict:
 
 
 def toy_trajectory(tx, steps: int, fn) -> np.ndarray:
-  """``[steps + 1, 2]`` positions of ``steps`` updates of tx on fn from ``TOY_START``."""
+  """``[steps + 1, 2]`` positions of ``steps`` updates of tx on fn from ``TOY_START``.
+
+  Not a model trainer (nlx's train step, ``apply_gradients``, trains the part (b) models): the
+  trajectory is the optimizer's own behaviour on ψ, divergence included; the shared step's
+  finite guard would hold a diverging optimizer at its last finite point and hide it.
+  """
   x0 = jnp.asarray([TOY_START], jnp.float32)
 
   def step(carry, _):
@@ -179,7 +193,7 @@ def tiny_lm(seed: int):
   from nlx import configs  # pylint: disable=g-import-not-at-top
   from nlx.nn import build_model  # pylint: disable=g-import-not-at-top
 
-  cfg = configs.load(os.path.join(HERE, "..", "configs", "transformer.py:tiny"))
+  cfg = configs.load(os.path.join(study.REPO, "configs", "transformer.py:tiny"))
   graphdef, state = nnx.split(build_model(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   views = {"/".join(map(str, k)): (k, v.shape) + matrix_view(k, v.shape)
@@ -199,33 +213,47 @@ def tiny_lm(seed: int):
 
 
 def run_lm_once(name: str, tx, seed: int, train, valid, args, model) -> dict:
-  """Train one model from ``model = (loss_fn, params)`` with tx; per-step losses, valid loss."""
+  """Train one model from ``model = (loss_fn, params)`` with tx; per-step losses, valid loss.
+
+  The step is nlx's one train step, ``apply_gradients`` (``nlx.train.fit`` takes an ``nnx``
+  model; these parameters are matrix views of one, a flat dict). A step whose loss, gradients or
+  parameters are not finite is skipped (``skipped``).
+  """
   loss_fn, params = model
-
-  @jax.jit
-  def step(p, s, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
+  step = jax.jit(lambda p, s, tokens: apply_gradients(loss_fn, tx, p, s, tokens))
   evaluate = jax.jit(loss_fn)
   state = tx.init(params)
-  losses = []
+  losses, finite = [], []
   start = time.time()
   for i in range(args.steps):
-    params, state, loss = step(params, state, batch_at(train, i, args.batch, args.seq, seed))
-    losses.append(float(loss))
+    up = step(params, state, batch_at(train, i, args.batch, args.seq, seed))
+    params, state = up.params, up.opt_state
+    losses.append(float(up.loss))
+    finite.append(bool(up.finite))
   valid_loss = float(np.mean([evaluate(params, batch_at(valid, i, args.batch, args.seq, 10**6))
                               for i in range(args.eval_batches)]))
   seconds = time.time() - start
   print(f"lm {name:6s} seed {seed} train {np.mean(losses[-20:]):.4f} valid {valid_loss:.4f} "
         f"({seconds:.0f}s)", flush=True)
-  return {"losses": losses, "valid": valid_loss, "seconds": seconds}
+  return {"losses": losses, "valid": valid_loss, "seconds": seconds,
+          "skipped": len(finite) - sum(finite)}
+
+
+def ptb_dir(data) -> str:
+  """The directory of ``ptb.{train,valid}.txt``: ``<data>/ptb`` (or ``<data>`` itself), ``data``
+  the ``--data`` value (None: ``$NLX_DATA``); ``study.DataNotFound`` (one line) if absent."""
+  root, source = study.data_root(data, PTB)
+  for directory in (os.path.join(root, "ptb"), root):
+    if all(os.path.isfile(os.path.join(directory, f)) for f in PTB_FILES):
+      return directory
+  missing = next(f for f in PTB_FILES if not os.path.isfile(os.path.join(root, "ptb", f)))
+  raise study.missing_data(root, source, os.path.join(root, "ptb", missing), PTB)
 
 
 def run_lm(args) -> dict:
-  train = load_bytes(os.path.join(args.data, "ptb.train.txt"))
-  valid = load_bytes(os.path.join(args.data, "ptb.valid.txt"))
+  directory = ptb_dir(args.data)
+  train = load_bytes(os.path.join(directory, "ptb.train.txt"))
+  valid = load_bytes(os.path.join(directory, "ptb.valid.txt"))
   results = {}
   for seed in range(args.seeds):
     loss_fn, params, labels = tiny_lm(seed)
@@ -291,7 +319,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--part", choices=("toy", "lm", "all"), default="all")
   parser.add_argument("--out", default="runs/optimizers")
-  parser.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "ptb"))
+  parser.add_argument("--data", default=None, metavar="DIR",
+                      help=f"the datasets directory holding ptb/ (default: ${study.DATA_ENV})")
   parser.add_argument("--k", type=float, default=10.0)
   parser.add_argument("--a", type=float, default=0.5)
   parser.add_argument("--omega", type=float, default=3.0)
@@ -306,12 +335,12 @@ def main(argv=None) -> None:
   os.makedirs(args.out, exist_ok=True)
   start = time.time()
   toy = lm = None
+  if args.part in ("lm", "all"):
+    ptb_dir(args.data)  # a missing PTB stops the run before any work
   if args.part in ("toy", "all"):
     toy = run_toy(args)
     plot_toy(toy, args, os.path.join(args.out, "toy_trajectories.png"))
   if args.part in ("lm", "all"):
-    if not os.path.exists(os.path.join(args.data, "ptb.train.txt")):
-      raise SystemExit(f"--data={args.data!r} has no ptb.train.txt (see shared/data/PROVENANCE.md)")
     lm = run_lm(args)
     plot_lm(lm, os.path.join(args.out, "lm_loss_curves.png"))
   write_tables(toy, lm, args, os.path.join(args.out, "optimizers.md"))

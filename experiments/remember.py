@@ -24,11 +24,12 @@ examples, the study measures the answer accuracy of
   facts grows with their length; the table gives each state's size per sequence).
 
 The paper (docs/EQUATIONS.md §6) has no such experiment; it is the stateful use that its claim of
-continual, in-context memory implies. Commands (``runs/remember`` by default)::
+continual, in-context memory implies. Commands, from the repository root (``runs/remember`` by
+default; ``--data`` is accepted for uniformity with the other studies and unused)::
 
-  python experiments/remember.py --scale tiny     # ~5 CPU-min (16 min wall on a shared 2-core box)
-  python experiments/remember.py --scale small    # a GPU: wider models, 16 facts, longer training
-  python experiments/remember.py --scale paper    # 340M-size models, 64 facts
+  python -m experiments.remember --scale tiny     # ~5 CPU-min (16 min wall on a shared 2-core box)
+  python -m experiments.remember --scale small    # a GPU: wider models, 16 facts, longer training
+  python -m experiments.remember --scale paper    # 340M-size models, 64 facts
 """
 
 from __future__ import annotations
@@ -41,15 +42,15 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nlx.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import study
+from nlx.data import synthetic
 
 STUDY = "remember"
 FAMILIES = ("hope", "transformer")
@@ -279,10 +280,12 @@ def answer_phase(out: str) -> dict:
 
 
 def run_answer_subprocess(out: str) -> dict:
-  """Runs ``--phase answer`` in a new Python process; returns its ``answer.json``."""
-  command = [sys.executable, os.path.abspath(__file__), "--phase", "answer", "--out", out]
+  """Runs ``python -m experiments.remember --phase answer`` in a new Python process (from the
+  repository root, where ``experiments`` is importable); returns its ``answer.json``."""
+  command = [sys.executable, "-m", "experiments.remember", "--phase", "answer", "--out",
+             os.path.abspath(out)]
   done = subprocess.run(command, check=False, text=True, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT)
+                        stderr=subprocess.STDOUT, cwd=study.REPO)
   if done.returncode:
     raise RuntimeError(f"--phase answer failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
   with open(os.path.join(out, "answer.json"), encoding="utf-8") as f:
@@ -328,7 +331,8 @@ def make_figure(rows: list, chance: float):
   return fig
 
 
-def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds: float) -> dict:
+def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds: float,
+           command: Optional[str] = None) -> dict:
   """Writes the tables, the JSON and the bar chart (``study.write_outputs``); returns the paths."""
   rows = table_rows(trained, read, answered)
   vocab = synthetic.mqar_vocab(s["vocab"])
@@ -347,7 +351,8 @@ def report(s: dict, trained: dict, read: dict, answered: dict, out: str, seconds
                                  for f, t in trained.items()},
       "answer_process": answered}
   print(table)
-  return study.write_outputs(out, STUDY, results, table, make_figure(rows, chance))
+  return study.write_outputs(out, STUDY, results, table, make_figure(rows, chance),
+                             command=command)
 
 
 def main(argv=None) -> dict:
@@ -381,7 +386,8 @@ def main(argv=None) -> dict:
   answered = run_answer_subprocess(args.out)
   if not args.keep_states:
     shutil.rmtree(os.path.join(args.out, "states"))
-  return report(s, trained, read, answered, args.out, time.time() - start)
+  return report(s, trained, read, answered, args.out, time.time() - start,
+                study.command_line(STUDY, argv))
 
 
 if __name__ == "__main__":

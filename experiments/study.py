@@ -1,10 +1,11 @@
-"""What the studies of ``experiments/`` share: scales, models of matched size, a masked-loss
-trainer, accuracy, and the JSON / markdown / PNG outputs.
+"""What the studies of ``experiments/`` share: scales, the datasets directory, list flags, models
+of matched size, a masked-loss recipe on nlx's one train step (``nlx.train.fit``), accuracy, and
+the JSON / markdown / PNG outputs.
 
-A study script (``experiments/mqar.py`` ...) imports this module (``python experiments/x.py``
-puts ``experiments/`` on ``sys.path``)::
+A study (``experiments/mqar.py`` ..., run as ``python -m experiments.mqar`` from the repository
+root) imports this module::
 
-  import study
+  from experiments import study
   parser = study.arg_parser(__doc__, "mqar")
   args = parser.parse_args()
   cfg = study.matched("hope", target_params=120_000, vocab_size=64)
@@ -21,10 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import platform
-import time
+import sys
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import jax
@@ -36,9 +38,10 @@ from flax import nnx
 import nlx
 from nlx import configs as nlx_configs
 from nlx.nn import ModelConfig
+from nlx.train.fitting import FitResult, fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+DATA_ENV = "NLX_DATA"  # the datasets directory when --data is not given
 SCALES = ("tiny", "small", "paper")
 
 
@@ -48,8 +51,8 @@ SCALES = ("tiny", "small", "paper")
 
 def arg_parser(doc: str, study: str, scales: Sequence[str] = SCALES,
                scale_help: Optional[str] = None) -> argparse.ArgumentParser:
-  """The flags every study takes: ``--scale`` (one of ``scales``), ``--out``, ``--data``,
-  ``--seed``."""
+  """The flags every study takes: ``--scale`` (one of ``scales``), ``--out``, ``--data`` (the
+  datasets directory, default ``$NLX_DATA``; studies on generated data ignore it), ``--seed``."""
   parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--scale", default="tiny", choices=tuple(scales),
@@ -57,7 +60,9 @@ def arg_parser(doc: str, study: str, scales: Sequence[str] = SCALES,
                                          "paper: the paper's sizes")
   parser.add_argument("--out", default=os.path.join("runs", study),
                       help="directory of the JSON, markdown and PNG outputs")
-  parser.add_argument("--data", default=DEFAULT_DATA, help="the shared datasets directory")
+  parser.add_argument("--data", default=None, metavar="DIR",
+                      help=f"the datasets directory (default: ${DATA_ENV}); studies on generated "
+                           "data ignore it")
   parser.add_argument("--seed", type=int, default=0)
   return parser
 
@@ -73,6 +78,96 @@ def scale_settings(presets: dict, scale: str, **overrides) -> dict:
     if value is not None:
       settings[key] = value
   return settings
+
+
+class DataNotFound(SystemExit):
+  """A study's dataset is missing. A ``SystemExit``: the command prints its message, one line, and
+  exits with status 1 (no traceback)."""
+
+
+def data_root(value: Optional[str], what: str, flag: str = "--data") -> tuple[str, str]:
+  """``(directory, where it came from)``: ``value`` (the ``flag``), else ``$NLX_DATA``.
+
+  Raises:
+    DataNotFound: neither is given; the message names both and ``what`` the directory holds.
+  """
+  if value:
+    return value, flag
+  if os.environ.get(DATA_ENV):
+    return os.environ[DATA_ENV], f"${DATA_ENV}"
+  raise DataNotFound(f"no datasets directory: give {flag} DIR or set ${DATA_ENV}=DIR; DIR should "
+                     f"hold {what}")
+
+
+def missing_data(root: str, source: str, path: str, what: str, flag: str = "--data"
+                 ) -> DataNotFound:
+  """The ``DataNotFound`` of a ``path`` missing under ``root`` (given by ``source``)."""
+  return DataNotFound(f"{path} does not exist (the datasets directory {root!r}, from {source}; "
+                      f"{flag} DIR, else ${DATA_ENV}); put there {what}")
+
+
+def data_dir(value: Optional[str], needs: Sequence[str], what: str, flag: str = "--data") -> str:
+  """The datasets directory of a study: ``value`` (the ``flag``), else ``$NLX_DATA``.
+
+  Args:
+    value: the flag's value (None: not given).
+    needs: paths (glob patterns) relative to the directory that must exist, e.g.
+      ``["ptb/ptb.train.txt"]``.
+    what: what to download and put there, for the error (files and their public source).
+    flag: the flag named in the error.
+
+  Raises:
+    DataNotFound: no directory is given, or a path of ``needs`` is missing; one line naming the
+      flag, ``$NLX_DATA``, the path looked at and ``what``.
+  """
+  root, source = data_root(value, what, flag)
+  for pattern in needs:
+    if not glob.glob(os.path.join(root, pattern)):
+      raise missing_data(root, source, os.path.join(root, pattern), what, flag)
+  return root
+
+
+def parse_list(flag: str, value: Optional[str], *, known: Optional[Sequence[str]] = None,
+               convert: Callable = str, minimum: Optional[float] = None,
+               default: Any = None, empty: bool = False, keywords: bool = False):
+  """A comma-separated list flag: ``"32,64"`` -> ``[32, 64]`` (``convert=int``).
+
+  Args:
+    flag: the flag, named in every error (ValueError).
+    value: its text; None (not given) returns ``default`` (``list(known)`` if ``default`` is None
+      and ``known`` is given).
+    known: the allowed values (names); an unknown one is refused by name.
+    convert: ``str``, ``int`` or ``float``, applied to each item.
+    minimum: the smallest allowed number.
+    empty: whether an empty list is allowed (else it is refused).
+    keywords: ``"all"`` means every one of ``known`` and ``"none"`` the empty list.
+  """
+  if value is None:
+    return list(known) if default is None and known is not None else default
+  if keywords and value in ("all", "none"):
+    return list(known) if value == "all" else []
+  items = [x.strip() for x in value.split(",") if x.strip()]
+  try:
+    values = [convert(x) for x in items]
+  except ValueError:
+    kind = {int: "integers", float: "numbers"}.get(convert, "values")
+    raise ValueError(f"{flag}: expected comma-separated {kind}, got {value!r}") from None
+  if not values and not empty:
+    raise ValueError(f"{flag}: expected a comma-separated list, got {value!r}")
+  for v in values:
+    if known is not None and v not in known:
+      extra = ", all, none" if keywords else ""
+      raise ValueError(f"{flag}: unknown {v!r}; allowed: {', '.join(map(str, known))}{extra}")
+    if minimum is not None and v < minimum:
+      raise ValueError(f"{flag}: expected values >= {minimum}, got {value!r}")
+  return values
+
+
+def command_line(study: str, argv: Optional[Sequence[str]] = None) -> str:
+  """``python -m experiments.<study> <flags>``: the command of a run (``argv``, or the process's
+  own arguments when None), written beside its results."""
+  args = sys.argv[1:] if argv is None else list(argv)
+  return " ".join(["python -m experiments." + study] + args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,19 +223,6 @@ def lm_batch(tokens: np.ndarray) -> Batch:
   return Batch(tokens[:, :-1], tokens[:, 1:], np.ones(tokens[:, 1:].shape, np.float32))
 
 
-@dataclasses.dataclass
-class TrainResult:
-  """The trained ``model``, the loss of every step, the wall time and the throughput; ``evals``:
-  ``{"step": steps done, **evaluate(model)}`` of every evaluation during training."""
-
-  model: Any
-  losses: list
-  seconds: float
-  tokens_per_second: float
-  params: int
-  evals: list = dataclasses.field(default_factory=list)
-
-
 def masked_loss(model, batch: Batch) -> jax.Array:
   """Mean cross-entropy over the positions where ``mask`` is 1."""
   logits = model(batch.inputs).astype(jnp.float32)
@@ -162,12 +244,14 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
           warmup: Optional[int] = None, weight_decay: float = 0.1, clip: float = 1.0,
           seed: int = 0, desc: str = "", progress: bool = True,
           tx: Optional[optax.GradientTransformation] = None,
-          evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0) -> TrainResult:
-  """Trains a model on ``batch_fn(step)`` for ``steps`` steps with ``masked_loss``.
+          evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0,
+          on_step: Optional[Callable] = None) -> FitResult:
+  """Trains a model on ``batch_fn(step)`` for ``steps`` steps with ``masked_loss``: the studies'
+  recipe (AdamW, warmup and cosine decay, clipping) on ``nlx.train.fit``, nlx's one train step.
 
   Args:
-    cfg_or_model: a ``ModelConfig`` (a model is built with ``seed``) or an ``nlx.nn.LM`` to
-      continue training (fine-tuning).
+    cfg_or_model: a ``ModelConfig`` (a model is built with ``seed``) or an ``nnx.Module`` (an
+      ``nlx`` LM, ...) to continue training (fine-tuning).
     batch_fn: step -> ``Batch``; must be a pure function of step for reproducible runs.
     steps: optimizer steps.
     lr, warmup, weight_decay, clip: AdamW, warmup (default 10% of steps), global-norm clipping.
@@ -177,51 +261,20 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
     tx: the optimizer, instead of ``optimizer(steps, lr, warmup, weight_decay, clip)`` (which
       ``lr``, ``warmup``, ``weight_decay`` and ``clip`` then do not build).
     evaluate, eval_every: ``evaluate(model)`` (a dict) after every ``eval_every`` steps and after
-      the last, into ``TrainResult.evals``; its time is not in the throughput.
+      the last, into ``FitResult.evals``; its time is not in the throughput.
+    on_step: ``(step, nlx.train.step.Update)`` after each step (``fit``'s).
+
+  Returns:
+    ``nlx.train.FitResult``: the model, the loss of every step, the time and the throughput, the
+    evaluations, and ``skipped``: steps whose loss, gradients or parameters were not finite (the
+    shared step leaves the parameters as they were there).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   model = (nlx.build_model(cfg_or_model, rngs=nnx.Rngs(seed))
            if isinstance(cfg_or_model, ModelConfig) else cfg_or_model)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if tx is None:
     tx = optimizer(steps, lr, steps // 10 if warmup is None else warmup, weight_decay, clip)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step_fn(params, opt_state, batch):
-    loss_fn = lambda p: masked_loss(nnx.merge(graphdef, p, rest), batch)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses, tokens, start, compiled, evals, eval_seconds = [], 0, time.time(), None, [], 0.0
-  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
-             leave=False)
-  for step in bar:
-    batch = Batch(*(jnp.asarray(x) for x in batch_fn(step)))
-    params, opt_state, loss = step_fn(params, opt_state, batch)
-    losses.append(loss)
-    if step == 0:
-      jax.block_until_ready(loss)
-      compiled = time.time()  # throughput excludes the first (compiling) step
-    else:
-      tokens += batch.inputs.size
-    if step % 10 == 0 or step == steps - 1:
-      bar.set_postfix(loss=f"{float(loss):.3f}")
-    if evaluate is not None and eval_every and ((step + 1) % eval_every == 0
-                                                or step == steps - 1):
-      tic = time.time()
-      evals.append({"step": step + 1, **evaluate(nnx.merge(graphdef, params, rest))})
-      eval_seconds += time.time() - tic
-  losses = [float(x) for x in jax.device_get(losses)]
-  end = time.time()
-  return TrainResult(nnx.merge(graphdef, params, rest), losses, end - start,
-                     tokens / max(end - (compiled or start) - eval_seconds, 1e-9),
-                     _count(params), evals)
-
-
-def _count(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  return fit(model, batch_fn, steps, tx=tx, loss=masked_loss, evaluate=evaluate,
+             eval_every=eval_every, progress=progress, desc=desc, on_step=on_step)
 
 
 _PREDICT_CACHE: dict = {}
@@ -279,11 +332,10 @@ def environment() -> dict:
 def write_outputs(out_dir: str, study: str, results: dict, table_md: str,
                   figure=None, command: Optional[str] = None) -> dict:
   """Writes ``<out>/<study>.json`` (results + environment + command), ``<study>.md`` (the table
-  under the command) and ``<study>.png`` (the matplotlib ``figure``); returns their paths."""
-  import sys  # pylint: disable=g-import-not-at-top
+  under the command) and ``<study>.png`` (the matplotlib ``figure``); returns their paths.
+  ``command``: default ``command_line(study)``, the process's own arguments."""
   os.makedirs(out_dir, exist_ok=True)
-  command = command or "python " + " ".join(
-      [os.path.relpath(sys.argv[0], REPO) if sys.argv else study] + sys.argv[1:])
+  command = command or command_line(study)
   paths = {kind: os.path.join(out_dir, f"{study}.{kind}") for kind in ("json", "md", "png")}
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump({"study": study, "command": command, "environment": environment(), **results}, f,
@@ -328,7 +380,7 @@ def save_model(model, cfg: ModelConfig, directory: str) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=1)
-  state = jax.device_get(nnx.state(model, nnx.Param).to_pure_dict())
+  state = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tmp = os.path.join(directory, "params.msgpack.tmp")
   with open(tmp, "wb") as f:
     f.write(serialization.msgpack_serialize(state))
@@ -347,6 +399,6 @@ def load_model(directory: str):
   with open(path, "rb") as f:
     state = serialization.msgpack_restore(f.read())
   params = nnx.state(model, nnx.Param)
-  params.replace_by_pure_dict(state)
+  nnx.replace_by_pure_dict(params, state)
   nnx.update(model, params)
   return model, cfg

@@ -1,4 +1,4 @@
-"""Zero-shot commonsense reasoning of the language models trained by ``experiments/lm.py``.
+"""Zero-shot commonsense reasoning of the language models trained by ``experiments.lm``.
 
 The paper (docs/EQUATIONS.md §6, arXiv Table 2) reports, next to perplexity, LAMBADA (acc, ppl) and
 the accuracy on PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, SIQA and BoolQ, scored zero-shot by
@@ -14,26 +14,27 @@ scored (mean of 1 / number of choices; BoolQ's majority class is given too).
 Byte-level models see long contexts: each scored sequence keeps its last ``max_len`` bytes (at
 ``tiny``, the training length of lm.py, 128: the models are scored at the length they learned).
 
-Commands::
+The tasks' files are read from the datasets directory (``--data DIR``, else ``$NLX_DATA``), in the
+layout of docs/TRAINING.md's "Evaluation data" (``piqa/valid.jsonl``, ...), which names each file's
+public source.
 
-  python experiments/lm.py --scale tiny           # trains and saves the models first
-  python experiments/zero_shot.py --scale tiny    # --limit 200 examples per task
-  python experiments/zero_shot.py --scale small --models runs/lm_small/models --out runs/zs_small
+Commands (from the repository root)::
+
+  python -m experiments.lm --scale tiny --data DATA          # trains and saves the models first
+  python -m experiments.zero_shot --scale tiny --data DATA   # --limit 200 examples per task
+  python -m experiments.zero_shot --scale small --models runs/lm_small/models --out runs/zs_small
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from nlx.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nlx.eval import loglik, multiple_choice  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import study
+from nlx.data import tokenizers
+from nlx.eval import loglik, multiple_choice
 
 # Paper order (docs/EQUATIONS.md §6); the metric of each task in the paper's average.
 TASKS = ("lambada", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "siqa",
@@ -42,6 +43,15 @@ LABELS = {"lambada": "LMB acc", "piqa": "PIQA", "hellaswag": "Hella (norm)",
           "winogrande": "Wino", "arc_easy": "ARC-e", "arc_challenge": "ARC-c (norm)",
           "siqa": "SIQA", "boolq": "BoolQ"}
 AVERAGE_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}  # others: acc
+# The files nlx.eval.multiple_choice reads for each task, under the datasets directory.
+FILES = {"lambada": ("lambada/lambada_openai_test.llmfoundry.jsonl",),
+         "piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
+         "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2",),
+         "winogrande": ("winogrande/winogrande_dev.llmfoundry.jsonl",),
+         "arc_easy": ("arc/arc_easy_test.llm_adapters.json",),
+         "arc_challenge": ("arc/arc_challenge_test.llm_adapters.json",),
+         "siqa": ("siqa/siqa_dev.llm_adapters.json",),
+         "boolq": ("boolq/boolq_dev.llmfoundry.jsonl",)}
 NORM_REPORTED = ("piqa", "hellaswag", "arc_easy", "arc_challenge")  # lm-eval reports acc_norm
 NAMES = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
          "samba": "Samba", "transformer": "Transformer++"}
@@ -54,7 +64,7 @@ PRESETS = {
 
 def find_models(models_dir: str) -> list[str]:
   """The model directories (holding ``params.msgpack``) under ``models_dir``, in paper order."""
-  hint = "run `python experiments/lm.py --scale tiny` first"
+  hint = "run `python -m experiments.lm --scale tiny` first"
   if not os.path.isdir(models_dir):
     raise FileNotFoundError(f"--models={models_dir!r} does not exist; {hint}")
   names = [n for n in sorted(os.listdir(models_dir))
@@ -160,21 +170,21 @@ def plot(results: dict, chances: dict):
 def main(argv=None) -> dict:
   parser = study.arg_parser(__doc__, "zero_shot")
   parser.add_argument("--models", default=os.path.join("runs", "lm", "models"),
-                      help="directory of the models saved by experiments/lm.py")
-  parser.add_argument("--tasks", default="all", help=f"comma-separated subset of {TASKS}")
+                      help="directory of the models saved by experiments.lm")
+  parser.add_argument("--tasks", default="all",
+                      help=f"comma-separated subset of {', '.join(TASKS)} (or all)")
   parser.add_argument("--limit", type=int, default=None, help="first N examples per task "
                       "(0: all; default: the scale's)")
   parser.add_argument("--max_len", type=int, default=None, help="bytes kept per sequence")
   args = parser.parse_args(argv)
   s = study.scale_settings(PRESETS, args.scale, limit=args.limit, max_len=args.max_len)
-  names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
-  for t in names:
-    if t not in TASKS:
-      raise ValueError(f"--tasks: unknown {t!r}; allowed: {', '.join(TASKS)}, all")
-  if not os.path.isdir(args.data):
-    raise FileNotFoundError(f"--data={args.data!r} does not exist (the shared datasets directory)")
+  names = study.parse_list("--tasks", None if args.tasks == "all" else args.tasks, known=TASKS)
   model_dirs = {n: os.path.join(args.models, n) for n in find_models(args.models)}
-  tasks = {t: multiple_choice.load_task(t, args.data)[:s["limit"] or None] for t in names}
+  data = study.data_dir(args.data, [f for t in names for f in FILES[t]],
+                        "the files of the tasks (" + ", ".join(f for t in names for f in FILES[t])
+                        + "), as docs/TRAINING.md's 'Evaluation data' lists them with their "
+                        "public sources")
+  tasks = {t: multiple_choice.load_task(t, data)[:s["limit"] or None] for t in names}
   chances = {t: chance(examples) for t, examples in tasks.items()}
   start = time.time()
   results, params = score_models(model_dirs, tasks, s)
@@ -182,9 +192,8 @@ def main(argv=None) -> dict:
   out = dict(scale=args.scale, settings=s, models=args.models, params=params, chance=chances,
              results=results, average={n: average(r) for n, r in results.items()},
              seconds=time.time() - start)
-  command = "python experiments/zero_shot.py " + " ".join(sys.argv[1:] if argv is None else argv)
   study.write_outputs(args.out, "zero_shot", out, md, plot(results, chances),
-                      command=command.strip())
+                      command=study.command_line("zero_shot", argv))
   print(md)
   return out
 

@@ -24,15 +24,6 @@ EQUATIONS = "docs/EQUATIONS.md"
 # Names of files outside the repository (the "../" is optional: "shared/data/X" is one too).
 FORBIDDEN = re.compile(r"PAPER\.md|DESIGN\.md|STYLE\.md|PROVENANCE\.md|(?:\.\./)?\bshared/")
 
-# Temporary: issue 19 item 2 moves the data paths to flags (and NLX_DATA). Until then these files
-# may name the datasets directory ../shared/data (defaults, examples, messages); the strings
-# listed are removed from a file's text before FORBIDDEN is searched, so nothing else may slip in.
-ALLOWED = {
-    "experiments/optimizers.py": ("../shared/data", "shared/data/PROVENANCE.md"),
-    "experiments/continual.py": ("shared/data/PROVENANCE.md",),
-    "tests/test_experiment_continual.py": ("shared/data is not there",),
-}
-
 # "12", "46–49", "56–57 and 88–93", "3, 4 and 5".
 _NUMBERS = r"\d+(?:\s*[–-]\s*\d+)?(?:(?:\s*,\s*|\s+and\s+|\s*,\s*and\s+)\d+(?:\s*[–-]\s*\d+)?)*"
 _EQ_BEFORE = re.compile(r"\bEqs?\.\s*(" + _NUMBERS + r")\s*\(docs/EQUATIONS\.md\)")
@@ -97,20 +88,11 @@ def test_no_file_cites_the_shared_folder(texts):
   for name, text in texts.items():
     if name == THIS:
       continue
-    for allowed in ALLOWED.get(name, ()):
-      text = text.replace(allowed, "")
     for match in FORBIDDEN.finditer(text):
       line = text.count("\n", 0, match.start()) + 1
       bad.append(f"{name}:{line}: {match.group()}")
   assert not bad, ("files outside the repository are cited (point to docs/ instead, e.g. "
                    "docs/EQUATIONS.md):\n" + "\n".join(bad))
-
-
-def test_the_allow_list_is_still_needed(texts):
-  """An allowed string that is gone from its file leaves the allow-list: drop it there."""
-  stale = [f"{name}: {allowed}" for name, allowed_strings in ALLOWED.items()
-           for allowed in allowed_strings if allowed not in texts.get(name, "")]
-  assert not stale, "ALLOWED names strings its files no longer hold:\n" + "\n".join(stale)
 
 
 def test_docs_references_name_existing_files(texts):

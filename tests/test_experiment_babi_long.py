@@ -1,15 +1,12 @@
-"""experiments/babi_long.py: the bAbI parser on a hand-written story, facts hidden in filler at
+"""experiments.babi_long: the bAbI parser on a hand-written story, facts hidden in filler at
 an exact length, the flags named in errors, and a smoke run on a hand-written qa1 (2 steps)."""
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import babi_long  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import babi_long, study
 
 STORY = ("1 Mary moved to the bathroom.\n"
          "2 John went to the hallway.\n"
@@ -54,11 +51,27 @@ def test_training_rows_are_full_no_padding():
   assert (batch.mask[:, -1] == 1).all()
 
 
-def test_bad_flags_are_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match="--data"):
-    babi_long.babi_dir(str(tmp_path / "missing"))
+def test_bad_flags_are_named(tmp_path, monkeypatch):
+  missing = str(tmp_path / "missing")
+  with pytest.raises(study.DataNotFound) as err:
+    babi_long.babi_dir(missing)
+  message = str(err.value)
+  assert "\n" not in message and "--data" in message and "$NLX_DATA" in message
+  assert os.path.join(missing, "babi", "en", "qa1_*_train.txt") in message and "bAbI" in message
+  monkeypatch.delenv("NLX_DATA", raising=False)
+  with pytest.raises(study.DataNotFound, match=r"give --data DIR or set \$NLX_DATA"):
+    babi_long.babi_dir(None)
   with pytest.raises(ValueError, match="--tasks 21"):
     babi_long.load_task(str(tmp_path), 21, "train")
+
+
+def test_babi_files_are_found_through_nlx_data(tmp_path, monkeypatch):
+  data = tmp_path / "babi" / "en"
+  data.mkdir(parents=True)
+  (data / "qa1_single-supporting-fact_train.txt").write_text(STORY)
+  monkeypatch.setenv("NLX_DATA", str(tmp_path))
+  assert babi_long.babi_dir(None) == str(data)
+  assert babi_long.babi_dir(str(data)) == str(data)  # the bAbI folder itself, as --data
 
 
 def test_smoke_run_writes_json_markdown_and_png(tmp_path):

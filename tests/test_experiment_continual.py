@@ -1,32 +1,54 @@
-"""experiments/continual.py: class split, label encoding, metrics, ICL context, smoke runs."""
+"""experiments.continual (and experiments.continual_data): class split, label encoding, metrics,
+ICL context, the datasets read from small files in the layout of their releases, the one-line
+error of a missing dataset, smoke runs."""
 
+import csv
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
+from experiments import continual, study
+from experiments import continual_data as data_lib
+from nlx.train import fitting
 
-import continual  # pylint: disable=g-import-not-at-top,wrong-import-position
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-HAS_DATA = os.path.isdir(os.path.join(study.DEFAULT_DATA, "clinc150"))
-needs_data = pytest.mark.skipif(not HAS_DATA, reason="shared/data is not there")
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A datasets directory with small CLINC150, Banking77 and DBpedia-14 files (the files'
+  layouts: clinc/oos-eval data_full.json, PolyAI banking_data csv, O-LoRA test.json)."""
+  root = tmp_path_factory.mktemp("data")
+  (root / "clinc150").mkdir()
+  clinc = {split: [[f"please {split} intent {c} example {i}", f"intent_{c}"]
+                   for c in range(16) for i in range(6)] for split in ("train", "test", "val")}
+  (root / "clinc150" / "data_full.json").write_text(json.dumps(clinc), encoding="utf-8")
+  (root / "banking77").mkdir()
+  for split in ("train", "test"):
+    with open(root / "banking77" / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["text", "category"])
+      writer.writerows([f"my card {c}, {split} {i}", f"card_{c}"] for c in range(16)
+                       for i in range(6))
+  (root / "dbpedia14").mkdir()
+  records = [{"sentence": f"{name} number {i} is described here.", "label": name}
+             for name in ("Album", "Artist", "Company", "Film", "Village", "Plant", "Animal",
+                          "Building", "Athlete", "Politician", "School", "Book", "Vehicle",
+                          "River") for i in range(10)]
+  (root / "dbpedia14" / "olora_test.json").write_text(json.dumps(records), encoding="utf-8")
+  return str(root)
 
 
 def test_class_split_disjoint_seeded():
   classes = [f"c{i}" for i in range(10)]
-  groups = continual.class_split(classes, n_tasks=3, per_task=3, seed=0)
+  groups = data_lib.class_split(classes, n_tasks=3, per_task=3, seed=0)
   assert [len(g) for g in groups] == [3, 3, 3]
   flat = [c for g in groups for c in g]
   assert len(set(flat)) == 9 and set(flat) <= set(classes)
-  assert continual.class_split(list(reversed(classes)), 3, 3, seed=0) == groups  # order-free
-  assert continual.class_split(classes, 3, 3, seed=1) != groups
+  assert data_lib.class_split(list(reversed(classes)), 3, 3, seed=0) == groups  # order-free
+  assert data_lib.class_split(classes, 3, 3, seed=1) != groups
   with pytest.raises(ValueError, match="needs 12 classes"):
-    continual.class_split(classes, n_tasks=4, per_task=3, seed=0)
+    data_lib.class_split(classes, n_tasks=4, per_task=3, seed=0)
 
 
 def test_average_accuracy_and_forgetting_hand_made():
@@ -49,53 +71,71 @@ def test_classify_argmax_over_allowed_tokens():
 
 
 def test_label_tokens_and_encoding():
-  assert [continual.label_token(k) for k in (0, 25, 26, 51, 52)] == [65, 90, 97, 122, 128]
+  assert [data_lib.label_token(k) for k in (0, 25, 26, 51, 52)] == [65, 90, 97, 122, 128]
   with pytest.raises(ValueError, match="no label byte"):
-    continual.label_token(180)
-  assert continual.clean("  hi\n there ", 5) == list(b"hi th")
-  ex = continual.encode_examples([(list(b"hi"), 65), (list(b"abcdefgh"), 66)], seq_len=12)
+    data_lib.label_token(180)
+  assert data_lib.clean("  hi\n there ", 5) == list(b"hi th")
+  ex = data_lib.encode_examples([(list(b"hi"), 65), (list(b"abcdefgh"), 66)], seq_len=12)
   assert bytes(ex.tokens[0, :10].tolist()) == b"hi\nlabel: " and ex.pos[0] == 9
   assert bytes(ex.tokens[1].tolist()) == b"defgh\nlabel: "[-12:]  # cut on the left
   assert ex.pos[1] == 11
   np.testing.assert_array_equal(ex.label, [65, 66])
-  batch = continual.train_batch(ex, step=0, batch=4, seed=0)
+  batch = data_lib.train_batch(ex, step=0, batch=4, seed=0)
   assert batch.mask.sum() == 4 and (batch.mask.sum(1) == 1).all()
   rows = np.argmax(batch.mask, 1)
   assert set(batch.targets[np.arange(4), rows]) <= {65, 66}
-  np.testing.assert_array_equal(batch.inputs, continual.train_batch(ex, 0, 4, 0).inputs)
+  np.testing.assert_array_equal(batch.inputs, data_lib.train_batch(ex, 0, 4, 0).inputs)
 
 
 def test_icl_prefix_holds_one_shot_per_seen_class():
   def task(labels):
-    ex = continual.encode_examples([(list(b"x%d" % b), b) for b in labels], seq_len=16)
-    return continual.Task(ex, ex, list(labels), [chr(b) for b in labels])
+    ex = data_lib.encode_examples([(list(b"x%d" % b), b) for b in labels], seq_len=16)
+    return data_lib.Task(ex, ex, list(labels), [chr(b) for b in labels])
 
   tasks = [task([65, 66]), task([67, 68])]
   settings = {"icl_shots": 1, "icl_text": 8}
-  first = bytes(continual.icl_prefix(tasks, 0, settings, seed=0))
-  both = bytes(continual.icl_prefix(tasks, 1, settings, seed=0))
+  first = bytes(data_lib.icl_prefix(tasks, 0, settings, seed=0))
+  both = bytes(data_lib.icl_prefix(tasks, 1, settings, seed=0))
   assert sorted(first.split(b"\n")[1::2]) == [b"label: A", b"label: B"]
   assert sorted(both.split(b"\n")[1::2]) == [b"label: A", b"label: B", b"label: C", b"label: D"]
   assert b"x65\nlabel: A\n" in first
 
 
-@needs_data
-def test_dbpedia_split_is_disjoint_and_seeded():
-  data = continual.load_dataset("dbpedia14", study.DEFAULT_DATA, seed=0)
-  assert len(data["train"]) == 14
+def test_dbpedia_split_is_disjoint_and_seeded(data_dir):
+  data = data_lib.load_dataset("dbpedia14", data_dir, seed=0)
+  assert len(data["train"]) == 14 and all(len(t) == 5 for t in data["train"].values())
   for label, texts in data["train"].items():
     assert not set(texts) & set(data["test"][label])
-  again = continual.load_dataset("dbpedia14", study.DEFAULT_DATA, seed=0)
-  assert again["train"]["Album"][:3] == data["train"]["Album"][:3]
+    assert len(set(texts) | set(data["test"][label])) == 10
+  again = data_lib.load_dataset("dbpedia14", data_dir, seed=0)
+  assert again["train"]["Album"] == data["train"]["Album"]
+  assert data_lib.load_dataset("dbpedia14", data_dir, seed=1)["train"] != data["train"]
 
 
-def test_bad_input_names_the_flag(tmp_path):
+def test_clinc_and_banking_are_read_by_class(data_dir, monkeypatch):
+  clinc = data_lib.load_dataset("clinc150", data_dir, seed=0)
+  assert len(clinc["train"]) == 16
+  assert clinc["test"]["intent_3"][0] == "please test intent 3 example 0"
+  monkeypatch.setenv("NLX_DATA", data_dir)  # no --data: $NLX_DATA
+  banking = data_lib.load_dataset("banking77", None, seed=0)
+  assert sorted(banking) == ["test", "train"] and len(banking["train"]["card_5"]) == 6
+  assert banking["train"]["card_5"][0] == "my card 5, train 0"
+
+
+def test_bad_input_names_the_flag(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="--datasets.*'nope'"):
-    continual.load_dataset("nope", str(tmp_path), 0)
-  with pytest.raises(FileNotFoundError, match="--data="):
-    continual.load_dataset("clinc150", str(tmp_path), 0)
-  with pytest.raises(FileNotFoundError, match="--data="):
-    continual.main(["--data", str(tmp_path / "missing")])
+    data_lib.load_dataset("nope", str(tmp_path), 0)
+  with pytest.raises(study.DataNotFound) as err:
+    data_lib.load_dataset("clinc150", str(tmp_path), 0)
+  message = str(err.value)
+  assert "\n" not in message and "--data" in message and "$NLX_DATA" in message
+  assert os.path.join(str(tmp_path), "clinc150", "data_full.json") in message
+  assert "clinc/oos-eval" in message  # where to get it
+  with pytest.raises(study.DataNotFound, match="banking77/train.csv"):
+    continual.main(["--data", str(tmp_path / "missing"), "--datasets", "banking77"])
+  monkeypatch.delenv("NLX_DATA", raising=False)
+  with pytest.raises(study.DataNotFound, match=r"give --data DIR or set \$NLX_DATA"):
+    continual.main(["--datasets", "dbpedia14"])
   with pytest.raises(ValueError, match="--methods.*'bogus'"):
     continual.main(["--methods", "bogus"])
 
@@ -117,21 +157,22 @@ def _check_outputs(out, methods):
   return result
 
 
-@needs_data
-def test_smoke_hope_attention(tmp_path):
+def test_smoke_hope_attention(tmp_path, data_dir):
   out = str(tmp_path / "out")
+  misses = fitting.compiled_step.cache_info().misses
   continual.main(SMOKE + ["--methods", "Hope-attention", "--main-periods", "64", "--steps", "1",
-                          "--out", out])
+                          "--out", out, "--data", data_dir])
+  assert fitting.compiled_step.cache_info().misses == misses + 1  # one compile for 3 tasks
   result = _check_outputs(out, ["Hope-attention"])
   assert result["results"]["clinc150"]["Hope-attention"]["periods"] == [64]
   assert len(result["classes"]["clinc150"]) == 3
 
 
-@needs_data
 @pytest.mark.slow
-def test_smoke_every_method_and_sweep(tmp_path):
+def test_smoke_every_method_and_sweep(tmp_path, data_dir):
   out = str(tmp_path / "out")
   result = continual.main(SMOKE[:-4] + ["--levels", "1", "--lowest-periods", "32",
-                                        "--main-periods", "16,32", "--out", out])
+                                        "--main-periods", "16,32", "--out", out,
+                                        "--data", data_dir])
   _check_outputs(out, continual.METHODS)
   assert [r["periods"] for r in result["sweep"]] == [[128], [16, 32]]

@@ -1,18 +1,17 @@
-"""experiments/formal_languages.py: the language generators and labels, the string accuracy, bad
-flags, and the main path at the smallest settings (2 steps, Transformer++, two languages)."""
+"""experiments.formal_languages: the language generators and labels, the string accuracy, bad
+flags, one compile per model config, and the main path at the smallest settings (2 steps,
+Transformer++, two languages)."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SPEC = importlib.util.spec_from_file_location(
-    "formal_languages", os.path.join(HERE, "..", "experiments", "formal_languages.py"))
-fl = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(fl)
+from experiments import formal_languages as fl
+from nlx.train import fitting
+
 LANG = fl.LANGUAGES
 
 
@@ -97,6 +96,20 @@ def test_bad_flags_name_the_flag_and_value(tmp_path):
     fl.main(["--families", "nope", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="--languages.*'dyck9'"):
     fl.main(["--languages", "dyck9", "--out", str(tmp_path)])
+
+
+def test_one_compiled_step_per_model_config():
+  """Every language of a family trains through ``fit``'s one compiled step (one graphdef per
+  config, one optimizer per (steps, lr), one loss function)."""
+  settings = dict(fl.PRESETS["tiny"], steps=2, lr=0.0123)  # an optimizer no other test builds
+  cfg = fl.family_config("transformer", settings)
+  misses = fitting.compiled_step.cache_info().misses
+  models = [fl.train_language(cfg, LANG[name], settings, seed=0)[0] for name in ("parity", "aa")]
+  assert fitting.compiled_step.cache_info().misses == misses + 1
+  graphdefs = [nnx.split(m, nnx.Param, ...)[0] for m in models]
+  assert graphdefs[0] == graphdefs[1]
+  step = fitting.compiled_step(graphdefs[0], fl._optimizer(2, 0.0123), fl.language_loss)
+  assert step._cache_size() == 1  # pylint: disable=protected-access  (one XLA program)
 
 
 def test_main_writes_json_markdown_and_png(tmp_path):

@@ -1,25 +1,38 @@
-"""experiments/lm.py: data windows, bad flags, and the main path on a 2-step run (Transformer++
-for both parts, so that no HOPE compiles here)."""
+"""experiments.lm: data windows, the datasets directory (--data, $NLX_DATA, the one-line error),
+bad flags, and the main path on a 2-step run on a small PTB-like corpus (Transformer++ for both
+parts, so that no HOPE compiles here)."""
 
-import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from experiments import lm as lm_study
+from experiments import study
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 @pytest.fixture(scope="module")
 def lm():
-  spec = importlib.util.spec_from_file_location(
-      "experiments_lm", os.path.join(REPO, "experiments", "lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return lm_study
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A datasets directory holding ptb/ptb.{train,valid}.txt (a few KB of PTB-like text)."""
+  root = tmp_path_factory.mktemp("data")
+  (root / "ptb").mkdir()
+  rng = np.random.default_rng(0)
+  words = ["the", "market", "said", "n't", "<unk>", "shares", "of", "N", "company", "year"]
+  for split, n in (("train", 3000), ("valid", 600)):
+    text = "\n".join(" " + " ".join(rng.choice(words, 12)) + " " for _ in range(n // 12))
+    (root / "ptb" / f"ptb.{split}.txt").write_text(text, encoding="utf-8")
+  return str(root)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(lm):
@@ -37,20 +50,52 @@ def test_perplexity_and_bits_per_byte(lm):
   assert m["val_ppl"] == pytest.approx(4.0) and m["val_bpb"] == pytest.approx(2.0)
 
 
-def test_bad_flags_name_the_flag_and_value(lm, tmp_path):
+def test_bad_flags_name_the_flag_and_value(lm, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="--families: unknown 'gpt'"):
     lm.main(["--families", "gpt", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="--ablations: unknown 'w/o q'"):
     lm.main(["--ablations", "w/o q", "--out", str(tmp_path)])
-  with pytest.raises(FileNotFoundError, match="--data='/nope'"):
+  with pytest.raises(study.DataNotFound) as err:
     lm.main(["--data", "/nope", "--out", str(tmp_path)])
+  message = str(err.value)
+  assert "\n" not in message and "--data" in message and "$NLX_DATA" in message
+  assert "/nope/ptb/ptb.train.txt does not exist" in message and "Penn Treebank" in message
+  with pytest.raises(study.DataNotFound, match="tinyshakespeare/input.txt"):
+    lm.main(["--data", "/nope", "--corpus", "tinyshakespeare", "--out", str(tmp_path)])
+  monkeypatch.delenv("NLX_DATA", raising=False)
+  with pytest.raises(study.DataNotFound, match=r"give --data DIR or set \$NLX_DATA=DIR"):
+    lm.main(["--out", str(tmp_path)])
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "ptb")), reason="no shared PTB")
-def test_two_step_run_writes_tables_plot_and_models(lm, tmp_path, monkeypatch):
+def test_the_corpus_is_read_from_nlx_data(lm, data_dir, monkeypatch):
+  monkeypatch.setenv("NLX_DATA", data_dir)
+  train, valid = lm.load_corpus(None, "ptb")
+  assert train.dtype == np.uint8 and len(train) > len(valid) > 0
+  with open(os.path.join(data_dir, "ptb", "ptb.valid.txt"), "rb") as f:
+    assert valid.tobytes() == f.read()
+  monkeypatch.setenv("NLX_DATA", "/nope")  # --data wins over $NLX_DATA
+  assert np.array_equal(lm.load_corpus(data_dir, "ptb")[0], train)
+
+
+def test_a_missing_dataset_is_one_error_line_of_the_command(tmp_path):
+  """``python -m experiments.lm`` from the repository root: exit status 1 and one line on stderr
+  (no traceback) naming the flag, the variable, the path looked at and what to put there."""
+  env = dict(os.environ, NLX_DATA=str(tmp_path), JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-m", "experiments.lm", "--out", str(tmp_path / "o")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert done.returncode == 1, done.stderr[-2000:]
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1, done.stderr[-2000:]
+  assert os.path.join(str(tmp_path), "ptb", "ptb.train.txt") in lines[0]
+  assert "$NLX_DATA" in lines[0] and "--data" in lines[0] and "ptb.valid.txt" in lines[0]
+
+
+def test_two_step_run_writes_tables_plot_and_models(lm, tmp_path, monkeypatch, data_dir):
   monkeypatch.setattr(lm, "ABLATION_FAMILY", "transformer")
   out = str(tmp_path / "lm")
-  lm.main(["--out", out, "--families", "transformer", "--ablations", "w/o momentum",
+  lm.main(["--data", data_dir, "--out", out, "--families", "transformer",
+           "--ablations", "w/o momentum",
            "--steps", "2", "--abl_steps", "2", "--batch", "2", "--seq_len", "16",
            "--abl_batch", "2", "--abl_seq_len", "16", "--eval_every", "1", "--eval_rows", "2",
            "--final_eval_rows", "4", "--target_params", "60000"])
@@ -65,3 +110,5 @@ def test_two_step_run_writes_tables_plot_and_models(lm, tmp_path, monkeypatch):
   assert "Transformer++" in md and "w/o momentum" in md
   assert os.path.getsize(os.path.join(out, "lm.png")) > 0
   assert os.path.isfile(os.path.join(out, "models", "transformer", "params.msgpack"))
+  assert row["skipped_steps"] == 0 and len(row["curve"]) == 2
+  assert results["main"]["transformer"]["val_nll"] == pytest.approx(math.log(row["val_ppl"]))

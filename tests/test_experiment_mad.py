@@ -1,9 +1,8 @@
-"""experiments/mad.py: the invariants of the six MAD generators (answers in the context, motifs,
-noise, copying, reconstruction, the fixed memorisation table, target positions, disjoint seeds),
-MAD's accuracy and optimizer, bad flags, and the main path at the smallest size (1 task, 1 model,
-2 steps)."""
+"""experiments.mad and experiments.mad_tasks: the invariants of the six MAD generators (answers in
+the context, motifs, noise, copying, reconstruction, the fixed memorisation table, target
+positions, disjoint seeds), MAD's accuracy and optimizer, bad flags, and the main path at the
+smallest size (1 task, 1 model, 2 steps)."""
 
-import importlib.util
 import json
 import os
 
@@ -11,12 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SPEC = importlib.util.spec_from_file_location("mad_study",
-                                              os.path.join(HERE, "..", "experiments", "mad.py"))
-mad = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(mad)
-IGNORE = mad.IGNORE
+from experiments import mad, mad_tasks
+
+IGNORE = mad_tasks.IGNORE
 
 
 def examples(fn, n, seed=0, **kwargs):
@@ -25,7 +21,7 @@ def examples(fn, n, seed=0, **kwargs):
 
 
 def test_recall_answers_are_pairs_of_the_context_and_targets_are_next_tokens():
-  for fn in (mad.in_context_recall, mad.noisy_in_context_recall):
+  for fn in (mad_tasks.in_context_recall, mad_tasks.noisy_in_context_recall):
     for inputs, targets in examples(fn, 50):
       assert inputs.shape == targets.shape == (127,)
       scored = np.flatnonzero(targets != IGNORE)
@@ -52,7 +48,7 @@ def test_recall_answers_are_pairs_of_the_context_and_targets_are_next_tokens():
 
 def test_noise_tokens_are_context_only_and_about_a_fifth_of_the_pairs():
   noise_pairs = total_pairs = 0
-  for inputs, targets in examples(mad.noisy_in_context_recall, 100):
+  for inputs, targets in examples(mad_tasks.noisy_in_context_recall, 100):
     is_noise = inputs >= 16  # tokens 16-31
     scored = targets != IGNORE
     assert not (is_noise & scored).any() and (targets[scored] < 16).all()
@@ -62,7 +58,7 @@ def test_noise_tokens_are_context_only_and_about_a_fifth_of_the_pairs():
     noise_pairs += pairs[:, 0].sum()
     total_pairs += len(pairs)
   assert 0.15 < noise_pairs / total_pairs < 0.25  # frac_noise 0.2
-  plain = np.concatenate([x for x, _ in examples(mad.in_context_recall, 20)])
+  plain = np.concatenate([x for x, _ in examples(mad_tasks.in_context_recall, 20)])
   assert plain.max() < 16 and plain.min() >= 0
 
 
@@ -85,7 +81,7 @@ def parse_fuzzy(tokens, pad=15):
 
 def test_fuzzy_keys_and_values_are_motifs_and_answers_are_in_the_context():
   key_sizes, value_sizes = set(), set()
-  for inputs, targets in examples(mad.fuzzy_in_context_recall, 40):
+  for inputs, targets in examples(mad_tasks.fuzzy_in_context_recall, 40):
     assert inputs.shape == targets.shape == (128,)
     tokens = np.concatenate([inputs, targets[-1:]])  # the full sequence
     scored = np.zeros(len(tokens), bool)
@@ -105,14 +101,14 @@ def test_fuzzy_keys_and_values_are_motifs_and_answers_are_in_the_context():
     assert scored[-len(motifs[-1][1]):].all()  # the final value
     repeated = [len(v) for i, (k, v, _) in enumerate(motifs) if k in [m[0] for m in motifs[:i]]]
     assert scored.sum() == sum(repeated)  # nothing else is scored
-  for inputs, _ in examples(mad.fuzzy_in_context_recall, 40, is_training=True):
+  for inputs, _ in examples(mad_tasks.fuzzy_in_context_recall, 40, is_training=True):
     for key, value, _ in parse_fuzzy(inputs):
       key_sizes.add(len(key))
   assert key_sizes == {1, 2, 3} and value_sizes == {1, 2, 3}
 
 
 def test_selective_copying_targets_are_the_tokens_in_order():
-  for inputs, targets in examples(mad.selective_copying, 30):
+  for inputs, targets in examples(mad_tasks.selective_copying, 30):
     assert inputs.shape == targets.shape == (256,)
     copy_at = int(np.flatnonzero(inputs == 15)[0])
     assert (inputs == 15).sum() == 1 and copy_at == 256 - 16 - 1
@@ -124,17 +120,18 @@ def test_selective_copying_targets_are_the_tokens_in_order():
 
 
 def test_compression_target_is_the_input():
-  for inputs, targets in examples(mad.compression, 20):
+  for inputs, targets in examples(mad_tasks.compression, 20):
     np.testing.assert_array_equal(inputs, targets)
     assert inputs.shape == (32,) and inputs[-1] == 15 and (inputs[:-1] < 15).all()
 
 
 def test_memorization_facts_are_fixed_and_shared_by_train_and_test():
-  value_of = mad.memorization_facts(256)
+  value_of = mad_tasks.memorization_facts(256)
   assert len(value_of) == 127 and len(set(value_of.tolist())) == 127
   assert value_of.min() >= 127 and value_of.max() <= 254
   settings = dict(mad.PRESETS["tiny"], task_settings={}, train_examples=32, test_examples=32)
-  a, b = mad.dataset("memorization", settings, seed=0), mad.dataset("memorization", settings, 7)
+  a = mad_tasks.dataset("memorization", settings, seed=0)
+  b = mad_tasks.dataset("memorization", settings, 7)
   for data in (a["train"], a["test"], b["train"]):
     inputs, targets = data
     assert (inputs[:, 1::2] == 255).all() and (targets[:, ::2] == IGNORE).all()
@@ -144,28 +141,29 @@ def test_memorization_facts_are_fixed_and_shared_by_train_and_test():
 def test_scored_targets_sit_where_each_task_scores():
   # recall: at a key (the next token is its value); memorisation: at the insert token; selective
   # copying: after the copy token; compression: everywhere
-  for inputs, targets in examples(mad.in_context_recall, 10):
+  for inputs, targets in examples(mad_tasks.in_context_recall, 10):
     assert (inputs[targets != IGNORE] < 8).all() and (targets[targets != IGNORE] >= 8).all()
-  for inputs, targets in examples(mad.memorization, 10):
+  for inputs, targets in examples(mad_tasks.memorization, 10):
     np.testing.assert_array_equal(targets != IGNORE, inputs == 255)
-  for inputs, targets in examples(mad.selective_copying, 10):
+  for inputs, targets in examples(mad_tasks.selective_copying, 10):
     np.testing.assert_array_equal(targets != IGNORE, np.arange(256) >= 240)
-  batch = mad.to_batch(*mad.generate("in_context_recall", 4, 0, False, seq_len=16), width=20)
+  batch = mad_tasks.to_batch(*mad_tasks.generate("in_context_recall", 4, 0, False, seq_len=16),
+                             width=20)
   assert batch.inputs.shape == (4, 20) and batch.mask[:, 15:].sum() == 0
   assert (batch.targets[batch.mask == 0] == 0).all() and batch.mask[:, 14].all()
 
 
 def test_data_is_deterministic_and_train_and_test_are_disjoint():
   settings = dict(mad.PRESETS["cpu"], train_examples=128, test_examples=64)
-  for name in mad.TASKS:
-    data = mad.dataset(name, settings, seed=5)
-    again = mad.dataset(name, settings, seed=5)
+  for name in mad_tasks.TASKS:
+    data = mad_tasks.dataset(name, settings, seed=5)
+    again = mad_tasks.dataset(name, settings, seed=5)
     np.testing.assert_array_equal(data["train"][0], again["train"][0])
     np.testing.assert_array_equal(data["test"][1], again["test"][1])
-    assert not np.array_equal(data["train"][0], mad.dataset(name, settings, 6)["train"][0])
+    assert not np.array_equal(data["train"][0], mad_tasks.dataset(name, settings, 6)["train"][0])
     train = {row.tobytes() for row in data["train"][0]}
     assert not any(row.tobytes() in train for row in data["test"][0]), name
-  assert len(mad.dataset("memorization", settings, 0)["train"][0]) == 128  # MAD: 256 at most
+  assert len(mad_tasks.dataset("memorization", settings, 0)["train"][0]) == 128  # MAD: 256 at most
 
 
 def test_mad_accuracy_is_macro_over_classes():

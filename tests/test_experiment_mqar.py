@@ -1,6 +1,5 @@
-"""experiments/mqar.py: the level mixture, the state count, bad flags and a smoke run."""
+"""experiments.mqar: the level mixture, the state count, bad flags and a smoke run."""
 
-import importlib.util
 import json
 import os
 
@@ -9,19 +8,7 @@ import pytest
 from flax import nnx
 
 import nlx
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location(
-      "mqar_study", os.path.join(REPO, "experiments", "mqar.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-mqar = _load()
+from experiments import mqar
 
 
 def test_rows_mix_levels_and_pad_to_the_longest():
@@ -85,6 +72,7 @@ def test_smoke_run_writes_outputs(tmp_path):
     assert 0.0 <= level["accuracy"] <= 1.0
     assert level["state_floats_per_layer"] == 2 * level["seq_len"] * 16
   assert np.isfinite(run["final_loss"]) and out["runs"][0]["params"] > 0 and saved["complete"]
+  assert run["skipped_steps"] == 0  # the shared step skipped no non-finite step
   assert "acc P=4 (T=16)" in (tmp_path / "mqar.md").read_text()
 
 
@@ -94,3 +82,5 @@ def test_a_diverged_run_is_named_in_the_table():
              diverged_at_step=45, levels=levels)
   md = mqar.table([run, dict(run, diverged_at_step=None, final_loss=1.5)], (4,), vocab_size=16)
   assert "diverged (non-finite loss from step 45)" in md and "| 1.500 |" in md
+  md = mqar.table([dict(run, skipped_steps=3)], (4,), vocab_size=16)
+  assert "diverged (non-finite loss from step 45; 3 steps skipped)" in md

@@ -1,17 +1,13 @@
-"""experiments/niah.py: S-NIAH examples of an exact length, answer rows and scoring, and a smoke
+"""experiments.niah: S-NIAH examples of an exact length, answer rows and scoring, and a smoke
 run of the study (2 training steps, 2 examples at 512 tokens)."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import answer_scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
-import niah  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import answer_scoring, niah
 
 
 def test_answer_row_masks_the_answer_and_weights_the_context():

@@ -1,9 +1,8 @@
-"""Smoke test of experiments/remember.py: facts and questions, accuracy at the answers, HOPE's
+"""Smoke test of experiments.remember: facts and questions, accuracy at the answers, HOPE's
 whole state across a real orbax save / restore (split == one call; ~20 s on 2 cores, mostly the
 compiles of a HOPE model), bad flags refused by name, and (slow: a second process) the main path
 with a Transformer++ trained 2 steps and the answer phase in a subprocess."""
 
-import importlib.util
 import json
 import os
 
@@ -13,12 +12,7 @@ import pytest
 from flax import nnx
 
 import nlx
-
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                     "remember.py")
-_SPEC = importlib.util.spec_from_file_location("remember", _PATH)
-remember = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(remember)
+from experiments import remember
 
 
 def test_facts_are_padded_to_the_chunk_and_questions_ask_them():

@@ -1,7 +1,8 @@
-"""experiments/zero_shot.py: chance levels, the paper's average, bad flags, and the main path on an
-untrained tiny model (4 examples per task)."""
+"""experiments.zero_shot: chance levels, the paper's average, bad flags, the missing-dataset error,
+and the main path on an untrained tiny model (4 examples per task, from small files in the layout
+of docs/TRAINING.md's "Evaluation data")."""
 
-import importlib.util
+import bz2
 import json
 import os
 
@@ -9,19 +10,62 @@ import pytest
 from flax import nnx
 
 import nlx
+from experiments import study
+from experiments import zero_shot
 from nlx.eval.multiple_choice import Example
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 @pytest.fixture(scope="module")
 def zs():
-  spec = importlib.util.spec_from_file_location(
-      "experiments_zero_shot", os.path.join(REPO, "experiments", "zero_shot.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return zero_shot
+
+
+def _write_lines(path, records):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def _adapters(question: str, choices, gold: int) -> dict:
+  """A record of LLM-Adapters' ARC / SIQA files: the question and ``AnswerN:`` choices."""
+  answers = " ".join(f"Answer{i + 1}: {c}" for i, c in enumerate(choices))
+  return {"instruction": f"Please choose the correct answer to the question: {question}\n\n"
+                         f"{answers}\n\nAnswer format: answer1/answer2/answer3",
+          "answer": f"answer{gold + 1}"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Four examples of every task, in the files and formats ``nlx.eval.multiple_choice`` reads."""
+  root = tmp_path_factory.mktemp("data")
+  n = range(4)
+  _write_lines(root / "piqa" / "valid.jsonl",
+               [{"goal": f"open jar {i}", "sol1": "twist the lid", "sol2": "eat the lid"}
+                for i in n])
+  (root / "piqa" / "valid-labels.lst").write_text("0\n1\n0\n1\n", encoding="utf-8")
+  (root / "hellaswag").mkdir()
+  lines = []
+  for i in n:
+    lines += [f"Cooking: a man cuts onion {i}.", str(i % 4), "he cries.", "he flies.",
+              "he sings.", "he swims."]
+  (root / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(
+      bz2.compress("\n".join(lines).encode("utf-8")))
+  _write_lines(root / "winogrande" / "winogrande_dev.llmfoundry.jsonl",
+               [{"context_options": ["The cup fell because the cup", "The cup fell because the "
+                                     "table"], "continuation": f"was loose {i}.", "gold": i % 2}
+                for i in n])
+  for name, folder in (("arc_easy_test", "arc"), ("arc_challenge_test", "arc"),
+                       ("siqa_dev", "siqa")):
+    (root / folder).mkdir(exist_ok=True)
+    (root / folder / f"{name}.llm_adapters.json").write_text(json.dumps(
+        [_adapters(f"What is {i} + 1?", ["one", "two", "three"], i % 3) for i in n]),
+        encoding="utf-8")
+  _write_lines(root / "boolq" / "boolq_dev.llmfoundry.jsonl",
+               [{"query": f"Passage: snow is cold {i}.\nQuestion: is snow cold?",
+                 "choices": ["no", "yes"], "gold": 1} for i in n])
+  _write_lines(root / "lambada" / "lambada_openai_test.llmfoundry.jsonl",
+               [{"context": f"She opened the door {i} and saw the", "continuation": "garden"}
+                for i in n])
+  return str(root)
 
 
 def test_chance_is_measured_on_the_examples(zs):
@@ -40,7 +84,7 @@ def test_average_takes_acc_norm_for_hellaswag_and_arc_challenge(zs):
 def test_missing_models_and_unknown_task_are_clear_errors(zs, tmp_path):
   # An existing --data directory, so that these checks run on a checkout without the datasets.
   data = ["--data", str(tmp_path)]
-  with pytest.raises(FileNotFoundError, match="experiments/lm.py --scale tiny"):
+  with pytest.raises(FileNotFoundError, match="python -m experiments.lm --scale tiny"):
     zs.main(data + ["--models", str(tmp_path / "none"), "--out", str(tmp_path)])
   with pytest.raises(FileNotFoundError, match="holds no saved model"):
     zs.main(data + ["--models", str(tmp_path), "--out", str(tmp_path)])
@@ -48,13 +92,17 @@ def test_missing_models_and_unknown_task_are_clear_errors(zs, tmp_path):
     zs.main(data + ["--tasks", "copa", "--models", str(tmp_path), "--out", str(tmp_path)])
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "piqa")), reason="no shared data")
-def test_untrained_model_on_four_examples_per_task(zs, tmp_path):
-  import study  # experiments/ is on sys.path once zero_shot is imported
+def test_untrained_model_on_four_examples_per_task(zs, tmp_path, data_dir, monkeypatch):
   cfg = study.model_config("transformer", mlp_dim=32)
   study.save_model(nlx.build_model(cfg, rngs=nnx.Rngs(0)), cfg,
                    str(tmp_path / "models" / "transformer"))
   out = str(tmp_path / "zs")
+  with pytest.raises(study.DataNotFound) as err:  # the models are there, the datasets are not
+    zs.main(["--models", str(tmp_path / "models"), "--out", out, "--data", str(tmp_path)])
+  message = str(err.value)
+  assert "\n" not in message and "--data" in message and "$NLX_DATA" in message
+  assert "docs/TRAINING.md" in message and "piqa/valid-labels.lst" in message
+  monkeypatch.setenv("NLX_DATA", data_dir)  # no --data: $NLX_DATA
   zs.main(["--models", str(tmp_path / "models"), "--out", out, "--limit", "4",
            "--max_len", "32"])
   with open(os.path.join(out, "zero_shot.json"), encoding="utf-8") as f:
