@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-test constraints demo train test test-slow bench clean
+.PHONY: install install-test constraints demo train test test-slow bench bench-models clean
 
 # The config of 'make train': tiny HOPE (self-modifying Titans + CMS), 300 steps of 8 x 256 bytes.
 # TRAIN_ARGS adds flags, e.g. TRAIN_ARGS="--config.train.steps=4" (what CI runs).
@@ -36,7 +36,7 @@ constraints: install-test
 	mv constraints.txt.new constraints.txt
 
 demo: install
-	$(VENV)/bin/nlx demo
+	$(PY) -m examples.demo
 
 # Trains TRAIN_CONFIG on the embedded corpus (a few minutes on CPU): validation perplexity,
 # plots and a checkpoint in TRAIN_DIR; then samples from it.
@@ -51,7 +51,10 @@ test-slow: install-test
 	$(PY) -m pytest $(PYTEST_ARGS) -q -m slow
 
 bench: install
-	$(VENV)/bin/nlx bench ops --out bench_ops.json
+	$(PY) -m benchmarks.ops --out bench_ops.json
+
+bench-models: install
+	$(PY) -m benchmarks.models --out bench_models.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

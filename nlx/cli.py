@@ -16,14 +16,10 @@ Commands:
 * ``nlx export WORKDIR OUT``: the newest checkpoint as a pretrained directory (``nlx.pretrained``).
 * ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4``: compiles the train step
   for a TPU topology on any machine; prints memory per device, FLOPs, step time and MFU (JSON).
-* ``nlx bench ops [flags]``: tokens/s and peak memory of the associative-memory ops
-  (``nlx.bench``; ``nlx bench ops --help`` lists the flags).
-* ``nlx bench models [flags]``: train-step tokens/s and peak memory of every model family
-  (``nlx.bench_models``).
-* ``nlx demo [args]``: the end-to-end demo (``nlx.demo.main``; ``nlx demo --help`` shows its own
-  flags, which are passed through unchanged).
 
-``main(argv)`` returns the exit status; the console script calls ``sys.exit(main())``.
+``main(argv)`` returns the exit status; the console script calls ``sys.exit(main())``. The
+benchmarks and the demo are not commands of the library: they live beside it in the repository
+(``python -m benchmarks.ops``, ``python -m benchmarks.models``, ``python -m examples.demo``).
 """
 
 from __future__ import annotations
@@ -37,18 +33,11 @@ from nlx import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-  # Imported here so that ``nlx --help`` does not need JAX; nlx.bench itself imports JAX lazily.
-  from nlx import bench  # pylint: disable=g-import-not-at-top
-
+  """The parser of every command; builds without importing JAX (``nlx --help`` stays fast)."""
   parser = argparse.ArgumentParser(
       prog="nlx", description="nlx: Nested Learning in JAX.",
       epilog="Run 'nlx COMMAND --help' for the flags of a command.")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-  bench_parser = commands.add_parser(
-      "bench", help="benchmarks ('nlx bench ops': tokens/s and peak memory of the memory ops)",
-      description="Benchmarks of nlx.")
-  bench.configure_parser(bench_parser)
 
   train = commands.add_parser("train", help="train a run config",
                               description="Trains a run config; extra --config.a.b=v flags "
@@ -119,12 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
   aot = commands.add_parser("aot", help="compile the train step for a TPU topology (JSON)")
   _add_config_flags(aot)
   aot.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4")
-
-  # The demo parses its own flags: everything after 'demo' is passed to nlx.demo.main unchanged
-  # (see main), so this parser declares none, not even --help.
-  commands.add_parser("demo", add_help=False,
-                      help="the end-to-end demo (its flags: 'nlx demo --help')",
-                      description="Runs nlx.demo.main with the remaining arguments.")
   return parser
 
 
@@ -252,12 +235,6 @@ def _run_aot(args, overrides) -> int:
   return 0
 
 
-def _run_demo(argv: list) -> int:
-  from nlx import demo  # pylint: disable=g-import-not-at-top  (lazy: heavy, and optional)
-  status = demo.main(argv)
-  return 0 if status is None else int(status)
-
-
 def normalize_flags(argv: Sequence[str]) -> list[str]:
   """``--seq-len`` -> ``--seq_len``: nlx's flags are spelled with underscores (as absl's and
   ml_collections' ``--config.a_b`` are); dashes are accepted too. Values are left alone."""
@@ -274,9 +251,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = normalize_flags(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  if args.command == "demo":
-    # Everything after the first 'demo' belongs to the demo, in order.
-    return _run_demo(argv[argv.index("demo") + 1:])
   from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
   for name in ("workdir", "checkpoint_dir", "state", "hf_dir", "out_workdir", "out"):  # resolved once, here: the run never sees a relative path
     if getattr(args, name, None):
@@ -305,9 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # mistakes exit 2 (like a bad flag), runtime faults (checkpoint, NaN, I/O) exit 1.
     print(f"nlx {args.command}: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, (errors.CheckpointError, errors.NonFiniteError, OSError)) else 2
-  if args.command == "bench":
-    from nlx import bench  # pylint: disable=g-import-not-at-top
-    return bench.run_parsed(args, "nlx " + " ".join(argv))
   parser.error(f"unknown command {args.command!r}")
   return 2
 

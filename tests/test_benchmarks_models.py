@@ -1,28 +1,31 @@
-"""Tests of ``nlx bench models`` (nlx.bench_models) at a tiny size, through the CLI."""
+"""Tests of the models benchmark (``benchmarks.models``) at a tiny size, as ``python -m``."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
-from nlx import bench_models, cli
+from benchmarks import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_models_writes_records_with_ratios(tmp_path):
+def test_models_writes_records_with_ratios(tmp_path):
   out = tmp_path / "models.json"
-  proc = subprocess.run([sys.executable, "-m", "nlx.cli", "bench", "models", "--families",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.models", "--families",
                          "transformer,deltanet", "--size", "tiny", "--seq-len", "32",
                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
-                        timeout=600, check=False)
+                        timeout=600, check=False, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(out.read_text())
   assert result["failures"] == []
   records = {r["family"]: r for r in result["records"]}
   assert set(records) == {"transformer", "deltanet"}
   for r in records.values():
-    for key in bench_models.REQUIRED_RECORD_KEYS:
+    for key in models.REQUIRED_RECORD_KEYS:
       assert r[key] is not None, key
     assert (r["B"], r["T"]) == (1, 32) and r["params"] > 10_000
     assert math.isclose(r["tokens_per_s"], 32 / r["seconds"])
@@ -31,11 +34,22 @@ def test_bench_models_writes_records_with_ratios(tmp_path):
                         r["tokens_per_s"] / records["transformer"]["tokens_per_s"])
     assert math.isfinite(r["loss"])
   assert records["transformer"]["tokens_per_s_vs_transformer"] == 1.0
+  # An untrained model's first loss is about ln(vocabulary) (the tiny configs: 256 bytes).
+  assert abs(records["transformer"]["loss"] - math.log(256)) < 0.5
+  assert result["meta"]["config"]["config_dir"] is None
   assert "deltanet" in proc.stdout and "vs T++" in proc.stdout
 
 
-def test_bench_models_refuses_unknown_families(capsys):
+def test_configs_come_from_the_shipped_presets_or_a_directory():
+  assert models.config_spec("hope", "20m") == "hope:20m"
+  assert models.config_spec("hope", "tiny", "/x/configs") == "/x/configs/hope.py:tiny"
+  # Every family has a shipped config (configs/ installs as nlx.presets; see test_packaging).
+  for family in models.FAMILIES:
+    assert os.path.isfile(os.path.join(ROOT, "configs", f"{family}.py")), family
+
+
+def test_models_refuses_unknown_families(capsys):
   with pytest.raises(SystemExit) as e:
-    cli.main(["bench", "models", "--families", "lstm"])
+    models.main(["--families", "lstm"])
   assert e.value.code == 2
   assert "unknown family 'lstm'" in capsys.readouterr().err

@@ -1,32 +1,34 @@
 """The nlx demo: a tiny language model learns multi-query associative recall on the nlx ops.
 
-``nlx demo`` (or ``python -m nlx.demo``) trains a two-block model whose sequence mixer is one of
-the public ops of ``nlx.ops`` (``delta_rule`` by default, ``linear_attention`` or
+``python -m examples.demo`` (from the repository root) trains a two-block model whose sequence
+mixer is one of the public ops of ``nlx.ops`` (``delta_rule`` by default, ``linear_attention`` or
 ``titans_memory``) on MQAR (``nlx.data.synthetic``), evaluates recall on held-out examples, and
 prints a summary. With the defaults (12 pairs, 600 steps of 32 examples) it reaches ~99% held-out
 recall on 2 CPU cores in one to two minutes.
 
-The model (Flax NNX)::
+The model is assembled from ``nlx.nn`` parts::
 
-  embed -> 2 x [x + Mixer(RMSNorm(x)); x + MLP(RMSNorm(x))] -> RMSNorm -> head
+  Embedding -> layers x Block [x + OpMixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head
 
-  Mixer: q, k, v = short causal depthwise conv (SiLU) of one projection of x; q, k L2-normalised
-         per head; then the op:
-           delta_rule        beta = sigmoid(W_beta x)
-           linear_attention  no gates
-           titans            linear memory, lr = sigmoid(W_lr x), momentum = sigmoid(W_eta x),
-                             log-decay g = log sigmoid(W_g x)
-         -> output projection.
+  OpMixer: q, k, v from nlx.nn.qkv.QKV (projections, short causal depthwise conv, SiLU; q and k
+           L2-normalised per head); then the op:
+             delta_rule        beta = sigmoid(x W_beta)
+             linear_attention  no gates
+             titans            linear memory, lr = sigmoid(x W_lr), momentum = sigmoid(x W_eta),
+                               log-decay g = log sigmoid(x W_g)
+           -> nlx.nn.qkv.OutputGate (per-head RMSNorm, output projection).
 
 The short convolution lets a key token's features reach the value token that follows it (as in
-DeltaNet, Mamba and Zoology's models); all recurrences are in ``nlx.ops``. The train step is a pure
-jitted function of ``(graphdef, state, opt_state, batch)``, not ``nnx.jit`` (docs/MODELS.md,
-"Example").
+DeltaNet, Mamba and Zoology's models); all recurrences are in ``nlx.ops``. Training is
+``nlx.train.fit`` (nlx's one train step, ``nlx.train.step.apply_gradients``) on the cross-entropy
+of the answer positions. Every ``--log_every`` steps the history records the mean training loss
+of those steps and the recall on the next training batch (examples the model has not seen yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,10 +44,20 @@ from flax import nnx
 
 from nlx import ops
 from nlx.data.synthetic import check_mqar_args, mqar_batch, mqar_vocab
+from nlx.nn import ModelConfig
+from nlx.nn.mixer import Mixer
+from nlx.nn.model import Block
+from nlx.nn.norms import RMSNorm
+from nlx.nn.params import Dense, Embedding
+from nlx.nn.qkv import QKV, OutputGate
+from nlx.train import fit
 
 MIXERS = ("delta_rule", "linear_attention", "titans")
 IMPLS = ("auto", "chunked", "recurrent")
 EVAL_SEED_OFFSET = 1_000_003  # held-out examples come from seed + this offset
+# The initial biases of each mixer's gates: beta; lr, momentum and log-decay (titans starts with
+# slow decay, g ≈ -0.0025, and moderate momentum).
+GATE_BIASES = {"delta_rule": (0.0,), "linear_attention": (), "titans": (0.0, -1.0, 6.0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,117 +65,67 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out examples come from seed + this offset
 # ----------------------------------------------------------------------------------------------
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-class ShortConv(nnx.Module):
-  """Causal depthwise convolution over time: ``y_t = Σ_i w_i ⊙ x_{t-i}``, i < width."""
-
-  def __init__(self, dim: int, width: int, *, rngs: nnx.Rngs):
-    w = 0.1 * jax.random.normal(rngs.params(), (width, dim))
-    self.width = width
-    self.w = nnx.Param(w.at[0].add(1.0))  # starts near the identity (i = 0 is the current token)
-
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-    t = x.shape[1]
-    padded = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
-    w = self.w[...]
-    start = self.width - 1
-    return sum(w[i] * padded[:, start - i:start - i + t] for i in range(self.width))
-
-
-class Mixer(nnx.Module):
+class OpMixer(Mixer):
   """Sequence mixer on one of the ``nlx.ops`` memories; ``[B, T, d_model] -> [B, T, d_model]``."""
 
-  def __init__(self, kind: str, d_model: int, heads: int, *, conv: int, impl: str,
-               chunk_size: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, kind: str, rngs: nnx.Rngs):
     if kind not in MIXERS:
       raise ValueError(f"mixer={kind!r} is not one of {MIXERS}")
-    self.kind, self.heads, self.impl, self.chunk_size = kind, heads, impl, chunk_size
-    self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
-    self.conv = ShortConv(3 * d_model, conv, rngs=rngs) if conv > 0 else None
-    num_gates = {"delta_rule": 1, "linear_attention": 0, "titans": 3}[kind]
-    if num_gates:
-      self.gates = nnx.Linear(d_model, num_gates * heads, rngs=rngs)
-      if kind == "titans":  # start with slow decay (g ≈ -0.0025) and moderate momentum
-        bias = jnp.concatenate([jnp.zeros(heads), jnp.full(heads, -1.0), jnp.full(heads, 6.0)])
-        self.gates.bias[...] = bias
-    else:
-      self.gates = None
-    self.out = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+    d, h = cfg.d_model, cfg.n_heads
+    self.kind, self.chunk_size, self.impl = kind, cfg.chunk_size, cfg.impl
+    self.qkv = QKV(d, h, cfg.dk, cfg.dv, cfg.conv_size, rngs=rngs)
+    biases = GATE_BIASES[kind]
+    init = lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(biases, dtype)[:, None], shape)
+    self.gates = (Dense((d,), (len(biases), h), ("embed", "gates", "heads"), rngs=rngs,
+                        use_bias=True, bias_init=init) if biases else None)
+    self.out = OutputGate(d, h, cfg.dv, rngs=rngs, gated=False, eps=cfg.norm_eps)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    h = self.heads
-    qkv = self.qkv(x)
-    if self.conv is not None:
-      qkv = jax.nn.silu(self.conv(qkv))
-    q, k, v = (y.reshape(b, t, h, d // h) for y in jnp.split(qkv, 3, axis=-1))
-    q, k = _l2_normalize(q), _l2_normalize(k)
+  def __call__(self, x: jax.Array, state=None, pos=0):
+    if state is not None:
+      raise NotImplementedError("the demo's mixer runs whole sequences (state=None) only")
+    q, k, v, _ = self.qkv(x)
+    gates = None if self.gates is None else self.gates(x)  # [B, T, gates, H]
+    kwargs = dict(chunk_size=self.chunk_size, impl=self.impl)
     if self.kind == "linear_attention":
-      o, _ = ops.linear_attention(q, k, v, chunk_size=self.chunk_size, impl=self.impl)
+      o, _ = ops.linear_attention(q, k, v, **kwargs)
     elif self.kind == "delta_rule":
-      beta = jax.nn.sigmoid(self.gates(x))
-      o, _ = ops.delta_rule(q, k, v, beta=beta, chunk_size=self.chunk_size, impl=self.impl)
+      o, _ = ops.delta_rule(q, k, v, beta=jax.nn.sigmoid(gates[:, :, 0]), **kwargs)
     else:
-      lr, eta, g = jnp.split(self.gates(x), 3, axis=-1)
-      o, _ = ops.titans_memory(q, k, v, lr=jax.nn.sigmoid(lr), momentum=jax.nn.sigmoid(eta),
-                               g=jax.nn.log_sigmoid(g), memory="linear",
-                               chunk_size=self.chunk_size, impl=self.impl)
-    return self.out(o.reshape(b, t, d))
-
-
-class MLP(nnx.Module):
-
-  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
-    self.up = nnx.Linear(d_model, hidden, rngs=rngs)
-    self.down = nnx.Linear(hidden, d_model, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x)))
-
-
-class Block(nnx.Module):
-
-  def __init__(self, kind: str, d_model: int, heads: int, *, conv: int, impl: str,
-               chunk_size: int, rngs: nnx.Rngs):
-    self.norm1 = nnx.RMSNorm(d_model, rngs=rngs)
-    self.mixer = Mixer(kind, d_model, heads, conv=conv, impl=impl, chunk_size=chunk_size,
-                       rngs=rngs)
-    self.norm2 = nnx.RMSNorm(d_model, rngs=rngs)
-    self.mlp = MLP(d_model, 4 * d_model, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.mixer(self.norm1(x))
-    return x + self.mlp(self.norm2(x))
+      o, _ = ops.titans_memory(q, k, v, lr=jax.nn.sigmoid(gates[:, :, 0]),
+                               momentum=jax.nn.sigmoid(gates[:, :, 1]),
+                               g=jax.nn.log_sigmoid(gates[:, :, 2]), memory="linear", **kwargs)
+    return self.out(o, x), None
 
 
 class RecallModel(nnx.Module):
-  """Embedding, ``layers`` blocks, final RMSNorm, untied head: tokens ``[B, T]`` -> logits."""
+  """Embedding, ``cfg.n_layers`` blocks of ``OpMixer(kind)``, final RMSNorm, untied head:
+  tokens ``[B, T]`` -> logits ``[B, T, vocab]`` (float32)."""
 
-  def __init__(self, vocab_size: int, *, mixer: str, d_model: int, heads: int, layers: int = 2,
-               conv: int = 4, impl: str = "auto", chunk_size: int = 64, rngs: nnx.Rngs):
-    if d_model % heads:
-      raise ValueError(f"d_model must be a multiple of heads = {heads}; got {d_model}")
-    self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.blocks = nnx.List([
-        Block(mixer, d_model, heads, conv=conv, impl=impl, chunk_size=chunk_size, rngs=rngs)
-        for _ in range(layers)
-    ])
-    self.norm = nnx.RMSNorm(d_model, rngs=rngs)
-    self.head = nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, mixer: str, rngs: nnx.Rngs):
+    factory = functools.partial(OpMixer, kind=mixer)
+    self.embed = Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std)
+    self.blocks = nnx.List([Block(cfg, factory, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.norm = RMSNorm((cfg.d_model,), ("embed",), rngs=rngs, eps=cfg.norm_eps)
+    self.head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x)
+      x, _ = block(x)
     return self.head(self.norm(x)).astype(jnp.float32)
 
 
+def model_config(a: argparse.Namespace, chunk_size: int) -> ModelConfig:
+  """The ``ModelConfig`` of the parsed flags (the family field is unused: ``RecallModel``
+  assembles its blocks itself). The SwiGLU width is 8/3 d_model, the Transformer++ ratio."""
+  return ModelConfig(vocab_size=a.vocab_size, d_model=a.d_model, n_layers=a.layers,
+                     n_heads=a.heads, mlp_dim=max(1, 8 * a.d_model // 3), conv_size=a.conv,
+                     chunk_size=chunk_size, impl=a.impl, tie_embeddings=False,
+                     init_std=a.d_model**-0.5)
+
+
 # ----------------------------------------------------------------------------------------------
-# Loss and steps (pure functions)
+# Loss and evaluation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -175,32 +137,22 @@ def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict:
   return {"loss_sum": (ce * mask).sum(), "correct": correct.sum(), "count": mask.sum()}
 
 
-def masked_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Mean cross-entropy and accuracy over the masked (answer) positions."""
-  sums = masked_sums(logits, targets, mask)
-  count = jnp.maximum(sums["count"], 1.0)
-  return sums["loss_sum"] / count, sums["correct"] / count
+def answer_loss(model, batch: dict) -> jax.Array:
+  """``fit``'s loss: mean cross-entropy over the answer positions of an MQAR batch."""
+  sums = masked_sums(model(batch["tokens"]), batch["targets"], batch["mask"])
+  return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
 
 
-def make_steps(tx: optax.GradientTransformation):
-  """Returns jitted ``train_step(graphdef, state, opt_state, batch)`` and ``eval_step``."""
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef, state, batch: dict) -> dict:
+  model = nnx.merge(graphdef, state)
+  return masked_sums(model(batch["tokens"]), batch["targets"], batch["mask"])
 
-  def train_step(graphdef, state, opt_state, batch):
-    def loss_fn(state):
-      model = nnx.merge(graphdef, state)
-      return masked_metrics(model(batch["tokens"]), batch["targets"], batch["mask"])
 
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
-    updates, opt_state = tx.update(grads, opt_state, state)
-    state = optax.apply_updates(state, updates)
-    return state, opt_state, {"loss": loss, "accuracy": acc}
-
-  def eval_step(graphdef, state, batch):
-    model = nnx.merge(graphdef, state)
-    return masked_sums(model(batch["tokens"]), batch["targets"], batch["mask"])
-
-  return (jax.jit(train_step, static_argnums=0, donate_argnums=(1, 2)),
-          jax.jit(eval_step, static_argnums=0))
+def eval_sums(model, batch: dict) -> dict:
+  """``masked_sums`` of ``model`` on ``batch`` (jitted once per model graph), as floats."""
+  graphdef, state = nnx.split(model)
+  return {k: float(v) for k, v in jax.device_get(_eval_sums(graphdef, state, batch)).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +162,7 @@ def make_steps(tx: optax.GradientTransformation):
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="nlx demo",
+      prog="python -m examples.demo",
       description="Train a tiny model on multi-query associative recall (MQAR) with one of the "
                   "nlx ops as its sequence mixer, then report held-out recall accuracy.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -230,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--heads", type=int, default=2, help="heads of the mixer")
   p.add_argument("--layers", type=int, default=2, help="blocks")
   p.add_argument("--conv", type=int, default=4,
-                 help="width of the short causal convolution on q, k, v (0: none)")
+                 help="width of the short causal convolution on q, k, v (0: none, SiLU only)")
   p.add_argument("--chunk_size", type=int, default=None,
                  help="chunk of the op (default 64; titans: 8, since its chunk-start gradients "
                       "make the chunk a modelling choice)")
@@ -241,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="seed of the initialisation and of the training data; held-out data uses "
                       f"seed + {EVAL_SEED_OFFSET}")
   p.add_argument("--eval_examples", type=int, default=1024, help="held-out examples")
-  p.add_argument("--log_every", type=int, default=10, help="steps between progress updates")
+  p.add_argument("--log_every", type=int, default=10,
+                 help="steps between history records (mean loss, recall on the next batch)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   p.add_argument("--out", default=None, help="write the final metrics to this JSON file")
   return p
@@ -276,7 +229,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the demo; returns 0 on success (1 if the loss became non-finite)."""
-  from nlx.cli import normalize_flags  # pylint: disable=g-import-not-at-top
+  from nlx.cli import normalize_flags  # pylint: disable=g-import-not-at-top  (--seq-len spelling)
   parser = build_parser()
   a = parser.parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
   _check_args(parser, a)
@@ -288,73 +241,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   eval_seed = a.seed + EVAL_SEED_OFFSET
 
   t_start = time.perf_counter()
-  model = RecallModel(a.vocab_size, mixer=a.mixer, d_model=a.d_model, heads=a.heads,
-                      layers=a.layers, conv=a.conv, impl=a.impl, chunk_size=chunk_size,
-                      rngs=nnx.Rngs(a.seed))
-  graphdef, state = nnx.split(model)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+  model = RecallModel(model_config(a, chunk_size), mixer=a.mixer, rngs=nnx.Rngs(a.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   warmup = max(1, min(100, a.steps // 10))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=a.lr, warmup_steps=warmup, decay_steps=max(a.steps, warmup + 1),
       end_value=a.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=a.weight_decay))
-  opt_state = tx.init(state)
-  train_step, eval_step = make_steps(tx)
 
   print(f"nlx demo: MQAR with {a.num_pairs} key-value pairs, {a.num_queries} queries, "
         f"seq_len {a.seq_len}, vocab {a.vocab_size}; mixer {a.mixer} (impl {a.impl}), "
         f"{num_params:,} params, {a.steps} steps x batch {a.batch} on "
         f"{jax.default_backend()}", flush=True)
 
-  bar = None
-  if not a.no_progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=a.steps, desc=f"{a.mixer}", unit="step", dynamic_ncols=True,
-               file=sys.stderr)
-  loss = acc = float("nan")
-  last_window = 0
-  recent: list = []
-  history: list = []
-  t_first = None
-  for step in range(a.steps):
-    batch = mqar_batch(a.seed, step * a.batch, a.batch, **task)
-    state, opt_state, metrics = train_step(graphdef, state, opt_state, batch)
-    recent.append(metrics)
-    last = step == a.steps - 1
-    if (step + 1) % a.log_every == 0 or last or step == 0:
-      fetched = jax.device_get(recent)
-      recent = []
-      losses = [float(m["loss"]) for m in fetched]
-      if not all(math.isfinite(x) for x in losses):
-        bad = step - len(losses) + 1 + next(i for i, x in enumerate(losses) if not math.isfinite(x))
-        if bar is not None:
-          bar.close()
-        print(f"nlx demo: the training loss became non-finite at step {bad} "
-              f"(loss={losses}); stopping. Try a lower --lr.", file=sys.stderr)
-        return 1
-      loss, last_window = float(np.mean(losses)), len(losses)
-      acc = float(np.mean([float(m["accuracy"]) for m in fetched]))
-      history.append({"step": step + 1, "loss": loss, "accuracy": acc,
-                      "time_s": time.perf_counter() - t_start})
-      if t_first is None:
-        t_first = time.perf_counter() - t_start
-      if bar is not None:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1%}", refresh=False)
-        bar.update(step + 1 - bar.n)
-  if bar is not None:
-    bar.close()
+  batches = lambda step: mqar_batch(a.seed, step * a.batch, a.batch, **task)
+
+  def probe(trained, step: int) -> dict:
+    """Recall on the batch of ``step`` (not trained on yet) and the time so far."""
+    sums = eval_sums(trained, batches(step))
+    return {"accuracy": sums["correct"] / max(sums["count"], 1.0),
+            "time_s": time.perf_counter() - t_start}
+
+  seen = {"step": 0, "first_step_s": None, "first": None}
+  finite = []  # per step: loss, gradients and new parameters all finite (else fit skipped it)
+
+  def on_step(step: int, up) -> None:
+    seen["step"] = step
+    finite.append(up.finite)
+    if step == 0:  # the first record of the history, after the (compiling) first step
+      jax.block_until_ready(up.loss)
+      seen["first_step_s"] = time.perf_counter() - t_start
+      seen["first"] = {"step": 1, **probe(nnx.merge(graphdef, up.params, rest), 1)}
+
+  result = fit(model, batches, a.steps, tx=tx, loss=answer_loss,
+               evaluate=lambda trained: probe(trained, seen["step"] + 1), eval_every=a.log_every,
+               progress=not a.no_progress, desc=a.mixer, on_step=on_step)
+  losses = result.losses
+  if result.skipped:
+    bad = int(np.argmin(jax.device_get(finite)))
+    print(f"nlx demo: the training loss became non-finite at step {bad} (its loss, gradients "
+          f"or new parameters; {result.skipped} such step(s), skipped); stopping. Try a lower "
+          "--lr.", file=sys.stderr)
+    return 1
+  history, done = [], 0
+  for record in [seen["first"]] + [e for e in result.evals if e["step"] > 1]:
+    step = record["step"]
+    history.append({"step": step, "loss": float(np.mean(losses[done:step])),
+                    "accuracy": record["accuracy"], "time_s": record["time_s"]})
+    last_window, done = step - done, step
+  loss, acc = history[-1]["loss"], history[-1]["accuracy"]
 
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for start in range(0, a.eval_examples, a.batch):
     n = min(a.batch, a.eval_examples - start)
-    out = jax.device_get(eval_step(graphdef, state, mqar_batch(eval_seed, start, n, **task)))
+    out = eval_sums(result.model, mqar_batch(eval_seed, start, n, **task))
     for name in totals:
-      totals[name] += float(out[name])
+      totals[name] += out[name]
   eval_acc = totals["correct"] / totals["count"]
   eval_loss = totals["loss_sum"] / totals["count"]
-  nnx.update(model, state)  # the trained module, for anyone who imports main's pieces
   wall = time.perf_counter() - t_start
+  t_first = seen["first_step_s"]
 
   results = {
       "task": "mqar", "mixer": a.mixer, "impl": a.impl, "chunk_size": chunk_size,
@@ -365,6 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       "final_train_loss": loss, "final_train_accuracy": acc,
       "eval_examples": a.eval_examples, "eval_loss": eval_loss, "eval_accuracy": eval_acc,
       "chance_accuracy": chance, "wall_time_s": wall, "first_step_s": t_first,
+      "train_tokens_per_s": result.tokens_per_second,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "history": history,
   }
@@ -375,8 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f"{vocab.num_keys} keys, {vocab.num_values} values"),
       ("model", f"d_model {a.d_model}, {a.heads} heads, {a.layers} layers, {num_params:,} params"),
       ("steps", f"{a.steps} x batch {a.batch} (lr {a.lr:g})"),
-      ("final train loss", f"{loss:.4f} (train recall {acc:.1%}; mean of the last "
-                           f"{last_window} steps)"),
+      ("final train loss", f"{loss:.4f} (mean of the last {last_window} steps; train recall "
+                           f"{acc:.1%} on the next batch)"),
       ("held-out recall", f"{eval_acc:.1%} over {a.eval_examples} examples "
                           f"(loss {eval_loss:.4f})"),
       ("chance", f"{chance:.1%} (1 / {vocab.num_values} values)"),

@@ -1,0 +1,202 @@
+"""``python -m benchmarks.models``: train-step throughput and peak memory of every family.
+
+For each family, the ``20m`` size of its config shipped with nlx (``nlx.configs.load(
+"<family>:20m")``: about 20M parameters, the paper sizes' family settings: d_model 384, 10
+layers, 6 heads, vocabulary 4096) is trained for a few steps on random tokens. The step is nlx's
+one train step, ``nlx.train.step.apply_gradients`` of the next-token cross-entropy
+(``nlx.train.fitting.next_token_loss``) with an ``optax.adamw`` update, jitted as one pure
+function of ``(params, rest, opt_state, tokens)`` that returns the new parameters, optimizer
+state and loss.
+
+Measurements (one record per family; timing and memory as in ``benchmarks.harness``):
+
+* ``compile_s``: wall time of ``jax.jit(step).lower(...).compile()``.
+* ``seconds``: median wall time of ``--repeats`` timed steps after one untimed warm-up step
+  (once if the warm-up step took longer than ``--slow_run_s``).
+* ``tokens_per_s = B·T / seconds``.
+* ``peak_bytes``: XLA's compiled memory analysis, argument + output + temp bytes of the step.
+* ``params``: the model's parameter count; ``loss``: the loss of the warm-up step.
+* ``tokens_per_s_vs_transformer`` and ``peak_bytes_vs_transformer``: ratios to Transformer++
+  measured in the same run (when it is among ``--families``).
+
+Output: a table on stdout; with ``--out FILE.json``::
+
+    {"records": [{family, params, B, T, tokens_per_s, peak_bytes, backend, ...}, ...],
+     "failures": [{family, reason}, ...], "meta": {...}}
+
+The exit status is 0, or 1 when a family failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+from benchmarks import harness
+
+BASELINE = "transformer"
+FAMILIES = ("transformer", "retnet", "mamba2", "deltanet", "gated_deltanet", "ttt_linear",
+            "ttt_mlp", "titans_lmm", "titans_mac", "titans_mag", "titans_mal", "samba", "hope",
+            "hope_attention")
+REQUIRED_RECORD_KEYS = ("family", "params", "B", "T", "tokens_per_s", "peak_bytes", "backend")
+OPTIMIZER = "optax.adamw(3e-4, weight_decay=0.1)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of the models benchmark."""
+  parser.add_argument("--families", type=harness.choice_list(FAMILIES, "family"),
+                      default=list(FAMILIES),
+                      help=f"families, comma-separated (default: all {len(FAMILIES)})")
+  parser.add_argument("--size", default="20m",
+                      help="the config size of every family (default 20m, ~20M parameters)")
+  parser.add_argument("--batch", type=harness.positive_int, default=1, help="B (default 1)")
+  parser.add_argument("--seq_len", type=harness.positive_int, default=2048,
+                      help="T, tokens per sequence (default 2048)")
+  harness.add_common_flags(parser, unit="step", slow_run_s=30.0,
+                           out_help="write records, failures and metadata to this JSON file")
+  parser.add_argument("--config_dir", default=None,
+                      help="directory of <family>.py config files (default: the configs shipped "
+                      "with nlx, nlx.configs.load('<family>:<size>'))")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override for every family, e.g. model.impl=recurrent "
+                      "(repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.models",
+      description="Train-step (nlx's apply_gradients + adamw) tokens/s and peak memory of every "
+      "family of the model zoo at about 20M parameters, with ratios to Transformer++.")
+  add_arguments(parser)
+  return parser
+
+
+def config_spec(family: str, size: str, config_dir: Optional[str] = None) -> str:
+  """The ``nlx.configs.load`` spec of ``family`` at ``size``: shipped, or in ``config_dir``."""
+  if config_dir is None:
+    return f"{family}:{size}"
+  return os.path.join(config_dir, f"{family}.py:{size}")
+
+
+def make_train_step(graphdef, tx):
+  """``(params, rest, opt_state, tokens [B, T+1]) -> (params, opt_state, loss)``: nlx's train step
+  (``apply_gradients`` of ``next_token_loss``), pure; a non-finite step keeps the old params."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from nlx.train.fitting import next_token_loss  # pylint: disable=g-import-not-at-top
+  from nlx.train.step import apply_gradients  # pylint: disable=g-import-not-at-top
+
+  def train_step(params, rest, opt_state, tokens):
+    up = apply_gradients(lambda p: next_token_loss(nnx.merge(graphdef, p, rest), tokens), tx,
+                         params, opt_state)
+    return up.params, up.opt_state, up.loss
+
+  return train_step
+
+
+def measure(family: str, args: argparse.Namespace) -> dict:
+  """Builds, compiles, warms up and times the train step of one family; returns its record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from nlx import configs  # pylint: disable=g-import-not-at-top
+  from nlx.nn import build_model  # pylint: disable=g-import-not-at-top
+
+  cfg = configs.load(config_spec(family, args.size, args.config_dir), args.override)
+  model = build_model(cfg.model, rngs=nnx.Rngs(args.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  tx = optax.adamw(3e-4, weight_decay=0.1)
+  opt_state = tx.init(params)
+  b, t = args.batch, args.seq_len
+  tokens = jax.random.randint(jax.random.PRNGKey(args.seed), (b, t + 1), 0, cfg.model.vocab_size)
+
+  compiled, compile_s = harness.compile_timed(make_train_step(graphdef, tx), params, rest,
+                                              opt_state, tokens)
+  out, timing = harness.time_runs(lambda: compiled(params, rest, opt_state, tokens),
+                                  args.repeats, args.slow_run_s)
+  loss = float(out[2])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"non-finite loss {loss} in the warm-up step")
+  record = {"family": family, "params": n_params, "B": b, "T": t,
+            "tokens_per_s": b * t / timing["seconds"], "peak_bytes": None,
+            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "size": args.size, "compile_s": compile_s, **timing, "loss": loss}
+  record.update(harness.memory_analysis(compiled))
+  return record
+
+
+def add_ratios(records: list) -> None:
+  """Adds ``*_vs_transformer`` ratios to every record when the baseline was measured."""
+  base = next((r for r in records if r["family"] == BASELINE), None)
+  if base is None:
+    return
+  for r in records:
+    r["tokens_per_s_vs_transformer"] = r["tokens_per_s"] / base["tokens_per_s"]
+    if r["peak_bytes"] and base["peak_bytes"]:
+      r["peak_bytes_vs_transformer"] = r["peak_bytes"] / base["peak_bytes"]
+
+
+def format_table(records: list) -> str:
+  rows = []
+  for r in records:
+    speed = r.get("tokens_per_s_vs_transformer")
+    mem = r.get("peak_bytes_vs_transformer")
+    rows.append([r["family"], f"{r['params'] / 1e6:.1f}M", r["B"], r["T"],
+                 f"{r['tokens_per_s']:,.0f}", "n/a" if speed is None else f"{speed:.2f}x",
+                 "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}",
+                 "n/a" if mem is None else f"{mem:.2f}x", f"{r['compile_s']:.1f}"])
+  header = ["family", "params", "B", "T", "tokens/s", "vs T++", "peak MiB", "vs T++", "compile s"]
+  return harness.format_table(header, rows)
+
+
+def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
+  """Runs the benchmark: prints the table, writes ``--out``; 1 if a family failed."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  run_info = harness.RunInfo(command)
+  records, failures = [], []
+  bar = tqdm(args.families, desc="bench models", unit="family", file=sys.stderr,
+             dynamic_ncols=True)
+
+  def result(complete: bool) -> dict:
+    add_ratios(records)
+    config = {"families": args.families, "size": args.size, "batch": args.batch,
+              "seq_len": args.seq_len, "repeats": args.repeats, "slow_run_s": args.slow_run_s,
+              "override": args.override, "seed": args.seed, "optimizer": OPTIMIZER,
+              "config_dir": args.config_dir}
+    meta = run_info.meta(harness.device_info(), config, "argument + output + temp bytes of "
+                         "XLA's compiled memory analysis of the train step", complete)
+    return {"records": records, "failures": failures, "meta": meta}
+
+  for family in bar:
+    bar.set_postfix_str(family)
+    try:
+      records.append(measure(family, args))
+    except Exception as e:  # pylint: disable=broad-except  (reported, not fatal)
+      failures.append({"family": family, "reason": f"{type(e).__name__}: {e}"})
+      bar.write(f"FAILED {family}: {type(e).__name__}: {e}", file=sys.stderr)
+    if args.out:  # rewritten after every family: an interrupted run keeps what it measured
+      harness.write_json(args.out, result(complete=False))
+  bar.close()
+  final = result(complete=True)
+  print(format_table(records))
+  for f in failures:
+    print(f"\nFAILED {f['family']}: {f['reason']}")
+  print("\n" + harness.summary_line(final["meta"]))
+  if args.out:
+    harness.write_json(args.out, final)
+    print(f"wrote {args.out}")
+  return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  return run(harness.parse_args(parser, argv), f"{parser.prog} " + " ".join(argv))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
