@@ -18,13 +18,5 @@ from nlx.memory.linear import LINEAR, LinearMemory
 from nlx.memory.objectives import DOT, L2, Objective, get_objective
 
 __all__ = ["Memory", "LinearMemory", "MLPMemory", "LINEAR", "Objective", "DOT", "L2",
-           "get_objective", "recurrent_scan", "chunk_start_scan", "delta_rule_chunked"]
+           "get_objective", "recurrent_scan", "chunk_start_scan"]
 
-
-def __getattr__(name):
-  # The delta rule's chunked form lives next to its op, in nlx/ops/delta_rule.py; nlx.ops imports
-  # nlx.memory, so the old name is resolved on first use.
-  if name == "delta_rule_chunked":
-    from nlx.ops.delta_rule import delta_rule_chunked  # pylint: disable=g-import-not-at-top
-    return delta_rule_chunked
-  raise AttributeError(f"module 'nlx.memory' has no attribute {name!r}")

@@ -85,7 +85,9 @@ def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Arr
 def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] = None,
                scale: Optional[float] = None, initial_state: Optional[Array] = None,
                chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
-  """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀ k_t)ᵀ``; ``o_t = S_tᵀ(scale q_t)``.
+  """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀk_t)ᵀ``; ``o_t = S_tᵀ q_t``.
+
+  ``q_t`` is scaled by ``scale`` (default ``K^-1/2``) before the read.
 
   One online gradient step of ``½‖Sᵀk − v‖²`` per token: DeltaNet (g=None), Gated DeltaNet, and
   HOPE's DGD on a linear memory (docs/EQUATIONS.md §4). The chunked form (UT transform) is exact for

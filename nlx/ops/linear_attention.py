@@ -58,7 +58,7 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
   ``chunked``: the op's chunked form, ``(q, k, v, lr, log_decay, state, chunk_size, batch_ndim)
   -> (o, state)`` on the core's layout (``linear_attention_chunked``, ``delta_rule_chunked``).
   """
-  b, t, h, dk, dv = q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+  b, h, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[3]
   scale = dk**-0.5 if scale is None else scale
   if impl == "pallas":
     kind, beta = ("linear_attention", None) if objective is DOT else ("delta_rule", lr)
