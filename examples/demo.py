@@ -117,7 +117,8 @@ class RecallModel(nnx.Module):
 
 def model_config(a: argparse.Namespace, chunk_size: int) -> ModelConfig:
   """The ``ModelConfig`` of the parsed flags (the family field is unused: ``RecallModel``
-  assembles its blocks itself). The SwiGLU width is 8/3 d_model, the Transformer++ ratio."""
+  assembles its blocks itself). The SwiGLU width is 8/3 d_model, the Transformer++ ratio; the
+  embedding's std is 1/sqrt(d_model), as flax's ``nnx.Embed`` draws it."""
   return ModelConfig(vocab_size=a.vocab_size, d_model=a.d_model, n_layers=a.layers,
                      n_heads=a.heads, mlp_dim=max(1, 8 * a.d_model // 3), conv_size=a.conv,
                      chunk_size=chunk_size, impl=a.impl, tie_embeddings=False,
