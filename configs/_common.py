@@ -15,7 +15,7 @@ A family file ``configs/<family>.py`` holds only what is its own, e.g. RetNet's:
 * ``model``: every ``nlx.nn.ModelConfig`` field: its default, then the size's preset
   (``MODEL_PRESETS``), then the family's settings. Sizes: ``tiny`` (trains on a laptop CPU),
   ``340m``, ``760m`` or ``1.3b`` (the paper's sizes, within ±10% of their names in parameters),
-  or ``20m`` (the size of ``nlx bench models``; the paper sizes' family settings).
+  or ``20m`` (the size of ``python -m benchmarks.models``; the paper sizes' family settings).
 * ``optimizer``, ``data``, ``train``, ``mesh``: the run defaults of the size (``RUN_PRESETS``).
 * ``axis_rules``: logical axis name -> mesh axis (``AXIS_RULES``).
 
@@ -41,7 +41,7 @@ import ml_collections
 from nlx.nn.config import ModelConfig
 
 PAPER_SIZES = ("340m", "760m", "1.3b")
-BENCH_SIZE = "20m"  # the size of ``nlx bench models``
+BENCH_SIZE = "20m"  # the size of ``python -m benchmarks.models``
 SIZES = ("tiny",) + PAPER_SIZES + (BENCH_SIZE,)
 
 # The model of each size. Paper sizes follow the Transformer++ baselines of flash-linear-attention

@@ -172,3 +172,18 @@ def test_the_checker_sees_a_violation():
   del missing[("nlx.ops", "nlx.memory")]
   assert violations(missing, table) == [
       "docs/ARCHITECTURE.md lists nlx.ops -> nlx.memory, which nothing imports"]
+
+
+def test_tests_mirror_the_tree():
+  tests = os.path.join(ROOT, "tests")
+  folders = {d for d in os.listdir(tests)
+             if os.path.isdir(os.path.join(tests, d)) and d != "__pycache__"}
+  packages = {m.split(".")[1] for _, m in library_files()
+              if m.startswith("nlx.") and os.path.isdir(os.path.join(ROOT, *m.split(".")[:2]))}
+  packages -= {"memory", "presets"}  # the memory core is tested through its ops (tests/ops)
+  outside = {"experiments", "benchmarks", "examples", "fixtures", "pallas_kernels"}
+  assert folders == packages | outside, (sorted(folders - packages - outside),
+                                         sorted(packages | outside - folders))
+  names = [f for _, _, files in os.walk(tests) for f in files if f.endswith(".py")]
+  assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+  assert not [f for _, _, files in os.walk(tests) for f in files if f == "__init__.py"]

@@ -16,7 +16,7 @@ import ops_cases as cases
 
 def _cases(shapes_per_variant, slow_if_odd=False):
   """(variant, shape) params; with ``slow_if_odd`` the odd-numbered shapes are marked slow. The
-  DGD variants (tests/test_dgd.py checks them against the equation) run two shapes by default."""
+  DGD variants (tests/ops/test_dgd.py checks them against the equation) run two shapes by default."""
   def slow(v, i):
     return (slow_if_odd and i % 2) or (v.startswith("dgd") and i >= 3)
 

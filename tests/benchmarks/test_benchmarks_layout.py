@@ -18,7 +18,7 @@ import pytest
 
 from nlx import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUTSIDE = ("benchmarks", "examples")
 
 

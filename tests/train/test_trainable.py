@@ -13,8 +13,8 @@ from nlx.train import config as run_config
 from nlx.train import optimizer as optimizer_lib
 from nlx.train import sharding, step, trained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "tests", "data", "tiny_llama")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(ROOT, "tests", "fixtures", "tiny_llama")
 FLAGS = ["--config.train.batch_size=2", "--config.train.seq_len=16",
          "--config.train.eval_batches=1", "--config.train.plots=False", "--no_progress"]
 

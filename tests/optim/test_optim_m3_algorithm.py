@@ -2,7 +2,7 @@
 
 The loop below follows the algorithm's structure literally: once per chunk of f steps the slow
 momentum takes the previous chunk's gradients and O2 = NS(M2) is computed, then the chunk's f
-steps read that O2. tests/test_optim_orthogonal.py checks the decays < 1 in float64; this file
+steps read that O2. tests/optim/test_optim_orthogonal.py checks the decays < 1 in float64; this file
 checks the published sums in float32, f = 1 and f = 3, on matrices of odd shapes (tall, wide, one
 row, a stack of three) and a vector that goes to Adam.
 """

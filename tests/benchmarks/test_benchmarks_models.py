@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_models_writes_records_with_ratios(tmp_path):

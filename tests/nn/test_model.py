@@ -14,7 +14,7 @@ from flax import nnx
 from nlx import configs
 from nlx.nn import build_model, registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILIES = registry.names()
 B, T, SPLIT = 2, 12, 6  # SPLIT = T / 2: the two-piece test reuses the compiled prefill
 

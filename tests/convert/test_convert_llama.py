@@ -1,5 +1,5 @@
 """Hugging Face Llama import (nlx.convert.llama, `nlx convert llama`): logits equal transformers'
-on tiny random-weights models (tests/data/tiny_llama, made by its make.py; neither torch nor
+on tiny random-weights models (tests/fixtures/tiny_llama, made by its make.py; neither torch nor
 transformers is needed here), the tokenizer.json is used, and the converted workdir serves
 generate, eval and train."""
 
@@ -17,7 +17,8 @@ from nlx.errors import ConfigError, DataError
 from nlx.train import metrics as metrics_lib
 from nlx.train import trained
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_llama")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures",
+                    "tiny_llama")
 
 
 @pytest.mark.parametrize("name", ["untied", "tied"])

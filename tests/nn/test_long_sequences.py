@@ -6,7 +6,7 @@ makes the cross-entropy non-finite) and finite gradients; the memory states of H
 stay finite and below ``STATE_BOUND`` while 65,536 tokens stream through ``prefill`` (pieces of
 4,096) and ``step`` (the last 64 tokens).
 
-Run: ``pytest -m slow tests/test_long_sequences.py``.
+Run: ``pytest -m slow tests/nn/test_long_sequences.py``.
 """
 
 import glob
@@ -25,7 +25,7 @@ from nlx.nn import registry
 from nlx.nn.config import ModelConfig
 from nlx.train import sharding, step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not os.path.basename(p).startswith("_"))
 MEMORY_FAMILIES = ("hope", "hope_attention", "titans_lmm", "titans_mac", "titans_mag", "titans_mal")

@@ -1,7 +1,7 @@
 """Determinism (docs/RELIABILITY.md): `nlx train` with the same seed twice gives the same loss
 trajectory and parameters bit for bit; on 8 fake CPU devices (a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8, the batch split over them) the losses and
-parameters equal one device's within float32 tolerance. (tests/test_sharding_equivalence.py
+parameters equal one device's within float32 tolerance. (tests/train/test_sharding_equivalence.py
 checks the train step alone under several meshes; this runs the whole command: data pipeline,
 loop, checkpoints.)"""
 

@@ -10,7 +10,7 @@ import pytest
 
 from nlx.eval import multiple_choice as mc
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared",
                     "data")
 pytestmark = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"{DATA} is absent")
 

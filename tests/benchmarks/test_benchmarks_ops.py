@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import harness, kernels, ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--batch", "1", "--heads", "2", "--dim", "16", "--repeats", "1", "--no_progress"]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import study
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_parse_list_names_the_flag():
@@ -79,7 +79,7 @@ def test_train_runs_the_recipe_on_the_shared_step():
 
 
 def test_no_sys_path_edits_in_the_studies_or_their_tests():
-  files = sorted(ROOT.glob("experiments/*.py")) + sorted(ROOT.glob("tests/test_experiment_*.py"))
+  files = sorted(ROOT.glob("experiments/*.py")) + sorted(ROOT.glob("tests/experiments/test_*.py"))
   assert len(files) > 20
   bad = [f"{f.relative_to(ROOT)}: {m}" for f in files
          for m in re.findall(r"sys\.path\.\w+|wrong-import-position|spec_from_file_location",

@@ -15,7 +15,7 @@ from nlx.errors import CheckpointError
 from nlx.eval import sampling, session
 from nlx.nn import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = tokenizers.ByteTokenizer()
 GREEDY = dict(temperature=0.0)
 

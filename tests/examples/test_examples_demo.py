@@ -57,7 +57,7 @@ def test_the_model_learns_recall(tmp_path):
 
 def test_a_non_finite_step_stops_with_status_1(monkeypatch, capsys):
   # fit skips a step whose loss, gradients or new parameters are not finite
-  # (tests/test_fitting.py); the demo then names the first such step and exits with status 1.
+  # (tests/train/test_fitting.py); the demo then names the first such step and exits with status 1.
   # A stand-in for fit reports step 1 as non-finite (the real one would compile the model).
   import types  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

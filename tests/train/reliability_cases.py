@@ -1,5 +1,5 @@
-"""Shared runs and helpers of the reliability tests (tests/test_reliability.py,
-tests/test_determinism.py): `nlx train` of the tiny Transformer in-process or as a subprocess."""
+"""Shared runs and helpers of the reliability tests (tests/train/test_reliability.py,
+tests/train/test_determinism.py): `nlx train` of the tiny Transformer in-process or as a subprocess."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ from nlx import cli
 from nlx.train import metrics as metrics_lib
 from nlx.train import trained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'transformer.py')}:tiny",
         "--config.train.batch_size=4", "--config.train.seq_len=32", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.eval_batches=1", "--no_progress",

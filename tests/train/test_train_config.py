@@ -12,7 +12,7 @@ from nlx import configs
 from nlx.nn import build_model
 from nlx.train import config as run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                     if not os.path.basename(p).startswith("_"))  # __init__.py: a package marker
 GIN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.gin")))

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESHES = {"one_device": None, "data8": (8, 1, 1), "fsdp4_tensor2": (1, 4, 2),
           "data2_fsdp2_tensor2": (2, 2, 2)}
 

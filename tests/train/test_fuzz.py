@@ -17,7 +17,7 @@ from nlx.errors import DataError
 from nlx.train import config as run_config
 
 EXAMPLES = int(os.environ.get("NLX_FUZZ_EXAMPLES", "150"))  # docs/RELIABILITY.md runs 3000
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = configs.load(os.path.join(ROOT, "configs", "transformer.py") + ":tiny").to_dict()
 FIELDS = [(section, name) for section, values in BASE.items() if isinstance(values, dict)
           for name in values]

@@ -10,7 +10,7 @@ import pytest
 from nlx import cli
 from nlx.train import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [f"--config={os.path.join(ROOT, 'configs', 'transformer.py')}:tiny",
         "--config.train.batch_size=4", "--config.train.seq_len=32", "--config.train.log_every=1",
         "--config.train.eval_every=2", "--config.train.eval_batches=1", "--no_progress",
