@@ -30,7 +30,7 @@ chunks whose body is rematerialised in the backward pass (only chunk-boundary st
 The dot-product objective (``hope_objective="dot"``) on a linear memory is Eq. 92,
 ``M ← M(αI − η k kᵀ) + η v̂ kᵀ``, the gated delta rule with target v̂: without momentum, with
 ``S = Mᵀ`` (``[K, V]``, the ops' layout), ``nlx.ops.delta_rule(q, k, v=α·v̂, beta=η'/α, g=log α,
-scale=1)`` (tests/test_hope.py).
+scale=1)`` (tests/nn/test_hope.py).
 
 Stateful use: the state carries the conv state, every memory's weights (and momentum) at the
 start of the chunk in progress, and the inputs of that chunk's tokens so far; a call runs them

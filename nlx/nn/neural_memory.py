@@ -22,7 +22,7 @@ head, or TTT's inner model ``nlx.memory.deep.TTTMemory``) takes a gradient step 
   momentum ``η = sigmoid(x W_η)``, log-decay ``g = log sigmoid(x W_α)`` (retention 1 − α in the
   paper). The factor 1 − η makes the momentum an average of gradients: Titans' θ_t is a learned
   gate, and with θ_t free a chunk of C tokens, whose C gradients are taken at one state, moved by
-  up to C(C+1)/2·θ·G as η → 1 (a repeated key then diverged; tests/test_long_sequences.py).
+  up to C(C+1)/2·θ·G as η → 1 (a repeated key then diverged; tests/nn/test_long_sequences.py).
 
 q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
 is per-head RMSNorm, a SiLU gate and the output projection (docs/EQUATIONS.md §5, the block). The

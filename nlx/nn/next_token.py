@@ -22,7 +22,7 @@ Two paths implement this contract: ``call`` scans the chunks of a whole sequence
 ``advance`` runs any piece token by token from any position (``prefill`` / ``step``): it keeps the
 tokens of the unfinished chunk and the layer states at its start in the model state
 (``state["chunk"]``), and redoes the chunk's forward and gradient when its last token arrives, so
-pieces of a sequence reproduce one call (tests/test_cms_next_token.py).
+pieces of a sequence reproduce one call (tests/nn/test_cms_next_token.py).
 """
 
 from __future__ import annotations
