@@ -43,6 +43,26 @@ def decay_matrix(log_a: Array) -> Array:
   return jnp.exp(segment_sum(log_a))
 
 
+def segment_decay(log_a: Array, reset: Array) -> tuple[Array, Array]:
+  """A chunk's decay matrix and decay since its start, with document boundaries.
+
+  ``reset [C]`` (bool) marks the tokens before whose decay and write the state is set to zero.
+  Token j's write reaches token i ≥ j only if no reset lies in ``(j, i]`` (the same segment:
+  equal counts of resets so far), and the chunk's incoming state reaches token i only if no
+  reset lies in ``[0, i]``. The masks are applied with ``where`` to finite decays, so no
+  ``-inf`` enters the cumulative sums.
+
+  Returns:
+    ``(decay [C, C], gamma [C])``: ``decay_matrix(log_a)`` and ``exp(cumsum(log_a))`` with the
+    entries that cross a boundary set to zero.
+  """
+  segment = jnp.cumsum(reset.astype(jnp.int32))
+  same = segment[:, None] == segment[None, :]
+  decay = jnp.where(same, decay_matrix(log_a), 0.0)
+  gamma = jnp.where(segment == 0, jnp.exp(jnp.cumsum(log_a)), 0.0)
+  return decay, gamma
+
+
 def unit_lower_inverse(a: Array) -> Array:
   """``(I + a)^{-1}`` for a strictly lower triangular ``a: [C, C]``.
 

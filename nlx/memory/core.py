@@ -55,15 +55,15 @@ from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk
                                     chunk_start_scan_offset, chunk_update, chunk_writes,
                                     layer_grad_factors)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
-                               chunk_matmul, decay_matrix, previous_rows, scan_chunks, segment_sum,
-                               unit_lower_inverse, unit_lower_solve)
+                               chunk_matmul, decay_matrix, previous_rows, scan_chunks,
+                               segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
 from nlx.memory.recurrent import recurrent_scan
 
 __all__ = [
     "Array", "MatMul", "Memory", "READS", "Weights", "batched", "bind", "check_read",
     "check_row_scale", "layer_inputs", "tree_scale", "recurrent_scan", "ChunkCoefficients",
     "chunk_coefficients", "chunk_end_weights", "chunk_matmul", "decay_matrix", "previous_rows",
-    "scan_chunks", "segment_sum", "unit_lower_inverse", "unit_lower_solve", "ChunkWrites",
-    "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset", "chunk_update",
-    "chunk_writes", "layer_grad_factors",
+    "scan_chunks", "segment_decay", "segment_sum", "unit_lower_inverse", "unit_lower_solve",
+    "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
+    "chunk_update", "chunk_writes", "layer_grad_factors",
 ]

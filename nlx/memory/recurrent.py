@@ -28,7 +28,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
                    momentum_state: Optional[Weights], grad_chunk: Optional[int] = None,
                    batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None,
                    dgd: bool = False, read: str = "after_write", params: Optional[dict] = None,
-                   row_scale: Optional[Array] = None, accumulated: Optional[Weights] = None):
+                   row_scale: Optional[Array] = None, accumulated: Optional[Weights] = None,
+                   reset: Optional[Array] = None):
   """The token-by-token recurrence of ``nlx.memory.core`` (the reference).
 
   Args:
@@ -50,6 +51,9 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       position i of its chunk (``nlx.memory.core``); needs ``grad_chunk``, no momentum, no DGD.
     accumulated: with ``row_scale``, the accumulated writes ``A`` of the chunk that an earlier
       call began (same structure as ``weights``; None: zeros, as at a chunk boundary).
+    reset: ``[T]`` bool or None: document boundaries. Where true, the weights (and the momentum)
+      are set to zero before the token's decay and write (a ``where``, so that a non-finite state
+      cannot leak into the next document). Not defined with ``grad_chunk`` or ``row_scale`` yet.
 
   Returns:
     ``(o [T, V], weights, momentum_state, chunk_start, accumulated)`` after the last token;
@@ -63,13 +67,18 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     raise ValueError("dgd=True needs grad_chunk (DGD's keys are taken at the chunk-start state)")
   check_read(read)
   check_row_scale(row_scale, momentum, dgd, grad_chunk)
+  if reset is not None and grad_chunk is not None:
+    raise ValueError("reset (document boundaries) is not supported with grad_chunk (gradients "
+                     "at the chunk-start state) yet")
   scaled = row_scale is not None
 
   def step(t, carry, x, consts):
     mem, scale = bind(memory, consts[0]), consts[1]
     grad_fn = jax.grad(lambda w, kt, vt: objective.loss(mem.apply(w, kt), vt))
     w, p, w_ref, a, d = carry
-    qt, kt, vt, lrt, gt, mt = x
+    qt, kt, vt, lrt, gt, mt, rt = x
+    if rt is not None:  # a document starts at this token: it sees none of the earlier state
+      w, p = jax.tree.map(lambda x: jnp.where(rt, jnp.zeros_like(x), x), (w, p))
     if grad_chunk is not None:
       position = (t + offset) % grad_chunk
       w_ref = jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, w_ref)
@@ -95,7 +104,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     t, x = tx
     return batched(lambda c, xt, cs: step(t, c, xt, cs), batch_ndim)(carry, x, consts)
 
-  xs = jax.tree.map(lambda x: _time_major(x, batch_ndim), (q, k, v, lr, log_decay, momentum))
+  xs = jax.tree.map(lambda x: _time_major(x, batch_ndim),
+                    (q, k, v, lr, log_decay, momentum, reset))
   t = q.shape[batch_ndim]
   start = weights if chunk_start is None else chunk_start
   a = d = None

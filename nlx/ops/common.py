@@ -33,6 +33,13 @@ def resolve_impl(impl: str, kind: str, q, k, v, chunk_size: int,
   return "pallas" if on_accelerator and not reason else "chunked"
 
 
+def reset_reason(reset) -> Optional[str]:
+  """Why the kernels cannot take a call with document boundaries (None without them)."""
+  if reset is None:
+    return None
+  return "reset (document boundaries) is not supported by the kernels yet"
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 accumulation for 16/32-bit inputs, float64 for float64."""
   return jnp.promote_types(dtype, jnp.float32)

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 
 from nlx.memory import core
 from nlx.memory.objectives import L2
-from nlx.ops.common import resolve_impl
+from nlx.ops.common import reset_reason, resolve_impl
 from nlx.ops.linear_attention import matrix_memory
-from nlx.ops.validation import check_gate, check_options, check_sequences, check_state
+from nlx.ops.validation import (check_gate, check_options, check_reset, check_sequences,
+                                check_state)
 
 Array = jax.Array
 
@@ -41,10 +42,17 @@ def _delta_rule_prepare(chunk):
   ``w_t + β_t Σ_{j<t} (γ_t/γ_j)(k_t·k_j) w_j = β_t v_t − β_t γ_t S_0ᵀ k_t``, a unit lower triangular
   system ``(I + A) W = βV − (βγ K) S_0``. With ``(I + A)^{-1}`` (``core.unit_lower_inverse``),
   ``W = U − Wk S_0`` with U and Wk independent of S_0.
+
+  With document boundaries (a sixth field, ``reset [C]``), ``γ_t/γ_j`` is zero when a reset lies in
+  ``(j, t]`` and ``γ_t`` is zero after the chunk's first reset, in the system, the reads and the
+  chunk-end state alike: each segment of the chunk is its own delta rule.
   """
-  q, k, v, beta, log_decay = chunk
-  decay = core.decay_matrix(log_decay)
-  gamma = jnp.exp(jnp.cumsum(log_decay))
+  q, k, v, beta, log_decay = chunk[:5]
+  if len(chunk) == 6:  # document boundaries: decays that cross one are zero (core.segment_decay)
+    decay, gamma = core.segment_decay(log_decay, chunk[5])
+  else:
+    decay = core.decay_matrix(log_decay)
+    gamma = jnp.exp(jnp.cumsum(log_decay))
   inverse = core.unit_lower_inverse(beta[:, None] * decay * (k @ k.T))
   u = inverse @ (beta[:, None] * v)
   wk = inverse @ ((beta * gamma)[:, None] * k)
@@ -66,17 +74,20 @@ def _delta_rule_read(prepared, y):
 
 
 def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Array, state: Array,
-                       chunk_size: int, batch_ndim: int = 0):
+                       chunk_size: int, batch_ndim: int = 0, reset: Optional[Array] = None):
   """Chunk-parallel (gated) delta rule, exact for every chunk size.
 
   Args:
     q: ``[T, K]`` (already scaled); k: ``[T, K]``; v: ``[T, V]``; beta, log_decay: ``[T]``;
-    state: ``[K, V]``; chunk_size: C; batch_ndim: leading batch axes on every argument.
+    state: ``[K, V]``; chunk_size: C; batch_ndim: leading batch axes on every argument;
+    reset: ``[T]`` bool or None, the document boundaries (the state is zero before a reset
+    token's decay and write).
 
   Returns:
     ``(o [T, V], final state [K, V])``.
   """
-  state, o = core.scan_chunks(_delta_rule_body, state, (q, k, v, beta, log_decay), chunk_size,
+  xs = (q, k, v, beta, log_decay) + (() if reset is None else (reset,))
+  state, o = core.scan_chunks(_delta_rule_body, state, xs, chunk_size,
                               prepare=_delta_rule_prepare, finish=_delta_rule_read,
                               batch_ndim=batch_ndim)
   return o, state
@@ -84,7 +95,8 @@ def delta_rule_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Arr
 
 def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] = None,
                scale: Optional[float] = None, initial_state: Optional[Array] = None,
-               chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
+               chunk_size: int = 64, impl: str = "auto",
+               reset: Optional[Array] = None) -> tuple[Array, Array]:
   """(Gated) delta rule: ``S ← exp(g_t) S``; ``S ← S + β_t k_t (v_t − Sᵀk_t)ᵀ``; ``o_t = S_tᵀ q_t``.
 
   ``q_t`` is scaled by ``scale`` (default ``K^-1/2``) before the read.
@@ -96,7 +108,8 @@ def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] 
   Args:
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` write strength;
     g: ``[B, T, H]`` log-decay (≤ 0) or None.
-    scale, initial_state, chunk_size, impl: as in ``linear_attention``.
+    scale, initial_state, chunk_size, impl, reset: as in ``linear_attention`` (``reset``: ``[B, T]``
+      document boundaries, the state zero before a reset token's decay and write).
 
   Returns:
     ``(o [B, T, H, V], final_state [B, H, K, V])``.
@@ -104,8 +117,10 @@ def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] 
   b, t, h, dk, dv = check_sequences(q, k, v)
   check_gate("beta", beta, b, t, h, required=True)
   check_gate("g", g, b, t, h, required=False)
+  check_reset(reset, b, t)
   if initial_state is not None:
     check_state("initial_state", initial_state, (b, h, dk, dv))
-  impl = resolve_impl(check_options(chunk_size, impl, scale), "delta_rule", q, k, v, chunk_size)
+  impl = resolve_impl(check_options(chunk_size, impl, scale), "delta_rule", q, k, v, chunk_size,
+                      reset_reason(reset))
   return matrix_memory(q, k, v, beta, g, scale, initial_state, chunk_size, impl, L2,
-                       delta_rule_chunked)
+                       delta_rule_chunked, reset)

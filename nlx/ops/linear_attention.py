@@ -27,36 +27,64 @@ import jax.numpy as jnp
 from nlx.memory import core
 from nlx.memory.linear import LINEAR
 from nlx.memory.objectives import DOT, Objective
-from nlx.ops.common import compute_dtype, heads_first, resolve_impl
-from nlx.ops.validation import check_gate, check_options, check_sequences, check_state
+from nlx.ops.common import compute_dtype, heads_first, reset_reason, resolve_impl
+from nlx.ops.validation import (check_gate, check_options, check_reset, check_sequences,
+                                check_state)
 from pallas_kernels.chunked_memory import ops as pallas_ops
 
 Array = jax.Array
 
 
 def linear_attention_chunked(q: Array, k: Array, v: Array, beta: Array, log_decay: Array,
-                             state: Array, chunk_size: int, batch_ndim: int = 0):
+                             state: Array, chunk_size: int, batch_ndim: int = 0,
+                             reset: Optional[Array] = None):
   """Chunk-parallel (gated) linear attention, exact for every chunk size.
 
   Args:
     q: ``[T, K]`` (already scaled); k: ``[T, K]``; v: ``[T, V]``; beta, log_decay: ``[T]``
     (beta: the write strength, ones for linear attention); state: ``[K, V]``; chunk_size: C;
-    batch_ndim: leading batch axes on every argument.
+    batch_ndim: leading batch axes on every argument; reset: ``[T]`` bool or None, the document
+    boundaries (the state is zero before a reset token's decay and write).
 
   Returns:
     ``(o [T, V], final state [K, V])``.
   """
+  if reset is not None:
+    state, o = core.scan_chunks(_linear_attention_body, state, (q, k, v, beta, log_decay, reset),
+                                chunk_size, prepare=_linear_attention_prepare,
+                                finish=_linear_attention_read, batch_ndim=batch_ndim)
+    return o, state
   o, state, _ = core.chunk_start_scan(LINEAR, DOT, q, k, v, beta, log_decay, None, {"w": state},
                                       None, chunk_size, batch_ndim=batch_ndim)
   return o, state["w"]
 
 
+def _linear_attention_prepare(chunk):
+  """A chunk with document boundaries: its writes ``β_j v_j`` and segment-masked decays."""
+  q, k, v, beta, log_decay, reset = chunk
+  decay, gamma = core.segment_decay(log_decay, reset)
+  return q, k, beta[:, None] * v, decay, gamma
+
+
+def _linear_attention_body(state, prepared):
+  """The state after a chunk: ``γ_C S_0 + Σ_j decay[C, j] k_j (β_j v_j)ᵀ``."""
+  _, k, writes, decay, gamma = prepared
+  return core.chunk_end_weights(state, k, writes, decay[-1], gamma[-1]), state
+
+
+def _linear_attention_read(prepared, state):
+  """Every token's read of a chunk, from its start state."""
+  q, k, writes, decay, gamma = prepared
+  return core.chunk_matmul(q, state, k, writes, decay, gamma)
+
+
 def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: str,
-                  objective: Objective, chunked: Callable):
+                  objective: Objective, chunked: Callable, reset: Optional[Array] = None):
   """Shared body of ``linear_attention`` and ``delta_rule`` (validated inputs, resolved impl).
 
-  ``chunked``: the op's chunked form, ``(q, k, v, lr, log_decay, state, chunk_size, batch_ndim)
-  -> (o, state)`` on the core's layout (``linear_attention_chunked``, ``delta_rule_chunked``).
+  ``chunked``: the op's chunked form, ``(q, k, v, lr, log_decay, state, chunk_size, batch_ndim,
+  reset) -> (o, state)`` on the core's layout (``linear_attention_chunked``,
+  ``delta_rule_chunked``). ``reset``: ``[B, T]`` document boundaries or None (not with "pallas").
   """
   b, h, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[3]
   scale = dk**-0.5 if scale is None else scale
@@ -73,19 +101,25 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
   lr = jnp.moveaxis(cast(lr), 2, 1)
   g = jnp.zeros_like(lr) if g is None else jnp.moveaxis(cast(g), 2, 1)
   s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
+  if reset is not None:  # [B, T] -> [B, H, T]; a reset at t = 0 discards the initial state
+    reset = jnp.broadcast_to(jnp.asarray(reset).astype(bool)[:, None, :], lr.shape)
+    s0 = jnp.where(reset[:, :, :1, None], jnp.zeros_like(s0), s0)
 
   if impl == "recurrent":
     o, state, _, _, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None,
-                                            {"w": s0}, None, batch_ndim=2)
+                                            {"w": s0}, None, batch_ndim=2, reset=reset)
     state = state["w"]
-  else:
+  elif reset is None:
     o, state = chunked(qs, ks, vs, lr, g, s0, chunk_size, batch_ndim=2)
+  else:
+    o, state = chunked(qs, ks, vs, lr, g, s0, chunk_size, batch_ndim=2, reset=reset)
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), state
 
 
 def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
                      scale: Optional[float] = None, initial_state: Optional[Array] = None,
-                     chunk_size: int = 64, impl: str = "auto") -> tuple[Array, Array]:
+                     chunk_size: int = 64, impl: str = "auto",
+                     reset: Optional[Array] = None) -> tuple[Array, Array]:
   """(Gated) linear attention: ``S ← exp(g_t) S + k_t v_tᵀ``, ``o_t = S_tᵀ (scale q_t)``.
 
   The dot-product memory of docs/EQUATIONS.md §1. g=None is linear attention; g constant per head is
@@ -98,16 +132,22 @@ def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
     initial_state: ``[B, H, K, V]`` or None (zeros).
     chunk_size: tokens per chunk of the chunked form.
     impl: "auto" | "chunked" | "recurrent" | "pallas".
+    reset: ``[B, T]`` bool (or 0/1 integer) or None: document boundaries of a packed batch.
+      Where ``reset[b, t]``, row b's state is set to zero before token t's decay and write (a
+      reset at t = 0 discards ``initial_state``), so each document runs as if alone; the final
+      state is the last document's. Not supported by the kernels: "auto" picks "chunked" and
+      "pallas" raises.
 
   Returns:
     ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in float32/float64)``.
   """
   b, t, h, dk, dv = check_sequences(q, k, v)
   check_gate("g", g, b, t, h, required=False)
+  check_reset(reset, b, t)
   if initial_state is not None:
     check_state("initial_state", initial_state, (b, h, dk, dv))
   impl = resolve_impl(check_options(chunk_size, impl, scale), "linear_attention", q, k, v,
-                      chunk_size)
+                      chunk_size, reset_reason(reset))
   ones = jnp.ones((b, t, h), compute_dtype(q.dtype))
   return matrix_memory(q, k, v, ones, g, scale, initial_state, chunk_size, impl, DOT,
-                       linear_attention_chunked)
+                       linear_attention_chunked, reset)

@@ -55,6 +55,19 @@ def check_gate(name: str, x, b: int, t: int, h: int, required: bool) -> None:
   check_float(name, x)
 
 
+def check_reset(reset, b: int, t: int) -> None:
+  """Checks ``reset``: None, or a bool/integer ``[B, T]`` array of document boundaries."""
+  if reset is None:
+    return
+  if getattr(reset, "shape", None) != (b, t):
+    raise ValueError(f"reset must have shape [B, T] = {(b, t)} (true where a document starts); "
+                     f"got {getattr(reset, 'shape', type(reset).__name__)}")
+  dtype = reset.dtype
+  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"reset must be a bool or integer (0/1) array of shape [B, T]; got dtype "
+                    f"{dtype}")
+
+
 def check_state(name: str, x, shape: tuple) -> None:
   if getattr(x, "shape", None) != tuple(shape):
     raise ValueError(f"{name} must have shape {tuple(shape)}; got "
