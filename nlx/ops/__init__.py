@@ -20,8 +20,9 @@ Conventions (README.md, "The ops"; the layout of flash-linear-attention):
 mode on CPU) and ``"auto"``: the kernel on GPU/TPU when it supports the arguments (float32/bfloat16,
 power-of-two head dims and chunk size in [16, 256], a linear memory), else ``"chunked"``.
 
-All four ops are instances of the one memory core in ``nlx.memory`` (``nlx/memory/core.py``: the
-recurrence, its token-by-token reference and its chunk-parallel forms). One module per op family,
+All four ops are instances of the one memory core in ``nlx.memory`` (``recurrent.py``: the
+token-by-token reference; ``chunks.py`` and ``chunk_start.py``: its chunk-parallel forms;
+``core.py`` names them all). One module per op family,
 each with its public op, its ``impl`` dispatch and, in its docstring, where its reference, its
 chunked form and its kernel live:
 

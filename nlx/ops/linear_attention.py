@@ -102,6 +102,7 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
   g = jnp.zeros_like(lr) if g is None else jnp.moveaxis(cast(g), 2, 1)
   s0 = jnp.zeros((b, h, dk, dv), cdt) if initial_state is None else cast(initial_state)
   if reset is not None:  # [B, T] -> [B, H, T]; a reset at t = 0 discards the initial state
+    # (a where, not a zero decay, so that a non-finite initial state cannot reach the chunked form)
     reset = jnp.broadcast_to(jnp.asarray(reset).astype(bool)[:, None, :], lr.shape)
     s0 = jnp.where(reset[:, :, :1, None], jnp.zeros_like(s0), s0)
 
@@ -136,7 +137,9 @@ def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
       Where ``reset[b, t]``, row b's state is set to zero before token t's decay and write (a
       reset at t = 0 discards ``initial_state``), so each document runs as if alone; the final
       state is the last document's. Not supported by the kernels: "auto" picks "chunked" and
-      "pallas" raises.
+      "pallas" raises. A non-finite state never crosses a reset in the recurrent form (it is
+      replaced, not multiplied by zero) nor at t = 0; inside a sequence the chunked form zeroes
+      the state by multiplying with zero decays, so there only a finite state is isolated.
 
   Returns:
     ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in float32/float64)``.

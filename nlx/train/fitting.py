@@ -46,8 +46,8 @@ def next_token_loss(model, tokens: jax.Array) -> jax.Array:
 @dataclasses.dataclass
 class FitResult:
   """The trained ``model``; the loss of every step; wall ``seconds`` of the whole call; training
-  ``tokens_per_second`` (the compiling first step and the evaluations excluded); ``evals``:
-  ``{"step": steps done, **evaluate(model)}`` of every evaluation; ``skipped``: steps whose loss,
+  ``tokens_per_second`` (the compiling first step and the evaluations excluded; 0 for a single
+  step); ``evals``: ``{"step": steps done, **evaluate(model)}`` of every evaluation; ``skipped``: steps whose loss,
   gradients or parameters were not finite (their update was not applied); ``params``: the number
   of parameters."""
 
@@ -60,15 +60,19 @@ class FitResult:
   skipped: int = 0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def compiled_step(graphdef, tx: optax.GradientTransformation, loss: LossFn, has_aux: bool = False
                   ) -> Callable:
   """``jit((params, rest, opt_state, batch) -> Update)`` of ``loss(merge(graphdef, params, rest),
-  batch)``: one compile per (graph, optimizer, loss); the same objects reuse it."""
+  batch)``: one compile per (graph, optimizer, loss); the same objects reuse it. The returned
+  ``Update`` has no ``grads`` and ``updates`` (None): they would be extra parameter-sized outputs.
+  The 16 most recent steps are kept; a caller that builds a new optimizer object per call
+  compiles per call."""
 
   def step(params, rest, opt_state, batch):
-    return apply_gradients(lambda p: loss(nnx.merge(graphdef, p, rest), batch), tx, params,
-                           opt_state, has_aux=has_aux)
+    up = apply_gradients(lambda p: loss(nnx.merge(graphdef, p, rest), batch), tx, params,
+                         opt_state, has_aux=has_aux)
+    return up._replace(grads=None, updates=None)  # not outputs: no parameter-sized copies
 
   return jax.jit(step)
 
