@@ -39,6 +39,7 @@ import nlx
 from nlx import configs as nlx_configs
 from nlx.nn import ModelConfig
 from nlx.train.fitting import FitResult, fit
+from nlx.train.fitting import param_count as count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_ENV = "NLX_DATA"  # the datasets directory when --data is not given
@@ -185,7 +186,7 @@ def model_config(family: str, size: str = "tiny", **fields) -> ModelConfig:
 def param_count(cfg: ModelConfig) -> int:
   """Number of parameters of ``build_model(cfg)`` (traced, nothing allocated)."""
   model = nnx.eval_shape(lambda: nlx.build_model(cfg, rngs=nnx.Rngs(0)))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+  return count_params(nnx.state(model, nnx.Param))
 
 
 def matched(family: str, target_params: int, size: str = "tiny", knob: str = "mlp_dim",

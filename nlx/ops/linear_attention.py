@@ -110,8 +110,6 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
     o, state, _, _, _ = core.recurrent_scan(LINEAR, objective, qs, ks, vs, lr, g, None,
                                             {"w": s0}, None, batch_ndim=2, reset=reset)
     state = state["w"]
-  elif reset is None:
-    o, state = chunked(qs, ks, vs, lr, g, s0, chunk_size, batch_ndim=2)
   else:
     o, state = chunked(qs, ks, vs, lr, g, s0, chunk_size, batch_ndim=2, reset=reset)
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), state
