@@ -33,11 +33,19 @@ def resolve_impl(impl: str, kind: str, q, k, v, chunk_size: int,
   return "pallas" if on_accelerator and not reason else "chunked"
 
 
-def reset_reason(reset) -> Optional[str]:
-  """Why the kernels cannot take a call with document boundaries (None without them)."""
-  if reset is None:
+def reset_reason(reset, kind: Optional[str] = None) -> Optional[str]:
+  """Why the kernels cannot take a call with document boundaries, or None if they can.
+
+  Args:
+    reset: the op's ``reset`` (None: no boundaries, nothing to refuse).
+    kind: the kernel kind the op runs; the kernels apply boundaries for
+      ``pallas_ops.SEGMENTED_KINDS`` ("linear_attention", "delta_rule") and refuse them for any
+      other kind, or when the kind is not given.
+  """
+  if reset is None or kind in pallas_ops.SEGMENTED_KINDS:
     return None
-  return "reset (document boundaries) is not supported by the kernels yet"
+  return (f"reset (document boundaries) is not supported by the kernels for kind={kind!r}; "
+          f"they take it for {pallas_ops.SEGMENTED_KINDS}")
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -121,6 +121,6 @@ def delta_rule(q: Array, k: Array, v: Array, *, beta: Array, g: Optional[Array] 
   if initial_state is not None:
     check_state("initial_state", initial_state, (b, h, dk, dv))
   impl = resolve_impl(check_options(chunk_size, impl, scale), "delta_rule", q, k, v, chunk_size,
-                      reset_reason(reset))
+                      reset_reason(reset, "delta_rule"))
   return matrix_memory(q, k, v, beta, g, scale, initial_state, chunk_size, impl, L2,
                        delta_rule_chunked, reset)

@@ -84,7 +84,8 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
 
   ``chunked``: the op's chunked form, ``(q, k, v, lr, log_decay, state, chunk_size, batch_ndim,
   reset) -> (o, state)`` on the core's layout (``linear_attention_chunked``,
-  ``delta_rule_chunked``). ``reset``: ``[B, T]`` document boundaries or None (not with "pallas").
+  ``delta_rule_chunked``). ``reset``: ``[B, T]`` document boundaries or None (every form, the
+  kernels included: they mask their chunk decays in-kernel).
   """
   b, h, dk, dv = q.shape[0], q.shape[2], q.shape[3], v.shape[3]
   scale = dk**-0.5 if scale is None else scale
@@ -92,7 +93,7 @@ def matrix_memory(q, k, v, lr, g, scale, initial_state, chunk_size: int, impl: s
     kind, beta = ("linear_attention", None) if objective is DOT else ("delta_rule", lr)
     o, state, _ = pallas_ops.chunked_memory(kind, q, k, v, beta=beta, g=g,
                                             initial_state=initial_state, scale=scale,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, reset=reset)
     return o, state
   cdt = compute_dtype(q.dtype)
   cast = lambda x: None if x is None else jnp.asarray(x, cdt)
@@ -134,10 +135,10 @@ def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
     reset: ``[B, T]`` bool (or 0/1 integer) or None: document boundaries of a packed batch.
       Where ``reset[b, t]``, row b's state is set to zero before token t's decay and write (a
       reset at t = 0 discards ``initial_state``), so each document runs as if alone; the final
-      state is the last document's. Not supported by the kernels: "auto" picks "chunked" and
-      "pallas" raises. A non-finite state never crosses a reset in the recurrent form (it is
-      replaced, not multiplied by zero) nor at t = 0; inside a sequence the chunked form zeroes
-      the state by multiplying with zero decays, so there only a finite state is isolated.
+      state is the last document's. Every form takes it, the kernels ("pallas", and "auto" where
+      it picks them) included. A non-finite state never crosses a reset in the recurrent form (it
+      is replaced, not multiplied by zero) nor at t = 0; inside a sequence the chunked form and
+      the kernels zero the state with zero decays, so there only a finite state is isolated.
 
   Returns:
     ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in float32/float64)``.
@@ -148,7 +149,7 @@ def linear_attention(q: Array, k: Array, v: Array, *, g: Optional[Array] = None,
   if initial_state is not None:
     check_state("initial_state", initial_state, (b, h, dk, dv))
   impl = resolve_impl(check_options(chunk_size, impl, scale), "linear_attention", q, k, v,
-                      chunk_size, reset_reason(reset))
+                      chunk_size, reset_reason(reset, "linear_attention"))
   ones = jnp.ones((b, t, h), compute_dtype(q.dtype))
   return matrix_memory(q, k, v, ones, g, scale, initial_state, chunk_size, impl, DOT,
                        linear_attention_chunked, reset)

@@ -22,8 +22,18 @@ write coefficients Γ (``Γ = D``, the decay matrix ``D_{tj} = e^{G_t − G_j}``
 momentum). Outputs read after the write: ``o_t = S_tᵀ (scale · q_t)``.
 
 Gate channels (``GATE_CHANNELS``): 0 β (write strength / inner learning rate; 1 for linear
-attention), 1 G (cumulative log-decay), 2 E (cumulative log-momentum), 3 unused (zero; keeps the
-channel count a power of two for Triton).
+attention), 1 G (cumulative log-decay), 2 E (cumulative log-momentum), 3 the segment (the number
+of document boundaries so far within the chunk, as a float; zero without boundaries; it also
+keeps the channel count a power of two for Triton).
+
+Document boundaries (``segmented=True``, linear attention and the delta rule only): the state is
+zero before a reset token's decay and write. Token j's write reaches token t ≥ j only in the same
+segment, and the chunk-start state reaches token t only in segment 0, so every decay of the chunk
+is masked: ``D_{tj}`` (and the delta rule's ``A``) where the segments of t and j differ, the
+decay-from-start ``e^{G_t}`` where t's segment is not 0, the end row ``e^{G_last − G_j}`` where
+j's segment is not the last token's, and ``e^{G_last}`` (what the next chunk keeps of ``S_0``)
+when the chunk holds a boundary at or before ``last``. With ``segmented=False`` the channel is
+never read and the code is that of the kernels without boundaries.
 
 Padding: only the final chunk may be partial; ``last`` is the index of its last real token (C − 1
 for full chunks). End states are read at row ``last``, and no row ``t ≤ last`` depends on a later
@@ -42,7 +52,9 @@ Array = jax.Array
 
 KINDS = ("linear_attention", "delta_rule", "titans")
 GATE_CHANNELS = 4
-BETA, LOG_DECAY, LOG_MOMENTUM = 0, 1, 2
+BETA, LOG_DECAY, LOG_MOMENTUM, SEGMENT = 0, 1, 2, 3
+# The kinds that take document boundaries (``segmented=True``).
+SEGMENTED_KINDS = ("linear_attention", "delta_rule")
 
 
 class Chunk(NamedTuple):
@@ -114,17 +126,33 @@ def _masked_exp(mask: Array, x: Array) -> Array:
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def delta_matrix_t(chunk: Chunk) -> Array:
+def _same_segment(chunk: Chunk) -> Array:
+  """``[C, C]`` bool: tokens t (row) and j (column) lie in the same segment (symmetric)."""
+  return (_channel_col(chunk.gates_col, SEGMENT) == _channel_row(chunk.gates_row, SEGMENT))
+
+
+def _from_start(g: Array, seg: Optional[Array]) -> Array:
+  """``e^{G}``: what the chunk-start state keeps at a token (``[C, 1]``) or at ``last``
+  (``[1, 1]``); zero past a document boundary (``seg``, the token's segment, nonzero). ``seg``
+  None: no boundaries."""
+  return jnp.exp(g) if seg is None else _masked_exp(seg == 0.0, g)
+
+
+def delta_matrix_t(chunk: Chunk, segmented: bool = False) -> Array:
   """``Aᵀ [C, C]`` of the delta rule's UT system ``(I + A) U = …``: ``A_{tj} = β_t D_{tj} k_t·k_j``, j < t.
 
-  Built transposed (``Aᵀ_{jt}``), the layout ``unit_lower_inverse`` reads its rows in.
+  Built transposed (``Aᵀ_{jt}``), the layout ``unit_lower_inverse`` reads its rows in. With
+  ``segmented``, ``D_{tj}`` is zero across a document boundary.
   """
   c = chunk.k.shape[0]
   rows, cols = _iotas(c)
   g_col = _channel_col(chunk.gates_col, LOG_DECAY)
   g_row = _channel_row(chunk.gates_row, LOG_DECAY)
   beta_row = _channel_row(chunk.gates_row, BETA)
-  decay_t = _masked_exp(cols > rows, g_row - g_col)  # [j, t] = e^{G_t − G_j}, j < t
+  below = cols > rows
+  if segmented:
+    below = below & _same_segment(chunk)
+  decay_t = _masked_exp(below, g_row - g_col)  # [j, t] = e^{G_t − G_j}, j < t
   return beta_row * decay_t * _mm_nt(chunk.k, chunk.k)
 
 
@@ -147,7 +175,7 @@ def unit_lower_inverse(a_t: Array) -> Array:
 
 
 def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
-               inverse: Optional[Array] = None) -> tuple[Array, State]:
+               inverse: Optional[Array] = None, segmented: bool = False) -> tuple[Array, State]:
   """One chunk: its outputs and the state after its token ``last``.
 
   Args:
@@ -158,6 +186,8 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
     last: int scalar, index of the chunk's last real token.
     inverse: ``(I + A)^{-1}`` for the delta rule (``unit_lower_inverse(delta_matrix_t(chunk))``);
       computed here when None. Passed in by the backward pass, which differentiates it apart.
+    segmented: the chunk's gates carry document boundaries (channel ``SEGMENT``; kinds in
+      ``SEGMENTED_KINDS``, no momentum): every decay that crosses one is masked to zero.
 
   Returns:
     ``(o [C, V], State)``.
@@ -170,20 +200,30 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
   g_col, g_row = _channel_col(gc, LOG_DECAY), _channel_row(gr, LOG_DECAY)
   g_last = _at_row(g_col, last)
   w0, p0 = state
+  seg_col = seg_last = None  # segments of the tokens [C, 1] and of token ``last`` [1, 1]
+  if segmented:
+    if kind not in SEGMENTED_KINDS or p0 is not None:
+      raise ValueError(f"segmented=True is only for kinds {SEGMENTED_KINDS} without momentum; "
+                       f"got kind={kind!r}")
+    seg_col = _channel_col(gc, SEGMENT)
+    seg_last = _at_row(seg_col, last)
+    causal = causal & _same_segment(chunk)
 
   # Pseudo-values u: what each token writes, given the chunk-start state.
   if kind == "linear_attention":
     u = v
   elif kind == "delta_rule":
     if inverse is None:
-      inverse = unit_lower_inverse(delta_matrix_t(chunk))
-    u = _mm(inverse, beta * v - _mm(beta * jnp.exp(g_col) * k, w0))
+      inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented))
+    u = _mm(inverse, beta * v - _mm(beta * _from_start(g_col, seg_col) * k, w0))
   else:
     u = beta * (v - _mm(k, w0))
 
   # Write coefficients: Γ [C, C] and the end row of Γ as a column [C, 1].
   decay = _masked_exp(causal, g_col - g_row)
   end_live = lax.broadcasted_iota(jnp.int32, (c, 1), 0) <= last  # [C, 1] over j
+  if segmented:
+    end_live = end_live & (seg_col == seg_last)
   live_row = lax.broadcasted_iota(jnp.int32, (1, c), 1) <= last  # [1, C] over s
   if p0 is None:
     gamma, gamma_end = decay, _masked_exp(end_live, g_last - g_col)
@@ -196,8 +236,8 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
     gamma_end = jnp.sum(_masked_exp(cols >= rows, m_row - m_col) * to_end, axis=1, keepdims=True)
 
   qs = q * scale
-  o = jnp.exp(g_col) * _mm(qs, w0) + _mm(gamma * _mm_nt(qs, k), u)
-  w1 = jnp.exp(g_last) * w0 + _mm_tn(k, gamma_end * u)
+  o = _from_start(g_col, seg_col) * _mm(qs, w0) + _mm(gamma * _mm_nt(qs, k), u)
+  w1 = _from_start(g_last, seg_last) * w0 + _mm_tn(k, gamma_end * u)
   p1 = None
   if p0 is not None:
     carry = jnp.sum(decay * jnp.exp(m_row), axis=1, keepdims=True)  # c_t = Σ_{s≤t} e^{G_t−G_s+E_s}
@@ -210,7 +250,7 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
 
 
 def chunk_vjp(kind: str, scale: float, chunk: Chunk, state: State, last, d_out: Array,
-              d_state: State) -> tuple[Chunk, State]:
+              d_state: State, segmented: bool = False) -> tuple[Chunk, State]:
   """Gradients of one ``chunk_step`` w.r.t. its chunk inputs and its start state.
 
   ``jax.vjp`` of ``chunk_step`` with the delta rule's inverse as an input, whose cotangent is
@@ -219,21 +259,22 @@ def chunk_vjp(kind: str, scale: float, chunk: Chunk, state: State, last, d_out: 
 
   Args:
     d_out: ``[C, V]`` cotangent of the outputs; d_state: cotangent of the end state.
+    segmented: as in ``chunk_step`` (no gradient reaches the segment channel).
 
   Returns:
     ``(d_chunk, d_state_start)`` with the structures of ``chunk`` and ``state``.
   """
   inverse = None
   if kind == "delta_rule":
-    inverse = unit_lower_inverse(delta_matrix_t(chunk))
-  step = lambda ch, st, inv: chunk_step(kind, scale, ch, st, last, inv)
+    inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented))
+  step = lambda ch, st, inv: chunk_step(kind, scale, ch, st, last, inv, segmented)
   _, pull = jax.vjp(step, chunk, state, inverse)
   d_chunk, d_start, d_inverse = pull((d_out, d_state))
   if kind == "delta_rule":
     # d(Aᵀ) = −(I+A)^{-1} d(inv)ᵀ (I+A)^{-1}, kept on A's pattern (j < t in Aᵀ's [j, t] layout).
     rows, cols = _iotas(inverse.shape[0])
     d_a_t = jnp.where(cols > rows, -_mm(inverse, _mm_tn(d_inverse, inverse)), 0.0)
-    _, pull_a = jax.vjp(delta_matrix_t, chunk)
+    _, pull_a = jax.vjp(lambda ch: delta_matrix_t(ch, segmented), chunk)
     (d_chunk_a,) = pull_a(d_a_t)
     d_chunk = jax.tree.map(jnp.add, d_chunk, d_chunk_a)
   return d_chunk, d_start

@@ -42,8 +42,11 @@ def _load_chunk(refs, bh, n, vb, chunk: int, block_v: int) -> Chunk:
 def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
             gates_row: Array, w0: Array, p0: Optional[Array], *, chunk: int, last: int,
             block_v: int, save_states: bool, num_warps: int = 4, num_stages: int = 1,
-            interpret: bool = False, debug: bool = False):
+            interpret: bool = False, debug: bool = False, segmented: bool = False):
   """Forward kernel on the kernels' layout (see ``layout.py``).
+
+  ``segmented``: the gates carry document boundaries (``chunk.chunk_step``); False compiles the
+  kernel without them, exactly as before they existed.
 
   Returns:
     ``(o [BH, Tp, V] in q's dtype, final State [BH, K, V], start states State [BH, N, K, V] or
@@ -69,7 +72,8 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
         starts[0][bh, n, :, cols] = state.memory
         if momentum:
           starts[1][bh, n, :, cols] = state.momentum
-      o, new = chunk_step(kind, scale, ch, state, last_row(n, num_chunks, chunk, last))
+      o, new = chunk_step(kind, scale, ch, state, last_row(n, num_chunks, chunk, last),
+                          segmented=segmented)
       o_ref[bh, pl.ds(n * chunk, chunk), cols] = o.astype(o_ref.dtype)
       return new
 
@@ -92,7 +96,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
 def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
              gates_row: Array, starts: State, d_o: Array, d_final: State, *, chunk: int,
              last: int, block_v: int, num_warps: int = 4, num_stages: int = 1,
-             interpret: bool = False, debug: bool = False):
+             interpret: bool = False, debug: bool = False, segmented: bool = False):
   """Backward kernel: the reverse chunk walk of ``reference.backward``.
 
   Returns:
@@ -124,7 +128,7 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
       start = State(w_starts[bh, n, :, cols], p_starts[bh, n, :, cols] if momentum else None)
       d_oc = do_ref[bh, rows, cols].astype(jnp.float32)
       d_ch, d_start = chunk_vjp(kind, scale, ch, start, last_row(n, num_chunks, chunk, last), d_oc,
-                                d_state)
+                                d_state, segmented)
       dq_ref[vb, bh, rows, :] = d_ch.q
       dk_ref[vb, bh, rows, :] = d_ch.k
       dv_ref[bh, rows, cols] = d_ch.v

@@ -63,8 +63,9 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, name, interpret
 
 def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
             gates_row: Array, w0: Array, p0: Optional[Array], *, chunk: int, last: int,
-            block_v: int, save_states: bool, interpret: bool = False, debug: bool = False):
-  """Forward kernel; same contract as ``kernel_gpu.forward``."""
+            block_v: int, save_states: bool, interpret: bool = False, debug: bool = False,
+            segmented: bool = False):
+  """Forward kernel; same contract as ``kernel_gpu.forward`` (``segmented`` included)."""
   bh_count, tp, dk = q.shape
   dv = v.shape[-1]
   num_chunks = tp // chunk
@@ -87,7 +88,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
     for s_ref, x in zip(start_refs, state):
       s_ref[...] = x
     o, new = chunk_step(kind, scale, _chunk(ins[:5]), state,
-                        last_row(n, num_chunks, chunk, last))
+                        last_row(n, num_chunks, chunk, last), segmented=segmented)
     o_ref[...] = o.astype(o_ref.dtype)
     for s_ref, x in zip(scratch, new):
       s_ref[...] = x
@@ -115,8 +116,9 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
 
 def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
              gates_row: Array, starts: State, d_o: Array, d_final: State, *, chunk: int,
-             last: int, block_v: int, interpret: bool = False, debug: bool = False):
-  """Backward kernel; same contract as ``kernel_gpu.backward``."""
+             last: int, block_v: int, interpret: bool = False, debug: bool = False,
+             segmented: bool = False):
+  """Backward kernel; same contract as ``kernel_gpu.backward`` (``segmented`` included)."""
   bh_count, tp, dk = q.shape
   dv = v.shape[-1]
   num_chunks = tp // chunk
@@ -143,7 +145,7 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
     start = State(start_refs[0][...], start_refs[1][...] if momentum else None)
     d_ch, d_start = chunk_vjp(kind, scale, _chunk(ins[:5]), start,
                               last_row(n, num_chunks, chunk, last),
-                              do_ref[...].astype(jnp.float32), d_state)
+                              do_ref[...].astype(jnp.float32), d_state, segmented)
     dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
     dgc_ref[...], dgr_ref[...] = d_ch.gates_col, d_ch.gates_row
     for s_ref, x in zip(scratch, d_start):

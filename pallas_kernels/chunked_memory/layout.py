@@ -5,7 +5,8 @@ take, per (batch·head) slice ``bh``:
 
 * q, k ``[BH, Tp, K]``, v ``[BH, Tp, V]`` in the input dtype, zero-padded to ``Tp = N·C``;
 * gates as a column ``[BH, Tp, 4]`` and a row ``[BH, N, 4, C]`` (float32): β, the chunk-local
-  cumulative log-decay and the chunk-local cumulative log-momentum (``chunk.GATE_CHANNELS``);
+  cumulative log-decay, the chunk-local cumulative log-momentum and the chunk-local count of
+  document boundaries, the segment (``chunk.GATE_CHANNELS``);
 * states ``[BH, K, V]`` (float32).
 
 Everything here is elementwise, a reshape or a cumulative sum over a chunk, so JAX differentiates
@@ -66,12 +67,14 @@ def _chunk_cumsum(x: Array, layout: Layout) -> Array:
 
 
 def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
-          layout: Layout) -> tuple[Array, Array]:
+          layout: Layout, reset: Optional[Array] = None) -> tuple[Array, Array]:
   """The kernels' gate arrays: column ``[BH, Tp, 4]`` and row ``[BH, N, 4, C]`` (float32).
 
   Args:
     beta: ``[B, T, H]`` write strength / inner learning rate, or None (1: linear attention).
     g: ``[B, T, H]`` log-decay or None (0). momentum: ``[B, T, H]`` η in [0, 1] or None.
+    reset: ``[B, T]`` bool document boundaries (the same for every head) or None (the segment
+      channel is zero).
   """
   b, t, h = layout.batch, layout.seq_len, layout.heads
   pad = layout.padded_len - t
@@ -85,8 +88,13 @@ def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
     momentum = momentum.astype(jnp.float32)
     log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(jnp.float32).tiny))
   beta_p = flat(beta, 1.0)  # padded tokens get β = 0: they write nothing
-  channels = [beta_p, _chunk_cumsum(flat(g, 0.0), layout), _chunk_cumsum(flat(log_eta, 0.0), layout),
-              jnp.zeros_like(beta_p)]
+  channels = [beta_p, _chunk_cumsum(flat(g, 0.0), layout),
+              _chunk_cumsum(flat(log_eta, 0.0), layout)]
+  if reset is None:
+    channels.append(jnp.zeros_like(beta_p))
+  else:  # boundaries so far in the chunk (padded tokens: none), exact in float32
+    per_head = jnp.broadcast_to(jnp.asarray(reset, bool)[:, :, None], (b, t, h))
+    channels.append(_chunk_cumsum(flat(per_head, 0.0), layout))
   col = jnp.stack(channels, axis=-1)
   row = col.reshape(b * h, layout.num_chunks, layout.chunk, 4).swapaxes(-1, -2)
   return col, row
@@ -97,6 +105,13 @@ def states(x: Optional[Array], b: int, h: int, dk: int, dv: int) -> Array:
   if x is None:
     return jnp.zeros((b * h, dk, dv), jnp.float32)
   return x.astype(jnp.float32).reshape(b * h, dk, dv)
+
+
+def reset_at_start(w0: Array, reset: Array, h: int) -> Array:
+  """``[B·H, K, V]`` states, zero in the rows whose ``reset [B, T]`` holds at t = 0 (a ``where``:
+  not even a non-finite state survives it; the segment masks alone would multiply it by 0)."""
+  first = jnp.repeat(jnp.asarray(reset, bool)[:, 0], h)  # [B·H], batch-major like ``sequences``
+  return jnp.where(first[:, None, None], jnp.zeros_like(w0), w0)
 
 
 def forward_out_shapes(q: Array, v: Array, chunk: int, momentum: bool, save_states: bool) -> list:

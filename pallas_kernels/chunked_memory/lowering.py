@@ -8,8 +8,12 @@
 * ``export_gpu(kind)``: lowers forward + backward for platform ``cuda`` through ``jax.export``
   and returns the Triton custom calls of the module (their Triton IR is embedded in it).
 
+Both take ``reset=True`` to lower the kernels with document boundaries (a ``[B, T]`` bool input;
+kinds ``chunk.SEGMENTED_KINDS`` only).
+
 ``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2 [--shape B,T,H,K,V,C] [--mode
-forward]`` (or ``gpu``) prints the result of every kind as JSON. libtpu takes a machine-wide lock when loaded; set
+forward] [--reset]`` (or ``gpu``) prints the result of every kind (with ``--reset``: every kind
+that takes boundaries) as JSON. libtpu takes a machine-wide lock when loaded; set
 ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` to run beside other processes that load it.
 """
 
@@ -22,7 +26,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked_memory.chunk import KINDS
+from pallas_kernels.chunked_memory.chunk import KINDS, SEGMENTED_KINDS
 from pallas_kernels.chunked_memory.ops import chunked_memory
 
 # (B per chip, T, H, K, V, chunk): small, but every grid axis has more than one step.
@@ -30,10 +34,12 @@ SHAPE = (2, 256, 2, 64, 128, 64)
 
 
 def _loss(kind: str, backend: str, chunk: int):
-  """A scalar of every output of the kernels, as a function of every input."""
+  """A scalar of every output of the kernels, as a function of every input (``reset``: the
+  document boundaries, or None)."""
 
-  def loss(q, k, v, beta, g, momentum, s0):
-    kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False)
+  def loss(q, k, v, beta, g, momentum, s0, reset=None):
+    kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False,
+              reset=reset)
     if kind != "linear_attention":
       kw["beta"] = beta
     if kind == "titans":
@@ -49,21 +55,30 @@ def _loss_and_grads(kind: str, backend: str, chunk: int):
   return jax.value_and_grad(_loss(kind, backend, chunk), argnums=tuple(range(7)))
 
 
-def _arg_shapes(batch: int, shape=SHAPE, sharding=None):
+def _arg_shapes(batch: int, shape=SHAPE, sharding=None, reset: bool = False):
   _, t, h, dk, dv, _ = shape
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   gate = s((batch, t, h), jnp.float32)
-  return (s((batch, t, h, dk), jnp.bfloat16), s((batch, t, h, dk), jnp.bfloat16),
+  args = (s((batch, t, h, dk), jnp.bfloat16), s((batch, t, h, dk), jnp.bfloat16),
           s((batch, t, h, dv), jnp.bfloat16), gate, gate, gate, s((batch, h, dk, dv), jnp.float32))
+  return args + ((s((batch, t), jnp.bool_),) if reset else ())
 
 
-def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both") -> dict:
+def _check_reset_kind(kind: str, reset: bool):
+  if reset and kind not in SEGMENTED_KINDS:
+    raise ValueError(f"reset=True is only for kinds {SEGMENTED_KINDS}; got kind={kind!r}")
+
+
+def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both",
+                reset: bool = False) -> dict:
   """Compiles ``kind`` for ``topology``; returns XLA's report.
 
   Args:
     shape: (B per chip, T, H, K, V, chunk).
     mode: "both" (forward + backward, ``value_and_grad``) or "forward".
+    reset: with document boundaries (a ``[B, T]`` bool input).
   """
+  _check_reset_kind(kind, reset)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   topo = topologies.get_topology_desc(topology, "tpu")
@@ -71,7 +86,7 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   make = _loss if mode == "forward" else _loss_and_grads
   fn = jax.shard_map(make(kind, "tpu", shape[-1]), mesh=mesh, in_specs=P("data"), out_specs=P(),
                      check_vma=False)
-  args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")))
+  args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")), reset)
   lowered = jax.jit(fn).lower(*args)
   compiled = lowered.compile()
   hlo = compiled.as_text()
@@ -79,6 +94,7 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   return {
       "kind": kind, "topology": topology, "chips": len(topo.devices),
       "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": shape, "mode": mode,
+      "reset": reset, "kernel_operands": _kernel_operands(lowered.as_text(), kind),
       "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
       "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd")
                         if n in lowered.as_text()),
@@ -87,15 +103,30 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   }
 
 
-def export_gpu(kind: str) -> dict:
+def _kernel_operands(text: str, kind: str) -> dict:
+  """``{kernel name: operand count}`` of the custom calls named ``nlx_{kind}_fwd``/``_bwd`` in a
+  lowered module's text (both kernels are calls of one line each)."""
+  found = {}
+  for line in text.splitlines():
+    for name in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd"):
+      if "custom_call" in line and name in line and "(" in line:
+        args = line.split("(", 1)[1].split(")", 1)[0]
+        found[name] = len([a for a in args.split(",") if a.strip()])
+  return found
+
+
+def export_gpu(kind: str, reset: bool = False) -> dict:
   """Lowers forward + backward of ``kind`` for ``cuda``; returns the Triton calls found."""
   from jax import export  # pylint: disable=g-import-not-at-top
+  _check_reset_kind(kind, reset)
   target = "__gpu$xla.gpu.triton"
   exported = export.export(
       jax.jit(_loss_and_grads(kind, "gpu", SHAPE[-1])), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*_arg_shapes(SHAPE[0]))
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+          *_arg_shapes(SHAPE[0], reset=reset))
   text = exported.mlir_module()
   return {"kind": kind, "platforms": list(exported.platforms), "shape_BTHKVC": SHAPE,
+          "reset": reset,
           "triton_custom_calls": text.count(f"@{target}"),
           "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd") if n in text)}
 
@@ -111,6 +142,8 @@ def main(argv: Sequence[str] = ()) -> int:
                       help="B per chip,T,H,K,V,chunk (default %(default)s; TPU only)")
   parser.add_argument("--mode", choices=("both", "forward"), default="both",
                       help="forward+backward or forward alone (TPU only)")
+  parser.add_argument("--reset", action="store_true",
+                      help=f"with document boundaries (kinds {', '.join(SEGMENTED_KINDS)})")
   args = parser.parse_args(list(argv) or sys.argv[1:])
   try:
     shape = tuple(int(x) for x in args.shape.split(","))
@@ -118,10 +151,11 @@ def main(argv: Sequence[str] = ()) -> int:
     shape = ()
   if len(shape) != 6:
     parser.error(f"--shape must be six integers B,T,H,K,V,chunk; got {args.shape!r}")
+  kinds = SEGMENTED_KINDS if args.reset else KINDS
   if args.target == "tpu":
-    results = [compile_tpu(kind, args.topology, shape, args.mode) for kind in KINDS]
+    results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset) for kind in kinds]
   else:
-    results = [export_gpu(kind) for kind in KINDS]
+    results = [export_gpu(kind, args.reset) for kind in kinds]
   print(json.dumps(results))
   return 0
 

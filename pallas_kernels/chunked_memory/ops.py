@@ -16,6 +16,13 @@ Supported (anything else is refused with a ValueError that names it): q, k, v fl
 [16, 256] (the Triton dot needs every tile dimension ≥ 16); any T ≥ 1 (the final chunk is padded
 with tokens that write nothing; see ``chunk.py``); any B and H. Gradients flow to q, k, v, beta,
 g, momentum and the initial states.
+
+Document boundaries (``reset [B, T]``, kinds ``linear_attention`` and ``delta_rule``): the state is
+zero before a reset token's decay and write, as in ``nlx.ops`` (a reset at t = 0 discards
+``initial_state``, replaced with ``where``, so that not even a non-finite one reaches the
+outputs). The boundaries travel as the gates' segment channel (``layout.gates``) and are applied
+in both kernels as masks on the chunk's decays (``chunk.chunk_step``); without ``reset`` the
+kernels are compiled exactly as they are without boundaries (no extra input, no masks).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.chunked_memory import kernel_gpu, kernel_tpu
 from pallas_kernels.chunked_memory import layout as lay
-from pallas_kernels.chunked_memory.chunk import KINDS, State
+from pallas_kernels.chunked_memory.chunk import KINDS, SEGMENTED_KINDS, State
 
 Array = jax.Array
 
@@ -82,6 +89,7 @@ class _Config(NamedTuple):
   blocks: BlockSizes
   interpret: bool
   debug: bool
+  segmented: bool = False
 
 
 def _kernels(backend: str):
@@ -90,7 +98,7 @@ def _kernels(backend: str):
 
 def _kernel_kwargs(cfg: _Config) -> dict:
   kw = dict(chunk=cfg.chunk, last=cfg.last, block_v=cfg.blocks.block_v, interpret=cfg.interpret,
-            debug=cfg.debug)
+            debug=cfg.debug, segmented=cfg.segmented)
   if cfg.backend == "gpu":
     kw.update(num_warps=cfg.blocks.num_warps, num_stages=cfg.blocks.num_stages)
   return kw
@@ -161,12 +169,27 @@ def _check_gate(name: str, x, b: int, t: int, h: int):
                      f"{getattr(x, 'shape', type(x).__name__)}")
 
 
+def _check_reset(kind: str, reset, b: int, t: int):
+  if reset is None:
+    return
+  if kind not in SEGMENTED_KINDS:
+    raise ValueError(f"reset (document boundaries) is only for kinds {SEGMENTED_KINDS}; got "
+                     f"kind={kind!r}")
+  if getattr(reset, "shape", None) != (b, t):
+    raise ValueError(f"reset must have shape [B, T] = {(b, t)}; got "
+                     f"{getattr(reset, 'shape', type(reset).__name__)}")
+  dtype = jnp.dtype(reset.dtype)
+  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f"reset must be a bool or integer array; got dtype {dtype}")
+
+
 def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Array] = None,
                    g: Optional[Array] = None, momentum: Optional[Array] = None,
                    initial_state: Optional[Array] = None,
                    initial_momentum: Optional[Array] = None, scale: Optional[float] = None,
                    chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None,
-                   backend: Optional[str] = None, interpret=None, debug: bool = False):
+                   backend: Optional[str] = None, interpret=None, debug: bool = False,
+                   reset: Optional[Array] = None):
   """One linear associative memory over a sequence, by the Pallas kernels.
 
   Args:
@@ -183,6 +206,8 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     interpret: run in Pallas interpret mode (True/False; None: only where the backend's hardware
       is absent). The TPU kernel interprets with ``pltpu.InterpretParams()``.
     debug: print the kernels' jaxprs and lowered IR (Pallas ``debug``).
+    reset: ``[B, T]`` bool (or 0/1 integer) document boundaries, or None (kinds
+      "linear_attention" and "delta_rule"; see the module docstring).
 
   Returns:
     ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, final_momentum or None)``.
@@ -202,6 +227,7 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     raise ValueError("initial_momentum is given but momentum=None")
   for name, x in (("beta", beta), ("g", g), ("momentum", momentum)):
     _check_gate(name, x, b, t, h)
+  _check_reset(kind, reset, b, t)
   for name, x in (("initial_state", initial_state), ("initial_momentum", initial_momentum)):
     if x is not None and getattr(x, "shape", None) != (b, h, dk, dv):
       raise ValueError(f"{name} must have shape [B, H, K, V] = {(b, h, dk, dv)}; got "
@@ -218,9 +244,12 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     scale = 1.0 if kind == "titans" else dk**-0.5
 
   lo = lay.Layout(b, t, h, chunk_size)
-  cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug)
-  gates_col, gates_row = lay.gates(beta, g, momentum, lo)
+  cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug,
+                reset is not None)
+  gates_col, gates_row = lay.gates(beta, g, momentum, lo, reset)
   w0 = lay.states(initial_state, b, h, dk, dv)
+  if reset is not None:
+    w0 = lay.reset_at_start(w0, reset, h)
   p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
   o, final = _memory(cfg, lay.sequences(q, lo), lay.sequences(k, lo), lay.sequences(v, lo),
                      gates_col, gates_row, w0, p0)

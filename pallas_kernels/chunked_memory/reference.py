@@ -30,8 +30,9 @@ def _chunks(q, k, v, gates_col, gates_row, lo: lay.Layout) -> Chunk:
 
 
 def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-            gates_row: Array, w0: Array, p0: Optional[Array], lo: lay.Layout):
-  """Forward pass on the kernels' layout.
+            gates_row: Array, w0: Array, p0: Optional[Array], lo: lay.Layout,
+            segmented: bool = False):
+  """Forward pass on the kernels' layout (``segmented``: the gates carry document boundaries).
 
   Returns:
     ``(o [BH, Tp, V] float32, final State [BH, K, V], start states State [BH, N, K, V])``.
@@ -40,7 +41,8 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
   def one(q, k, v, gc, gr, w, p):
     def body(state, x):
       index, ch = x
-      o, new = chunk_step(kind, scale, ch, state, last_row(index, lo.num_chunks, lo.chunk, lo.last))
+      last = last_row(index, lo.num_chunks, lo.chunk, lo.last)
+      o, new = chunk_step(kind, scale, ch, state, last, segmented=segmented)
       return new, (o, state)
 
     xs = (jnp.arange(lo.num_chunks), _chunks(q, k, v, gc, gr, lo))
@@ -51,7 +53,8 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
 
 
 def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-             gates_row: Array, starts: State, d_o: Array, d_final: State, lo: lay.Layout):
+             gates_row: Array, starts: State, d_o: Array, d_final: State, lo: lay.Layout,
+             segmented: bool = False):
   """Backward pass on the kernels' layout, from the forward pass's chunk start states.
 
   Returns:
@@ -61,7 +64,8 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
   def one(q, k, v, gc, gr, starts, d_o, d_final):
     def body(d_state, x):
       index, ch, start, d_oc = x
-      d_ch, d_start = chunk_vjp(kind, scale, ch, start, last_row(index, lo.num_chunks, lo.chunk, lo.last), d_oc, d_state)
+      last = last_row(index, lo.num_chunks, lo.chunk, lo.last)
+      d_ch, d_start = chunk_vjp(kind, scale, ch, start, last, d_oc, d_state, segmented)
       return d_start, d_ch
 
     d_oc = d_o.astype(jnp.float32).reshape(lo.num_chunks, lo.chunk, -1)
@@ -79,17 +83,19 @@ def chunked_memory_reference(kind: str, q: Array, k: Array, v: Array, *,
                              initial_state: Optional[Array] = None,
                              initial_momentum: Optional[Array] = None,
                              scale: Optional[float] = None,
-                             chunk_size: int = 64):
+                             chunk_size: int = 64, reset: Optional[Array] = None):
   """``ops.chunked_memory`` in plain differentiable JAX (same arguments and results)."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   if scale is None:
     scale = 1.0 if kind == "titans" else dk**-0.5
   lo = lay.Layout(b, t, h, chunk_size)
-  gc, gr = lay.gates(beta, g, momentum, lo)
+  gc, gr = lay.gates(beta, g, momentum, lo, reset)
   w0 = lay.states(initial_state, b, h, dk, dv)
+  if reset is not None:
+    w0 = lay.reset_at_start(w0, reset, h)
   p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
   o, final, _ = forward(kind, scale, lay.sequences(q, lo), lay.sequences(k, lo),
-                        lay.sequences(v, lo), gc, gr, w0, p0, lo)
+                        lay.sequences(v, lo), gc, gr, w0, p0, lo, reset is not None)
   unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)
   return lay.unsequences(o, lo).astype(q.dtype), unstate(final.memory), unstate(final.momentum)
