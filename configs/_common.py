@@ -63,9 +63,12 @@ MODEL_PRESETS = {
 NOMINAL_PARAMS = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9, "20m": 20e6}
 MLP_RATIO = 8 / 3  # SwiGLU hidden width / d_model of Transformer++
 
-# Run defaults per size: tiny trains on a CPU in minutes (byte tokenizer, embedded corpus); the
-# paper sizes follow the flash-linear-attention / Titans recipe (AdamW 4e-4 cosine, 0.5M-token
-# batches of 4K sequences, 2K warmup steps; 15B / 30B / 100B tokens) sharded FSDP over every chip.
+# Run defaults per size: tiny trains on a CPU in minutes (byte tokenizer, embedded corpus: one
+# document, so train.pack_documents stays None, True only for jsonl/seqio data); the paper sizes
+# follow the flash-linear-attention / Titans recipe (AdamW 4e-4 cosine, 0.5M-token batches of 4K
+# sequences, 2K warmup steps; 15B / 30B / 100B tokens) sharded FSDP over every chip, and read each
+# document of their corpus apart (train.pack_documents=True: segment ids, no loss across a
+# document boundary; docs/TRAINING.md, "Packed documents"); so does the 20m size.
 _TINY_RUN = dict(
     optimizer=dict(),
     data=dict(),
@@ -75,7 +78,8 @@ _PAPER_RUN = dict(
     optimizer=dict(learning_rate=4e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
     data=dict(source="text", path="data/corpus", tokenizer="sentencepiece", spm_vocab_size=32000),
     train=dict(batch_size=128, seq_len=4096, log_every=100, eval_every=1000, eval_batches=32,
-               checkpoint_every=1000, keep_checkpoints=3, compute_dtype="bfloat16"),
+               checkpoint_every=1000, keep_checkpoints=3, compute_dtype="bfloat16",
+               pack_documents=True),
     mesh=dict(data=1, fsdp=-1, tensor=1))
 
 

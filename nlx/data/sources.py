@@ -49,6 +49,17 @@ def load_documents(data) -> tuple[list[str], list[str]]:
   return split_tail(read(data.path), data.val_fraction)
 
 
+def file_documents(path: str, text_field: str = "text") -> list[str]:
+  """The documents of one file: a ``.jsonl`` file's records (the text in ``text_field``), any
+  other file's whole text (one document)."""
+  if path.endswith(".jsonl"):
+    documents = _read_jsonl(path, text_field)
+    if not documents:
+      raise DataError(f"data file {path!r} holds no records")
+    return documents
+  return _read_text(path)
+
+
 def split_tail(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
   """Holds out the last ``fraction`` of the characters (at a line boundary when one is near)."""
   if len(documents) > 1:

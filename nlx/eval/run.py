@@ -3,6 +3,9 @@
 * ``nlx eval --workdir DIR --task ppl --path FILE.txt``: token-level perplexity (and bits per
   byte) of a text file, over windows of ``train.seq_len``; with ``--state FILE``, of the whole
   text read as the continuation of a session (``nlx.eval.session``), which is then saved.
+* ``nlx eval --workdir DIR --task ppl --path FILE.jsonl``: perplexity over documents (one per
+  record, the text in the run's ``data.text_field``), each scored alone: packed rows with
+  segment ids, so no document conditions on another (``perplexity_of_documents``).
 * ``nlx eval --workdir DIR --task piqa --data_dir DATA [--limit N]``: acc and acc_norm
   (any of ``multiple_choice.TASKS``, or ``--task all``).
 * ``nlx eval --workdir DIR --task s_niah_1 --length 2000 --n 20``: RULER-style needle accuracy.
@@ -30,7 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       help=f"one of {', '.join(ALL_TASKS)} ('all': every multiple-choice task)")
   parser.add_argument("--checkpoint_dir", default=None,
                       help="its checkpoints, if not WORKDIR/checkpoints")
-  parser.add_argument("--path", help="text file of --task ppl")
+  parser.add_argument("--path", help="--task ppl: a text file (one document) or a .jsonl file "
+                      "(a document per record, each scored alone)")
   parser.add_argument("--state", default=None, metavar="FILE",
                       help="--task ppl only: score the text as the continuation of this session "
                       "file (restored when it exists, then saved; nlx.eval.session)")
@@ -56,6 +60,35 @@ def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 8) -
           nll / n_bytes / math.log(2), "tokens": n_tokens}
 
 
+def perplexity_of_documents(model, tokenizer, documents, seq_len: int, batch_size: int = 8,
+                            packed: bool = True) -> dict:
+  """Perplexity over ``documents``, each scored alone (``loglik.DocumentScorer``).
+
+  A document is its tokens and the end-of-document id; every token but its first is a target,
+  predicted from the tokens before it in its document (within windows of ``seq_len + 1`` tokens:
+  a longer document is cut as the unpacked windows are). Rows pack several documents with
+  segment ids (``packed``; False: a row per piece, the same numbers). The aggregate is
+  token-weighted: ``ppl = exp(sum of the documents' nll / sum of their targets)``, every target
+  counting once (a long document weighs more than a short one).
+
+  Returns:
+    ``{"task": "ppl", "ppl", "bits_per_byte", "tokens": targets scored, "documents"}``;
+    ``bits_per_byte`` is the nll over the documents' UTF-8 bytes.
+  """
+  from nlx.eval import loglik  # pylint: disable=g-import-not-at-top
+  documents = list(documents)
+  ids = [list(tokenizer.encode(d)) + [tokenizer.eos_id] for d in documents]
+  if not any(len(i) > 1 for i in ids):
+    raise ValueError(f"documents: none of the {len(documents)} documents has a token to score "
+                     "(each needs at least one token before its end-of-document id)")
+  scores = loglik.DocumentScorer(model, seq_len, batch_size, packed).score(ids)
+  nll, n_tokens = -sum(s for s, _ in scores), sum(n for _, n in scores)
+  n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+  return {"task": "ppl", "ppl": math.exp(min(nll / n_tokens, 50.0)),
+          "bits_per_byte": nll / max(n_bytes, 1) / math.log(2), "tokens": n_tokens,
+          "documents": len(documents)}
+
+
 def run_parsed(args) -> int:
   from nlx.data import sources  # pylint: disable=g-import-not-at-top
   from nlx.eval import loglik, multiple_choice, niah, sampling  # pylint: disable=g-import-not-at-top
@@ -66,6 +99,14 @@ def run_parsed(args) -> int:
   if args.task == "ppl":
     if not args.path:
       raise ValueError("--task ppl needs --path FILE.txt")
+    if args.path.endswith(".jsonl"):
+      if args.state:
+        raise ValueError(f"--state reads one text as a session; --path {args.path!r} holds "
+                         "documents (a .jsonl file): score them without --state")
+      documents = sources.file_documents(args.path, t.run.data.text_field)
+      print(json.dumps(perplexity_of_documents(t.model, t.tokenizer, documents,
+                                               t.run.train.seq_len)))
+      return 0
     with open(args.path, encoding="utf-8") as f:
       text = f.read()
     if args.state:

@@ -25,6 +25,8 @@ OPTIMIZERS = ("adamw", "adam_memory", "muon", "m3", "momentum_memory")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("byte", "sentencepiece", "hf")
 SOURCES = ("embedded", "text", "jsonl", "seqio")
+# Sources whose documents are records: train.pack_documents=None packs them.
+PACKED_SOURCES = ("jsonl", "seqio")
 DTYPES = ("float32", "bfloat16")
 # Every logical axis name of an nlx.nn parameter (tests build each family and check), plus the
 # activation axis "batch". Rules map each to a mesh axis, a tuple of mesh axes, or None.
@@ -150,6 +152,16 @@ class TrainConfig:
     trainable: regexes over parameter paths (``nlx.train.step.param_paths``, e.g.
       ``layers/blocks/0/mlp/blocks/0/.*``); only parameters whose path one of them matches in
       full are trained and get optimizer state, the rest stay as they are. None: all of them.
+    pack_documents: each document is read on its own inside the packed rows. True: the batches
+      carry ``segment_ids`` (``nlx.data.pipeline.pack_segments``; a document is its tokens and
+      the end-of-document id that ends it), the model gets them (``model(tokens,
+      segment_ids=ids)``: states restart, attention stays inside the document) and the loss
+      leaves out every target that crosses a document boundary: the first token of a document
+      is not predicted from the one before (the mean is over the targets kept). False: one
+      stream, as without packing (a document conditions on the ones before it in its row).
+      None (the default): True for ``jsonl`` and ``seqio`` data (one document per record or
+      example), False for text files and the embedded corpus; the paper sizes set True
+      (``configs/_common.py``). ``RunConfig.pack_documents`` is the value in force.
   """
 
   steps: int = 600
@@ -165,8 +177,13 @@ class TrainConfig:
   plots: bool = True
   init_from: Optional[str] = None
   trainable: Optional[tuple] = None
+  pack_documents: Optional[bool] = None
 
   def __post_init__(self):
+    if self.pack_documents is not None and not isinstance(self.pack_documents, bool):
+      raise ValueError(f"train.pack_documents={self.pack_documents!r} must be True (documents "
+                       "read apart: segment ids, no loss across a boundary), False (one stream) "
+                       "or None (True for jsonl and seqio data)")
     validation.check_fields(self, "train")
     if self.trainable is not None:
       import re  # pylint: disable=g-import-not-at-top
@@ -239,6 +256,14 @@ class RunConfig:
   train: TrainConfig
   mesh: MeshConfig
   axis_rules: dict
+
+  @property
+  def pack_documents(self) -> bool:
+    """``train.pack_documents`` in force: its value, or for None whether the data are jsonl or
+    seqio (their documents are records)."""
+    if self.train.pack_documents is not None:
+      return self.train.pack_documents
+    return self.data.resolved_source in PACKED_SOURCES
 
 
 def read_section(cls, name: str, values: Any):

@@ -5,6 +5,9 @@
 runs ``train.steps`` steps. Every ``log_every`` steps it logs loss, tokens/s and norms (progress
 bar, ``metrics.jsonl``, TensorBoard); every ``eval_every`` steps (and at the end) the validation
 loss and perplexity; every ``checkpoint_every`` steps (at the end, and on SIGTERM) a checkpoint.
+With ``train.pack_documents`` in force (``RunConfig.pack_documents``) the batches carry segment
+ids: the model reads each document apart, and the training and validation losses leave out the
+targets that start a document (the validation loss is token-weighted over its batches).
 
 Faults (docs/RELIABILITY.md): a step whose loss, gradients or new parameters hold a NaN/Inf stops
 the run without saving (``on_nonfinite="stop"``: a ``NonFiniteError`` naming the step and the first
@@ -40,10 +43,14 @@ ON_NONFINITE = ("stop", "skip")
 
 
 def prepare(cfg, workdir: str):
-  """``(run, tokenizer, train windows, val windows)``: the data, then the validated config."""
+  """``(run, tokenizer, train windows, val windows)``: the data, then the validated config.
+
+  The windows are ``nlx.data.pipeline.pack_segments``' dicts when the run packs documents
+  (``RunConfig.pack_documents``), arrays of tokens otherwise.
+  """
   draft = run_config.validate(cfg)
-  tokenizer, train_windows, val_windows = pipeline.load_splits(draft.data, draft.train.seq_len,
-                                                               workdir)
+  tokenizer, train_windows, val_windows = pipeline.load_splits(
+      draft.data, draft.train.seq_len, workdir, segment_ids=draft.pack_documents)
   run = run_config.validate(cfg, n_devices=jax.device_count(), n_processes=jax.process_count(),
                             tokenizer_vocab=tokenizer.vocab_size)
   return run, tokenizer, train_windows, val_windows
@@ -55,10 +62,23 @@ def save_config(cfg, workdir: str) -> None:
       f.write(cfg.to_json(indent=2) + "\n")
 
 
+def to_global(batch, batch_sharding):
+  """The global batch of this host's rows: an array, or a dict of arrays (segment ids)."""
+  return jax.tree.map(lambda rows: sharding.global_batch(rows, batch_sharding), batch)
+
+
 def evaluate(eval_step, params, batches: list, batch_sharding) -> float:
-  """Mean loss over ``batches`` (each this host's rows of one global batch)."""
-  losses = [eval_step(params, sharding.global_batch(b, batch_sharding)) for b in batches]
-  return float(np.mean(jax.device_get(losses)))
+  """Mean loss over ``batches`` (each this host's rows of one global batch).
+
+  Batches of tokens all have as many targets: the mean of their means. With segment ids the
+  targets each batch kept differ: the mean is weighted by them (every kept target counts once).
+  """
+  results = jax.device_get([eval_step(params, to_global(b, batch_sharding)) for b in batches])
+  losses = [loss for loss, _ in results]
+  if not any(isinstance(b, dict) for b in batches):
+    return float(np.mean(losses))
+  counts = np.asarray([n for _, n in results], np.float64)
+  return float(np.dot(np.asarray(losses, np.float64), counts) / max(counts.sum(), 1.0))
 
 
 def nonfinite_report(step: int, metrics: dict, paths: list) -> Optional[str]:
@@ -166,7 +186,7 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
   paths, skipped = step_lib.param_paths(trainer.abstract_state["params"]), 0
   try:
     for step in range(start, t.steps):
-      batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
+      batch = to_global(next(data_iter), trainer.batch_sharding)
       state, metrics = train_step(state, batch)
       ckpt.raise_if_failed()  # a background save that failed stops the run now, not at the end
       done = step + 1

@@ -10,13 +10,18 @@ Every step checks its loss, gradients and updated parameters for NaN/Inf; a non-
 the parameters and optimizer state as they were (the step counter and RNG still advance) and
 reports, per parameter, which tensors were non-finite (``nonfinite_grads``/``nonfinite_params``,
 bool vectors in ``param_paths`` order): the loop then stops or skips the step.
+
+A batch is ``tokens [B, T+1]`` (int32), or with ``train.pack_documents`` the dict ``{"tokens":
+[B, T+1], "segment_ids": [B, T+1]}`` of ``nlx.data.pipeline.pack_segments``: the model then reads
+``model(tokens[:, :-1], segment_ids=segment_ids[:, :-1])`` and the loss leaves out the targets
+that cross a document boundary (``target_mask``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +47,7 @@ class Trainer:
   batch_sharding: Any
   compute_dtype: Any
   trainable: tuple = ()  # per parameter (param_paths order): updated by the step (train.trainable)
+  pack_documents: bool = False  # batches carry segment ids (RunConfig.pack_documents)
 
 
 def build(run, mesh: Mesh) -> Trainer:
@@ -66,7 +72,15 @@ def build(run, mesh: Mesh) -> Trainer:
   return Trainer(graphdef, tx, mesh, abstract_state, shardings,
                  sharding.batch_sharding(mesh, run.axis_rules),
                  jnp.bfloat16 if run.train.compute_dtype == "bfloat16" else jnp.float32,
-                 trainable)
+                 trainable, run.pack_documents)
+
+
+def abstract_batch(trainer: Trainer, batch_size: int, seq_len: int):
+  """The global batch the train step of ``trainer`` takes, as ``ShapeDtypeStruct``s (with the
+  batch sharding): ``tokens [B, T+1]``, or the dict with ``segment_ids`` when packing."""
+  row = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32,
+                             sharding=trainer.batch_sharding)
+  return {"tokens": row, "segment_ids": row} if trainer.pack_documents else row
 
 
 def init_state(trainer: Trainer, model_config, seed: int) -> dict:
@@ -80,18 +94,64 @@ def init_state(trainer: Trainer, model_config, seed: int) -> dict:
   return jax.jit(init, out_shardings=trainer.state_shardings)()
 
 
-def loss_fn(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32,
-            activations=None) -> jax.Array:
-  """Mean next-token cross-entropy of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``).
+def split_batch(batch) -> tuple[Any, Any]:
+  """``(tokens [B, T+1], segment_ids [B, T+1] or None)`` of a batch (an array or a dict)."""
+  if isinstance(batch, Mapping):
+    return batch["tokens"], batch.get("segment_ids")
+  return batch, None
 
-  ``activations``: the sharding of the model's ``[B, T, d]`` activations (the batch sharding), or
-  None to leave them to the compiler.
+
+def target_mask(segment_ids: jax.Array) -> jax.Array:
+  """``bool [B, T]``: whether target ``t`` (token ``t + 1`` of ``segment_ids [B, T+1]``) is in
+  the document of its input token ``t``; False where it starts a new document."""
+  return segment_ids[:, 1:] == segment_ids[:, :-1]
+
+
+def token_losses(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32,
+                 activations=None, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """Next-token cross-entropy ``[B, T]`` of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``).
+
+  Args:
+    graphdef, params: the model (``nnx.split``).
+    tokens: ``[B, T+1]`` int.
+    compute_dtype: the parameters are cast to it (logits stay float32).
+    activations: the sharding of the model's ``[B, T, d]`` activations (the batch sharding), or
+      None to leave them to the compiler.
+    segment_ids: ``[B, T+1]`` or None; given, the model reads ``segment_ids[:, :-1]``.
   """
   if compute_dtype != jnp.float32:
     params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
   with activation_sharding(activations) if activations is not None else contextlib.nullcontext():
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    model = nnx.merge(graphdef, params)
+    if segment_ids is None:
+      logits = model(tokens[:, :-1])
+    else:
+      logits = model(tokens[:, :-1], segment_ids=segment_ids[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def masked_mean(losses: jax.Array, segment_ids: Optional[jax.Array]) -> tuple[jax.Array,
+                                                                               jax.Array]:
+  """``(mean of losses [B, T] over the kept targets, their number)``: every target without
+  ``segment_ids``, else those of ``target_mask`` (0 when none is kept)."""
+  if segment_ids is None:
+    return losses.mean(), jnp.asarray(losses.size, jnp.float32)
+  keep = target_mask(segment_ids)
+  n = keep.sum()
+  return jnp.where(keep, losses, 0.0).sum() / jnp.maximum(n, 1), n.astype(jnp.float32)
+
+
+def loss_fn(graphdef, params, tokens: jax.Array, compute_dtype=jnp.float32,
+            activations=None, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """Mean next-token cross-entropy of ``tokens [B, T+1]`` (predict ``tokens[:, 1:]``).
+
+  ``activations``: the sharding of the model's ``[B, T, d]`` activations (the batch sharding), or
+  None to leave them to the compiler. ``segment_ids [B, T+1]`` (packed documents): the model
+  reads them and the mean leaves out the targets that start a document (``target_mask``); None:
+  the mean of every target, the model called with the tokens alone.
+  """
+  losses = token_losses(graphdef, params, tokens, compute_dtype, activations, segment_ids)
+  return masked_mean(losses, segment_ids)[0]
 
 
 NONFINITE_KEYS = ("nonfinite_grads", "nonfinite_params")
@@ -166,23 +226,28 @@ def apply_gradients(loss_fn: Callable, tx: optax.GradientTransformation, params,
 
 
 def train_step_fn(trainer: Trainer) -> Callable:
-  """``(state, tokens [B, T+1]) -> (state, metrics)``: pure (``apply_gradients`` on the state).
+  """``(state, batch) -> (state, metrics)``: pure (``apply_gradients`` on the state).
 
-  Metrics are float32 scalars, plus the bool vectors ``nonfinite_grads`` and ``nonfinite_params``
+  ``batch``: ``tokens [B, T+1]``, or ``{"tokens", "segment_ids"}`` (packed documents).
+  Metrics are float32 scalars (with segment ids also ``scored_fraction``: the fraction of the
+  targets the loss kept), plus the bool vectors ``nonfinite_grads`` and ``nonfinite_params``
   (per parameter, in ``param_paths`` order). A step whose loss, gradients or new parameters are
   not finite keeps the old parameters and optimizer state.
   """
   graphdef, tx, dtype = trainer.graphdef, trainer.tx, trainer.compute_dtype
   activations = trainer.batch_sharding
 
-  def step(state, tokens):
-    up = apply_gradients(lambda p: loss_fn(graphdef, p, tokens, dtype, activations), tx,
-                         state["params"], state["opt_state"], trainable=trainer.trainable)
+  def step(state, batch):
+    tokens, segment_ids = split_batch(batch)
+    up = apply_gradients(lambda p: loss_fn(graphdef, p, tokens, dtype, activations, segment_ids),
+                         tx, state["params"], state["opt_state"], trainable=trainer.trainable)
     rng, _ = jax.random.split(state["rng"])
     metrics = {"loss": up.loss, "grad_norm": optax.tree.norm(up.grads),
                "param_norm": optax.tree.norm(up.params),
                "update_norm": optax.tree.norm(up.updates),
                "nonfinite_grads": up.nonfinite_grads, "nonfinite_params": up.nonfinite_params}
+    if segment_ids is not None:
+      metrics["scored_fraction"] = target_mask(segment_ids).mean(dtype=jnp.float32)
     return {"step": state["step"] + 1, "params": up.params, "opt_state": up.opt_state,
             "rng": rng}, metrics
 
@@ -197,9 +262,18 @@ def jit_train_step(trainer: Trainer) -> Callable:
 
 
 def jit_eval_step(trainer: Trainer) -> Callable:
-  """``(params, tokens [B, T+1]) -> mean loss`` (jitted)."""
+  """``(params, batch) -> (mean loss, number of targets it averages)`` (jitted).
+
+  ``batch`` as in ``train_step_fn``; with segment ids, the targets that start a document are
+  left out (so batches are combined weighted by the number of targets, ``loop.evaluate``).
+  """
   graphdef, dtype = trainer.graphdef, trainer.compute_dtype
-  return jax.jit(lambda params, tokens: loss_fn(graphdef, params, tokens, dtype,
-                                                trainer.batch_sharding),
+
+  def eval_step(params, batch):
+    tokens, segment_ids = split_batch(batch)
+    losses = token_losses(graphdef, params, tokens, dtype, trainer.batch_sharding, segment_ids)
+    return masked_mean(losses, segment_ids)
+
+  return jax.jit(eval_step,
                  in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
                  out_shardings=sharding.replicated(trainer.mesh))
