@@ -4,6 +4,8 @@
 (short conv, SiLU, L2-normalised q and k) and per-head RMSNorm before the output projection.
 ``DeltaRuleMixer`` also serves Gated DeltaNet (``nlx.nn.gated_deltanet``): with ``gated=True`` it
 adds the Mamba2-style decay ``g = −exp(A_log) · softplus(x W_a + dt_bias)`` and a SiLU output gate.
+Packed documents: ``segments.reset`` restarts the conv window and the memory (``delta_rule``'s
+``reset``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nlx.nn.mixer import Mixer
 from nlx.nn.params import Dense, param
 from nlx.nn.qkv import QKV, OutputGate
 from nlx.nn.registry import register
+from nlx.nn.segments import Segments
 
 Array = jax.Array
 
@@ -57,14 +60,15 @@ class DeltaRuleMixer(Mixer):
     dt = jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
     return (-jnp.exp(self.a_log[...]) * dt).astype(x.dtype)
 
-  def __call__(self, x: Array, state: Optional[DeltaState] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[DeltaState]]:
+  def __call__(self, x: Array, state: Optional[DeltaState] = None, pos: Array | int = 0,
+               segments: Optional[Segments] = None) -> tuple[Array, Optional[DeltaState]]:
     del pos
-    q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+    reset = None if segments is None else segments.reset
+    q, k, v, conv = self.qkv(x, None if state is None else state.conv, reset)
     beta = jax.nn.sigmoid(self.beta(x))
     o, memory = ops.delta_rule(q, k, v, beta=beta, g=self.log_decay(x),
                                initial_state=None if state is None else state.memory,
-                               chunk_size=self.chunk_size, impl=self.impl)
+                               chunk_size=self.chunk_size, impl=self.impl, reset=reset)
     return self.out(o, x), None if state is None else DeltaState(conv, memory)
 
 

@@ -4,7 +4,8 @@ With ``dt = softplus(x W_dt + dt_bias)`` and ``A = −exp(A_log)`` per head, the
 ``h ← exp(A dt_t) h + B_t (dt_t x_t)ᵀ``, ``y_t = hᵀ C_t + D x_t`` is ``nlx.ops.linear_attention``
 with ``q = C``, ``k = B``, ``v = dt · x``, ``g = A · dt`` and ``scale = 1``. B and C are shared by
 all heads (one group). The input branch (x, B, C) passes a causal depthwise conv and SiLU; the
-output is RMSNorm(y) ⊙ SiLU(z), projected back to d_model.
+output is RMSNorm(y) ⊙ SiLU(z), projected back to d_model. Packed documents: ``segments.reset``
+restarts the conv window and the SSD state (``linear_attention``'s ``reset``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nlx.nn.mixer import Mixer
 from nlx.nn.norms import RMSNorm
 from nlx.nn.params import Dense, constant, param
 from nlx.nn.registry import register
+from nlx.nn.segments import Segments
 
 Array = jax.Array
 
@@ -75,12 +77,13 @@ class Mamba2(Mixer):
     return Mamba2State(self.conv.init_state(batch_size),
                        jnp.zeros((batch_size, self.heads, self.state_dim, self.head_dim)))
 
-  def __call__(self, x: Array, state: Optional[Mamba2State] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[Mamba2State]]:
+  def __call__(self, x: Array, state: Optional[Mamba2State] = None, pos: Array | int = 0,
+               segments: Optional[Segments] = None) -> tuple[Array, Optional[Mamba2State]]:
     del pos
     b, t, _ = x.shape
     h, p, n = self.heads, self.head_dim, self.state_dim
-    xbc, conv_state = self.conv(self.xbc(x), None if state is None else state.conv)
+    reset = None if segments is None else segments.reset
+    xbc, conv_state = self.conv(self.xbc(x), None if state is None else state.conv, reset)
     xs, bs, cs = jnp.split(xbc, [self.inner, self.inner + n], axis=-1)
     xs = xs.reshape(b, t, h, p)
     dt = jax.nn.softplus(self.dt(x).astype(jnp.float32) + self.dt_bias[...])  # [B, T, H]
@@ -89,7 +92,7 @@ class Mamba2(Mixer):
     y, memory = ops.linear_attention(heads(cs), heads(bs), xs * dt[..., None].astype(xs.dtype),
                                      g=g.astype(x.dtype), scale=1.0,
                                      initial_state=None if state is None else state.memory,
-                                     chunk_size=self.chunk_size, impl=self.impl)
+                                     chunk_size=self.chunk_size, impl=self.impl, reset=reset)
     y = y + self.d_skip[...].astype(y.dtype)[:, None] * xs
     y = self.norm(y.reshape(b, t, self.inner), gate=self.z(x))
     new_state = None if state is None else Mamba2State(conv_state, memory)

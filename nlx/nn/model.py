@@ -10,7 +10,15 @@ A family's layer group holds one block per mixer of its pattern (one for most fa
 Samba and Titans MAL, which interleave), and the ``n_layers / len(pattern)`` groups are stacked on
 a leading ``"layers"`` axis and run by one ``lax.scan``, so a 24-layer model compiles one layer per
 block type. Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
-the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters}``.
+the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters,
+"stream": nlx.nn.segments.Stream}``.
+
+Packed documents: ``model(tokens, segment_ids)``, ``prefill(tokens, state, segment_ids)`` and
+``step(token, state, segment_id)`` take ``segment_ids [B, T]`` (a new document where the id
+changes), turn them into ``nlx.nn.segments.Segments`` once and hand them to every mixer (and to a
+stateful MLP), so that each document's logits are those of the document alone; ``prefill``
+continues the row's documents across calls with ``state["stream"]``. Without segment ids the
+computation is the one without packing.
 
 Activation sharding: inside ``with activation_sharding(sharding):`` (the trainer's batch sharding)
 the embeddings and the residual stream between layer groups are constrained to it, so that FSDP
@@ -29,10 +37,11 @@ from flax import nnx
 
 from nlx.nn import registry
 from nlx.nn.config import ModelConfig
-from nlx.nn.mixer import Mixer
+from nlx.nn.mixer import Mixer, apply
 from nlx.nn.mlp import SwiGLU
 from nlx.nn.norms import RMSNorm
 from nlx.nn.params import Dense, Embedding
+from nlx.nn.segments import Segments, check_segment_ids, fresh_stream, from_ids
 
 Array = jax.Array
 _ACTIVATION_SHARDING = contextvars.ContextVar("nlx_activation_sharding", default=None)
@@ -74,14 +83,14 @@ class Block(nnx.Module):
     state = self.mixer.init_state(batch_size, max_len)
     return (state, self.mlp.init_state(batch_size, max_len)) if self.stateful_mlp else state
 
-  def __call__(self, x: Array, state=None, pos=0):
+  def __call__(self, x: Array, state=None, pos=0, segments: Optional[Segments] = None):
     mixer_state, mlp_state = (state if self.stateful_mlp and state is not None else
                               (state, None))
-    y, mixer_state = self.mixer(self.norm1(x), mixer_state, pos)
+    y, mixer_state = apply(self.mixer, self.norm1(x), mixer_state, pos, segments)
     x = x + y
     if not self.stateful_mlp:
       return x + self.mlp(self.norm2(x)), mixer_state
-    y, mlp_state = self.mlp(self.norm2(x), mlp_state, pos)
+    y, mlp_state = apply(self.mlp, self.norm2(x), mlp_state, pos, segments)
     return x + y, None if state is None else (mixer_state, mlp_state)
 
 
@@ -95,10 +104,11 @@ class Group(nnx.Module):
   def init_state(self, batch_size: int, max_len: int) -> tuple:
     return tuple(block.init_state(batch_size, max_len) for block in self.blocks)
 
-  def __call__(self, x: Array, states: Optional[tuple] = None, pos=0):
+  def __call__(self, x: Array, states: Optional[tuple] = None, pos=0,
+               segments: Optional[Segments] = None):
     new_states = []
     for i, block in enumerate(self.blocks):
-      x, s = block(x, None if states is None else states[i], pos)
+      x, s = block(x, None if states is None else states[i], pos, segments)
       new_states.append(s)
     return x, None if states is None else tuple(new_states)
 
@@ -162,57 +172,101 @@ class LM(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
 
-  def _run_layers(self, x: Array, states=None, pos=0):
+  def _run_layers(self, x: Array, states=None, pos=0, segments: Optional[Segments] = None):
     """Scans the stacked groups over ``x`` (and their states); returns ``(x, states)``."""
     graphdef, params = nnx.split(self.layers)
 
     def body(x, layer):
       group_params, group_states = layer
-      x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos)
+      x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos, segments)
       return constrain(x), group_states
 
     return jax.lax.scan(remat(body, self.cfg.remat), constrain(x), (params, states))
 
-  def run_stateful(self, tokens: Array, layers, pos) -> tuple[Array, Any]:
-    """``tokens [B, T]`` continuing the layer states ``layers`` at position ``pos``:
-    ``(logits [B, T, V], layers)``. No chunk-by-chunk CMS learning (see ``prefill``)."""
-    x, layers = self._run_layers(self.embed(tokens), layers, pos)
+  def run_stateful(self, tokens: Array, layers, pos,
+                   segments: Optional[Segments] = None) -> tuple[Array, Any]:
+    """``tokens [B, T]`` continuing the layer states ``layers`` at position ``pos`` (documents:
+    ``segments`` or None): ``(logits [B, T, V], layers)``. No chunk-by-chunk CMS learning (see
+    ``prefill``)."""
+    x, layers = self._run_layers(self.embed(tokens), layers, pos, segments)
     return self._logits(x), layers
 
-  def __call__(self, tokens: Array) -> Array:
-    """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state."""
+  def __call__(self, tokens: Array, segment_ids: Optional[Array] = None) -> Array:
+    """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state.
+
+    ``segment_ids [B, T]`` (int, or None: one document per row): packed documents, a new one
+    where the id changes; each document's logits are those of the document alone.
+    """
+    segments = None
+    if segment_ids is not None:
+      segments, _ = from_ids(check_segment_ids(segment_ids, tokens.shape))
     if self.cms_next_token:
       from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
-      return next_token.call(self, tokens, self._cms_levels())
-    x, _ = self._run_layers(self.embed(tokens))
+      kwargs = {} if segments is None else {"segments": segments}
+      return next_token.call(self, tokens, self._cms_levels(), **kwargs)
+    x, _ = self._run_layers(self.embed(tokens), segments=segments)
     return self._logits(x)
 
   def init_state(self, batch_size: int, max_len: Optional[int] = None) -> dict:
-    """The state before the first token: ``{"pos": 0, "layers": stacked mixer states}``.
+    """The state before the first token: ``{"pos": 0, "layers": stacked mixer states,
+    "stream": a fresh nlx.nn.segments.Stream}``.
 
     ``max_len`` (default ``cfg.max_seq_len``) bounds the KV cache of full attention.
     """
     max_len = self.cfg.max_seq_len if max_len is None else max_len
     graphdef, params = nnx.split(self.layers)
     init = lambda p: nnx.merge(graphdef, p).init_state(batch_size, max_len)
-    state = {"pos": jnp.zeros((), jnp.int32), "layers": jax.vmap(init)(params)}
+    state = {"pos": jnp.zeros((), jnp.int32), "layers": jax.vmap(init)(params),
+             "stream": fresh_stream(batch_size)}
     if self.cms_next_token:  # the unfinished chunk: its tokens and the states at its start
       from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
       state["chunk"] = next_token.initial_chunk(self, batch_size, state["layers"])
     return state
 
-  def prefill(self, tokens: Array, state: dict) -> tuple[Array, dict]:
-    """Continues the sequence of ``state`` with ``tokens [B, T]``: ``(logits [B, T, V], state)``."""
-    if self.cms_next_token:
-      from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
-      return next_token.advance(self, tokens, state, self._cms_levels())
-    pos = state["pos"]
-    x, layers = self._run_layers(self.embed(tokens), state["layers"], pos)
-    return self._logits(x), {"pos": pos + tokens.shape[1], "layers": layers}
+  def prefill(self, tokens: Array, state: dict,
+              segment_ids: Optional[Array] = None) -> tuple[Array, dict]:
+    """Continues the sequence of ``state`` with ``tokens [B, T]``: ``(logits [B, T, V], state)``.
 
-  def step(self, token: Array, state: dict) -> tuple[Array, dict]:
-    """One token ``[B]``: ``(logits [B, V], state)``."""
-    logits, state = self.prefill(token[:, None], state)
+    ``segment_ids [B, T]`` (int): packed documents continuing the row's ``state["stream"]``
+    (``nlx.nn.segments.from_ids``: the first token continues the stream's last document when
+    its id equals the stream's last id). None: the tokens continue the row as one document at
+    absolute positions, as without packing, and the stream advances by T (its last id kept, 0
+    for a fresh state), so that a later call with segment ids continues the positions. After a
+    call with segment ids that started a document, keep giving segment ids: a call without them
+    runs RoPE at absolute positions rather than the document's (``nlx.nn.mixer``).
+    """
+    b, t = tokens.shape
+    stream = state.get("stream")
+    stream = fresh_stream(b) if stream is None else stream
+    if segment_ids is None:
+      segments, kwargs = None, {}
+      stream = stream._replace(position=stream.position + t)
+    else:
+      ids = check_segment_ids(segment_ids, tokens.shape)
+      segments, stream = from_ids(ids, stream)
+      kwargs = {"segment_ids": ids}
+    if self.cms_next_token:  # next_token.advance reads the stream before the call, if any
+      from nlx.nn import next_token  # pylint: disable=g-import-not-at-top
+      if not kwargs:
+        state = {k: v for k, v in state.items() if k != "stream"}
+      logits, state = next_token.advance(self, tokens, state, self._cms_levels(), **kwargs)
+      return logits, {**state, "stream": stream}
+    pos = state["pos"]
+    x, layers = self._run_layers(self.embed(tokens), state["layers"], pos, segments)
+    return self._logits(x), {"pos": pos + t, "layers": layers, "stream": stream}
+
+  def step(self, token: Array, state: dict,
+           segment_id: Optional[Array] = None) -> tuple[Array, dict]:
+    """One token ``[B]`` (and its ``segment_id [B]``, or None; see ``prefill``):
+    ``(logits [B, V], state)``."""
+    segment_ids = None
+    if segment_id is not None:
+      segment_id = jnp.asarray(segment_id)
+      if segment_id.shape != token.shape:
+        raise ValueError(f"segment_id has shape {segment_id.shape}; it must be [B] = "
+                         f"{token.shape}, the shape of token")
+      segment_ids = segment_id[:, None]
+    logits, state = self.prefill(token[:, None], state, segment_ids)
     return logits[:, 0], state
 
   def save_pretrained(self, directory: str, **kwargs) -> str:

@@ -37,14 +37,16 @@ class QKV(nnx.Module):
   def init_state(self, batch_size: int) -> Optional[Array]:
     return None if self.conv is None else self.conv.init_state(batch_size)
 
-  def __call__(self, x: Array, conv_state: Optional[Array] = None):
-    """Returns ``(q, k, v, conv_state)``; conv_state is None when none was given."""
+  def __call__(self, x: Array, conv_state: Optional[Array] = None,
+               reset: Optional[Array] = None):
+    """Returns ``(q, k, v, conv_state)``; conv_state is None when none was given. ``reset
+    [B, T]`` (document starts, or None) restarts the conv window (``ShortConv``)."""
     b, t, _ = x.shape
     h, dk, dv = self.heads, self.dk, self.dv
     qkv = jnp.concatenate([self.q(x).reshape(b, t, h * dk), self.k(x).reshape(b, t, h * dk),
                            self.v(x).reshape(b, t, h * dv)], axis=-1)
     if self.conv is not None:
-      qkv, conv_state = self.conv(qkv, conv_state)
+      qkv, conv_state = self.conv(qkv, conv_state, reset)
     else:
       qkv = jax.nn.silu(qkv)
     q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)

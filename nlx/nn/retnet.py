@@ -2,7 +2,8 @@
 
 ``S ← γ_h S + k_t v_tᵀ``, ``o_t = Sᵀ q_t`` (``nlx.ops.linear_attention`` with constant
 ``g = log γ_h``, ``γ_h = 1 − 2^(−5−h)``), RoPE on q and k, per-head RMSNorm (RetNet's group norm)
-and a SiLU output gate. Values are ``expand_v`` times wider than keys (2 in RetNet).
+and a SiLU output gate. Values are ``expand_v`` times wider than keys (2 in RetNet). Packed
+documents: RoPE at the positions inside the documents, the state restarts at each document.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nlx.nn.params import Dense
 from nlx.nn.qkv import OutputGate
 from nlx.nn.registry import register
 from nlx.nn.rope import rope
+from nlx.nn.segments import Segments
 
 Array = jax.Array
 
@@ -48,16 +50,18 @@ class Retention(Mixer):
     del max_len
     return RetentionState(jnp.zeros((batch_size, self.heads, self.dk, self.dv)))
 
-  def __call__(self, x: Array, state: Optional[RetentionState] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[RetentionState]]:
+  def __call__(self, x: Array, state: Optional[RetentionState] = None, pos: Array | int = 0,
+               segments: Optional[Segments] = None) -> tuple[Array, Optional[RetentionState]]:
     b, t, _ = x.shape
-    positions = pos + jnp.arange(t, dtype=jnp.int32)
+    positions = (pos + jnp.arange(t, dtype=jnp.int32) if segments is None
+                 else segments.positions)
     q = rope(self.q(x), positions, self.rope_theta)
     k = rope(self.k(x), positions, self.rope_theta)
     g = jnp.broadcast_to(self.log_decay(), (b, t, self.heads)).astype(x.dtype)
     o, memory = ops.linear_attention(q, k, self.v(x), g=g,
                                      initial_state=None if state is None else state.memory,
-                                     chunk_size=self.chunk_size, impl=self.impl)
+                                     chunk_size=self.chunk_size, impl=self.impl,
+                                     reset=None if segments is None else segments.reset)
     return self.out(o, x), None if state is None else RetentionState(memory)
 
 

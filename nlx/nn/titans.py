@@ -14,6 +14,12 @@ learned persistent-memory tokens (docs/EQUATIONS.md §5):
   (``h_t = M_seg(q_t)``); causal attention inside the segment runs over
   ``[persistent | h_{≤t} | x_{≤t}]``; its output y is written to the memory and the block returns
   ``RMSNorm(y) ⊙ sigmoid(RMSNorm(LMM(y)))`` (the paper's ``o = y ⊗ M(y)``).
+
+Packed documents (``segments``, ``nlx.nn.mixer``): the attention masks across documents, the
+memory restarts at each document (``NeuralMemory`` with ``segments``). MAC counts its segments
+from each document's first token and reads a document's first segment from the initial memory,
+exactly as the document alone; since documents may start anywhere inside a segment, MAC with
+segments runs token by token (its stateful path) rather than one scan step per segment.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from flax import nnx
 
 from nlx.nn.attention import Attention, KVCache, attend, sliding_window, write_cache
 from nlx.nn.config import ModelConfig
-from nlx.nn.mixer import Mixer
+from nlx.nn.mixer import Mixer, apply
 from nlx.nn.neural_memory import MemoryState, NeuralMemory
 from nlx.nn.norms import RMSNorm, l2_normalize
 from nlx.nn.params import Dense
 from nlx.nn.registry import register
 from nlx.nn.rope import rope
+from nlx.nn.segments import Segments
 
 Array = jax.Array
 
@@ -70,9 +77,10 @@ class MemoryAsGate(Mixer):
     return (self.attn.init_state(batch_size, max_len),
             self.memory.init_state(batch_size, max_len))
 
-  def __call__(self, x: Array, state: Optional[tuple] = None, pos: Array | int = 0):
-    y, attn_state = self.attn(x, None if state is None else state[0], pos)
-    m, memory_state = self.memory(x, None if state is None else state[1], pos)
+  def __call__(self, x: Array, state: Optional[tuple] = None, pos: Array | int = 0,
+               segments: Optional[Segments] = None):
+    y, attn_state = self.attn(x, None if state is None else state[0], pos, segments)
+    m, memory_state = apply(self.memory, x, None if state is None else state[1], pos, segments)
     return self.combine(y, m), None if state is None else (attn_state, memory_state)
 
 
@@ -86,9 +94,10 @@ class MACState(NamedTuple):
 class MemoryAsContext(Mixer):
   """Titans MAC over segments of ``cfg.window`` tokens (see the module docstring).
 
-  A whole sequence (``state=None``) runs as a scan over segments; a stateful call runs token by
-  token (the segment-start memory, the segment's keys and the memory state are the state). The two
-  agree for any ``memory_chunk_size``: the memory state carries its gradient chunk in progress.
+  A whole sequence (``state=None``) runs as a scan over segments; a stateful call, or a call with
+  packed documents, runs token by token (the segment-start memory, the segment's keys and the
+  memory state are the state). The two agree for any ``memory_chunk_size``: the memory state
+  carries its gradient chunk in progress.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -107,55 +116,95 @@ class MemoryAsContext(Mixer):
     cache = self.attn.init_state(batch_size, self.segment)  # full attention, `segment` slots
     return MACState(memory, memory.memory.memory, cache, cache)
 
-  def _segment(self, carry: MACState, x: Array, positions: Array, cached: bool):
-    """Tokens ``x [B, n, d]`` at ``positions [n]``, all inside one segment."""
+  def _segment(self, carry: MACState, x: Array, positions: Array):
+    """The parallel path: tokens ``x [B, s]`` at ``positions [s]``, one whole segment."""
     b, n, d = x.shape
-    at_start = positions[0] % self.segment == 0
-    current = carry.memory.memory.memory
-    seg_w = jax.tree.map(lambda c, s: jnp.where(at_start, c, s), current, carry.segment_weights)
+    seg_w = carry.memory.memory.memory  # the memory at the segment start
     h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, n, d)
     attn = self.attn
     q = rope(attn.q(x), positions, self.rope_theta)
     kx, vx = rope(attn.k(x), positions, self.rope_theta), attn.v(x)
     kh, vh = rope(attn.k(h), positions, self.rope_theta), attn.v(h)
-    keys, values, k_pos = [kh, kx], [vh, vx], [positions, positions]
-    h_cache, x_cache = carry.h_cache, carry.x_cache
-    if cached:
-      keys = [h_cache.k.astype(x.dtype), x_cache.k.astype(x.dtype)] + keys
-      values = [h_cache.v.astype(x.dtype), x_cache.v.astype(x.dtype)] + values
-      k_pos = [h_cache.slot_pos, x_cache.slot_pos] + k_pos
-      h_cache = write_cache(h_cache, kh, vh, positions)
-      x_cache = write_cache(x_cache, kx, vx, positions)
-    o = attend(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), positions,
-               jnp.concatenate(k_pos), prefix=attn.prefix(b, x.dtype), segment=self.segment)
+    o = attend(q, jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1), positions,
+               jnp.concatenate([positions, positions]), prefix=attn.prefix(b, x.dtype),
+               segment=self.segment)
     y = attn.o(o)
     m, memory = self.memory(y, carry.memory)
-    return MACState(memory, seg_w, h_cache, x_cache), self.combine(y, m)
+    return carry._replace(memory=memory, segment_weights=seg_w), self.combine(y, m)
 
-  def __call__(self, x: Array, state: Optional[MACState] = None, pos: Array | int = 0):
+  def _token(self, carry: MACState, x: Array, p: Array, doc_pos: Array,
+             reset: Optional[Array], doc: Optional[Array]):
+    """The token-by-token path: one token ``x [B, 1, d]`` at absolute position ``p`` (scalar),
+    at ``doc_pos [B]`` inside its document ``doc [B]``, starting a document where ``reset [B]``
+    (both None: no packed documents). The attention caches keep, as each slot's document number, the absolute
+    position of its segment's first token, so that a query sees exactly its own segment."""
+    b, _, d = x.shape
+    at_start = doc_pos % self.segment == 0
+    key = (p - doc_pos % self.segment)[:, None]  # [B, 1]
+    where = lambda c, a, b_: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - 1)), a, b_)
+    current = carry.memory.memory.memory
+    seg_w = jax.tree.map(lambda c, s: where(at_start, c, s), current, carry.segment_weights)
+    if reset is not None:  # a document's first segment reads the initial memory
+      initial = self.memory.initial_memory(b).memory
+      seg_w = jax.tree.map(lambda i, s: where(reset, i.astype(s.dtype), s), initial, seg_w)
+    h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, 1, d)
+    attn, positions = self.attn, p[None]
+    rope_pos = positions if reset is None else doc_pos[:, None]
+    q = rope(attn.q(x), rope_pos, self.rope_theta)
+    kx, vx = rope(attn.k(x), rope_pos, self.rope_theta), attn.v(x)
+    kh, vh = rope(attn.k(h), rope_pos, self.rope_theta), attn.v(h)
+    h_cache, x_cache = carry.h_cache, carry.x_cache
+    cat = lambda xs: jnp.concatenate(xs, 1)
+    keys = cat([h_cache.k.astype(x.dtype), x_cache.k.astype(x.dtype), kh, kx])
+    values = cat([h_cache.v.astype(x.dtype), x_cache.v.astype(x.dtype), vh, vx])
+    k_pos = jnp.concatenate([h_cache.slot_pos, x_cache.slot_pos, positions, positions])
+    k_doc = cat([h_cache.slot_doc, x_cache.slot_doc, key, key])
+    o = attend(q, keys, values, positions, k_pos, prefix=attn.prefix(b, x.dtype), q_doc=key,
+               k_doc=k_doc)
+    y = attn.o(o)
+    if reset is None:
+      m, memory = self.memory(y, carry.memory)
+    else:
+      one = Segments(reset[:, None], doc_pos[:, None], doc[:, None])
+      m, memory = apply(self.memory, y, carry.memory, p, one)
+    carry = MACState(memory, seg_w, write_cache(h_cache, kh, vh, positions, key),
+                     write_cache(x_cache, kx, vx, positions, key))
+    return carry, self.combine(y, m)
+
+  def __call__(self, x: Array, state: Optional[MACState] = None, pos: Array | int = 0,
+               segments: Optional[Segments] = None):
     b, t, d = x.shape
-    if state is None:  # a whole sequence from position 0: one scan step per segment
+    if state is None and segments is None:  # a whole sequence: one scan step per segment
       s = self.segment
       n_seg = -(-t // s)
       xs = jnp.pad(x, ((0, 0), (0, n_seg * s - t), (0, 0))).reshape(b, n_seg, s, d)
-      carry = self.init_state(b, s)
 
       def body(carry, inputs):
         xseg, start = inputs
-        return self._segment(carry, xseg, start + jnp.arange(s, dtype=jnp.int32), cached=False)
+        return self._segment(carry, xseg, start + jnp.arange(s, dtype=jnp.int32))
 
       starts = jnp.arange(n_seg, dtype=jnp.int32) * s
-      _, ys = jax.lax.scan(body, carry, (jnp.moveaxis(xs, 1, 0), starts))
+      _, ys = jax.lax.scan(body, self.init_state(b, s), (jnp.moveaxis(xs, 1, 0), starts))
       return jnp.moveaxis(ys, 0, 1).reshape(b, n_seg * s, d)[:, :t], None
 
-    def body(carry, inputs):  # stateful: token by token
-      xt, p = inputs
-      carry, y = self._segment(carry, xt[:, None], p[None], cached=True)
+    # Token by token: stateful calls, and packed documents (each document's segments count
+    # from its first token, wherever it starts).
+    positions = pos + jnp.arange(t, dtype=jnp.int32)
+    if segments is None:
+      doc_pos, docs = jnp.broadcast_to(positions[:, None], (t, b)), None
+    else:
+      doc_pos, docs = jnp.moveaxis(segments.positions, 1, 0), (
+          jnp.moveaxis(segments.reset, 1, 0), jnp.moveaxis(segments.doc, 1, 0))
+
+    def step(carry, inputs):
+      xt, p, dp, rd = inputs
+      carry, y = self._token(carry, xt[:, None], p, dp, *((None, None) if rd is None else rd))
       return carry, y[:, 0]
 
-    positions = pos + jnp.arange(t, dtype=jnp.int32)
-    state, ys = jax.lax.scan(body, state, (jnp.moveaxis(x, 1, 0), positions))
-    return jnp.moveaxis(ys, 0, 1), state
+    initial = self.init_state(b, self.segment) if state is None else state
+    new_state, ys = jax.lax.scan(step, initial,
+                                 (jnp.moveaxis(x, 1, 0), positions, doc_pos, docs))
+    return jnp.moveaxis(ys, 0, 1), None if state is None else new_state
 
 
 def _check_mac(cfg: ModelConfig) -> None:
