@@ -20,6 +20,7 @@ from nlx.memory.base import Array, Memory, Weights, batched, bind, check_read, c
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, previous_rows, scan_chunks, unit_lower_solve)
 from nlx.memory.objectives import Objective
+from nlx.memory.recurrent import chunk_positions
 
 
 def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k: Array,
@@ -56,11 +57,14 @@ def layer_grad_factors(memory: Memory, objective: Objective, weights: Weights, k
 class ChunkWrites(NamedTuple):
   """A chunk's writes, per layer: ``keys [C, in]`` (the layer's inputs at the gradient's
   reference state), ``writes [C, out]`` (U_j = −lr_j e_j, e the loss gradient w.r.t. the layer's
-  output) and, for DGD, ``pseudo [C, out]`` (the pseudo-values of the decay term)."""
+  output) and, for DGD, ``pseudo [C, out]`` (the pseudo-values of the decay term). With document
+  boundaries, ``init`` is the reset state ``M_init`` (``{name: [in, out]}``) that the chunk's
+  reset tokens restore (``ChunkCoefficients.init``)."""
 
   keys: Weights
   writes: Weights
   pseudo: Optional[Weights] = None
+  init: Optional[Weights] = None
 
 
 def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
@@ -72,7 +76,7 @@ def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Arra
 
 def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
                 lr: Array, w0: Weights, p0: Optional[Weights],
-                prev: ChunkCoefficients) -> ChunkWrites:
+                prev: ChunkCoefficients, fresh=None, w_init=None) -> ChunkWrites:
   """A chunk's writes with DGD's decay term.
 
   Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
@@ -81,27 +85,50 @@ def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array,
   write), so they solve a unit lower triangular system, as in the delta rule's UT transform:
   ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for j < s and ``known``
   the part of ``h_s W_{s−1}`` that does not involve w.
+
+  With document boundaries, ``fresh [C]`` marks the tokens whose gradient is taken at the reset
+  state ``w_init`` instead of ``w_grad`` (``_selected_writes``), and ``W_{s−1}`` includes
+  ``prev.init[s] w_init``.
   """
-  (keys, writes, _), outputs = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init)
+  keys, writes = cw.keys, cw.writes
   pseudo = {}
   for name, h in keys.items():
     x = h @ h.T
-    hw0 = outputs[name] if w_grad is w0 else h @ w0[name]  # the same product when w_grad is w0
+    same = w_grad is w0 and fresh is None  # then h @ w0 is the layer's output, already computed
+    hw0 = outputs[name] if same else h @ w0[name]
     known = prev.gamma[:, None] * hw0 + (prev.write * x) @ writes[name]
     if p0 is not None:
       known = known + prev.carry[:, None] * (h @ p0[name])
+    if w_init is not None:
+      known = known + prev.init[:, None] * (h @ w_init[name])
     system = lr[:, None] * prev.decay * x
     pseudo[name] = -unit_lower_solve(system, lr[:, None] * known)
-  return ChunkWrites(keys, writes, pseudo)
+  return ChunkWrites(keys, writes, pseudo, w_init)
+
+
+def _selected_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
+                     lr: Array, fresh=None, w_init=None) -> tuple[ChunkWrites, Weights]:
+  """``_chunk_writes`` at ``w_grad``, or, for the tokens where ``fresh [C]``, at ``w_init`` (the
+  first gradient chunk of a document that starts inside this chunk, or continues one that
+  started inside the previous chunk: its gradient reference is the reset state)."""
+  cw, outputs = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  if fresh is None:
+    return cw, outputs
+  cw_init, outputs_init = _chunk_writes(memory, objective, w_init, k, v, lr)
+  pick = lambda a, b: {n: jnp.where(fresh[:, None], b[n], a[n]) for n in a}
+  return (ChunkWrites(pick(cw.keys, cw_init.keys), pick(cw.writes, cw_init.writes), None, w_init),
+          pick(outputs, outputs_init))
 
 
 def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
-                          start=0, row_scale: Optional[Array] = None
+                          start=0, row_scale: Optional[Array] = None,
+                          reset: Optional[Array] = None, live: Optional[Array] = None
                           ) -> tuple[ChunkCoefficients, Optional[ChunkCoefficients]]:
   """A chunk's coefficients of the state after each write, and (for DGD's system or a read
-  before the write) of the state before each write."""
-  coef = chunk_coefficients(log_decay, momentum, start, dgd, row_scale)
-  return coef, previous_rows(coef) if dgd or read == "before_write" else None
+  before the write) of the state before each write; ``reset [C]``: document boundaries."""
+  coef = chunk_coefficients(log_decay, momentum, start, dgd, row_scale, reset, live)
+  return coef, previous_rows(coef, reset) if dgd or read == "before_write" else None
 
 
 def _weights_at(w0: Weights, p0: Optional[Weights], cw: ChunkWrites, coef: ChunkCoefficients,
@@ -112,7 +139,8 @@ def _weights_at(w0: Weights, p0: Optional[Weights], cw: ChunkWrites, coef: Chunk
   get = lambda tree, name: None if tree is None else tree[name]
   w = {name: chunk_end_weights(w0[name], cw.keys[name], cw.writes[name], take(coef.write),
                                take(coef.gamma), get(p0, name), take(coef.carry),
-                               get(cw.pseudo, name), take(coef.decay)) for name in w0}
+                               get(cw.pseudo, name), take(coef.decay), get(cw.init, name),
+                               take(coef.init)) for name in w0}
   p = None if p0 is None else {
       name: chunk_end_weights(p0[name], cw.keys[name], cw.writes[name], take(coef.mom_write),
                               take(coef.mom_carry)) for name in p0}
@@ -126,19 +154,23 @@ def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
 
   def matmul(name, h):
     return chunk_matmul(h, w0[name], cw.keys[name], cw.writes[name], coef.write, coef.gamma,
-                        get(p0, name), coef.carry, get(cw.pseudo, name), coef.decay)
+                        get(p0, name), coef.carry, get(cw.pseudo, name), coef.decay,
+                        get(cw.init, name), coef.init)
 
   return memory.forward(matmul, q)
 
 
 def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weights,
-                 p0: Optional[Weights], chunk: tuple, dgd: bool) -> ChunkWrites:
+                 p0: Optional[Weights], chunk: tuple, dgd: bool, fresh=None,
+                 w_init=None) -> ChunkWrites:
   """The writes of one prepared chunk ``(q, k, v, lr, coef, prev)`` (``_prepare_coefficients``):
-  gradients at ``w_grad``, the chunk's running state starting from ``w0``/``p0``."""
-  _, kc, vc, lrc, _, prev = chunk
+  gradients at ``w_grad`` (at ``w_init`` where ``fresh``), the chunk's running state starting
+  from ``w0``/``p0`` (and ``w_init`` at its resets)."""
+  _, kc, vc, lrc, _, prev = chunk[:6]
   if dgd:
-    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev)
-  return _chunk_writes(memory, objective, w_grad, kc, vc, lrc)[0]
+    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init)
+  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init)[0]
+  return cw if w_init is None else cw._replace(init=w_init)
 
 
 def chunk_read(memory: Memory, chunk: tuple, y: tuple, read: str) -> Array:
@@ -312,3 +344,130 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
     accumulated = jax.tree.map(lambda x: jnp.where(new_offset == 0, 0, x), momentum_state)
     momentum_state = None
   return o, weights, momentum_state, chunk_start, new_offset, accumulated
+
+
+def document_slots(reset: Array, offset, chunk_size: int) -> tuple[Array, Array, Array]:
+  """Where each token of a packed sequence goes in ``chunk_start_scan_packed``'s buffer.
+
+  A document's gradient chunks are aligned with its first token (``chunk_positions``). In the
+  buffer every chunk boundary that is not a document's start falls on a buffer-chunk boundary
+  (placeholders pad up to it), so each buffer chunk's tokens take their gradients either at the
+  buffer chunk's start state or, for a document's first gradient chunk (which may start anywhere
+  and straddle two buffer chunks), at the reset state. Only a document longer than a chunk pads,
+  once, so ``offset + T + ⌊T/(C+1)⌋ (C − 1)`` slots always suffice.
+
+  Args:
+    reset: ``[T]`` bool; offset: the first token's position in its chunk (int, may be traced);
+    chunk_size: C.
+
+  Returns:
+    ``(slots, positions, fresh)``, each ``[T]``: the buffer slot, the position in the gradient
+    chunk, and whether the token's gradient reference is the reset state.
+  """
+  c, index = chunk_size, jnp.arange(reset.shape[-1])
+  start = jax.lax.cummax(jnp.where(reset, index, -1), axis=0)
+  positions = chunk_positions(reset, offset, c)
+  fresh = (start >= 0) & (index - start < c)
+  boundary = (positions == 0) & ~reset  # a chunk boundary inside a document: aligned in the buffer
+  last = jax.lax.cummax(jnp.where(boundary, index, -1), axis=0)
+  phase = jnp.where(last >= 0, index - last, index + offset) % c  # each slot's phase mod C
+  before = jnp.concatenate([jnp.reshape(offset - 1, (1,)).astype(phase.dtype), phase[:-1]])
+  pad = jnp.where(boundary, -(before + 1) % c, 0)
+  return offset + index + jnp.cumsum(pad), positions, fresh
+
+
+def buffer_chunks(t: int, chunk_size: int) -> int:
+  """The number of buffer chunks ``document_slots`` needs for ``t`` tokens (any offset)."""
+  c = chunk_size
+  return -(-(c - 1 + t + (t // (c + 1)) * (c - 1)) // c)
+
+
+def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
+                            lr: Array, log_decay: Array, momentum: Optional[Array],
+                            weights: Weights, momentum_state: Optional[Weights],
+                            chunk_start: Weights, offset, chunk_size: int, reset: Array,
+                            reset_weights: Weights, batch_ndim: int = 0, dgd: bool = False,
+                            read: str = "after_write", params: Optional[dict] = None):
+  """``chunk_start_scan_offset`` with document boundaries: the parallel form of
+  ``recurrent_scan(..., grad_chunk=C, reset=reset, reset_weights=reset_weights)``.
+
+  Tokens are placed in a buffer of whole chunks by ``document_slots`` (placeholders write
+  nothing, decay nothing and keep the momentum, as in ``chunk_start_scan_offset``). In each
+  buffer chunk a token takes its gradient at the chunk's start state (the first chunk:
+  ``chunk_start``), or at ``reset_weights`` when it lies in its document's first gradient chunk;
+  a reset token restores ``reset_weights`` and zero momentum (``ChunkCoefficients.init``).
+
+  Args:
+    reset: ``[*batch, T]`` bool; reset_weights: ``{name: [*batch, in, out]}``; offset: int
+      scalar or ``[*batch]`` (may be traced); the rest as in ``chunk_start_scan_offset`` (no
+      ``row_scale``).
+
+  Returns:
+    ``(o, weights, momentum_state, chunk_start, offset)`` after the last token; ``offset``
+    ``[*batch]``, the next token's position in its chunk.
+  """
+  if (momentum is None) != (momentum_state is None):
+    raise ValueError("momentum and momentum_state must both be given or both be None")
+  check_read(read)
+  c, t = chunk_size, q.shape[batch_ndim]
+  n = buffer_chunks(t, c)
+  batch_shape = q.shape[:batch_ndim]
+  offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), batch_shape)
+  slots, positions, fresh = batched(lambda r, o: document_slots(r, o, c), batch_ndim)(reset,
+                                                                                     offset)
+
+  def place(x, fill):  # [*batch, T, ...] -> [N, *batch, C, ...]
+    if x is None:
+      return None
+    put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
+    buffer = batched(put, batch_ndim)(x, slots)
+    buffer = buffer.reshape(batch_shape + (n, c) + x.shape[batch_ndim + 1:])
+    return jnp.moveaxis(buffer, batch_ndim, 0)
+
+  xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
+        place(momentum, 1), place(reset, False), place(fresh, False),
+        place(jnp.ones(reset.shape, bool), False))
+
+  def prepare(start, chunk):
+    qc, kc, vc, lrc, gc, mc, rc, fc, lc = chunk
+    coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
+    return (qc, kc, vc, lrc) + coefficients + (fc,)
+
+  last = slots[..., -1]  # [*batch]: the last real token's slot
+  index = jnp.arange(n).reshape((n,) + (1,) * batch_ndim)
+  first = jnp.broadcast_to(index == 0, (n,) + batch_shape)
+  lasts = jnp.broadcast_to(last, (n,) + batch_shape)
+
+  def body(carry, x, consts):
+    mem, (w0, p0, ref, w_init), (is_first, at, chunk) = bind(memory, consts), carry, x
+    w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
+    cw = chunk_writes(mem, objective, w_grad, w0, p0, chunk, dgd, chunk[6], w_init)
+    at_last = _weights_at(w0, p0, cw, chunk[4], at % c)
+    w1, p1 = _weights_at(w0, p0, cw, chunk[4], c - 1)
+    return (w1, p1, ref, w_init), ((w0, p0, cw), at_last)
+
+  starts = jnp.broadcast_to(jnp.where(index == 0, offset, 0), (n,) + batch_shape)
+  chunks = jax.vmap(batched(prepare, batch_ndim))(starts, xs)
+  step = batched(body, batch_ndim)
+  _, (ys, at_last) = jax.lax.scan(lambda carry, x: step(carry, x, params),
+                                  (weights, momentum_state, chunk_start, reset_weights),
+                                  (first, lasts, chunks))
+  read_chunk = batched(lambda ch, y, cs: chunk_read(bind(memory, cs), ch, y, read), batch_ndim)
+  o = jax.vmap(read_chunk, in_axes=(0, 0, None))(chunks, ys, params)
+  o = jnp.moveaxis(o, 0, batch_ndim)
+  o = o.reshape(batch_shape + (n * c,) + o.shape[batch_ndim + 2:])
+  o = batched(lambda os, ss: os[ss], batch_ndim)(o, slots)
+
+  chunk_of_last = batched(lambda tree, i: jax.tree.map(lambda x: x[i], tree), batch_ndim)
+  to_batch = lambda tree: jax.tree.map(lambda x: jnp.moveaxis(x, 0, batch_ndim), tree)
+  weights, momentum_state = chunk_of_last(to_batch(at_last), last // c)
+  w0 = chunk_of_last(to_batch(ys[0]), last // c)
+  new_offset = (positions[..., -1] + 1) % c
+  expand = lambda m, x: jnp.reshape(m, m.shape + (1,) * (x.ndim - batch_ndim))
+  pick = lambda m, a, b: jax.tree.map(lambda x, y: jnp.where(expand(m, x), x, y), a, b)
+  # The next token's chunk: a new one, its document's first (reference: the reset state), the
+  # call's first buffer chunk (reference: chunk_start), or the last token's buffer chunk.
+  ref = pick(last // c == 0, chunk_start, w0)
+  ref = pick(fresh[..., -1], reset_weights, ref)
+  chunk_start = pick(new_offset == 0, weights, ref)
+  return o, weights, momentum_state, chunk_start, new_offset

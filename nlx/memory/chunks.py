@@ -117,6 +117,11 @@ class ChunkCoefficients(NamedTuple):
   (γ_t/γ_j) U_j``, where ``M_in``, ``A_in`` are the state before slot ``s = start`` (a call that
   continues a chunk; ``c_{−1} = 0``, and ``A_in = 0`` at a chunk boundary). So ``write = c ⊙
   decay`` (row-scaled), ``carry = (c − c_{s−1}) γ``, ``mom_carry = γ``, ``mom_write = decay``.
+
+  With document boundaries (``chunk_coefficients(reset=...)``), a reset token r sets the memory to
+  a reset state ``M_init`` and the momentum to zero before its decay and write: every coefficient
+  that crosses a reset is zero, and ``M_t`` gains ``init[t] M_init`` (``init[t] = γ_t/γ_{r−1}``
+  for the last reset r ≤ t, zero before the chunk's first reset).
   """
 
   gamma: Array          # [C]
@@ -125,10 +130,13 @@ class ChunkCoefficients(NamedTuple):
   mom_carry: Optional[Array]  # [C]
   mom_write: Optional[Array]  # [C, C]
   decay: Optional[Array] = None  # [C, C]
+  init: Optional[Array] = None   # [C]: with document boundaries, the weight of the reset state
 
 
 def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
-                       dgd: bool = False, row_scale: Optional[Array] = None) -> ChunkCoefficients:
+                       dgd: bool = False, row_scale: Optional[Array] = None,
+                       reset: Optional[Array] = None,
+                       live: Optional[Array] = None) -> ChunkCoefficients:
   """Coefficients of ``ChunkCoefficients`` for one chunk; log_decay, momentum ``[C]``.
 
   ``start`` (int scalar, may be traced): the first token of the chunk that this call owns; the
@@ -136,8 +144,12 @@ def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
   write nothing, decay nothing and have η = 1, see ``chunk_start_scan_offset``). ``dgd``: also
   the coefficients of DGD's pseudo-values (they decay, and have no momentum). ``row_scale``:
   ``[C]``, the scale ``c`` of every position's accumulated writes (``ChunkCoefficients``; a
-  final partial chunk passes its first positions).
+  final partial chunk passes its first positions). ``reset``: ``[C]`` bool, document boundaries
+  (not with ``row_scale``); ``live``: ``[C]`` bool or None, false at placeholders that sit
+  between a document's tokens (``chunk_start_scan_packed``), which then add no momentum.
   """
+  if reset is not None:
+    return _reset_coefficients(log_decay, momentum, start, dgd, reset, live)
   gamma = jnp.exp(jnp.cumsum(log_decay))
   decay = decay_matrix(log_decay)
   dgd_decay = decay if dgd else None
@@ -158,28 +170,61 @@ def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
                            dgd_decay)
 
 
-def previous_rows(coef: ChunkCoefficients) -> ChunkCoefficients:
+def _reset_coefficients(log_decay: Array, momentum: Optional[Array], start, dgd: bool,
+                        reset: Array, live: Optional[Array] = None) -> ChunkCoefficients:
+  """``chunk_coefficients`` with document boundaries ``reset [C]`` (``ChunkCoefficients``)."""
+  c = log_decay.shape[-1]
+  segment = jnp.cumsum(reset.astype(jnp.int32))
+  same = segment[:, None] == segment[None, :]
+  before_first = segment == 0
+  decay = jnp.where(same, decay_matrix(log_decay), 0.0)
+  gamma = jnp.where(before_first, jnp.exp(jnp.cumsum(log_decay)), 0.0)
+  # M_init enters at the reset token r, before its decay: γ_t/γ_{r−1} = decay[t, r] exp(g_r).
+  init = decay @ jnp.where(reset, jnp.exp(log_decay), 0.0)
+  dgd_decay = decay if dgd else None
+  if momentum is None:
+    return ChunkCoefficients(gamma, decay, None, None, None, dgd_decay, init)
+  log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(momentum.dtype).tiny))
+  mom_write = jnp.where(same, decay_matrix(log_eta), 0.0)
+  carried = (jnp.arange(c) >= start) & before_first
+  mom_carry = jnp.where(carried, jnp.exp(jnp.cumsum(log_eta)), 0.0)
+  # M_t = Σ_s (γ_t/γ_s) P_s over the real tokens s (a placeholder keeps P but adds nothing to M).
+  added = decay if live is None else jnp.where(live[None, :], decay, 0.0)
+  return ChunkCoefficients(gamma, added @ mom_write, added @ mom_carry, mom_carry, mom_write,
+                           dgd_decay, init)
+
+
+def previous_rows(coef: ChunkCoefficients, reset: Optional[Array] = None) -> ChunkCoefficients:
   """The coefficients of the memory before each token's write: row t is ``coef``'s row t − 1
-  (row 0: the chunk's start state). Momentum fields are dropped (reads need the weights only)."""
+  (row 0: the chunk's start state). Momentum fields are dropped (reads need the weights only).
+  With document boundaries ``reset [C]``, the row of a reset token is the reset state alone."""
   def shift(x, first):
     return None if x is None else jnp.concatenate([jnp.full((1,) + x.shape[1:], first, x.dtype),
                                                    x[:-1]], axis=0)
 
-  return ChunkCoefficients(shift(coef.gamma, 1.0), shift(coef.write, 0.0),
-                           shift(coef.carry, 0.0), None, None, shift(coef.decay, 0.0))
+  prev = ChunkCoefficients(shift(coef.gamma, 1.0), shift(coef.write, 0.0),
+                           shift(coef.carry, 0.0), None, None, shift(coef.decay, 0.0),
+                           shift(coef.init, 0.0))
+  if reset is None:
+    return prev
+  rows = lambda x, value: None if x is None else jnp.where(
+      reset.reshape(reset.shape + (1,) * (x.ndim - 1)), value, x)
+  return ChunkCoefficients(rows(prev.gamma, 0.0), rows(prev.write, 0.0), rows(prev.carry, 0.0),
+                           None, None, rows(prev.decay, 0.0), rows(prev.init, 1.0))
 
 
 def chunk_matmul(h: Array, w0: Array, keys: Array, writes: Array, write: Array, gamma: Array,
                  p0: Optional[Array] = None, carry: Optional[Array] = None,
-                 pseudo: Optional[Array] = None, decay: Optional[Array] = None) -> Array:
+                 pseudo: Optional[Array] = None, decay: Optional[Array] = None,
+                 w_init: Optional[Array] = None, init: Optional[Array] = None) -> Array:
   """Row t of ``h`` times the weights of token t, without forming them (the dual form).
 
-  The weights of token t are ``gamma[t] w0 + carry[t] p0 + Σ_{j≤t} keys_jᵀ (write[t, j] writes_j
-  + decay[t, j] pseudo_j)``.
+  The weights of token t are ``gamma[t] w0 + carry[t] p0 + init[t] w_init + Σ_{j≤t} keys_jᵀ
+  (write[t, j] writes_j + decay[t, j] pseudo_j)``.
 
   Args:
-    h: ``[C, in]`` inputs; w0, p0: ``[in, out]``; keys: ``[C, in]``; writes, pseudo:
-    ``[C, out]``; write, decay: ``[C, C]``; gamma, carry: ``[C]``.
+    h: ``[C, in]`` inputs; w0, p0, w_init: ``[in, out]``; keys: ``[C, in]``; writes, pseudo:
+    ``[C, out]``; write, decay: ``[C, C]``; gamma, carry, init: ``[C]``.
 
   Returns:
     ``[C, out]``.
@@ -190,13 +235,15 @@ def chunk_matmul(h: Array, w0: Array, keys: Array, writes: Array, write: Array, 
     out = out + (decay * x) @ pseudo
   if p0 is not None:
     out = out + carry[:, None] * (h @ p0)
+  if w_init is not None:
+    out = out + init[:, None] * (h @ w_init)
   return out
 
 
 def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, gamma_end: Array,
                       p0: Optional[Array] = None, carry_end: Optional[Array] = None,
-                      pseudo: Optional[Array] = None,
-                      decay_row: Optional[Array] = None) -> Array:
+                      pseudo: Optional[Array] = None, decay_row: Optional[Array] = None,
+                      w_init: Optional[Array] = None, init_end=None) -> Array:
   """The weights after the chunk's last token: ``chunk_matmul``'s weights for its last row."""
   combined = write_row[:, None] * writes
   if pseudo is not None:
@@ -204,6 +251,8 @@ def chunk_end_weights(w0: Array, keys: Array, writes: Array, write_row: Array, g
   w = gamma_end * w0 + keys.T @ combined
   if p0 is not None:
     w = w + carry_end * p0
+  if w_init is not None:
+    w = w + init_end * w_init
   return w
 
 

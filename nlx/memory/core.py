@@ -45,19 +45,20 @@ This module is the core's one entry point; the code lives in four modules, read 
 * ``nlx/memory/chunks.py``: the chunk algebra (decay matrices, ``unit_lower_inverse``/``solve``,
   ``ChunkCoefficients``, ``chunk_matmul``, ``scan_chunks``);
 * ``nlx/memory/chunk_start.py``: the chunk-start dual form (``chunk_start_scan``, its ``_offset``
-  variant that continues a chunk, and ``chunk_update``/``chunk_output`` for callers that scan
-  over chunks themselves).
+  variant that continues a chunk, its ``_packed`` variant with document boundaries, and
+  ``chunk_update``/``chunk_output`` for callers that scan over chunks themselves).
 """
 
 from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bind, check_read,
                              check_row_scale, layer_inputs, tree_scale)
-from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk_start_scan,
-                                    chunk_start_scan_offset, chunk_update, chunk_writes,
-                                    layer_grad_factors)
+from nlx.memory.chunk_start import (ChunkWrites, buffer_chunks, chunk_output, chunk_read,
+                                    chunk_start_scan, chunk_start_scan_offset,
+                                    chunk_start_scan_packed, chunk_update, chunk_writes,
+                                    document_slots, layer_grad_factors)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
-from nlx.memory.recurrent import recurrent_scan
+from nlx.memory.recurrent import chunk_positions, recurrent_scan
 
 __all__ = [
     "Array", "MatMul", "Memory", "READS", "Weights", "batched", "bind", "check_read",
@@ -65,5 +66,6 @@ __all__ = [
     "chunk_coefficients", "chunk_end_weights", "chunk_matmul", "decay_matrix", "previous_rows",
     "scan_chunks", "segment_decay", "segment_sum", "unit_lower_inverse", "unit_lower_solve",
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
-    "chunk_update", "chunk_writes", "layer_grad_factors",
+    "chunk_update", "chunk_writes", "layer_grad_factors", "chunk_start_scan_packed",
+    "document_slots", "buffer_chunks", "chunk_positions",
 ]

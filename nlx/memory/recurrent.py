@@ -18,6 +18,15 @@ from nlx.memory.base import (Array, Memory, Weights, batched, bind, check_read, 
 from nlx.memory.objectives import Objective
 
 
+def chunk_positions(reset: Array, offset, chunk_size: int) -> Array:
+  """Each token's position in its gradient chunk, ``[T]`` for ``reset [T]``: chunks of
+  ``chunk_size`` tokens aligned with each document's first token (a reset), and, before the first
+  reset, with the call's first token at position ``offset`` (a call that continues a chunk)."""
+  index = jnp.arange(reset.shape[-1])
+  start = jax.lax.cummax(jnp.where(reset, index, -1), axis=0)
+  return jnp.where(start >= 0, index - start, index + offset) % chunk_size
+
+
 def _time_major(x, batch_ndim: int):
   """``[*batch, T, ...] -> [T, *batch, ...]`` (None passes through)."""
   return None if x is None else jnp.moveaxis(x, batch_ndim, 0)
@@ -29,7 +38,7 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
                    batch_ndim: int = 0, offset=0, chunk_start: Optional[Weights] = None,
                    dgd: bool = False, read: str = "after_write", params: Optional[dict] = None,
                    row_scale: Optional[Array] = None, accumulated: Optional[Weights] = None,
-                   reset: Optional[Array] = None):
+                   reset: Optional[Array] = None, reset_weights: Optional[Weights] = None):
   """The token-by-token recurrence of ``nlx.memory.core`` (the reference).
 
   Args:
@@ -41,7 +50,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       state at the start of the token's chunk (chunks of C tokens aligned at t = −offset).
     batch_ndim: number of leading batch axes on every argument (e.g. 2 for ``[B, H, T, D]``);
       the scan over time is outermost and the per-slice step is vmapped inside it.
-    offset: int scalar (may be traced): tokens of the first chunk already seen by an earlier call.
+    offset: int scalar (may be traced): tokens of the first chunk already seen by an earlier call;
+      with ``reset``, also ``[*batch]`` (one per slice).
     chunk_start: the weights at the start of that chunk (needed when ``offset`` can be > 0).
     dgd: add DGD's per-layer decay term ``−lr_t h_lᵀ (h_l W_l)`` (needs ``grad_chunk``; ``h_l``:
       layer l's input for the key ``k_t`` at the gradient's reference state).
@@ -51,15 +61,20 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       position i of its chunk (``nlx.memory.core``); needs ``grad_chunk``, no momentum, no DGD.
     accumulated: with ``row_scale``, the accumulated writes ``A`` of the chunk that an earlier
       call began (same structure as ``weights``; None: zeros, as at a chunk boundary).
-    reset: ``[T]`` bool or None: document boundaries. Where true, the weights (and the momentum)
-      are set to zero before the token's decay and write (a ``where``, so that a non-finite state
-      cannot leak into the next document). Not defined with ``grad_chunk`` or ``row_scale`` yet.
+    reset: ``[T]`` bool or None: document boundaries. Where true, the weights are set to
+      ``reset_weights`` (None: zeros) and the momentum (and ``accumulated``) to zero before the
+      token's decay and write (a ``where``, so that a non-finite state cannot leak into the next
+      document), and with ``grad_chunk`` a gradient chunk starts at the token: the document's
+      chunks are aligned with its first token (``chunk_positions``), as if it ran alone.
+    reset_weights: the weights a reset restores (same structure as ``weights``), or None.
 
   Returns:
     ``(o [T, V], weights, momentum_state, chunk_start, accumulated)`` after the last token;
     ``chunk_start`` is the start weights of the chunk the next token belongs to (the final
     weights when it starts a new chunk; None without ``grad_chunk``), ``accumulated`` that
-    chunk's ``A`` so far (zeros when it starts a new chunk; None without ``row_scale``).
+    chunk's ``A`` so far (zeros when it starts a new chunk; None without ``row_scale``). The next
+    token's position in its chunk is ``(offset + T) % grad_chunk`` without ``reset``, and
+    ``(chunk_positions(reset, offset, grad_chunk)[-1] + 1) % grad_chunk`` with it.
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
@@ -67,20 +82,20 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     raise ValueError("dgd=True needs grad_chunk (DGD's keys are taken at the chunk-start state)")
   check_read(read)
   check_row_scale(row_scale, momentum, dgd, grad_chunk)
-  if reset is not None and grad_chunk is not None:
-    raise ValueError("reset (document boundaries) is not supported with grad_chunk (gradients "
-                     "at the chunk-start state) yet")
   scaled = row_scale is not None
+  if reset is not None and reset_weights is None:
+    reset_weights = jax.tree.map(jnp.zeros_like, weights)
 
   def step(t, carry, x, consts):
-    mem, scale = bind(memory, consts[0]), consts[1]
+    mem, scale, w_init = bind(memory, consts[0]), consts[1], consts[2]
     grad_fn = jax.grad(lambda w, kt, vt: objective.loss(mem.apply(w, kt), vt))
     w, p, w_ref, a, d = carry
-    qt, kt, vt, lrt, gt, mt, rt = x
+    qt, kt, vt, lrt, gt, mt, rt, position = x
     if rt is not None:  # a document starts at this token: it sees none of the earlier state
-      w, p = jax.tree.map(lambda x: jnp.where(rt, jnp.zeros_like(x), x), (w, p))
+      w = jax.tree.map(lambda x, y: jnp.where(rt, y, x), w, w_init)
+      p = jax.tree.map(lambda x: jnp.where(rt, jnp.zeros_like(x), x), p)
     if grad_chunk is not None:
-      position = (t + offset) % grad_chunk
+      position = (t + offset) % grad_chunk if position is None else position
       w_ref = jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
     if dgd:  # W_l ← exp(g) W_l − lr h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
@@ -98,31 +113,38 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       new = jax.tree.map(jnp.add, decayed, update)
     return (new, p, w_ref, a, d), mem.apply(new if read == "after_write" else w, qt)
 
-  consts = (params, row_scale)
+  consts = (params, row_scale, reset_weights)
 
   def body(carry, tx):
     t, x = tx
     return batched(lambda c, xt, cs: step(t, c, xt, cs), batch_ndim)(carry, x, consts)
 
+  positions = None
+  if reset is not None and grad_chunk is not None:
+    offsets = jnp.broadcast_to(offset, reset.shape[:batch_ndim])
+    positions = batched(lambda r, o: chunk_positions(r, o, grad_chunk), batch_ndim)(reset, offsets)
   xs = jax.tree.map(lambda x: _time_major(x, batch_ndim),
-                    (q, k, v, lr, log_decay, momentum, reset))
+                    (q, k, v, lr, log_decay, momentum, reset, positions))
   t = q.shape[batch_ndim]
   start = weights if chunk_start is None else chunk_start
   a = d = None
   if scaled:
     a = jax.tree.map(jnp.zeros_like, weights) if accumulated is None else accumulated
 
-    def start_d(w, acc, scale):  # γ M_0 of the chunk in progress: M = γ M_0 + c A at its last token
-      c_prev = jnp.where(offset % grad_chunk > 0, scale[(offset - 1) % grad_chunk], 0.0)
+    def start_d(w, acc, scale, off):  # γ M_0 of the chunk in progress: M = γ M_0 + c A now
+      c_prev = jnp.where(off % grad_chunk > 0, scale[(off - 1) % grad_chunk], 0.0)
       return jax.tree.map(lambda x, y: x - c_prev * y, w, acc)
 
-    d = batched(start_d, batch_ndim)(weights, a, row_scale)
+    d = batched(start_d, batch_ndim)(weights, a, row_scale,
+                                     jnp.broadcast_to(offset, q.shape[:batch_ndim]))
   (weights, momentum_state, w_ref, a, _), o = jax.lax.scan(
       body, (weights, momentum_state, start, a, d), (jnp.arange(t), xs))
   if grad_chunk is not None:
-    new_chunk = (offset + t) % grad_chunk == 0
-    w_ref = jax.tree.map(lambda x, y: jnp.where(new_chunk, x, y), weights, w_ref)
+    new_chunk = ((offset + t) % grad_chunk == 0 if positions is None else
+                 (positions[..., -1] + 1) % grad_chunk == 0)
+    expand = lambda x: jnp.reshape(new_chunk, jnp.shape(new_chunk) + (1,) * (x.ndim - batch_ndim))
+    w_ref = jax.tree.map(lambda x, y: jnp.where(expand(x), x, y), weights, w_ref)
     if scaled:
-      a = jax.tree.map(lambda x: jnp.where(new_chunk, 0, x), a)
+      a = jax.tree.map(lambda x: jnp.where(expand(x), 0, x), a)
   return jnp.moveaxis(o, 0, batch_ndim), weights, momentum_state, (
       w_ref if grad_chunk is not None else None), a

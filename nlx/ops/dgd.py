@@ -36,7 +36,8 @@ Array = jax.Array
 def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = None,
                momentum: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
                objective: str = "l2", initial_state=None, chunk_size: int = 64,
-               read: str = "after_write", impl: str = "auto") -> tuple[Array, TitansState]:
+               read: str = "after_write", impl: str = "auto", reset: Optional[Array] = None,
+               reset_state=None) -> tuple[Array, TitansState]:
   """Delta gradient descent (DGD): ``titans_memory`` plus a decay term on every layer's input.
 
   HOPE's inner optimizer (docs/EQUATIONS.md, Eqs. 56–57 and 88–93). Per head, with row-vector
@@ -59,8 +60,9 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
   Args:
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; lr: ``[B, T, H]`` the rate of both terms;
     g: ``[B, T, H]`` log-retention (≤ 0; ``exp(g) = α``) or None; momentum: ``[B, T, H]`` or None.
-    memory, initial_state, chunk_size, read: as in ``titans_memory`` (the same state and
-      continuation contract: a sequence split anywhere across calls equals one call).
+    memory, initial_state, chunk_size, read, reset, reset_state: as in ``titans_memory`` (the
+      same state and continuation contract: a sequence split anywhere across calls equals one
+      call; with ``reset``, each document of a packed row equals the document alone).
     objective: "l2" (Eq. 88) or "dot" (Eq. 92).
     impl: "auto" | "chunked" | "recurrent" | "pallas" (the ``delta_rule`` kernels; only for the
       gated-delta-rule case above, read after the write, chunks aligned with the call).
@@ -70,7 +72,8 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
   """
   check_objective(objective)
   return gradient_memory(q, k, v, lr, momentum, g, memory, L2 if objective == "l2" else DOT,
-                         initial_state, chunk_size, read, impl, dgd=True, kernel=_dgd_pallas)
+                         initial_state, chunk_size, read, impl, dgd=True, kernel=_dgd_pallas,
+                         reset=reset, reset_state=reset_state)
 
 
 def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):

@@ -31,7 +31,7 @@ from nlx.memory.objectives import DOT, L2, Objective
 from nlx.ops.common import compute_dtype, heads_first, resolve_impl
 from nlx.ops.validation import (check_continuation, check_gate, check_memory_params,
                                 check_memory_state, check_options, check_position_scale,
-                                check_sequences, resolve_memory)
+                                check_reset, check_reset_state, check_sequences, resolve_memory)
 from pallas_kernels.chunked_memory import ops as pallas_ops
 
 Array = jax.Array
@@ -66,7 +66,8 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
                   g: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
                   initial_state=None, chunk_size: int = 64, read: str = "after_write",
                   impl: str = "auto", position_scale: Optional[Array] = None,
-                  memory_params: Optional[dict] = None) -> tuple[Array, TitansState]:
+                  memory_params: Optional[dict] = None, reset: Optional[Array] = None,
+                  reset_state=None) -> tuple[Array, TitansState]:
   """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
 
   For token t in a chunk whose start state is ``M_c``: ``G_t = ∇ℓ(M_c; k_t, v_t)``,
@@ -99,13 +100,25 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
     memory_params: the memory's fixed (not written) parameters, per head, shared by the batch:
       ``{name: [H, *shape]}`` for ``memory.param_shapes`` (``TTTMemory``: the LayerNorm's
       ``scale`` and ``shift``, ``[H, V]``), or None for memories without any. Differentiable.
+    reset: ``[B, T]`` bool (or 0/1 integer) or None: document boundaries of a packed batch.
+      Where ``reset[b, t]``, row b's memory is set to ``reset_state`` and its momentum (and
+      accumulated writes) to zero before token t's decay and write, and a gradient chunk starts
+      at token t: each document's chunks are aligned with its first token, so each document runs
+      exactly as if alone from ``reset_state`` (a reset at t = 0 discards ``initial_state``).
+      The returned ``TitansState.offset`` is then ``[B]`` (the rows' chunks differ). Forms:
+      recurrent, and chunked (``nlx/memory/chunk_start.py::chunk_start_scan_packed``: a buffer of
+      at most ``T + C − 1 + ⌊T/(C+1)⌋(C − 1)`` slots, about twice the chunks of a call without
+      boundaries); not the kernels; with ``position_scale`` the recurrent form only ("auto" picks
+      it).
+    reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
+      learned initial memory); None: zeros (linear memory only).
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
   return gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
                          impl, dgd=False, kernel=_titans_pallas, position_scale=position_scale,
-                         memory_params=memory_params)
+                         memory_params=memory_params, reset=reset, reset_state=reset_state)
 
 
 def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
@@ -146,7 +159,8 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
 
 def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, initial_state,
                     chunk_size: int, read: str, impl: str, *, dgd: bool, kernel: Callable,
-                    position_scale=None, memory_params=None) -> tuple[Array, TitansState]:
+                    position_scale=None, memory_params=None, reset=None,
+                    reset_state=None) -> tuple[Array, TitansState]:
   """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout.
 
   ``kernel``: the op's ``impl="pallas"`` path, ``(q, k, v, lr, momentum, g, initial_state,
@@ -166,8 +180,20 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   check_memory_params(mem, memory_params, h, dk, dv,
                       0 if weights is None else mem.hidden_dim(weights))
   start, offset, acc = check_continuation(momentum, position_scale, mom, start, offset, acc)
+  check_reset(reset, b, t)
+  w_reset = check_reset_state(mem, reset, reset_state, weights, b, h, dk, dv)
+  if reset is None and getattr(offset, "shape", ()) == (b,):  # rows continue different chunks
+    reset = jnp.zeros((b, t), bool)
   reason = None
-  if position_scale is not None:
+  if reset is not None:
+    reason = "the titans/DGD kernels do not implement reset (document boundaries)"
+    if position_scale is not None:
+      if impl == "chunked":
+        raise ValueError("impl='chunked' with reset and position_scale: the chunked form does not "
+                         "implement position-scaled chunks across document boundaries; use "
+                         "impl='recurrent' (or 'auto', which picks it)")
+      impl = "recurrent" if impl == "auto" else impl
+  elif position_scale is not None:
     reason = "the kernels do not implement position_scale"
   elif not isinstance(mem, LinearMemory):
     reason = "the kernels implement linear memories only"
@@ -206,7 +232,27 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   args = (mem, objective, *seqs, lr_, g_, m_, weights, mom)
   options = dict(batch_ndim=2, dgd=dgd, read=read, params=params, row_scale=scale)
   aligned = offset is None and t % chunk_size == 0
-  if impl == "recurrent":
+  if reset is not None:
+    rows = jnp.broadcast_to(jnp.asarray(reset).astype(bool)[:, None, :], (b, h, t))
+    w_reset = (jax.tree.map(jnp.zeros_like, weights) if w_reset is None else
+               castt(w_reset))
+    offsets = jnp.broadcast_to(jnp.asarray(0 if offset is None else offset, jnp.int32).reshape(
+        (-1, 1)), (b, h))
+    if start is None:
+      start = weights
+    if impl == "recurrent":
+      o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size, offset=offsets,
+                                                chunk_start=start, accumulated=acc, reset=rows,
+                                                reset_weights=w_reset, **options)
+      positions = core.batched(lambda r, o_: core.chunk_positions(r, o_, chunk_size), 2)(
+          rows, offsets)
+      offset = (positions[..., -1] + 1) % chunk_size
+    else:
+      o, w, p, start, offset = core.chunk_start_scan_packed(
+          *args, start, offsets, chunk_size, rows, w_reset, batch_ndim=2, dgd=dgd, read=read,
+          params=params)
+    offset = offset[:, 0]
+  elif impl == "recurrent":
     o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size,
                                               offset=0 if offset is None else offset,
                                               chunk_start=start, accumulated=acc, **options)

@@ -8,6 +8,7 @@ run on concrete Python values and shapes, before anything is traced.
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import jax.numpy as jnp
 
@@ -101,8 +102,9 @@ def resolve_memory(memory) -> core.Memory:
                    f"nlx.memory Memory instance such as MLPMemory(activation='silu')")
 
 
-def check_offset(offset, chunk_start, chunk_size: int):
-  """Validates ``initial_state.offset`` (and that ``chunk_start`` comes with it)."""
+def check_offset(offset, chunk_start, chunk_size: int, b: Optional[int] = None):
+  """Validates ``initial_state.offset`` (and that ``chunk_start`` comes with it): an int, an
+  integer scalar, or (after a call with document boundaries, whose rows differ) ``[B]``."""
   if (offset is None) != (chunk_start is None):
     raise ValueError("initial_state.chunk_start and initial_state.offset must be given together "
                      "(both come from a previous titans_memory/dgd_memory call) or both be None")
@@ -111,10 +113,10 @@ def check_offset(offset, chunk_start, chunk_size: int):
   if isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
     if not 0 <= offset < chunk_size:
       raise ValueError(f"initial_state.offset={offset} must be in [0, chunk_size={chunk_size})")
-  elif not (getattr(offset, "shape", None) == () and
+  elif not (getattr(offset, "shape", None) in ((), (b,)) and
             jnp.issubdtype(getattr(offset, "dtype", jnp.float32), jnp.integer)):
-    raise ValueError(f"initial_state.offset must be an int or an integer scalar array; got "
-                     f"{getattr(offset, 'shape', type(offset).__name__)}")
+    raise ValueError(f"initial_state.offset must be an int, an integer scalar array or an integer "
+                     f"[B] = [{b}] array; got {getattr(offset, 'shape', type(offset).__name__)}")
 
 
 def check_memory_state(memory: core.Memory, parts: tuple, b, h, dk, dv, chunk_size):
@@ -122,7 +124,7 @@ def check_memory_state(memory: core.Memory, parts: tuple, b, h, dk, dv, chunk_si
   ``titans_memory``/``dgd_memory`` ``initial_state``; returns them with the linear memory's
   arrays as ``{"w": ...}`` dicts (each None when absent)."""
   weights, mom, start, offset, acc = parts
-  check_offset(offset, start, chunk_size)
+  check_offset(offset, start, chunk_size, b)
   trees = (("initial_state.momentum", mom), ("initial_state.chunk_start", start),
            ("initial_state.accumulated", acc))
   if isinstance(memory, LinearMemory):
@@ -208,3 +210,30 @@ def check_continuation(momentum, position_scale, mom, start, offset, acc):
                      "has no accumulated writes: pass the TitansState returned by the previous "
                      "position-scaled call")
   return start, offset, acc
+
+
+def check_reset_state(memory: core.Memory, reset, reset_state, weights, b, h, dk, dv):
+  """Validates ``reset_state``, the memory a document boundary restores; returns it as weights
+  (``{"w": ...}`` for the linear memory; zeros when None and the memory is linear)."""
+  if reset_state is None:
+    if reset is not None and not isinstance(memory, LinearMemory):
+      raise ValueError(f"reset is given with memory={memory!r}: pass reset_state, the weights a "
+                       "document boundary restores (e.g. the memory's learned initial weights)")
+    return None
+  if reset is None:
+    raise ValueError("reset_state is given but reset=None; it is the memory a document boundary "
+                     "restores (pass reset, or drop reset_state)")
+  if isinstance(memory, LinearMemory):
+    check_state("reset_state", reset_state, (b, h, dk, dv))
+    return {"w": reset_state}
+  hidden = memory.hidden_dim(weights if weights is not None else reset_state)
+  if not isinstance(reset_state, dict):
+    raise ValueError(f"reset_state must be a dict with keys "
+                     f"{sorted(memory.layer_shapes(dk, dv, hidden))}; got "
+                     f"{type(reset_state).__name__}")
+  for name, shape in memory.layer_shapes(dk, dv, hidden).items():
+    if name not in reset_state:
+      raise ValueError(f"reset_state has no layer {name!r}; it must have the keys "
+                       f"{sorted(memory.layer_shapes(dk, dv, hidden))}")
+    check_state(f"reset_state[{name!r}]", reset_state[name], (b, h) + shape)
+  return reset_state

@@ -1,0 +1,194 @@
+"""Document boundaries (``reset``) in ``titans_memory`` and ``dgd_memory``.
+
+A packed batch must equal every document run alone: separate calls, each from ``reset_state``
+(the row's ``initial_state`` for a first document that does not reset at t = 0), with gradient
+chunks aligned with the document's first token. The documents alone run through the recurrent
+form without ``reset`` (no reset code involved), the packed rows through every XLA form.
+Forward (float64 tight, float32 loose) and gradients; boundaries inside a chunk, at a chunk
+edge, two in one chunk, at t = 0, a one-token document, documents longer than a chunk (the
+chunked form pads their later chunks into alignment); a packed row split across calls.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nlx import ops
+from nlx.memory import MLPMemory, core
+
+B, T, H, D = 2, 19, 2, 4
+C = 4
+# Row 0: t = 0, 5 and 6 (two in one chunk; a one-token document), 8 (a chunk edge), 18 (the last
+# token). Row 1: 3, then 12 (a chunk edge; the document 3..11 is longer than a chunk and starts
+# off the call's chunk grid).
+BOUNDARIES = ((0, 5, 6, 8, 18), (3, 12))
+CASES = {  # name: (op, options)
+    "titans": ("titans_memory", dict(momentum=True)),
+    "titans_no_momentum": ("titans_memory", dict()),
+    "titans_before_write": ("titans_memory", dict(momentum=True, read="before_write")),
+    "titans_mlp": ("titans_memory", dict(momentum=True, memory="mlp")),
+    "dgd": ("dgd_memory", dict(momentum=True)),
+    "dgd_dot": ("dgd_memory", dict(objective="dot")),
+    "dgd_mlp": ("dgd_memory", dict(memory="mlp")),
+}
+
+
+def _reset(boundaries=BOUNDARIES, t=T):
+  r = np.zeros((len(boundaries), t), bool)
+  for row, starts in enumerate(boundaries):
+    r[row, list(starts)] = True
+  return jnp.asarray(r)
+
+
+def _arrays(dtype, mlp: bool, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+  normal = lambda key, shape, s=1.0: s * jax.random.normal(key, shape, jnp.float32)
+  a = dict(q=normal(ks[0], (B, T, H, D)), k=normal(ks[1], (B, T, H, D), 0.5),
+           v=normal(ks[2], (B, T, H, D)),
+           lr=0.5 * jax.nn.sigmoid(normal(ks[3], (B, T, H))),
+           g=-0.3 * jax.nn.softplus(normal(ks[4], (B, T, H))),
+           momentum=jax.nn.sigmoid(normal(ks[5], (B, T, H))))
+  if mlp:
+    a["s0"] = MLPMemory().init_state(ks[6], B, H, D, 8)
+    a["init"] = MLPMemory().init_state(ks[7], B, H, D, 8)
+  else:
+    a["s0"], a["init"] = normal(ks[6], (B, H, D, D), 0.3), normal(ks[7], (B, H, D, D), 0.3)
+  return jax.tree.map(lambda x: x.astype(dtype), a)
+
+
+def _call(op, options, a, impl, reset=None, initial_state=None, rows=slice(None),
+          span=slice(None), **kw):
+  options = dict(options)
+  momentum = a["momentum"][rows, span] if options.pop("momentum", False) else None
+  memory = MLPMemory() if options.pop("memory", "linear") == "mlp" else "linear"
+  sl = lambda x: x[rows, span]
+  extra = {} if reset is None else {"reset": reset, "reset_state": a["init"]}
+  return getattr(ops, op)(sl(a["q"]), sl(a["k"]), sl(a["v"]), lr=sl(a["lr"]), g=sl(a["g"]),
+                          momentum=momentum, memory=memory, initial_state=initial_state,
+                          chunk_size=C, impl=impl, **extra, **options, **kw)
+
+
+def _documents(op, options, a):
+  """Every document of every row run alone by the recurrent form (no reset), in place."""
+  rows = []
+  for row, starts in enumerate(BOUNDARIES):
+    edges = sorted(set((0,) + tuple(starts) + (T,)))
+    pieces = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+      first = lo == 0 and 0 not in starts
+      state = jax.tree.map(lambda x: x[row:row + 1], a["s0" if first else "init"])
+      o, _ = _call(op, options, a, "recurrent", initial_state=state, rows=slice(row, row + 1),
+                   span=slice(lo, hi))
+      pieces.append(o)
+    rows.append(jnp.concatenate(pieces, axis=1))
+  return jnp.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_equals_documents_alone_float64(case, impl):
+  op, options = CASES[case]
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, options.get("memory") == "mlp")
+    want = _documents(op, options, a)
+    got, state = _call(op, options, a, impl, _reset(), initial_state=a["s0"])
+    np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
+    # Each row's next token continues its last document's chunk (the rows differ).
+    np.testing.assert_array_equal(state.offset, [(T - 18) % C, (T - 12) % C])
+
+
+@pytest.mark.parametrize("case", ["titans", pytest.param("dgd_mlp", marks=pytest.mark.slow)])
+def test_packed_equals_documents_alone_float32(case):
+  op, options = CASES[case]
+  a = _arrays(jnp.float32, options.get("memory") == "mlp")
+  want = _documents(op, options, a)
+  got, _ = _call(op, options, a, "chunked", _reset(), initial_state=a["s0"])
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["dgd", pytest.param("titans", marks=pytest.mark.slow),
+                                  pytest.param("titans_mlp", marks=pytest.mark.slow)])
+def test_packed_gradients_equal_documents_alone(case):
+  op, options = CASES[case]
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, options.get("memory") == "mlp")
+    weights = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, D), jnp.float64)
+    packed = lambda a: (_call(op, options, a, "chunked", _reset(), initial_state=a["s0"])[0]
+                        * weights).sum()
+    alone = lambda a: (_documents(op, options, a) * weights).sum()
+    got, want = jax.grad(packed)(a), jax.grad(alone)(a)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
+
+
+def test_position_scale_with_reset_runs_the_recurrent_form():
+  """TTT's position scale: the recurrent form (auto picks it) equals the documents alone."""
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, False)
+    scale = 1.0 / jnp.arange(1, C + 1, dtype=jnp.float64)
+    want = _documents("titans_memory", dict(position_scale=scale), a)
+    got, _ = _call("titans_memory", dict(position_scale=scale), a, "auto", _reset(),
+                   initial_state=a["s0"])
+    np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="position_scale"):
+      _call("titans_memory", dict(position_scale=scale), a, "chunked", _reset(),
+            initial_state=a["s0"])
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+@pytest.mark.parametrize("split", [pytest.param(1, marks=pytest.mark.slow), 6,
+                                   pytest.param(10, marks=pytest.mark.slow)])
+def test_packed_row_split_across_calls(impl, split):
+  """The state after a packed call (a per-row offset) continues like one call."""
+  op, options = CASES["dgd"]
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, False)
+    reset = _reset()
+    want, _ = _call(op, options, a, impl, reset, initial_state=a["s0"])
+    o1, state = _call(op, options, a, impl, reset[:, :split], initial_state=a["s0"],
+                      span=slice(0, split))
+    o2, _ = _call(op, options, a, impl, reset[:, split:], initial_state=state,
+                  span=slice(split, T))
+    np.testing.assert_allclose(jnp.concatenate([o1, o2], 1), want, atol=1e-10, rtol=1e-10)
+    # A per-row offset continues in a call without boundaries too.
+    o2b, _ = _call(op, options, a, impl, initial_state=state, span=slice(split, T))
+    if not bool(reset[:, split:].any()):
+      np.testing.assert_allclose(o2b, o2, atol=1e-10)
+
+
+def test_document_slots_align_every_later_chunk():
+  """Every chunk boundary inside a document lands on a buffer-chunk boundary, the buffer is
+  large enough, and only documents longer than a chunk pad."""
+  rng = np.random.default_rng(0)
+  t = 40
+  for c in (1, 2, 4, 7):
+    slots_of = jax.jit(lambda r, o, c=c: core.document_slots(r, o, c)[:2])
+    positions_of = jax.jit(lambda r, o, c=c: core.chunk_positions(r, o, c))
+    for _ in range(20):
+      reset = jnp.asarray(rng.random(t) < rng.choice([0.05, 0.2, 0.5]))
+      offset = int(rng.integers(0, c))
+      slots, positions = (np.asarray(x) for x in slots_of(reset, offset))
+      assert np.all(np.diff(slots) >= 1) and slots[0] == offset
+      assert slots[-1] < core.buffer_chunks(t, c) * c
+      inner = (positions == 0) & ~np.asarray(reset)
+      assert np.all(slots[inner] % c == 0)
+      np.testing.assert_array_equal(positions, positions_of(reset, offset))
+
+
+def test_bad_reset_state_is_refused():
+  a = _arrays(jnp.float32, False)
+  with pytest.raises(ValueError, match="reset_state"):
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(),
+                      reset_state=jnp.zeros((B, H, D, D + 1)))
+  with pytest.raises(ValueError, match="reset_state"):
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset_state=a["init"])
+  mlp = _arrays(jnp.float32, True)
+  with pytest.raises(ValueError, match="reset_state"):
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], memory=MLPMemory(),
+                      initial_state=mlp["s0"], reset=_reset())
+  with pytest.raises(ValueError, match="reset"):
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset()[:, :5])
+  with pytest.raises(ValueError, match="reset"):
+    ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
+                      chunk_size=16)
