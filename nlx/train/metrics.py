@@ -2,7 +2,8 @@
 
 Each logged step is one JSON object ``{"step", "loss", "tokens_per_s", "grad_norm",
 "param_norm", "update_norm", "learning_rate", ...}`` plus ``eval_loss`` and ``eval_ppl`` when the
-step evaluated. Only process 0 writes.
+step evaluated, and ``scored_fraction`` (the fraction of targets the loss kept) when the run packs
+documents (``train.pack_documents``). Only process 0 writes.
 """
 
 from __future__ import annotations
