@@ -145,6 +145,31 @@ def time_runs(run: Callable[[], Any], repeats: int, slow_run_s: float) -> tuple[
                "times_s": times}
 
 
+def time_interleaved(runs: Sequence[Callable[[], Any]], repeats: int,
+                     slow_run_s: float) -> tuple[list, list]:
+  """``time_runs`` of several functions, interleaved: one untimed warm-up of each, then each
+  timed repeat runs every function once in turn, so that load on the machine hits all alike.
+
+  Returns:
+    ``(outputs of the warm-up runs, [time_runs' timing dict per function])``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  outs, warmups = [], []
+  for run in runs:
+    start = time.perf_counter()
+    outs.append(jax.block_until_ready(run()))
+    warmups.append(time.perf_counter() - start)
+  n = 1 if (slow_run_s > 0 and max(warmups) > slow_run_s) else repeats
+  times = [[] for _ in runs]
+  for _ in range(n):
+    for run, ts in zip(runs, times):
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      ts.append(time.perf_counter() - start)
+  return outs, [{"warmup_s": w, "seconds": statistics.median(ts), "repeats": n, "times_s": ts}
+                for w, ts in zip(warmups, times)]
+
+
 def memory_analysis(compiled) -> dict:
   """``peak_bytes`` and its parts from XLA's memory analysis of ``compiled`` ({} if none)."""
   out = {}

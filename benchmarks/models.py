@@ -19,6 +19,13 @@ Measurements (one record per family; timing and memory as in ``benchmarks.harnes
 * ``tokens_per_s_vs_transformer`` and ``peak_bytes_vs_transformer``: ratios to Transformer++
   measured in the same run (when it is among ``--families``).
 
+``--packed both`` measures every family twice in one run, interleaved step by step: without
+document boundaries, and with packed documents (``model(tokens, segment_ids=ids)`` and the loss
+masked where a target crosses a boundary, as ``train.pack_documents`` trains), the documents of
+every row of lengths drawn around ``--doc_len`` (a fixed layout per seed). The packed record adds
+``packed_tokens_per_s``, ``packed_peak_bytes`` and ``packed_vs_unpacked`` (the ratio of the two
+throughputs); ``--packed on`` measures the packed step only.
+
 Output: a table on stdout; with ``--out FILE.json``::
 
     {"records": [{family, params, B, T, tokens_per_s, peak_bytes, backend, ...}, ...],
@@ -57,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="T, tokens per sequence (default 2048)")
   harness.add_common_flags(parser, unit="step", slow_run_s=30.0,
                            out_help="write records, failures and metadata to this JSON file")
+  parser.add_argument("--packed", choices=("off", "on", "both"), default="off",
+                      help="document boundaries in the step: off (default), on, or both in one "
+                           "run, interleaved")
+  parser.add_argument("--doc_len", type=harness.positive_int, default=64,
+                      help="mean document length of --packed (default 64 tokens)")
   parser.add_argument("--config_dir", default=None,
                       help="directory of <family>.py config files (default: the configs shipped "
                       "with nlx, nlx.configs.load('<family>:<size>'))")
@@ -96,6 +108,42 @@ def make_train_step(graphdef, tx):
   return train_step
 
 
+def make_packed_train_step(graphdef, tx):
+  """``make_train_step`` on packed documents: ``(params, rest, opt_state, tokens, ids)`` with
+  ``ids [B, T+1]`` the segment ids; targets that cross a document boundary are not scored."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from nlx.train.step import apply_gradients  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(params, rest, tokens, ids):
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(tokens[:, :-1], segment_ids=ids[:, :-1]).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    keep = (ids[:, 1:] == ids[:, :-1]).astype(jnp.float32)
+    return (losses * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+
+  def train_step(params, rest, opt_state, tokens, ids):
+    up = apply_gradients(lambda p: loss_fn(p, rest, tokens, ids), tx, params, opt_state)
+    return up.params, up.opt_state, up.loss
+
+  return train_step
+
+
+def document_ids(batch: int, length: int, doc_len: int, seed: int):
+  """Segment ids ``[batch, length]`` of documents with lengths ``1 + Poisson(doc_len − 1)``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    lo, doc = 0, 0
+    while lo < length:
+      n = 1 + int(rng.poisson(doc_len - 1))
+      ids[row, lo:lo + n] = doc
+      lo, doc = lo + n, doc + 1
+  return ids
+
+
 def measure(family: str, args: argparse.Namespace) -> dict:
   """Builds, compiles, warms up and times the train step of one family; returns its record."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -113,18 +161,37 @@ def measure(family: str, args: argparse.Namespace) -> dict:
   b, t = args.batch, args.seq_len
   tokens = jax.random.randint(jax.random.PRNGKey(args.seed), (b, t + 1), 0, cfg.model.vocab_size)
 
-  compiled, compile_s = harness.compile_timed(make_train_step(graphdef, tx), params, rest,
-                                              opt_state, tokens)
-  out, timing = harness.time_runs(lambda: compiled(params, rest, opt_state, tokens),
-                                  args.repeats, args.slow_run_s)
+  packed = getattr(args, "packed", "off")
+  if packed != "off":
+    ids = jax.numpy.asarray(document_ids(b, t + 1, args.doc_len, args.seed))
+    packed_step, packed_compile_s = harness.compile_timed(
+        make_packed_train_step(graphdef, tx), params, rest, opt_state, tokens, ids)
+    run_packed = lambda: packed_step(params, rest, opt_state, tokens, ids)
+  if packed == "on":  # the packed step stands in for the plain one
+    compiled, compile_s, run_plain = packed_step, packed_compile_s, run_packed
+  else:
+    compiled, compile_s = harness.compile_timed(make_train_step(graphdef, tx), params, rest,
+                                                opt_state, tokens)
+    run_plain = lambda: compiled(params, rest, opt_state, tokens)
+  if packed == "both":  # interleaved: one plain step, one packed step, per repeat
+    (out, packed_out), (timing, packed_timing) = harness.time_interleaved(
+        [run_plain, run_packed], args.repeats, args.slow_run_s)
+  else:
+    out, timing = harness.time_runs(run_plain, args.repeats, args.slow_run_s)
   loss = float(out[2])
   if not math.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss} in the warm-up step")
   record = {"family": family, "params": n_params, "B": b, "T": t,
             "tokens_per_s": b * t / timing["seconds"], "peak_bytes": None,
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "size": args.size, "compile_s": compile_s, **timing, "loss": loss}
+            "size": args.size, "compile_s": compile_s, "packed": packed, **timing, "loss": loss}
   record.update(harness.memory_analysis(compiled))
+  if packed == "both":
+    record.update(packed_tokens_per_s=b * t / packed_timing["seconds"],
+                  packed_seconds=packed_timing["seconds"], packed_compile_s=packed_compile_s,
+                  packed_loss=float(packed_out[2]),
+                  packed_peak_bytes=harness.memory_analysis(packed_step).get("peak_bytes"))
+    record["packed_vs_unpacked"] = record["packed_tokens_per_s"] / record["tokens_per_s"]
   return record
 
 
@@ -149,6 +216,11 @@ def format_table(records: list) -> str:
                  "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}",
                  "n/a" if mem is None else f"{mem:.2f}x", f"{r['compile_s']:.1f}"])
   header = ["family", "params", "B", "T", "tokens/s", "vs T++", "peak MiB", "vs T++", "compile s"]
+  if any("packed_vs_unpacked" in r for r in records):
+    header += ["packed tokens/s", "packed/plain"]
+    for row, r in zip(rows, records):
+      row += ([f"{r['packed_tokens_per_s']:,.0f}", f"{r['packed_vs_unpacked']:.2f}x"]
+              if "packed_vs_unpacked" in r else ["n/a", "n/a"])
   return harness.format_table(header, rows)
 
 
@@ -166,6 +238,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     config = {"families": args.families, "size": args.size, "batch": args.batch,
               "seq_len": args.seq_len, "repeats": args.repeats, "slow_run_s": args.slow_run_s,
               "override": args.override, "seed": args.seed, "optimizer": OPTIMIZER,
+              "packed": args.packed, "doc_len": args.doc_len,
               "config_dir": args.config_dir}
     meta = run_info.meta(harness.device_info(), config, "argument + output + temp bytes of "
                          "XLA's compiled memory analysis of the train step", complete)

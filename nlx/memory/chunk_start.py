@@ -385,8 +385,9 @@ def buffer_chunks(t: int, chunk_size: int) -> int:
 def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                             lr: Array, log_decay: Array, momentum: Optional[Array],
                             weights: Weights, momentum_state: Optional[Weights],
-                            chunk_start: Weights, offset, chunk_size: int, reset: Array,
-                            reset_weights: Weights, batch_ndim: int = 0, dgd: bool = False,
+                            chunk_start: Weights, offset, chunk_size: int,
+                            reset: Optional[Array], reset_weights: Optional[Weights],
+                            batch_ndim: int = 0, dgd: bool = False,
                             read: str = "after_write", params: Optional[dict] = None):
   """``chunk_start_scan_offset`` with document boundaries: the parallel form of
   ``recurrent_scan(..., grad_chunk=C, reset=reset, reset_weights=reset_weights)``.
@@ -398,9 +399,10 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   a reset token restores ``reset_weights`` and zero momentum (``ChunkCoefficients.init``).
 
   Args:
-    reset: ``[*batch, T]`` bool; reset_weights: ``{name: [*batch, in, out]}``; offset: int
-      scalar or ``[*batch]`` (may be traced); the rest as in ``chunk_start_scan_offset`` (no
-      ``row_scale``).
+    reset: ``[*batch, T]`` bool, or None (no boundaries: slices that continue different chunks,
+      ``offset [*batch]``; the buffer then needs no padding); reset_weights: ``{name: [*batch,
+      in, out]}`` (unused without reset); offset: int scalar or ``[*batch]`` (may be traced); the
+      rest as in ``chunk_start_scan_offset`` (no ``row_scale``).
 
   Returns:
     ``(o, weights, momentum_state, chunk_start, offset)`` after the last token; ``offset``
@@ -410,8 +412,10 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
     raise ValueError("momentum and momentum_state must both be given or both be None")
   check_read(read)
   c, t = chunk_size, q.shape[batch_ndim]
-  n = buffer_chunks(t, c)
   batch_shape = q.shape[:batch_ndim]
+  n = buffer_chunks(t, c) if reset is not None else -(-(t + c - 1) // c)
+  if reset is None:
+    reset, reset_weights = jnp.zeros(batch_shape + (t,), bool), weights
   offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), batch_shape)
   slots, positions, fresh = batched(lambda r, o: document_slots(r, o, c), batch_ndim)(reset,
                                                                                      offset)

@@ -316,9 +316,16 @@ class CMS(Mixer):
     del max_len
     return self.initial_levels(batch_size)
 
-  def __call__(self, x: Array, state: Optional[dict] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[dict]]:
+  def __call__(self, x: Array, state: Optional[dict] = None, pos: Array | int = 0,
+               segments=None) -> tuple[Array, Optional[dict]]:
+    """``segments`` (packed documents): a frozen CMS is a plain MLP and takes them; levels that
+    learn in context do not restart at document boundaries yet, so they refuse them."""
     del pos
+    if segments is not None and not self.spec.frozen:
+      raise NotImplementedError(
+          "packed documents (segment_ids) with CMS levels that learn in context: the levels and "
+          "their step counters do not restart at a document boundary yet; train with "
+          "train.pack_documents=False, or freeze the levels (model.cms_lr=0)")
     targets = None if self.targets is None else [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
     if self.spec.frozen or (self.reads_only and state is None):  # frozen in context

@@ -244,9 +244,15 @@ class SelfModifyingTitans(Mixer):
   def _stop(self, targets: Array) -> Array:
     return jax.lax.stop_gradient(targets) if self.cfg.hope_stop_gradient else targets
 
-  def __call__(self, x: Array, state: Optional[HopeState] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[HopeState]]:
+  def __call__(self, x: Array, state: Optional[HopeState] = None, pos: Array | int = 0,
+               segments=None) -> tuple[Array, Optional[HopeState]]:
+    """``segments`` (packed documents) are refused: the memories do not restart at a document
+    boundary yet (``nlx.ops.dgd_memory`` does, ``reset``; HOPE's own chunk scan does not)."""
     del pos
+    if segments is not None:
+      raise NotImplementedError(
+          "packed documents (segment_ids) in HOPE's self-modifying Titans: its memories do not "
+          "restart at a document boundary yet; train with train.pack_documents=False")
     q, k, v, conv = self.qkv(x, None if state is None else state.conv)
     momentum = (jax.nn.sigmoid(self.momentum_gate(x)) if self.momentum_gate is not None
                 else None)

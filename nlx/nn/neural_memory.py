@@ -157,8 +157,9 @@ class NeuralMemory(Mixer):
       weights = weights["w"]
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.momentum else None
     accumulated = jax.tree.map(jnp.zeros_like, weights) if self.ttt else None
-    if stateful:
-      return ops.TitansState(weights, momentum, weights, jnp.zeros((), jnp.int32), accumulated)
+    if stateful:  # one chunk offset per row: packed rows continue different chunks
+      return ops.TitansState(weights, momentum, weights, jnp.zeros((batch_size,), jnp.int32),
+                             accumulated)
     return ops.TitansState(weights, momentum)
 
   def init_state(self, batch_size: int, max_len: int) -> MemoryState:
@@ -174,10 +175,15 @@ class NeuralMemory(Mixer):
                  in_axes=(0, 0, None))(tree, q, self.memory_params())
     return o.astype(q.dtype)
 
-  def __call__(self, x: Array, state: Optional[MemoryState] = None,
-               pos: Array | int = 0) -> tuple[Array, Optional[MemoryState]]:
+  def __call__(self, x: Array, state: Optional[MemoryState] = None, pos: Array | int = 0,
+               segments=None) -> tuple[Array, Optional[MemoryState]]:
+    """``segments`` (``nlx.nn.segments.Segments`` or None): at each document's first token the
+    conv window, the memory (to its learned initial weights), the momentum and the gradient
+    chunk restart, so a packed row equals its documents run alone."""
     del pos
-    q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+    reset = None if segments is None else segments.reset
+    conv_state = None if state is None else state.conv
+    q, k, v, conv = self.qkv(x, conv_state, reset=reset)
     gates = self.gates(x)  # [B, T, n_gates, H]
     lr = self.lr_max * jax.nn.sigmoid(gates[:, :, 0])
     momentum = jax.nn.sigmoid(gates[:, :, 1]) if self.momentum else None
@@ -185,8 +191,10 @@ class NeuralMemory(Mixer):
       lr = lr * (1.0 - momentum)
     g = jax.nn.log_sigmoid(gates[:, :, -1]) if self.decay else None
     initial = self.initial_memory(x.shape[0]) if state is None else state.memory
+    boundaries = {} if reset is None else dict(
+        reset=reset, reset_state=self.initial_memory(x.shape[0]).memory)
     o, memory = ops.titans_memory(q, k, v, lr=lr, momentum=momentum, g=g, memory=self.memory,
                                   initial_state=initial, chunk_size=self.chunk_size,
                                   impl=self.impl, position_scale=self.position_scale(),
-                                  memory_params=self.memory_params())
+                                  memory_params=self.memory_params(), **boundaries)
     return self.out(o, x), None if state is None else MemoryState(conv, memory)

@@ -108,8 +108,9 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       The returned ``TitansState.offset`` is then ``[B]`` (the rows' chunks differ). Forms:
       recurrent, and chunked (``nlx/memory/chunk_start.py::chunk_start_scan_packed``: a buffer of
       at most ``T + C − 1 + ⌊T/(C+1)⌋(C − 1)`` slots, about twice the chunks of a call without
-      boundaries); not the kernels; with ``position_scale`` the recurrent form only ("auto" picks
-      it).
+      boundaries); not the kernels; with ``position_scale`` the recurrent form only ("auto" and
+      "chunked" run it: a first chunk of a document may straddle two of the buffer's chunks, and
+      the position-scaled coefficients do not carry across them yet).
     reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
       learned initial memory); None: zeros (linear memory only).
 
@@ -182,17 +183,13 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   start, offset, acc = check_continuation(momentum, position_scale, mom, start, offset, acc)
   check_reset(reset, b, t)
   w_reset = check_reset_state(mem, reset, reset_state, weights, b, h, dk, dv)
-  if reset is None and getattr(offset, "shape", ()) == (b,):  # rows continue different chunks
-    reset = jnp.zeros((b, t), bool)
+  per_row = getattr(offset, "shape", ()) == (b,)  # rows continue different chunks
   reason = None
-  if reset is not None:
-    reason = "the titans/DGD kernels do not implement reset (document boundaries)"
-    if position_scale is not None:
-      if impl == "chunked":
-        raise ValueError("impl='chunked' with reset and position_scale: the chunked form does not "
-                         "implement position-scaled chunks across document boundaries; use "
-                         "impl='recurrent' (or 'auto', which picks it)")
-      impl = "recurrent" if impl == "auto" else impl
+  if reset is not None or per_row:
+    reason = ("the titans/DGD kernels do not implement reset (document boundaries) or rows that "
+              "continue different chunks (initial_state.offset [B])")
+    if reset is not None and position_scale is not None and impl != "pallas":
+      impl = "recurrent"  # the chunked form has no position-scaled chunks across boundaries
   elif position_scale is not None:
     reason = "the kernels do not implement position_scale"
   elif not isinstance(mem, LinearMemory):
@@ -232,8 +229,9 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   args = (mem, objective, *seqs, lr_, g_, m_, weights, mom)
   options = dict(batch_ndim=2, dgd=dgd, read=read, params=params, row_scale=scale)
   aligned = offset is None and t % chunk_size == 0
-  if reset is not None:
-    rows = jnp.broadcast_to(jnp.asarray(reset).astype(bool)[:, None, :], (b, h, t))
+  if reset is not None or (per_row and impl == "recurrent"):
+    rows = (None if reset is None else
+            jnp.broadcast_to(jnp.asarray(reset).astype(bool)[:, None, :], (b, h, t)))
     w_reset = (jax.tree.map(jnp.zeros_like, weights) if w_reset is None else
                castt(w_reset))
     offsets = jnp.broadcast_to(jnp.asarray(0 if offset is None else offset, jnp.int32).reshape(
@@ -241,6 +239,8 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
     if start is None:
       start = weights
     if impl == "recurrent":
+      if rows is None:
+        rows = jnp.zeros((b, h, t), bool)
       o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size, offset=offsets,
                                                 chunk_start=start, accumulated=acc, reset=rows,
                                                 reset_weights=w_reset, **options)
@@ -261,6 +261,13 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
     o, w, p = core.chunk_start_scan(*args, chunk_size, **options)
     start, offset = w, 0
     acc = None if scale is None else jax.tree.map(jnp.zeros_like, w)
+  elif per_row:  # rows continue different chunks: the offset form row by row
+    def row(q1, k1, v1, lr1, g1, m1, w1, p1, s1, off, a1, params1, scale1):
+      return core.chunk_start_scan_offset(mem, objective, q1, k1, v1, lr1, g1, m1, w1, p1, s1,
+                                          off, chunk_size, batch_ndim=1, dgd=dgd, read=read,
+                                          params=params1, row_scale=scale1, accumulated=a1)
+    o, w, p, start, offset, acc = jax.vmap(row)(*seqs, lr_, g_, m_, weights, mom, start, offset,
+                                                acc, params, scale)
   else:
     o, w, p, start, offset, acc = core.chunk_start_scan_offset(
         *args, weights if start is None else start, 0 if offset is None else offset, chunk_size,

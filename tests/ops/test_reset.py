@@ -5,6 +5,7 @@ equal every document run alone: separate calls with a zero initial state (the ro
 ``initial_state`` for a first document that does not reset at t = 0), the outputs concatenated,
 the final state the last document's. Forward and gradients, every XLA form, chunk sizes that put
 boundaries inside a chunk, at a chunk edge, two in one chunk, at t = 0 and at the last token.
+The kernels (``impl="pallas"``) are compared in tests/pallas_kernels/test_pallas_reset.py.
 """
 
 import jax
@@ -13,8 +14,6 @@ import numpy as np
 import pytest
 
 from nlx import ops
-from nlx.ops import common
-from pallas_kernels.chunked_memory import ops as pallas_ops
 
 import ops_cases as cases
 
@@ -151,36 +150,6 @@ def test_reset_at_start_discards_a_non_finite_initial_state(op, impl):
   assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(s)))
   np.testing.assert_allclose(o, want_o, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(s, want_s, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_pallas_refuses_reset(op):
-  a = _arrays(op, jnp.float32)
-  with pytest.raises(ValueError, match="reset .*not supported by the kernels"):
-    _call(op, a, "pallas", reset=_reset())
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_auto_with_reset_never_takes_the_kernel(op, monkeypatch):
-  """On an accelerator where the kernels take the call, "auto" with reset is the chunked form."""
-  a = _arrays(op, jnp.float32)
-  calls = []
-
-  def kernel(*args, **kwargs):
-    calls.append(kwargs)
-    return _call(op, a, "chunked", 16)[0], None, None
-
-  monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(pallas_ops, "unsupported", lambda *args: None)
-  monkeypatch.setattr(pallas_ops, "chunked_memory", kernel)
-  _call(op, a, "auto", 16)
-  assert len(calls) == 1  # the stand-in is reached without reset: the test can see the kernel
-  o, s = _call(op, a, "auto", 16, reset=_reset())
-  assert len(calls) == 1
-  monkeypatch.undo()
-  want_o, want_s = _call(op, a, "chunked", 16, reset=_reset())
-  np.testing.assert_array_equal(o, want_o)
-  np.testing.assert_array_equal(s, want_s)
 
 
 @pytest.mark.parametrize("op", OPS)

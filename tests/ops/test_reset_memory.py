@@ -122,18 +122,17 @@ def test_packed_gradients_equal_documents_alone(case):
       np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
 
-def test_position_scale_with_reset_runs_the_recurrent_form():
-  """TTT's position scale: the recurrent form (auto picks it) equals the documents alone."""
+@pytest.mark.parametrize("impl", ["auto", "chunked"])
+def test_position_scale_with_reset_runs_the_recurrent_form(impl):
+  """TTT's position scale: the recurrent form ("auto" and "chunked" run it) equals the
+  documents alone."""
   with jax.enable_x64(True):
     a = _arrays(jnp.float64, False)
     scale = 1.0 / jnp.arange(1, C + 1, dtype=jnp.float64)
     want = _documents("titans_memory", dict(position_scale=scale), a)
-    got, _ = _call("titans_memory", dict(position_scale=scale), a, "auto", _reset(),
+    got, _ = _call("titans_memory", dict(position_scale=scale), a, impl, _reset(),
                    initial_state=a["s0"])
     np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
-    with pytest.raises(ValueError, match="position_scale"):
-      _call("titans_memory", dict(position_scale=scale), a, "chunked", _reset(),
-            initial_state=a["s0"])
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
@@ -192,3 +191,23 @@ def test_bad_reset_state_is_refused():
   with pytest.raises(ValueError, match="reset"):
     ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
                       chunk_size=16)
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+def test_rows_at_different_chunk_offsets_continue_without_reset(impl):
+  """A state with one offset per row (after a packed call) continues each row like a call of
+  that row alone, position-scaled (TTT) included."""
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, False)
+    scale = 1.0 / jnp.arange(1, C + 1, dtype=jnp.float64)
+    options = dict(position_scale=scale)
+    _, state = _call("titans_memory", options, a, "recurrent", _reset()[:, :7],
+                     initial_state=a["s0"], span=slice(0, 7))
+    assert state.offset.shape == (B,)
+    got, _ = _call("titans_memory", options, a, impl, initial_state=state, span=slice(7, T))
+    for r in range(B):
+      one = jax.tree.map(lambda x: x[r:r + 1] if getattr(x, "ndim", 0) else x, state)
+      one = one._replace(offset=int(state.offset[r]))
+      want, _ = _call("titans_memory", options, a, "recurrent", initial_state=one,
+                      rows=slice(r, r + 1), span=slice(7, T))
+      np.testing.assert_allclose(got[r:r + 1], want, atol=1e-10, rtol=1e-10)
