@@ -239,7 +239,8 @@ def train_step_fn(trainer: Trainer) -> Callable:
 
   def step(state, batch):
     tokens, segment_ids = split_batch(batch)
-    up = apply_gradients(lambda p: loss_fn(graphdef, p, tokens, dtype, activations, segment_ids),
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids}  # None: today's call
+    up = apply_gradients(lambda p: loss_fn(graphdef, p, tokens, dtype, activations, **packed),
                          tx, state["params"], state["opt_state"], trainable=trainer.trainable)
     rng, _ = jax.random.split(state["rng"])
     metrics = {"loss": up.loss, "grad_norm": optax.tree.norm(up.grads),

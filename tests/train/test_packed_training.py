@@ -213,17 +213,9 @@ def test_the_loop_trains_on_a_jsonl_corpus_with_segment_ids(monkeypatch, tmp_pat
   assert np.isfinite(record["eval_loss"]) and record["step"] == 3
 
 
-def _hope_takes_segments() -> bool:
-  from nlx.nn.hope import SelfModifyingTitans  # pylint: disable=g-import-not-at-top
-  return "segments" in inspect.signature(SelfModifyingTitans.__call__).parameters
-
-
 @pytest.mark.skipif(not LM_TAKES_SEGMENT_IDS,
                     reason="nlx.nn.model.LM.__call__ does not take segment_ids yet")
-@pytest.mark.parametrize("family", [
-    "transformer",
-    pytest.param("hope", marks=pytest.mark.skipif(
-        not _hope_takes_segments(), reason="HOPE's mixer does not take segments yet"))])
+@pytest.mark.parametrize("family", ["transformer", "hope"])
 def test_real_lm_packed_loss_equals_each_document_alone(family):
   cfg = configs.load(f"{family}:tiny", ["model.n_layers=2"])
   model = LM(configs.validate(cfg).model, rngs=nnx.Rngs(0))
@@ -231,6 +223,10 @@ def test_real_lm_packed_loss_equals_each_document_alone(family):
   graphdef, params = nnx.split(model)
   packed = jax.jit(lambda p: step_lib.loss_fn(graphdef, p, jnp.asarray(batch["tokens"]),
                                               segment_ids=jnp.asarray(batch["segment_ids"])))
-  np.testing.assert_allclose(packed(params),
+  try:
+    loss = packed(params)
+  except NotImplementedError as e:  # a family whose mixers do not restart at documents yet
+    pytest.skip(str(e))
+  np.testing.assert_allclose(loss,
                              _alone(model, batch["tokens"], batch["segment_ids"]), rtol=1e-4)
 
