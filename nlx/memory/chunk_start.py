@@ -180,18 +180,23 @@ def chunk_read(memory: Memory, chunk: tuple, y: tuple, read: str) -> Array:
 
 def chunk_update(memory: Memory, objective: Objective, w0: Weights, p0: Optional[Weights],
                  k: Array, v: Array, lr: Array, log_decay: Array, momentum: Optional[Array], *,
-                 dgd: bool = False, read: str = "after_write"):
+                 dgd: bool = False, read: str = "after_write", reset: Optional[Array] = None,
+                 fresh: Optional[Array] = None, live: Optional[Array] = None,
+                 w_init: Optional[Weights] = None):
   """One whole chunk of ``chunk_start_scan`` for one slice, its coefficients included.
 
   For callers that scan over chunks themselves (HOPE, whose keys and values come from memories
-  written by the previous chunk). Gradients are taken at ``w0``.
+  written by the previous chunk). Gradients are taken at ``w0``. With document boundaries (a
+  buffer chunk of ``chunk_start_scan_packed``'s layout): ``reset``, ``fresh``, ``live`` ``[C]``
+  and the reset state ``w_init``, as there.
 
   Returns:
     ``((weights, momentum_state) after the chunk, reader)``: ``chunk_output(memory, q, reader)``
     gives the chunk's reads.
   """
-  coef, prev = _prepare_coefficients(log_decay, momentum, dgd, read)
-  cw = chunk_writes(memory, objective, w0, w0, p0, (None, k, v, lr, coef, prev), dgd)
+  coef, prev = _prepare_coefficients(log_decay, momentum, dgd, read, reset=reset, live=live)
+  cw = chunk_writes(memory, objective, w0, w0, p0, (None, k, v, lr, coef, prev), dgd, fresh,
+                    w_init)
   state = _weights_at(w0, p0, cw, coef, k.shape[0] - 1)
   return state, (prev if read == "before_write" else coef, w0, p0, cw)
 

@@ -172,13 +172,17 @@ class SelfModifyingTitans(Mixer):
     return eta / (1.0 + eta) if self.cfg.hope_dgd == "arxiv" else eta
 
   def write(self, weights: dict, momentum_state: Optional[dict], k: Array, target: Array,
-            lr: Array, log_alpha: Optional[Array], momentum: Optional[Array]):
+            lr: Array, log_alpha: Optional[Array], momentum: Optional[Array],
+            flags: Optional[tuple] = None, w_init: Optional[dict] = None):
     """One chunk of DGD (``hope_dgd="off"``: GD) on stacked memories, gradients at ``weights``.
 
     Args:
       weights, momentum_state: ``{name: [B, H', in, out]}`` (momentum_state None: no momentum).
       k, target: ``[B, C, H', dk]``; lr (the rate, η' or η), log_alpha, momentum: ``[B, C, H']``
         (log_alpha, momentum may be None).
+      flags: packed documents, ``(reset, fresh, live)`` each ``[B, C]`` of a buffer chunk
+        (``_packed``), with ``w_init`` the memories' initial weights (``{name: [B, H', in,
+        out]}``); None without documents.
 
     Returns:
       ``((weights, momentum_state) after the chunk, reader)``; ``self.output(q, reader)`` reads.
@@ -186,11 +190,19 @@ class SelfModifyingTitans(Mixer):
     dtype = jax.tree.leaves(weights)[0].dtype
     cast = lambda x: None if x is None else _heads_first(x.astype(dtype))
     g = jnp.zeros_like(lr) if log_alpha is None else log_alpha
-    step = lambda w, p, kc, vc, lrc, gc, mc: core.chunk_update(
-        self.memory, L2 if self.cfg.hope_objective == "l2" else DOT, w, p, kc, vc, lrc, gc, mc,
-        dgd=self.cfg.hope_dgd != "off", read=self.cfg.hope_read)
-    return core.batched(step, 2)(weights, momentum_state, cast(k), cast(target), cast(lr),
-                                 cast(g), cast(momentum))
+    objective = L2 if self.cfg.hope_objective == "l2" else DOT
+    options = dict(dgd=self.cfg.hope_dgd != "off", read=self.cfg.hope_read)
+    args = (weights, momentum_state, cast(k), cast(target), cast(lr), cast(g), cast(momentum))
+    if flags is None:
+      step = lambda w, p, kc, vc, lrc, gc, mc: core.chunk_update(
+          self.memory, objective, w, p, kc, vc, lrc, gc, mc, **options)
+      return core.batched(step, 2)(*args)
+    heads = lr.shape[2]
+    per_head = lambda f: jnp.broadcast_to(f[:, None, :], (f.shape[0], heads, f.shape[1]))
+    step = lambda w, p, kc, vc, lrc, gc, mc, rc, fc, lc, wi: core.chunk_update(
+        self.memory, objective, w, p, kc, vc, lrc, gc, mc, reset=rc, fresh=fc, live=lc,
+        w_init=wi, **options)
+    return core.batched(step, 2)(*args, *map(per_head, flags), w_init)
 
   def output(self, q: Array, reader: tuple) -> Array:
     """A chunk's reads ``[B, C, H', dk]`` at queries ``[B, C, H', dk]`` (``reader``: from write)."""
@@ -202,13 +214,26 @@ class SelfModifyingTitans(Mixer):
   # -- one chunk --------------------------------------------------------------------------------
 
   def _chunk(self, carry, inputs):
-    """One chunk ``[B, C, ...]``: reads and targets at the chunk-start state, then the writes."""
+    """One chunk ``[B, C, ...]``: reads and targets at the chunk-start state, then the writes.
+
+    With packed documents (``inputs`` end with the flags ``(reset, fresh, live)`` of a buffer
+    chunk, ``_packed``), a token in its document's first chunk (``fresh``) reads, makes its
+    targets and takes its gradients at the memories' initial weights, a reset restores them
+    (and zero momentum), and a placeholder (not ``live``) writes nothing.
+    """
     weights, mom = carry
-    q, k, v, momentum = inputs
+    q, k, v, momentum = inputs[:4]
+    flags = inputs[4:] or None
     n, h, c = len(self.names), self.heads, q.shape[1]
     comps = _heads(weights, 0, n * h)
     streams = {"k": k, "v": v, "q": q, "eta": k, "alpha": k}
-    reads = read(self.memory, comps, jnp.concatenate([streams[name] for name in self.names], 2))
+    inputs_cat = jnp.concatenate([streams[name] for name in self.names], 2)
+    reads = read(self.memory, comps, inputs_cat)
+    w_init = None
+    if flags is not None:
+      fresh = flags[1][:, :, None, None]
+      w_init = self._initial(q.shape[0])[0]
+      reads = jnp.where(fresh, read(self.memory, _heads(w_init, 0, n * h), inputs_cat), reads)
     out = dict(zip(self.names, jnp.split(reads, n, axis=2)))
     k = l2_normalize(out["k"]) if "k" in out else k
     v = out.get("v", v)
@@ -224,6 +249,15 @@ class SelfModifyingTitans(Mixer):
     targets = lambda w, copies: self._stop(read(self.memory, w, jnp.tile(v, (1, 1, copies, 1))))
     tile = lambda x, n: None if x is None else jnp.tile(x, (1, 1, n) + (1,) * (x.ndim - 3))
     sub = self.cfg.memory_chunk_size
+    if flags is not None:  # packed documents: one write of every memory (_packed checks c)
+      live = flags[2][:, :, None]
+      lr = jnp.where(live, lr, 0.0)
+      log_alpha = None if log_alpha is None else jnp.where(live, log_alpha, 0.0)
+      target = jnp.where(fresh, targets(w_init, n + 1), targets(weights, n + 1))
+      (weights, mom), reader = self.write(weights, mom, tile(k, n + 1), target, tile(lr, n + 1),
+                                          tile(log_alpha, n + 1), tile(momentum, n + 1), flags,
+                                          w_init)
+      return (weights, mom), self.output(q, jax.tree.map(lambda x: x[:, n * h:], reader))
     if c <= sub:  # every memory in one write (the default: memory_chunk_size == hope_chunk_size)
       (weights, mom), reader = self.write(weights, mom, tile(k, n + 1), targets(weights, n + 1),
                                           tile(lr, n + 1), tile(log_alpha, n + 1),
@@ -249,19 +283,54 @@ class SelfModifyingTitans(Mixer):
     """``segments`` (packed documents) are refused: the memories do not restart at a document
     boundary yet (``nlx.ops.dgd_memory`` does, ``reset``; HOPE's own chunk scan does not)."""
     del pos
-    if segments is not None:
-      raise NotImplementedError(
-          "packed documents (segment_ids) in HOPE's self-modifying Titans: its memories do not "
-          "restart at a document boundary yet; train with train.pack_documents=False")
-    q, k, v, conv = self.qkv(x, None if state is None else state.conv)
+    reset = None if segments is None else segments.reset
+    q, k, v, conv = self.qkv(x, None if state is None else state.conv, reset=reset)
     momentum = (jax.nn.sigmoid(self.momentum_gate(x)) if self.momentum_gate is not None
                 else None)
+    if reset is not None:
+      if state is not None:
+        raise NotImplementedError("HOPE's stateful calls (prefill, step) with segment_ids are "
+                                  "not implemented yet; call without segment_ids")
+      return self.out(self._packed((q, k, v, momentum), reset).astype(x.dtype), x), None
     if state is None:
       _, o = core.scan_chunks(self._chunk_time_major, self._initial(x.shape[0]),
                               tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
       return self.out(_batch_major(o).astype(x.dtype), x), None
     o, state = self._continue(state._replace(conv=conv), (q, k, v, momentum))
     return self.out(o.astype(x.dtype), x), state
+
+  def _packed(self, inputs: tuple, reset: Array) -> Array:
+    """A whole packed sequence: ``(q, k, v, momentum)`` and ``reset [B, T]`` -> ``o``.
+
+    Each document's chunks of ``hope_chunk_size`` tokens are aligned with its first token, as if
+    it ran alone: the tokens go into a buffer of whole chunks (``core.document_slots``, the
+    layout of ``nlx.ops.titans_memory``'s packed form) whose chunks each start at the state the
+    previous one left, and a document's first chunk (which may straddle two buffer chunks) runs
+    from the initial memories (``_chunk``'s flags).
+    """
+    c = self.chunk
+    if self.cfg.memory_chunk_size != c:
+      raise NotImplementedError(
+          f"packed documents in HOPE need model.memory_chunk_size == hope_chunk_size (got "
+          f"{self.cfg.memory_chunk_size} and {c}): sub-chunks of a document's first chunk are "
+          "not aligned yet")
+    b, t = reset.shape
+    reset = jnp.asarray(reset).astype(bool)
+    slots, _, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
+    n = core.buffer_chunks(t, c)
+
+    def place(x, fill=0):
+      if x is None:
+        return None
+      put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
+      return jax.vmap(put)(x, slots)
+
+    q, k, v, momentum = inputs
+    xs = (place(q), place(k), place(v), place(momentum, 1), place(reset, False),
+          place(fresh, False), place(jnp.ones((b, t), bool), False))
+    _, o = core.scan_chunks(self._chunk_time_major, self._initial(b),
+                            tuple(map(_time_major, xs)), c)
+    return jax.vmap(lambda os, ss: os[ss])(_batch_major(o), slots)
 
   def _chunk_time_major(self, carry, chunk):
     """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``),
