@@ -57,7 +57,8 @@ class DeltaRuleMixer(Mixer):
     """Gated DeltaNet's ``g [B, T, H]`` (None for DeltaNet)."""
     if not self.gated:
       return None
-    dt = jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
+    dt = jax.nn.softplus(self.a(x).astype(jnp.promote_types(x.dtype, jnp.float32)) +
+                         self.dt_bias[...])
     return (-jnp.exp(self.a_log[...]) * dt).astype(x.dtype)
 
   def __call__(self, x: Array, state: Optional[DeltaState] = None, pos: Array | int = 0,

@@ -86,7 +86,8 @@ class Mamba2(Mixer):
     xbc, conv_state = self.conv(self.xbc(x), None if state is None else state.conv, reset)
     xs, bs, cs = jnp.split(xbc, [self.inner, self.inner + n], axis=-1)
     xs = xs.reshape(b, t, h, p)
-    dt = jax.nn.softplus(self.dt(x).astype(jnp.float32) + self.dt_bias[...])  # [B, T, H]
+    dt = jax.nn.softplus(self.dt(x).astype(jnp.promote_types(x.dtype, jnp.float32)) +
+                         self.dt_bias[...])  # [B, T, H], float32 (float64 for float64 x)
     g = -jnp.exp(self.a_log[...]) * dt
     heads = lambda y: jnp.broadcast_to(y[:, :, None, :], (b, t, h, n))
     y, memory = ops.linear_attention(heads(cs), heads(bs), xs * dt[..., None].astype(xs.dtype),

@@ -170,7 +170,7 @@ class LM(nnx.Module):
   def _logits(self, x: Array) -> Array:
     x = self.norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return logits.astype(jnp.float32)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays
 
   def _run_layers(self, x: Array, states=None, pos=0, segments: Optional[Segments] = None):
     """Scans the stacked groups over ``x`` (and their states); returns ``(x, states)``."""
@@ -192,7 +192,8 @@ class LM(nnx.Module):
     return self._logits(x), layers
 
   def __call__(self, tokens: Array, segment_ids: Optional[Array] = None) -> Array:
-    """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32), from the initial state.
+    """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]`` (float32; float64 for a float64
+    model), from the initial state.
 
     ``segment_ids [B, T]`` (int, or None: one document per row): packed documents, a new one
     where the id changes; each document's logits are those of the document alone.

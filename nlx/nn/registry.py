@@ -25,7 +25,8 @@ class Family:
   """A registered family: its name, the mixers of one layer group, and a config check.
 
   ``mlp``: None (every block has the SwiGLU MLP), or a factory ``(cfg, *, rngs)`` of the blocks'
-  MLP: an ``nnx.Module`` ``x -> y``, or a stateful ``Mixer`` (``init_state``, ``(x, state, pos)``).
+  MLP: an ``nnx.Module`` ``x -> y``, or a stateful ``Mixer`` (``init_state``, ``(x, state, pos)``
+  and, with packed documents, ``(x, state, pos, segments)``; ``nlx.nn.mixer``).
   """
 
   name: str
