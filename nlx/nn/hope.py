@@ -287,11 +287,11 @@ class SelfModifyingTitans(Mixer):
     q, k, v, conv = self.qkv(x, None if state is None else state.conv, reset=reset)
     momentum = (jax.nn.sigmoid(self.momentum_gate(x)) if self.momentum_gate is not None
                 else None)
-    if reset is not None:
-      if state is not None:
-        raise NotImplementedError("HOPE's stateful calls (prefill, step) with segment_ids are "
-                                  "not implemented yet; call without segment_ids")
+    if reset is not None and state is None:
       return self.out(self._packed((q, k, v, momentum), reset).astype(x.dtype), x), None
+    if state is not None and (reset is not None or jnp.ndim(state.offset) == 1):
+      o, state = self._continue_packed(state._replace(conv=conv), (q, k, v, momentum), reset)
+      return self.out(o.astype(x.dtype), x), state
     if state is None:
       _, o = core.scan_chunks(self._chunk_time_major, self._initial(x.shape[0]),
                               tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
@@ -331,6 +331,82 @@ class SelfModifyingTitans(Mixer):
     _, o = core.scan_chunks(self._chunk_time_major, self._initial(b),
                             tuple(map(_time_major, xs)), c)
     return jax.vmap(lambda os, ss: os[ss])(_batch_major(o), slots)
+
+  def _continue_packed(self, state: HopeState, inputs: tuple,
+                       reset: Optional[Array]) -> tuple[Array, HopeState]:
+    """``_continue`` with packed documents (``reset [B, T]``, or None after a packed call): the
+    rows continue chunks at different offsets, so ``HopeState.offset`` becomes ``[B]``.
+
+    Per row, the pending tokens of the chunk in progress and the new ones run as one packed
+    sequence from the chunk-start memories (``_packed``'s buffer, plus the memories at every
+    buffer chunk's start); the new state is the chunk the next token falls in: its start
+    memories (the initial ones when it is its document's first chunk) and its tokens so far.
+    """
+    c, (b, t) = self.chunk, inputs[0].shape[:2]
+    if self.cfg.memory_chunk_size != c:
+      raise NotImplementedError(
+          f"packed documents in HOPE need model.memory_chunk_size == hope_chunk_size (got "
+          f"{self.cfg.memory_chunk_size} and {c})")
+    r = jnp.broadcast_to(jnp.asarray(state.offset, jnp.int32), (b,))
+    length = c - 1 + t
+    new_reset = jnp.zeros((b, t), bool) if reset is None else jnp.asarray(reset).astype(bool)
+
+    def combine(pending, new):  # per row: pending[:r], then new from slot r, zeros after
+      if new is None:
+        return None
+      row = lambda p, x, rr: jax.lax.dynamic_update_slice_in_dim(
+          jnp.concatenate([p.astype(x.dtype), jnp.zeros_like(x)], 0), x, rr, 0)
+      return jax.vmap(row)(pending, new, r)
+
+    seqs = tuple(map(combine, state.pending, inputs))
+    index = jnp.arange(length)[None, :]
+    live = index < (r + t)[:, None]
+    rows_reset = combine(jnp.zeros((b, c - 1), bool), new_reset)
+    slots, positions, fresh = core.batched(lambda x: core.document_slots(x, 0, c), 1)(rows_reset)
+    n = core.buffer_chunks(length, c) + 1  # one more: the state after the last token
+
+    def place(x, fill=0):
+      if x is None:
+        return None
+      put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
+      return jax.vmap(put)(x, slots)
+
+    q, k, v, momentum = seqs
+    xs = (place(q), place(k), place(v), place(momentum, 1), place(rows_reset, False),
+          place(fresh, False), place(live, False))
+    chunks = jax.tree.map(lambda a: _time_major(a).reshape((n, c) + a.shape[:1] + a.shape[2:]),
+                          xs)
+
+    def body(carry, chunk):
+      new, o = self._chunk_time_major(carry, chunk)
+      return new, (o, carry)
+
+    start = tuple(state.memories[:2])
+    _, (o, starts) = jax.lax.scan(body, start, chunks)
+    o = _batch_major(o.reshape((n * c,) + o.shape[2:]))
+    take = lambda a, i: jax.vmap(lambda x, j: jax.lax.dynamic_slice_in_dim(x, j, t, 0))(a, i)
+    o = take(jax.vmap(lambda os, ss: os[ss])(o, slots), r)
+
+    last = r + t - 1
+    at = lambda a: jnp.take_along_axis(a, last[:, None], 1)[:, 0]
+    nxt = (at(positions) + 1) % c  # the next token's position in its chunk
+    first = jnp.where(nxt == 0, last + 1, last - at(positions))  # its chunk's first token
+    first_fresh = jnp.where(nxt == 0, False,
+                            jnp.take_along_axis(fresh, jnp.minimum(first, length - 1)[:, None],
+                                                1)[:, 0])
+    slot_of = lambda i: jnp.take_along_axis(slots, jnp.minimum(i, length - 1)[:, None], 1)[:, 0]
+    chunk_index = jnp.where(nxt == 0, slot_of(last) // c + 1, slot_of(first) // c)
+    starts = jax.tree.map(lambda a: jax.vmap(lambda x, i: x[i], in_axes=(1, 0))(a, chunk_index),
+                          starts)
+    init = self._initial(b)
+    pick = lambda a, i: jnp.where(first_fresh.reshape((b,) + (1,) * (a.ndim - 1)), i, a)
+    memories = jax.tree.map(pick, starts, init)
+    padded = lambda a: jnp.concatenate([a, jnp.zeros((b, c - 1) + a.shape[2:], a.dtype)], 1)
+    pending = tuple(None if a is None else
+                    jax.vmap(lambda x, j: jax.lax.dynamic_slice_in_dim(x, j, c - 1, 0))(
+                        padded(a), first).astype(old.dtype)
+                    for a, old in zip(seqs, state.pending))
+    return o, HopeState(state.conv, ops.TitansState(*memories), pending, nxt)
 
   def _chunk_time_major(self, carry, chunk):
     """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``),
