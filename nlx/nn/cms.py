@@ -51,6 +51,7 @@ import optax
 from flax import nnx
 
 from nlx import levels as nl_levels
+from nlx.memory import core
 from nlx.nn.config import ModelConfig
 from nlx.nn.mixer import Mixer
 from nlx.nn.mlp import SwiGLU
@@ -174,11 +175,13 @@ class CMSSpec:
             jax.tree.map(jnp.add, params[self.names[i + 1]]["init"], params[n]["delta"])
             for i, n in enumerate(self.names)]
 
-  def chain(self, params: dict, x: Array, targets: Optional[list], mix: Optional[Array]):
+  def chain(self, params: dict, x: Array, targets: Optional[list], mix: Optional[Array],
+            weights: Optional[Array] = None):
     """Runs the blocks on ``x [..., d]``: ``(y [..., d], {level name: scalar loss})``.
 
     ``targets[ℓ]``: the learned target weights ``W_ℓ [d, d]`` of level ℓ (target ``h W_ℓ``);
-    None: no local losses (``{}``).
+    None: no local losses (``{}``). ``weights [...]``: each token's weight in the losses (None:
+    1 each).
     """
     blocks = self.block_weights(params)
     h, y, own = x, None, []
@@ -186,8 +189,7 @@ class CMSSpec:
       inp = x if self.variant == "independent" else h
       o = swiglu(w, inp)
       if targets is not None:
-        err = (o - dense(inp, targets[i])).astype(jnp.float32)
-        own.append(0.5 * jnp.mean(err * err, axis=-1).sum())
+        own.append(local_loss(o, inp, targets[i], weights))
       if self.variant == "independent":
         o = mix[i].astype(o.dtype) * o
       else:
@@ -198,27 +200,51 @@ class CMSSpec:
     return y, losses
 
 
-def level_grads(spec: CMSSpec, params: dict, x: Array, targets, mix):
+def local_loss(o: Array, inp: Array, target: Array, weights: Optional[Array] = None) -> Array:
+  """``Σ_t w_t · ½·mean_c (o_t − inp_t W)²``: the ``local`` objective (``weights`` None: 1)."""
+  err = (o - dense(inp, target)).astype(jnp.float32)
+  per_token = 0.5 * jnp.mean(err * err, axis=-1)
+  return (per_token if weights is None else per_token * weights.astype(per_token.dtype)).sum()
+
+
+def level_grads(spec: CMSSpec, params: dict, x: Array, targets, mix, weights=None):
   """Each level's gradient of its own loss w.r.t. its own parameters, and the output."""
-  fn = lambda p: spec.chain(p, x, targets, mix)
-  losses, vjp_fn, y = jax.vjp(lambda p: fn(p)[::-1], params, has_aux=True)
+  return own_grads(lambda p: spec.chain(p, x, targets, mix, weights)[::-1], params, spec.names)
+
+
+def own_grads(fn, params: dict, names) -> tuple[dict, Array]:
+  """``fn(params) -> ({level name: loss}, y)``: ``({name: ∂ loss[name] / ∂ params[name]}, y)``."""
+  losses, vjp_fn, y = jax.vjp(fn, params, has_aux=True)
   grads = {}
-  for name in spec.names:
+  for name in names:
     cot = {k: jnp.ones_like(v) if k == name else jnp.zeros_like(v) for k, v in losses.items()}
     grads[name] = vjp_fn(cot)[0][name]
   return grads, y
 
 
-def run_tokens(spec: CMSSpec, states: dict, x: Array, targets, mix) -> tuple[dict, Array]:
-  """One sequence token by token (``x [T, d]``), ``levels.tick`` after each: any start offset."""
+def run_tokens(spec: CMSSpec, states: dict, x: Array, targets, mix, reset: Optional[Array] = None,
+               initial: Optional[dict] = None) -> tuple[dict, Array]:
+  """One sequence token by token (``x [T, d]``), ``levels.tick`` after each: any start offset.
+
+  ``reset [T]`` (bool, or None): a token that starts a document first restores ``initial`` (the
+  fresh level states: initial weights, zero gradients and counters).
+  """
   lvls = spec.levels()
 
-  def body(states, xt):
+  def body(states, inp):
+    xt, rt = inp
+    if rt is not None:
+      states = tree_where(rt, initial, states)
     params = {n: s.params for n, s in states.items()}
     grads, y = level_grads(spec, params, xt[None], targets, mix)
     return nl_levels.tick(lvls, states, grads, 1), y[0]
 
-  return jax.lax.scan(body, states, x)
+  return jax.lax.scan(body, states, (x, reset))
+
+
+def tree_where(pred: Array, a, b):
+  """``a`` where the scalar ``pred`` holds, else ``b`` (leaf by leaf)."""
+  return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
 def run_sequence(spec: CMSSpec, states: dict, x: Array, targets, mix) -> tuple[dict, Array]:
@@ -263,10 +289,7 @@ def _run_levels_in_turn(spec: CMSSpec, states: dict, x: Array, targets, mix):
 
     def chunk_fn(params, carry, xs, name=name, target=target):
       o = swiglu(params[name], xs)
-      losses = {}
-      if target is not None:
-        err = (o - dense(xs, target)).astype(jnp.float32)
-        losses[name] = 0.5 * jnp.mean(err * err, axis=-1).sum()
+      losses = {} if target is None else {name: local_loss(o, xs, target)}
       return losses, (carry, o)
 
     main = inp.shape[0] - inp.shape[0] % level.period
@@ -285,6 +308,92 @@ def _run_levels_in_turn(spec: CMSSpec, states: dict, x: Array, targets, mix):
       h = h + o
     y = o if y is None else y + o
   return new_states, y
+
+
+def run_documents(spec: CMSSpec, states: dict, initial: dict, x: Array, targets, mix,
+                  reset: Array, doc: Array) -> tuple[dict, Array]:
+  """``run_sequence`` of a packed row (``x [T, d]``, ``reset``/``doc [T]``): each document as if
+  alone, from ``initial`` (its levels restart at its first token and count their periods from it).
+
+  ``sequential`` and ``independent``: each level in turn, ``packed_scan`` over buffer periods of
+  ``C_ℓ`` tokens (one block); ``nested``: the whole chain, ``packed_scan`` over buffer chunks of
+  ``C_1`` tokens in which ``levels.tick`` steps the levels whose counters reach their periods.
+  """
+  lvls = spec.levels()
+  if spec.variant == "nested":
+    forward = lambda p, xs, w: spec.chain(p, xs, targets, mix, w)[::-1]
+    return packed_scan(lvls, spec.periods[0], forward, states, initial, x, reset, doc)
+  h, y, new_states = x, None, dict(states)
+  for i, (level, name) in enumerate(zip(lvls, spec.names)):
+    inp = x if spec.variant == "independent" else h
+
+    def forward(params, xs, w, name=name, target=targets[i]):
+      o = swiglu(params[name], xs)
+      return {name: local_loss(o, xs, target, w)}, o
+
+    run, o = packed_scan((level,), level.period, forward, {name: states[name]},
+                         {name: initial[name]}, inp, reset, doc)
+    new_states[name] = run[name]
+    if spec.variant == "independent":
+      o = mix[i].astype(o.dtype) * o
+    else:
+      h = h + o
+    y = o if y is None else y + o
+  return new_states, y
+
+
+def packed_scan(lvls, period: int, forward, states: dict, initial: dict, x: Array, reset: Array,
+                doc: Array) -> tuple[dict, Array]:
+  """Levels ``lvls`` over a packed row ``x [T, d]`` in buffer periods of ``period`` tokens.
+
+  ``nlx.memory.core.document_slots`` places the tokens so that every period boundary inside a
+  document lands on a buffer boundary (placeholders, zero input and zero loss weight, pad up to
+  it). In a buffer period, the tokens of a document's first period (``fresh``; that period may
+  straddle two buffer periods) read and differentiate the ``initial`` weights, the others the
+  carried ones. After the period, the carried states are those that ``levels.tick`` makes of
+  ``initial`` and the summed gradients of the first period so far of the last real token's
+  document, when that token is fresh; else of the carried states and the other tokens'
+  gradients. ``forward(params, xs [period, d], weights [period]) -> ({level: loss}, y)``.
+
+  Returns ``(states, y [T, d])``: the states after the last buffer period (exact when the row
+  ends on a period boundary) and every token's output.
+  """
+  t, c = x.shape[0], period
+  slots, _, fresh = core.document_slots(reset, 0, c)
+  n = core.buffer_chunks(t, c)
+
+  def place(a, fill):
+    buf = jnp.full((n * c,) + a.shape[1:], fill, a.dtype).at[slots].set(a)
+    return buf.reshape((n, c) + a.shape[1:])
+
+  names = [lv.name for lv in lvls]
+  params = lambda st: {name: st[name].params for name in names}
+  zero = jax.tree.map(jnp.zeros_like, {name: initial[name].grad_sum for name in names})
+
+  def body(carry, inp):
+    run, acc, acc_doc = carry
+    xs, real, first, docs = inp
+    last = jnp.max(jnp.where(real, jnp.arange(c), -1))
+    any_real, last = last >= 0, jnp.maximum(last, 0)
+    last_doc, last_fresh = docs[last], any_real & first[last]
+    mask = lambda m: m.astype(x.dtype)
+    g_run, y_run = own_grads(lambda p: forward(p, xs, mask(real & ~first)), params(run), names)
+    g_ini, y_ini = own_grads(lambda p: forward(p, xs, mask(real & first & (docs == last_doc))),
+                             params(initial), names)
+    total = jax.tree.map(lambda a, g: jnp.where(acc_doc == last_doc, a, 0) + g.astype(a.dtype),
+                         acc, g_ini)
+    stepped = tree_where(last_fresh, nl_levels.tick(lvls, initial, total, c),
+                         nl_levels.tick(lvls, run, g_run, c))
+    run = tree_where(any_real, stepped, run)
+    acc = tree_where(last_fresh, total, zero)
+    y = jnp.where(first[:, None], y_ini, y_run)
+    return (run, acc, jnp.where(last_fresh, last_doc, -1)), y
+
+  xs = (place(x, 0), place(jnp.ones((t,), bool), False), place(fresh, False),
+        place(doc.astype(jnp.int32), -1))
+  init = (dict(states), zero, jnp.asarray(-1, jnp.int32))
+  (run, _, _), ys = jax.lax.scan(body, init, xs)
+  return {**states, **run}, ys.reshape((n * c,) + ys.shape[2:])[slots]
 
 
 class CMS(Mixer):
@@ -318,23 +427,39 @@ class CMS(Mixer):
 
   def __call__(self, x: Array, state: Optional[dict] = None, pos: Array | int = 0,
                segments=None) -> tuple[Array, Optional[dict]]:
-    """``segments`` (packed documents): a frozen CMS is a plain MLP and takes them; levels that
-    learn in context do not restart at document boundaries yet, so they refuse them."""
+    """``x [B, T, d]`` -> ``(y, state)``; ``segments`` (packed documents, or None): every level
+    restarts at a document's first token (``segments.reset``: initial weights, zero gradient and
+    counter), so that each document runs as if alone. A frozen CMS ignores them."""
     del pos
-    if segments is not None and not self.spec.frozen:
-      raise NotImplementedError(
-          "packed documents (segment_ids) with CMS levels that learn in context: the levels and "
-          "their step counters do not restart at a document boundary yet; train with "
-          "train.pack_documents=False, or freeze the levels (model.cms_lr=0)")
     targets = None if self.targets is None else [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
     if self.spec.frozen or (self.reads_only and state is None):  # frozen in context
       params = self.spec.initial_params([swiglu_weights(b) for b in self.blocks])
       return self.spec.chain(params, x, targets, mix)[0], state
     if self.reads_only:  # next_token: the weights of the state; nlx.nn.next_token steps them
-      params = {n: s.params for n, s in state.items()}
-      return jax.vmap(lambda p, xs: self.spec.chain(p, xs, None, mix)[0])(params, x), state
-    run = run_sequence if state is None else run_tokens
-    states = self.initial_levels(x.shape[0]) if state is None else state
-    new, y = jax.vmap(lambda s, xs: run(self.spec, s, xs, targets, mix))(states, x)
+      return self._read(state, x, mix, segments), state
+    initial = self.initial_levels(x.shape[0])
+    if segments is None:
+      run = run_sequence if state is None else run_tokens
+      states = initial if state is None else state
+      new, y = jax.vmap(lambda s, xs: run(self.spec, s, xs, targets, mix))(states, x)
+    elif state is None:
+      new, y = jax.vmap(lambda s, xs, r, d: run_documents(self.spec, s, s, xs, targets, mix, r, d))(
+          initial, x, segments.reset, segments.doc)
+    else:
+      new, y = jax.vmap(lambda s, xs, r, i: run_tokens(self.spec, s, xs, targets, mix, r, i))(
+          state, x, segments.reset, initial)
     return y, None if state is None else new
+
+  def _read(self, state: dict, x: Array, mix, segments) -> Array:
+    """The ``next_token`` CMS: every token reads its row's level weights in ``state``; with
+    ``segments``, only the tokens of the call's first document do, the others (documents that
+    ``nlx.nn.next_token`` places after it in a chunk, still in their first chunk) read the
+    initial weights."""
+    params = {n: s.params for n, s in state.items()}
+    y = jax.vmap(lambda p, xs: self.spec.chain(p, xs, None, mix)[0])(params, x)
+    if segments is None:
+      return y
+    initial = self.spec.initial_params([swiglu_weights(b) for b in self.blocks])
+    y0 = self.spec.chain(initial, x, None, mix)[0]
+    return jnp.where((segments.doc == segments.doc[:, :1])[..., None], y, y0)
