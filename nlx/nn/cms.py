@@ -37,6 +37,14 @@ With every rate 0 the levels are frozen in context: the blocks run on the whole 
 state passes through unchanged. A level whose own rate is 0 keeps its weights (its gradient is
 still computed and summed, then scaled by 0), while the other levels learn.
 
+Packed documents (``segments``, ``nlx.nn.segments``): at a document's first token every level
+restarts (its learned initial weights, zero accumulated gradient, zero counter), and its periods
+count from that token, so each document runs as if alone. A stateful call does this token by
+token (``run_tokens`` restores the fresh states where ``segments.reset``); a whole sequence
+(``run_documents``) places each level's tokens in buffer periods (``packed_scan``) where every
+period boundary inside a document is a buffer boundary, so that the levels stay parallel inside
+their periods (``nested``: the whole chain in buffer chunks of ``C_1`` tokens).
+
 The state of a stateful call is ``{level name: levels.LevelState}`` with a leading batch axis on
 every leaf (each sequence learns its own weights); orbax saves it like any pytree.
 """
