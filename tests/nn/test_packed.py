@@ -27,6 +27,7 @@ from flax import nnx
 
 from nlx import configs
 from nlx.nn import build_model, norms, registry
+from nlx.nn.attention import attend
 from nlx.nn.conv import ShortConv
 from nlx.nn.segments import from_ids
 
@@ -287,3 +288,41 @@ def test_bad_segment_ids_raise_naming_the_argument():
     model.prefill(tok, state, jnp.zeros((6,), jnp.int32))
   with pytest.raises(ValueError, match=r"segment_id has shape \(2, 1\)"):
     model.step(tok[:, 0], state, jnp.zeros((2, 1), jnp.int32))
+
+
+def test_prefill_without_ids_then_with_ids_continues_the_document():
+  # Without ids the tokens are one document with id 0 (a fresh stream's last id); a later call
+  # whose first id is 0 continues it, at the positions that follow.
+  model = build_model(tiny_config("transformer"), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tok = jnp.asarray(inputs(seed=3)[0]["tok"])
+  ids = np.zeros((2, T), np.int32)
+  ids[0, 15:], ids[1, SPLIT:] = 4, 6  # row 0: the document continues for 3 tokens; row 1: not
+  call = jax.jit(lambda p, tok, ids: nnx.merge(graphdef, p)(tok, segment_ids=ids))
+  prefill = jax.jit(lambda p, tok, s, ids: nnx.merge(graphdef, p).prefill(tok, s, ids))
+  state = model.init_state(2, 32)
+  first, state = prefill(params, tok[:, :SPLIT], state, None)
+  np.testing.assert_array_equal(state["stream"].position, [SPLIT, SPLIT])
+  second, state = prefill(params, tok[:, SPLIT:], state, jnp.asarray(ids[:, SPLIT:]))
+  want = call(params, tok, jnp.asarray(ids))
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(state["stream"].doc, [1, 1])
+  np.testing.assert_array_equal(state["stream"].position, [T - 15, T - SPLIT])
+
+
+def test_attend_with_documents_equals_each_document_alone_in_query_blocks():
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((2, 11, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 11, 2, 8)), jnp.float32) for _ in range(2))
+  prefix = tuple(jnp.asarray(rng.standard_normal((2, 3, 2, 8)), jnp.float32) for _ in range(2))
+  doc = jnp.asarray([[0] * 4 + [1] * 7, [0] * 1 + [1] * 9 + [2]])
+  pos = jnp.arange(11)
+  for window in (None, 3):
+    got = attend(q, k, v, pos, pos, window, prefix, q_doc=doc, k_doc=doc, query_block=4)
+    for row in range(2):
+      for d in np.unique(doc[row]):
+        idx = np.flatnonzero(doc[row] == d)
+        sl = lambda x: x[row:row + 1, idx]
+        alone = attend(sl(q), sl(k), sl(v), pos[:len(idx)], pos[:len(idx)], window,
+                       tuple(p[row:row + 1] for p in prefix))
+        np.testing.assert_allclose(got[row:row + 1, idx], alone, rtol=1e-5, atol=1e-6)
