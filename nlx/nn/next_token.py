@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from nlx import levels as nl_levels
+from nlx.nn.segments import Segments, from_ids
 
 Array = jax.Array
 
@@ -62,25 +63,35 @@ def tick_cms(layers, grads, levels, num_steps: int):
                       layers, grads, is_leaf=is_cms_state)
 
 
-def chunk_loss(lm, params, layers, pos, tokens: Array):
+def chunk_loss(lm, params, layers, pos, tokens: Array, segments=None, pairs=None):
   """LM loss (summed) of the in-chunk pairs of ``tokens [B, C]`` from ``layers`` at ``pos``, with
-  the CMS weights ``params``: ``(loss, (logits [B, C, V], layers after the chunk))``."""
-  logits, layers = lm.run_stateful(tokens, with_cms_params(layers, params), pos)
+  the CMS weights ``params``: ``(loss, (logits [B, C, V], layers after the chunk))``.
+
+  ``segments`` (packed documents) go to the model; ``pairs [B, C − 1]`` (bool, or None: all)
+  says which pairs ``(t, t + 1)`` count."""
+  logits, layers = lm.run_stateful(tokens, with_cms_params(layers, params), pos, segments)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  if pairs is not None:
+    nll = jnp.where(pairs, nll, 0.0)
   return nll.sum(), (logits, layers)
 
 
-def finish_chunk(lm, layers, pos, tokens: Array, levels):
+def finish_chunk(lm, layers, pos, tokens: Array, levels, segments=None, pairs=None):
   """The forward of one whole chunk ``tokens [B, C]`` from ``layers`` at ``pos``, then the CMS
-  step on its loss: ``(logits [B, C, V], layers)``."""
+  step on its loss: ``(logits [B, C, V], layers)`` (``segments``, ``pairs``: ``chunk_loss``)."""
   params = cms_params(layers)  # (cms_stop_gradient: the levels' optimizers stop the writes)
   grads, (logits, layers) = jax.grad(chunk_loss, argnums=1, has_aux=True)(
-      lm, params, layers, pos, tokens)
+      lm, params, layers, pos, tokens, segments, pairs)
   return logits, tick_cms(layers, grads, levels, tokens.shape[1])
 
 
-def call(lm, tokens: Array, levels) -> Array:
-  """``tokens [B, T]`` from the initial state, chunk by chunk: ``logits [B, T, V]``."""
+def call(lm, tokens: Array, levels, segments=None) -> Array:
+  """``tokens [B, T]`` from the initial state, chunk by chunk: ``logits [B, T, V]``.
+
+  ``segments`` (packed documents, ``nlx.nn.segments.Segments``, or None): ``call_documents``.
+  """
+  if segments is not None:
+    return call_documents(lm, tokens, levels, segments)
   b, t = tokens.shape
   c = lm.cfg.cms_periods[0]
   n = t // c
@@ -101,17 +112,132 @@ def call(lm, tokens: Array, levels) -> Array:
   return logits[0] if len(logits) == 1 else jnp.concatenate(logits, 1)
 
 
-def initial_chunk(lm, batch_size: int, layers) -> dict:
-  """``state["chunk"]`` before the first token: no tokens yet, the start states are ``layers``."""
-  return {"tokens": jnp.zeros((batch_size, lm.cfg.cms_periods[0]), jnp.int32), "start": layers}
+def call_documents(lm, tokens: Array, levels, segments) -> Array:
+  """``call`` of packed rows: each document as if alone (its levels restart at its first token
+  and its chunks count from it).
 
-
-def advance(lm, tokens: Array, state: dict, levels) -> tuple[Array, dict]:
-  """Continues ``state`` by ``tokens [B, T]`` token by token: ``(logits [B, T, V], state)``."""
+  ``document_layout`` places each row's tokens in a buffer of whole chunks where every document
+  longer than a chunk starts on a chunk boundary (placeholders before it, which the document's
+  reset hides from it), so that each chunk holds one chunk of such a document (its *main*
+  document; the chunk's first slot) followed by documents of at most ``C_1`` tokens, which never
+  see an update. Before a chunk, the rows whose main document does not continue there restart
+  their CMS levels; in the chunk the main document reads the levels' weights and the others the
+  initial ones (``nlx.nn.cms.CMS``); the step is taken on the main document's in-chunk pairs.
+  """
+  b, t = tokens.shape
   c = lm.cfg.cms_periods[0]
+  n = -(-(t + (t // (c + 1)) * (c - 1)) // c)  # chunks: documents > C_1 tokens pad < C_1 each
+  slots, buf = jax.vmap(lambda *row: document_layout(*row, c, n))(
+      tokens, segments.reset, segments.positions, segments.doc)
+  layers = lm.init_state(b, n * c)["layers"]
+  initial = layers
+  chunks = tuple(jnp.moveaxis(a.reshape(b, n, c), 1, 0) for a in buf)
+  keep = chunks[4][:, :, 0] & (chunks[2][:, :, 0] >= c)  # [n, B]: the main document continues
+
+  def body(layers, inp):
+    (tok, reset, positions, doc, real), keep, pos = inp
+    layers = restart_cms(layers, initial, ~keep)
+    pairs = (real[:, :-1] & real[:, 1:] & (doc[:, 1:] == doc[:, :-1])
+             & (doc[:, :-1] == doc[:, :1]))
+    logits, layers = finish_chunk(lm, layers, pos, tok, levels,
+                                  Segments(reset, positions, doc), pairs)
+    return layers, logits
+
+  xs = (chunks, keep, jnp.arange(n, dtype=jnp.int32) * c)
+  layers = settle(layers, jax.eval_shape(body, layers, jax.tree.map(lambda a: a[0], xs))[0])
+  _, logits = jax.lax.scan(body, layers, xs)
+  logits = jnp.moveaxis(logits, 0, 1).reshape(b, n * c, -1)
+  return jnp.take_along_axis(logits, slots[..., None], axis=1)
+
+
+def document_layout(tokens: Array, reset: Array, positions: Array, doc: Array, c: int, n: int):
+  """One row's buffer of ``n`` chunks of ``c`` slots: ``(slots [T], (tokens, reset, positions,
+  doc, real) each [n·c])``; a placeholder continues the document before it (not real)."""
+  t = tokens.shape[0]
+  index = jnp.arange(t)
+  after = jnp.concatenate([jax.lax.cummin(jnp.where(reset, index, t), reverse=True)[1:],
+                           jnp.full((1,), t, index.dtype)])  # the next document's start
+  long = reset & (after - index > c)
+  prev = jax.lax.cummax(jnp.where(long, index, -1))
+  prev = jnp.concatenate([jnp.full((1,), -1, prev.dtype), prev[:-1]])
+  phase = jnp.where(prev >= 0, index - prev, index) % c  # the slot's phase without padding
+  slots = index + jnp.cumsum(jnp.where(long, -phase % c, 0))
+  slot = jnp.arange(n * c)
+  src = jnp.maximum(jax.lax.cummax(jnp.full((n * c,), -1, index.dtype).at[slots].set(index)), 0)
+  real = jnp.zeros((n * c,), bool).at[slots].set(True)
+  return slots, (jnp.where(real, tokens[src], 0), real & reset[src],
+                 (positions[src] + slot - slots[src]).astype(positions.dtype), doc[src], real)
+
+
+def rows(mask: Array, a, b):
+  """``a`` in the rows ``mask [B]`` of leaves ``[layers, B, ...]``, else ``b``; a leaf without a
+  batch axis (``shared_leaves``) is ``a``'s where any row is in ``mask``."""
+  n = mask.shape[0]
+
+  def pick(u, v):
+    if u.ndim < 2 or u.shape[1] != n:
+      return jnp.where(jnp.any(mask), u, v)
+    return jnp.where(mask.reshape((1, n) + (1,) * (u.ndim - 2)), u, v)
+
+  return jax.tree.map(pick, a, b)
+
+
+def restart_cms(layers, initial, mask: Array):
+  """``layers`` with the CMS states of the rows ``mask [B]`` taken from ``initial``."""
+  return jax.tree.map(lambda s, i: rows(mask, i, s) if is_cms_state(s) else s, layers, initial,
+                      is_leaf=is_cms_state)
+
+
+def settle(tree, shapes):
+  """``tree`` broadcast to ``shapes`` (a state that a call with documents makes per row, e.g. an
+  offset ``[layers]`` that becomes ``[layers, B]``), so that it can be a scan's carry."""
+  def fit(x, s):
+    if x.shape == s.shape:
+      return x
+    return jnp.broadcast_to(x.reshape(x.shape + (1,) * (len(s.shape) - x.ndim)), s.shape)
+  return jax.tree.map(fit, tree, shapes)
+
+
+def initial_chunk(lm, batch_size: int, layers) -> dict:
+  """``state["chunk"]`` before the first token: no tokens yet, the start states are ``layers``;
+  for documents, each slot's ``reset``/``positions``/``doc`` and ``ring``, the layer-state leaves
+  without a batch axis at each of the last ``C_1`` positions."""
+  c = lm.cfg.cms_periods[0]
+  zeros = jnp.zeros((batch_size, c), jnp.int32)
+  return {"tokens": zeros, "start": layers, "reset": zeros.astype(bool),
+          "positions": zeros - 1, "doc": zeros, "ring": fresh_ring(layers, batch_size, c)}
+
+
+def shared_leaves(layers, batch_size: int) -> list:
+  """The leaves of ``layers`` without a batch axis (``[layers, B, ...]`` are per row)."""
+  return [x for x in jax.tree.leaves(layers) if x.ndim < 2 or x.shape[1] != batch_size]
+
+
+def fresh_ring(layers, batch_size: int, c: int) -> list:
+  return [jnp.broadcast_to(x, (c,) + x.shape) for x in shared_leaves(layers, batch_size)]
+
+
+def with_shared(layers, batch_size: int, shared: list):
+  """``layers`` with its leaves without a batch axis replaced by ``shared``."""
+  leaves, treedef = jax.tree.flatten(layers)
+  it = iter(shared)
+  leaves = [next(it) if x.ndim < 2 or x.shape[1] != batch_size else x for x in leaves]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def advance(lm, tokens: Array, state: dict, levels, segment_ids=None) -> tuple[Array, dict]:
+  """Continues ``state`` by ``tokens [B, T]`` token by token: ``(logits [B, T, V], state)``.
+
+  ``segment_ids [B, T]`` (packed documents continuing ``state["stream"]``, or None):
+  ``advance_documents``."""
+  if segment_ids is not None:
+    return advance_documents(lm, tokens, state, levels, segment_ids)
+  c = lm.cfg.cms_periods[0]
+  b = tokens.shape[0]
 
   def body(state, token):
     pos, chunk = state["pos"], state["chunk"]
+    ring = record(chunk, state["layers"], pos, b, c)
     logits, layers = lm.run_stateful(token[:, None], state["layers"], pos)
     index = pos % c
     buffer = jax.lax.dynamic_update_slice_in_dim(chunk["tokens"], token[:, None].astype(jnp.int32),
@@ -123,8 +249,75 @@ def advance(lm, tokens: Array, state: dict, levels) -> tuple[Array, dict]:
 
     layers, start = jax.lax.cond(index == c - 1, finish, lambda _: (layers, chunk["start"]),
                                  None)
-    return ({"pos": pos + 1, "layers": layers, "chunk": {"tokens": buffer, "start": start}},
-            logits[:, 0])
+    # The slots' documents for a later call with segment ids: this call continues the last one.
+    before = lambda buf: jax.lax.dynamic_slice_in_dim(buf, (index - 1) % c, 1, 1)
+    at = jnp.arange(c) == index
+    chunk = {**chunk, "tokens": buffer, "start": start, "ring": ring,
+             "reset": jnp.where(at, False, chunk["reset"]),
+             "positions": jnp.where(at, before(chunk["positions"]) + 1, chunk["positions"]),
+             "doc": jnp.where(at, before(chunk["doc"]), chunk["doc"])}
+    return {"pos": pos + 1, "layers": layers, "chunk": chunk}, logits[:, 0]
 
   state, logits = jax.lax.scan(body, state, jnp.moveaxis(tokens, 1, 0))
   return jnp.moveaxis(logits, 0, 1), state
+
+
+def record(chunk: dict, layers, pos, batch_size: int, c: int) -> list:
+  """``chunk["ring"]`` with the shared leaves of ``layers`` (the states before position ``pos``)
+  in its slot ``pos mod C_1``."""
+  return [r.at[pos % c].set(x) for r, x in zip(chunk["ring"], shared_leaves(layers, batch_size))]
+
+
+def advance_documents(lm, tokens: Array, state: dict, levels, segment_ids) -> tuple[Array, dict]:
+  """``advance`` of packed rows: each row counts its chunks from its document's first token.
+
+  At a document's first token the row's CMS levels restart. A row's chunk ends at its document
+  position ``C_1 − 1 mod C_1``; the rows whose chunk ends at a token (all started it ``C_1``
+  tokens before) redo its forward from the states at its start (per row in ``chunk["start"]``;
+  the leaves without a batch axis from ``chunk["ring"]``) and step their levels on its loss.
+  """
+  b = tokens.shape[0]
+  c = lm.cfg.cms_periods[0]
+  segments, _ = from_ids(segment_ids, state["stream"])
+  initial = lm.init_state(b)["layers"]
+
+  def body(state, inp):
+    token, reset, position, doc = inp
+    pos, chunk = state["pos"], state["chunk"]
+    layers = restart_cms(state["layers"], initial, reset)
+    index = position % c
+    at = jnp.arange(c)[None, :] == index[:, None]  # [B, C]: each row's slot
+    start = rows(index == 0, layers, chunk["start"])
+    ring = record(chunk, layers, pos, b, c)
+    logits, layers = lm.run_stateful(token[:, None], layers, pos,
+                                     Segments(reset[:, None], position[:, None], doc[:, None]))
+    put = lambda buf, x: jnp.where(at, x[:, None].astype(buf.dtype), buf)
+    chunk = {**chunk, "tokens": put(chunk["tokens"], token), "reset": put(chunk["reset"], reset),
+             "positions": put(chunk["positions"], position), "doc": put(chunk["doc"], doc),
+             "start": start, "ring": ring}
+    done = index == c - 1
+
+    def finish(layers):
+      begin = with_shared(start, b, [r[(pos + 1) % c] for r in ring])
+      seg = Segments(chunk["reset"], chunk["positions"], chunk["doc"])
+      _, new = finish_chunk(lm, begin, pos + 1 - c, chunk["tokens"], levels, seg)
+      return restart_cms(layers, new, done)
+
+    layers = jax.lax.cond(jnp.any(done), finish, lambda layers: layers, layers)
+    return {**state, "pos": pos + 1, "layers": layers, "chunk": chunk}, logits[:, 0]
+
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (tokens, *segments))
+  shapes = jax.eval_shape(body, state, jax.tree.map(lambda a: a[0], xs))[0]
+  state = settle_state(state, shapes, b, c)
+  state, logits = jax.lax.scan(body, state, xs)
+  return jnp.moveaxis(logits, 0, 1), state
+
+
+def settle_state(state: dict, shapes: dict, batch_size: int, c: int) -> dict:
+  """``state`` fit to ``shapes`` (``settle``), its ring rebuilt when the shared leaves changed."""
+  layers = settle(state["layers"], shapes["layers"])
+  chunk = dict(state["chunk"], start=settle(state["chunk"]["start"], shapes["layers"]))
+  want = [(c,) + x.shape for x in shared_leaves(layers, batch_size)]
+  if [r.shape for r in chunk["ring"]] != want:
+    chunk["ring"] = fresh_ring(layers, batch_size, c)
+  return {**state, "layers": layers, "chunk": chunk}
