@@ -121,8 +121,7 @@ def compile_for_topology(cfg, topology: str) -> dict:
   run = run_config.validate(cfg, n_devices=len(devices))
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh, devices))
   t = run.train
-  batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jax.numpy.int32,
-                               sharding=trainer.batch_sharding)
+  batch = step_lib.abstract_batch(trainer, t.batch_size, t.seq_len)  # with segment ids if packed
   train_step = step_lib.jit_train_step(trainer)
   flops = jaxpr_flops(jax.make_jaxpr(train_step)(trainer.abstract_state, batch))
   peak, hbm, bandwidth = CHIPS[chip]
