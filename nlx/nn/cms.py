@@ -210,7 +210,7 @@ class CMSSpec:
 
 def local_loss(o: Array, inp: Array, target: Array, weights: Optional[Array] = None) -> Array:
   """``Σ_t w_t · ½·mean_c (o_t − inp_t W)²``: the ``local`` objective (``weights`` None: 1)."""
-  err = (o - dense(inp, target)).astype(jnp.float32)
+  err = (o - dense(inp, target)).astype(jnp.promote_types(o.dtype, jnp.float32))
   per_token = 0.5 * jnp.mean(err * err, axis=-1)
   return (per_token if weights is None else per_token * weights.astype(per_token.dtype)).sum()
 
@@ -439,6 +439,12 @@ class CMS(Mixer):
     restarts at a document's first token (``segments.reset``: initial weights, zero gradient and
     counter), so that each document runs as if alone. A frozen CMS ignores them."""
     del pos
+    if segments is not None:
+      for name in ("reset", "doc"):
+        shape = jnp.shape(getattr(segments, name))
+        if shape != x.shape[:2]:
+          raise ValueError(f"segments.{name} has shape {shape}; it must be [B, T] = "
+                           f"{x.shape[:2]}, the leading axes of x")
     targets = None if self.targets is None else [t.kernel[...] for t in self.targets]
     mix = None if self.mix is None else self.mix[...]
     if self.spec.frozen or (self.reads_only and state is None):  # frozen in context
