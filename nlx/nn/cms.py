@@ -326,9 +326,13 @@ def run_documents(spec: CMSSpec, states: dict, initial: dict, x: Array, targets,
   ``sequential`` and ``independent``: each level in turn, ``packed_scan`` over buffer periods of
   ``C_ℓ`` tokens (one block); ``nested``: the whole chain, ``packed_scan`` over buffer chunks of
   ``C_1`` tokens in which ``levels.tick`` steps the levels whose counters reach their periods.
+  A level whose period is at least T never updates before a document ends: it reads its initial
+  weights (the returned states are then those of the call's start).
   """
   lvls = spec.levels()
   if spec.variant == "nested":
+    if x.shape[0] <= spec.periods[0]:  # no document is long enough to read an update
+      return states, spec.chain({n: s.params for n, s in initial.items()}, x, targets, mix)[0]
     forward = lambda p, xs, w: spec.chain(p, xs, targets, mix, w)[::-1]
     return packed_scan(lvls, spec.periods[0], forward, states, initial, x, reset, doc)
   h, y, new_states = x, None, dict(states)
@@ -339,9 +343,12 @@ def run_documents(spec: CMSSpec, states: dict, initial: dict, x: Array, targets,
       o = swiglu(params[name], xs)
       return {name: local_loss(o, xs, target, w)}, o
 
-    run, o = packed_scan((level,), level.period, forward, {name: states[name]},
-                         {name: initial[name]}, inp, reset, doc)
-    new_states[name] = run[name]
+    if inp.shape[0] <= level.period:  # no document is long enough to read an update
+      o = swiglu(initial[name].params, inp)
+    else:
+      run, o = packed_scan((level,), level.period, forward, {name: states[name]},
+                           {name: initial[name]}, inp, reset, doc)
+      new_states[name] = run[name]
     if spec.variant == "independent":
       o = mix[i].astype(o.dtype) * o
     else:

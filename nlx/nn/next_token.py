@@ -23,6 +23,14 @@ Two paths implement this contract: ``call`` scans the chunks of a whole sequence
 tokens of the unfinished chunk and the layer states at its start in the model state
 (``state["chunk"]``), and redoes the chunk's forward and gradient when its last token arrives, so
 pieces of a sequence reproduce one call (tests/nn/test_cms_next_token.py).
+
+Packed documents (``segments`` / ``segment_ids``): each document runs as if alone. Its levels
+restart at its first token (the learned initial weights, zero gradients and counters) and its
+chunks count from that token (a chunk ends at document position ``C_1 − 1 mod C_1``).
+``call_documents`` places the tokens in a buffer of whole chunks in which every document longer
+than a chunk starts on a chunk boundary (``document_layout``; a shorter document never steps
+before it ends, so it shares a chunk and reads the initial weights), and ``advance_documents``
+counts each row's chunks from its document's start (tests/nn/test_cms_packed.py).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from nlx import levels as nl_levels
 from nlx.nn.segments import Segments, from_ids
@@ -169,17 +178,16 @@ def document_layout(tokens: Array, reset: Array, positions: Array, doc: Array, c
                  (positions[src] + slot - slots[src]).astype(positions.dtype), doc[src], real)
 
 
-def rows(mask: Array, a, b):
-  """``a`` in the rows ``mask [B]`` of leaves ``[layers, B, ...]``, else ``b``; a leaf without a
-  batch axis (``shared_leaves``) is ``a``'s where any row is in ``mask``."""
+def rows(mask: Array, a, b, shared=None):
+  """``a`` in the rows ``mask [B]`` of leaves ``[layers, B, ...]``, else ``b``; the leaves that
+  ``shared`` (``shared_flags``) marks have no batch axis: ``a``'s where any row is in ``mask``."""
   n = mask.shape[0]
-
-  def pick(u, v):
-    if u.ndim < 2 or u.shape[1] != n:
-      return jnp.where(jnp.any(mask), u, v)
-    return jnp.where(mask.reshape((1, n) + (1,) * (u.ndim - 2)), u, v)
-
-  return jax.tree.map(pick, a, b)
+  pick = lambda u, v: jnp.where(mask.reshape((1, n) + (1,) * (u.ndim - 2)), u, v)
+  if shared is None:
+    return jax.tree.map(pick, a, b)
+  leaves, treedef = jax.tree.flatten(a)
+  return treedef.unflatten([jnp.where(jnp.any(mask), u, v) if flag else pick(u, v)
+                            for u, v, flag in zip(leaves, jax.tree.leaves(b), shared)])
 
 
 def restart_cms(layers, initial, mask: Array):
@@ -201,28 +209,38 @@ def settle(tree, shapes):
 def initial_chunk(lm, batch_size: int, layers) -> dict:
   """``state["chunk"]`` before the first token: no tokens yet, the start states are ``layers``;
   for documents, each slot's ``reset``/``positions``/``doc`` and ``ring``, the layer-state leaves
-  without a batch axis at each of the last ``C_1`` positions."""
+  without a batch axis (``shared_flags``) at each of the last ``C_1`` positions."""
   c = lm.cfg.cms_periods[0]
   zeros = jnp.zeros((batch_size, c), jnp.int32)
+  ring = fresh_ring(layers, shared_flags(lm, layers), c)
   return {"tokens": zeros, "start": layers, "reset": zeros.astype(bool),
-          "positions": zeros - 1, "doc": zeros, "ring": fresh_ring(layers, batch_size, c)}
+          "positions": zeros - 1, "doc": zeros, "ring": ring}
 
 
-def shared_leaves(layers, batch_size: int) -> list:
-  """The leaves of ``layers`` without a batch axis (``[layers, B, ...]`` are per row)."""
-  return [x for x in jax.tree.leaves(layers) if x.ndim < 2 or x.shape[1] != batch_size]
+def shared_flags(lm, layers) -> tuple[bool, ...]:
+  """For each leaf of the layer states ``layers``: whether it has no batch axis (the same for
+  every row, e.g. the KV cache's slot positions), from the shapes of fresh states of 1 and 2
+  rows; a leaf that has gained an axis since (made per row by a call with documents) has one."""
+  graphdef, params = nnx.split(lm.layers)
+  fresh = lambda n: jax.tree.leaves(jax.eval_shape(
+      lambda p: jax.vmap(lambda q: nnx.merge(graphdef, q).init_state(n, 1))(p), params))
+  return tuple(a.shape == b.shape and x.ndim == a.ndim
+               for a, b, x in zip(fresh(1), fresh(2), jax.tree.leaves(layers)))
 
 
-def fresh_ring(layers, batch_size: int, c: int) -> list:
-  return [jnp.broadcast_to(x, (c,) + x.shape) for x in shared_leaves(layers, batch_size)]
+def shared_leaves(layers, shared) -> list:
+  return [x for x, flag in zip(jax.tree.leaves(layers), shared) if flag]
 
 
-def with_shared(layers, batch_size: int, shared: list):
-  """``layers`` with its leaves without a batch axis replaced by ``shared``."""
+def fresh_ring(layers, shared, c: int) -> list:
+  return [jnp.broadcast_to(x, (c,) + x.shape) for x in shared_leaves(layers, shared)]
+
+
+def with_shared(layers, shared, values: list):
+  """``layers`` with its leaves without a batch axis (``shared``) replaced by ``values``."""
   leaves, treedef = jax.tree.flatten(layers)
-  it = iter(shared)
-  leaves = [next(it) if x.ndim < 2 or x.shape[1] != batch_size else x for x in leaves]
-  return jax.tree.unflatten(treedef, leaves)
+  it = iter(values)
+  return treedef.unflatten([next(it) if flag else x for x, flag in zip(leaves, shared)])
 
 
 def advance(lm, tokens: Array, state: dict, levels, segment_ids=None) -> tuple[Array, dict]:
@@ -233,11 +251,11 @@ def advance(lm, tokens: Array, state: dict, levels, segment_ids=None) -> tuple[A
   if segment_ids is not None:
     return advance_documents(lm, tokens, state, levels, segment_ids)
   c = lm.cfg.cms_periods[0]
-  b = tokens.shape[0]
+  shared = shared_flags(lm, state["layers"])
 
   def body(state, token):
     pos, chunk = state["pos"], state["chunk"]
-    ring = record(chunk, state["layers"], pos, b, c)
+    ring = record(chunk, state["layers"], pos, shared, c)
     logits, layers = lm.run_stateful(token[:, None], state["layers"], pos)
     index = pos % c
     buffer = jax.lax.dynamic_update_slice_in_dim(chunk["tokens"], token[:, None].astype(jnp.int32),
@@ -262,10 +280,10 @@ def advance(lm, tokens: Array, state: dict, levels, segment_ids=None) -> tuple[A
   return jnp.moveaxis(logits, 0, 1), state
 
 
-def record(chunk: dict, layers, pos, batch_size: int, c: int) -> list:
+def record(chunk: dict, layers, pos, shared, c: int) -> list:
   """``chunk["ring"]`` with the shared leaves of ``layers`` (the states before position ``pos``)
   in its slot ``pos mod C_1``."""
-  return [r.at[pos % c].set(x) for r, x in zip(chunk["ring"], shared_leaves(layers, batch_size))]
+  return [r.at[pos % c].set(x) for r, x in zip(chunk["ring"], shared_leaves(layers, shared))]
 
 
 def advance_documents(lm, tokens: Array, state: dict, levels, segment_ids) -> tuple[Array, dict]:
@@ -287,8 +305,8 @@ def advance_documents(lm, tokens: Array, state: dict, levels, segment_ids) -> tu
     layers = restart_cms(state["layers"], initial, reset)
     index = position % c
     at = jnp.arange(c)[None, :] == index[:, None]  # [B, C]: each row's slot
-    start = rows(index == 0, layers, chunk["start"])
-    ring = record(chunk, layers, pos, b, c)
+    start = rows(index == 0, layers, chunk["start"], shared)
+    ring = record(chunk, layers, pos, shared, c)
     logits, layers = lm.run_stateful(token[:, None], layers, pos,
                                      Segments(reset[:, None], position[:, None], doc[:, None]))
     put = lambda buf, x: jnp.where(at, x[:, None].astype(buf.dtype), buf)
@@ -298,7 +316,7 @@ def advance_documents(lm, tokens: Array, state: dict, levels, segment_ids) -> tu
     done = index == c - 1
 
     def finish(layers):
-      begin = with_shared(start, b, [r[(pos + 1) % c] for r in ring])
+      begin = with_shared(start, shared, [r[(pos + 1) % c] for r in ring])
       seg = Segments(chunk["reset"], chunk["positions"], chunk["doc"])
       _, new = finish_chunk(lm, begin, pos + 1 - c, chunk["tokens"], levels, seg)
       return restart_cms(layers, new, done)
@@ -307,17 +325,19 @@ def advance_documents(lm, tokens: Array, state: dict, levels, segment_ids) -> tu
     return {**state, "pos": pos + 1, "layers": layers, "chunk": chunk}, logits[:, 0]
 
   xs = tuple(jnp.moveaxis(a, 1, 0) for a in (tokens, *segments))
+  shared = shared_flags(lm, state["layers"])
   shapes = jax.eval_shape(body, state, jax.tree.map(lambda a: a[0], xs))[0]
-  state = settle_state(state, shapes, b, c)
+  state = settle_state(lm, state, shapes, c)
+  shared = shared_flags(lm, state["layers"])
   state, logits = jax.lax.scan(body, state, xs)
   return jnp.moveaxis(logits, 0, 1), state
 
 
-def settle_state(state: dict, shapes: dict, batch_size: int, c: int) -> dict:
+def settle_state(lm, state: dict, shapes: dict, c: int) -> dict:
   """``state`` fit to ``shapes`` (``settle``), its ring rebuilt when the shared leaves changed."""
   layers = settle(state["layers"], shapes["layers"])
   chunk = dict(state["chunk"], start=settle(state["chunk"]["start"], shapes["layers"]))
-  want = [(c,) + x.shape for x in shared_leaves(layers, batch_size)]
-  if [r.shape for r in chunk["ring"]] != want:
-    chunk["ring"] = fresh_ring(layers, batch_size, c)
+  shared = shared_flags(lm, layers)
+  if [r.shape[1:] for r in chunk["ring"]] != [x.shape for x in shared_leaves(layers, shared)]:
+    chunk["ring"] = fresh_ring(layers, shared, c)
   return {**state, "layers": layers, "chunk": chunk}
