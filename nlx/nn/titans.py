@@ -116,6 +116,12 @@ class MemoryAsContext(Mixer):
     cache = self.attn.init_state(batch_size, self.segment)  # full attention, `segment` slots
     return MACState(memory, memory.memory.memory, cache, cache)
 
+  def _initial(self, batch_size: int, dtype) -> MACState:
+    """The state of a call without one, in ``dtype``'s precision where that is wider (float64)."""
+    return jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, dtype))
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        self.init_state(batch_size, self.segment))
+
   def _segment(self, carry: MACState, x: Array, positions: Array):
     """The parallel path: tokens ``x [B, s]`` at ``positions [s]``, one whole segment."""
     b, n, d = x.shape
@@ -136,17 +142,18 @@ class MemoryAsContext(Mixer):
              reset: Optional[Array], doc: Optional[Array]):
     """The token-by-token path: one token ``x [B, 1, d]`` at absolute position ``p`` (scalar),
     at ``doc_pos [B]`` inside its document ``doc [B]``, starting a document where ``reset [B]``
-    (both None: no packed documents). The attention caches keep, as each slot's document number, the absolute
-    position of its segment's first token, so that a query sees exactly its own segment."""
+    (both None: no packed documents). The attention caches keep, as each slot's document
+    number, the absolute position of its segment's first token (unique in a row), so that a
+    query sees exactly the tokens of its own segment of its own document."""
     b, _, d = x.shape
     at_start = doc_pos % self.segment == 0
     key = (p - doc_pos % self.segment)[:, None]  # [B, 1]
-    where = lambda c, a, b_: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - 1)), a, b_)
+    pick = lambda c, u, w: jnp.where(c.reshape(c.shape + (1,) * (u.ndim - 1)), u, w)  # c: [B]
     current = carry.memory.memory.memory
-    seg_w = jax.tree.map(lambda c, s: where(at_start, c, s), current, carry.segment_weights)
+    seg_w = jax.tree.map(lambda c, s: pick(at_start, c, s), current, carry.segment_weights)
     if reset is not None:  # a document's first segment reads the initial memory
       initial = self.memory.initial_memory(b).memory
-      seg_w = jax.tree.map(lambda i, s: where(reset, i.astype(s.dtype), s), initial, seg_w)
+      seg_w = jax.tree.map(lambda i, s: pick(reset, i.astype(s.dtype), s), initial, seg_w)
     h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, 1, d)
     attn, positions = self.attn, p[None]
     rope_pos = positions if reset is None else doc_pos[:, None]
@@ -184,7 +191,7 @@ class MemoryAsContext(Mixer):
         return self._segment(carry, xseg, start + jnp.arange(s, dtype=jnp.int32))
 
       starts = jnp.arange(n_seg, dtype=jnp.int32) * s
-      _, ys = jax.lax.scan(body, self.init_state(b, s), (jnp.moveaxis(xs, 1, 0), starts))
+      _, ys = jax.lax.scan(body, self._initial(b, x.dtype), (jnp.moveaxis(xs, 1, 0), starts))
       return jnp.moveaxis(ys, 0, 1).reshape(b, n_seg * s, d)[:, :t], None
 
     # Token by token: stateful calls, and packed documents (each document's segments count
@@ -198,10 +205,10 @@ class MemoryAsContext(Mixer):
 
     def step(carry, inputs):
       xt, p, dp, rd = inputs
-      carry, y = self._token(carry, xt[:, None], p, dp, *((None, None) if rd is None else rd))
-      return carry, y[:, 0]
+      new, y = self._token(carry, xt[:, None], p, dp, *((None, None) if rd is None else rd))
+      return jax.tree.map(lambda n, c: n.astype(c.dtype), new, carry), y[:, 0]
 
-    initial = self.init_state(b, self.segment) if state is None else state
+    initial = self._initial(b, x.dtype) if state is None else state
     new_state, ys = jax.lax.scan(step, initial,
                                  (jnp.moveaxis(x, 1, 0), positions, doc_pos, docs))
     return jnp.moveaxis(ys, 0, 1), None if state is None else new_state
