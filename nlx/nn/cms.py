@@ -459,7 +459,7 @@ class CMS(Mixer):
       return self.spec.chain(params, x, targets, mix)[0], state
     if self.reads_only:  # next_token: the weights of the state; nlx.nn.next_token steps them
       return self._read(state, x, mix, segments), state
-    initial = self.initial_levels(x.shape[0])
+    initial = self.initial_levels(x.shape[0]) if state is None or segments is not None else None
     if segments is None:
       run = run_sequence if state is None else run_tokens
       states = initial if state is None else state

@@ -4,8 +4,8 @@ docs/EQUATIONS.md §3 and docs/EQUATIONS.md, choice 8.
 
 With ``model.cms_objective = "next_token"`` every CMS level's inner objective is the language-model
 loss of the finished chunk of ``C_1`` tokens (``C_1`` the fastest period): the sum over the chunk of
-``−log p(x_{t+1} | x_{≤t})`` for the pairs whose both tokens lie in the chunk (the chunk's last token
-has no successor yet, so the update is causal). The model therefore runs chunk by chunk:
+``−log p(x_{t+1} | x_{≤t})`` for the pairs whose both tokens lie in the chunk (the chunk's last
+token has no successor yet, so the update is causal). The model therefore runs chunk by chunk:
 
     for each chunk of C_1 tokens (aligned to absolute positions):
         logits, states = forward(chunk | states), every CMS reading its levels' current weights
@@ -66,7 +66,8 @@ def with_cms_params(layers, params):
 
 
 def tick_cms(layers, grads, levels, num_steps: int):
-  """Advances every CMS state by ``num_steps`` tokens with ``grads`` (leaves ``[layers, B, ...]``)."""
+  """Advances every CMS state by ``num_steps`` tokens with ``grads`` (leaves
+  ``[layers, B, ...]``)."""
   tick = lambda s, g: nl_levels.tick(levels, s, g, num_steps)
   return jax.tree.map(lambda s, g: jax.vmap(jax.vmap(tick))(s, g) if is_cms_state(s) else s,
                       layers, grads, is_leaf=is_cms_state)
