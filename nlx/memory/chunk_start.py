@@ -471,7 +471,7 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   to_batch = lambda tree: jax.tree.map(lambda x: jnp.moveaxis(x, 0, batch_ndim), tree)
   weights, momentum_state = chunk_of_last(to_batch(at_last), last // c)
   w0 = chunk_of_last(to_batch(ys[0]), last // c)
-  new_offset = (positions[..., -1] + 1) % c
+  new_offset = ((positions[..., -1] + 1) % c).astype(jnp.int32)
   expand = lambda m, x: jnp.reshape(m, m.shape + (1,) * (x.ndim - batch_ndim))
   pick = lambda m, a, b: jax.tree.map(lambda x, y: jnp.where(expand(m, x), x, y), a, b)
   # The next token's chunk: a new one, its document's first (reference: the reset state), the

@@ -78,7 +78,7 @@ class HopeState(NamedTuple):
   memories: ops.TitansState         # the k, v, (q), η, α memories, then the output memory,
                                     # stacked on the head axis ([B, (n + 1)·H, ...])
   pending: tuple                    # (q, k, v [B, C − 1, H, dk], momentum [B, C − 1, H] or None)
-  offset: Array                     # int32 scalar: tokens of the chunk in progress, 0 ≤ · < C
+  offset: Array                     # [B] int32: tokens of each row's chunk in progress, 0 ≤ · < C
 
 
 def check_hope(cfg: ModelConfig) -> None:
@@ -164,7 +164,7 @@ class SelfModifyingTitans(Mixer):
     momentum = (jnp.zeros((batch_size, self.chunk - 1, self.heads), dtype)
                 if self.momentum_gate is not None else None)
     return HopeState(self.qkv.init_state(batch_size), ops.TitansState(*self._initial(batch_size)),
-                     (seq, seq, seq, momentum), jnp.zeros((), jnp.int32))
+                     (seq, seq, seq, momentum), jnp.zeros((batch_size,), jnp.int32))
 
   # -- the write of a group of memories ---------------------------------------------------------
 
@@ -280,8 +280,8 @@ class SelfModifyingTitans(Mixer):
 
   def __call__(self, x: Array, state: Optional[HopeState] = None, pos: Array | int = 0,
                segments=None) -> tuple[Array, Optional[HopeState]]:
-    """``segments`` (packed documents) are refused: the memories do not restart at a document
-    boundary yet (``nlx.ops.dgd_memory`` does, ``reset``; HOPE's own chunk scan does not)."""
+    """``segments`` (packed documents): every memory, its momentum and the chunks restart at
+    each document's first token (``_packed``, ``_continue``), as if the document ran alone."""
     del pos
     reset = None if segments is None else segments.reset
     q, k, v, conv = self.qkv(x, None if state is None else state.conv, reset=reset)
@@ -289,14 +289,11 @@ class SelfModifyingTitans(Mixer):
                 else None)
     if reset is not None and state is None:
       return self.out(self._packed((q, k, v, momentum), reset).astype(x.dtype), x), None
-    if state is not None and (reset is not None or jnp.ndim(state.offset) == 1):
-      o, state = self._continue_packed(state._replace(conv=conv), (q, k, v, momentum), reset)
-      return self.out(o.astype(x.dtype), x), state
     if state is None:
       _, o = core.scan_chunks(self._chunk_time_major, self._initial(x.shape[0]),
                               tuple(map(_time_major, (q, k, v, momentum))), self.chunk)
       return self.out(_batch_major(o).astype(x.dtype), x), None
-    o, state = self._continue(state._replace(conv=conv), (q, k, v, momentum))
+    o, state = self._continue(state._replace(conv=conv), (q, k, v, momentum), reset)
     return self.out(o.astype(x.dtype), x), state
 
   def _packed(self, inputs: tuple, reset: Array) -> Array:
@@ -332,18 +329,20 @@ class SelfModifyingTitans(Mixer):
                             tuple(map(_time_major, xs)), c)
     return jax.vmap(lambda os, ss: os[ss])(_batch_major(o), slots)
 
-  def _continue_packed(self, state: HopeState, inputs: tuple,
-                       reset: Optional[Array]) -> tuple[Array, HopeState]:
-    """``_continue`` with packed documents (``reset [B, T]``, or None after a packed call): the
-    rows continue chunks at different offsets, so ``HopeState.offset`` becomes ``[B]``.
+  def _continue(self, state: HopeState, inputs: tuple,
+                reset: Optional[Array]) -> tuple[Array, HopeState]:
+    """Continues the chunk in progress of ``state`` with ``inputs`` (q, k, v ``[B, T, H, dk]``,
+    momentum ``[B, T, H]`` or None) and document boundaries ``reset [B, T]`` (or None):
+    ``(o [B, T, H, dk], state)``. Rows may be at different offsets (``HopeState.offset [B]``).
 
     Per row, the pending tokens of the chunk in progress and the new ones run as one packed
     sequence from the chunk-start memories (``_packed``'s buffer, plus the memories at every
-    buffer chunk's start); the new state is the chunk the next token falls in: its start
-    memories (the initial ones when it is its document's first chunk) and its tokens so far.
+    buffer chunk's start; without boundaries the buffer needs no padding, at most 2C − 1 extra
+    slots); the new state is the chunk the next token falls in: its start memories (the initial
+    ones when it is its document's first chunk) and its tokens so far.
     """
     c, (b, t) = self.chunk, inputs[0].shape[:2]
-    if self.cfg.memory_chunk_size != c:
+    if reset is not None and self.cfg.memory_chunk_size != c:
       raise NotImplementedError(
           f"packed documents in HOPE need model.memory_chunk_size == hope_chunk_size (got "
           f"{self.cfg.memory_chunk_size} and {c})")
@@ -363,7 +362,8 @@ class SelfModifyingTitans(Mixer):
     live = index < (r + t)[:, None]
     rows_reset = combine(jnp.zeros((b, c - 1), bool), new_reset)
     slots, positions, fresh = core.batched(lambda x: core.document_slots(x, 0, c), 1)(rows_reset)
-    n = core.buffer_chunks(length, c) + 1  # one more: the state after the last token
+    # One chunk more than the tokens need: the state after the last token.
+    n = (core.buffer_chunks(length, c) if reset is not None else -(-length // c)) + 1
 
     def place(x, fill=0):
       if x is None:
@@ -372,8 +372,9 @@ class SelfModifyingTitans(Mixer):
       return jax.vmap(put)(x, slots)
 
     q, k, v, momentum = seqs
-    xs = (place(q), place(k), place(v), place(momentum, 1), place(rows_reset, False),
-          place(fresh, False), place(live, False))
+    xs = (place(q), place(k), place(v), place(momentum, 1))
+    if reset is not None:  # without boundaries every token continues the carried chunk
+      xs += (place(rows_reset, False), place(fresh, False), place(live, False))
     chunks = jax.tree.map(lambda a: _time_major(a).reshape((n, c) + a.shape[:1] + a.shape[2:]),
                           xs)
 
@@ -406,7 +407,7 @@ class SelfModifyingTitans(Mixer):
                     jax.vmap(lambda x, j: jax.lax.dynamic_slice_in_dim(x, j, c - 1, 0))(
                         padded(a), first).astype(old.dtype)
                     for a, old in zip(seqs, state.pending))
-    return o, HopeState(state.conv, ops.TitansState(*memories), pending, nxt)
+    return o, HopeState(state.conv, ops.TitansState(*memories), pending, nxt.astype(jnp.int32))
 
   def _chunk_time_major(self, carry, chunk):
     """``_chunk`` on time-major inputs ``[C, B, ...]`` (the layout of ``core.scan_chunks``),
@@ -417,49 +418,6 @@ class SelfModifyingTitans(Mixer):
 
     return jax.checkpoint(run)(carry, chunk)
 
-  def _continue(self, state: HopeState, inputs: tuple) -> tuple[Array, HopeState]:
-    """Continues the chunk in progress of ``state`` with ``inputs`` (q, k, v ``[B, T, H, dk]``,
-    momentum ``[B, T, H]`` or None): ``(o [B, T, H, dk], state)``.
-
-    The pending ``offset`` tokens and the new ones, in a buffer of whole chunks (zeros after the
-    last real token), run from the chunk-start state exactly as one call runs them; the slots
-    after the last real token change nothing before it (every write is causal in its chunk). The
-    new state is the carry at the start of the chunk the next token falls in, and that chunk's
-    inputs so far. Costs at most 2C − 1 extra slots per call (C: ``hope_chunk_size``).
-    """
-    c, r = self.chunk, state.offset
-    t = inputs[0].shape[1]
-    n = -(-(c - 1 + t) // c)  # chunks in the buffer
-
-    def place(pending, new):  # [B, n·c + c − 1, ...]: pending, new from slot r, zeros after
-      if new is None:
-        return None
-      buffer = jnp.zeros((new.shape[0], (n + 1) * c - 1) + new.shape[2:], new.dtype)
-      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, pending.astype(new.dtype), 0, 1)
-      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new, r, 1)
-      return jnp.where(_slots(buffer, 1) < r + t, buffer, 0)
-
-    buffers = tuple(map(place, state.pending, inputs))
-    chunks = jax.tree.map(lambda a: _time_major(a[:, :n * c]).reshape((n, c) + a.shape[:1]
-                                                                       + a.shape[2:]), buffers)
-    finished = (r + t) // c  # the chunk of the next token (== n when the buffer ends there)
-
-    def body(carry, xs):
-      now, saved = carry
-      j, chunk = xs
-      saved = jax.tree.map(lambda a, b: jnp.where(j == finished, a, b), now, saved)
-      now, o = self._chunk_time_major(now, chunk)
-      return (now, saved), o
-
-    start = tuple(state.memories[:2])
-    (end, saved), o = jax.lax.scan(body, (start, start), (jnp.arange(n), chunks))
-    memories = jax.tree.map(lambda a, b: jnp.where(finished == n, a, b), end, saved)
-    o = jax.lax.dynamic_slice_in_dim(_batch_major(o.reshape((n * c,) + o.shape[2:])), r, t, 1)
-    pending = tuple(None if a is None else
-                    jax.lax.dynamic_slice_in_dim(a, finished * c, c - 1, 1).astype(old.dtype)
-                    for a, old in zip(buffers, state.pending))
-    return o, HopeState(state.conv, ops.TitansState(*memories), pending, (r + t) % c)
-
 
 def _time_major(a: Optional[Array]) -> Optional[Array]:
   return None if a is None else jnp.moveaxis(a, 1, 0)
@@ -467,13 +425,6 @@ def _time_major(a: Optional[Array]) -> Optional[Array]:
 
 def _batch_major(a: Optional[Array]) -> Optional[Array]:
   return None if a is None else jnp.moveaxis(a, 0, 1)
-
-
-def _slots(a: Array, axis: int) -> Array:
-  """The index along ``axis`` of every element of ``a``, broadcastable against it."""
-  shape = [1] * a.ndim
-  shape[axis] = a.shape[axis]
-  return jnp.arange(a.shape[axis]).reshape(shape)
 
 
 def cms_or_swiglu(cfg: ModelConfig, *, rngs: nnx.Rngs):

@@ -14,8 +14,8 @@ Array = jax.Array
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-  """``x / ‖x‖`` over the last axis, computed in float32."""
-  x32 = x.astype(jnp.float32)
+  """``x / ‖x‖`` over the last axis, computed in float32 (or wider, for float64 inputs)."""
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
@@ -33,9 +33,9 @@ class RMSNorm(nnx.Module):
     self.scale = param(rngs, constant(1.0), tuple(shape), axes)
 
   def __call__(self, x: Array, gate: Array | None = None) -> Array:
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     y = y * self.scale[...]
     if gate is not None:
-      y = y * jax.nn.silu(gate.astype(jnp.float32))
+      y = y * jax.nn.silu(gate.astype(x32.dtype))
     return y.astype(x.dtype)

@@ -246,7 +246,7 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
                                                 reset_weights=w_reset, **options)
       positions = core.batched(lambda r, o_: core.chunk_positions(r, o_, chunk_size), 2)(
           rows, offsets)
-      offset = (positions[..., -1] + 1) % chunk_size
+      offset = ((positions[..., -1] + 1) % chunk_size).astype(jnp.int32)
     else:
       o, w, p, start, offset = core.chunk_start_scan_packed(
           *args, start, offsets, chunk_size, rows, w_reset, batch_ndim=2, dgd=dgd, read=read,

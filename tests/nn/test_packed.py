@@ -14,10 +14,8 @@ per family and dtype (minutes on 2 cores): it is marked slow; the default run co
 convolution's reset, the argument checks and the packed forward of a few families.
 """
 
-import contextlib
 import functools
 import os
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ import pytest
 from flax import nnx
 
 from nlx import configs
-from nlx.nn import build_model, norms, registry
+from nlx.nn import build_model, registry
 from nlx.nn.attention import attend
 from nlx.nn.conv import ShortConv
 from nlx.nn.segments import from_ids
@@ -91,29 +89,6 @@ def token_loss(logits, targets):
   return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
 
 
-def _l2_normalize(x, eps=1e-6):
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def _rms_norm(self, x, gate=None):
-  dtype = jnp.promote_types(x.dtype, jnp.float32)
-  xf = x.astype(dtype)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps) * self.scale[...]
-  return (y if gate is None else y * jax.nn.silu(gate.astype(dtype))).astype(x.dtype)
-
-
-@contextlib.contextmanager
-def float64_norms():
-  """nlx.nn.norms computes in float32 whatever the input; inside, in float64 for float64 inputs
-  (the same formulas), so that float64 comparisons are not blurred by float32 roundings."""
-  with contextlib.ExitStack() as stack:
-    for module in ("norms", "qkv", "titans", "hope"):
-      stack.enter_context(mock.patch(f"nlx.nn.{module}.l2_normalize", _l2_normalize))
-    stack.enter_context(mock.patch.object(norms.RMSNorm, "__call__", _rms_norm))
-    yield
-
-
 def floats(tree, dtype):
   return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                       tree)
@@ -123,7 +98,7 @@ def floats(tree, dtype):
 def run_case(family, fields, dtype_name):
   """Everything the slow tests compare, for one family and dtype (numpy arrays)."""
   x64 = dtype_name == "float64"
-  with jax.enable_x64(x64), float64_norms() if x64 else contextlib.nullcontext():
+  with jax.enable_x64(x64):
     dtype = jnp.float64 if x64 else jnp.float32
     model = build_model(tiny_config(family, **dict(fields)), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
