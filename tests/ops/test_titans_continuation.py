@@ -113,7 +113,7 @@ LR = jnp.zeros((1, 5, 2))
     (ops.TitansState(S, None, S, -1), r"initial_state.offset=-1"),
     (ops.TitansState(S, None, None, 3), r"chunk_start and initial_state.offset must be given"),
     (ops.TitansState(S, None, S, None), r"chunk_start and initial_state.offset must be given"),
-    (ops.TitansState(S, None, S, jnp.float32(2)), r"offset must be an int or an integer scalar"),
+    (ops.TitansState(S, None, S, jnp.float32(2)), r"offset must be an int, an integer scalar"),
     (ops.TitansState(S, None, jnp.zeros((1, 2, 16, 8)), 2),
      r"initial_state.chunk_start must have shape"),
 ])
