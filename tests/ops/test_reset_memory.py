@@ -85,8 +85,12 @@ def _documents(op, options, a):
   return jnp.concatenate(rows, axis=0)
 
 
+FAST = ("titans", "dgd", "dgd_mlp")  # the default run; every case runs with -m slow
+
+
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(CASES)])
 def test_packed_equals_documents_alone_float64(case, impl):
   op, options = CASES[case]
   with jax.enable_x64(True):
