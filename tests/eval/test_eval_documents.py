@@ -3,7 +3,6 @@ equals scoring each document alone, per document and in the token-weighted aggre
 stand-in model that reads documents apart (and on the real LM once it takes segment ids)."""
 
 import argparse
-import inspect
 import json
 import math
 
@@ -171,8 +170,6 @@ def test_nlx_eval_scores_a_jsonl_file_document_by_document(monkeypatch, tmp_path
     eval_run.run_parsed(args)
 
 
-@pytest.mark.skipif("segment_ids" not in inspect.signature(LM.__call__).parameters,
-                    reason="nlx.nn.model.LM.__call__ does not take segment_ids yet")
 def test_real_lm_scores_a_packed_stream_as_each_document_alone():
   model = LM(configs.validate(configs.load("transformer:tiny")).model, rngs=nnx.Rngs(0))
   ids = [BYTES.encode(d) + [BYTES.eos_id] for d in _docs([4, 14, 0, 6, 2])]

@@ -7,7 +7,6 @@ document's tokens, ``nlx.nn.segments`` deciding the documents) checks the step o
 real LM is checked too once ``LM.__call__`` takes ``segment_ids``.
 """
 
-import inspect
 import json
 
 import jax
@@ -27,7 +26,6 @@ from nlx.train import sharding
 from nlx.train import step as step_lib
 
 BYTES = tokenizers.ByteTokenizer()
-LM_TAKES_SEGMENT_IDS = "segment_ids" in inspect.signature(LM.__call__).parameters
 
 
 class DocBag(nnx.Module):
@@ -213,8 +211,6 @@ def test_the_loop_trains_on_a_jsonl_corpus_with_segment_ids(monkeypatch, tmp_pat
   assert np.isfinite(record["eval_loss"]) and record["step"] == 3
 
 
-@pytest.mark.skipif(not LM_TAKES_SEGMENT_IDS,
-                    reason="nlx.nn.model.LM.__call__ does not take segment_ids yet")
 @pytest.mark.parametrize("family", ["transformer", "hope"])
 def test_real_lm_packed_loss_equals_each_document_alone(family):
   cfg = configs.load(f"{family}:tiny", ["model.n_layers=2"])
@@ -223,10 +219,7 @@ def test_real_lm_packed_loss_equals_each_document_alone(family):
   graphdef, params = nnx.split(model)
   packed = jax.jit(lambda p: step_lib.loss_fn(graphdef, p, jnp.asarray(batch["tokens"]),
                                               segment_ids=jnp.asarray(batch["segment_ids"])))
-  try:
-    loss = packed(params)
-  except NotImplementedError as e:  # a family whose mixers do not restart at documents yet
-    pytest.skip(str(e))
+  loss = packed(params)
   np.testing.assert_allclose(loss,
                              _alone(model, batch["tokens"], batch["segment_ids"]), rtol=1e-4)
 
