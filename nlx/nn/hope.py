@@ -316,11 +316,7 @@ class SelfModifyingTitans(Mixer):
     slots, _, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
     n = core.buffer_chunks(t, c)
 
-    def place(x, fill=0):
-      if x is None:
-        return None
-      put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
-      return jax.vmap(put)(x, slots)
+    place = lambda x, fill=0: _place(x, slots, n * c, fill)
 
     q, k, v, momentum = inputs
     xs = (place(q), place(k), place(v), place(momentum, 1), place(reset, False),
@@ -365,11 +361,7 @@ class SelfModifyingTitans(Mixer):
     # One chunk more than the tokens need: the state after the last token.
     n = (core.buffer_chunks(length, c) if reset is not None else -(-length // c)) + 1
 
-    def place(x, fill=0):
-      if x is None:
-        return None
-      put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
-      return jax.vmap(put)(x, slots)
+    place = lambda x, fill=0: _place(x, slots, n * c, fill)
 
     q, k, v, momentum = seqs
     xs = (place(q), place(k), place(v), place(momentum, 1))
@@ -417,6 +409,15 @@ class SelfModifyingTitans(Mixer):
       return carry, _time_major(o)
 
     return jax.checkpoint(run)(carry, chunk)
+
+
+def _place(x: Optional[Array], slots: Array, size: int, fill=0) -> Optional[Array]:
+  """``x [B, T, ...]`` put at ``slots [B, T]`` of a buffer ``[B, size, ...]`` filled with
+  ``fill`` (None passes through)."""
+  if x is None:
+    return None
+  put = lambda xs, ss: jnp.full((size,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
+  return jax.vmap(put)(x, slots)
 
 
 def _time_major(a: Optional[Array]) -> Optional[Array]:
