@@ -381,6 +381,12 @@ def document_slots(reset: Array, offset, chunk_size: int) -> tuple[Array, Array,
   return offset + index + jnp.cumsum(pad), positions, fresh
 
 
+def place_at_slots(x: Array, slots: Array, size: int, fill=0) -> Array:
+  """One slice's tokens ``x [T, ...]`` put at ``slots [T]`` (``document_slots``) of a buffer
+  ``[size, ...]`` whose other slots hold ``fill`` (the placeholders)."""
+  return jnp.full((size,) + x.shape[1:], fill, x.dtype).at[slots].set(x)
+
+
 def buffer_chunks(t: int, chunk_size: int) -> int:
   """The number of buffer chunks ``document_slots`` needs for ``t`` tokens (any offset)."""
   c = chunk_size
@@ -428,8 +434,7 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   def place(x, fill):  # [*batch, T, ...] -> [N, *batch, C, ...]
     if x is None:
       return None
-    put = lambda xs, ss: jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
-    buffer = batched(put, batch_ndim)(x, slots)
+    buffer = batched(lambda xs, ss: place_at_slots(xs, ss, n * c, fill), batch_ndim)(x, slots)
     buffer = buffer.reshape(batch_shape + (n, c) + x.shape[batch_ndim + 1:])
     return jnp.moveaxis(buffer, batch_ndim, 0)
 

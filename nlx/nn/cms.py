@@ -290,9 +290,9 @@ def _run_levels_in_turn(spec: CMSSpec, states: dict, x: Array, targets, mix):
   are read with those weights; their gradients, which no update has used yet, are not kept: the
   stateful path, ``run_tokens``, carries them).
   """
-  h, y, new_states = x, None, dict(states)
-  for i, (level, name) in enumerate(zip(spec.levels(), spec.names)):
-    inp = x if spec.variant == "independent" else h
+  new_states = dict(states)
+
+  def level_output(i, level, name, inp):
     target = None if targets is None else targets[i]
 
     def chunk_fn(params, carry, xs, name=name, target=target):
@@ -309,13 +309,24 @@ def _run_levels_in_turn(spec: CMSSpec, states: dict, x: Array, targets, mix):
       outs.append(o)
     if main < inp.shape[0]:  # fewer than C_ℓ tokens: they all read the last update's weights
       outs.append(swiglu(new_states[name].params, inp[main:]))
-    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, 0)
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, 0)
+
+  return new_states, _levels_in_turn(spec, x, mix, level_output)
+
+
+def _levels_in_turn(spec: CMSSpec, x: Array, mix, level_output) -> Array:
+  """The chain of ``sequential``/``independent`` levels, one level after another:
+  ``level_output(i, level, name, input) -> o`` runs level i on its input (``x``, or ``h`` of the
+  levels before it); returns ``y``, the sum of the (``independent``: mixed) outputs."""
+  h, y = x, None
+  for i, (level, name) in enumerate(zip(spec.levels(), spec.names)):
+    o = level_output(i, level, name, x if spec.variant == "independent" else h)
     if spec.variant == "independent":
       o = mix[i].astype(o.dtype) * o
     else:
       h = h + o
     y = o if y is None else y + o
-  return new_states, y
+  return y
 
 
 def run_documents(spec: CMSSpec, states: dict, initial: dict, x: Array, targets, mix,
@@ -335,26 +346,21 @@ def run_documents(spec: CMSSpec, states: dict, initial: dict, x: Array, targets,
       return states, spec.chain({n: s.params for n, s in initial.items()}, x, targets, mix)[0]
     forward = lambda p, xs, w: spec.chain(p, xs, targets, mix, w)[::-1]
     return packed_scan(lvls, spec.periods[0], forward, states, initial, x, reset, doc)
-  h, y, new_states = x, None, dict(states)
-  for i, (level, name) in enumerate(zip(lvls, spec.names)):
-    inp = x if spec.variant == "independent" else h
+  new_states = dict(states)
 
-    def forward(params, xs, w, name=name, target=targets[i]):
+  def level_output(i, level, name, inp):
+    def forward(params, xs, w):
       o = swiglu(params[name], xs)
-      return {name: local_loss(o, xs, target, w)}, o
+      return {name: local_loss(o, xs, targets[i], w)}, o
 
     if inp.shape[0] <= level.period:  # no document is long enough to read an update
-      o = swiglu(initial[name].params, inp)
-    else:
-      run, o = packed_scan((level,), level.period, forward, {name: states[name]},
-                           {name: initial[name]}, inp, reset, doc)
-      new_states[name] = run[name]
-    if spec.variant == "independent":
-      o = mix[i].astype(o.dtype) * o
-    else:
-      h = h + o
-    y = o if y is None else y + o
-  return new_states, y
+      return swiglu(initial[name].params, inp)
+    run, o = packed_scan((level,), level.period, forward, {name: states[name]},
+                         {name: initial[name]}, inp, reset, doc)
+    new_states[name] = run[name]
+    return o
+
+  return new_states, _levels_in_turn(spec, x, mix, level_output)
 
 
 def packed_scan(lvls, period: int, forward, states: dict, initial: dict, x: Array, reset: Array,
@@ -378,8 +384,7 @@ def packed_scan(lvls, period: int, forward, states: dict, initial: dict, x: Arra
   n = core.buffer_chunks(t, c)
 
   def place(a, fill):
-    buf = jnp.full((n * c,) + a.shape[1:], fill, a.dtype).at[slots].set(a)
-    return buf.reshape((n, c) + a.shape[1:])
+    return core.place_at_slots(a, slots, n * c, fill).reshape((n, c) + a.shape[1:])
 
   names = [lv.name for lv in lvls]
   params = lambda st: {name: st[name].params for name in names}

@@ -416,8 +416,7 @@ def _place(x: Optional[Array], slots: Array, size: int, fill=0) -> Optional[Arra
   ``fill`` (None passes through)."""
   if x is None:
     return None
-  put = lambda xs, ss: jnp.full((size,) + xs.shape[1:], fill, xs.dtype).at[ss].set(xs)
-  return jax.vmap(put)(x, slots)
+  return jax.vmap(lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
 
 
 def _time_major(a: Optional[Array]) -> Optional[Array]:
