@@ -24,9 +24,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 OPTIMIZERS = ("adamw", "adam_memory", "muon", "m3", "momentum_memory")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("byte", "sentencepiece", "hf")
-SOURCES = ("embedded", "text", "jsonl", "seqio")
+SOURCES = ("embedded", "text", "jsonl", "seqio", "hf")
 # Sources whose documents are records: train.pack_documents=None packs them.
-PACKED_SOURCES = ("jsonl", "seqio")
+PACKED_SOURCES = ("jsonl", "seqio", "hf")
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+FINITE_CHECKS = ("log_steps", "every_step")
 DTYPES = ("float32", "bfloat16")
 # Every logical axis name of an nlx.nn parameter (tests build each family and check), plus the
 # activation axis "batch". Rules map each to a mesh axis, a tuple of mesh axes, or None.
@@ -83,8 +85,9 @@ class DataConfig:
   Attributes:
     source: ``embedded`` (the corpus shipped in the package; no files), ``text`` (a UTF-8 file, or
       a directory with ``*train*``/``*valid*`` files or one text file), ``jsonl`` (one JSON
-      object per line, text in ``text_field``) or ``seqio`` (the task ``seqio_task``; extra
-      ``nlx[seqio]``).
+      object per line, text in ``text_field``), ``seqio`` (the task ``seqio_task``; extra
+      ``nlx[seqio]``) or ``hf`` (a Hugging Face ``datasets`` dataset ``hf_dataset``; extra
+      ``nlx[hf]``).
     path: the file or directory of ``text``/``jsonl``; also accepted with ``source='embedded'``,
       which then switches to ``text`` (``--config.data.path=DATA/ptb``).
     text_field: the field of a jsonl record that holds the text.
@@ -97,6 +100,19 @@ class DataConfig:
     val_fraction: the tail of a single training file held out for validation.
     shuffle: shuffle the packed windows (the order is a pure function of seed and index).
     seqio_task: the registered seqio task name of ``source='seqio'``.
+    seqio_module: modules imported before the task is looked up (they register it), e.g.
+      ``("t5.data.tasks",)`` or ``("my_tasks",)``.
+    hf_dataset: ``source='hf'``: a dataset name of the Hub, or a builder for local files
+      (``json``, ``parquet``, ``csv``, ``text``) whose ``data_files`` are ``path``.
+    hf_config: the dataset's config name (None: its default).
+    hf_train_split, hf_validation_split: the splits read (None validation split: the last
+      ``val_fraction`` of the training documents).
+    hf_streaming: read the dataset as a stream (``datasets``' ``streaming=True``) instead of
+      materialising it.
+    cache_dir: the token cache: each (source, tokenizer) pair is tokenized once into a
+      memory-mapped token store under this directory (local or ``gs://``), which restarts and the
+      other hosts reuse (None: ``$NLX_CACHE``, else ``~/.cache/nlx``).
+    token_cache: use the token cache (False: tokenize into memory at every start).
     prefetch_threads: grain read threads on each host.
   """
 
@@ -110,6 +126,14 @@ class DataConfig:
   val_fraction: float = 0.1
   shuffle: bool = True
   seqio_task: Optional[str] = None
+  seqio_module: Optional[tuple] = None
+  hf_dataset: Optional[str] = None
+  hf_config: Optional[str] = None
+  hf_train_split: str = "train"
+  hf_validation_split: Optional[str] = "validation"
+  hf_streaming: bool = False
+  cache_dir: Optional[str] = None
+  token_cache: bool = True
   prefetch_threads: int = 2
 
   def __post_init__(self):
@@ -124,6 +148,13 @@ class DataConfig:
                        "directory (or data.source='embedded')")
     if self.source == "seqio" and not self.seqio_task:
       raise ValueError("data.seqio_task=None: source 'seqio' needs a registered task name")
+    if self.seqio_module is not None and not (
+        self.seqio_module and all(isinstance(m, str) and m for m in self.seqio_module)):
+      raise ValueError(f"data.seqio_module={self.seqio_module!r} must be None or a non-empty "
+                       "tuple of module names (strings)")
+    if self.source == "hf" and not self.hf_dataset:
+      raise ValueError("data.hf_dataset=None: source 'hf' needs a dataset name of the Hub or a "
+                       "builder for local files (json, parquet, csv, text) with data.path")
 
   @property
   def resolved_source(self) -> str:
@@ -162,6 +193,15 @@ class TrainConfig:
       None (the default): True for ``jsonl`` and ``seqio`` data (one document per record or
       example), False for text files and the embedded corpus; the paper sizes set True
       (``configs/_common.py``). ``RunConfig.pack_documents`` is the value in force.
+    trackers: where logged metrics go, on process 0: ``jsonl`` (``metrics.jsonl``),
+      ``tensorboard``, ``wandb`` (Weights & Biases; extra ``nlx[wandb]``; the run id is kept in
+      the workdir so that a resumed run continues the same wandb run).
+    wandb_project, wandb_entity: the wandb project and entity (None entity: wandb's default).
+    check_finite: when the step's finite checks (loss, gradients, parameters) are fetched to the
+      host: ``log_steps`` (every ``log_every`` steps; the device keeps the first non-finite step
+      of the interval, so the report still names it and its first bad tensor) or
+      ``every_step`` (a stop the moment it happens, at the cost of a device-to-host sync per
+      step).
   """
 
   steps: int = 600
@@ -178,6 +218,10 @@ class TrainConfig:
   init_from: Optional[str] = None
   trainable: Optional[tuple] = None
   pack_documents: Optional[bool] = None
+  trackers: tuple = ("jsonl", "tensorboard")
+  wandb_project: str = "nlx"
+  wandb_entity: Optional[str] = None
+  check_finite: str = "log_steps"
 
   def __post_init__(self):
     if self.pack_documents is not None and not isinstance(self.pack_documents, bool):
@@ -199,6 +243,12 @@ class TrainConfig:
                               eval_every=0, eval_batches=1, checkpoint_every=0,
                               keep_checkpoints=1)
     validation.check_choice("train.compute_dtype", self.compute_dtype, DTYPES)
+    validation.check_choice("train.check_finite", self.check_finite, FINITE_CHECKS)
+    for tracker in self.trackers:
+      validation.check_choice("train.trackers", tracker, TRACKERS)
+    if len(set(self.trackers)) != len(self.trackers):
+      raise ValueError(f"train.trackers={tuple(self.trackers)!r} names a tracker twice; allowed: "
+                       f"each of {list(TRACKERS)} at most once")
     if self.eval_every % self.log_every:
       raise ValueError(f"train.eval_every={self.eval_every} must be a multiple of "
                        f"train.log_every={self.log_every} (evaluations are logged)")
@@ -208,13 +258,19 @@ class TrainConfig:
 class MeshConfig:
   """``config.mesh``: sizes of the mesh axes ``data``, ``fsdp``, ``tensor``.
 
-  At most one is -1, which takes the devices the others leave; the product must equal the number
-  of devices of the run.
+  ``data``, ``fsdp``, ``tensor`` are the axes within a slice (ICI): at most one is -1, which takes
+  the devices the others leave. ``dcn_data``, ``dcn_fsdp``, ``dcn_tensor`` split the same axes
+  across the slices of a multislice run (DCN, MaxText's ``dcn_*_parallelism``): each mesh axis
+  is ``ici × dcn`` long, and the product of the dcn sizes must equal the number of slices (at
+  most one is -1: the slices the others leave). One slice: all dcn sizes 1.
   """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
 
   def __post_init__(self):
     validation.check_fields(self, "mesh")
@@ -223,9 +279,17 @@ class MeshConfig:
       raise ValueError(f"mesh {sizes}: every axis must be >= 1 or -1 (fill)")
     if list(sizes.values()).count(-1) > 1:
       raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    dcn = self.dcn_sizes()
+    if any(s == 0 or s < -1 for s in dcn.values()):
+      raise ValueError(f"mesh {dcn}: every dcn axis must be >= 1 or -1 (fill with the slices)")
+    if list(dcn.values()).count(-1) > 1:
+      raise ValueError(f"mesh {dcn}: at most one dcn axis may be -1")
 
   def sizes(self) -> dict:
     return {name: getattr(self, name) for name in MESH_AXES}
+
+  def dcn_sizes(self) -> dict:
+    return {f"dcn_{name}": getattr(self, f"dcn_{name}") for name in MESH_AXES}
 
   def resolve(self, n_devices: int) -> dict:
     """``{axis: size}`` for ``n_devices`` devices (fills the -1 axis)."""
