@@ -25,10 +25,10 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PY) -m pip install -q -e . $(PIP_CONSTRAINTS)
 
-# The tpu extra (libtpu) lets the default suite compile for TPU ahead of time on CPU; the seqio
-# extra is tested too.
+# The tpu extra (libtpu) lets the default suite compile for TPU ahead of time on CPU; the seqio,
+# hf (datasets) and wandb extras are tested too.
 install-test: $(VENV)/bin/python
-	$(PY) -m pip install -q -e ".[test,tpu,seqio]" $(PIP_CONSTRAINTS)
+	$(PY) -m pip install -q -e ".[test,tpu,seqio,hf,wandb]" $(PIP_CONSTRAINTS)
 
 # Rewrites constraints.txt from the packages of this venv (after a passing 'make test').
 constraints: install-test
