@@ -3,7 +3,9 @@ train_compile), and estimate memory, FLOPs, step time and MFU from the chip's pe
 
 The mesh of ``config.mesh`` is laid over the topology's devices (``jax.experimental.topologies``
 with ``libtpu``, the ``tpu`` extra); the train state and the batch are abstract arrays with their
-shardings, so nothing is allocated.
+shardings, so nothing is allocated. ``num_slices`` > 1 compiles for a multislice run: that many
+copies of the topology, each device with its ``slice_index``, the mesh laid over them as
+``sharding.make_mesh`` does on the pod (``mesh.dcn_*`` across the slices).
 
 Memory (per device, from the compiled executable's ``memory_analysis``): ``bytes_per_device`` is
 arguments + temporaries + outputs - aliased (donated) bytes, MaxText's sum; ``peak_bytes`` is
@@ -24,6 +26,7 @@ usual for MFU).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -71,13 +74,30 @@ def jaxpr_flops(jaxpr) -> float:
   return total
 
 
-def _topology_devices(topology: str) -> tuple[str, list]:
+def _topology_devices(topology: str, num_slices: int = 1) -> tuple[str, list]:
+  """The chip name and the compile-only devices of ``num_slices`` slices of ``topology``."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = topology.split(":")[0]
   if chip not in CHIPS:
     raise ValueError(f"--topology {topology!r}: chip {chip!r} is not known; allowed: "
                      f"{sorted(CHIPS)} (as 'v5p:4x4x4')")
-  return chip, list(topologies.get_topology_desc(topology, "tpu").devices)
+  if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+    raise ValueError(f"--num_slices {num_slices!r}: allowed: an integer >= 1 (the slices of "
+                     f"{topology!r} joined by the data-center network)")
+  # Multislice: libtpu gives num_slices copies of the slice, each device with its slice_index.
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  return chip, list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+
+
+def _with_slices(cfg, n_devices: int, num_slices: int) -> dict:
+  """``cfg`` as a dict with the mesh's dcn -1 filled from the topology's ``num_slices`` (so that
+  ``validate`` checks the batch against the mesh of that many slices)."""
+  config = cfg.to_dict() if hasattr(cfg, "to_dict") else copy.deepcopy(dict(cfg))
+  mesh = run_config.read_section(run_config.MeshConfig, "mesh", config.get("mesh", {}))
+  _, dcn = mesh.resolve_ici_dcn(n_devices, num_slices)
+  config["mesh"] = {**dict(config.get("mesh", {})),
+                    **{f"dcn_{axis}": size for axis, size in dcn.items()}}
+  return config
 
 
 def _memory_report(memory, hbm: int) -> dict:
@@ -111,14 +131,24 @@ def _shard_bytes(abstract_tree) -> int:
              for x in jax.tree.leaves(abstract_tree))
 
 
-def compile_for_topology(cfg, topology: str) -> dict:
+def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
   """Compiles the train step of ``cfg`` for ``topology`` (``"v5p:4x4x4"``); returns the report.
 
-  A step that does not fit the chip's HBM is reported with ``"fits": false`` (and the compiler's
-  ``error`` when it refuses to compile), not raised.
+  Args:
+    cfg: the run config (a ConfigDict or mapping).
+    topology: ``chip:shape`` of one slice, as ``"v5e:2x2"``.
+    num_slices: slices of ``topology`` (multislice over the data-center network, DCN): the mesh's
+      ``mesh.dcn_*`` sizes must multiply to it (one of them may be -1), and each mesh axis is
+      ``ici × dcn`` long.
+
+  Returns:
+    The report: the chips (all slices), ``slices``, the mesh (total sizes per axis) and its
+    ``dcn`` part, memory per device, FLOPs, the step-time and MFU estimates. A step that does not
+    fit the chip's HBM is reported with ``"fits": false`` (and the compiler's ``error`` when it
+    refuses to compile), not raised.
   """
-  chip, devices = _topology_devices(topology)
-  run = run_config.validate(cfg, n_devices=len(devices))
+  chip, devices = _topology_devices(topology, num_slices)
+  run = run_config.validate(_with_slices(cfg, len(devices), num_slices), n_devices=len(devices))
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh, devices))
   t = run.train
   batch = step_lib.abstract_batch(trainer, t.batch_size, t.seq_len)  # with segment ids if packed
@@ -142,7 +172,9 @@ def compile_for_topology(cfg, topology: str) -> dict:
   model_flops = 6 * n_params * t.batch_size * t.seq_len
   return {
       "family": run.model.family, "params": n_params, "topology": topology, "chips": chips,
-      "mesh": run.mesh.resolve(chips), "batch_size": t.batch_size, "seq_len": t.seq_len,
+      "slices": num_slices, "mesh": run.mesh.resolve(chips, num_slices),
+      "dcn": run.mesh.resolve_ici_dcn(chips, num_slices)[1], "batch_size": t.batch_size,
+      "seq_len": t.seq_len,
       "compute_dtype": t.compute_dtype, "remat": run.model.remat, **memory,
       "flops_per_step": flops, "flops_per_device": flops / chips,
       "xla_flops_per_device": float(cost["flops"]) if "flops" in cost else None,

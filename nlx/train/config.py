@@ -263,6 +263,10 @@ class MeshConfig:
   across the slices of a multislice run (DCN, MaxText's ``dcn_*_parallelism``): each mesh axis
   is ``ici × dcn`` long, and the product of the dcn sizes must equal the number of slices (at
   most one is -1: the slices the others leave). One slice: all dcn sizes 1.
+
+  ``resolve(n_devices, n_slices)`` gives the total length of each axis (what the batch and the
+  parameters are split over), ``resolve_ici_dcn`` the two parts (``nlx.train.sharding.make_mesh``
+  lays the devices out with them); both refuse sizes that do not fit, naming the fields.
   """
 
   data: int = -1
@@ -291,19 +295,68 @@ class MeshConfig:
   def dcn_sizes(self) -> dict:
     return {f"dcn_{name}": getattr(self, f"dcn_{name}") for name in MESH_AXES}
 
-  def resolve(self, n_devices: int) -> dict:
-    """``{axis: size}`` for ``n_devices`` devices (fills the -1 axis)."""
-    sizes = self.sizes()
+  def resolve(self, n_devices: int, n_slices: Optional[int] = None) -> dict:
+    """``{axis: size}``: the total length of each mesh axis, ``ici × dcn``.
+
+    Args:
+      n_devices: the devices of the run (all slices together).
+      n_slices: the slices of the run; None: the product of the dcn sizes (a -1 among them
+        counts as 1), which is right whenever the dcn sizes are fixed.
+
+    Raises:
+      ValueError: the sizes do not fit the devices or the slices (see ``resolve_ici_dcn``).
+    """
+    ici, dcn = self.resolve_ici_dcn(n_devices, n_slices)
+    return {name: ici[name] * dcn[name] for name in MESH_AXES}
+
+  def resolve_ici_dcn(self, n_devices: int, n_slices: Optional[int] = None
+                      ) -> tuple[dict, dict]:
+    """``(ici, dcn)``: ``{axis: size}`` within a slice and across the slices, -1s filled.
+
+    The dcn -1 takes the slices the other dcn sizes leave; the ici -1 the devices of one slice
+    (``n_devices / n_slices``) the other ici sizes leave.
+
+    Args:
+      n_devices: the devices of the run (all slices together).
+      n_slices: the slices of the run; None: the product of the dcn sizes (-1 counts as 1).
+
+    Raises:
+      ValueError: naming the fields, their values and the devices or slices they must fit.
+    """
+    dcn = {name: getattr(self, f"dcn_{name}") for name in MESH_AXES}
+    if n_slices is None:
+      n_slices = math.prod(s for s in dcn.values() if s != -1)
+    if n_slices < 1 or n_devices < 1 or n_devices % n_slices:
+      raise ValueError(f"the run's {n_devices} devices do not split evenly over its {n_slices} "
+                       "slices; allowed: the same number of devices in every slice")
+    dcn = self._fill(dcn, n_slices, "dcn_", "slice", f"{n_slices} slice{'s' * (n_slices > 1)}")
+    per_slice = n_devices // n_slices
+    where = (f"{n_devices} devices" if n_slices == 1 else
+             f"{per_slice} devices per slice ({n_devices} devices / {n_slices} slices)")
+    ici = self._fill(self.sizes(), per_slice, "", "device", where)
+    return ici, dcn
+
+  @staticmethod
+  def _fill(sizes: dict, total: int, prefix: str, unit: str, where: str) -> dict:
+    """``sizes`` with its -1 filled so that their product is ``total`` (devices of a slice, or
+    slices: ``unit``); else a ValueError naming the fields (``prefix``: ``dcn_`` or none)."""
     known = math.prod(s for s in sizes.values() if s != -1)
+    shown = {f"{prefix}{k}": v for k, v in sizes.items()}
     if -1 in sizes.values():
-      if n_devices % known:
-        raise ValueError(f"mesh {sizes}: the fixed axes ({known} devices) do not divide the "
-                         f"{n_devices} devices")
-      sizes = {k: (n_devices // known if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != n_devices:
-      raise ValueError(f"mesh {sizes}: product {math.prod(sizes.values())} != {n_devices} "
-                       "devices; allowed: sizes whose product is the device count (or one -1)")
-    return sizes
+      if total % known:
+        raise ValueError(f"mesh {shown}: the fixed axes ({known} {unit}s) do not divide the "
+                         f"{where}; allowed: sizes whose product divides the {unit} count")
+      sizes = {k: (total // known if v == -1 else v) for k, v in sizes.items()}
+    product = math.prod(sizes.values())
+    if product == total:
+      return sizes
+    if prefix:  # the dcn fields by name: "mesh.dcn_data=2 but the run has 1 slice"
+      named = ", ".join(f"mesh.{k}={v}" for k, v in shown.items() if v != 1) or (
+          "=".join(f"mesh.{k}" for k in shown) + "=1")
+      raise ValueError(f"{named} but the run has {where}; allowed: dcn sizes whose product is "
+                       f"the slice count ({total}), or one of them -1 (takes the slices)")
+    raise ValueError(f"mesh {sizes}: product {product} != {where}; allowed: sizes whose product "
+                     "is the device count (or one -1)")
 
 
 SECTION_CLASSES = {"optimizer": OptimizerConfig, "data": DataConfig, "train": TrainConfig,

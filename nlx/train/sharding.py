@@ -1,5 +1,9 @@
 """Multi-host start-up, the device mesh of ``config.mesh``, and logical-axis sharding.
 
+The mesh (``make_mesh``) has the axes ``data``, ``fsdp``, ``tensor``; each is ``ici × dcn`` long:
+``mesh.data`` etc. within a TPU slice, ``mesh.dcn_data`` etc. across the slices of a multislice
+run. Devices are laid out by ``jax.experimental.mesh_utils`` (the physical torus on TPU).
+
 Every parameter of nlx.nn names its logical axes (``("vocab", "embed")``); ``config.axis_rules``
 maps each name to a mesh axis (``data``, ``fsdp``, ``tensor``), a tuple of them, or None. A
 dimension whose size the mesh axes do not divide, or whose mesh axis an earlier dimension of the
@@ -15,6 +19,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nlx.train.config import MESH_AXES
@@ -46,12 +51,62 @@ def maybe_initialize_distributed() -> bool:
   return False
 
 
+def slice_count(devices: Sequence[Any]) -> int:
+  """The slices ``devices`` come from: distinct ``slice_index`` values (TPU), else 1."""
+  return len({d.slice_index for d in devices if getattr(d, "slice_index", None) is not None}) or 1
+
+
+def _slice_array(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+  """The devices of one slice as an array of ``shape``, in the library's ICI-aware order on TPU
+  and GPU (``mesh_utils.create_device_mesh``; a TPU axis is split when no whole physical axes fit
+  it); CPU devices, and TPU devices that are not a whole cuboid (a subset such as
+  ``jax.devices()[:3]``), in their own order."""
+  if getattr(devices[0], "platform", "cpu") in ("tpu", "gpu"):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except AssertionError:  # the TPU devices have holes: no physical layout to follow
+      pass
+  return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def device_array(mesh_config, devices: Sequence[Any]) -> np.ndarray:
+  """The ``(data, fsdp, tensor)`` array of ``devices`` for ``mesh_config`` (see ``make_mesh``)."""
+  devices = list(devices)
+  if not devices:
+    raise ValueError("make_mesh: no devices; allowed: a non-empty list of devices")
+  n_slices = slice_count(devices)
+  ici, dcn = mesh_config.resolve_ici_dcn(len(devices), n_slices)
+  ici_shape = tuple(ici[a] for a in MESH_AXES)
+  if n_slices == 1:
+    return _slice_array(ici_shape, devices)
+  slices = {}
+  for d in devices:
+    slices.setdefault(d.slice_index, []).append(d)
+  counts = {k: len(v) for k, v in sorted(slices.items())}
+  if len(set(counts.values())) > 1:
+    raise ValueError(f"the slices hold different numbers of devices ({counts} by slice_index); "
+                     "allowed: the same number in every slice")
+  # Slice k's ici block sits at position k of the dcn grid (row-major, slices by slice_index):
+  # mesh axis i is dcn_i blocks of ici_i devices.
+  return mesh_utils.create_hybrid_device_mesh(ici_shape, tuple(dcn[a] for a in MESH_AXES),
+                                              devices, allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """The ``(data, fsdp, tensor)`` mesh over ``devices`` (default: every device of the run)."""
+  """The ``(data, fsdp, tensor)`` mesh of ``mesh_config`` over ``devices`` (default: every device).
+
+  Each mesh axis is ``ici × dcn`` long (``MeshConfig.resolve_ici_dcn``). One slice: the devices
+  laid out by ``jax.experimental.mesh_utils.create_device_mesh`` (ICI-aware on TPU). Several
+  slices (devices carrying distinct ``slice_index``, a multislice TPU run): each slice laid out
+  alike, the slices placed along the dcn sizes as ``mesh_utils.create_hybrid_device_mesh``
+  does, so an axis with ``dcn_* > 1`` crosses the data-center network only between its blocks.
+
+  Raises:
+    ValueError: the sizes do not fit the devices or the slices, naming the fields
+      (``mesh.dcn_data=2 but the run has 1 slice; ...``).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_config.resolve(len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  return Mesh(device_array(mesh_config, devices), MESH_AXES)
 
 
 def logical_to_spec(axes: Sequence[Optional[str]], shape: Sequence[int], rules: dict,

@@ -55,6 +55,65 @@ def test_aot_reports_a_run_that_does_not_fit():
   assert report["bytes_per_device"] > report["hbm_bytes"]
 
 
+MULTISLICE = r"""
+import json
+from nlx import configs
+from nlx.train import aot, sharding
+from nlx.train.config import MeshConfig
+tiny = "configs/transformer.py:tiny"
+cfg = configs.load(tiny, ["model.n_layers=2", "mesh.dcn_data=-1"])
+out = {"report": aot.compile_for_topology(cfg, "v5e:2x2", num_slices=2)}
+_, devices = aot._topology_devices("v5e:2x2", 2)
+run = configs.validate(configs.load(tiny, ["mesh.dcn_data=2"]), n_devices=8)
+mesh = sharding.make_mesh(run.mesh, devices)
+rows = {}  # the batch rows each slice holds, as the trainer shards them
+batch = sharding.batch_sharding(mesh, run.axis_rules)  # the trainer's (step.build)
+for d, index in batch.devices_indices_map((16, 257)).items():
+  rows.setdefault(d.slice_index, set()).update(range(16)[index[0]])
+out["rows"] = {k: sorted(v) for k, v in rows.items()}
+# fsdp across the slices: each slice one block of the fsdp axis.
+mesh = sharding.make_mesh(MeshConfig(data=2, tensor=2, dcn_fsdp=2), devices)
+out["shape"] = list(mesh.devices.shape)
+out["fsdp_slices"] = [d.slice_index for d in mesh.devices[0, :, 0]]
+# One v5e 4x4 slice, data=16: the data axis is a ring of neighbouring chips (mesh_utils' order;
+# the devices' own order is not one).
+ring = list(sharding.make_mesh(MeshConfig(), aot._topology_devices("v5e:4x4")[1]).devices.flat)
+out["ring_hops"] = [sum(abs(a - b) for a, b in zip(ring[i - 1].coords, ring[i].coords))
+                    for i in range(16)]
+try:
+  aot.compile_for_topology(configs.load(tiny, ["mesh.dcn_data=3"]), "v5e:2x2", num_slices=2)
+except ValueError as e:
+  out["refused"] = str(e)
+print("AOT", json.dumps(out))
+"""
+
+
+@needs_libtpu
+def test_aot_compiles_for_two_slices_with_the_batch_across_them():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  result = subprocess.run([sys.executable, "-c", MULTISLICE], env=env, capture_output=True,
+                          text=True, timeout=600, check=False, cwd=ROOT)
+  line = [l for l in result.stdout.splitlines() if l.startswith("AOT ")]
+  assert line, result.stderr[-3000:]
+  out = json.loads(line[0][len("AOT "):])
+  report = out["report"]
+  assert (report["chips"], report["slices"]) == (8, 2)
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert report["dcn"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert report["fits"] is True and report["bytes_per_device"] >= report["argument_bytes"] > 0
+  assert report["flops_per_device"] == report["flops_per_step"] / 8
+  # The 16 rows: the first 8 on slice 0, the last 8 on slice 1 (data crosses the DCN once).
+  assert out["rows"] == {"0": list(range(8)), "1": list(range(8, 16))}
+  assert out["shape"] == [2, 2, 2] and out["fsdp_slices"] == [0, 1]
+  assert out["ring_hops"] == [1] * 16
+  assert out["refused"].startswith("mesh.dcn_data=3 but the run has 2 slices; allowed:")
+
+
+def test_aot_refuses_a_slice_count_below_one():
+  with pytest.raises(ValueError, match=r"--num_slices 0: allowed: an integer >= 1"):
+    aot.compile_for_topology(None, "v5e:2x2", num_slices=0)
+
+
 def test_aot_refuses_an_unknown_chip():
   with pytest.raises(ValueError, match=r"chip 'v9x' is not known; allowed: \['v4', 'v5e'"):
     aot.compile_for_topology(None, "v9x:2x2")
