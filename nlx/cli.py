@@ -4,8 +4,10 @@ Commands:
 
 * ``nlx train --config configs/transformer.py:tiny --workdir DIR [--config.train.steps=5]``
   (or ``--gin_file configs/transformer.gin [--gin_bindings 'TrainConfig.steps = 5']``): trains
-  with a progress bar; writes ``DIR/metrics.jsonl``, TensorBoard events, ``DIR/config.json``,
-  checkpoints and plots; resumes from the latest checkpoint of ``DIR``.
+  with a progress bar (``--no_progress``: one ``step=... loss=...`` line per ``train.log_every``
+  steps instead); writes ``DIR/metrics.jsonl``, TensorBoard events (and a wandb run, with
+  ``train.trackers``), ``DIR/config.json``, checkpoints and plots; resumes from the latest
+  checkpoint of ``DIR``. ``DIR`` and ``--checkpoint_dir`` may be ``gs://BUCKET/PATH``.
 * ``nlx eval --workdir DIR --task ppl|mc|niah ...``: perplexity of a text file, zero-shot multiple
   choice (``--data_dir``: the files of docs/TRAINING.md, "Evaluation data"), S-NIAH-1/2/3
   (``nlx.eval``).
@@ -14,8 +16,13 @@ Commands:
 * ``nlx convert llama HF_DIR OUT_WORKDIR``: a Hugging Face Llama-architecture model as an nlx
   Transformer++ workdir (``nlx.convert.llama``).
 * ``nlx export WORKDIR OUT``: the newest checkpoint as a pretrained directory (``nlx.pretrained``).
-* ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4``: compiles the train step
-  for a TPU topology on any machine; prints memory per device, FLOPs, step time and MFU (JSON).
+* ``nlx aot --config configs/transformer.py:1.3b --topology v5p:4x4x4 [--num_slices 2]``: compiles
+  the train step for a TPU topology (of several slices: multislice) on any machine; prints memory
+  per device, FLOPs, step time and MFU (JSON).
+
+A workdir or checkpoint directory (``--workdir``, ``--checkpoint_dir``) is a local path or a
+``gs://`` URL (``nlx.train.paths``); another scheme, or a ``gs://`` URL without its packages, is
+refused with one error line before anything runs.
 
 ``main(argv)`` returns the exit status; the console script calls ``sys.exit(main())``. The
 benchmarks and the demo are not commands of the library: they live beside it in the repository
@@ -43,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Trains a run config; extra --config.a.b=v flags "
                               "override its fields.")
   _add_config_flags(train)
-  train.add_argument("--workdir", required=True, help="run directory (resumes when it holds "
-                     "checkpoints; without --config, its config.json is the config)")
+  train.add_argument("--workdir", required=True, help="run directory, local or gs://BUCKET/PATH "
+                     "(resumes when it holds checkpoints; without --config, its config.json is "
+                     "the config)")
   train.add_argument("--checkpoint_dir", default=None,
                      help="checkpoints (default WORKDIR/checkpoints; may be gs://...)")
-  train.add_argument("--no_progress", action="store_true", help="no progress bar")
+  train.add_argument("--no_progress", action="store_true",
+                     help="no progress bar: print one 'step=N loss=... tokens_per_s=...' line per "
+                     "train.log_every steps instead (pod logs)")
   train.add_argument("--stop_at_step", type=_positive_int, default=None,
                      help="stop after this step with a checkpoint (running again resumes)")
   train.add_argument("--on_nonfinite", choices=("stop", "skip"), default="stop",
@@ -62,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
       description="Samples a continuation of --prompt from the newest checkpoint of --workdir. "
       "With --state FILE the model's memory persists across invocations: FILE (when it exists) "
       "is restored before the prompt and saved, atomically, after the generated text.")
-  gen.add_argument("--workdir", required=True, help="the workdir of 'nlx train'")
+  gen.add_argument("--workdir", required=True,
+                   help="the workdir of 'nlx train' (local or gs://BUCKET/PATH)")
   gen.add_argument("--checkpoint_dir", default=None,
-                   help="its checkpoints, if not WORKDIR/checkpoints")
+                   help="its checkpoints, if not WORKDIR/checkpoints (local or gs://)")
   gen.add_argument("--prompt", required=True, help="the text to continue")
   gen.add_argument("--max_new_tokens", type=_positive_int, default=200,
                    help="tokens to generate (default 200)")
@@ -98,16 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
       description="Writes the parameters of the newest checkpoint of WORKDIR, its model config "
       "and tokenizer as an nlx pretrained directory (nlx.pretrained: config.json, "
       "model.safetensors), which nlx.from_pretrained and --config.train.init_from read.")
-  export.add_argument("workdir", help="the workdir of 'nlx train'")
-  export.add_argument("out", help="the directory to write")
+  export.add_argument("workdir", help="the workdir of 'nlx train' (local or gs://BUCKET/PATH)")
+  export.add_argument("out", help="the directory to write (local)")
   export.add_argument("--checkpoint_dir", default=None,
-                      help="its checkpoints, if not WORKDIR/checkpoints")
+                      help="its checkpoints, if not WORKDIR/checkpoints (local or gs://)")
   export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="stored dtype of the weights (default float32)")
 
   aot = commands.add_parser("aot", help="compile the train step for a TPU topology (JSON)")
   _add_config_flags(aot)
   aot.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4")
+  aot.add_argument("--num_slices", type=_positive_int, default=1,
+                   help="slices of a multislice topology (DCN); mesh.dcn_* split the axes "
+                   "across them")
   return parser
 
 
@@ -231,8 +245,26 @@ def _run_export(args) -> int:
 def _run_aot(args, overrides) -> int:
   import json  # pylint: disable=g-import-not-at-top
   from nlx.train import aot  # pylint: disable=g-import-not-at-top
-  print(json.dumps(aot.compile_for_topology(_load_config(args, overrides), args.topology)))
+  print(json.dumps(aot.compile_for_topology(_load_config(args, overrides), args.topology,
+                                            num_slices=args.num_slices)))
   return 0
+
+
+# Path flags of the commands: (attribute, how the user names it, whether gs:// is allowed).
+PATH_FLAGS = (("workdir", "--workdir", True), ("checkpoint_dir", "--checkpoint_dir", True),
+              ("state", "--state", False), ("hf_dir", "HF_DIR", False),
+              ("out_workdir", "OUT_WORKDIR", False), ("out", "OUT", False))
+
+
+def resolve_path_flags(args) -> None:
+  """Resolves the path flags of ``args`` once, here (the run never sees a relative path), and
+  refuses a URL no backend handles (``nlx.train.paths.check``) before anything runs."""
+  from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
+  for name, flag, remote in PATH_FLAGS:
+    if getattr(args, name, None):
+      if args.command == "export" and name == "workdir":
+        flag = "WORKDIR"
+      setattr(args, name, paths.check(getattr(args, name), flag, remote=remote))
 
 
 def normalize_flags(argv: Sequence[str]) -> list[str]:
@@ -251,11 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = normalize_flags(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  from nlx.train import paths  # pylint: disable=g-import-not-at-top  (no JAX)
-  for name in ("workdir", "checkpoint_dir", "state", "hf_dir", "out_workdir", "out"):  # resolved once, here: the run never sees a relative path
-    if getattr(args, name, None):
-      setattr(args, name, paths.resolve(getattr(args, name)))
   try:
+    resolve_path_flags(args)
     overrides, extra = config_overrides(extra)
     if extra:
       parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -10,6 +10,7 @@
   (any of ``multiple_choice.TASKS``, or ``--task all``).
 * ``nlx eval --workdir DIR --task s_niah_1 --length 2000 --n 20``: RULER-style needle accuracy.
 
+``--workdir`` and ``--checkpoint_dir`` may be ``gs://`` URLs (``nlx.train.trained.load``).
 Prints one JSON line per task.
 """
 
@@ -28,11 +29,12 @@ ALL_TASKS = ("ppl",) + MC_TASKS + NIAH_TASKS + ("all",)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", required=True, help="the workdir of 'nlx train'")
+  parser.add_argument("--workdir", required=True,
+                      help="the workdir of 'nlx train' (local or gs://BUCKET/PATH)")
   parser.add_argument("--task", required=True, choices=ALL_TASKS, metavar="TASK",
                       help=f"one of {', '.join(ALL_TASKS)} ('all': every multiple-choice task)")
   parser.add_argument("--checkpoint_dir", default=None,
-                      help="its checkpoints, if not WORKDIR/checkpoints")
+                      help="its checkpoints, if not WORKDIR/checkpoints (local or gs://)")
   parser.add_argument("--path", help="--task ppl: a text file (one document) or a .jsonl file "
                       "(a document per record, each scored alone)")
   parser.add_argument("--state", default=None, metavar="FILE",

@@ -45,7 +45,7 @@ class Checkpointer:
   """Saves and restores ``(state, data_state)`` under ``directory`` (a path or ``gs://`` URL)."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
-    directory = paths.resolve(directory)  # orbax refuses relative paths
+    directory = paths.check(directory, "--checkpoint_dir")  # absolute: orbax refuses relative
     if not read_only:
       _check_writable(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -207,19 +207,20 @@ class Checkpointer:
 
 
 def _check_writable(directory: str) -> None:
-  """Creates a local ``directory`` and writes a probe file in it; a ``CheckpointError`` if not."""
-  if paths.is_url(directory):
-    return
-  probe = os.path.join(directory, f".nlx-write-test-{os.getpid()}")
+  """Creates ``directory`` and writes a probe file in it (an object, on GCS), then removes it.
+
+  Raises:
+    CheckpointError: naming the directory and the error.
+  """
+  probe = paths.join(directory, f".nlx-write-test-{os.getpid()}")
   try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, "wb") as f:
-      f.write(b"nlx")
-    os.remove(probe)
-  except OSError as e:
-    raise CheckpointError(f"checkpoint directory {directory} is not writable: "
-                          f"{e.strerror or e}; choose another --workdir or --checkpoint_dir"
-                          ) from e
+    paths.makedirs(directory)
+    paths.write_text(probe, "nlx")
+    paths.path(probe).unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError; tf.io.gfile's own errors)
+    why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+    raise CheckpointError(f"checkpoint directory {directory} is not writable: {why}; choose "
+                          "another --workdir or --checkpoint_dir") from e
 
 
 def tree_mismatch(saved, abstract) -> Optional[str]:

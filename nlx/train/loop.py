@@ -2,25 +2,32 @@
 
 ``train(config, workdir)`` validates the config for this run's devices, saves the resolved config
 (``DIR/config.json``), restores the latest checkpoint of ``DIR/checkpoints`` or initializes, and
-runs ``train.steps`` steps. Every ``log_every`` steps it logs loss, tokens/s and norms (progress
-bar, ``metrics.jsonl``, TensorBoard); every ``eval_every`` steps (and at the end) the validation
-loss and perplexity; every ``checkpoint_every`` steps (at the end, and on SIGTERM) a checkpoint.
-With ``train.pack_documents`` in force (``RunConfig.pack_documents``) the batches carry segment
-ids: the model reads each document apart, and the training and validation losses leave out the
+runs ``train.steps`` steps. Every ``log_every`` steps it logs loss, tokens/s and norms to the
+trackers of ``train.trackers`` (``metrics.jsonl``, TensorBoard, wandb; ``nlx.train.metrics``) and
+to the progress bar, or without one (``progress=False``, ``nlx train --no_progress``) as one
+``key=value`` line on stdout; every ``eval_every`` steps (and at the end) the validation loss and
+perplexity; every ``checkpoint_every`` steps (at the end, and on SIGTERM) a checkpoint. The
+workdir and the checkpoint directory may be ``gs://`` URLs (``nlx.train.paths``). With
+``train.pack_documents`` in force (``RunConfig.pack_documents``) the batches carry segment ids:
+the model reads each document apart, and the training and validation losses leave out the
 targets that start a document (the validation loss is token-weighted over its batches).
 
-Faults (docs/RELIABILITY.md): a step whose loss, gradients or new parameters hold a NaN/Inf stops
-the run without saving (``on_nonfinite="stop"``: a ``NonFiniteError`` naming the step and the first
-non-finite tensor) or is skipped (``"skip"``: parameters unchanged, counted in ``skipped_steps``).
-A checkpoint that cannot be restored is a ``CheckpointError`` naming its step, unless
-``fallback_to_good_checkpoint`` resumes from the newest good one.
+Faults (docs/RELIABILITY.md): a step whose loss, gradients or new parameters hold a NaN/Inf keeps
+the parameters as they were (``nlx.train.step``) and is recorded in the step guard on the device;
+the host reads the guard when it checks (``train.check_finite``: ``log_steps``, the default, at
+log steps, checkpoint steps and the end, so the device pipeline never waits on a per-step fetch;
+``every_step`` after each step). A check that finds non-finite steps stops the run without
+saving (``on_nonfinite="stop"``: a ``NonFiniteError`` naming the first non-finite step and its
+first non-finite tensor, and how many steps since the last check were skipped) or goes on
+(``"skip"``: counted in ``skipped_steps``). A checkpoint that cannot be restored is a
+``CheckpointError`` naming its step, unless ``fallback_to_good_checkpoint`` resumes from the
+newest good one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Optional
@@ -57,9 +64,9 @@ def prepare(cfg, workdir: str):
 
 
 def save_config(cfg, workdir: str) -> None:
+  """Writes ``cfg`` as ``DIR/config.json`` (process 0; whole, never half written)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json(indent=2) + "\n")
+    paths_lib.write_text(paths_lib.join(workdir, CONFIG_FILE), cfg.to_json(indent=2) + "\n")
 
 
 def to_global(batch, batch_sharding):
@@ -102,12 +109,43 @@ def nonfinite_report(step: int, metrics: dict, paths: list) -> Optional[str]:
   return f"step {step}: non-finite values: " + "; ".join(parts)
 
 
-def _handle_nonfinite(report: str, policy: str, ckpt) -> None:
+def guard_report(guard: dict, param_paths: list) -> Optional[str]:
+  """``nonfinite_report`` of the first non-finite step a step guard saw; None if it saw none.
+
+  Args:
+    guard: host values of ``nlx.train.step.init_guard``'s tree.
+    param_paths: ``nlx.train.step.param_paths`` of the parameters.
+  """
+  if not int(guard["count"]):
+    return None
+  return nonfinite_report(int(guard["first_step"]), {
+      "loss": guard["first_loss"], "nonfinite_grads": guard["first_grads"],
+      "nonfinite_params": guard["first_params"]}, param_paths)
+
+
+def _handle_nonfinite(guard: dict, param_paths: list, since: int, done: int, policy: str,
+                      ckpt) -> None:
+  """Stops (``NonFiniteError``) or warns about the non-finite steps of ``since + 1 .. done``."""
+  report, count = guard_report(guard, param_paths), int(guard["count"])
+  alone = count == 1 and int(guard["first_step"]) == done  # the check caught it at its step
+  if alone:
+    interval = ""
+  else:
+    interval = (f"{count} of steps {since + 1}-{done} were non-finite; each was skipped "
+                "(parameters unchanged) and the others trained on until this check at step "
+                f"{done} (train.check_finite='log_steps': checks at log and checkpoint steps)")
   if policy == "stop":
     raise NonFiniteError(
-        f"{report}. Stopped without saving; the newest checkpoint (step {ckpt.latest_step()}) is "
-        "intact. Lower optimizer.learning_rate, check the data, or pass --on_nonfinite=skip")
-  print(f"warning: {report}; step skipped (parameters unchanged)", file=sys.stderr)
+        f"{report}. {interval + '. ' if interval else ''}Stopped without saving; the newest "
+        f"checkpoint (step {ckpt.latest_step()}) is intact. Lower optimizer.learning_rate, check "
+        "the data, or pass --on_nonfinite=skip"
+        + ("" if alone else " (--config.train.check_finite=every_step stops at the non-finite "
+           "step itself)"))
+  if alone:
+    print(f"warning: {report}; step skipped (parameters unchanged)", file=sys.stderr)
+  else:
+    print(f"warning: {report}; {count} non-finite steps in steps {since + 1}-{done}, each step "
+          "skipped (parameters unchanged)", file=sys.stderr)
 
 
 def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: bool = True,
@@ -117,30 +155,35 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
 
   Args:
     cfg: the run config.
-    workdir: metrics, TensorBoard, plots, the resolved config (a local directory).
+    workdir: metrics, TensorBoard, plots, the resolved config (a local directory or ``gs://``).
     checkpoint_dir: checkpoints (default ``workdir/checkpoints``; may be ``gs://...``).
-    progress: show a tqdm progress bar (process 0).
+    progress: show a tqdm progress bar (process 0); without it, each logged record is printed as
+      one ``key=value`` line on stdout (``nlx.train.metrics.log_line``).
     async_checkpoints: write checkpoints in the background.
     stop_at: stop after this step with a checkpoint, as a preemption does (a job time limit);
       running again resumes.
     on_nonfinite: ``"stop"`` (raise ``NonFiniteError`` without saving) or ``"skip"`` (keep the
-      parameters, go on) when a step's loss, gradients or parameters are not finite.
+      parameters, go on) when a check finds a step whose loss, gradients or parameters were not
+      finite (``train.check_finite`` says when the host checks).
     fallback_to_good_checkpoint: when the newest checkpoint cannot be restored (corrupt, or of
       another config), move it aside and resume from the newest good one instead of raising.
   """
   if on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f"on_nonfinite={on_nonfinite!r} is not allowed; allowed: "
                       f"{list(ON_NONFINITE)}")
-  workdir = paths_lib.resolve(workdir)
-  checkpoint_dir = paths_lib.resolve(checkpoint_dir or os.path.join(workdir, "checkpoints"))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths_lib.check(workdir, "--workdir")
+  checkpoint_dir = paths_lib.check(checkpoint_dir or paths_lib.join(workdir, "checkpoints"),
+                                   "--checkpoint_dir")
+  paths_lib.makedirs(workdir)
   run, _, train_windows, val_windows = prepare(cfg, workdir)
   t = run.train
-  if t.init_from and not paths_lib.is_url(t.init_from) and not os.path.isfile(
-      os.path.join(t.init_from, "config.json")):
-    raise ConfigError(f"train.init_from={t.init_from!r} is not a pretrained directory (no "
-                      "config.json); allowed: a directory of 'nlx export', 'nlx convert' or "
-                      "LM.save_pretrained")
+  if t.init_from:
+    paths_lib.check(t.init_from, "train.init_from")
+    if not paths_lib.is_url(t.init_from) and not paths_lib.isfile(
+        paths_lib.join(t.init_from, "config.json")):
+      raise ConfigError(f"train.init_from={t.init_from!r} is not a pretrained directory (no "
+                        "config.json); allowed: a directory of 'nlx export', 'nlx convert' or "
+                        "LM.save_pretrained")
   mesh = sharding.make_mesh(run.mesh)
   trainer = step_lib.build(run, mesh)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, t.keep_checkpoints, async_checkpoints)
@@ -176,31 +219,43 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
   val = pipeline.eval_batches(val_windows, batch_size=t.batch_size, n_batches=t.eval_batches,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
-  train_step, eval_step = step_lib.jit_train_step(trainer), step_lib.jit_eval_step(trainer)
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+  train_step, eval_step = step_lib.jit_guarded_step(trainer), step_lib.jit_eval_step(trainer)
+  writer = metrics_lib.MetricsWriter(
+      workdir, start, enabled=jax.process_index() == 0, trackers=t.trackers,
+      config=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
+      wandb_project=t.wandb_project, wandb_entity=t.wandb_entity, log_lines=not progress)
   lr = optimizer_lib.schedule(run.optimizer, t.steps)
   ckpt.watch_sigterm()
   record, bar = {}, _progress_bar(start, t.steps, progress)
   tokens_per_step = t.batch_size * t.seq_len
   last_time, last_step = None, start
-  paths, skipped = step_lib.param_paths(trainer.abstract_state["params"]), 0
+  param_paths, skipped = step_lib.param_paths(trainer.abstract_state["params"]), 0
+  # The step guard (on the device): reset after each check, read only when the host checks.
+  fresh_guard = jax.device_put(step_lib.init_guard(len(param_paths)),
+                               sharding.replicated(trainer.mesh))
+  guard, checked = fresh_guard, start  # the guard holds the steps after `checked`
+  failed = True
   try:
     for step in range(start, t.steps):
       batch = to_global(next(data_iter), trainer.batch_sharding)
-      state, metrics = train_step(state, batch)
+      state, guard, metrics = train_step(state, guard, batch)
       ckpt.raise_if_failed()  # a background save that failed stops the run now, not at the end
       done = step + 1
-      report = nonfinite_report(done, jax.device_get(
-          {k: metrics[k] for k in ("loss",) + step_lib.NONFINITE_KEYS}), paths)
-      if report:
-        _handle_nonfinite(report, on_nonfinite, ckpt)
-        skipped += 1
+      log = done % t.log_every == 0 or done == t.steps
+      stop = ckpt.should_stop() or done == stop_at
+      save = bool(t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps or stop
+      if t.check_finite == "every_step" or log or save:  # never save past an unchecked step
+        seen = jax.device_get(guard)
+        if int(seen["count"]):
+          skipped += int(seen["count"])
+          _handle_nonfinite(seen, param_paths, checked, done, on_nonfinite, ckpt)
+          guard = fresh_guard
+        checked = done
       if last_time is None:  # time from the end of the first (compiling) step
         jax.block_until_ready(metrics)
         last_time, last_step = time.perf_counter(), done
-      if done % t.log_every == 0 or done == t.steps:
-        record = {k: float(v) for k, v in jax.device_get(metrics).items()
-                  if k not in step_lib.NONFINITE_KEYS}
+      if log:
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if skipped:
           record["skipped_steps"] = skipped
         now = time.perf_counter()
@@ -219,19 +274,25 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
                            if k in record})
       if bar is not None:
         bar.update(1)
-      stop = ckpt.should_stop() or done == stop_at
-      if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps or stop:
+      if save:
+        writer.sync()  # a remote workdir's metrics: at least up to the newest checkpoint
         ckpt.save(done, state, data_iter.get_state())
         last_time = time.perf_counter()
       if stop:
         break
+    failed = False
   finally:
     if bar is not None:
       bar.close()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      writer.close(failed=failed)
   if t.plots and jax.process_index() == 0:
-    metrics_lib.plot(workdir, f"{run.model.family} ({os.path.basename(workdir.rstrip('/'))})")
+    metrics_lib.plot(workdir, f"{run.model.family} ({paths_lib.basename(workdir)})")
   return {"step": int(jax.device_get(state["step"])), **record}
 
 
@@ -245,9 +306,8 @@ def _progress_bar(start: int, total: int, enabled: bool):
 def load_workdir_config(workdir: str):
   """The resolved run ConfigDict saved by ``train`` in ``workdir``."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = paths_lib.join(workdir, CONFIG_FILE)
+  if not paths_lib.isfile(path):
     raise ValueError(f"--workdir {workdir!r} has no {CONFIG_FILE}; is it the workdir of "
                      "'nlx train'?")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths_lib.read_text(path)))

@@ -9,7 +9,11 @@ unsharded model.
 Every step checks its loss, gradients and updated parameters for NaN/Inf; a non-finite step leaves
 the parameters and optimizer state as they were (the step counter and RNG still advance) and
 reports, per parameter, which tensors were non-finite (``nonfinite_grads``/``nonfinite_params``,
-bool vectors in ``param_paths`` order): the loop then stops or skips the step.
+bool vectors in ``param_paths`` order). The loop's step (``guarded_step_fn``) folds these checks
+into a small device pytree, the *guard* (``init_guard``: how many steps were non-finite since it
+was reset, and the first one's number, loss and flag vectors), so that the host fetches it only
+when it checks (``train.check_finite``) instead of after every step; the loop then stops or
+skips. The guard is not part of the checkpointed state.
 
 A batch is ``tokens [B, T+1]`` (int32), or with ``train.pack_documents`` the dict ``{"tokens":
 [B, T+1], "segment_ids": [B, T+1]}`` of ``nlx.data.pipeline.pack_segments``: the model then reads
@@ -253,6 +257,52 @@ def train_step_fn(trainer: Trainer) -> Callable:
             "rng": rng}, metrics
 
   return step
+
+
+def init_guard(n_params: int) -> dict:
+  """A guard that has seen no non-finite step: ``{"count": int32 [], "first_step": int32 [],
+  "first_loss": float32 [], "first_grads": bool [n_params], "first_params": bool [n_params]}``
+  (``first_*``: the first non-finite step since the reset: its 1-based number, its loss and
+  ``nonfinite_grads``/``nonfinite_params``; ``first_step`` 0 while there is none)."""
+  flags = jnp.zeros((n_params,), jnp.bool_)
+  return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.zeros((), jnp.int32),
+          "first_loss": jnp.zeros((), jnp.float32), "first_grads": flags, "first_params": flags}
+
+
+def update_guard(guard: dict, step: jax.Array, metrics: Mapping) -> dict:
+  """``guard`` after the step numbered ``step`` (1-based) with ``metrics`` (``train_step_fn``'s:
+  ``loss`` and the ``NONFINITE_KEYS`` vectors): counted, and kept as the first if it is the first
+  non-finite one."""
+  bad = ~(jnp.isfinite(metrics["loss"]) & ~metrics["nonfinite_grads"].any()
+          & ~metrics["nonfinite_params"].any())
+  first = bad & (guard["first_step"] == 0)
+  new = {"first_step": step.astype(jnp.int32), "first_loss": metrics["loss"].astype(jnp.float32),
+         "first_grads": metrics["nonfinite_grads"], "first_params": metrics["nonfinite_params"]}
+  kept = {k: jnp.where(first, v, guard[k]) for k, v in new.items()}
+  return {"count": guard["count"] + bad.astype(jnp.int32), **kept}
+
+
+def guarded_step_fn(trainer: Trainer) -> Callable:
+  """``(state, guard, batch) -> (state, guard, metrics)``: ``train_step_fn``'s step with its
+  finite checks folded into ``guard`` (``update_guard``); the metrics are its float32 scalars
+  (the flag vectors stay on the device, in the guard)."""
+  step = train_step_fn(trainer)
+
+  def guarded(state, guard, batch):
+    new_state, metrics = step(state, batch)
+    guard = update_guard(guard, state["step"] + 1, metrics)
+    return new_state, guard, {k: v for k, v in metrics.items() if k not in NONFINITE_KEYS}
+
+  return guarded
+
+
+def jit_guarded_step(trainer: Trainer) -> Callable:
+  """``guarded_step_fn`` jitted: the state sharded and donated, the guard and metrics
+  replicated."""
+  rep = sharding.replicated(trainer.mesh)
+  return jax.jit(guarded_step_fn(trainer),
+                 in_shardings=(trainer.state_shardings, rep, trainer.batch_sharding),
+                 out_shardings=(trainer.state_shardings, rep, rep), donate_argnums=0)
 
 
 def jit_train_step(trainer: Trainer) -> Callable:

@@ -1,10 +1,10 @@
-"""A trained model from a workdir of ``nlx train`` (for ``nlx generate`` and ``nlx eval``)."""
+"""A trained model from a workdir of ``nlx train`` (for ``nlx generate``, ``nlx eval`` and
+``nlx export``); the workdir and its checkpoint directory may be ``gs://`` URLs."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 from flax import nnx
@@ -29,17 +29,28 @@ class Trained:
   step: int
 
 
-def load(workdir: str, checkpoint_dir: str = None) -> Trained:
-  """Restores the latest checkpoint of ``workdir`` on this host's devices (data parallel); with
-  no checkpoint yet, the parameters of ``train.init_from`` (a converted model) at step 0."""
+def load(workdir: str, checkpoint_dir: Optional[str] = None) -> Trained:
+  """Restores the latest checkpoint of ``workdir`` on this host's devices (data parallel, one
+  slice); with no checkpoint yet, the parameters of ``train.init_from`` (a converted model) at
+  step 0.
+
+  Args:
+    workdir: the workdir of ``nlx train`` (local or ``gs://``).
+    checkpoint_dir: its checkpoints, if not ``workdir/checkpoints`` (local or ``gs://``).
+  """
+  workdir = paths.check(workdir, "--workdir")
   cfg = loop.load_workdir_config(workdir)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):  # configs saved before multislice lack them
+    if name in cfg.mesh:
+      cfg.mesh[name] = 1
   run = run_config.validate(cfg, n_devices=jax.device_count())
   tokenizer = tokenizers.from_config(run.data, workdir)
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh))
-  directory = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  directory = paths.check(checkpoint_dir or paths.join(workdir, "checkpoints"),
+                          "--checkpoint_dir")
   ckpt = (checkpoint_lib.Checkpointer(directory, run.train.keep_checkpoints, read_only=True)
-          if os.path.isdir(directory) or paths.is_url(directory) else None)
+          if paths.isdir(directory) else None)
   step = None if ckpt is None else ckpt.latest_step()
   if step is None:
     if ckpt is not None:
