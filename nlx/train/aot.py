@@ -21,7 +21,8 @@ counts the matmul and convolution FLOPs of the step's jaxpr instead, multiplying
 ``model.remat``. The estimate is a roofline: ``step_s = max(flops_per_step / chips / peak,
 xla bytes accessed / HBM bandwidth)`` (the bytes, like XLA's FLOPs, count a loop body once: a
 lower bound), and ``mfu = 6·N·tokens / (step_s · peak · chips)`` (attention FLOPs excluded, as is
-usual for MFU).
+usual for MFU). ``chips`` counts every slice; the estimate leaves out the data-center network, so
+for several slices it is the step time of a network as fast as ICI.
 """
 
 from __future__ import annotations
