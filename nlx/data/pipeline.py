@@ -12,6 +12,10 @@ changes. The documents are the sources' own (``nlx.data.sources``): a jsonl reco
 example, a text file (the embedded corpus is one document: its ids are all 0). Every function
 below takes either form of windows (an array, or that dict) and returns batches of the same form.
 
+Windows are an array (or that dict) in memory, or any sequence of rows: the token cache's
+``nlx.data.token_cache.TokenWindows`` reads each row from a memory-mapped store when grain asks
+for it, so a host reads only its rows.
+
 The order is a pure function of (seed, global index): example ``g`` of the run is window
 ``shuffle(seed, epoch)[g mod N]`` (grain's ``MapDataset.shuffle`` reshuffles each epoch), and
 global batch ``s`` holds examples ``s·B .. s·B + B - 1``; host ``p`` of ``P`` loads rows
@@ -158,12 +162,20 @@ def eval_batches(windows: Windows, *, batch_size: int, n_batches: int,
 def load_splits(data, seq_len: int, workdir: Optional[str] = None, segment_ids: bool = False):
   """``(tokenizer, train windows, validation windows)`` of ``config.data``.
 
+  With ``data.token_cache`` (the default) the windows are ``nlx.data.token_cache.TokenWindows``
+  over the source's token store (tokenized once, then reused: lazy rows, the same values);
+  otherwise the documents are tokenized into memory (``pack``/``pack_segments``).
+
   Args:
     data: the ``DataConfig``.
     seq_len: ``train.seq_len``.
-    workdir: where a SentencePiece model is trained (or found) when ``data.spm_model`` is None.
+    workdir: where a SentencePiece model is trained (or found) when ``data.spm_model`` is None
+      (a local path or a URL such as ``gs://``).
     segment_ids: windows as ``pack_segments``' dicts (``train.pack_documents``), else arrays.
   """
+  if getattr(data, "token_cache", False):
+    from nlx.data import token_cache  # pylint: disable=g-import-not-at-top
+    return token_cache.load_splits(data, seq_len, workdir, segment_ids)
   train_docs, val_docs = sources.load_documents(data)
   tokenizer = tokenizers.from_config(data, workdir, train_docs)
   windows = pack_segments if segment_ids else pack

@@ -12,7 +12,11 @@
 * ``jsonl``: one JSON object per line, the document in ``text_field``; a file is split like a text
   file (its last records), a directory like above.
 * ``seqio``: the ``text`` feature of a registered seqio task's ``train`` and ``validation``
-  splits (``nlx.data.seqio_adapter``).
+  splits (``nlx.data.seqio_adapter``; ``data.seqio_module`` is imported first).
+* ``hf``: the ``text_field`` of a Hugging Face ``datasets`` dataset (``nlx.data.hf_source``).
+
+These lists are the in-memory path (``data.token_cache=False``); the token cache reads the same
+documents as a stream (``nlx.data.streams``).
 """
 
 from __future__ import annotations
@@ -36,11 +40,15 @@ def load_documents(data) -> tuple[list[str], list[str]]:
       return split_tail([f.read()], data.val_fraction)
   if source == "seqio":
     from nlx.data import seqio_adapter  # pylint: disable=g-import-not-at-top  (optional extra)
+    seqio_adapter.import_modules(data.seqio_module)
     return (seqio_adapter.task_documents(data.seqio_task, "train"),
             seqio_adapter.task_documents(data.seqio_task, "validation"))
+  if source == "hf":
+    from nlx.data import hf_source  # pylint: disable=g-import-not-at-top  (optional extra)
+    return hf_source.load_documents(data)
   read = _read_text if source == "text" else (lambda p: _read_jsonl(p, data.text_field))
   if os.path.isdir(data.path):
-    train_files, val_files = _split_files(data.path, "txt" if source == "text" else "jsonl")
+    train_files, val_files = split_files(data.path, "txt" if source == "text" else "jsonl")
     if val_files:
       return _concat(read, train_files), _concat(read, val_files)
     return split_tail(_concat(read, train_files), data.val_fraction)
@@ -75,7 +83,9 @@ def split_tail(documents: list[str], fraction: float) -> tuple[list[str], list[s
   return [text[:cut]], [text[cut:]]
 
 
-def _split_files(directory: str, ext: str) -> tuple[list[str], list[str]]:
+def split_files(directory: str, ext: str) -> tuple[list[str], list[str]]:
+  """``(training files, validation files)`` of a directory: ``*train*.EXT`` and ``*valid*.EXT``
+  (``*val.*``), or its single ``.EXT`` file (no validation files)."""
   files = sorted(glob.glob(os.path.join(directory, f"*.{ext}")))
   train = [f for f in files if "train" in os.path.basename(f)]
   valid = [f for f in files if any(s in os.path.basename(f) for s in ("valid", "val."))]
@@ -121,15 +131,26 @@ def _read_text(path: str) -> list[str]:
 def _read_jsonl(path: str, field: str) -> list[str]:
   documents = []
   for line_no, line in enumerate(read_utf8(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError as e:
-      raise DataError(f"line {line_no} of {path!r} is not JSON ({e})") from None
-    if not isinstance(record, dict) or field not in record:
-      fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise DataError(f"data.text_field={field!r} is not in record {line_no} of {path!r}; "
-                      f"its fields: {fields}")
-    documents.append(str(record[field]))
+    record = parse_record(line, field, path, line_no)
+    if record is not None:
+      documents.append(record)
   return documents
+
+
+def parse_record(line: str, field: str, path: str, line_no: int):
+  """The text of one jsonl line's record (``str(record[field])``); None for a blank line.
+
+  Raises:
+    DataError: the line is not JSON, or not an object with ``field`` (naming line and file).
+  """
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except ValueError as e:
+    raise DataError(f"line {line_no} of {path!r} is not JSON ({e})") from None
+  if not isinstance(record, dict) or field not in record:
+    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"data.text_field={field!r} is not in record {line_no} of {path!r}; "
+                    f"its fields: {fields}")
+  return str(record[field])
