@@ -135,10 +135,12 @@ def _handle_nonfinite(guard: dict, param_paths: list, since: int, done: int, pol
                 "(parameters unchanged) and the others trained on until this check at step "
                 f"{done} (train.check_finite='log_steps': checks at log and checkpoint steps)")
   if policy == "stop":
+    newest = ckpt.latest_step()
+    kept = ("no checkpoint of this run was written" if newest is None
+            else f"the newest checkpoint (step {newest}) is intact")
     raise NonFiniteError(
-        f"{report}. {interval + '. ' if interval else ''}Stopped without saving; the newest "
-        f"checkpoint (step {ckpt.latest_step()}) is intact. Lower optimizer.learning_rate, check "
-        "the data, or pass --on_nonfinite=skip"
+        f"{report}. {interval + '. ' if interval else ''}Stopped without saving; {kept}. Lower "
+        "optimizer.learning_rate, check the data, or pass --on_nonfinite=skip"
         + ("" if alone else " (--config.train.check_finite=every_step stops at the non-finite "
            "step itself)"))
   if alone:

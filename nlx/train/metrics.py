@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
+import string
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -136,7 +138,7 @@ class WandbTracker:
     if paths.isfile(id_file):
       run_id = paths.read_text(id_file).strip()
     else:
-      run_id = wandb.util.generate_id()
+      run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
       paths.write_text(id_file, run_id + "\n")
     # Its local files: $WANDB_DIR, else the workdir (WORKDIR/wandb) when local, else wandb's
     # default (./wandb): wandb writes them with local file APIs.

@@ -148,7 +148,9 @@ def read_text(p: str) -> str:
 def write_text(p: str, text: str) -> None:
   """Writes ``p`` whole: one object on GCS; locally a temporary file renamed over ``p``."""
   if is_url(p):
-    path(p).write_text(text, encoding="utf-8")
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
     return
   directory = os.path.dirname(os.path.abspath(p))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(p)}.")
