@@ -198,10 +198,11 @@ class TrainConfig:
       the workdir so that a resumed run continues the same wandb run).
     wandb_project, wandb_entity: the wandb project and entity (None entity: wandb's default).
     check_finite: when the step's finite checks (loss, gradients, parameters) are fetched to the
-      host: ``log_steps`` (every ``log_every`` steps; the device keeps the first non-finite step
-      of the interval, so the report still names it and its first bad tensor) or
-      ``every_step`` (a stop the moment it happens, at the cost of a device-to-host sync per
-      step).
+      host: ``log_steps`` (at every log step, before every checkpoint and at the end; the device
+      keeps the count and the first non-finite step of the interval, so the report still names
+      it and its first bad tensor; a non-finite step keeps the old parameters, so the steps
+      after it train on until the check) or ``every_step`` (a stop the moment it happens, at the
+      cost of a device-to-host sync per step).
   """
 
   steps: int = 600
