@@ -76,7 +76,8 @@ def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Arra
 
 def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
                 lr: Array, w0: Weights, p0: Optional[Weights],
-                prev: ChunkCoefficients, fresh=None, w_init=None) -> ChunkWrites:
+                prev: ChunkCoefficients, fresh=None, w_init=None, late=None,
+                w_late=None) -> ChunkWrites:
   """A chunk's writes with DGD's decay term.
 
   Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
@@ -87,15 +88,17 @@ def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array,
   the part of ``h_s W_{s−1}`` that does not involve w.
 
   With document boundaries, ``fresh [C]`` marks the tokens whose gradient is taken at the reset
-  state ``w_init`` instead of ``w_grad`` (``_selected_writes``), and ``W_{s−1}`` includes
-  ``prev.init[s] w_init``.
+  state ``w_init`` and ``late [C]`` those taken at ``w_late`` instead of ``w_grad``
+  (``_selected_writes``), and ``W_{s−1}`` includes ``prev.init[s] w_init``.
   """
-  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init)
+  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init, late,
+                                 w_late)
   keys, writes = cw.keys, cw.writes
   pseudo = {}
   for name, h in keys.items():
     x = h @ h.T
-    same = w_grad is w0 and fresh is None  # then h @ w0 is the layer's output, already computed
+    # Then h @ w0 is the layer's output, already computed.
+    same = w_grad is w0 and fresh is None and late is None
     hw0 = outputs[name] if same else h @ w0[name]
     known = prev.gamma[:, None] * hw0 + (prev.write * x) @ writes[name]
     if p0 is not None:
@@ -108,17 +111,21 @@ def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array,
 
 
 def _selected_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
-                     lr: Array, fresh=None, w_init=None) -> tuple[ChunkWrites, Weights]:
-  """``_chunk_writes`` at ``w_grad``, or, for the tokens where ``fresh [C]``, at ``w_init`` (the
-  first gradient chunk of a document that starts inside this chunk, or continues one that
-  started inside the previous chunk: its gradient reference is the reset state)."""
+                     lr: Array, fresh=None, w_init=None, late=None,
+                     w_late=None) -> tuple[ChunkWrites, Weights]:
+  """``_chunk_writes`` at ``w_grad``; for the tokens where ``late [C]``, at ``w_late`` (a gradient
+  chunk that starts inside this chunk); for the tokens where ``fresh [C]``, at ``w_init`` (the
+  first gradient chunk of a document: its gradient reference is the reset state)."""
   cw, outputs = _chunk_writes(memory, objective, w_grad, k, v, lr)
-  if fresh is None:
-    return cw, outputs
-  cw_init, outputs_init = _chunk_writes(memory, objective, w_init, k, v, lr)
-  pick = lambda a, b: {n: jnp.where(fresh[:, None], b[n], a[n]) for n in a}
-  return (ChunkWrites(pick(cw.keys, cw_init.keys), pick(cw.writes, cw_init.writes), None, w_init),
-          pick(outputs, outputs_init))
+  keys, writes = cw.keys, cw.writes
+  for mask, w in ((late, w_late), (fresh, w_init)):
+    if mask is None:
+      continue
+    other, other_outputs = _chunk_writes(memory, objective, w, k, v, lr)
+    pick = lambda a, b, m=mask: {n: jnp.where(m[:, None], b[n], a[n]) for n in a}
+    keys, writes = pick(keys, other.keys), pick(writes, other.writes)
+    outputs = pick(outputs, other_outputs)
+  return ChunkWrites(keys, writes, None, w_init), outputs
 
 
 def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
@@ -162,14 +169,15 @@ def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
 
 def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weights,
                  p0: Optional[Weights], chunk: tuple, dgd: bool, fresh=None,
-                 w_init=None) -> ChunkWrites:
+                 w_init=None, late=None, w_late=None) -> ChunkWrites:
   """The writes of one prepared chunk ``(q, k, v, lr, coef, prev)`` (``_prepare_coefficients``):
-  gradients at ``w_grad`` (at ``w_init`` where ``fresh``), the chunk's running state starting
-  from ``w0``/``p0`` (and ``w_init`` at its resets)."""
+  gradients at ``w_grad`` (at ``w_late`` where ``late``, at ``w_init`` where ``fresh``), the
+  chunk's running state starting from ``w0``/``p0`` (and ``w_init`` at its resets)."""
   _, kc, vc, lrc, _, prev = chunk[:6]
   if dgd:
-    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init)
-  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init)[0]
+    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init, late,
+                       w_late)
+  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init, late, w_late)[0]
   return cw if w_init is None else cw._replace(init=w_init)
 
 
@@ -351,6 +359,15 @@ def chunk_start_scan_offset(memory: Memory, objective: Objective, q: Array, k: A
   return o, weights, momentum_state, chunk_start, new_offset, accumulated
 
 
+def gradient_chunks(reset: Array, offset, chunk_size: int) -> tuple[Array, Array]:
+  """``(positions, fresh)``, each ``[T]`` for ``reset [T]``: each token's position in its
+  gradient chunk (``chunk_positions``: chunks aligned with each document's first token), and
+  whether that chunk is its document's first, whose gradient reference is the reset state."""
+  index = jnp.arange(reset.shape[-1])
+  start = jax.lax.cummax(jnp.where(reset, index, -1), axis=0)
+  return chunk_positions(reset, offset, chunk_size), (start >= 0) & (index - start < chunk_size)
+
+
 def document_slots(reset: Array, offset, chunk_size: int) -> tuple[Array, Array, Array]:
   """Where each token of a packed sequence goes in ``chunk_start_scan_packed``'s buffer.
 
@@ -370,9 +387,7 @@ def document_slots(reset: Array, offset, chunk_size: int) -> tuple[Array, Array,
     chunk, and whether the token's gradient reference is the reset state.
   """
   c, index = chunk_size, jnp.arange(reset.shape[-1])
-  start = jax.lax.cummax(jnp.where(reset, index, -1), axis=0)
-  positions = chunk_positions(reset, offset, c)
-  fresh = (start >= 0) & (index - start < c)
+  positions, fresh = gradient_chunks(reset, offset, c)
   boundary = (positions == 0) & ~reset  # a chunk boundary inside a document: aligned in the buffer
   last = jax.lax.cummax(jnp.where(boundary, index, -1), axis=0)
   phase = jnp.where(last >= 0, index - last, index + offset) % c  # each slot's phase mod C
@@ -403,17 +418,28 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   """``chunk_start_scan_offset`` with document boundaries: the parallel form of
   ``recurrent_scan(..., grad_chunk=C, reset=reset, reset_weights=reset_weights)``.
 
-  Tokens are placed in a buffer of whole chunks by ``document_slots`` (placeholders write
-  nothing, decay nothing and keep the momentum, as in ``chunk_start_scan_offset``). In each
-  buffer chunk a token takes its gradient at the chunk's start state (the first chunk:
-  ``chunk_start``), or at ``reset_weights`` when it lies in its document's first gradient chunk;
-  a reset token restores ``reset_weights`` and zero momentum (``ChunkCoefficients.init``).
+  The tokens fill buffer chunks of C slots in order (the first ``offset`` slots are placeholders
+  that write nothing, decay nothing and keep the momentum, as in ``chunk_start_scan_offset``; no
+  padding between documents). A document's gradient chunks are aligned with its first token, so
+  they need not match the buffer's: in each buffer chunk a token takes its gradient at
+
+  * ``reset_weights`` when it lies in its document's first gradient chunk (``gradient_chunks``'
+    ``fresh``; the reset state is known before the scan);
+  * the state after token ``split − 1`` of this buffer chunk when a later gradient chunk of its
+    document starts at position ``split`` of this buffer chunk and the token is at or after it
+    (there is at most one such start per buffer chunk: two are C tokens apart). That state
+    comes from the writes of the tokens before ``split``, so the chunk's gradients are taken
+    twice (a second ``chunk_writes``), in exchange for a buffer of ``⌈(offset + T)/C⌉`` chunks;
+  * otherwise the reference carried from the previous buffer chunk (the first: ``chunk_start``).
+
+  A reset token restores ``reset_weights`` and zero momentum (``ChunkCoefficients.init``).
 
   Args:
     reset: ``[*batch, T]`` bool, or None (no boundaries: slices that continue different chunks,
-      ``offset [*batch]``; the buffer then needs no padding); reset_weights: ``{name: [*batch,
-      in, out]}`` (unused without reset); offset: int scalar or ``[*batch]`` (may be traced); the
-      rest as in ``chunk_start_scan_offset`` (no ``row_scale``).
+      ``offset [*batch]``); reset_weights: ``{name: [*batch, in, out]}`` (unused without reset);
+      offset: a Python int (the buffer then has ``⌈(offset + T)/C⌉`` chunks), or an int array,
+      scalar or ``[*batch]``, that may be traced (``⌈(T + C − 1)/C⌉`` chunks); the rest as in
+      ``chunk_start_scan_offset`` (no ``row_scale``).
 
   Returns:
     ``(o, weights, momentum_state, chunk_start, offset)`` after the last token; ``offset``
@@ -424,64 +450,85 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   check_read(read)
   c, t = chunk_size, q.shape[batch_ndim]
   batch_shape = q.shape[:batch_ndim]
-  n = buffer_chunks(t, c) if reset is not None else -(-(t + c - 1) // c)
+  static = isinstance(offset, int)
+  n = -(-(offset + t) // c) if static else -(-(t + c - 1) // c)
   if reset is None:
     reset, reset_weights = jnp.zeros(batch_shape + (t,), bool), weights
-  offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), batch_shape)
-  slots, positions, fresh = batched(lambda r, o: document_slots(r, o, c), batch_ndim)(reset,
-                                                                                     offset)
+  offsets = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), batch_shape)
+  positions, fresh = batched(lambda r, o: gradient_chunks(r, o, c), batch_ndim)(reset, offsets)
+  later = (positions == 0) & ~reset  # a document's later gradient chunk starts here
 
   def place(x, fill):  # [*batch, T, ...] -> [N, *batch, C, ...]
     if x is None:
       return None
-    buffer = batched(lambda xs, ss: place_at_slots(xs, ss, n * c, fill), batch_ndim)(x, slots)
+    if static:
+      pad = [(0, 0)] * x.ndim
+      pad[batch_ndim] = (offset, n * c - offset - t)
+      buffer = jnp.pad(x, pad, constant_values=fill)
+    else:
+      put = lambda xs, o: jax.lax.dynamic_update_slice_in_dim(
+          jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype), xs, o, axis=0)
+      buffer = batched(put, batch_ndim)(x, offsets)
     buffer = buffer.reshape(batch_shape + (n, c) + x.shape[batch_ndim + 1:])
     return jnp.moveaxis(buffer, batch_ndim, 0)
 
   xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
         place(momentum, 1), place(reset, False), place(fresh, False),
-        place(jnp.ones(reset.shape, bool), False))
+        place(jnp.ones(reset.shape, bool), False), place(later, False))
 
   def prepare(start, chunk):
-    qc, kc, vc, lrc, gc, mc, rc, fc, lc = chunk
+    qc, kc, vc, lrc, gc, mc, rc, fc, lc, sc = chunk
     coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
-    return (qc, kc, vc, lrc) + coefficients + (fc,)
+    split = jnp.where(sc.any(), jnp.argmax(sc), c)
+    return (qc, kc, vc, lrc) + coefficients + (fc, split)
 
-  last = slots[..., -1]  # [*batch]: the last real token's slot
+  last = offsets + t - 1  # [*batch]: the last real token's slot
+  aligned = static and (offset + t) % c == 0  # the last token ends the last chunk
   index = jnp.arange(n).reshape((n,) + (1,) * batch_ndim)
-  first = jnp.broadcast_to(index == 0, (n,) + batch_shape)
   lasts = jnp.broadcast_to(last, (n,) + batch_shape)
 
   def body(carry, x, consts):
-    mem, (w0, p0, ref, w_init), (is_first, at, chunk) = bind(memory, consts), carry, x
-    w_grad = jax.tree.map(lambda a, b: jnp.where(is_first, a, b), ref, w0)
-    cw = chunk_writes(mem, objective, w_grad, w0, p0, chunk, dgd, chunk[6], w_init)
-    at_last = _weights_at(w0, p0, cw, chunk[4], at % c)
+    mem, (w0, p0, ref, w_init), (at, chunk) = bind(memory, consts), carry, x
+    fresh_c, split = chunk[6], chunk[7]
+    # The reference of a gradient chunk that starts at `split`: the state after the token before,
+    # from the writes of the tokens before it (their gradients do not depend on it).
+    before = chunk_writes(mem, objective, ref, w0, p0, chunk, dgd, fresh_c, w_init)
+    w_split = _weights_at(w0, p0, before, chunk[4], jnp.maximum(split - 1, 0))[0]
+    w_split = jax.tree.map(lambda a, b: jnp.where(split == 0, a, b), w0, w_split)
+    late = jnp.arange(c) >= split
+    cw = chunk_writes(mem, objective, ref, w0, p0, chunk, dgd, fresh_c, w_init, late, w_split)
+    ref = jax.tree.map(lambda a, b: jnp.where(split < c, a, b), w_split, ref)
     w1, p1 = _weights_at(w0, p0, cw, chunk[4], c - 1)
+    at_last = None if aligned else _weights_at(w0, p0, cw, chunk[4], at % c)
     return (w1, p1, ref, w_init), ((w0, p0, cw), at_last)
 
-  starts = jnp.broadcast_to(jnp.where(index == 0, offset, 0), (n,) + batch_shape)
+  starts = jnp.broadcast_to(jnp.where(index == 0, offsets, 0), (n,) + batch_shape)
   chunks = jax.vmap(batched(prepare, batch_ndim))(starts, xs)
   step = batched(body, batch_ndim)
-  _, (ys, at_last) = jax.lax.scan(lambda carry, x: step(carry, x, params),
-                                  (weights, momentum_state, chunk_start, reset_weights),
-                                  (first, lasts, chunks))
+  (w_end, p_end, ref, _), (ys, at_last) = jax.lax.scan(
+      lambda carry, x: step(carry, x, params),
+      (weights, momentum_state, chunk_start, reset_weights), (lasts, chunks))
   read_chunk = batched(lambda ch, y, cs: chunk_read(bind(memory, cs), ch, y, read), batch_ndim)
   o = jax.vmap(read_chunk, in_axes=(0, 0, None))(chunks, ys, params)
   o = jnp.moveaxis(o, 0, batch_ndim)
   o = o.reshape(batch_shape + (n * c,) + o.shape[batch_ndim + 2:])
-  o = batched(lambda os, ss: os[ss], batch_ndim)(o, slots)
+  if static:
+    o = jax.lax.slice_in_dim(o, offset, offset + t, axis=batch_ndim)
+  else:
+    o = batched(lambda os, s: jax.lax.dynamic_slice_in_dim(os, s, t, axis=0), batch_ndim)(
+        o, offsets)
 
-  chunk_of_last = batched(lambda tree, i: jax.tree.map(lambda x: x[i], tree), batch_ndim)
-  to_batch = lambda tree: jax.tree.map(lambda x: jnp.moveaxis(x, 0, batch_ndim), tree)
-  weights, momentum_state = chunk_of_last(to_batch(at_last), last // c)
-  w0 = chunk_of_last(to_batch(ys[0]), last // c)
+  if aligned:
+    weights, momentum_state = w_end, p_end
+  else:
+    chunk_of_last = batched(lambda tree, i: jax.tree.map(lambda x: x[i], tree), batch_ndim)
+    to_batch = lambda tree: jax.tree.map(lambda x: jnp.moveaxis(x, 0, batch_ndim), tree)
+    weights, momentum_state = chunk_of_last(to_batch(at_last), last // c)
   new_offset = ((positions[..., -1] + 1) % c).astype(jnp.int32)
   expand = lambda m, x: jnp.reshape(m, m.shape + (1,) * (x.ndim - batch_ndim))
   pick = lambda m, a, b: jax.tree.map(lambda x, y: jnp.where(expand(m, x), x, y), a, b)
-  # The next token's chunk: a new one, its document's first (reference: the reset state), the
-  # call's first buffer chunk (reference: chunk_start), or the last token's buffer chunk.
-  ref = pick(last // c == 0, chunk_start, w0)
+  # The next token's gradient chunk: a new one, its document's first (reference: the reset
+  # state), or the last token's (the reference carried out of the last buffer chunk).
   ref = pick(fresh[..., -1], reset_weights, ref)
   chunk_start = pick(new_offset == 0, weights, ref)
   return o, weights, momentum_state, chunk_start, new_offset

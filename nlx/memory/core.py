@@ -54,7 +54,8 @@ from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bin
 from nlx.memory.chunk_start import (ChunkWrites, buffer_chunks, chunk_output, chunk_read,
                                     chunk_start_scan, chunk_start_scan_offset,
                                     chunk_start_scan_packed, chunk_update, chunk_writes,
-                                    document_slots, layer_grad_factors, place_at_slots)
+                                    document_slots, gradient_chunks, layer_grad_factors,
+                                    place_at_slots)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
@@ -68,4 +69,5 @@ __all__ = [
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
     "chunk_update", "chunk_writes", "layer_grad_factors", "chunk_start_scan_packed",
     "document_slots", "buffer_chunks", "chunk_positions", "place_at_slots",
+    "gradient_chunks",
 ]

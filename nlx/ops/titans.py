@@ -106,11 +106,11 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       at token t: each document's chunks are aligned with its first token, so each document runs
       exactly as if alone from ``reset_state`` (a reset at t = 0 discards ``initial_state``).
       The returned ``TitansState.offset`` is then ``[B]`` (the rows' chunks differ). Forms:
-      recurrent, and chunked (``nlx/memory/chunk_start.py::chunk_start_scan_packed``: a buffer of
-      at most ``T + C − 1 + ⌊T/(C+1)⌋(C − 1)`` slots, about twice the chunks of a call without
-      boundaries); not the kernels; with ``position_scale`` the recurrent form only ("auto" and
-      "chunked" run it: a first chunk of a document may straddle two of the buffer's chunks, and
-      the position-scaled coefficients do not carry across them yet).
+      recurrent, and chunked (``nlx/memory/chunk_start.py::chunk_start_scan_packed``: as many
+      chunks as without boundaries, each taking its gradients twice, since a document's gradient
+      chunk may straddle two of them); not the kernels; with ``position_scale`` the recurrent
+      form only ("auto" and "chunked" run it: the position-scaled coefficients do not carry
+      across a straddled chunk yet).
     reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
       learned initial memory); None: zeros (linear memory only).
 
@@ -248,9 +248,10 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
           rows, offsets)
       offset = ((positions[..., -1] + 1) % chunk_size).astype(jnp.int32)
     else:
+      # A call that starts a chunk (no state) has a static offset 0: the smallest buffer.
       o, w, p, start, offset = core.chunk_start_scan_packed(
-          *args, start, offsets, chunk_size, rows, w_reset, batch_ndim=2, dgd=dgd, read=read,
-          params=params)
+          *args, start, 0 if offset is None else offsets, chunk_size, rows, w_reset,
+          batch_ndim=2, dgd=dgd, read=read, params=params)
     offset = offset[:, 0]
   elif impl == "recurrent":
     o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size,
