@@ -424,7 +424,7 @@ def read_axis_rules(rules: Any) -> dict:
 
 
 def validate(config: Any, n_devices: Optional[int] = None, n_processes: int = 1,
-             tokenizer_vocab: Optional[int] = None) -> RunConfig:
+             tokenizer_vocab: Optional[int] = None, n_slices: Optional[int] = None) -> RunConfig:
   """The one validation step of a run config.
 
   Args:
@@ -433,6 +433,8 @@ def validate(config: Any, n_devices: Optional[int] = None, n_processes: int = 1,
       split over its ``data`` x ``fsdp`` axes.
     n_processes: hosts of the run; the batch must split over them.
     tokenizer_vocab: when given, ``model.vocab_size`` must hold every token id.
+    n_slices: the slices of the run (``nlx.train.sharding.slice_count``); None: as many as the
+      fixed dcn sizes of ``config.mesh`` (``MeshConfig.resolve``).
 
   Returns:
     The ``RunConfig``.
@@ -454,7 +456,7 @@ def validate(config: Any, n_devices: Optional[int] = None, n_processes: int = 1,
                      for name, cls in SECTION_CLASSES.items()})
   _check_model_for_training(run)
   if n_devices is not None:
-    sizes = run.mesh.resolve(n_devices)
+    sizes = run.mesh.resolve(n_devices, n_slices)
     batch_shards = sizes["data"] * sizes["fsdp"]
     if run.train.batch_size % batch_shards:
       raise ValueError(f"train.batch_size={run.train.batch_size} must be a multiple of mesh "
