@@ -87,9 +87,16 @@ def _is_url(path: str) -> bool:
 
 
 def _processes() -> tuple[int, int]:
-  """``(process index, process count)``; ``(0, 1)`` when JAX is not in use."""
-  if "jax" not in sys.modules:  # nothing initialised JAX's distributed runtime
+  """``(process index, process count)``: ``(0, 1)`` unless ``jax.distributed`` is initialised
+  (``nlx.train.sharding.maybe_initialize_distributed``); never initialises a JAX backend."""
+  if "jax" not in sys.modules:
     return 0, 1
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    if distributed.global_state.client is None:
+      return 0, 1
+  except (ImportError, AttributeError):  # another JAX: ask it (this initialises the backend)
+    pass
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index(), jax.process_count()
 
@@ -146,22 +153,25 @@ class _Writer:
     if not self.batch:
       return
     texts, ends, firsts = zip(*self.batch)
-    eos = np.asarray([self.tokenizer.eos_id], np.int64)
-    parts, offsets, n = [], [], self.n_tokens
-    for ids, end in zip(_encode(self.tokenizer, list(texts), list(firsts)), ends):
-      parts.append(np.asarray(ids, np.int64))
-      n += len(parts[-1])
+    arrays = [np.asarray(ids) for ids in _encode(self.tokenizer, list(texts), list(firsts))]
+    limit = np.iinfo(self.dtype).max
+    for ids in arrays:
+      if ids.size and (ids.min() < 0 or ids.max() > limit):
+        raise DataError(f"data.tokenizer={self.tokenizer.fingerprint()['kind']!r}: id "
+                        f"{int(ids.max())} does not fit the store's {self.dtype.name} "
+                        f"(vocab_size {self.tokenizer.vocab_size})")
+    stream = np.empty(sum(len(ids) for ids in arrays) + sum(ends), self.dtype)
+    offsets, pos = [], 0
+    for ids, end in zip(arrays, ends):
+      stream[pos:pos + len(ids)] = ids
+      pos += len(ids)
       if end:
-        parts.append(eos)
-        n += 1
-        offsets.append(n)
-    stream = np.concatenate(parts)
-    if stream.size and (stream.min() < 0 or stream.max() > np.iinfo(self.dtype).max):
-      raise DataError(f"data.tokenizer={self.tokenizer.fingerprint()['kind']!r}: id "
-                      f"{int(stream.max())} does not fit the store's {self.dtype.name} (vocab_size "
-                      f"{self.tokenizer.vocab_size})")
-    self.tokens.write(stream.astype(self.dtype).tobytes())
-    self.ends.write(np.asarray(offsets, np.int64).tobytes())
+        stream[pos] = self.tokenizer.eos_id
+        pos += 1
+        offsets.append(self.n_tokens + pos)
+    n = self.n_tokens + pos
+    stream.tofile(self.tokens)
+    np.asarray(offsets, np.int64).tofile(self.ends)
     self.n_tokens, self.n_docs = n, self.n_docs + len(offsets)
     self.batch, self.chars = [], 0
 
@@ -202,6 +212,7 @@ def _complete(directory: str, name: str) -> bool:
 def _publish(tmp: str, final: str, name: str) -> None:
   """Renames the complete store ``tmp`` to ``final`` (atomic); keeps another process's complete
   store there, replaces anything else (a directory left without a manifest)."""
+  os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
   try:
     os.rename(tmp, final)
   except OSError:

@@ -14,6 +14,12 @@ from nlx.train import config as run_config
 BYTES = tokenizers.ByteTokenizer()
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+  """``load_splits`` reads through the token cache: one of this test's own."""
+  monkeypatch.setenv("NLX_CACHE", str(tmp_path / "nlx_cache"))
+
+
 def _reference(documents, tokenizer, seq_len):
   """Windows and ids built token by token: (token, document) pairs, cut every seq_len."""
   pairs = [(t, d) for d, text in enumerate(documents)

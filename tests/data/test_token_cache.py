@@ -330,3 +330,25 @@ def test_two_processes_build_the_store_once(tmp_path):
   assert len(results[0]["built"]) == 1 and results[1]["built"] == []  # process 1 waited
   assert results[0]["directory"] == results[1]["directory"]
   assert results[0]["tokens"] == results[1]["tokens"]
+
+
+def test_the_benchmark_measures_every_variant_on_the_same_windows(tmp_path):
+  out = tmp_path / "token_cache.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.token_cache", "--size_mb", "1",
+                         "--seq_len", "64", "--out", str(out)], capture_output=True, text=True,
+                        timeout=300, check=False, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["failures"] == [] and result["meta"]["complete"]
+  records = {r["variant"]: r for r in result["records"]}
+  assert list(records) == ["in_memory", "cache_build", "cache_restart"]
+  for r in records.values():
+    assert all(r[key] is not None for key in ("startup_s", "peak_rss_bytes", "base_rss_bytes"))
+    assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
+  assert len({(r["train_windows"], r["first_batch_sum"]) for r in records.values()}) == 1
+  assert records["in_memory"]["store_bytes"] == 0
+  assert records["cache_build"]["store_bytes"] == records["cache_restart"]["store_bytes"] > 2**20
+  assert "cache_restart" in proc.stdout and "peak RSS MiB" in proc.stdout
+  help_text = subprocess.run([sys.executable, "-m", "benchmarks.token_cache", "--help"],
+                             capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
+  assert "usage: python -m benchmarks.token_cache" in help_text.stdout
