@@ -4,15 +4,17 @@ Each checkpoint ``DIR/<step>/`` holds ``state`` (params, optimizer state, RNG an
 sharded by every host) and ``data`` (the grain iterator state, JSON). Saves are asynchronous
 (training continues while they are written), atomic (a step directory appears only when complete)
 and keep the newest ``keep`` checkpoints. ``restore`` reads into the sharded abstract state, so
-each device loads only its shard. A SIGTERM (preemption) sets ``preempted``; the loop then saves
-and exits at the next step boundary.
+each device loads only its shard. ``DIR`` is a local path or a ``gs://`` URL (``nlx.train.paths``;
+on GCS, which cannot rename a directory, orbax marks a complete step with ``commit_success.txt``).
+A SIGTERM (preemption) sets ``preempted``; the loop then saves and exits at the next step boundary
+(on several hosts, one step later: the hosts vote without stalling, ``should_stop``).
 
 A save that fails (an unwritable directory, a full disk, an I/O error) is a ``CheckpointError``
 naming the step and the path, raised at the first step boundary after the background write fails
 (``raise_if_failed``, polled by the loop every step without blocking) and at the latest by the next
 ``save`` or ``close``; the failed step never becomes a checkpoint, so the previous one stays the
-newest. ``preflight`` checks before training that the directory can be created and written and that
-its disk has room for one checkpoint.
+newest. ``preflight`` checks before training that the directory can be created and written (a
+probe file, or object) and that a local disk has room for one checkpoint.
 
 A process killed while saving leaves at most a ``<step>.orbax-checkpoint-tmp-*`` directory, which
 is never a step (and is removed when the manager opens the directory). Before reading a step,
@@ -33,6 +35,7 @@ import time
 from typing import Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -57,6 +60,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     self.preempted = threading.Event()
     self._pending: Optional[int] = None  # the step of the save in flight (not yet checked)
+    self._vote, self._vote_fn, self._vote_sharding = None, None, None  # should_stop, hosts > 1
 
   @property
   def directory(self) -> str:
@@ -187,12 +191,31 @@ class Checkpointer:
       signal.signal(signal.SIGTERM, lambda signum, frame: self.preempted.set())
 
   def should_stop(self) -> bool:
-    """Whether any host got SIGTERM (agreed over all hosts so that all save together)."""
-    flag = self.preempted.is_set()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flag = bool(multihost_utils.process_allgather(jax.numpy.asarray(flag)).any())
-    return flag
+    """Whether a host got SIGTERM: the loop then saves and stops (called once per step).
+
+    One process: its own flag. Several must stop at the same step, so they vote: a collective
+    over every device combines the flags (``_any_process``); the vote is dispatched by this call
+    and read by the next one, while the step dispatched in between runs, so the host never waits
+    for an idle device (a per-step fetch would stall the pipeline). All hosts read the same vote
+    at the same call: they stop together, one step after the signal.
+    """
+    if jax.process_count() == 1:
+      return self.preempted.is_set()
+    vote, self._vote = self._vote, self._any_process(self.preempted.is_set())
+    return vote is not None and bool(vote)
+
+  def _any_process(self, flag: bool) -> jax.Array:
+    """Whether ``flag`` is set on any process: a replicated bool scalar, not yet fetched."""
+    if self._vote_fn is None:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("processes",))
+      self._vote_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          "processes"))
+      self._vote_fn = jax.jit(lambda flags: flags.any(), out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+    local = np.full((jax.local_device_count(),), flag)
+    flags = jax.make_array_from_process_local_data(self._vote_sharding, local,
+                                                   (jax.device_count(),))
+    return self._vote_fn(flags)
 
   def close(self) -> None:
     """Waits for the save in flight, then releases the manager.

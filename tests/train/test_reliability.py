@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 
 import jax
@@ -89,6 +90,39 @@ def test_sigterm_commits_the_current_step_and_exits_0(tmp_path):
   assert 3 <= last < 100000
   assert checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), 2).latest_step() == last
   assert trained.load(str(workdir)).step == last
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """Two processes (jax.distributed over gloo, one device each): a SIGTERM to process 1 alone
+  is voted on by both (``Checkpointer.should_stop``), which save the same step and exit 0."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+             JAX_NUM_PROCESSES="2", NLX_CACHE=str(tmp_path / "cache"))
+  env.pop("XLA_FLAGS", None)
+  workdir = tmp_path / "run"
+  procs = [spawn(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=0",
+                 env=dict(env, JAX_PROCESS_ID=str(i)), log=tmp_path / f"p{i}.log")
+           for i in range(2)]
+  try:
+    deadline = time.monotonic() + WAIT_S
+    while not (metrics_lib.read_records(str(workdir)) or [{"step": 0}])[-1]["step"] >= 3:
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+          (tmp_path / "p0.log").read_text()[-3000:] + (tmp_path / "p1.log").read_text()[-3000:])
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [_finish(p) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert codes == [0, 0], (tmp_path / "p1.log").read_text()[-3000:]
+  last = metrics_lib.read_records(str(workdir))[-1]["step"]
+  ckpt = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), 2, read_only=True)
+  assert 3 <= ckpt.latest_step() == last < 100000
+  ckpt.close()
 
 
 def _truncate_largest_file(step_dir) -> None:
