@@ -235,7 +235,7 @@ def _check_writable(directory: str) -> None:
   Raises:
     CheckpointError: naming the directory and the error.
   """
-  probe = paths.join(directory, f".nlx-write-test-{os.getpid()}")
+  probe = paths.join(directory, f".nlx-write-test-{jax.process_index()}-{os.getpid()}")
   try:
     paths.makedirs(directory)
     paths.write_text(probe, "nlx")

@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import string
+import sys
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -214,11 +215,23 @@ class MetricsWriter:
     if self._staging and time.monotonic() - self._last_sync >= SYNC_EVERY_S:
       self.sync()
 
-  def sync(self) -> None:
-    """Uploads what changed in a remote workdir's staged files (nothing to do when local)."""
-    if self._staging:
+  def sync(self) -> bool:
+    """Uploads what changed in a remote workdir's staged files (nothing to do when local).
+
+    A failed upload (a network error) does not stop the run: it is a warning, and the next sync
+    uploads again. Returns whether everything is uploaded.
+    """
+    if not self._staging:
+      return True
+    self._last_sync = time.monotonic()
+    try:
       self._staging.sync()
-      self._last_sync = time.monotonic()
+    except Exception as e:  # pylint: disable=broad-except  (training goes on; retried)
+      print(f"warning: uploading the metrics to {self._staging.workdir} failed: "
+            f"{type(e).__name__}: {e}; retried at the next sync (local copy: "
+            f"{self._staging.root})", file=sys.stderr)
+      return False
+    return True
 
   def close(self, failed: bool = False) -> None:
     """Closes every tracker (``failed``: the run ended with an error), then uploads."""
@@ -232,11 +245,12 @@ class MetricsWriter:
         errors.append(e)
     self.trackers = []
     if self._staging:
-      try:
-        self.sync()
-      finally:
+      if self.sync():
         self._staging.remove()
-        self._staging = None
+      else:
+        print(f"warning: the metrics of this run are kept in {self._staging.root}: copy them "
+              f"to {self._staging.workdir}", file=sys.stderr)
+      self._staging = None
     if errors:
       raise errors[0]
 

@@ -4,6 +4,7 @@ schemes no backend handles are refused with one line, never made into local fold
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -114,3 +115,30 @@ def test_paths_join_basename_and_whole_writes(gcs, tmp_path):
                                                                          "local.txt"]
   with pytest.raises(ConfigError, match="train.init_from 'az://c/m': the scheme az://"):
     paths.check("az://c/m", "train.init_from")
+
+
+def test_a_failed_metrics_upload_warns_is_retried_and_keeps_a_local_copy(gcs, monkeypatch,
+                                                                         capsys):
+  real_upload = paths.upload
+
+  def network_down(local, target):
+    raise OSError("network down")
+
+  writer = metrics_lib.MetricsWriter("gs://bucket/m", trackers=("jsonl",))
+  monkeypatch.setattr(paths, "upload", network_down)
+  writer.write(1, {"loss": 2.0})
+  assert writer.sync() is False
+  assert "warning: uploading the metrics to gs://bucket/m failed: OSError: network down" in (
+      capsys.readouterr().err)
+  monkeypatch.setattr(paths, "upload", real_upload)
+  writer.write(2, {"loss": 1.0})
+  writer.close()  # the retry uploads both records
+  assert [r["step"] for r in metrics_lib.read_records("gs://bucket/m")] == [1, 2]
+  writer = metrics_lib.MetricsWriter("gs://bucket/m", resume_step=2, trackers=("jsonl",))
+  writer.write(3, {"loss": 0.5})
+  monkeypatch.setattr(paths, "upload", network_down)
+  writer.close()  # the last upload fails: the records stay on this host, named
+  err = capsys.readouterr().err
+  kept = err.split("the metrics of this run are kept in ")[1].split(":")[0]
+  assert metrics_lib.read_records(kept)[-1] == {"step": 3, "loss": 0.5}, err
+  shutil.rmtree(kept)
