@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tokenizers", type=harness.choice_list(TOKENIZERS, "tokenizer"),
                       default=["byte"], help="comma-separated: byte (default), sentencepiece")
   parser.add_argument("--variants", type=harness.choice_list(VARIANTS, "variant"),
-                      default=list(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})")
+                      default=list(VARIANTS),
+                      help=f"comma-separated (default {','.join(VARIANTS)})")
   parser.add_argument("--seq_len", type=harness.positive_int, default=2048,
                       help="train.seq_len (default 2048)")
   parser.add_argument("--batch_size", type=harness.positive_int, default=16,
@@ -98,10 +99,11 @@ def write_corpus(path: str, size_mb: int) -> int:
   return written
 
 
-def _status(key: str, pid: str = "self") -> Optional[int]:
-  """``VmRSS``/``VmHWM`` of ``/proc/PID/status`` in bytes (None where unknown)."""
+def _status(key: str, pid: str = "self", meminfo: bool = False) -> Optional[int]:
+  """``VmRSS``/``VmHWM`` of ``/proc/PID/status`` (or ``key`` of ``/proc/meminfo``) in bytes (None
+  where unknown)."""
   try:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+    with open("/proc/meminfo" if meminfo else f"/proc/{pid}/status", encoding="ascii") as f:
       for line in f:
         if line.startswith(key + ":"):
           return int(line.split()[1]) * 1024
@@ -182,7 +184,7 @@ def format_table(records: list) -> str:
 def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
   """Runs the benchmark: prints the table, writes ``--out``; 1 if a variant failed."""
   run_info = harness.RunInfo(command)
-  available = harness.available_bytes()
+  available = _status("MemAvailable", meminfo=True)
   max_rss = int(args.max_rss_gb * 2**30) if args.max_rss_gb else (
       int(0.85 * available) if available else None)
   directory = args.dir or tempfile.mkdtemp(prefix="nlx_bench_token_cache_")

@@ -73,15 +73,22 @@ def load_split(data, split: str):
 
 def records(ds, data, split: str) -> Iterator[str]:
   """The documents of a loaded split: ``str(row[text_field])``, read in batches."""
-  columns = ds.column_names
-  if columns is None:  # a stream whose features are unknown: look at the first row
-    first = next(iter(ds), {})
-    columns = list(first)
-  if data.text_field not in columns:
-    raise DataError(f"data.text_field={data.text_field!r} is not a column of the "
-                    f"{split!r} split of {_name(data)}; its columns: {sorted(columns)}")
-  for batch in ds.select_columns([data.text_field]).iter(batch_size=BATCH):
-    for text in batch[data.text_field]:
+  field = data.text_field
+
+  def missing(columns) -> DataError:
+    return DataError(f"data.text_field={field!r} is not a column of the {split!r} split of "
+                     f"{_name(data)}; its columns: {sorted(columns)}")
+
+  if ds.column_names is None:  # a stream whose features are unknown: checked on its first row
+    for i, row in enumerate(ds):
+      if i == 0 and field not in row:
+        raise missing(row)
+      yield str(row[field])
+    return
+  if field not in ds.column_names:
+    raise missing(ds.column_names)
+  for batch in ds.select_columns([field]).iter(batch_size=BATCH):
+    for text in batch[field]:
       yield str(text)
 
 

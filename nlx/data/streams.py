@@ -99,9 +99,9 @@ def _stat(path: str) -> list:
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def _open(path: str):
+def _open(path: str, gz: bool):
   try:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if gz else open(path, "rb")
   except OSError as e:
     raise DataError(f"data file {path!r} cannot be read: {e.strerror or e}") from None
 
@@ -116,14 +116,15 @@ def _char_start(data: bytes) -> int:
   return len(data)
 
 
-def text_chunks(path: str, start: int = 0) -> Iterator[tuple[int, str]]:
-  """``(byte offset, text)`` of a UTF-8 file read in chunks cut between characters.
+def text_chunks(path: str, start: int = 0, gz: bool = False) -> Iterator[tuple[int, str]]:
+  """``(byte offset, text)`` of a UTF-8 file (``gz``: gzipped) read in chunks cut between
+  characters, from byte ``start`` on.
 
   Raises:
     DataError: the file cannot be read or is not UTF-8 (naming the byte offset, as
       ``sources.read_utf8`` does).
   """
-  with _open(path) as f:
+  with _open(path, gz) as f:
     f.seek(start)
     offset, carry = start, b""
     while True:
@@ -185,7 +186,7 @@ class OneText(Documents):
   def _cut(self) -> int:
     """``split_tail``'s cut (in characters) of the file's text."""
     chunks, total, blank = [], 0, True
-    for offset, text in text_chunks(self.path):
+    for offset, text in text_chunks(self.path, gz=self.embedded):
       chunks.append((offset, total, len(text), text.rfind("\n")))
       total += len(text)
       blank = blank and not text.strip()
@@ -197,7 +198,8 @@ class OneText(Documents):
       if start + n <= cut:
         newline = start + last if last >= 0 else newline
       elif start < cut:  # the chunk of the cut: read it again (a prefix of it comes back)
-        found = next(text_chunks(self.path, offset))[1].rfind("\n", 0, cut - start)
+        found = next(text_chunks(self.path, offset, self.embedded))[1].rfind("\n", 0,
+                                                                           cut - start)
         newline = start + found if found >= 0 else newline
         break
     return newline + 1 if newline > cut * 0.9 else cut
@@ -205,7 +207,7 @@ class OneText(Documents):
   def pieces(self) -> Iterator[Piece]:
     cut = self._cut()
     self.n_train = 1
-    yield from document_pieces((text for _, text in text_chunks(self.path)), [cut])
+    yield from document_pieces((t for _, t in text_chunks(self.path, gz=self.embedded)), [cut])
 
 
 class Files(Documents):

@@ -271,9 +271,11 @@ def open_store(data, documents: streams.Documents, tokenizer) -> str:
   index, count = _processes()
   builds = index == 0 or count == 1
   if not _is_url(root):
-    final = os.path.join(os.path.expanduser(root), "tokens", name)
+    final = os.path.join(os.path.abspath(os.path.expanduser(root)), "tokens", name)
     if builds and not _complete(final, name):
       _build(documents, tokenizer, final, name)
+    elif builds:
+      _say(f"reusing {final}")
     if count > 1:
       _sync(f"nlx_token_cache_{name}")
       if not _complete(final, name):  # this host's own disk: build its own copy
@@ -284,9 +286,12 @@ def open_store(data, documents: streams.Documents, tokenizer) -> str:
   except (KeyError, NotImplementedError):
     raise DataError(f"data.cache_dir={root!r}: no file system handles this scheme; allowed: a "
                     "local directory, gs://, s3://") from None
-  local = os.path.join(local_root(), "mirror", name)
-  if builds and not _complete(local, name):
+  local = os.path.join(os.path.abspath(os.path.expanduser(local_root())), "mirror", name)
+  if builds and _complete(local, name):
+    _say(f"reusing {local} (the local copy of {remote})")
+  elif builds:
     if (remote / MANIFEST).exists():
+      _say(f"copying {remote} to {local}")
       _download(remote, local, name)
     else:
       _build(documents, tokenizer, local, name)

@@ -255,7 +255,8 @@ def fake_gcs(tmp_path, monkeypatch):
   root = tmp_path / "gcs"
   root.mkdir()
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", _FakeGCS(str(root)))  # pylint: disable=protected-access
+  backends = gpath._PREFIX_TO_BACKEND  # pylint: disable=protected-access
+  monkeypatch.setitem(backends, "gs", _FakeGCS(str(root)))
   monkeypatch.chdir(tmp_path)
   return root
 
