@@ -67,14 +67,24 @@ def test_a_non_finite_step_between_log_steps_is_named_at_the_next_log_step(tmp_p
                                      2).latest_step() is None  # nothing saved after a bad step
 
 
-def test_skip_counts_the_non_finite_steps_of_the_interval(tmp_path, capsys):
+def test_skip_counts_the_non_finite_steps_of_the_interval(tmp_path, capsys, monkeypatch):
+  fetched, device_get = [], jax.device_get
+
+  def spy(tree):  # the host reads the guard only when it checks: at the log steps 2 and 4
+    if isinstance(tree, dict) and "first_step" in tree:
+      fetched.append(int(tree["count"]))
+    return device_get(tree)
+
+  monkeypatch.setattr(jax, "device_get", spy)
   workdir = tmp_path / "run"
   assert _train(workdir, *BLOW_UP, "--config.train.log_every=2", "--on_nonfinite=skip") == 0
+  assert len(fetched) == 2, fetched
   err = capsys.readouterr().err
   records = metrics_lib.read_records(str(workdir))
   assert [r["step"] for r in records] == [2, 4]
   skipped = int(records[-1]["skipped_steps"])
   assert 1 <= skipped <= 3 and "skipped (parameters unchanged)" in err, err
+  assert sum(fetched) == skipped
   assert _first_bad(err) <= 4
   assert all(np.isfinite(x).all() for x in params(workdir))
 
