@@ -76,56 +76,61 @@ def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Arra
 
 def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
                 lr: Array, w0: Weights, p0: Optional[Weights],
-                prev: ChunkCoefficients, fresh=None, w_init=None, late=None,
-                w_late=None) -> ChunkWrites:
-  """A chunk's writes with DGD's decay term.
+                prev: ChunkCoefficients, fresh=None, w_init=None) -> ChunkWrites:
+  """A chunk's writes with DGD's decay term (``_pseudo_values``); with document boundaries,
+  ``fresh [C]`` marks the tokens whose gradient is taken at the reset state ``w_init`` instead
+  of ``w_grad`` (``_selected_writes``)."""
+  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init)
+  return _pseudo_values(cw, outputs, lr, w0, p0, prev, w_init,
+                        same=w_grad is w0 and fresh is None)
+
+
+def _pseudo_values(cw: ChunkWrites, outputs: Weights, lr: Array, w0: Weights,
+                   p0: Optional[Weights], prev: ChunkCoefficients, w_init: Optional[Weights],
+                   same: bool) -> ChunkWrites:
+  """``cw`` with DGD's pseudo-values.
 
   Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
-  ``h_s`` (its input at ``w_grad``) and the pseudo-value ``w_s = −lr_s h_s W_{s−1}``. ``W_{s−1}`` is
-  linear in the earlier pseudo-values (``prev``: the coefficients of the state before each
-  write), so they solve a unit lower triangular system, as in the delta rule's UT transform:
-  ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for j < s and ``known``
-  the part of ``h_s W_{s−1}`` that does not involve w.
-
-  With document boundaries, ``fresh [C]`` marks the tokens whose gradient is taken at the reset
-  state ``w_init`` and ``late [C]`` those taken at ``w_late`` instead of ``w_grad``
-  (``_selected_writes``), and ``W_{s−1}`` includes ``prev.init[s] w_init``.
+  ``h_s`` (its input at the gradient's reference) and the pseudo-value ``w_s = −lr_s h_s
+  W_{s−1}``. ``W_{s−1}`` is linear in the earlier pseudo-values (``prev``: the coefficients of the
+  state before each write), so they solve a unit lower triangular system, as in the delta rule's
+  UT transform: ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for
+  j < s and ``known`` the part of ``h_s W_{s−1}`` that does not involve w (with document
+  boundaries it includes ``prev.init[s] h_s w_init``). ``same``: every key is the layer's input
+  at ``w0``, so ``h @ w0`` is ``outputs``.
   """
-  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init, late,
-                                 w_late)
-  keys, writes = cw.keys, cw.writes
   pseudo = {}
-  for name, h in keys.items():
+  for name, h in cw.keys.items():
     x = h @ h.T
-    # Then h @ w0 is the layer's output, already computed.
-    same = w_grad is w0 and fresh is None and late is None
     hw0 = outputs[name] if same else h @ w0[name]
-    known = prev.gamma[:, None] * hw0 + (prev.write * x) @ writes[name]
+    known = prev.gamma[:, None] * hw0 + (prev.write * x) @ cw.writes[name]
     if p0 is not None:
       known = known + prev.carry[:, None] * (h @ p0[name])
     if w_init is not None:
       known = known + prev.init[:, None] * (h @ w_init[name])
     system = lr[:, None] * prev.decay * x
     pseudo[name] = -unit_lower_solve(system, lr[:, None] * known)
-  return ChunkWrites(keys, writes, pseudo, w_init)
+  return ChunkWrites(cw.keys, cw.writes, pseudo, w_init)
+
+
+def _pick(a: tuple[ChunkWrites, Weights], b: tuple[ChunkWrites, Weights],
+          mask: Array) -> tuple[ChunkWrites, Weights]:
+  """``(writes, outputs)`` of ``a``, those of ``b`` for the tokens where ``mask [C]``."""
+  pick = lambda x, y: {n: jnp.where(mask[:, None], y[n], x[n]) for n in x}
+  (cw_a, out_a), (cw_b, out_b) = a, b
+  return ChunkWrites(pick(cw_a.keys, cw_b.keys), pick(cw_a.writes, cw_b.writes)), pick(out_a,
+                                                                                       out_b)
 
 
 def _selected_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
-                     lr: Array, fresh=None, w_init=None, late=None,
-                     w_late=None) -> tuple[ChunkWrites, Weights]:
-  """``_chunk_writes`` at ``w_grad``; for the tokens where ``late [C]``, at ``w_late`` (a gradient
-  chunk that starts inside this chunk); for the tokens where ``fresh [C]``, at ``w_init`` (the
+                     lr: Array, fresh=None, w_init=None) -> tuple[ChunkWrites, Weights]:
+  """``_chunk_writes`` at ``w_grad``, or, for the tokens where ``fresh [C]``, at ``w_init`` (the
   first gradient chunk of a document: its gradient reference is the reset state)."""
-  cw, outputs = _chunk_writes(memory, objective, w_grad, k, v, lr)
-  keys, writes = cw.keys, cw.writes
-  for mask, w in ((late, w_late), (fresh, w_init)):
-    if mask is None:
-      continue
-    other, other_outputs = _chunk_writes(memory, objective, w, k, v, lr)
-    pick = lambda a, b, m=mask: {n: jnp.where(m[:, None], b[n], a[n]) for n in a}
-    keys, writes = pick(keys, other.keys), pick(writes, other.writes)
-    outputs = pick(outputs, other_outputs)
-  return ChunkWrites(keys, writes, None, w_init), outputs
+  part = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  if fresh is None:
+    return part
+  cw, outputs = _pick(part, _chunk_writes(memory, objective, w_init, k, v, lr), fresh)
+  return cw._replace(init=w_init), outputs
 
 
 def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool, read: str,
@@ -169,15 +174,14 @@ def _chunk_read(memory: Memory, q: Array, coef: ChunkCoefficients, w0: Weights,
 
 def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weights,
                  p0: Optional[Weights], chunk: tuple, dgd: bool, fresh=None,
-                 w_init=None, late=None, w_late=None) -> ChunkWrites:
+                 w_init=None) -> ChunkWrites:
   """The writes of one prepared chunk ``(q, k, v, lr, coef, prev)`` (``_prepare_coefficients``):
-  gradients at ``w_grad`` (at ``w_late`` where ``late``, at ``w_init`` where ``fresh``), the
-  chunk's running state starting from ``w0``/``p0`` (and ``w_init`` at its resets)."""
+  gradients at ``w_grad`` (at ``w_init`` where ``fresh``), the chunk's running state starting
+  from ``w0``/``p0`` (and ``w_init`` at its resets)."""
   _, kc, vc, lrc, _, prev = chunk[:6]
   if dgd:
-    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init, late,
-                       w_late)
-  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init, late, w_late)[0]
+    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init)
+  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init)[0]
   return cw if w_init is None else cw._replace(init=w_init)
 
 
@@ -476,34 +480,45 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
         place(momentum, 1), place(reset, False), place(fresh, False),
         place(jnp.ones(reset.shape, bool), False), place(later, False))
 
-  def prepare(start, chunk):
+  def prepare(start, chunk, w_init, consts):  # parallel over chunks
     qc, kc, vc, lrc, gc, mc, rc, fc, lc, sc = chunk
     coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
     split = jnp.where(sc.any(), jnp.argmax(sc), c)
-    return (qc, kc, vc, lrc) + coefficients + (fc, split)
+    # The gradients at the reset state (first gradient chunks) do not depend on the scan.
+    at_init = _chunk_writes(bind(memory, consts), objective, w_init, kc, vc, lrc)
+    return (qc, kc, vc, lrc) + coefficients + (fc, split, at_init)
 
   last = offsets + t - 1  # [*batch]: the last real token's slot
   aligned = static and (offset + t) % c == 0  # the last token ends the last chunk
   index = jnp.arange(n).reshape((n,) + (1,) * batch_ndim)
   lasts = jnp.broadcast_to(last, (n,) + batch_shape)
 
+  def writes(part, chunk, w0, p0, w_init):  # the chunk's writes from the selected gradients
+    if dgd:
+      return _pseudo_values(*part, chunk[3], w0, p0, chunk[5], w_init, same=False)
+    return part[0]._replace(init=w_init)
+
   def body(carry, x, consts):
     mem, (w0, p0, ref, w_init), (at, chunk) = bind(memory, consts), carry, x
-    fresh_c, split = chunk[6], chunk[7]
+    _, kc, vc, lrc, coef = chunk[:5]
+    fresh_c, split, at_init = chunk[6:9]
+    at_ref = _pick(_chunk_writes(mem, objective, ref, kc, vc, lrc), at_init, fresh_c)
     # The reference of a gradient chunk that starts at `split`: the state after the token before,
     # from the writes of the tokens before it (their gradients do not depend on it).
-    before = chunk_writes(mem, objective, ref, w0, p0, chunk, dgd, fresh_c, w_init)
-    w_split = _weights_at(w0, p0, before, chunk[4], jnp.maximum(split - 1, 0))[0]
+    before = writes(at_ref, chunk, w0, p0, w_init)
+    w_split = _weights_at(w0, p0, before, coef, jnp.maximum(split - 1, 0))[0]
     w_split = jax.tree.map(lambda a, b: jnp.where(split == 0, a, b), w0, w_split)
-    late = jnp.arange(c) >= split
-    cw = chunk_writes(mem, objective, ref, w0, p0, chunk, dgd, fresh_c, w_init, late, w_split)
+    late = (jnp.arange(c) >= split) & ~fresh_c
+    cw = writes(_pick(at_ref, _chunk_writes(mem, objective, w_split, kc, vc, lrc), late), chunk,
+                w0, p0, w_init)
     ref = jax.tree.map(lambda a, b: jnp.where(split < c, a, b), w_split, ref)
-    w1, p1 = _weights_at(w0, p0, cw, chunk[4], c - 1)
-    at_last = None if aligned else _weights_at(w0, p0, cw, chunk[4], at % c)
+    w1, p1 = _weights_at(w0, p0, cw, coef, c - 1)
+    at_last = None if aligned else _weights_at(w0, p0, cw, coef, at % c)
     return (w1, p1, ref, w_init), ((w0, p0, cw), at_last)
 
   starts = jnp.broadcast_to(jnp.where(index == 0, offsets, 0), (n,) + batch_shape)
-  chunks = jax.vmap(batched(prepare, batch_ndim))(starts, xs)
+  chunks = jax.vmap(batched(prepare, batch_ndim), in_axes=(0, 0, None, None))(
+      starts, xs, reset_weights, params)
   step = batched(body, batch_ndim)
   (w_end, p_end, ref, _), (ys, at_last) = jax.lax.scan(
       lambda carry, x: step(carry, x, params),
