@@ -224,10 +224,10 @@ def _publish(tmp: str, final: str, name: str) -> None:
 
 def _build(documents, tokenizer, final: str, name: str) -> None:
   """Builds the store ``final`` (local) in a temporary directory beside it, then renames it."""
-  parent = os.path.dirname(final)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  parent, tmp = os.path.dirname(final), None
   try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     _say(f"tokenizing {documents.fingerprint()['source']} data into {final} (once: restarts "
          "and other hosts reuse it)")
     manifest = write_store(documents, tokenizer, tmp, name)
@@ -235,8 +235,12 @@ def _build(documents, tokenizer, final: str, name: str) -> None:
     _publish(tmp, final, name)
     _say(f"{manifest['n_tokens']:,} tokens in {manifest['n_docs']:,} documents, "
          f"{manifest['build_s']:.1f} s")
+  except OSError as e:  # the cache directory: not writable, full
+    raise DataError(f"the token cache cannot be written in {parent!r} ({e.strerror or e}); "
+                    "allowed: a writable data.cache_dir (or $NLX_CACHE) with room for about 2 "
+                    "bytes per token, or data.token_cache=False") from None
   finally:
-    if os.path.exists(tmp):
+    if tmp and os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
 
 

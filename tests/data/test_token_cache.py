@@ -353,3 +353,12 @@ def test_the_benchmark_measures_every_variant_on_the_same_windows(tmp_path):
   help_text = subprocess.run([sys.executable, "-m", "benchmarks.token_cache", "--help"],
                              capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
   assert "usage: python -m benchmarks.token_cache" in help_text.stdout
+
+
+def test_an_unwritable_cache_directory_is_one_error_line(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  data = dataclasses.replace(_write_sources(tmp_path)["text"], cache_dir=str(blocker / "cache"))
+  with pytest.raises(DataError, match=r"the token cache cannot be written in .*a_file/cache/tokens"
+                                      r".*data.token_cache=False"):
+    pipeline.load_splits(data, 8)
