@@ -51,11 +51,11 @@ This module is the core's one entry point; the code lives in four modules, read 
 
 from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bind, check_read,
                              check_row_scale, layer_inputs, tree_scale)
-from nlx.memory.chunk_start import (ChunkWrites, buffer_chunks, chunk_output, chunk_read,
-                                    chunk_start_scan, chunk_start_scan_offset,
-                                    chunk_start_scan_packed, chunk_update, chunk_writes,
-                                    document_slots, gradient_chunks, layer_grad_factors,
-                                    place_at_slots)
+from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk_start_scan,
+                                    chunk_start_scan_offset, chunk_update, chunk_writes,
+                                    layer_grad_factors)
+from nlx.memory.packed import (buffer_chunks, chunk_start_scan_packed, document_slots,
+                               gradient_chunks, place_at_slots)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)

@@ -106,7 +106,7 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       at token t: each document's chunks are aligned with its first token, so each document runs
       exactly as if alone from ``reset_state`` (a reset at t = 0 discards ``initial_state``).
       The returned ``TitansState.offset`` is then ``[B]`` (the rows' chunks differ). Forms:
-      recurrent, and chunked (``nlx/memory/chunk_start.py::chunk_start_scan_packed``: as many
+      recurrent, and chunked (``nlx/memory/packed.py::chunk_start_scan_packed``: as many
       chunks as without boundaries, each taking its gradients twice, since a document's gradient
       chunk may straddle two of them); not the kernels; with ``position_scale`` the recurrent
       form only ("auto" and "chunked" run it: the position-scaled coefficients do not carry

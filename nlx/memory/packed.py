@@ -1,0 +1,207 @@
+"""The chunk-start dual form with document boundaries (packed documents).
+
+A document's gradient chunks are aligned with its first token (``chunk_positions``), so they
+need not match a call's chunks. ``chunk_start_scan_packed`` (``titans_memory``/``dgd_memory`` with
+``reset``) keeps the call's chunks and lets a document's gradient chunk straddle two of them;
+``document_slots`` (HOPE's and the CMS's packed forms) instead places the tokens in a buffer
+where every later chunk of a document is aligned with a buffer chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from nlx.memory.base import Array, Memory, Weights, batched, bind, check_read
+from nlx.memory.chunk_start import (_chunk_writes, _pick, _prepare_coefficients, _pseudo_values,
+                                    _weights_at, chunk_read)
+from nlx.memory.objectives import Objective
+from nlx.memory.recurrent import chunk_positions
+
+
+def gradient_chunks(reset: Array, offset, chunk_size: int) -> tuple[Array, Array]:
+  """``(positions, fresh)``, each ``[T]`` for ``reset [T]``: each token's position in its
+  gradient chunk (``chunk_positions``: chunks aligned with each document's first token), and
+  whether that chunk is its document's first, whose gradient reference is the reset state."""
+  index = jnp.arange(reset.shape[-1])
+  start = jax.lax.cummax(jnp.where(reset, index, -1), axis=0)
+  return chunk_positions(reset, offset, chunk_size), (start >= 0) & (index - start < chunk_size)
+
+
+def document_slots(reset: Array, offset, chunk_size: int) -> tuple[Array, Array, Array]:
+  """Where each token of a packed sequence goes in ``chunk_start_scan_packed``'s buffer.
+
+  A document's gradient chunks are aligned with its first token (``chunk_positions``). In the
+  buffer every chunk boundary that is not a document's start falls on a buffer-chunk boundary
+  (placeholders pad up to it), so each buffer chunk's tokens take their gradients either at the
+  buffer chunk's start state or, for a document's first gradient chunk (which may start anywhere
+  and straddle two buffer chunks), at the reset state. Only a document longer than a chunk pads,
+  once, so ``offset + T + ⌊T/(C+1)⌋ (C − 1)`` slots always suffice.
+
+  Args:
+    reset: ``[T]`` bool; offset: the first token's position in its chunk (int, may be traced);
+    chunk_size: C.
+
+  Returns:
+    ``(slots, positions, fresh)``, each ``[T]``: the buffer slot, the position in the gradient
+    chunk, and whether the token's gradient reference is the reset state.
+  """
+  c, index = chunk_size, jnp.arange(reset.shape[-1])
+  positions, fresh = gradient_chunks(reset, offset, c)
+  boundary = (positions == 0) & ~reset  # a chunk boundary inside a document: aligned in the buffer
+  last = jax.lax.cummax(jnp.where(boundary, index, -1), axis=0)
+  phase = jnp.where(last >= 0, index - last, index + offset) % c  # each slot's phase mod C
+  before = jnp.concatenate([jnp.reshape(offset - 1, (1,)).astype(phase.dtype), phase[:-1]])
+  pad = jnp.where(boundary, -(before + 1) % c, 0)
+  return offset + index + jnp.cumsum(pad), positions, fresh
+
+
+def place_at_slots(x: Array, slots: Array, size: int, fill=0) -> Array:
+  """One slice's tokens ``x [T, ...]`` put at ``slots [T]`` (``document_slots``) of a buffer
+  ``[size, ...]`` whose other slots hold ``fill`` (the placeholders)."""
+  return jnp.full((size,) + x.shape[1:], fill, x.dtype).at[slots].set(x)
+
+
+def buffer_chunks(t: int, chunk_size: int) -> int:
+  """The number of buffer chunks ``document_slots`` needs for ``t`` tokens (any offset)."""
+  c = chunk_size
+  return -(-(c - 1 + t + (t // (c + 1)) * (c - 1)) // c)
+
+
+def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
+                            lr: Array, log_decay: Array, momentum: Optional[Array],
+                            weights: Weights, momentum_state: Optional[Weights],
+                            chunk_start: Weights, offset, chunk_size: int,
+                            reset: Optional[Array], reset_weights: Optional[Weights],
+                            batch_ndim: int = 0, dgd: bool = False,
+                            read: str = "after_write", params: Optional[dict] = None):
+  """``chunk_start_scan_offset`` with document boundaries: the parallel form of
+  ``recurrent_scan(..., grad_chunk=C, reset=reset, reset_weights=reset_weights)``.
+
+  The tokens fill buffer chunks of C slots in order (the first ``offset`` slots are placeholders
+  that write nothing, decay nothing and keep the momentum, as in ``chunk_start_scan_offset``; no
+  padding between documents). A document's gradient chunks are aligned with its first token, so
+  they need not match the buffer's: in each buffer chunk a token takes its gradient at
+
+  * ``reset_weights`` when it lies in its document's first gradient chunk (``gradient_chunks``'
+    ``fresh``; the reset state is known before the scan);
+  * the state after token ``split − 1`` of this buffer chunk when a later gradient chunk of its
+    document starts at position ``split`` of this buffer chunk and the token is at or after it
+    (there is at most one such start per buffer chunk: two are C tokens apart). That state
+    comes from the writes of the tokens before ``split``, so the chunk's gradients are taken
+    twice (a second ``chunk_writes``), in exchange for a buffer of ``⌈(offset + T)/C⌉`` chunks;
+  * otherwise the reference carried from the previous buffer chunk (the first: ``chunk_start``).
+
+  A reset token restores ``reset_weights`` and zero momentum (``ChunkCoefficients.init``).
+
+  Args:
+    reset: ``[*batch, T]`` bool, or None (no boundaries: slices that continue different chunks,
+      ``offset [*batch]``); reset_weights: ``{name: [*batch, in, out]}`` (unused without reset);
+      offset: a Python int (the buffer then has ``⌈(offset + T)/C⌉`` chunks), or an int array,
+      scalar or ``[*batch]``, that may be traced (``⌈(T + C − 1)/C⌉`` chunks); the rest as in
+      ``chunk_start_scan_offset`` (no ``row_scale``).
+
+  Returns:
+    ``(o, weights, momentum_state, chunk_start, offset)`` after the last token; ``offset``
+    ``[*batch]``, the next token's position in its chunk.
+  """
+  if (momentum is None) != (momentum_state is None):
+    raise ValueError("momentum and momentum_state must both be given or both be None")
+  check_read(read)
+  c, t = chunk_size, q.shape[batch_ndim]
+  batch_shape = q.shape[:batch_ndim]
+  static = isinstance(offset, int)
+  n = -(-(offset + t) // c) if static else -(-(t + c - 1) // c)
+  if reset is None:
+    reset, reset_weights = jnp.zeros(batch_shape + (t,), bool), weights
+  offsets = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), batch_shape)
+  positions, fresh = batched(lambda r, o: gradient_chunks(r, o, c), batch_ndim)(reset, offsets)
+  later = (positions == 0) & ~reset  # a document's later gradient chunk starts here
+
+  def place(x, fill):  # [*batch, T, ...] -> [N, *batch, C, ...]
+    if x is None:
+      return None
+    if static:
+      pad = [(0, 0)] * x.ndim
+      pad[batch_ndim] = (offset, n * c - offset - t)
+      buffer = jnp.pad(x, pad, constant_values=fill)
+    else:
+      put = lambda xs, o: jax.lax.dynamic_update_slice_in_dim(
+          jnp.full((n * c,) + xs.shape[1:], fill, xs.dtype), xs, o, axis=0)
+      buffer = batched(put, batch_ndim)(x, offsets)
+    buffer = buffer.reshape(batch_shape + (n, c) + x.shape[batch_ndim + 1:])
+    return jnp.moveaxis(buffer, batch_ndim, 0)
+
+  xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
+        place(momentum, 1), place(reset, False), place(fresh, False),
+        place(jnp.ones(reset.shape, bool), False), place(later, False))
+
+  def prepare(start, chunk, w_init, consts):  # parallel over chunks
+    qc, kc, vc, lrc, gc, mc, rc, fc, lc, sc = chunk
+    coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
+    split = jnp.where(sc.any(), jnp.argmax(sc), c)
+    # The gradients at the reset state (first gradient chunks) do not depend on the scan.
+    at_init = _chunk_writes(bind(memory, consts), objective, w_init, kc, vc, lrc)
+    return (qc, kc, vc, lrc) + coefficients + (fc, split, at_init)
+
+  last = offsets + t - 1  # [*batch]: the last real token's slot
+  aligned = static and (offset + t) % c == 0  # the last token ends the last chunk
+  index = jnp.arange(n).reshape((n,) + (1,) * batch_ndim)
+  lasts = jnp.broadcast_to(last, (n,) + batch_shape)
+
+  def writes(part, chunk, w0, p0, w_init):  # the chunk's writes from the selected gradients
+    if dgd:
+      return _pseudo_values(*part, chunk[3], w0, p0, chunk[5], w_init, same=False)
+    return part[0]._replace(init=w_init)
+
+  def body(carry, x, consts):
+    mem, (w0, p0, ref, w_init), (at, chunk) = bind(memory, consts), carry, x
+    _, kc, vc, lrc, coef = chunk[:5]
+    fresh_c, split, at_init = chunk[6:9]
+    at_ref = _pick(_chunk_writes(mem, objective, ref, kc, vc, lrc), at_init, fresh_c)
+    # The reference of a gradient chunk that starts at `split`: the state after the token before,
+    # from the writes of the tokens before it (their gradients do not depend on it).
+    before = writes(at_ref, chunk, w0, p0, w_init)
+    w_split = _weights_at(w0, p0, before, coef, jnp.maximum(split - 1, 0))[0]
+    w_split = jax.tree.map(lambda a, b: jnp.where(split == 0, a, b), w0, w_split)
+    late = (jnp.arange(c) >= split) & ~fresh_c
+    cw = writes(_pick(at_ref, _chunk_writes(mem, objective, w_split, kc, vc, lrc), late), chunk,
+                w0, p0, w_init)
+    ref = jax.tree.map(lambda a, b: jnp.where(split < c, a, b), w_split, ref)
+    w1, p1 = _weights_at(w0, p0, cw, coef, c - 1)
+    at_last = None if aligned else _weights_at(w0, p0, cw, coef, at % c)
+    return (w1, p1, ref, w_init), ((w0, p0, cw), at_last)
+
+  starts = jnp.broadcast_to(jnp.where(index == 0, offsets, 0), (n,) + batch_shape)
+  chunks = jax.vmap(batched(prepare, batch_ndim), in_axes=(0, 0, None, None))(
+      starts, xs, reset_weights, params)
+  step = batched(body, batch_ndim)
+  (w_end, p_end, ref, _), (ys, at_last) = jax.lax.scan(
+      lambda carry, x: step(carry, x, params),
+      (weights, momentum_state, chunk_start, reset_weights), (lasts, chunks))
+  read_chunk = batched(lambda ch, y, cs: chunk_read(bind(memory, cs), ch, y, read), batch_ndim)
+  o = jax.vmap(read_chunk, in_axes=(0, 0, None))(chunks, ys, params)
+  o = jnp.moveaxis(o, 0, batch_ndim)
+  o = o.reshape(batch_shape + (n * c,) + o.shape[batch_ndim + 2:])
+  if static:
+    o = jax.lax.slice_in_dim(o, offset, offset + t, axis=batch_ndim)
+  else:
+    o = batched(lambda os, s: jax.lax.dynamic_slice_in_dim(os, s, t, axis=0), batch_ndim)(
+        o, offsets)
+
+  if aligned:
+    weights, momentum_state = w_end, p_end
+  else:
+    chunk_of_last = batched(lambda tree, i: jax.tree.map(lambda x: x[i], tree), batch_ndim)
+    to_batch = lambda tree: jax.tree.map(lambda x: jnp.moveaxis(x, 0, batch_ndim), tree)
+    weights, momentum_state = chunk_of_last(to_batch(at_last), last // c)
+  new_offset = ((positions[..., -1] + 1) % c).astype(jnp.int32)
+  expand = lambda m, x: jnp.reshape(m, m.shape + (1,) * (x.ndim - batch_ndim))
+  pick = lambda m, a, b: jax.tree.map(lambda x, y: jnp.where(expand(m, x), x, y), a, b)
+  # The next token's gradient chunk: a new one, its document's first (reference: the reset
+  # state), or the last token's (the reference carried out of the last buffer chunk).
+  ref = pick(fresh[..., -1], reset_weights, ref)
+  chunk_start = pick(new_offset == 0, weights, ref)
+  return o, weights, momentum_state, chunk_start, new_offset
