@@ -9,3 +9,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # every worker (and print libtpu's warnings). The TPU lowering tests name their topology
 # explicitly, which works under this setting.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The token cache (nlx.data.token_cache) of a test session: a temporary directory, never the
+# user's ~/.cache/nlx. Each xdist worker gets its own.
+if "NLX_CACHE" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["NLX_CACHE"] = tempfile.mkdtemp(prefix="nlx_test_cache_")
+  atexit.register(shutil.rmtree, os.environ["NLX_CACHE"], True)
