@@ -105,8 +105,8 @@ class DataConfig:
     hf_dataset: ``source='hf'``: a dataset name of the Hub, or a builder for local files
       (``json``, ``parquet``, ``csv``, ``text``) whose ``data_files`` are ``path``.
     hf_config: the dataset's config name (None: its default).
-    hf_train_split, hf_validation_split: the splits read (None validation split: the last
-      ``val_fraction`` of the training documents).
+    hf_train_split, hf_validation_split: the splits read (None, or a split the dataset does
+      not have, which is said on stderr: the last ``val_fraction`` of the training documents).
     hf_streaming: read the dataset as a stream (``datasets``' ``streaming=True``) instead of
       materialising it.
     cache_dir: the token cache: each (source, tokenizer) pair is tokenized once into a
