@@ -119,9 +119,8 @@ class Checkpointer:
     good = self.manager.latest_step()
     kept = (f"the newest good checkpoint is step {good}" if good is not None
             else "no checkpoint of this run exists yet")
-    return (f"saving checkpoint step {step} to {self.directory}/{step} failed: {type(error).__name__}: "
-            f"{error}; {kept}; "
-            "stopped")
+    return (f"saving checkpoint step {step} to {self.directory}/{step} failed: "
+            f"{type(error).__name__}: {error}; {kept}; stopped")
 
   def restore(self, abstract_state: dict, step: Optional[int] = None) -> tuple[dict, dict]:
     """``(state, data_state)`` of ``step`` (default: the latest), sharded like the abstract."""
