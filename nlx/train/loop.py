@@ -59,7 +59,8 @@ def prepare(cfg, workdir: str):
   tokenizer, train_windows, val_windows = pipeline.load_splits(
       draft.data, draft.train.seq_len, workdir, segment_ids=draft.pack_documents)
   run = run_config.validate(cfg, n_devices=jax.device_count(), n_processes=jax.process_count(),
-                            tokenizer_vocab=tokenizer.vocab_size)
+                            tokenizer_vocab=tokenizer.vocab_size,
+                            n_slices=sharding.slice_count(jax.devices()))
   return run, tokenizer, train_windows, val_windows
 
 
