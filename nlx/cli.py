@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--fallback_to_good_checkpoint", action="store_true",
                      help="when the newest checkpoint is corrupt or of another config, move it "
                      "aside (DIR/bad-STEP) and resume from the newest good one")
+  train.add_argument("--seqio_module", action="append", default=[], metavar="MODULE",
+                     help="a module to import before the seqio task is looked up (it registers "
+                     "data.seqio_task; repeatable): sets data.seqio_module")
 
   gen = commands.add_parser(
       "generate", help="sample from a trained workdir",
@@ -188,6 +191,8 @@ def _run_train(args, overrides) -> int:
   from nlx.train import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   from nlx.train import loop  # pylint: disable=g-import-not-at-top
+  if args.seqio_module:
+    overrides = list(overrides) + [f"data.seqio_module={tuple(args.seqio_module)!r}"]
   record = loop.train(_load_config(args, overrides), args.workdir,
                       checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress,
                       stop_at=args.stop_at_step, on_nonfinite=args.on_nonfinite,

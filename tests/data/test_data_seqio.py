@@ -55,3 +55,15 @@ def test_seqio_module_registers_the_task_and_the_cache_streams_it(tmp_path, monk
                                        r"\(ModuleNotFoundError"):
     pipeline.load_splits(dataclasses.replace(data, seqio_module=("no_such_tasks",),
                                              seqio_task="another"), seq_len=6)
+
+
+def test_seqio_module_flag_sets_the_field(tmp_path, capsys):
+  """``nlx train --seqio_module M`` is ``--config.data.seqio_module=('M',)``: the module is
+  imported (here it does not exist: one error line naming it, exit 2)."""
+  from nlx import cli  # pylint: disable=g-import-not-at-top
+  code = cli.main(["train", "--config", "configs/transformer.py:tiny", "--workdir",
+                   str(tmp_path / "run"), "--seqio_module", "nlx_no_such_tasks",
+                   "--config.data.source=seqio", "--config.data.seqio_task=nlx_some_task",
+                   "--config.train.steps=1", "--no_progress"])
+  assert code == 2
+  assert "data.seqio_module: cannot import 'nlx_no_such_tasks'" in capsys.readouterr().err
