@@ -99,7 +99,8 @@ def check(path: str, flag: str, remote: bool = True) -> str:
   missing = REMOTE_BACKENDS[kind]()
   if missing:
     raise ConfigError(f"{flag} {path!r}: {kind}:// needs packages that are not installed: "
-                      f"{'; '.join(missing)} (pip install gcsfs google-cloud-storage)")
+                      f"{'; '.join(missing)} (pip install 'nlx[gcs]': gcsfs, "
+                      "google-cloud-storage)")
   if not path[len(kind) + 3:].strip("/"):
     raise ConfigError(f"{flag} {path!r} names no bucket; allowed: {SUPPORTED}")
   return path
