@@ -14,9 +14,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from nlx.memory.base import Array, Memory, Weights, batched, bind, check_read
+from nlx.memory.base import (Array, Memory, Weights, batched, bind, check_read,
+                             check_row_scale)
 from nlx.memory.chunk_start import (_chunk_writes, _pick, _prepare_coefficients, _pseudo_values,
                                     _weights_at, chunk_read)
+from nlx.memory.chunks import ChunkCoefficients, decay_matrix
 from nlx.memory.objectives import Objective
 from nlx.memory.recurrent import chunk_positions
 
@@ -70,13 +72,54 @@ def buffer_chunks(t: int, chunk_size: int) -> int:
   return -(-(c - 1 + t + (t // (c + 1)) * (c - 1)) // c)
 
 
+def scaled_coefficients(log_decay: Array, reset: Array, later: Array, scale: Array, c_in,
+                        c_last) -> ChunkCoefficients:
+  """``ChunkCoefficients`` of a buffer chunk of ``chunk_start_scan_packed`` with a row scale
+  (TTT's ``c_i``; no momentum, no DGD: the second state is the accumulated writes ``A``).
+
+  The chunk's tokens fall in gradient chunks that start at its resets and at ``later`` (a
+  document's later chunk, at most one per buffer chunk, at ``split``); before both, the tokens
+  continue the gradient chunk of the incoming state (``M_in = γ M_0 + c_in A_in``, ``A_in``). For
+  token t at position i of its gradient chunk (``scale[t] = c_i``):
+
+  * continuing: ``M_t = γ_t M_in + (c_i − c_in) γ_t A_in + c_i Σ (γ_t/γ_j) U_j``;
+  * after ``split``: its chunk starts from ``M_{split−1}`` (the continuing chunk's last token,
+    at position C − 1), so ``M_t = γ_t M_in + (c_last − c_in) γ_t A_in + c_last Σ_{j<split}
+    (γ_t/γ_j) U_j + c_i Σ_{j≥split} (γ_t/γ_j) U_j``;
+  * after a reset r: ``M_t = (γ_t/γ_{r−1}) M_init + c_i Σ_{j≥r} (γ_t/γ_j) U_j``;
+
+  and ``A_t`` sums its own gradient chunk's decayed writes (plus ``γ_t A_in`` when continuing).
+
+  Args:
+    log_decay, reset, later, scale: ``[C]``; c_in: the scale of the incoming state's last token
+      (``c_{−1} = 0`` at a call's start; ``c_last`` when a chunk starts at slot 0, so that
+      ``A_in`` drops out); c_last: ``c_{C−1}``.
+  """
+  segment = jnp.cumsum(reset.astype(jnp.int32))
+  chunk = jnp.cumsum((reset | later).astype(jnp.int32))
+  same_chunk = chunk[:, None] == chunk[None, :]
+  decay = jnp.where(segment[:, None] == segment[None, :], decay_matrix(log_decay), 0.0)
+  first = segment == 0
+  continuing, after = first & (chunk == 0), first & (chunk > 0)
+  decayed = jnp.exp(jnp.cumsum(log_decay))
+  gamma = jnp.where(first, decayed, 0.0)
+  scales = jnp.where(same_chunk, scale[:, None],
+                     jnp.where(after[:, None] & continuing[None, :], c_last, 0.0))
+  carry = gamma * jnp.where(continuing, scale - c_in, jnp.where(after, c_last - c_in, 0.0))
+  init = decay @ jnp.where(reset, jnp.exp(log_decay), 0.0)
+  return ChunkCoefficients(gamma, decay * scales, carry, jnp.where(continuing, decayed, 0.0),
+                           jnp.where(same_chunk, decay, 0.0), None, init)
+
+
 def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: Array, v: Array,
                             lr: Array, log_decay: Array, momentum: Optional[Array],
                             weights: Weights, momentum_state: Optional[Weights],
                             chunk_start: Weights, offset, chunk_size: int,
                             reset: Optional[Array], reset_weights: Optional[Weights],
                             batch_ndim: int = 0, dgd: bool = False,
-                            read: str = "after_write", params: Optional[dict] = None):
+                            read: str = "after_write", params: Optional[dict] = None,
+                            row_scale: Optional[Array] = None,
+                            accumulated: Optional[Weights] = None):
   """``chunk_start_scan_offset`` with document boundaries: the parallel form of
   ``recurrent_scan(..., grad_chunk=C, reset=reset, reset_weights=reset_weights)``.
 
@@ -100,16 +143,27 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
     reset: ``[*batch, T]`` bool, or None (no boundaries: slices that continue different chunks,
       ``offset [*batch]``); reset_weights: ``{name: [*batch, in, out]}`` (unused without reset);
       offset: a Python int (the buffer then has ``⌈(offset + T)/C⌉`` chunks), or an int array,
-      scalar or ``[*batch]``, that may be traced (``⌈(T + C − 1)/C⌉`` chunks); the rest as in
-      ``chunk_start_scan_offset`` (no ``row_scale``).
+      scalar or ``[*batch]``, that may be traced (``⌈(T + C − 1)/C⌉`` chunks); row_scale
+      ``[*batch, C]`` and ``accumulated``: as in ``chunk_start_scan_offset`` (the accumulated
+      writes take the momentum's place; ``scaled_coefficients``; reads after the write only);
+      the rest as in ``chunk_start_scan_offset``.
 
   Returns:
     ``(o, weights, momentum_state, chunk_start, offset)`` after the last token; ``offset``
-    ``[*batch]``, the next token's position in its chunk.
+    ``[*batch]``, the next token's position in its chunk. With ``row_scale``,
+    ``momentum_state`` is the accumulated writes of the next token's chunk (zeros when it starts
+    a new one).
   """
   if (momentum is None) != (momentum_state is None):
     raise ValueError("momentum and momentum_state must both be given or both be None")
   check_read(read)
+  check_row_scale(row_scale, momentum, dgd, chunk_size)
+  scaled = row_scale is not None
+  if scaled:
+    if read != "after_write":
+      raise ValueError("row_scale with document boundaries reads after the write only; use "
+                       "recurrent_scan for read='before_write'")
+    momentum_state = jax.tree.map(jnp.zeros_like, weights) if accumulated is None else accumulated
   c, t = chunk_size, q.shape[batch_ndim]
   batch_shape = q.shape[:batch_ndim]
   static = isinstance(offset, int)
@@ -136,12 +190,19 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
 
   xs = (place(q, 0), place(k, 0), place(v, 0), place(lr, 0), place(log_decay, 0),
         place(momentum, 1), place(reset, False), place(fresh, False),
-        place(jnp.ones(reset.shape, bool), False), place(later, False))
+        place(jnp.ones(reset.shape, bool), False), place(later, False),
+        place(positions, 0) if scaled else None)
 
-  def prepare(start, chunk, w_init, consts):  # parallel over chunks
-    qc, kc, vc, lrc, gc, mc, rc, fc, lc, sc = chunk
-    coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
+  def prepare(start, chunk, w_init, consts, scale):  # parallel over chunks
+    qc, kc, vc, lrc, gc, mc, rc, fc, lc, sc, pc = chunk
     split = jnp.where(sc.any(), jnp.argmax(sc), c)
+    if scaled:  # c_in: the scale of the token before the chunk's first real one
+      # (a chunk that starts there: c_last, so that the incoming A drops out)
+      c_in = jnp.where(pc[start] > 0, scale[jnp.maximum(pc[start] - 1, 0)], scale[c - 1])
+      row = jnp.where(jnp.arange(c) < start, c_in, scale[pc])  # placeholders first: no change
+      coefficients = (scaled_coefficients(gc, rc, sc, row, c_in, scale[c - 1]), None)
+    else:
+      coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
     # The gradients at the reset state (first gradient chunks) do not depend on the scan.
     at_init = _chunk_writes(bind(memory, consts), objective, w_init, kc, vc, lrc)
     return (qc, kc, vc, lrc) + coefficients + (fc, split, at_init)
@@ -175,8 +236,8 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
     return (w1, p1, ref, w_init), ((w0, p0, cw), at_last)
 
   starts = jnp.broadcast_to(jnp.where(index == 0, offsets, 0), (n,) + batch_shape)
-  chunks = jax.vmap(batched(prepare, batch_ndim), in_axes=(0, 0, None, None))(
-      starts, xs, reset_weights, params)
+  chunks = jax.vmap(batched(prepare, batch_ndim), in_axes=(0, 0, None, None, None))(
+      starts, xs, reset_weights, params, row_scale)
   step = batched(body, batch_ndim)
   (w_end, p_end, ref, _), (ys, at_last) = jax.lax.scan(
       lambda carry, x: step(carry, x, params),
@@ -204,4 +265,7 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   # state), or the last token's (the reference carried out of the last buffer chunk).
   ref = pick(fresh[..., -1], reset_weights, ref)
   chunk_start = pick(new_offset == 0, weights, ref)
+  if scaled:  # a new chunk accumulates from zero
+    momentum_state = pick(new_offset == 0, jax.tree.map(jnp.zeros_like, momentum_state),
+                          momentum_state)
   return o, weights, momentum_state, chunk_start, new_offset

@@ -108,9 +108,8 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       The returned ``TitansState.offset`` is then ``[B]`` (the rows' chunks differ). Forms:
       recurrent, and chunked (``nlx/memory/packed.py::chunk_start_scan_packed``: as many
       chunks as without boundaries, each taking its gradients twice, since a document's gradient
-      chunk may straddle two of them); not the kernels; with ``position_scale`` the recurrent
-      form only ("auto" and "chunked" run it: the position-scaled coefficients do not carry
-      across a straddled chunk yet).
+      chunk may straddle two of them; with ``position_scale``, ``read="after_write"`` only:
+      "auto" and "chunked" run the recurrent form for "before_write"); not the kernels.
     reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
       learned initial memory); None: zeros (linear memory only).
 
@@ -188,8 +187,9 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   if reset is not None or per_row:
     reason = ("the titans/DGD kernels do not implement reset (document boundaries) or rows that "
               "continue different chunks (initial_state.offset [B])")
-    if reset is not None and position_scale is not None and impl != "pallas":
-      impl = "recurrent"  # the chunked form has no position-scaled chunks across boundaries
+    if (reset is not None and position_scale is not None and read != "after_write" and
+        impl != "pallas"):
+      impl = "recurrent"  # the position-scaled packed chunked form reads after the write only
   elif position_scale is not None:
     reason = "the kernels do not implement position_scale"
   elif not isinstance(mem, LinearMemory):
@@ -251,7 +251,9 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
       # A call that starts a chunk (no state) has a static offset 0: the smallest buffer.
       o, w, p, start, offset = core.chunk_start_scan_packed(
           *args, start, 0 if offset is None else offsets, chunk_size, rows, w_reset,
-          batch_ndim=2, dgd=dgd, read=read, params=params)
+          batch_ndim=2, dgd=dgd, read=read, params=params, row_scale=scale, accumulated=acc)
+      if scale is not None:  # the accumulated writes rode in the momentum's place
+        p, acc = None, p
     offset = offset[:, 0]
   elif impl == "recurrent":
     o, w, p, start, acc = core.recurrent_scan(*args, grad_chunk=chunk_size,

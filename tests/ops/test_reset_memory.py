@@ -5,8 +5,9 @@ A packed batch must equal every document run alone: separate calls, each from ``
 chunks aligned with the document's first token. The documents alone run through the recurrent
 form without ``reset`` (no reset code involved), the packed rows through every XLA form.
 Forward (float64 tight, float32 loose) and gradients; boundaries inside a chunk, at a chunk
-edge, two in one chunk, at t = 0, a one-token document, documents longer than a chunk (the
-chunked form pads their later chunks into alignment); a packed row split across calls.
+edge, two in one chunk, at t = 0, a one-token document, documents longer than a chunk (whose
+gradient chunks straddle the call's chunks in the chunked form); TTT's position scale; a packed
+row split across calls.
 """
 
 import jax
@@ -126,17 +127,53 @@ def test_packed_gradients_equal_documents_alone(case):
       np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
 
+# TTT's position scale c_i (not monotone here, so that a scale taken at the wrong position shows).
+SCALE = (1.0, 0.7, 0.9, 0.4)
+
+
+@pytest.mark.parametrize("memory", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl", ["auto", "chunked"])
-def test_position_scale_with_reset_runs_the_recurrent_form(impl):
-  """TTT's position scale: the recurrent form ("auto" and "chunked" run it) equals the
-  documents alone."""
+def test_position_scaled_packed_equals_documents_alone(memory, impl):
+  """TTT's position scale with boundaries: the chunked form (a document's gradient chunk
+  straddling the call's chunks, ``core.scaled_coefficients``) equals the documents alone."""
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, memory == "mlp")
+    options = dict(position_scale=jnp.asarray(SCALE, jnp.float64), memory=memory)
+    want = _documents("titans_memory", options, a)
+    got, state = _call("titans_memory", options, a, impl, _reset(), initial_state=a["s0"])
+    np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
+    _, ref = _call("titans_memory", options, a, "recurrent", _reset(), initial_state=a["s0"])
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(x, y, atol=1e-10, rtol=1e-10)
+
+
+def test_position_scaled_packed_gradients_equal_documents_alone():
   with jax.enable_x64(True):
     a = _arrays(jnp.float64, False)
-    scale = 1.0 / jnp.arange(1, C + 1, dtype=jnp.float64)
-    want = _documents("titans_memory", dict(position_scale=scale), a)
-    got, _ = _call("titans_memory", dict(position_scale=scale), a, impl, _reset(),
-                   initial_state=a["s0"])
-    np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
+    options = dict(position_scale=jnp.asarray(SCALE, jnp.float64))
+    weights = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, D), jnp.float64)
+    packed = lambda a: (_call("titans_memory", options, a, "chunked", _reset(),
+                              initial_state=a["s0"])[0] * weights).sum()
+    alone = lambda a: (_documents("titans_memory", options, a) * weights).sum()
+    got, want = jax.grad(packed)(a), jax.grad(alone)(a)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("split", [pytest.param(1, marks=pytest.mark.slow), 6,
+                                   pytest.param(13, marks=pytest.mark.slow)])
+def test_position_scaled_packed_row_split_across_calls(split):
+  """The accumulated writes of a chunk in progress carry across calls, per row."""
+  with jax.enable_x64(True):
+    a = _arrays(jnp.float64, False)
+    options = dict(position_scale=jnp.asarray(SCALE, jnp.float64))
+    reset = _reset()
+    want, _ = _call("titans_memory", options, a, "recurrent", reset, initial_state=a["s0"])
+    o1, state = _call("titans_memory", options, a, "chunked", reset[:, :split],
+                      initial_state=a["s0"], span=slice(0, split))
+    o2, _ = _call("titans_memory", options, a, "chunked", reset[:, split:], initial_state=state,
+                  span=slice(split, T))
+    np.testing.assert_allclose(jnp.concatenate([o1, o2], 1), want, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
