@@ -247,6 +247,8 @@ def train(cfg, workdir: str, *, checkpoint_dir: Optional[str] = None, progress: 
       log = done % t.log_every == 0 or done == t.steps
       stop = ckpt.should_stop() or done == stop_at
       save = bool(t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps or stop
+      if save:  # the previous save's failure stops the run before this step is logged or saved
+        ckpt.raise_if_failed(block=True)
       if t.check_finite == "every_step" or log or save:  # never save past an unchecked step
         seen = jax.device_get(guard)
         if int(seen["count"]):

@@ -57,6 +57,7 @@ def _check_schema(result, ops_, impls, modes, seq_lens):
     assert meta[key], key
 
 
+@pytest.mark.slow  # the default run keeps test_ops_child_processes and the kernels' records
 def test_ops_all_configurations_in_process(tmp_path):
   out = tmp_path / "bench.json"
   proc = _run(["-m", "benchmarks.ops", *TINY, "--seq-lens", "40", "--chunk-size", "16",

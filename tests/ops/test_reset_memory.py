@@ -132,7 +132,7 @@ SCALE = (1.0, 0.7, 0.9, 0.4)
 
 
 @pytest.mark.parametrize("memory", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("impl", ["auto", "chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("auto", marks=pytest.mark.slow), "chunked"])
 def test_position_scaled_packed_equals_documents_alone(memory, impl):
   """TTT's position scale with boundaries: the chunked form (a document's gradient chunk
   straddling the call's chunks, ``core.scaled_coefficients``) equals the documents alone."""
