@@ -325,6 +325,19 @@ def summary_line(meta: dict) -> str:
           f"({meta.get('device_kind', '?')}; {meta['cpu_count']} CPUs: {meta['cpu_model']})")
 
 
+def report(table: str, failures: Sequence[str], final: dict, out: Optional[str]) -> int:
+  """Prints a finished run (its table, each failure, the summary line), writes ``final`` to
+  ``out`` when given, and returns the exit status: 1 if anything failed, else 0."""
+  print(table)
+  for failure in failures:
+    print(f"\nFAILED {failure}")
+  print("\n" + summary_line(final["meta"]))
+  if out:
+    write_json(out, final)
+    print(f"wrote {out}")
+  return 1 if failures else 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Child processes: one per configuration
 # ----------------------------------------------------------------------------------------------

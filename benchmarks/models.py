@@ -254,15 +254,9 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     if args.out:  # rewritten after every family: an interrupted run keeps what it measured
       harness.write_json(args.out, result(complete=False))
   bar.close()
-  final = result(complete=True)
-  print(format_table(records))
-  for f in failures:
-    print(f"\nFAILED {f['family']}: {f['reason']}")
-  print("\n" + harness.summary_line(final["meta"]))
-  if args.out:
-    harness.write_json(args.out, final)
-    print(f"wrote {args.out}")
-  return 1 if failures else 0
+  return harness.report(format_table(records),
+                        [f"{f['family']}: {f['reason']}" for f in failures],
+                        result(complete=True), args.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

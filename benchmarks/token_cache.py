@@ -221,15 +221,9 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
   finally:
     if not args.dir:
       shutil.rmtree(directory, ignore_errors=True)
-  final = result(complete=True)
-  print(format_table(records))
-  for f in failures:
-    print(f"\nFAILED {f['tokenizer']} {f['variant']}: {f['reason']}")
-  print("\n" + harness.summary_line(final["meta"]))
-  if args.out:
-    harness.write_json(args.out, final)
-    print(f"wrote {args.out}")
-  return 1 if failures else 0
+  return harness.report(format_table(records),
+                        [f"{f['tokenizer']} {f['variant']}: {f['reason']}" for f in failures],
+                        result(complete=True), args.out)
 
 
 def _train_spm(corpus: str, directory: str) -> str:
