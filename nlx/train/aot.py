@@ -1,5 +1,5 @@
 """``nlx aot``: compile the full train step for a TPU topology on any machine (MaxText's
-train_compile), and estimate memory, FLOPs, step time and MFU from the chip's peak.
+train_compile; the step ``nlx train`` runs, ``step.jit_guarded_step``), and estimate memory, FLOPs, step time and MFU from the chip's peak.
 
 The mesh of ``config.mesh`` is laid over the topology's devices (``jax.experimental.topologies``
 with ``libtpu``, the ``tpu`` extra); the train state and the batch are abstract arrays with their
@@ -27,7 +27,6 @@ for several slices it is the step time of a network as fast as ICI.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 
@@ -90,17 +89,6 @@ def _topology_devices(topology: str, num_slices: int = 1) -> tuple[str, list]:
   return chip, list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
 
 
-def _with_slices(cfg, n_devices: int, num_slices: int) -> dict:
-  """``cfg`` as a dict with the mesh's dcn -1 filled from the topology's ``num_slices`` (so that
-  ``validate`` checks the batch against the mesh of that many slices)."""
-  config = cfg.to_dict() if hasattr(cfg, "to_dict") else copy.deepcopy(dict(cfg))
-  mesh = run_config.read_section(run_config.MeshConfig, "mesh", config.get("mesh", {}))
-  _, dcn = mesh.resolve_ici_dcn(n_devices, num_slices)
-  config["mesh"] = {**dict(config.get("mesh", {})),
-                    **{f"dcn_{axis}": size for axis, size in dcn.items()}}
-  return config
-
-
 def _memory_report(memory, hbm: int) -> dict:
   per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
                 memory.output_size_in_bytes - memory.alias_size_in_bytes)
@@ -149,20 +137,26 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
     refuses to compile), not raised.
   """
   chip, devices = _topology_devices(topology, num_slices)
-  run = run_config.validate(_with_slices(cfg, len(devices), num_slices), n_devices=len(devices))
+  run = run_config.validate(cfg, n_devices=len(devices), n_slices=num_slices)
   trainer = step_lib.build(run, sharding.make_mesh(run.mesh, devices))
   t = run.train
   batch = step_lib.abstract_batch(trainer, t.batch_size, t.seq_len)  # with segment ids if packed
-  train_step = step_lib.jit_train_step(trainer)
-  flops = jaxpr_flops(jax.make_jaxpr(train_step)(trainer.abstract_state, batch))
+  # The step `nlx train` runs: the train step with its finite checks folded into the guard.
+  n_params = len(step_lib.param_paths(trainer.abstract_state["params"]))
+  guard = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                      sharding=sharding.replicated(trainer.mesh)),
+                       jax.eval_shape(lambda: step_lib.init_guard(n_params)))
+  args = (trainer.abstract_state, guard, batch)
+  train_step = step_lib.jit_guarded_step(trainer)
+  flops = jaxpr_flops(jax.make_jaxpr(train_step)(*args))
   peak, hbm, bandwidth = CHIPS[chip]
   try:
-    compiled = train_step.lower(trainer.abstract_state, batch).compile()
+    compiled = train_step.lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     compiled = None
-    memory = _out_of_memory_report(e, _shard_bytes((trainer.abstract_state, batch)), hbm)
+    memory = _out_of_memory_report(e, _shard_bytes(args), hbm)
   else:
     memory = _memory_report(compiled.memory_analysis(), hbm)
   cost = (compiled.cost_analysis() if compiled is not None else None) or {}
