@@ -23,7 +23,6 @@ from typing import Iterator, Optional
 
 from nlx.data import sources, streams
 from nlx.errors import DataError
-from nlx.train.paths import is_url
 
 BUILDERS = ("json", "parquet", "csv", "text")
 BATCH = 1024
@@ -125,7 +124,7 @@ def load_documents(data) -> tuple[list[str], list[str]]:
 
 
 def _local_files(path: Optional[str]) -> list:
-  if not path or is_url(path):
+  if not path or "://" in path:
     return []
   if os.path.isdir(path):
     files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]

@@ -30,7 +30,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from nlx.data import sources
 from nlx.errors import DataError
-from nlx.train.paths import is_url
 
 CHUNK_BYTES = 1 << 22
 Piece = tuple  # (text: str, ends_document: bool)
@@ -76,7 +75,7 @@ def documents(data) -> Documents:
     from nlx.data import hf_source  # pylint: disable=g-import-not-at-top  (optional extra)
     return hf_source.HFDocuments(data)
   path = data.path
-  if is_url(path):
+  if "://" in str(path):
     raise DataError(f"data.path={path!r}: the {source} source reads local files; allowed: a "
                     "local file or directory (or data.source='hf' with data.hf_dataset="
                     "'text'/'json', which reads URLs through fsspec)")

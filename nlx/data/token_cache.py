@@ -53,7 +53,6 @@ from etils import epath
 
 from nlx.data import streams, tokenizers
 from nlx.errors import DataError
-from nlx.train.paths import is_url
 
 FORMAT = 1
 MANIFEST, TOKENS, ENDS = "manifest.json", "tokens.bin", "doc_ends.bin"
@@ -73,7 +72,7 @@ def local_root() -> str:
   """Where the local mirrors of remote stores go: ``$NLX_CACHE`` when local, else
   ``~/.cache/nlx``."""
   env = os.environ.get("NLX_CACHE")
-  return env if env and not is_url(env) else os.path.join(os.path.expanduser("~"), ".cache",
+  return env if env and not _is_url(env) else os.path.join(os.path.expanduser("~"), ".cache",
                                                              "nlx")
 
 
@@ -81,6 +80,10 @@ def store_name(source: dict, tokenizer: dict) -> str:
   """``<source>-<tokenizer>-<hash of both fingerprints>``: the store's directory name."""
   blob = json.dumps({"format": FORMAT, "source": source, "tokenizer": tokenizer}, sort_keys=True)
   return f"{source['source']}-{tokenizer['kind']}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _is_url(path: str) -> bool:
+  return "://" in str(path)
 
 
 def _processes() -> tuple[int, int]:
@@ -271,7 +274,7 @@ def open_store(data, documents: streams.Documents, tokenizer) -> str:
   name = store_name(documents.fingerprint(), tokenizer.fingerprint())
   index, count = _processes()
   builds = index == 0 or count == 1
-  if not is_url(root):
+  if not _is_url(root):
     final = os.path.join(os.path.abspath(os.path.expanduser(root)), "tokens", name)
     if builds and not _complete(final, name):
       _build(documents, tokenizer, final, name)
