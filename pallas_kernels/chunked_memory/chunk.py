@@ -74,19 +74,33 @@ class State(NamedTuple):
   momentum: Optional[Array]
 
 
-def _mm(a: Array, b: Array) -> Array:
-  """``a @ b`` in float32."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+_MM, _MM_TN, _MM_NT = ((1,), (0,)), ((0,), (0,)), ((1,), (1,))
 
 
-def _mm_tn(a: Array, b: Array) -> Array:
+def _dot(a: Array, b: Array, dims, dtype) -> Array:
+  """``dot_general`` with float32 accumulation; operands cast to ``dtype`` first (None: as given).
+
+  ``dtype`` is the operand precision of the call: the input dtype (bfloat16 operands run at the
+  matrix unit's bfloat16 rate, accumulating in float32) or float32.
+  """
+  if dtype is not None:
+    a, b = a.astype(dtype), b.astype(dtype)
+  return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mm(a: Array, b: Array, dtype=None) -> Array:
+  """``a @ b``, float32 accumulation."""
+  return _dot(a, b, _MM, dtype)
+
+
+def _mm_tn(a: Array, b: Array, dtype=None) -> Array:
   """``aᵀ @ b`` without materialising ``aᵀ``."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return _dot(a, b, _MM_TN, dtype)
 
 
-def _mm_nt(a: Array, b: Array) -> Array:
+def _mm_nt(a: Array, b: Array, dtype=None) -> Array:
   """``a @ bᵀ`` without materialising ``bᵀ``."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return _dot(a, b, _MM_NT, dtype)
 
 
 def _iotas(c: int) -> tuple[Array, Array]:
@@ -138,7 +152,7 @@ def _from_start(g: Array, seg: Optional[Array]) -> Array:
   return jnp.exp(g) if seg is None else _masked_exp(seg == 0.0, g)
 
 
-def delta_matrix_t(chunk: Chunk, segmented: bool = False) -> Array:
+def delta_matrix_t(chunk: Chunk, segmented: bool = False, dtype=None) -> Array:
   """``Aᵀ [C, C]`` of the delta rule's UT system ``(I + A) U = …``: ``A_{tj} = β_t D_{tj} k_t·k_j``, j < t.
 
   Built transposed (``Aᵀ_{jt}``), the layout ``unit_lower_inverse`` reads its rows in. With
@@ -153,15 +167,37 @@ def delta_matrix_t(chunk: Chunk, segmented: bool = False) -> Array:
   if segmented:
     below = below & _same_segment(chunk)
   decay_t = _masked_exp(below, g_row - g_col)  # [j, t] = e^{G_t − G_j}, j < t
-  return beta_row * decay_t * _mm_nt(chunk.k, chunk.k)
+  return beta_row * decay_t * _mm_nt(chunk.k, chunk.k, dtype)
 
 
 def unit_lower_inverse(a_t: Array) -> Array:
-  """``(I + A)^{-1}`` for strictly lower triangular A, given ``Aᵀ [C, C]``; by forward substitution.
+  """``(I + A)^{-1}`` for strictly lower triangular A, given ``Aᵀ [C, C]``; by block doubling.
 
-  Row i of the inverse is ``e_i − Σ_{m<i} A_{im} (row m)``, one row per loop step (C steps of
-  ``[C, C]`` elementwise work). Not differentiated: ``chunk_vjp`` applies the inverse's own rule.
+  Blocked forward substitution on the matrix unit, no row loop: with ``X_b`` the inverse of the
+  block diagonal of ``I + A`` in blocks of b tokens (``X_1 = I``), the inverse in blocks of 2b is
+  ``X_2b = X_b − X_b A_b X_b``, where ``A_b`` keeps the entries of A that lie in a 2b block but
+  not in a b block (the lower-left b×b quarter of each 2b block): the 2×2 block formula
+  ``[[L11, 0], [L21, L22]]⁻¹ = [[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]`` applied to every 2b block
+  at once with masks, two ``[C, C]`` matmuls per level, log2(C) levels. Operands stay float32
+  (the inverse's own arithmetic, as fla keeps its triangular solve in float32). Not
+  differentiated: ``chunk_vjp`` applies the inverse's closed-form rule.
   """
+  c = a_t.shape[0]
+  rows, cols = _iotas(c)
+  inv = (rows == cols).astype(jnp.float32)
+  b = 1
+  while b < c:
+    # Aᵀ restricted to A's lower-left quarters of the 2b blocks; X A_b = X (A_bᵀ)ᵀ.
+    quarter = ((rows // (2 * b)) == (cols // (2 * b))) & ((rows // b) != (cols // b))
+    a_quarter_t = jnp.where(quarter, a_t, 0.0)
+    inv = inv - _mm(_mm_nt(inv, a_quarter_t), inv)
+    b *= 2
+  return inv
+
+
+def unit_lower_inverse_rows(a_t: Array) -> Array:
+  """``(I + A)^{-1}`` by row-by-row forward substitution (C − 1 dependent steps): the serial
+  algorithm ``unit_lower_inverse`` replaces, kept as the tests' second opinion."""
   c = a_t.shape[0]
   rows, cols = _iotas(c)
   eye = (rows == cols).astype(jnp.float32)
@@ -175,7 +211,8 @@ def unit_lower_inverse(a_t: Array) -> Array:
 
 
 def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
-               inverse: Optional[Array] = None, segmented: bool = False) -> tuple[Array, State]:
+               inverse: Optional[Array] = None, segmented: bool = False,
+               dtype=None) -> tuple[Array, State]:
   """One chunk: its outputs and the state after its token ``last``.
 
   Args:
@@ -188,6 +225,9 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
       computed here when None. Passed in by the backward pass, which differentiates it apart.
     segmented: the chunk's gates carry document boundaries (channel ``SEGMENT``; kinds in
       ``SEGMENTED_KINDS``, no momentum): every decay that crosses one is masked to zero.
+    dtype: operand dtype of the dots that read inputs or states (the input dtype; float32
+      accumulation); None: as given (float32). Dots among gate-only or inverse quantities stay
+      float32.
 
   Returns:
     ``(o [C, V], State)``.
@@ -214,10 +254,10 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
     u = v
   elif kind == "delta_rule":
     if inverse is None:
-      inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented))
-    u = _mm(inverse, beta * v - _mm(beta * _from_start(g_col, seg_col) * k, w0))
+      inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented, dtype))
+    u = _mm(inverse, beta * v - _mm(beta * _from_start(g_col, seg_col) * k, w0, dtype), dtype)
   else:
-    u = beta * (v - _mm(k, w0))
+    u = beta * (v - _mm(k, w0, dtype))
 
   # Write coefficients: Γ [C, C] and the end row of Γ as a column [C, 1].
   decay = _masked_exp(causal, g_col - g_row)
@@ -236,21 +276,22 @@ def chunk_step(kind: str, scale: float, chunk: Chunk, state: State, last,
     gamma_end = jnp.sum(_masked_exp(cols >= rows, m_row - m_col) * to_end, axis=1, keepdims=True)
 
   qs = q * scale
-  o = _from_start(g_col, seg_col) * _mm(qs, w0) + _mm(gamma * _mm_nt(qs, k), u)
-  w1 = _from_start(g_last, seg_last) * w0 + _mm_tn(k, gamma_end * u)
+  o = (_from_start(g_col, seg_col) * _mm(qs, w0, dtype)
+       + _mm(gamma * _mm_nt(qs, k, dtype), u, dtype))
+  w1 = _from_start(g_last, seg_last) * w0 + _mm_tn(k, gamma_end * u, dtype)
   p1 = None
   if p0 is not None:
     carry = jnp.sum(decay * jnp.exp(m_row), axis=1, keepdims=True)  # c_t = Σ_{s≤t} e^{G_t−G_s+E_s}
-    o = o + carry * _mm(qs, p0)
+    o = o + carry * _mm(qs, p0, dtype)
     carry_end = jnp.sum(jnp.where(live_row, to_end * jnp.exp(m_row), 0.0), axis=1,
                         keepdims=True)
     w1 = w1 + carry_end * p0
-    p1 = jnp.exp(m_last) * p0 + _mm_tn(k, _masked_exp(end_live, m_last - m_col) * u)
+    p1 = jnp.exp(m_last) * p0 + _mm_tn(k, _masked_exp(end_live, m_last - m_col) * u, dtype)
   return o, State(w1, p1)
 
 
 def chunk_vjp(kind: str, scale: float, chunk: Chunk, state: State, last, d_out: Array,
-              d_state: State, segmented: bool = False) -> tuple[Chunk, State]:
+              d_state: State, segmented: bool = False, dtype=None) -> tuple[Chunk, State]:
   """Gradients of one ``chunk_step`` w.r.t. its chunk inputs and its start state.
 
   ``jax.vjp`` of ``chunk_step`` with the delta rule's inverse as an input, whose cotangent is
@@ -259,22 +300,27 @@ def chunk_vjp(kind: str, scale: float, chunk: Chunk, state: State, last, d_out: 
 
   Args:
     d_out: ``[C, V]`` cotangent of the outputs; d_state: cotangent of the end state.
-    segmented: as in ``chunk_step`` (no gradient reaches the segment channel).
+    segmented, dtype: as in ``chunk_step`` (no gradient reaches the segment channel).
 
   Returns:
     ``(d_chunk, d_state_start)`` with the structures of ``chunk`` and ``state``.
   """
   inverse = None
   if kind == "delta_rule":
-    inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented))
-  step = lambda ch, st, inv: chunk_step(kind, scale, ch, st, last, inv, segmented)
+    inverse = unit_lower_inverse(delta_matrix_t(chunk, segmented, dtype))
+  # The differentiated dots run on float32 operands: JAX transposes a bfloat16 × bfloat16 → float32
+  # dot into one that pairs the float32 cotangent with a bfloat16 operand, which the Triton
+  # lowering refuses (and a custom_vjp that would cast it does not lower). Upcasting bfloat16 is
+  # exact, so only the matrix unit's rate is lost, not accuracy.
+  dtype = None
+  step = lambda ch, st, inv: chunk_step(kind, scale, ch, st, last, inv, segmented, dtype)
   _, pull = jax.vjp(step, chunk, state, inverse)
   d_chunk, d_start, d_inverse = pull((d_out, d_state))
   if kind == "delta_rule":
     # d(Aᵀ) = −(I+A)^{-1} d(inv)ᵀ (I+A)^{-1}, kept on A's pattern (j < t in Aᵀ's [j, t] layout).
     rows, cols = _iotas(inverse.shape[0])
     d_a_t = jnp.where(cols > rows, -_mm(inverse, _mm_tn(d_inverse, inverse)), 0.0)
-    _, pull_a = jax.vjp(lambda ch: delta_matrix_t(ch, segmented), chunk)
+    _, pull_a = jax.vjp(lambda ch: delta_matrix_t(ch, segmented, dtype), chunk)
     (d_chunk_a,) = pull_a(d_a_t)
     d_chunk = jax.tree.map(jnp.add, d_chunk, d_chunk_a)
   return d_chunk, d_start

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory import phases
 from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
@@ -73,7 +74,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
         if momentum:
           starts[1][bh, n, :, cols] = state.momentum
       o, new = chunk_step(kind, scale, ch, state, last_row(n, num_chunks, chunk, last),
-                          segmented=segmented)
+                          segmented=segmented, dtype=q.dtype)
       o_ref[bh, pl.ds(n * chunk, chunk), cols] = o.astype(o_ref.dtype)
       return new
 
@@ -153,3 +154,158 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
   d_initial = State(outs[5], outs[6] if momentum else None)
   return outs[0], outs[1], outs[2], outs[3], outs[4], d_initial
+
+
+# --- The delta rule in phases (``phases.py``): parallel UT, lean sequential state, parallel output.
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _params(num_warps: int, num_stages: int):
+  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                  gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
+                  num_warps: int = 4, num_stages: int = 1, interpret: bool = False,
+                  debug: bool = False, segmented: bool = False):
+  """The delta rule's forward pass as three kernels (``phases.py``).
+
+  Returns:
+    ``(o [BH, Tp, V] in q's dtype, final state [BH, K, V], start states [BH, N, K, V], w
+    [BH, Tp, K] in q's dtype)``; the starts and w are the backward pass's residuals.
+  """
+  bh_count, tp, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, nv = tp // chunk, dv // block_v
+  dt = q.dtype
+  kw = dict(interpret=interpret, debug=debug, compiler_params=_params(num_warps, num_stages))
+
+  def ut_kernel(k_ref, v_ref, gc_ref, gr_ref, w_ref, u0_ref):
+    bh, n = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(n * chunk, chunk)
+    w, u0 = phases.ut(_f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, :]), gc_ref[bh, rows, :],
+                      gr_ref[bh, n, :, :], last_row(n, n_chunks, chunk, last), segmented, dt)
+    w_ref[bh, rows, :] = w.astype(w_ref.dtype)
+    u0_ref[bh, rows, :] = u0.astype(u0_ref.dtype)
+
+  w, u0 = pl.pallas_call(
+      ut_kernel, grid=(bh_count, n_chunks), name="nlx_delta_rule_fwd_ut",
+      out_shape=[jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
+      cost_estimate=lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          k, v, gates_col, gates_row)
+
+  def state_kernel(w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref):
+    bh, vb = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(vb * block_v, block_v)
+
+    def body(n, s):
+      rows = pl.ds(n * chunk, chunk)
+      starts_ref[bh, n, :, cols] = s
+      u, s1 = phases.state_step(_f32(w_ref[bh, rows, :]), _f32(u0_ref[bh, rows, cols]),
+                                _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :], s,
+                                last_row(n, n_chunks, chunk, last), segmented, dt)
+      u_ref[bh, rows, cols] = u.astype(u_ref.dtype)
+      return s1
+
+    final_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[bh, :, cols])
+
+  f32 = jnp.float32
+  starts, u, final = pl.pallas_call(
+      state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_fwd_state",
+      out_shape=[jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32),
+                 jax.ShapeDtypeStruct(v.shape, dt), jax.ShapeDtypeStruct(w0.shape, f32)],
+      cost_estimate=lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          w, u0, k, gates_col, w0)
+
+  def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
+    bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
+    o = phases.output(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :],
+                      gr_ref[bh, n, :, :], starts_ref[bh, n, :, cols], _f32(u_ref[bh, rows, cols]),
+                      last_row(n, n_chunks, chunk, last), scale, segmented, dt)
+    o_ref[bh, rows, cols] = o.astype(o_ref.dtype)
+
+  o = pl.pallas_call(
+      out_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_fwd_out",
+      out_shape=jax.ShapeDtypeStruct(v.shape, dt),
+      cost_estimate=lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          q, k, gates_col, gates_row, starts, u)
+  return o, final, starts, w
+
+
+def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                   gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
+                   chunk: int, last: int, block_v: int, num_warps: int = 4, num_stages: int = 1,
+                   interpret: bool = False, debug: bool = False, segmented: bool = False):
+  """The delta rule's backward pass as three kernels (``phases.py``).
+
+  Returns:
+    ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial)``, float32, shaped like the inputs (no
+    partial sums: the gradient kernel holds a chunk's whole V).
+  """
+  bh_count, tp, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, nv = tp // chunk, dv // block_v
+  dt = q.dtype
+  f32 = jnp.float32
+  kw = dict(interpret=interpret, debug=debug, compiler_params=_params(num_warps, num_stages))
+
+  def dvl_kernel(q_ref, k_ref, gc_ref, gr_ref, do_ref, dvl_ref):
+    bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
+    dvl_ref[bh, rows, cols] = phases.dv_local(
+        _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :],
+        gr_ref[bh, n, :, :], _f32(do_ref[bh, rows, cols]), scale, segmented, dt)
+
+  dvl = pl.pallas_call(
+      dvl_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_bwd_dvl",
+      out_shape=jax.ShapeDtypeStruct(v.shape, f32),
+      cost_estimate=lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          q, k, gates_col, gates_row, d_o)
+
+  def state_kernel(q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref):
+    bh, vb = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(vb * block_v, block_v)
+
+    def body(i, d_s1):
+      n = n_chunks - 1 - i
+      rows = pl.ds(n * chunk, chunk)
+      dends_ref[bh, n, :, cols] = d_s1
+      return phases.state_step_bwd(
+          _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(w_ref[bh, rows, :]),
+          gc_ref[bh, rows, :], dvl_ref[bh, rows, cols], _f32(do_ref[bh, rows, cols]), d_s1,
+          last_row(n, n_chunks, chunk, last), scale, segmented, dt)
+
+    dinit_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, body, dfin_ref[bh, :, cols])
+
+  d_ends, d_initial = pl.pallas_call(
+      state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_bwd_state",
+      out_shape=[jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
+      cost_estimate=lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          q, k, w, gates_col, dvl, d_o, d_final)
+
+  def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
+                  dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref):
+    bh, n = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(n * chunk, chunk)
+    ch = Chunk(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, :]),
+               gc_ref[bh, rows, :], gr_ref[bh, n, :, :])
+    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[bh, n, :, :], None),
+                        last_row(n, n_chunks, chunk, last), _f32(do_ref[bh, rows, :]),
+                        State(dends_ref[bh, n, :, :], None), segmented, dt)
+    dq_ref[bh, rows, :] = d_ch.q
+    dk_ref[bh, rows, :] = d_ch.k
+    dv_ref[bh, rows, :] = d_ch.v
+    dgc_ref[bh, rows, :] = d_ch.gates_col
+    dgr_ref[bh, n, :, :] = d_ch.gates_row
+
+  sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
+  dq, dk_, dv_, dgc, dgr = pl.pallas_call(
+      grad_kernel, grid=(bh_count, n_chunks), name="nlx_delta_rule_bwd_grad",
+      out_shape=[sds(q), sds(k), sds(v), sds(gates_col), sds(gates_row)],
+      cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+          q, k, v, gates_col, gates_row, starts, d_o, d_ends)
+  return dq, dk_, dv_, dgc, dgr, d_initial

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory import phases
 from pallas_kernels.chunked_memory.chunk import GATE_CHANNELS, Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
@@ -88,7 +89,7 @@ def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Ar
     for s_ref, x in zip(start_refs, state):
       s_ref[...] = x
     o, new = chunk_step(kind, scale, _chunk(ins[:5]), state,
-                        last_row(n, num_chunks, chunk, last), segmented=segmented)
+                        last_row(n, num_chunks, chunk, last), segmented=segmented, dtype=q.dtype)
     o_ref[...] = o.astype(o_ref.dtype)
     for s_ref, x in zip(scratch, new):
       s_ref[...] = x
@@ -181,3 +182,186 @@ def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: A
                interpret, debug, cost)(*args)
   dgr = outs[4].reshape(nv, bh_count, num_chunks, GATE_CHANNELS, chunk)
   return outs[0], outs[1], outs[2], outs[3], dgr, State(outs[5], outs[6] if momentum else None)
+
+
+# --- The delta rule in phases (``phases.py``): parallel UT, lean sequential state, parallel output.
+
+
+def _pcall(kernel, out_shape, grid, in_specs, out_specs, semantics, name, interpret, debug, cost,
+           scratch=()):
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=list(scratch), name=name, debug=debug, cost_estimate=cost,
+      interpret=pltpu.InterpretParams() if interpret else False,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+
+
+def _f32(ref):
+  return ref[...].astype(jnp.float32)
+
+
+def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                  gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
+                  interpret: bool = False, debug: bool = False, segmented: bool = False):
+  """Same contract as ``kernel_gpu.delta_forward``.
+
+  Grids: UT (batch·head, chunk), both parallel; state (batch·head, value block, chunk), the chunk
+  axis sequential with the state in a VMEM scratch; output (batch·head, chunk, value block), all
+  parallel.
+  """
+  bh_count, tp, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, nv = tp // chunk, dv // block_v
+  dt = q.dtype
+  f32 = jnp.float32
+  gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
+  seq2 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n: (bh, n, 0))
+  gr2 = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n: (bh * n_chunks + n, 0, 0))
+
+  def ut_kernel(k_ref, v_ref, gc_ref, gr_ref, w_ref, u0_ref):
+    n = pl.program_id(1)
+    w, u0 = phases.ut(_f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...],
+                      last_row(n, n_chunks, chunk, last), segmented, dt)
+    w_ref[...] = w.astype(w_ref.dtype)
+    u0_ref[...] = u0.astype(u0_ref.dtype)
+
+  w, u0 = _pcall(ut_kernel, [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
+                 (bh_count, n_chunks), [seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2],
+                 [seq2(dk), seq2(dv)], ("parallel", "parallel"), "nlx_delta_rule_fwd_ut",
+                 interpret, debug, lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(
+                     k, v, gates_col, gr)
+
+  seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, n, 0))
+  seq3v = pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, n, vb))
+  state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
+  starts3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, n, 0, vb))
+
+  def state_kernel(w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref, s_ref):
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+      s_ref[...] = s0_ref[...]
+
+    s = s_ref[...]
+    starts_ref[...] = s
+    u, s1 = phases.state_step(_f32(w_ref), _f32(u0_ref), _f32(k_ref), gc_ref[...], s,
+                              last_row(n, n_chunks, chunk, last), segmented, dt)
+    u_ref[...] = u.astype(u_ref.dtype)
+    s_ref[...] = s1
+
+    @pl.when(n == n_chunks - 1)
+    def _():
+      final_ref[...] = s1
+
+  starts, u, final = _pcall(
+      state_kernel,
+      [jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32), jax.ShapeDtypeStruct(v.shape, dt),
+       jax.ShapeDtypeStruct(w0.shape, f32)],
+      (bh_count, nv, n_chunks), [seq3(dk), seq3v, seq3(dk), seq3(GATE_CHANNELS), state3],
+      [starts3, seq3v, state3], _SEMANTICS, "nlx_delta_rule_fwd_state", interpret, debug,
+      lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt),
+      [pltpu.VMEM((dk, block_v), f32)])(w, u0, k, gates_col, w0)
+
+  seqo = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n, vb: (bh, n, 0))
+  seqov = pl.BlockSpec((None, chunk, block_v), lambda bh, n, vb: (bh, n, vb))
+  gro = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n, vb: (bh * n_chunks + n, 0, 0))
+  startso = pl.BlockSpec((None, None, dk, block_v), lambda bh, n, vb: (bh, n, 0, vb))
+
+  def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
+    n = pl.program_id(1)
+    o = phases.output(_f32(q_ref), _f32(k_ref), gc_ref[...], gr_ref[...], starts_ref[...],
+                      _f32(u_ref), last_row(n, n_chunks, chunk, last), scale, segmented, dt)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+  o = _pcall(out_kernel, jax.ShapeDtypeStruct(v.shape, dt), (bh_count, n_chunks, nv),
+             [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, startso, seqov], seqov,
+             ("parallel",) * 3, "nlx_delta_rule_fwd_out", interpret, debug,
+             lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt))(
+                 q, k, gates_col, gr, starts, u)
+  return o, final, starts, w
+
+
+def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                   gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
+                   chunk: int, last: int, block_v: int, interpret: bool = False,
+                   debug: bool = False, segmented: bool = False):
+  """Same contract as ``kernel_gpu.delta_backward``."""
+  bh_count, tp, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, nv = tp // chunk, dv // block_v
+  dt = q.dtype
+  f32 = jnp.float32
+  gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
+
+  seqo = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n, vb: (bh, n, 0))
+  seqov = pl.BlockSpec((None, chunk, block_v), lambda bh, n, vb: (bh, n, vb))
+  gro = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n, vb: (bh * n_chunks + n, 0, 0))
+
+  def dvl_kernel(q_ref, k_ref, gc_ref, gr_ref, do_ref, dvl_ref):
+    dvl_ref[...] = phases.dv_local(_f32(q_ref), _f32(k_ref), gc_ref[...], gr_ref[...],
+                                   _f32(do_ref), scale, segmented, dt)
+
+  dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, n_chunks, nv),
+               [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, seqov], seqov, ("parallel",) * 3,
+               "nlx_delta_rule_bwd_dvl", interpret, debug,
+               lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt))(
+                   q, k, gates_col, gr, d_o)
+
+  rev = lambda n: n_chunks - 1 - n
+  seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, rev(n), 0))
+  seq3v = pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, rev(n), vb))
+  state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
+  ends3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, rev(n), 0, vb))
+
+  def state_kernel(q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref,
+                   ds_ref):
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _():
+      ds_ref[...] = dfin_ref[...]
+
+    d_s1 = ds_ref[...]
+    dends_ref[...] = d_s1
+    d_s0 = phases.state_step_bwd(_f32(q_ref), _f32(k_ref), _f32(w_ref), gc_ref[...],
+                                 dvl_ref[...], _f32(do_ref), d_s1,
+                                 last_row(rev(i), n_chunks, chunk, last), scale, segmented, dt)
+    ds_ref[...] = d_s0
+
+    @pl.when(i == n_chunks - 1)
+    def _():
+      dinit_ref[...] = d_s0
+
+  d_ends, d_initial = _pcall(
+      state_kernel,
+      [jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
+      (bh_count, nv, n_chunks),
+      [seq3(dk), seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, seq3v, state3],
+      [ends3, state3], _SEMANTICS, "nlx_delta_rule_bwd_state", interpret, debug,
+      lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt),
+      [pltpu.VMEM((dk, block_v), f32)])(q, k, w, gates_col, dvl, d_o, d_final)
+
+  seq2 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n: (bh, n, 0))
+  gr2 = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n: (bh * n_chunks + n, 0, 0))
+  full2 = pl.BlockSpec((None, None, dk, dv), lambda bh, n: (bh, n, 0, 0))
+
+  def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
+                  dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref):
+    n = pl.program_id(1)
+    ch = Chunk(_f32(q_ref), _f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...])
+    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[...], None),
+                        last_row(n, n_chunks, chunk, last), _f32(do_ref),
+                        State(dends_ref[...], None), segmented, dt)
+    dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
+    dgc_ref[...], dgr_ref[...] = d_ch.gates_col, d_ch.gates_row
+
+  sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
+  dq, dk_, dv_, dgc, dgr = _pcall(
+      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col), sds(gr)], (bh_count, n_chunks),
+      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2, full2, seq2(dv), full2],
+      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2], ("parallel", "parallel"),
+      "nlx_delta_rule_bwd_grad", interpret, debug,
+      lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt))(
+          q, k, v, gates_col, gr, starts, d_o, d_ends)
+  return dq, dk_, dv_, dgc, dgr.reshape(gates_row.shape), d_initial

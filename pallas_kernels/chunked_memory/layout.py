@@ -25,6 +25,13 @@ from pallas_kernels.chunked_memory.chunk import State
 Array = jax.Array
 
 
+# Per-token log-decays are clamped to [LOG_DECAY_MIN, 0]. Above 0 (outside the ops' contract)
+# the chunk's decays e^{G_t − G_j} could overflow; far below, cumulative sums lose the precision
+# of their differences and −inf would turn them into NaN. e^{−30} ≈ 1e-13 is zero at the
+# precision of a float32 state; the clamp's gradient is zero outside the range.
+LOG_DECAY_MIN = -30.0
+
+
 class Layout(NamedTuple):
   """Static sizes of a kernel call."""
 
@@ -88,6 +95,8 @@ def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
     momentum = momentum.astype(jnp.float32)
     log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(jnp.float32).tiny))
   beta_p = flat(beta, 1.0)  # padded tokens get β = 0: they write nothing
+  if g is not None:  # log-decays ≤ 0 (the ops' contract), clamped: see ``LOG_DECAY_MIN``
+    g = jnp.clip(g.astype(jnp.float32), LOG_DECAY_MIN, 0.0)
   channels = [beta_p, _chunk_cumsum(flat(g, 0.0), layout),
               _chunk_cumsum(flat(log_eta, 0.0), layout)]
   if reset is None:
@@ -174,3 +183,49 @@ def cost_estimate(kind: str, args, outs, chunk: int, block_v: int, momentum: boo
                if x is not None)
   return pl.CostEstimate(flops=int(flops), transcendentals=int(units * chunk * chunk * 2),
                          bytes_accessed=int(nbytes))
+
+
+def _log2(n: int) -> int:
+  return max(n.bit_length() - 1, 0)
+
+
+def phase_flops(phase: str, chunk: int, dk: int, dv: int) -> int:
+  """Matmul FLOPs of one chunk (one batch·head, all of V) in a phase of the delta rule's phase
+  kernels (``phases.py``): "ut", "state", "out", "dvl", "bwd_state", "grad"."""
+  c = chunk
+  inverse = 2 * max(_log2(c) - 1, 0) * 2 * c**3  # two [C, C] matmuls per doubling level
+  return {
+      "ut": 2 * c * c * dk + inverse + 2 * c * c * dk + 2 * c * c * dv,  # KKᵀ, T, W, U
+      "state": 4 * c * dk * dv,  # W S₀, (γK)ᵀ u
+      "out": 2 * c * c * dk + 2 * c * dk * dv + 2 * c * c * dv,  # qKᵀ, q S₀, P u
+      "dvl": 2 * c * c * dk + 2 * c * c * dv,  # qKᵀ, Pᵀ dO
+      "bwd_state": 6 * c * dk * dv,  # (γK) dS₁, (aq)ᵀ dO, Wᵀ du
+      # chunk_vjp: the forward chunk again (with the inverse), then about twice its dots.
+      "grad": 3 * (chunk_flops("delta_rule", c, dk, dv, False) - 2 * c**3) + inverse,
+  }[phase]
+
+
+def phase_bytes(phase: str, chunk: int, dk: int, dv: int, dtype) -> int:
+  """HBM bytes one chunk's phase reads and writes (inputs in ``dtype``, states float32)."""
+  c, e, f = chunk, jnp.dtype(dtype).itemsize, 4
+  gates = 2 * c * 4 * f
+  state = dk * dv * f
+  return {
+      "ut": c * dk * e + c * dv * e + gates + c * dk * e + c * dv * e,
+      "state": c * dk * e * 2 + c * dv * e * 2 + gates / 2 + state,
+      "out": 2 * c * dk * e + gates + state + c * dv * e * 2,
+      "dvl": 2 * c * dk * e + gates + c * dv * e + c * dv * f,
+      "bwd_state": 3 * c * dk * e + gates / 2 + c * dv * (f + e) + state,
+      "grad": 2 * c * dk * e + c * dv * e * 2 + gates + 2 * state + 2 * c * dk * f + c * dv * f
+              + gates,
+  }[phase]
+
+
+def phase_cost(phase: str, bh: int, num_chunks: int, chunk: int, dk: int, dv: int, dtype):
+  """A ``pl.CostEstimate`` of one phase kernel over all ``bh · num_chunks`` chunks."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  units = bh * num_chunks
+  exps = {"ut": 2, "state": 0, "out": 1, "dvl": 1, "bwd_state": 0, "grad": 6}[phase]
+  return pl.CostEstimate(flops=int(units * phase_flops(phase, chunk, dk, dv)),
+                         transcendentals=int(units * exps * chunk * chunk),
+                         bytes_accessed=int(units * phase_bytes(phase, chunk, dk, dv, dtype)))

@@ -96,11 +96,27 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
       "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": shape, "mode": mode,
       "reset": reset, "kernel_operands": _kernel_operands(lowered.as_text(), kind),
       "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
-      "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd")
-                        if n in lowered.as_text()),
+      "kernels": kernel_names(lowered.as_text(), kind),
       "cost_analysis": {k: float(v) for k, v in (compiled.cost_analysis() or {}).items()},
       "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
   }
+
+
+# The kernels of each kind: the delta rule runs as phase kernels (``phases.py``), the others as
+# one forward and one backward kernel.
+PHASE_KERNELS = {"delta_rule": ("fwd_ut", "fwd_state", "fwd_out", "bwd_dvl", "bwd_state",
+                                "bwd_grad")}
+
+
+def expected_kernels(kind: str) -> list:
+  """The names of ``kind``'s kernels in a forward + backward module, sorted."""
+  return sorted(f"nlx_{kind}_{p}" for p in PHASE_KERNELS.get(kind, ("fwd", "bwd")))
+
+
+def kernel_names(text: str, kind: str) -> list:
+  """The names of ``kind``'s kernels that occur in a lowered module's text, sorted."""
+  import re  # pylint: disable=g-import-not-at-top
+  return sorted(set(re.findall(rf"nlx_{kind}_(?:fwd|bwd)\w*", text)))
 
 
 def _kernel_operands(text: str, kind: str) -> dict:
@@ -108,7 +124,7 @@ def _kernel_operands(text: str, kind: str) -> dict:
   lowered module's text (both kernels are calls of one line each)."""
   found = {}
   for line in text.splitlines():
-    for name in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd"):
+    for name in expected_kernels(kind):
       if "custom_call" in line and name in line and "(" in line:
         args = line.split("(", 1)[1].split(")", 1)[0]
         found[name] = len([a for a in args.split(",") if a.strip()])
@@ -128,7 +144,7 @@ def export_gpu(kind: str, reset: bool = False) -> dict:
   return {"kind": kind, "platforms": list(exported.platforms), "shape_BTHKVC": SHAPE,
           "reset": reset,
           "triton_custom_calls": text.count(f"@{target}"),
-          "kernels": sorted(n for n in (f"nlx_{kind}_fwd", f"nlx_{kind}_bwd") if n in text)}
+          "kernels": kernel_names(text, kind)}
 
 
 def main(argv: Sequence[str] = ()) -> int:

@@ -43,6 +43,14 @@ Array = jax.Array
 BACKENDS = ("gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16)
 _POW2 = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
+
+
+def padded_head_dim(d: int) -> int:
+  """The head size a kernel runs at: the next power of two ≥ 16 (Triton tiles are powers of two,
+  and the matrix units want ≥ 16). The wrapper zero-pads K and V to it and slices the results:
+  zero key columns add nothing to any dot, zero value columns stay zero in every state."""
+  return max(16, 1 << (d - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +112,27 @@ def _kernel_kwargs(cfg: _Config) -> dict:
   return kw
 
 
+def _phased(cfg: _Config) -> bool:
+  """The delta rule runs as the phase kernels (``phases.py``); the other kinds as one kernel."""
+  return cfg.kind == "delta_rule"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _memory(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
+  if _phased(cfg):
+    o, final, _, _ = _kernels(cfg.backend).delta_forward(cfg.scale, q, k, v, gates_col, gates_row,
+                                                         w0, **_kernel_kwargs(cfg))
+    return o, State(final, None)
   o, final, _ = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col, gates_row,
                                               w0, p0, save_states=False, **_kernel_kwargs(cfg))
   return o, final
 
 
 def _memory_fwd(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
+  if _phased(cfg):
+    o, final, starts, w = _kernels(cfg.backend).delta_forward(
+        cfg.scale, q, k, v, gates_col, gates_row, w0, **_kernel_kwargs(cfg))
+    return (o, State(final, None)), (q, k, v, gates_col, gates_row, (starts, w))
   o, final, starts = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col,
                                                    gates_row, w0, p0, save_states=True,
                                                    **_kernel_kwargs(cfg))
@@ -119,8 +140,14 @@ def _memory_fwd(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
 
 
 def _memory_bwd(cfg: _Config, residuals, cotangents):
-  q, k, v, gates_col, gates_row, starts = residuals
+  q, k, v, gates_col, gates_row, starts = residuals  # phased: starts is (start states, w)
   d_o, d_final = cotangents
+  if _phased(cfg):
+    dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).delta_backward(
+        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory,
+        **_kernel_kwargs(cfg))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr, d_initial,
+            None)
   if d_final.momentum is None and starts.momentum is not None:
     d_final = State(d_final.memory, jnp.zeros_like(starts.momentum[:, 0]))
   dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).backward(
@@ -156,8 +183,9 @@ def unsupported(kind: str, q, k, v, chunk_size: int) -> Optional[str]:
   if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
     return f"q {q.shape}, k {k.shape} and v {v.shape} must share [B, T, H] (and q, k their K)"
   for name, d in (("K", q.shape[3]), ("V", v.shape[3])):
-    if d not in _POW2:
-      return f"head dim {name}={d} is not supported by the kernels; allowed: {_POW2}"
+    if not 1 <= d <= MAX_HEAD_DIM:
+      return (f"head dim {name}={d} is not supported by the kernels; allowed: 1 to "
+              f"{MAX_HEAD_DIM}")
   if chunk_size not in _POW2:
     return f"chunk_size={chunk_size!r} is not supported by the kernels; allowed: {_POW2}"
   return None
@@ -239,10 +267,23 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS} or None")
   if interpret is None:
     interpret = backend != native or native_interpret
-  blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
   if scale is None:
     scale = 1.0 if kind == "titans" else dk**-0.5
 
+  # Any head size: zero-pad K and V to the kernels' sizes (differentiable; sliced back below).
+  kp, vp = padded_head_dim(dk), padded_head_dim(dv)
+  if (kp, vp) != (dk, dv):
+    pad = lambda x, dims: None if x is None else jnp.pad(
+        x, [(0, 0)] * (x.ndim - len(dims)) + [(0, p - x.shape[x.ndim - len(dims) + i])
+                                              for i, p in enumerate(dims)])
+    o, final, final_p = chunked_memory(
+        kind, pad(q, (kp,)), pad(k, (kp,)), pad(v, (vp,)), beta=beta, g=g, momentum=momentum,
+        initial_state=pad(initial_state, (kp, vp)),
+        initial_momentum=pad(initial_momentum, (kp, vp)), scale=scale, chunk_size=chunk_size,
+        block_sizes=block_sizes, backend=backend, interpret=interpret, debug=debug, reset=reset)
+    cut = lambda x: None if x is None else x[..., :dk, :dv]
+    return o[..., :dv], cut(final), cut(final_p)
+  blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
   lo = lay.Layout(b, t, h, chunk_size)
   cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug,
                 reset is not None)

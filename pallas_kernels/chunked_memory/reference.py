@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory import phases
 from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp, last_row
 
 Array = jax.Array
@@ -99,3 +100,75 @@ def chunked_memory_reference(kind: str, q: Array, k: Array, v: Array, *,
                         lay.sequences(v, lo), gc, gr, w0, p0, lo, reset is not None)
   unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)
   return lay.unsequences(o, lo).astype(q.dtype), unstate(final.memory), unstate(final.momentum)
+
+
+def forward_phased(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                   gates_row: Array, w0: Array, lo: lay.Layout, segmented: bool = False,
+                   dtype=None):
+  """The delta rule's forward pass in the three phases of ``phases.py`` (what the phase kernels
+  run), on the kernels' layout.
+
+  Returns:
+    ``(o [BH, Tp, V] float32, final state [BH, K, V], start states [BH, N, K, V], w [BH, Tp, K],
+    u [BH, Tp, V])``.
+  """
+  n, c = lo.num_chunks, lo.chunk
+  lasts = last_row(jnp.arange(n), n, c, lo.last)
+  split = lambda x: x.astype(jnp.float32).reshape(n, c, x.shape[-1])
+
+  def one(q, k, v, gc, gr, s0):
+    qc, kc, vc, gcc = split(q), split(k), split(v), split(gc)
+    w, u0 = jax.vmap(lambda kk, vv, g1, g2, l: phases.ut(kk, vv, g1, g2, l, segmented, dtype))(
+        kc, vc, gcc, gr, lasts)
+
+    def body(s, x):
+      wi, ui, ki, gi, li = x
+      u, s1 = phases.state_step(wi, ui, ki, gi, s, li, segmented, dtype)
+      return s1, (s, u)
+
+    final, (starts, u) = jax.lax.scan(body, s0, (w, u0, kc, gcc, lasts))
+    o = jax.vmap(lambda qq, kk, g1, g2, s, uu, l: phases.output(
+        qq, kk, g1, g2, s, uu, l, scale, segmented, dtype))(qc, kc, gcc, gr, starts, u, lasts)
+    flat = lambda x: x.reshape(lo.padded_len, x.shape[-1])
+    return flat(o), final, starts, flat(w), flat(u)
+
+  return jax.vmap(one)(q, k, v, gates_col, gates_row, w0)
+
+
+def backward_phased(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
+                    gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array,
+                    lo: lay.Layout, segmented: bool = False, dtype=None):
+  """The delta rule's backward pass in the phases of ``phases.py``, from ``forward_phased``'s
+  start states and ``w``.
+
+  Returns:
+    ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial)``, float32, shaped like the inputs.
+  """
+  n, c = lo.num_chunks, lo.chunk
+  lasts = last_row(jnp.arange(n), n, c, lo.last)
+  split = lambda x: x.astype(jnp.float32).reshape(n, c, x.shape[-1])
+
+  def one(q, k, v, gc, gr, starts, w, d_o, d_final):
+    qc, kc, vc, gcc, wc, doc = split(q), split(k), split(v), split(gc), split(w), split(d_o)
+    dv_loc = jax.vmap(lambda qq, kk, g1, g2, dd: phases.dv_local(
+        qq, kk, g1, g2, dd, scale, segmented, dtype))(qc, kc, gcc, gr, doc)
+
+    def body(d_s1, x):
+      qi, ki, wi, gi, dvi, doi, li = x
+      return phases.state_step_bwd(qi, ki, wi, gi, dvi, doi, d_s1, li, scale, segmented,
+                                   dtype), d_s1
+
+    d_initial, d_ends = jax.lax.scan(body, d_final, (qc, kc, wc, gcc, dv_loc, doc, lasts),
+                                     reverse=True)
+
+    def grads(ch, s0, d_oc, d_s1, li):
+      d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(s0, None), li, d_oc,
+                          State(d_s1, None), segmented, dtype)
+      return d_ch
+
+    d_ch = jax.vmap(grads)(Chunk(qc, kc, vc, gcc, gr), starts, doc, d_ends, lasts)
+    flat = lambda x: x.reshape(lo.padded_len, x.shape[-1])
+    return (flat(d_ch.q), flat(d_ch.k), flat(d_ch.v), flat(d_ch.gates_col), d_ch.gates_row,
+            d_initial)
+
+  return jax.vmap(one)(q, k, v, gates_col, gates_row, starts, w, d_o, d_final)

@@ -1,0 +1,127 @@
+"""The delta rule in three phases, as flash-linear-attention schedules it: per-chunk math.
+
+``chunk.chunk_step`` does a whole delta-rule chunk at once, so a kernel that walks the chunks in
+order has to solve the chunk's UT system ``(I + A)⁻¹`` inside its sequential loop. Most of that
+work does not depend on the state. With ``T = (I + A)⁻¹`` (``chunk.unit_lower_inverse``),
+``a_t = e^{G_t}`` (what the chunk-start state keeps at token t), ``γ_t = e^{G_last − G_t}`` (what
+token t's write keeps at the chunk's end) and ``α = e^{G_last}``:
+
+* the pseudo-values are ``u = T(βV) − T(β a∘K) S₀ = U − W S₀``, with ``W [C, K]`` and
+  ``U [C, V]`` independent of the state (``ut``: phase 1, parallel over all chunks);
+* the state recurrence needs only ``u = U − W S₀`` and ``S₁ = α S₀ + (γ∘K)ᵀ u``: two matmuls per
+  chunk (``state_step``: phase 2, the only sequential phase; it stores ``S₀`` and ``u``);
+* the outputs ``o = a∘(q S₀) + (Γ∘q Kᵀ) u`` need ``S₀`` and ``u`` of their own chunk only
+  (``output``: phase 3, parallel).
+
+The backward pass splits the same way. With ``P = Γ∘(q Kᵀ)`` (q scaled) and the cotangents
+``dO`` of the outputs and ``dS₁`` of the chunk's end state:
+
+* ``P ᵀ dO`` is local to the chunk (``dv_local``, parallel);
+* the state's cotangent walks the chunks in reverse: ``du = Pᵀ dO + (γ∘K) dS₁`` and
+  ``dS₀ = α dS₁ + (a∘q)ᵀ dO − Wᵀ du`` (``state_step_bwd``: three matmuls, sequential; it stores
+  every chunk's ``dS₁``);
+* with ``S₀`` and ``dS₁`` known for every chunk, the gradients of the chunk's inputs are those of
+  one ``chunk.chunk_step`` at fixed ``S₀`` (``chunk.chunk_vjp``, parallel over chunks).
+
+Everything here follows ``chunk.py``'s rules (2-D dots, masks on iotas, keep-dim reductions, no
+value slicing) so that the Triton and Mosaic kernels and the plain-JAX ``reference.forward_phased``
+run the same code. ``dtype`` is the operand dtype of the dots (the input dtype; float32
+accumulation); ``segmented`` masks every decay that crosses a document boundary, as in
+``chunk.chunk_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.chunked_memory.chunk import (BETA, LOG_DECAY, SEGMENT, Chunk, _at_row,
+                                                 _channel_col, _channel_row, _from_start, _iotas,
+                                                 _masked_exp, _mm, _mm_nt, _mm_tn, _same_segment,
+                                                 delta_matrix_t, unit_lower_inverse)
+
+Array = jax.Array
+
+
+def _segments(gates_col: Array, last, segmented: bool):
+  """The tokens' segments ``[C, 1]`` and token ``last``'s ``[1, 1]`` (None, None without
+  boundaries)."""
+  if not segmented:
+    return None, None
+  seg_col = _channel_col(gates_col, SEGMENT)
+  return seg_col, _at_row(seg_col, last)
+
+
+def start_decay(gates_col: Array, last, segmented: bool) -> Array:
+  """``a [C, 1]``: what the chunk-start state keeps at each token (zero past a boundary)."""
+  seg_col, _ = _segments(gates_col, last, segmented)
+  return _from_start(_channel_col(gates_col, LOG_DECAY), seg_col)
+
+
+def end_decays(gates_col: Array, last, segmented: bool) -> tuple[Array, Array]:
+  """``(α [1, 1], γ [C, 1])``: what the chunk's end state keeps of the start state and of each
+  token's write (zero for padded tokens after ``last`` and across a boundary)."""
+  c = gates_col.shape[0]
+  g_col = _channel_col(gates_col, LOG_DECAY)
+  g_last = _at_row(g_col, last)
+  seg_col, seg_last = _segments(gates_col, last, segmented)
+  live = lax.broadcasted_iota(jnp.int32, (c, 1), 0) <= last
+  if segmented:
+    live = live & (seg_col == seg_last)
+  return _from_start(g_last, seg_last), _masked_exp(live, g_last - g_col)
+
+
+def _write_matrix(q: Array, k: Array, gates_col: Array, gates_row: Array, scale: float,
+                  segmented: bool, dtype) -> Array:
+  """``P = Γ∘(scale·q Kᵀ) [C, C]``: token j's write as token t reads it (causal, same segment)."""
+  rows, cols = _iotas(k.shape[0])
+  causal = rows >= cols
+  if segmented:
+    causal = causal & (_channel_col(gates_col, SEGMENT) == _channel_row(gates_row, SEGMENT))
+  g_col, g_row = _channel_col(gates_col, LOG_DECAY), _channel_row(gates_row, LOG_DECAY)
+  return _masked_exp(causal, g_col - g_row) * _mm_nt(q * scale, k, dtype)
+
+
+def ut(k: Array, v: Array, gates_col: Array, gates_row: Array, last, segmented: bool = False,
+       dtype=None) -> tuple[Array, Array]:
+  """Phase 1: ``(W [C, K], U [C, V])``, float32, from the chunk's keys, values and gates."""
+  ch = Chunk(k, k, v, gates_col, gates_row)  # q unused by delta_matrix_t
+  inverse = unit_lower_inverse(delta_matrix_t(ch, segmented, dtype))
+  beta = _channel_col(gates_col, BETA)
+  a = start_decay(gates_col, last, segmented)
+  return _mm(inverse, beta * a * k, dtype), _mm(inverse, beta * v, dtype)
+
+
+def state_step(w: Array, u0: Array, k: Array, gates_col: Array, s0: Array, last,
+               segmented: bool = False, dtype=None) -> tuple[Array, Array]:
+  """Phase 2, one chunk: ``(u [C, V], S₁ [K, V])`` from ``W``, ``U`` and the start state."""
+  alpha, gamma = end_decays(gates_col, last, segmented)
+  u = u0 - _mm(w, s0, dtype)
+  return u, alpha * s0 + _mm_tn(gamma * k, u, dtype)
+
+
+def output(q: Array, k: Array, gates_col: Array, gates_row: Array, s0: Array, u: Array, last,
+           scale: float, segmented: bool = False, dtype=None) -> Array:
+  """Phase 3, one chunk: ``o [C, V] = a∘(scale·q S₀) + P u``."""
+  a = start_decay(gates_col, last, segmented)
+  p = _write_matrix(q, k, gates_col, gates_row, scale, segmented, dtype)
+  return a * _mm(q * scale, s0, dtype) + _mm(p, u, dtype)
+
+
+def dv_local(q: Array, k: Array, gates_col: Array, gates_row: Array, d_o: Array, scale: float,
+             segmented: bool = False, dtype=None) -> Array:
+  """Backward, parallel: ``Pᵀ dO [C, V]``, the part of ``du`` local to the chunk."""
+  return _mm_tn(_write_matrix(q, k, gates_col, gates_row, scale, segmented, dtype), d_o, dtype)
+
+
+def state_step_bwd(q: Array, k: Array, w: Array, gates_col: Array, dv_loc: Array, d_o: Array,
+                   d_s1: Array, last, scale: float, segmented: bool = False,
+                   dtype=None) -> Array:
+  """Backward, sequential, one chunk: ``dS₀ [K, V]`` from ``dS₁`` (the end state's cotangent)."""
+  alpha, gamma = end_decays(gates_col, last, segmented)
+  a = start_decay(gates_col, last, segmented)
+  du = dv_loc + _mm(gamma * k, d_s1, dtype)
+  return alpha * d_s1 + _mm_tn(a * q * scale, d_o, dtype) - _mm_tn(w, du, dtype)

@@ -1,0 +1,119 @@
+"""Kernels v2: the blocked UT inverse, the phase split, the precision contract and any head size.
+
+* ``chunk.unit_lower_inverse`` (block doubling on matmuls) equals numpy's float64 inverse and the
+  row-by-row substitution it replaced.
+* ``reference.forward_phased``/``backward_phased`` (the delta rule in the phases that the kernels
+  run, plain JAX) equal the one-chunk-at-a-time reference, with and without document boundaries.
+* The kernels (interpret mode) against the float64 recurrence of ``nlx.ops``: every output and
+  gradient within 1e-5 (float32 inputs) / 2e-2 (bfloat16 inputs) normwise relative error, at head
+  sizes K=24, V=40 (padded by the wrapper) and T=45 (``benchmarks.kernels.agreement``, the table
+  of ``python -m benchmarks.kernels --agreement``).
+* Log-decays outside [LOG_DECAY_MIN, 0] (+5, −inf) are clamped: finite results.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import kernels as bench
+from pallas_kernels.chunked_memory import chunk as chunk_lib
+from pallas_kernels.chunked_memory import layout as lay
+from pallas_kernels.chunked_memory import ops as kops
+from pallas_kernels.chunked_memory import reference
+from pallas_kernels.chunked_memory.chunk import State
+
+
+@pytest.mark.parametrize("c", [pytest.param(16, marks=pytest.mark.slow), 64,
+                               pytest.param(128, marks=pytest.mark.slow)])
+def test_blocked_inverse_matches_float64_and_row_substitution(c):
+  ks = jax.random.split(jax.random.key(c), 2)
+  k = jax.random.normal(ks[0], (c, 32))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[1], (c,)))
+  a = np.tril(np.asarray(beta)[:, None] * np.asarray(k @ k.T), -1).astype(np.float64)
+  want = np.linalg.inv(np.eye(c) + a)
+  a_t = jnp.asarray(a.T, jnp.float32)
+  got = np.asarray(jax.jit(chunk_lib.unit_lower_inverse)(a_t), np.float64)
+  rows = np.asarray(jax.jit(chunk_lib.unit_lower_inverse_rows)(a_t), np.float64)
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() <= 1e-6 * scale
+  assert np.abs(rows - want).max() <= 1e-6 * scale
+  assert np.abs(np.tril(got) - got).max() == 0  # lower triangular, exactly
+
+
+def _layout_inputs(reset):
+  b, t, h, dk, dv, c = 2, 37, 2, 16, 32, 16
+  x = bench.agreement_inputs("delta_rule", b, t, h, dk, dv, seed=11)
+  lo = lay.Layout(b, t, h, c)
+  gc, gr = lay.gates(x["beta"], x["g"], None, lo, reset)
+  args = (lay.sequences(x["q"], lo), lay.sequences(x["k"], lo), lay.sequences(x["v"], lo), gc, gr)
+  return args, lay.states(x["initial_state"], b, h, dk, dv), lo, dk**-0.5
+
+
+@pytest.mark.slow  # ~25 s of compiling the scans; the kernels' agreement tests cover the phases
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_phased_reference_equals_chunk_reference(with_reset):
+  """The phase split is the same algebra: forward and backward, float32, 1e-5."""
+  reset = None
+  if with_reset:
+    reset = jnp.zeros((2, 37), bool).at[0, 0].set(True).at[0, 5].set(True).at[1, 16].set(True)
+  args, w0, lo, scale = _layout_inputs(reset)
+  seg = reset is not None
+
+  @jax.jit
+  def both(args, w0, d_o, d_f):
+    o1, f1, st1 = reference.forward("delta_rule", scale, *args, w0, None, lo, seg)
+    o2, f2, st2, w, _ = reference.forward_phased(scale, *args, w0, lo, seg)
+    g1 = reference.backward("delta_rule", scale, *args, st1, d_o, State(d_f, None), lo, seg)
+    g2 = reference.backward_phased(scale, *args, st2, w, d_o, d_f, lo, seg)
+    return o1, f1, st1, o2, f2, st2, g1, g2
+
+  ks = jax.random.split(jax.random.key(5), 2)
+  d_o = jax.random.normal(ks[0], args[2].shape)
+  d_f = jax.random.normal(ks[1], w0.shape)
+  o1, f1, st1, o2, f2, st2, g1, g2 = both(args, w0, d_o, d_f)
+  pairs = [(o2, o1), (f2, f1.memory), (st2, st1.memory)] + list(zip(jax.tree.leaves(g2),
+                                                                    jax.tree.leaves(g1)))
+  for got, want in pairs:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    assert np.linalg.norm(want) > 0
+
+
+SLOW = pytest.mark.slow  # each row interprets six (delta rule) or two kernels: 15-40 s on CPU
+
+
+@pytest.mark.parametrize("kind,backend,dtype", [
+    pytest.param(*row, marks=() if row == ("delta_rule", "gpu", "bfloat16") else SLOW)
+    for row in bench.AGREEMENT_ROWS])
+def test_kernels_agree_with_float64_recurrence(kind, backend, dtype):
+  errors = bench.agreement(kind, backend, dtype)
+  expected = {"o", "state", "dq", "dk", "dv", "dinitial_state", "dg"}
+  assert expected <= set(errors), errors
+  bad = {n: e for n, e in errors.items() if not e <= bench.AGREEMENT_RTOL[dtype]}
+  assert not bad, (bad, errors)
+
+
+def test_log_decays_outside_the_contract_are_clamped():
+  """+5, −inf and −1e4 reach the kernels as their clamped values: finite chunk-cumulative decays,
+  whose differences (the exponents of every decay) are ≤ 0 within a chunk."""
+  x = bench.agreement_inputs("delta_rule", 1, 20, 2, 16, 16, seed=2)
+  g = x["g"].at[0, 3, 0].set(5.0).at[0, 7, 1].set(-jnp.inf).at[0, 9, 0].set(-1e4)
+  lo = lay.Layout(1, 20, 2, 16)
+  got = lay.gates(x["beta"], g, None, lo)
+  want = lay.gates(x["beta"], jnp.clip(g, lay.LOG_DECAY_MIN, 0.0), None, lo)
+  for a, b in zip(got, want):
+    assert bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cum = np.asarray(got[1])[..., chunk_lib.LOG_DECAY, :]  # [BH, N, C]
+  assert np.all(np.diff(cum, axis=-1) <= 0) and cum.min() >= lay.LOG_DECAY_MIN * 16
+
+
+def test_any_head_size_up_to_256():
+  q = jnp.zeros((1, 8, 1, 24))
+  assert kops.unsupported("delta_rule", q, q, jnp.zeros((1, 8, 1, 40)), 16) is None
+  assert [kops.padded_head_dim(d) for d in (1, 16, 17, 24, 100, 128, 200, 256)] == [
+      16, 16, 32, 32, 128, 128, 256, 256]
+  assert "K=300" in kops.unsupported("delta_rule", jnp.zeros((1, 8, 1, 300)),
+                                     jnp.zeros((1, 8, 1, 300)), q, 16)
