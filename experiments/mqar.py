@@ -52,26 +52,46 @@ from __future__ import annotations
 import ast
 import os
 import time
+from typing import NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+import nlx
 from experiments import study
 from nlx.data import synthetic
+from nlx.train import fitting
 
 STUDY = "mqar"
 FAMILIES = ("transformer", "gated_deltanet", "titans_lmm", "hope")  # cheapest first
 LABELS = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
-          "transformer": "Transformer++"}
+          "transformer": "Transformer++", "ttt_linear": "TTT-Linear", "ttt_mlp": "TTT-MLP"}
 # The MLP width / d_model of each family's configs/<family>.py:tiny (d_model 64).
 MLP_RATIO = {"hope": 1.0}
 DEFAULT_MLP_RATIO = 3.0
+
+CPU_STEPS = 400  # the most steps of one --scale cpu run (early stop at 0.99 ends most sooner)
+CPU_SWEEP_STEPS = 100  # every rate of the sweep runs this many; the best continues to CPU_STEPS
+CPU_LRS = (3e-3, 1e-3, 1e-2)  # the sweep, in the order run (one that stops early ends it)
+CPU_BUDGET_MINUTES = 85  # no sweep starts after this (the table names those not run)
+CPU_INIT_STD = 1.0  # the embedding's init std at --scale cpu (nlx's default 0.02: see below)
+CPU_FAMILIES = ("transformer", "gated_deltanet", "titans_lmm", "ttt_linear", "hope")
 
 # pairs: P of each level (its sequence is 4 P tokens); batch_size: training sequences per step
 # (each 4 max(P) tokens, levels mixed); eval_sequences: test sequences per level.
 PRESETS = {
     "tiny": dict(widths=(32, 64), pairs=(4, 8, 16), vocab_size=64, steps=300, lr=1e-2,
                  batch_size=16, eval_sequences=256, n_layers=2, n_heads=2),
+    # Zoology's Figure 2 protocol (one model per level, queries spread with power-law gaps over
+    # T = 16 P tokens, vocabulary 8192, an LR sweep, early stop), sized for 90 minutes on 2 cores.
+    "cpu": dict(widths=(64, 128), pairs=(4, 8, 16), vocab_size=8192, steps=CPU_STEPS, lr=None,
+                lrs=CPU_LRS, sweep_steps=CPU_SWEEP_STEPS, batch_size=32, eval_sequences=1000, n_layers=2, n_heads=2,
+                layout="zoology", power_a=0.01, weight_decay=0.1, early_stop=0.99,
+                eval_every=50, val_sequences=256, model=dict(init_std=CPU_INIT_STD),
+                budget_minutes=CPU_BUDGET_MINUTES),
     "small": dict(widths=(64, 128, 256), pairs=(8, 16, 32, 64), vocab_size=512, steps=6000,
                   lr=3e-3, batch_size=64, eval_sequences=2048, n_layers=2, n_heads=2),
     "paper": dict(widths=(64, 128, 256, 512), pairs=(16, 32, 64, 128), vocab_size=8192,
@@ -79,6 +99,7 @@ PRESETS = {
                   n_heads=2),
 }
 TEST_SEED_OFFSET = 1_000_003  # test data: seed + offset (disjoint from every training seed)
+VAL_SEED_OFFSET = 2_000_003  # early-stopping data of --scale cpu: seed + offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +142,219 @@ def test_batches(seed: int, level: int, pairs: tuple, vocab_size: int, sequences
 
 
 # ---------------------------------------------------------------------------------------------
+# Zoology's layout (--scale cpu): queries spread over the rest of the sequence
+# ---------------------------------------------------------------------------------------------
+
+ZOOLOGY_TOKENS_PER_PAIR = 16  # Figure 2's levels: (T, P) = (64, 4), (128, 8), (256, 16)
+
+
+class QueryBatch(NamedTuple):
+  """``inputs [B, T]``; ``positions [B, P]``: the query positions of each row; ``answers [B, P]``:
+  the value each query must predict there (the next token at a query is its answer)."""
+
+  inputs: np.ndarray
+  positions: np.ndarray
+  answers: np.ndarray
+
+
+def gap_probabilities(slots: int, power_a: float) -> np.ndarray:
+  """``p[g] ∝ (g + 1) ** (power_a - 1)``, g = 0 .. slots - 1: the power law of Zoology's query
+  placement (``power_a`` 0.01: near ``1 / (g + 1)``, most queries close to the context's end)."""
+  p = np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1.0)
+  return p / p.sum()
+
+
+def zoology_example(seed: int, index: int, *, num_pairs: int, seq_len: int, vocab_size: int,
+                    power_a: float = 0.01) -> dict:
+  """One MQAR example in Zoology's layout, a pure function of ``(seed, index)``.
+
+  The context holds ``P`` pairs ``k_1 v_1 .. k_P v_P`` (distinct keys, distinct values; the
+  vocabulary ranges of ``nlx.data.synthetic.mqar_vocab``). The remaining ``T - 2P`` tokens are
+  ``(T - 2P) / 2`` two-token slots; key ``i``'s query goes to slot ``g_i`` (token ``2P + 2 g_i``),
+  the ``g_i`` drawn one after the other without replacement from ``gap_probabilities``. Every
+  other token is the pad 0 (Zoology's ``random_non_queries=False``); the answer is never an
+  input. ``targets`` holds the paired value at each query and 0 elsewhere; ``mask`` marks the
+  queries.
+
+  Returns:
+    ``{"tokens", "targets": int32 [T], "mask": bool [T], "slots": int [P]}``.
+  """
+  synthetic.check_mqar_args(num_pairs=num_pairs, seq_len=seq_len, vocab_size=vocab_size,
+                            num_queries=num_pairs)
+  if seq_len % 2:
+    raise ValueError(f"seq_len must be even (two-token query slots); got {seq_len}")
+  vocab = synthetic.mqar_vocab(vocab_size)
+  if vocab.num_values < num_pairs:
+    raise ValueError(f"vocab_size {vocab_size} holds {vocab.num_values} values; need "
+                     f"num_pairs = {num_pairs} distinct ones")
+  rng = np.random.default_rng([seed, index])
+  keys = vocab.key_lo + rng.choice(vocab.num_keys, size=num_pairs, replace=False)
+  values = vocab.value_lo + rng.choice(vocab.num_values, size=num_pairs, replace=False)
+  context, slots = 2 * num_pairs, (seq_len - 2 * num_pairs) // 2
+  gaps = rng.choice(slots, size=num_pairs, replace=False, p=gap_probabilities(slots, power_a))
+  tokens = np.full(seq_len, synthetic.PAD, np.int32)
+  targets = np.zeros(seq_len, np.int32)
+  mask = np.zeros(seq_len, bool)
+  tokens[0:context:2], tokens[1:context:2] = keys, values
+  where = context + 2 * gaps
+  tokens[where], targets[where], mask[where] = keys, values, True
+  return {"tokens": tokens, "targets": targets, "mask": mask, "slots": gaps}
+
+
+def zoology_rows(seed: int, indices, *, num_pairs: int, seq_len: int, vocab_size: int,
+                 power_a: float) -> QueryBatch:
+  """Examples ``indices`` of one level as a ``QueryBatch`` (positions in increasing order)."""
+  rows = [zoology_example(seed, int(i), num_pairs=num_pairs, seq_len=seq_len,
+                          vocab_size=vocab_size, power_a=power_a) for i in indices]
+  positions = np.stack([np.flatnonzero(r["mask"]) for r in rows]).astype(np.int32)
+  answers = np.stack([r["targets"][pos] for r, pos in zip(rows, positions)]).astype(np.int32)
+  return QueryBatch(np.stack([r["tokens"] for r in rows]), positions, answers)
+
+
+def query_logits(model, inputs, positions):
+  """``[B, P, vocab]``: the logits at the query ``positions`` only (the head, 8192 wide, runs on
+  P of the T positions; the same numbers as ``model(inputs)`` there)."""
+  if getattr(model, "cms_next_token", False):  # the chunked CMS path has its own call
+    logits = model(inputs)
+    return jnp.take_along_axis(logits, positions[..., None], axis=1)
+  x, _ = model._run_layers(model.embed(inputs))  # pylint: disable=protected-access
+  x = jnp.take_along_axis(x, positions[..., None], axis=1)
+  return model._logits(x)  # pylint: disable=protected-access
+
+
+def query_loss(model, batch: QueryBatch):
+  """Mean cross-entropy of the answers at the queries."""
+  logits = query_logits(model, batch.inputs, batch.positions).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch.answers).mean()
+
+
+_QUERY_PREDICT: dict = {}
+
+
+def query_accuracy(model, batches) -> float:
+  """The fraction of queries whose greedy prediction is their answer."""
+  graphdef, state = nnx.split(model)
+  fn = _QUERY_PREDICT.get(graphdef)
+  if fn is None:
+    fn = _QUERY_PREDICT[graphdef] = jax.jit(
+        lambda s, x, p: jnp.argmax(query_logits(nnx.merge(graphdef, s), x, p), -1))
+  right = total = 0
+  for b in batches:
+    right += int((np.asarray(fn(state, jnp.asarray(b.inputs), jnp.asarray(b.positions)))
+                  == b.answers).sum())
+    total += b.answers.size
+  return right / max(total, 1)
+
+
+def zoology_batches(seed: int, level: dict, settings: dict, sequences: int, rows: int = 100
+                    ) -> list:
+  """``sequences`` examples of ``level`` from ``seed`` (indices 0 ..), in batches of ``rows``."""
+  kw = dict(num_pairs=level["pairs"], seq_len=level["seq_len"],
+            vocab_size=settings["vocab_size"], power_a=settings["power_a"])
+  return [zoology_rows(seed, range(s, min(s + rows, sequences)), **kw)
+          for s in range(0, sequences, rows)]
+
+
+_SWEEP_TX: dict = {}
+
+
+def sweep_optimizer(steps: int, weight_decay: float) -> optax.GradientTransformation:
+  """``study.optimizer`` (AdamW β2 0.95, 10% warmup, cosine to peak/10, decay on matrices,
+  clipping at 1) with the peak learning rate in the optimizer state (``with_lr``), so that the
+  runs of a sweep share one compiled step. One object per ``(steps, weight_decay)``."""
+  key = (steps, weight_decay)
+  if key not in _SWEEP_TX:
+    warmup = max(steps // 10, 1)
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(steps, warmup + 1), 0.1)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    _SWEEP_TX[key] = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.95),
+        optax.add_decayed_weights(weight_decay, decay_mask), optax.scale_by_schedule(unit),
+        optax.inject_hyperparams(optax.scale)(step_size=-1.0))
+  return _SWEEP_TX[key]
+
+
+def with_lr(opt_state, lr: float):
+  """``sweep_optimizer``'s state with the peak learning rate ``lr``."""
+  *head, last = opt_state
+  hyper = dict(last.hyperparams, step_size=jnp.asarray(-lr, jnp.float32))
+  return type(opt_state)((*head, last._replace(hyperparams=hyper)))
+
+
+def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int) -> list:
+  """The learning-rate sweep of one (family, width, level): one model per rate of
+  ``settings["lrs"]`` (same initialization), trained with nlx's train step and the studies'
+  AdamW (warmup, cosine decay over ``steps``). Every rate runs ``sweep_steps`` steps; the one
+  with the best validation accuracy (then the lowest recent training loss) continues to
+  ``steps``. Every ``eval_every`` steps the accuracy on ``val_sequences`` held-out sequences is
+  measured, and a run that reaches ``early_stop`` stops (it ends the sweep). Returns a run dict
+  per rate, the test accuracy on ``eval_sequences`` sequences in each."""
+  cfg = config(family, width, dict(settings, pairs=(level["pairs"],)),
+               max_seq_len=level["seq_len"])
+  steps, every = settings["steps"], settings["eval_every"]
+  tx = sweep_optimizer(steps, settings["weight_decay"])
+  kw = dict(num_pairs=level["pairs"], seq_len=level["seq_len"],
+            vocab_size=settings["vocab_size"], power_a=settings["power_a"])
+  batch_size = settings["batch_size"]
+  val = zoology_batches(seed + VAL_SEED_OFFSET, level, settings, settings["val_sequences"])
+  graphdef = step_fn = None
+  runs = []
+  for lr in settings["lrs"]:
+    model = nlx.build_model(cfg, rngs=nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step_fn = step_fn or fitting.compiled_step(graphdef, tx, query_loss)  # one compile a sweep
+    runs.append({"lr": lr, "params": params, "rest": rest,
+                 "opt_state": with_lr(tx.init(params), lr), "losses": [], "finite": [],
+                 "curve": [], "seconds": 0.0, "stopped": None})
+
+  def advance(run, until):
+    tic = time.time()
+    for step in range(len(run["losses"]), until):
+      batch = zoology_rows(seed, range(step * batch_size, (step + 1) * batch_size), **kw)
+      up = step_fn(run["params"], run["rest"], run["opt_state"],
+                   jax.tree.map(jnp.asarray, batch))
+      run["params"], run["opt_state"] = up.params, up.opt_state
+      run["losses"].append(up.loss)
+      run["finite"].append(up.finite)
+      if (step + 1) % every == 0 or step == steps - 1:
+        acc = query_accuracy(nnx.merge(graphdef, run["params"], run["rest"]), val)
+        loss = float(np.mean(jax.device_get(run["losses"][-every:])))
+        run["curve"].append({"step": step + 1, "loss": loss, "val_accuracy": acc,
+                             "seconds": run["seconds"] + time.time() - tic})
+        if acc >= settings["early_stop"]:
+          run["stopped"] = step + 1
+          break
+    run["seconds"] += time.time() - tic
+
+  first = min(settings.get("sweep_steps") or steps, steps)
+  for run in runs:
+    advance(run, first)
+    if run["stopped"]:
+      break
+  if not any(r["stopped"] for r in runs):
+    rank = lambda r: (r["curve"][-1]["val_accuracy"], -r["curve"][-1]["loss"])
+    advance(max(runs, key=rank), steps)
+  test = zoology_batches(seed + TEST_SEED_OFFSET, level, settings, settings["eval_sequences"])
+  out = []
+  for run in runs:
+    if not run["losses"]:
+      continue  # a rate after one that stopped early
+    model = nnx.merge(graphdef, run["params"], run["rest"])
+    losses = [float(x) for x in jax.device_get(run["losses"])]
+    out.append({
+        "family": family, "d_model": width, "pairs": level["pairs"],
+        "seq_len": level["seq_len"], "lr": run["lr"], "params": fitting.param_count(run["params"]),
+        "steps": len(losses), "early_stopped_at": run["stopped"],
+        "train_seconds": run["seconds"], "accuracy": query_accuracy(model, test),
+        "final_loss": float(np.mean(losses[-10:])),
+        "skipped_steps": int(len(losses) - np.sum(jax.device_get(run["finite"]))),
+        "diverged_at_step": next((i for i, x in enumerate(losses) if not np.isfinite(x)), None),
+        "state_floats_per_layer": state_floats_per_layer(model, level["seq_len"]),
+        "curve": run["curve"]})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Models and their state
 # ---------------------------------------------------------------------------------------------
 
@@ -134,12 +368,12 @@ def check_families(families) -> tuple:
   return tuple(families)
 
 
-def config(family: str, width: int, settings: dict):
+def config(family: str, width: int, settings: dict, max_seq_len: Optional[int] = None):
   """The ``ModelConfig`` of ``family`` at ``d_model = width`` (2 layers, 2 heads)."""
   ratio = MLP_RATIO.get(family, DEFAULT_MLP_RATIO)
   fields = dict(vocab_size=settings["vocab_size"], d_model=width, n_layers=settings["n_layers"],
                 n_heads=settings["n_heads"], mlp_dim=max(8, int(ratio * width)),
-                max_seq_len=level_length(max(settings["pairs"])))
+                max_seq_len=max_seq_len or level_length(max(settings["pairs"])))
   fields.update(settings.get("model", {}))
   return study.model_config(family, **fields)
 
@@ -244,29 +478,44 @@ def parse_fields(flag: str, items) -> dict:
 
 
 def main(argv=None) -> dict:
-  parser = study.arg_parser(__doc__, STUDY)
-  parser.add_argument("--families", default=",".join(FAMILIES),
-                      help="comma-separated families (configs/<family>.py)")
+  parser = study.arg_parser(__doc__, STUDY, scales=tuple(PRESETS),
+                            scale_help="tiny: ~15 min on 2 CPU cores (levels packed, T = 4P); cpu: "
+                                       "Zoology's protocol, <= 90 min on 2 cores; small, paper: "
+                                       "GPU/TPU")
+  parser.add_argument("--families", default=None,
+                      help="comma-separated families (configs/<family>.py); default: "
+                           f"{','.join(FAMILIES)} (tiny, small, paper), "
+                           f"{','.join(CPU_FAMILIES)} (cpu)")
   parser.add_argument("--widths", default=None, help="comma-separated d_model values")
   parser.add_argument("--pairs", default=None, help="comma-separated P of the levels")
   parser.add_argument("--steps", type=int, default=None, help="training steps per model")
   parser.add_argument("--eval_sequences", type=int, default=None,
                       help="test sequences per level")
   parser.add_argument("--batch_size", type=int, default=None, help="training sequences per step")
-  parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
+  parser.add_argument("--lr", type=float, default=None,
+                      help="peak AdamW learning rate (cpu: the sweep's only value)")
+  parser.add_argument("--lrs", default=None,
+                      help="cpu: comma-separated learning rates of the sweep, in the order run")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help="vocabulary (pad, then disjoint key and value ranges)")
   parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                       help="a ModelConfig field of every model, e.g. conv_size=0 (repeatable)")
   args = parser.parse_args(argv)
-  families = check_families(study.parse_list("--families", args.families))
+  default_families = CPU_FAMILIES if args.scale == "cpu" else FAMILIES
+  families = check_families(study.parse_list("--families", args.families)
+                            if args.families is not None else default_families)
   ints = lambda flag, value: value and tuple(study.parse_list(flag, value, convert=int,
                                                               minimum=1))
   settings = study.scale_settings(
       PRESETS, args.scale, steps=args.steps, eval_sequences=args.eval_sequences,
       batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size,
       widths=ints("--widths", args.widths), pairs=ints("--pairs", args.pairs))
-  settings["model"] = parse_fields("--model", args.model)
+  settings["model"] = {**settings.get("model", {}), **parse_fields("--model", args.model)}
+  if settings.get("layout") == "zoology":
+    lrs = (args.lr,) if args.lr is not None else tuple(
+        study.parse_list("--lrs", args.lrs, convert=float, default=list(settings["lrs"])))
+    settings["lrs"] = lrs
+    return main_zoology(args, argv, families, settings)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
                               vocab_size=settings["vocab_size"], num_queries=p)
@@ -295,6 +544,181 @@ def write(args, settings: dict, runs: list, seconds: float, complete: bool,
              "complete": complete, "wall_seconds": seconds}
   fig = plot(runs, pairs)
   paths = study.write_outputs(args.out, STUDY, results, md, fig, command=command)
+  plt.close(fig)
+  return {"paths": paths, **results}
+
+
+# ---------------------------------------------------------------------------------------------
+# --scale cpu: the sweep, its table and figure
+# ---------------------------------------------------------------------------------------------
+
+def zoology_levels(settings: dict) -> list:
+  """``[{"pairs": P, "seq_len": 16 P}]`` of ``settings["pairs"]``."""
+  return [{"pairs": p, "seq_len": ZOOLOGY_TOKENS_PER_PAIR * p} for p in settings["pairs"]]
+
+
+def best_runs(runs: list) -> dict:
+  """``{(family, d_model, pairs): run}``: the run of each sweep with the best last validation
+  accuracy (the learning rate is chosen on validation data, not on the test accuracy)."""
+  best = {}
+  for r in runs:
+    key = (r["family"], r["d_model"], r["pairs"])
+    score = ((r["curve"][-1]["val_accuracy"], -r["curve"][-1]["loss"]) if r["curve"]
+             else (-1.0, 0.0))
+    if key not in best or score > best[key][0]:
+      best[key] = (score, r)
+  return {k: v[1] for k, v in best.items()}
+
+
+def sanity(runs: list, pairs: tuple, widths: tuple, threshold: float) -> dict:
+  """The two checks Zoology's Figure 2 makes of its baselines, on the best run of each sweep:
+  Transformer++ at ``threshold`` or above at every level and width, and Gated DeltaNet's
+  accuracy not rising with P at each width (and falling somewhere). None where runs are
+  missing."""
+  best = best_runs(runs)
+  def accs(family, width):
+    got = [best.get((family, width, p)) for p in pairs]
+    return None if any(r is None for r in got) else [r["accuracy"] for r in got]
+  out = {}
+  t = [accs("transformer", w) for w in widths]
+  out["transformer_solves_every_level"] = (None if any(a is None for a in t) else
+                                           all(x >= threshold for a in t for x in a))
+  g = [accs("gated_deltanet", w) for w in widths]
+  out["gated_deltanet_falls_with_pairs"] = (
+      None if any(a is None for a in g) else
+      all(all(a[i + 1] <= a[i] + 0.01 for i in range(len(a) - 1)) and a[-1] < a[0] - 0.01
+          for a in g))
+  return out
+
+
+def zoology_table(runs: list, settings: dict) -> str:
+  """One row per (family, width): the best accuracy of each level, its learning rate and steps,
+  and the state floats per layer; then every run of the sweeps."""
+  pairs, best = tuple(settings["pairs"]), best_runs(runs)
+  keys = list(dict.fromkeys((r["family"], r["d_model"]) for r in runs))
+  lengths = "/".join(str(ZOOLOGY_TOKENS_PER_PAIR * p) for p in pairs)
+  cols = (["model", "d_model", f"state floats/layer (T={lengths})"] +
+          [f"acc P={p} T={ZOOLOGY_TOKENS_PER_PAIR * p} (lr, steps)" for p in pairs])
+  rows = []
+  for family, width in keys:
+    cells = []
+    states = []
+    for p in pairs:
+      r = best.get((family, width, p))
+      states.append("-" if r is None else str(r["state_floats_per_layer"]))
+      cells.append("not run" if r is None else
+                   f"{r['accuracy']:.3f} ({r['lr']:g}, {r['steps']}"
+                   + ("" if r["early_stopped_at"] is None else ", stopped")
+                   + (", diverged" if r["diverged_at_step"] is not None else "") + ")")
+    rows.append([LABELS.get(family, family), width, "/".join(states)] + cells)
+  md = study.markdown_table(cols, rows)
+  cols = ["model", "d_model", "P", "T", "lr", "steps", "early stop", "val acc (last)",
+          "test acc", "final loss", "train s"]
+  rows = [[LABELS.get(r["family"], r["family"]), r["d_model"], r["pairs"], r["seq_len"],
+           f"{r['lr']:g}", r["steps"], r["early_stopped_at"] or "",
+           r["curve"][-1]["val_accuracy"] if r["curve"] else "", r["accuracy"],
+           final_loss_cell(r), round(r["train_seconds"])] for r in runs]
+  return md + "\nEvery run of the sweeps:\n\n" + study.markdown_table(cols, rows)
+
+
+def zoology_plot(runs: list, settings: dict):
+  """Top: best accuracy against state floats per layer (log), a panel per level, a line per
+  family through its widths. Bottom: the validation curves of those best runs."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  pairs, best = tuple(settings["pairs"]), best_runs(runs)
+  fig, axes = plt.subplots(2, len(pairs), figsize=(4.2 * len(pairs), 7.0), squeeze=False)
+  families = list(dict.fromkeys(r["family"] for r in runs))
+  for col, p in enumerate(pairs):
+    top, bottom = axes[0][col], axes[1][col]
+    for i, family in enumerate(families):
+      mine = sorted((r for k, r in best.items() if k[0] == family and k[2] == p),
+                    key=lambda r: r["d_model"])
+      if not mine:
+        continue
+      color = f"C{i}"
+      top.plot([r["state_floats_per_layer"] for r in mine], [r["accuracy"] for r in mine],
+               marker="o", color=color, label=LABELS.get(family, family))
+      for r in mine:
+        top.annotate(str(r["d_model"]), (r["state_floats_per_layer"], r["accuracy"]),
+                     fontsize=7)
+        bottom.plot([c["step"] for c in r["curve"]], [c["val_accuracy"] for c in r["curve"]],
+                    color=color, linestyle="-" if r["d_model"] == min(settings["widths"])
+                    else "--", label=f"{LABELS.get(family, family)} d={r['d_model']}")
+    for ax in (top, bottom):
+      ax.axhline(1 / p, color="gray", linestyle=":")
+      ax.set_ylim(0, 1.02)
+    top.set_xscale("log")
+    top.set_title(f"P={p} pairs, T={ZOOLOGY_TOKENS_PER_PAIR * p}")
+    top.set_xlabel("state floats per layer")
+    bottom.set_xlabel("training step (batch %d)" % settings["batch_size"])
+  axes[0][0].set_ylabel("MQAR test accuracy (best lr)")
+  axes[1][0].set_ylabel("validation accuracy")
+  axes[0][-1].legend(fontsize=7)
+  axes[1][-1].legend(fontsize=6)
+  fig.tight_layout()
+  return fig
+
+
+SANITY_FAMILIES = ("transformer", "gated_deltanet")
+
+
+def sweep_order(families: tuple, widths: tuple) -> list:
+  """``[(family, width)]`` in the order run: the sanity families (Transformer++, Gated DeltaNet)
+  at every width first, then the others width by width (the narrowest first), so that a run cut
+  short by the time budget has the sanity rows and one width of every family."""
+  first = [(f, w) for f in families if f in SANITY_FAMILIES for w in widths]
+  return first + [(f, w) for w in widths for f in families if f not in SANITY_FAMILIES]
+
+
+def main_zoology(args, argv, families: tuple, settings: dict) -> dict:
+  """``--scale cpu``: for each family, width and level (in that order) a learning-rate sweep
+  (``sweep_level``). Writes the outputs after every sweep."""
+  levels = zoology_levels(settings)
+  for level in levels:  # fails early, naming the field, if a level does not fit
+    zoology_example(0, 0, num_pairs=level["pairs"], seq_len=level["seq_len"],
+                    vocab_size=settings["vocab_size"], power_a=settings["power_a"])
+  start, runs = time.time(), []
+  order = sweep_order(families, tuple(settings["widths"]))
+  total, done, budget = len(order) * len(levels), 0, settings.get("budget_minutes")
+  settings["skipped_for_time"] = []
+  for family, width in order:
+    for level in levels:
+      if budget and time.time() - start > 60 * budget:
+        settings["skipped_for_time"].append([family, width, level["pairs"]])
+        continue
+      for run in sweep_level(family, width, level, settings, args.seed):
+        runs.append(run)
+        print(f"{family} d={width} P={level['pairs']} T={level['seq_len']} lr={run['lr']:g}: "
+              f"test acc {run['accuracy']:.3f} after {run['steps']} steps "
+              f"({run['train_seconds']:.0f} s; {time.time() - start:.0f} s so far)", flush=True)
+      done += 1
+      write_zoology(args, settings, runs, time.time() - start, False, argv)
+  return write_zoology(args, settings, runs, time.time() - start, done == total, argv)
+
+
+def write_zoology(args, settings, runs, seconds, complete, argv) -> dict:
+  """Writes ``mqar.{json,md,png}`` of the runs so far (``complete``: every sweep is in)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  checks = sanity(runs, tuple(settings["pairs"]), tuple(settings["widths"]),
+                  settings["early_stop"])
+  md = zoology_table(runs, settings)
+  if settings.get("skipped_for_time"):
+    md += ("\nNot run (the %s-minute budget was spent): %s\n"
+           % (settings["budget_minutes"], ", ".join(f"{LABELS.get(f, f)} d={w} P={p}"
+                                                     for f, w, p in settings["skipped_for_time"])))
+  md += ("\nSanity (Zoology's Figure 2): Transformer++ >= %g at every level: %s; Gated DeltaNet's "
+         "accuracy falling as P grows at fixed width: %s\n"
+         % (settings["early_stop"], checks["transformer_solves_every_level"],
+            checks["gated_deltanet_falls_with_pairs"]))
+  if complete:
+    print(md)
+  results = {"scale": args.scale, "seed": args.seed, "settings": settings, "runs": runs,
+             "sanity": checks, "complete": complete, "wall_seconds": seconds}
+  fig = zoology_plot(runs, settings)
+  paths = study.write_outputs(args.out, STUDY, results, md, fig,
+                              command=study.command_line(STUDY, argv))
   plt.close(fig)
   return {"paths": paths, **results}
 
