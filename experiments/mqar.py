@@ -76,7 +76,7 @@ DEFAULT_MLP_RATIO = 3.0
 CPU_STEPS = 400  # the most steps of one --scale cpu run (early stop at 0.99 ends most sooner)
 CPU_SWEEP_STEPS = 100  # every rate of the sweep runs this many; the best continues to CPU_STEPS
 CPU_LRS = (3e-3, 1e-3, 1e-2)  # the sweep, in the order run (one that stops early ends it)
-CPU_BUDGET_MINUTES = 85  # no sweep starts after this (the table names those not run)
+CPU_BUDGET_MINUTES = 85  # training stops here (the table names the runs cut and not run)
 CPU_INIT_STD = 1.0  # the embedding's init std at --scale cpu (nlx's default 0.02: see below)
 CPU_FAMILIES = ("transformer", "gated_deltanet", "titans_lmm", "ttt_linear", "hope")
 
@@ -281,14 +281,16 @@ def with_lr(opt_state, lr: float):
   return type(opt_state)((*head, last._replace(hyperparams=hyper)))
 
 
-def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int) -> list:
+def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
+                deadline: Optional[float] = None) -> list:
   """The learning-rate sweep of one (family, width, level): one model per rate of
   ``settings["lrs"]`` (same initialization), trained with nlx's train step and the studies'
   AdamW (warmup, cosine decay over ``steps``). Every rate runs ``sweep_steps`` steps; the one
   with the best validation accuracy (then the lowest recent training loss) continues to
   ``steps``. Every ``eval_every`` steps the accuracy on ``val_sequences`` held-out sequences is
   measured, and a run that reaches ``early_stop`` stops (it ends the sweep). Returns a run dict
-  per rate, the test accuracy on ``eval_sequences`` sequences in each."""
+  per rate, the test accuracy on ``eval_sequences`` sequences in each. Past ``deadline`` (a
+  ``time.time()``) training stops at the next evaluation; the run says so (``cut_by_budget``)."""
   cfg = config(family, width, dict(settings, pairs=(level["pairs"],)),
                max_seq_len=level["seq_len"])
   steps, every = settings["steps"], settings["eval_every"]
@@ -305,7 +307,7 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int)
     step_fn = step_fn or fitting.compiled_step(graphdef, tx, query_loss)  # one compile a sweep
     runs.append({"lr": lr, "params": params, "rest": rest,
                  "opt_state": with_lr(tx.init(params), lr), "losses": [], "finite": [],
-                 "curve": [], "seconds": 0.0, "stopped": None})
+                 "curve": [], "seconds": 0.0, "stopped": None, "cut": False})
 
   def advance(run, until):
     tic = time.time()
@@ -323,6 +325,9 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int)
                              "seconds": run["seconds"] + time.time() - tic})
         if acc >= settings["early_stop"]:
           run["stopped"] = step + 1
+          break
+        if deadline is not None and time.time() > deadline:
+          run["cut"] = True
           break
     run["seconds"] += time.time() - tic
 
@@ -350,7 +355,7 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int)
         "skipped_steps": int(len(losses) - np.sum(jax.device_get(run["finite"]))),
         "diverged_at_step": next((i for i, x in enumerate(losses) if not np.isfinite(x)), None),
         "state_floats_per_layer": state_floats_per_layer(model, level["seq_len"]),
-        "curve": run["curve"]})
+        "cut_by_budget": run["cut"], "curve": run["curve"]})
   return out
 
 
@@ -609,6 +614,7 @@ def zoology_table(runs: list, settings: dict) -> str:
       cells.append("not run" if r is None else
                    f"{r['accuracy']:.3f} ({r['lr']:g}, {r['steps']}"
                    + ("" if r["early_stopped_at"] is None else ", stopped")
+                   + (", cut by the time budget" if r.get("cut_by_budget") else "")
                    + (", diverged" if r["diverged_at_step"] is not None else "") + ")")
     rows.append([LABELS.get(family, family), width, "/".join(states)] + cells)
   md = study.markdown_table(cols, rows)
@@ -688,7 +694,8 @@ def main_zoology(args, argv, families: tuple, settings: dict) -> dict:
       if budget and time.time() - start > 60 * budget:
         settings["skipped_for_time"].append([family, width, level["pairs"]])
         continue
-      for run in sweep_level(family, width, level, settings, args.seed):
+      deadline = start + 60 * budget if budget else None
+      for run in sweep_level(family, width, level, settings, args.seed, deadline):
         runs.append(run)
         print(f"{family} d={width} P={level['pairs']} T={level['seq_len']} lr={run['lr']:g}: "
               f"test acc {run['accuracy']:.3f} after {run['steps']} steps "
