@@ -7,6 +7,10 @@ work, B×T×H×D 8×4096×16×128 and 4×16384×8×64 in bfloat16, for the imple
 (``flops``, ``bytes``) and the rates it implies (``tflops_per_s``, ``gb_per_s``); the tables add
 the speedups over ``recurrent``, ``chunked`` and ``fla``.
 
+``python -m benchmarks.kernels --agreement`` prints the interpret-mode agreement table instead:
+every kernel (GPU and TPU, float32 and bfloat16) against the float64 recurrence of ``nlx.ops``,
+the normwise relative error of every output and gradient and its bound (``AGREEMENT_RTOL``).
+
 On CPU the Pallas kernels run only in interpret mode and flash-linear-attention needs CUDA: both
 are listed under ``unavailable``, and the XLA forms are measured. Configurations whose XLA memory
 analysis exceeds the available memory are reported as failures, not run.
@@ -32,18 +36,55 @@ def build_parser() -> argparse.ArgumentParser:
       "4×16384×8×64, bfloat16): tokens/s, achieved TFLOP/s and GB/s of pallas, chunked and "
       "recurrent, and on a CUDA GPU flash-linear-attention's chunk_gated_delta_rule and "
       "chunk_simple_gla when installed. Configurations whose XLA memory analysis exceeds the "
-      "available memory are reported as failures, not run.")
+      "available memory are reported as failures, not run.",
+      epilog="Other modes: '--agreement [--rows kind:backend:dtype,...] [--json PATH]' prints the "
+      "interpret-mode agreement table (every kernel against the float64 recurrence of nlx.ops); "
+      "'--h200 nlx|fla --json PATH' and '--h200 table A.json B.json' are the two sides and the "
+      "table of benchmarks/h200.sh.")
   ops.add_arguments(parser, name="kernels", impls=KERNEL_IMPLS, shapes=KERNEL_SHAPES,
                     dtype="bfloat16")
   return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--agreement" in argv:
+    return agreement_main([a for a in argv if a != "--agreement"])
+  if "--h200" in argv:
+    return h200_main([a for a in argv if a != "--h200"])
   return ops.main(argv, build_parser())
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def agreement_main(argv: Sequence[str] = ()) -> int:
+  """``python -m benchmarks.kernels --agreement [--rows kind:backend:dtype,...] [--json PATH]``:
+  the interpret-mode agreement table (every kernel against the float64 recurrence of nlx.ops);
+  exit status 1 when a row exceeds its bound."""
+  import json  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels --agreement")
+  parser.add_argument("--rows", default=None,
+                      help="comma-separated kind:backend:dtype (default: every row, ~5 min on CPU)")
+  parser.add_argument("--json", default=None, help="also write the table as JSON here")
+  args = parser.parse_args(list(argv))
+  rows = AGREEMENT_ROWS
+  if args.rows:
+    rows = tuple(tuple(r.split(":")) for r in args.rows.split(","))
+    for r in rows:
+      if len(r) != 3 or r not in AGREEMENT_ROWS:
+        parser.error(f"unknown row {':'.join(r)!r}; rows: "
+                     + ", ".join(":".join(x) for x in AGREEMENT_ROWS))
+  b, t, h, dk, dv, c = AGREEMENT_SHAPE
+  print(f"kernels (interpret mode) vs the float64 recurrence of nlx.ops, B={b} T={t} H={h} K={dk} "
+        f"V={dv} chunk={c}; normwise relative error of outputs and gradients")
+  print(f"{'kind':18} {'backend':7} {'dtype':8} {'max error':>10} {'(of)':16} {'bound':>7}  ok")
+  table = agreement_table(rows)
+  for r in table:
+    print(f"{r['kind']:18} {r['backend']:7} {r['dtype']:8} {r['max_error']:10.2e} "
+          f"{'(' + r['worst'] + ')':16} {r['rtol']:7.0e}  {'yes' if r['ok'] else 'NO'}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(table, f, indent=1)
+  return 0 if all(r["ok"] for r in table) else 1
+
 
 
 # --- Interpret-mode agreement: the kernels against the float64 recurrence of nlx.ops.
@@ -159,3 +200,183 @@ def agreement_table(rows=AGREEMENT_ROWS, shape=AGREEMENT_SHAPE) -> list:
                   "max_error": errors[worst], "worst": worst, "errors": errors,
                   "ok": errors[worst] <= rtol})
   return table
+
+
+
+# --- benchmarks/h200.sh: nlx's kernels and flash-linear-attention side by side on one GPU.
+
+H200_SHAPE = (8, 4096, 16, 128)  # B, T, H, D (K = V = D), bfloat16
+# H200 SXM: dense bfloat16 tensor-core peak and HBM3e bandwidth (NVIDIA's data sheet).
+H200_PEAK_FLOPS = 989.4e12
+H200_HBM_BYTES_PER_S = 4.8e12
+# (nlx kind, fla function) compared.
+H200_OPS = (("delta_rule", "chunk_gated_delta_rule"), ("linear_attention", "chunk_simple_gla"))
+
+
+def _h200_model(kind: str, shape=H200_SHAPE, chunk: int = 64) -> dict:
+  """The work both implementations are charged with: nlx's matmul FLOP count (``layout``) and
+  the minimal HBM traffic (inputs and outputs once: q, k, v, o, dO, dq, dk, dv in bfloat16; gates
+  and their gradients in float32), forward and forward + backward."""
+  from pallas_kernels.chunked_memory import layout as lay  # pylint: disable=g-import-not-at-top
+  b, t, h, d = shape
+  units = b * h * (t // chunk)
+  if kind == "delta_rule":
+    fwd = sum(lay.phase_flops(p, chunk, d, d) for p in ("ut", "state", "out"))
+    bwd = sum(lay.phase_flops(p, chunk, d, d) for p in ("dvl", "bwd_state", "grad"))
+  else:
+    fwd = lay.chunk_flops("linear_attention", chunk, d, d, False)
+    bwd = 2 * fwd
+  n_gates = 2 if kind == "delta_rule" else 1
+  seq, gate = b * t * h * d * 2, b * t * h * 4
+  fwd_bytes = 4 * seq + n_gates * gate + b * h * d * d * 4  # q, k, v, o, gates, final state
+  bwd_bytes = fwd_bytes + 4 * seq + 2 * n_gates * gate  # + dO, dq, dk, dv, gate gradients
+  return {"fwd_flops": units * fwd, "fwdbwd_flops": units * (fwd + bwd), "fwd_bytes": fwd_bytes,
+          "fwdbwd_bytes": bwd_bytes}
+
+
+def _median_ms(run, sync, repeats: int) -> float:
+  import time  # pylint: disable=g-import-not-at-top
+  run()
+  sync()
+  run()
+  sync()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    sync()
+    times.append((time.perf_counter() - start) * 1e3)
+  return sorted(times)[len(times) // 2]
+
+
+def h200_nlx(repeats: int = 20, shape=H200_SHAPE, interpret: bool = False) -> list:
+  """Times nlx's kernels (``pallas_kernels.chunked_memory``, native GPU) at ``shape``
+  (``interpret``: the GPU kernels in interpret mode, for a smoke test on CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.chunked_memory import ops as kops  # pylint: disable=g-import-not-at-top
+  b, t, h, d = shape
+  ks = jax.random.split(jax.random.key(0), 6)
+  q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (b, t, h, d), jnp.float32)
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, h, d), jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h)) + 4.0)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+  d_o = jax.random.normal(ks[5], (b, t, h, d), jnp.bfloat16)
+  rows = []
+  for kind, _ in H200_OPS:
+    extra = {"beta": beta} if kind == "delta_rule" else {}
+    run = lambda q, k, v, g, extra: kops.chunked_memory(kind, q, k, v, g=g, chunk_size=64,
+                                                        backend="gpu", interpret=interpret,
+                                                        **extra)
+    fwd = jax.jit(lambda q, k, v, g, extra: run(q, k, v, g, extra)[:2])
+    loss = lambda q, k, v, g, extra: jnp.sum(run(q, k, v, g, extra)[0].astype(jnp.float32)
+                                             * d_o.astype(jnp.float32))
+    fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+      holder = {}
+
+      def call(fn=fn, holder=holder):
+        holder["r"] = fn(q, k, v, g, extra)
+
+      out[name] = _median_ms(call, lambda h=holder: jax.block_until_ready(h.get("r")), repeats)
+    rows.append({"impl": "nlx", "kind": kind, "fwd_ms": out["fwd"], "fwdbwd_ms": out["fwdbwd"]})
+  return rows
+
+
+def h200_fla(repeats: int = 20) -> list:
+  """Times flash-linear-attention's ``chunk_gated_delta_rule`` and ``chunk_simple_gla`` (PyTorch,
+  CUDA) at ``H200_SHAPE`` on the same kind of inputs."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=g-import-not-at-top
+  from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=g-import-not-at-top
+  b, t, h, d = H200_SHAPE
+  dev = "cuda"
+  torch.manual_seed(0)
+  q = torch.randn(b, t, h, d, device=dev, dtype=torch.bfloat16)
+  k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev), dim=-1).bfloat16()
+  v = torch.randn(b, t, h, d, device=dev, dtype=torch.bfloat16)
+  g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device=dev) + 4.0)
+  beta = torch.sigmoid(torch.randn(b, t, h, device=dev))
+  d_o = torch.randn(b, t, h, d, device=dev, dtype=torch.bfloat16)
+  fns = {"chunk_gated_delta_rule": lambda q, k, v, g, beta: chunk_gated_delta_rule(
+      q, k, v, g=g, beta=beta, output_final_state=True),
+         "chunk_simple_gla": lambda q, k, v, g, beta: chunk_simple_gla(
+             q, k, v, g=g, output_final_state=True)}
+  rows = []
+  for kind, name in H200_OPS:
+    fn = fns[name]
+
+    def fwd():
+      with torch.no_grad():
+        fn(q, k, v, g, beta)
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+
+    def fwdbwd():
+      o, _ = fn(*leaves)
+      o.backward(d_o)
+
+    rows.append({"impl": "fla", "kind": kind, "fla_op": name,
+                 "fwd_ms": _median_ms(fwd, torch.cuda.synchronize, repeats),
+                 "fwdbwd_ms": _median_ms(fwdbwd, torch.cuda.synchronize, repeats)})
+  return rows
+
+
+def h200_table(rows: list) -> str:
+  """The side-by-side table: ms, nlx/fla time ratio, achieved TFLOP/s and the fraction of the
+  H200 roofline (``max(FLOPs / peak, bytes / bandwidth)`` over the measured time)."""
+  lines = [f"B,T,H,D = {H200_SHAPE} bfloat16, chunk 64; roofline: {H200_PEAK_FLOPS / 1e12:.0f} "
+           f"TFLOP/s, {H200_HBM_BYTES_PER_S / 1e12:.1f} TB/s; FLOPs: nlx's matmul count for both",
+           f"{'kind':17} {'impl':4} {'pass':7} {'ms':>8} {'nlx/fla':>8} {'TFLOP/s':>8} "
+           f"{'roofline':>8}"]
+  by = {(r["kind"], r["impl"]): r for r in rows}
+  for kind, _ in H200_OPS:
+    model = _h200_model(kind)
+    for impl in ("nlx", "fla"):
+      r = by.get((kind, impl))
+      if r is None:
+        lines.append(f"{kind:17} {impl:4} {'-':7} not run")
+        continue
+      for p in ("fwd", "fwdbwd"):
+        ms = r[f"{p}_ms"]
+        other = by.get((kind, "fla"))
+        ratio = (f"{ms / other[f'{p}_ms']:8.2f}" if impl == "nlx" and other else f"{'':8}")
+        flops, nbytes = model[f"{p}_flops"], model[f"{p}_bytes"]
+        ideal = max(flops / H200_PEAK_FLOPS, nbytes / H200_HBM_BYTES_PER_S)
+        lines.append(f"{kind:17} {impl:4} {p:7} {ms:8.3f} {ratio} {flops / ms / 1e9:8.1f} "
+                     f"{ideal * 1e3 / ms:8.1%}")
+  return "\n".join(lines)
+
+
+def h200_main(argv: Sequence[str] = ()) -> int:
+  """``python -m benchmarks.kernels --h200 nlx|fla --json PATH`` times one side (each in its own
+  process: JAX and PyTorch would both claim the GPU's memory); ``--h200 table A.json B.json``
+  prints the table."""
+  import json  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels --h200")
+  parser.add_argument("side", choices=("nlx", "fla", "table"))
+  parser.add_argument("files", nargs="*")
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--repeats", type=int, default=20)
+  args = parser.parse_args(list(argv))
+  if args.side == "table":
+    rows = []
+    for path in args.files:
+      with open(path) as f:
+        rows += json.load(f)
+    print(h200_table(rows))
+    return 0
+  rows = h200_nlx(args.repeats) if args.side == "nlx" else h200_fla(args.repeats)
+  text = json.dumps(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -99,7 +99,28 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
       "kernels": kernel_names(lowered.as_text(), kind),
       "cost_analysis": {k: float(v) for k, v in (compiled.cost_analysis() or {}).items()},
       "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+      "memory_bytes": {name: getattr(memory, f"{name}_size_in_bytes", None)
+                       for name in ("argument", "output", "temp", "alias", "generated_code")},
+      "kernel_cost_estimates": kernel_cost_estimates(kind, shape, len(topo.devices)),
   }
+
+
+def kernel_cost_estimates(kind: str, shape=SHAPE, chips: int = 1) -> dict:
+  """The ``pl.CostEstimate`` each of ``kind``'s phase kernels passes to XLA, per chip, at
+  ``shape`` (B per chip, T, H, K, V, chunk) in bfloat16 (``layout.phase_cost``, the function the
+  kernels call). Empty for the kinds without phase kernels."""
+  from pallas_kernels.chunked_memory import layout as lay  # pylint: disable=g-import-not-at-top
+  del chips
+  b, t, h, dk, dv, c = shape
+  n = -(-t // c)
+  names = {"fwd_ut": "ut", "fwd_state": "state", "fwd_out": "out", "bwd_dvl": "dvl",
+           "bwd_state": "bwd_state", "bwd_grad": "grad"}
+  out = {}
+  for name in PHASE_KERNELS.get(kind, ()):
+    est = lay.phase_cost(names[name], b * h, n, c, dk, dv, jnp.bfloat16)
+    out[f"nlx_{kind}_{name}"] = {"flops": est.flops, "transcendentals": est.transcendentals,
+                                 "bytes_accessed": est.bytes_accessed}
+  return out
 
 
 # The kernels of each kind: the delta rule runs as phase kernels (``phases.py``), the others as
@@ -131,15 +152,44 @@ def _kernel_operands(text: str, kind: str) -> dict:
   return found
 
 
+def _export_cuda(kind: str, reset: bool, shape):
+  from jax import export  # pylint: disable=g-import-not-at-top
+  target = "__gpu$xla.gpu.triton"
+  return export.export(
+      jax.jit(_loss_and_grads(kind, "gpu", shape[-1])), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+          *_arg_shapes(shape[0], shape, reset=reset))
+
+
+def triton_ir(kind: str, shape=SHAPE, reset: bool = False) -> dict:
+  """``{kernel name: Triton IR (TTIR, MLIR text)}`` of ``kind``'s forward and backward kernels,
+  as Pallas lowers them for ``cuda`` (sm_90) at ``shape``: the module that XLA would hand to its
+  own Triton, captured while ``jax.export`` lowers (``ptx.py`` compiles it to PTX and cubin
+  with the ``triton`` wheel)."""
+  from jax._src.pallas.triton import lowering as tl  # pylint: disable=g-import-not-at-top
+  _check_reset_kind(kind, reset)
+  modules = {}
+  original = tl.lower_jaxpr_to_triton_module
+
+  def capture(jaxpr, *args, **kwargs):
+    result = original(jaxpr, *args, **kwargs)
+    name = jaxpr.debug_info.func_name
+    modules[name] = result.module.operation.get_asm(enable_debug_info=False)
+    return result
+
+  tl.lower_jaxpr_to_triton_module = capture
+  try:
+    _export_cuda(kind, reset, shape)
+  finally:
+    tl.lower_jaxpr_to_triton_module = original
+  return modules
+
+
 def export_gpu(kind: str, reset: bool = False) -> dict:
   """Lowers forward + backward of ``kind`` for ``cuda``; returns the Triton calls found."""
-  from jax import export  # pylint: disable=g-import-not-at-top
   _check_reset_kind(kind, reset)
   target = "__gpu$xla.gpu.triton"
-  exported = export.export(
-      jax.jit(_loss_and_grads(kind, "gpu", SHAPE[-1])), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
-          *_arg_shapes(SHAPE[0], reset=reset))
+  exported = _export_cuda(kind, reset, SHAPE)
   text = exported.mlir_module()
   return {"kind": kind, "platforms": list(exported.platforms), "shape_BTHKVC": SHAPE,
           "reset": reset,
