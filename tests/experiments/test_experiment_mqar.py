@@ -191,7 +191,7 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   md = mqar.zoology_table(runs, settings)
   assert "| Transformer++ | 8 | 80/80 | 0.995 (0.003, 100) |" in md
   assert mqar.sweep_order(("hope", "transformer", "gated_deltanet"), (8, 16)) == [
-      ("transformer", 8), ("transformer", 16), ("gated_deltanet", 8), ("gated_deltanet", 16),
+      ("transformer", 8), ("gated_deltanet", 8), ("transformer", 16), ("gated_deltanet", 16),
       ("hope", 8), ("hope", 16)]
 
 
