@@ -138,7 +138,7 @@ def test_query_gaps_follow_the_power_law():
 
 
 def test_query_logits_are_the_models_logits_at_the_queries():
-  settings = dict(mqar.PRESETS["cpu"], vocab_size=64, pairs=(2,))
+  settings = dict(mqar.PRESETS["cpu"], vocab_size=64, pairs=(2,), n_layers=1)
   model = nlx.build_model(mqar.config("transformer", 16, settings, max_seq_len=32),
                           rngs=nnx.Rngs(0))
   batch = mqar.zoology_rows(0, range(3), num_pairs=2, seq_len=32, vocab_size=64, power_a=0.01)
