@@ -170,8 +170,11 @@ def _params(num_warps: int, num_stages: int):
 def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                   gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
                   num_warps: int = 4, num_stages: int = 1, interpret: bool = False,
-                  debug: bool = False, segmented: bool = False):
+                  debug: bool = False, segmented: bool = False, launch: Optional[dict] = None):
   """The delta rule's forward pass as three kernels (``phases.py``).
+
+  ``launch``: ``{phase: (num_warps, num_stages)}`` per kernel ("fwd_ut", "fwd_state", …; the
+  table of ``ops.gpu_launch``); phases it lacks use ``num_warps``/``num_stages``.
 
   Returns:
     ``(o [BH, Tp, V] in q's dtype, final state [BH, K, V], start states [BH, N, K, V], w
@@ -181,7 +184,8 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   dv = v.shape[-1]
   n_chunks, nv = tp // chunk, dv // block_v
   dt = q.dtype
-  kw = dict(interpret=interpret, debug=debug, compiler_params=_params(num_warps, num_stages))
+  kw = lambda phase: dict(interpret=interpret, debug=debug, compiler_params=_params(
+      *(launch or {}).get(phase, (num_warps, num_stages))))
 
   def ut_kernel(k_ref, v_ref, gc_ref, gr_ref, w_ref, u0_ref):
     bh, n = pl.program_id(0), pl.program_id(1)
@@ -194,7 +198,8 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   w, u0 = pl.pallas_call(
       ut_kernel, grid=(bh_count, n_chunks), name="nlx_delta_rule_fwd_ut",
       out_shape=[jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
-      cost_estimate=lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      cost_estimate=lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("fwd_ut"))(
           k, v, gates_col, gates_row)
 
   def state_kernel(w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref):
@@ -217,7 +222,8 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_fwd_state",
       out_shape=[jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32),
                  jax.ShapeDtypeStruct(v.shape, dt), jax.ShapeDtypeStruct(w0.shape, f32)],
-      cost_estimate=lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      cost_estimate=lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("fwd_state"))(
           w, u0, k, gates_col, w0)
 
   def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
@@ -231,7 +237,8 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   o = pl.pallas_call(
       out_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_fwd_out",
       out_shape=jax.ShapeDtypeStruct(v.shape, dt),
-      cost_estimate=lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      cost_estimate=lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("fwd_out"))(
           q, k, gates_col, gates_row, starts, u)
   return o, final, starts, w
 
@@ -239,19 +246,23 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                    gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
                    chunk: int, last: int, block_v: int, num_warps: int = 4, num_stages: int = 1,
-                   interpret: bool = False, debug: bool = False, segmented: bool = False):
+                   interpret: bool = False, debug: bool = False, segmented: bool = False,
+                   launch: Optional[dict] = None, grad_block_v: Optional[int] = None):
   """The delta rule's backward pass as three kernels (``phases.py``).
 
+  ``grad_block_v``: the value block of the per-chunk gradient kernel (None: ``block_v``); it
+  needs the most shared memory of all (``ptx.py``), so it may take narrower blocks.
+
   Returns:
-    ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial)``, float32, shaped like the inputs (no
-    partial sums: the gradient kernel holds a chunk's whole V).
+    ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial)``, float32, shaped like the inputs.
   """
   bh_count, tp, dk = q.shape
   dv = v.shape[-1]
   n_chunks, nv = tp // chunk, dv // block_v
   dt = q.dtype
   f32 = jnp.float32
-  kw = dict(interpret=interpret, debug=debug, compiler_params=_params(num_warps, num_stages))
+  kw = lambda phase: dict(interpret=interpret, debug=debug, compiler_params=_params(
+      *(launch or {}).get(phase, (num_warps, num_stages))))
 
   def dvl_kernel(q_ref, k_ref, gc_ref, gr_ref, do_ref, dvl_ref):
     bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -263,7 +274,8 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   dvl = pl.pallas_call(
       dvl_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_bwd_dvl",
       out_shape=jax.ShapeDtypeStruct(v.shape, f32),
-      cost_estimate=lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      cost_estimate=lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("bwd_dvl"))(
           q, k, gates_col, gates_row, d_o)
 
   def state_kernel(q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref):
@@ -284,28 +296,36 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   d_ends, d_initial = pl.pallas_call(
       state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_bwd_state",
       out_shape=[jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
-      cost_estimate=lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      cost_estimate=lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("bwd_state"))(
           q, k, w, gates_col, dvl, d_o, d_final)
 
   def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
                   dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref):
-    bh, n = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(n * chunk, chunk)
-    ch = Chunk(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, :]),
+    bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * gbv, gbv)
+    ch = Chunk(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, cols]),
                gc_ref[bh, rows, :], gr_ref[bh, n, :, :])
-    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[bh, n, :, :], None),
-                        last_row(n, n_chunks, chunk, last), _f32(do_ref[bh, rows, :]),
-                        State(dends_ref[bh, n, :, :], None), segmented, dt)
-    dq_ref[bh, rows, :] = d_ch.q
-    dk_ref[bh, rows, :] = d_ch.k
-    dv_ref[bh, rows, :] = d_ch.v
-    dgc_ref[bh, rows, :] = d_ch.gates_col
-    dgr_ref[bh, n, :, :] = d_ch.gates_row
+    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[bh, n, :, cols], None),
+                        last_row(n, n_chunks, chunk, last), _f32(do_ref[bh, rows, cols]),
+                        State(dends_ref[bh, n, :, cols], None), segmented, dt)
+    dq_ref[vb, bh, rows, :] = d_ch.q
+    dk_ref[vb, bh, rows, :] = d_ch.k
+    dv_ref[bh, rows, cols] = d_ch.v
+    dgc_ref[vb, bh, rows, :] = d_ch.gates_col
+    dgr_ref[vb, bh, n, :, :] = d_ch.gates_row
 
-  sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
+  # One program per (batch·head, chunk, value block): a whole 128-wide V in one program needs
+  # more shared memory than an SM has (ptx.py), so q, k and gate gradients are partial sums over
+  # the value blocks, added up here.
+  gbv = grad_block_v or block_v
+  per_block = lambda x: jax.ShapeDtypeStruct((dv // gbv,) + x.shape, f32)
   dq, dk_, dv_, dgc, dgr = pl.pallas_call(
-      grad_kernel, grid=(bh_count, n_chunks), name="nlx_delta_rule_bwd_grad",
-      out_shape=[sds(q), sds(k), sds(v), sds(gates_col), sds(gates_row)],
-      cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt), **kw)(
+      grad_kernel, grid=(bh_count, n_chunks, dv // gbv), name="nlx_delta_rule_bwd_grad",
+      out_shape=[per_block(q), per_block(k), jax.ShapeDtypeStruct(v.shape, f32),
+                 per_block(gates_col), per_block(gates_row)],
+      cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt),
+      **kw("bwd_grad"))(
           q, k, v, gates_col, gates_row, starts, d_o, d_ends)
+  dq, dk_, dgc, dgr = (x.sum(0) for x in (dq, dk_, dgc, dgr))
   return dq, dk_, dv_, dgc, dgr, d_initial

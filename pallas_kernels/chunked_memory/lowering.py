@@ -210,6 +210,9 @@ def main(argv: Sequence[str] = ()) -> int:
                       help="forward+backward or forward alone (TPU only)")
   parser.add_argument("--reset", action="store_true",
                       help=f"with document boundaries (kinds {', '.join(SEGMENTED_KINDS)})")
+  parser.add_argument("--kinds", default=None,
+                      help="comma-separated kinds (default: every kind; with --reset, those that "
+                      "take boundaries)")
   args = parser.parse_args(list(argv) or sys.argv[1:])
   try:
     shape = tuple(int(x) for x in args.shape.split(","))
@@ -218,6 +221,11 @@ def main(argv: Sequence[str] = ()) -> int:
   if len(shape) != 6:
     parser.error(f"--shape must be six integers B,T,H,K,V,chunk; got {args.shape!r}")
   kinds = SEGMENTED_KINDS if args.reset else KINDS
+  if args.kinds:
+    unknown = [k for k in args.kinds.split(",") if k not in kinds]
+    if unknown:
+      parser.error(f"--kinds: {unknown} not among {kinds}")
+    kinds = tuple(args.kinds.split(","))
   if args.target == "tpu":
     results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset) for kind in kinds]
   else:

@@ -61,17 +61,20 @@ class BlockSizes:
     block_v: value columns per program (a power of two ≥ 16 dividing V); None: the backend's
       default (GPU: min(V, 64), so that a 128-wide head runs as two programs; TPU: V, whole
       lane-dense tiles).
-    num_warps, num_stages: Triton launch parameters (GPU only).
+    num_warps, num_stages: Triton launch parameters (GPU only) for every kernel; None: the
+      per-kernel table ``GPU_LAUNCH`` for the delta rule's phase kernels, 4 warps and 1 stage
+      for the others.
   """
 
   block_v: Optional[int] = None
-  num_warps: int = 4
-  num_stages: int = 1
+  num_warps: Optional[int] = None
+  num_stages: Optional[int] = None
 
   @classmethod
   def default(cls, backend: str) -> "BlockSizes":
     """Per-backend defaults (``backend`` in ``BACKENDS``)."""
-    return cls(num_warps=4, num_stages=1) if backend == "gpu" else cls()
+    del backend
+    return cls()
 
   def resolve(self, backend: str, dv: int) -> "BlockSizes":
     """With ``block_v`` filled in for V = ``dv`` and checked."""
@@ -81,8 +84,9 @@ class BlockSizes:
                        f"allowed: a power of two in {_POW2} that divides V, or None")
     for name in ("num_warps", "num_stages"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"block_sizes.{name}={value!r}; allowed: a positive int")
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 1):
+        raise ValueError(f"block_sizes.{name}={value!r}; allowed: a positive int or None")
     return dataclasses.replace(self, block_v=block_v)
 
 
@@ -98,6 +102,37 @@ class _Config(NamedTuple):
   interpret: bool
   debug: bool
   segmented: bool = False
+  head: int = 128  # max(K, V) after padding: the shape class of GPU_LAUNCH
+
+
+# Triton launch parameters (num_warps, num_stages) of the delta rule's phase kernels per shape
+# class (max(K, V) after padding), chosen from the sm_90 compile statistics of ptx.py (docs/
+# KERNELS.md, "GPU"): per kernel, the configuration with no register spill and the fewest
+# registers. Not timed: no GPU was available (benchmarks/h200.sh sweeps nothing yet).
+GPU_LAUNCH = {
+    128: {"fwd_ut": (4, 1), "fwd_state": (8, 1), "fwd_out": (4, 1), "bwd_dvl": (4, 1),
+          "bwd_state": (8, 1), "bwd_grad": (8, 1)},
+}
+
+
+# The value block of the delta rule's per-chunk gradient kernel on GPU, per shape class: the
+# widest whose sm_90 build fits an SM's shared memory (ptx.py; docs/KERNELS.md).
+GPU_GRAD_BLOCK_V = {128: 32}
+
+
+def _shape_class(head: int) -> int:
+  """The class of ``GPU_LAUNCH`` for max(K, V) = ``head``: the nearest at or above it, else the
+  largest."""
+  classes = sorted(GPU_LAUNCH)
+  return next((c for c in classes if c >= head), classes[-1])
+
+
+def gpu_launch(head: int, blocks: "BlockSizes") -> dict:
+  """``{phase: (num_warps, num_stages)}`` for the shape class of ``head``, with ``blocks``'
+  explicit values overriding the table."""
+  table = GPU_LAUNCH[_shape_class(head)]
+  return {phase: (blocks.num_warps or w, blocks.num_stages or st)
+          for phase, (w, st) in table.items()}
 
 
 def _kernels(backend: str):
@@ -108,7 +143,9 @@ def _kernel_kwargs(cfg: _Config) -> dict:
   kw = dict(chunk=cfg.chunk, last=cfg.last, block_v=cfg.blocks.block_v, interpret=cfg.interpret,
             debug=cfg.debug, segmented=cfg.segmented)
   if cfg.backend == "gpu":
-    kw.update(num_warps=cfg.blocks.num_warps, num_stages=cfg.blocks.num_stages)
+    kw.update(num_warps=cfg.blocks.num_warps or 4, num_stages=cfg.blocks.num_stages or 1)
+    if _phased(cfg):
+      kw["launch"] = gpu_launch(cfg.head, cfg.blocks)
   return kw
 
 
@@ -143,9 +180,11 @@ def _memory_bwd(cfg: _Config, residuals, cotangents):
   q, k, v, gates_col, gates_row, starts = residuals  # phased: starts is (start states, w)
   d_o, d_final = cotangents
   if _phased(cfg):
+    kw = _kernel_kwargs(cfg)
+    if cfg.backend == "gpu":
+      kw["grad_block_v"] = min(cfg.blocks.block_v, GPU_GRAD_BLOCK_V[_shape_class(cfg.head)])
     dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).delta_backward(
-        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory,
-        **_kernel_kwargs(cfg))
+        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory, **kw)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr, d_initial,
             None)
   if d_final.momentum is None and starts.momentum is not None:
@@ -286,7 +325,7 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
   blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
   lo = lay.Layout(b, t, h, chunk_size)
   cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug,
-                reset is not None)
+                reset is not None, max(dk, dv))
   gates_col, gates_row = lay.gates(beta, g, momentum, lo, reset)
   w0 = lay.states(initial_state, b, h, dk, dv)
   if reset is not None:

@@ -72,10 +72,13 @@ def main(argv: Sequence[str] = ()) -> int:
   parser.add_argument("--kinds", default="delta_rule", help="comma-separated kinds")
   parser.add_argument("--warps", default="4,8")
   parser.add_argument("--stages", default="1")
+  parser.add_argument("--only", default=None, help="comma-separated kernel names (default: all)")
   args = parser.parse_args(list(argv) or sys.argv[1:])
   shape = tuple(int(x) for x in args.shape.split(","))
   for kind in args.kinds.split(","):
     for name, ttir in sorted(lowering.triton_ir(kind, shape).items()):
+      if args.only and name not in args.only.split(","):
+        continue
       for warps in (int(w) for w in args.warps.split(",")):
         for stages in (int(s) for s in args.stages.split(",")):
           row = {"kernel": name, "shape_BTHKVC": shape, "num_warps": warps,
