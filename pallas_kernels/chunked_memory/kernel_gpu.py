@@ -301,31 +301,30 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
           q, k, w, gates_col, dvl, d_o, d_final)
 
   def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
-                  dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref):
+                  dq_ref, dk_ref, dv_ref, dgc_ref):
     bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * gbv, gbv)
-    ch = Chunk(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, cols]),
-               gc_ref[bh, rows, :], gr_ref[bh, n, :, :])
-    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[bh, n, :, cols], None),
-                        last_row(n, n_chunks, chunk, last), _f32(do_ref[bh, rows, cols]),
-                        State(dends_ref[bh, n, :, cols], None), segmented, dt)
+    d_ch = phases.grad(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]),
+                       _f32(v_ref[bh, rows, cols]), gc_ref[bh, rows, :], gr_ref[bh, n, :, :],
+                       starts_ref[bh, n, :, cols], _f32(do_ref[bh, rows, cols]),
+                       dends_ref[bh, n, :, cols], last_row(n, n_chunks, chunk, last), scale,
+                       segmented, dt)
     dq_ref[vb, bh, rows, :] = d_ch.q
     dk_ref[vb, bh, rows, :] = d_ch.k
     dv_ref[bh, rows, cols] = d_ch.v
     dgc_ref[vb, bh, rows, :] = d_ch.gates_col
-    dgr_ref[vb, bh, n, :, :] = d_ch.gates_row
 
-  # One program per (batch·head, chunk, value block): a whole 128-wide V in one program needs
-  # more shared memory than an SM has (ptx.py), so q, k and gate gradients are partial sums over
-  # the value blocks, added up here.
+  # One program per (batch·head, chunk, value block of ``grad_block_v``); q, k and gate
+  # gradients are partial sums over the value blocks, added up here (none with one block).
   gbv = grad_block_v or block_v
-  per_block = lambda x: jax.ShapeDtypeStruct((dv // gbv,) + x.shape, f32)
-  dq, dk_, dv_, dgc, dgr = pl.pallas_call(
-      grad_kernel, grid=(bh_count, n_chunks, dv // gbv), name="nlx_delta_rule_bwd_grad",
+  nvg = dv // gbv
+  per_block = lambda x: jax.ShapeDtypeStruct((nvg,) + x.shape, f32)
+  dq, dk_, dv_, dgc = pl.pallas_call(
+      grad_kernel, grid=(bh_count, n_chunks, nvg), name="nlx_delta_rule_bwd_grad",
       out_shape=[per_block(q), per_block(k), jax.ShapeDtypeStruct(v.shape, f32),
-                 per_block(gates_col), per_block(gates_row)],
+                 per_block(gates_col)],
       cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt),
-      **kw("bwd_grad"))(
-          q, k, v, gates_col, gates_row, starts, d_o, d_ends)
-  dq, dk_, dgc, dgr = (x.sum(0) for x in (dq, dk_, dgc, dgr))
+      **kw("bwd_grad"))(q, k, v, gates_col, gates_row, starts, d_o, d_ends)
+  dq, dk_, dgc = (x.sum(0) if nvg > 1 else x[0] for x in (dq, dk_, dgc))
+  dgr = jnp.zeros(gates_row.shape, f32)  # phases.grad puts the gates' gradient in the column
   return dq, dk_, dv_, dgc, dgr, d_initial

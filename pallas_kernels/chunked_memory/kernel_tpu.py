@@ -347,21 +347,21 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   full2 = pl.BlockSpec((None, None, dk, dv), lambda bh, n: (bh, n, 0, 0))
 
   def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
-                  dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref):
+                  dq_ref, dk_ref, dv_ref, dgc_ref):
     n = pl.program_id(1)
-    ch = Chunk(_f32(q_ref), _f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...])
-    d_ch, _ = chunk_vjp("delta_rule", scale, ch, State(starts_ref[...], None),
-                        last_row(n, n_chunks, chunk, last), _f32(do_ref),
-                        State(dends_ref[...], None), segmented, dt)
+    d_ch = phases.grad(_f32(q_ref), _f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...],
+                       starts_ref[...], _f32(do_ref), dends_ref[...],
+                       last_row(n, n_chunks, chunk, last), scale, segmented, dt)
     dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
-    dgc_ref[...], dgr_ref[...] = d_ch.gates_col, d_ch.gates_row
+    dgc_ref[...] = d_ch.gates_col
 
   sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
-  dq, dk_, dv_, dgc, dgr = _pcall(
-      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col), sds(gr)], (bh_count, n_chunks),
+  dq, dk_, dv_, dgc = _pcall(
+      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col)], (bh_count, n_chunks),
       [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2, full2, seq2(dv), full2],
-      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2], ("parallel", "parallel"),
+      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS)], ("parallel", "parallel"),
       "nlx_delta_rule_bwd_grad", interpret, debug,
       lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt))(
           q, k, v, gates_col, gr, starts, d_o, d_ends)
-  return dq, dk_, dv_, dgc, dgr.reshape(gates_row.shape), d_initial
+  dgr = jnp.zeros(gates_row.shape, f32)  # phases.grad puts the gates' gradient in the column
+  return dq, dk_, dv_, dgc, dgr, d_initial

@@ -125,3 +125,83 @@ def state_step_bwd(q: Array, k: Array, w: Array, gates_col: Array, dv_loc: Array
   a = start_decay(gates_col, last, segmented)
   du = dv_loc + _mm(gamma * k, d_s1, dtype)
   return alpha * d_s1 + _mm_tn(a * q * scale, d_o, dtype) - _mm_tn(w, du, dtype)
+
+
+def _col_sums(x: Array) -> Array:
+  """``[C, C] -> [C, 1]``: the column sums of x as a column (``xᵀ 1``, a matmul: no transpose)."""
+  ones = jnp.ones((x.shape[0], 1), jnp.float32)
+  return _mm_tn(x, ones)
+
+
+def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: Array,
+         d_o: Array, d_s1: Array, last, scale: float, segmented: bool = False,
+         dtype=None) -> Chunk:
+  """Backward, parallel: the gradients of one chunk's inputs at fixed ``S₀``, written out.
+
+  The same result as ``chunk.chunk_vjp`` (the tests compare them), derived by hand so that every
+  dot runs on ``dtype`` operands (JAX's transposes of bfloat16 dots do not lower in Triton) and
+  the kernel holds only what the derivation needs. With ``P = Γ∘(q Kᵀ)``, ``u = U − W S₀``:
+  ``du = Pᵀ dO + (γ∘K) dS₁``, ``dP = dO uᵀ``, ``dq = s(a∘(dO S₀ᵀ) + (dP∘Γ) K)``,
+  ``dK ⊃ (dP∘Γ)ᵀ q + γ∘(u dS₁ᵀ)``; through the UT transform ``dU = du``, ``dW = −du S₀ᵀ``,
+  ``dT = dU (βV)ᵀ + dW (β a∘K)ᵀ``, ``dA = −Tᵀ dT Tᵀ`` on A's pattern, ``A = β Γ'∘(K Kᵀ)``; the
+  gates' gradient collects every exponential of G (``a``, Γ, Γ', γ, α). Everything lands in the
+  gate column (``gates_row``'s gradient is zero: the two are copies of the same values).
+  """
+  c = k.shape[0]
+  rows, cols = _iotas(c)
+  beta = _channel_col(gates_col, BETA)
+  g_col, g_row = _channel_col(gates_col, LOG_DECAY), _channel_row(gates_row, LOG_DECAY)
+  causal, below = rows >= cols, rows > cols
+  if segmented:
+    same = _channel_col(gates_col, SEGMENT) == _channel_row(gates_row, SEGMENT)
+    causal, below = causal & same, below & same
+  decay = _masked_exp(causal, g_col - g_row)  # Γ [t, j]
+  decay_below = _masked_exp(below, g_col - g_row)  # Γ' [t, j], j < t
+  a = start_decay(gates_col, last, segmented)
+  alpha, gamma = end_decays(gates_col, last, segmented)
+  qs = q * scale
+
+  # Recompute the chunk: T, W, U, u.
+  inverse = unit_lower_inverse(delta_matrix_t(Chunk(k, k, v, gates_col, gates_row), segmented,
+                                              dtype))
+  bak, bv = beta * a * k, beta * v
+  u = _mm(inverse, bv, dtype) - _mm(_mm(inverse, bak, dtype), s0, dtype)
+  qk = _mm_nt(qs, k, dtype)
+
+  # Outputs and end state.
+  du = _mm_tn(decay * qk, d_o, dtype) + _mm(gamma * k, d_s1, dtype)
+  dpg = _mm_nt(d_o, u, dtype) * decay  # dP∘Γ
+  dq = scale * (a * _mm_nt(d_o, s0, dtype) + _mm(dpg, k, dtype))
+  u_ds = _mm_nt(u, d_s1, dtype)  # [C, K]
+  dk = _mm_tn(dpg, qs, dtype) + gamma * u_ds
+  d_gamma = jnp.sum(k * u_ds, axis=1, keepdims=True)
+  d_alpha = jnp.sum(jnp.sum(s0 * d_s1, axis=1, keepdims=True), axis=0, keepdims=True)
+  d_a = jnp.sum(d_o * _mm(qs, s0, dtype), axis=1, keepdims=True)
+  e_p = dpg * qk  # dΓ∘Γ from P
+
+  # Through the UT transform.
+  d_w = -_mm_nt(du, s0, dtype)  # [C, K]
+  t_du = _mm_tn(inverse, du, dtype)  # Tᵀ dU [C, V]
+  t_dw = _mm_tn(inverse, d_w, dtype)  # Tᵀ dW [C, K]
+  dv = beta * t_du
+  d_beta = (jnp.sum(v * t_du, axis=1, keepdims=True)
+            + jnp.sum(a * k * t_dw, axis=1, keepdims=True))
+  dk = dk + beta * a * t_dw
+  d_a = d_a + jnp.sum(beta * k * t_dw, axis=1, keepdims=True)
+  d_t = _mm_nt(du, bv, dtype) + _mm_nt(d_w, bak, dtype)  # [C, C]
+  d_a_mat = jnp.where(below, -_mm_nt(_mm_tn(inverse, d_t), inverse), 0.0)  # float32 (inverse)
+  kk = _mm_nt(k, k, dtype)
+  d_kk = d_a_mat * beta * decay_below
+  dk = dk + _mm(d_kk, k, dtype) + _mm_tn(d_kk, k, dtype)
+  d_beta = d_beta + jnp.sum(d_a_mat * decay_below * kk, axis=1, keepdims=True)
+  e_a = d_kk * kk  # dΓ'∘Γ'
+
+  # The log-decays: a_t = e^{G_t}, Γ_{tj} = e^{G_t − G_j}, γ_j = e^{G_last − G_j}, α = e^{G_last}.
+  e = e_p + e_a
+  d_g = (a * d_a + jnp.sum(e, axis=1, keepdims=True) - _col_sums(e) - gamma * d_gamma)
+  at_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == last
+  to_last = jnp.sum(gamma * d_gamma, axis=0, keepdims=True) + alpha * d_alpha  # [1, 1]
+  d_g = d_g + jnp.where(at_last, to_last, 0.0)
+  lane = lax.broadcasted_iota(jnp.int32, gates_col.shape, 1)
+  d_gates_col = jnp.where(lane == BETA, d_beta, 0.0) + jnp.where(lane == LOG_DECAY, d_g, 0.0)
+  return Chunk(dq, dk, dv, d_gates_col, jnp.zeros_like(gates_row))
