@@ -3,7 +3,8 @@
 * ``chunk.unit_lower_inverse`` (block doubling on matmuls) equals numpy's float64 inverse and the
   row-by-row substitution it replaced.
 * ``reference.forward_phased``/``backward_phased`` (the delta rule in the phases that the kernels
-  run, plain JAX) equal the one-chunk-at-a-time reference, with and without document boundaries.
+  run, plain JAX) equal the one-chunk-at-a-time reference, with and without document boundaries;
+  ``phases.grad`` (the gradient kernels' hand-written chunk gradient) equals ``chunk.chunk_vjp``.
 * The kernels (interpret mode) against the float64 recurrence of ``nlx.ops``: every output and
   gradient within 1e-5 (float32 inputs) / 2e-2 (bfloat16 inputs) normwise relative error, at head
   sizes K=24, V=40 (padded by the wrapper) and T=45 (``benchmarks.kernels.agreement``, the table
@@ -117,3 +118,40 @@ def test_any_head_size_up_to_256():
       16, 16, 32, 32, 128, 128, 256, 256]
   assert "K=300" in kops.unsupported("delta_rule", jnp.zeros((1, 8, 1, 300)),
                                      jnp.zeros((1, 8, 1, 300)), q, 16)
+
+
+@pytest.mark.slow  # ~20 s of compiling; the kernel tests cover phases.grad end to end
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_hand_written_chunk_gradient_equals_chunk_vjp(with_reset):
+  """``phases.grad`` (what the gradient kernels run) against ``chunk.chunk_vjp`` (jax.vjp of the
+  chunk): float32 within 1e-5; with bfloat16 dot operands within 2e-2 (normwise)."""
+  b, t, h, dk, dv, c = 1, 29, 1, 16, 32, 16
+  x = bench.agreement_inputs("delta_rule", b, t, h, dk, dv, seed=3)
+  reset = jnp.zeros((b, t), bool).at[0, 3].set(True).at[0, 20].set(True) if with_reset else None
+  lo = lay.Layout(b, t, h, c)
+  gc, gr = lay.gates(x["beta"], x["g"], None, lo, reset)
+  q, k, v = (lay.sequences(x[n], lo)[0] for n in ("q", "k", "v"))
+  ks = jax.random.split(jax.random.key(1), 3)
+  s0 = jax.random.normal(ks[0], (dk, dv))
+  d_o, d_s1 = jax.random.normal(ks[1], (c, dv)), jax.random.normal(ks[2], (dk, dv))
+  scale, seg = dk**-0.5, with_reset
+  for n in range(lo.num_chunks):  # the second chunk is the partial one (last = 12)
+    last = chunk_lib.last_row(jnp.int32(n), lo.num_chunks, c, lo.last)
+    rows = slice(n * c, (n + 1) * c)
+    ch = chunk_lib.Chunk(q[rows], k[rows], v[rows], gc[0, rows], gr[0, n])
+    want, _ = jax.jit(lambda ch, last: chunk_lib.chunk_vjp(
+        "delta_rule", scale, ch, State(s0, None), last, d_o, State(d_s1, None), seg))(ch, last)
+    for dtype, rtol in ((None, 1e-5), (jnp.bfloat16, 2e-2)):
+      got = reference_grad(ch, s0, d_o, d_s1, last, scale, seg, dtype)
+      # The gates' column and row carry the same values: compare their summed gradient (β, G).
+      pairs = [(got.q, want.q), (got.k, want.k), (got.v, want.v),
+               ((got.gates_col + got.gates_row.T)[:, :2], (want.gates_col + want.gates_row.T)[:, :2])]
+      for a, w in pairs:
+        a, w = np.asarray(a, np.float64), np.asarray(w, np.float64)
+        assert np.linalg.norm(a - w) <= rtol * np.linalg.norm(w), (n, dtype)
+
+
+def reference_grad(ch, s0, d_o, d_s1, last, scale, seg, dtype):
+  from pallas_kernels.chunked_memory import phases  # pylint: disable=g-import-not-at-top
+  return jax.jit(phases.grad, static_argnums=(9, 10, 11))(
+      ch.q, ch.k, ch.v, ch.gates_col, ch.gates_row, s0, d_o, d_s1, last, scale, seg, dtype)
