@@ -115,9 +115,10 @@ GPU_LAUNCH = {
 }
 
 
-# The value block of the delta rule's per-chunk gradient kernel on GPU, per shape class: the
-# widest whose sm_90 build fits an SM's shared memory (ptx.py; docs/KERNELS.md).
-GPU_GRAD_BLOCK_V = {128: 32}
+# The value block of the delta rule's per-chunk gradient kernel on GPU, per shape class (capped
+# by ``BlockSizes.block_v``): its sm_90 build needs 112 KB of shared memory at 64 with 8 warps
+# (ptx.py; docs/KERNELS.md); 32 spills less but recomputes the chunk's UT solve twice as often.
+GPU_GRAD_BLOCK_V = {128: 64}
 
 
 def _shape_class(head: int) -> int:
