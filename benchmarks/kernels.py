@@ -11,6 +11,10 @@ the speedups over ``recurrent``, ``chunked`` and ``fla``.
 every kernel (GPU and TPU, float32 and bfloat16) against the float64 recurrence of ``nlx.ops``,
 the normwise relative error of every output and gradient and its bound (``AGREEMENT_RTOL``).
 
+``python -m benchmarks.kernels --h200 nlx|fla --json PATH`` times one side of
+``benchmarks/h200.sh`` on a GPU (nlx's kernels, or flash-linear-attention's, each in its own
+process) and ``--h200 table A.json B.json`` prints their side-by-side table.
+
 On CPU the Pallas kernels run only in interpret mode and flash-linear-attention needs CUDA: both
 are listed under ``unavailable``, and the XLA forms are measured. Configurations whose XLA memory
 analysis exceeds the available memory are reported as failures, not run.
