@@ -170,16 +170,19 @@ def _params(num_warps: int, num_stages: int):
 def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                   gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
                   num_warps: int = 4, num_stages: int = 1, interpret: bool = False,
-                  debug: bool = False, segmented: bool = False, launch: Optional[dict] = None):
-  """The delta rule's forward pass as three kernels (``phases.py``).
+                  debug: bool = False, segmented: bool = False, launch: Optional[dict] = None,
+                  kind: str = "delta_rule"):
+  """The delta rule's forward pass as three kernels (``phases.py``); ``kind="linear_attention"``:
+  the same without the UT kernel (``u = V``, ``W = None``).
 
   ``launch``: ``{phase: (num_warps, num_stages)}`` per kernel ("fwd_ut", "fwd_state", …; the
   table of ``ops.gpu_launch``); phases it lacks use ``num_warps``/``num_stages``.
 
   Returns:
     ``(o [BH, Tp, V] in q's dtype, final state [BH, K, V], start states [BH, N, K, V], w
-    [BH, Tp, K] in q's dtype)``; the starts and w are the backward pass's residuals.
+    [BH, Tp, K] in q's dtype or None)``; the starts and w are the backward pass's residuals.
   """
+  delta = kind == "delta_rule"
   bh_count, tp, dk = q.shape
   dv = v.shape[-1]
   n_chunks, nv = tp // chunk, dv // block_v
@@ -195,36 +198,45 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     w_ref[bh, rows, :] = w.astype(w_ref.dtype)
     u0_ref[bh, rows, :] = u0.astype(u0_ref.dtype)
 
-  w, u0 = pl.pallas_call(
+  w, u0 = None, v
+  if delta:
+    w, u0 = pl.pallas_call(
       ut_kernel, grid=(bh_count, n_chunks), name="nlx_delta_rule_fwd_ut",
       out_shape=[jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
       cost_estimate=lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt),
       **kw("fwd_ut"))(
           k, v, gates_col, gates_row)
 
-  def state_kernel(w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref):
+  def state_kernel(*refs):
+    if delta:
+      w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref = refs
+    else:
+      (u0_ref, k_ref, gc_ref, s0_ref, starts_ref, final_ref), w_ref, u_ref = refs, None, None
     bh, vb = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(vb * block_v, block_v)
 
     def body(n, s):
       rows = pl.ds(n * chunk, chunk)
       starts_ref[bh, n, :, cols] = s
-      u, s1 = phases.state_step(_f32(w_ref[bh, rows, :]), _f32(u0_ref[bh, rows, cols]),
-                                _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :], s,
-                                last_row(n, n_chunks, chunk, last), segmented, dt)
-      u_ref[bh, rows, cols] = u.astype(u_ref.dtype)
+      u, s1 = phases.state_step(_f32(w_ref[bh, rows, :]) if delta else None,
+                                _f32(u0_ref[bh, rows, cols]), _f32(k_ref[bh, rows, :]),
+                                gc_ref[bh, rows, :], s, last_row(n, n_chunks, chunk, last),
+                                segmented, dt)
+      if delta:
+        u_ref[bh, rows, cols] = u.astype(u_ref.dtype)
       return s1
 
     final_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[bh, :, cols])
 
   f32 = jnp.float32
-  starts, u, final = pl.pallas_call(
-      state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_fwd_state",
-      out_shape=[jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32),
-                 jax.ShapeDtypeStruct(v.shape, dt), jax.ShapeDtypeStruct(w0.shape, f32)],
-      cost_estimate=lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt),
-      **kw("fwd_state"))(
-          w, u0, k, gates_col, w0)
+  starts_shape = jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32)
+  outs = pl.pallas_call(
+      state_kernel, grid=(bh_count, nv), name=f"nlx_{kind}_fwd_state",
+      out_shape=[starts_shape] + ([jax.ShapeDtypeStruct(v.shape, dt)] if delta else [])
+      + [jax.ShapeDtypeStruct(w0.shape, f32)],
+      cost_estimate=lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
+      **kw("fwd_state"))(*(((w,) if delta else ()) + (u0, k, gates_col, w0)))
+  starts, u, final = outs if delta else (outs[0], v, outs[1])
 
   def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
     bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -235,7 +247,7 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     o_ref[bh, rows, cols] = o.astype(o_ref.dtype)
 
   o = pl.pallas_call(
-      out_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_fwd_out",
+      out_kernel, grid=(bh_count, n_chunks, nv), name=f"nlx_{kind}_fwd_out",
       out_shape=jax.ShapeDtypeStruct(v.shape, dt),
       cost_estimate=lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt),
       **kw("fwd_out"))(
@@ -247,8 +259,10 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                    gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
                    chunk: int, last: int, block_v: int, num_warps: int = 4, num_stages: int = 1,
                    interpret: bool = False, debug: bool = False, segmented: bool = False,
-                   launch: Optional[dict] = None, grad_block_v: Optional[int] = None):
-  """The delta rule's backward pass as three kernels (``phases.py``).
+                   launch: Optional[dict] = None, grad_block_v: Optional[int] = None,
+                   kind: str = "delta_rule"):
+  """The delta rule's backward pass as three kernels (``phases.py``); ``kind="linear_attention"``
+  (``w`` None): without the ``Pᵀ dO`` kernel, which only the UT pullback needs.
 
   ``grad_block_v``: the value block of the per-chunk gradient kernel (None: ``block_v``); it
   needs the most shared memory of all (``ptx.py``), so it may take narrower blocks.
@@ -271,14 +285,21 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
         _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :],
         gr_ref[bh, n, :, :], _f32(do_ref[bh, rows, cols]), scale, segmented, dt)
 
-  dvl = pl.pallas_call(
+  delta = kind == "delta_rule"
+  dvl = None
+  if delta:
+    dvl = pl.pallas_call(
       dvl_kernel, grid=(bh_count, n_chunks, nv), name="nlx_delta_rule_bwd_dvl",
       out_shape=jax.ShapeDtypeStruct(v.shape, f32),
       cost_estimate=lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt),
       **kw("bwd_dvl"))(
           q, k, gates_col, gates_row, d_o)
 
-  def state_kernel(q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref):
+  def state_kernel(*refs):
+    if delta:
+      q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref = refs
+    else:
+      q_ref, k_ref, gc_ref, do_ref, dfin_ref, dends_ref, dinit_ref = refs
     bh, vb = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(vb * block_v, block_v)
 
@@ -287,18 +308,19 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       rows = pl.ds(n * chunk, chunk)
       dends_ref[bh, n, :, cols] = d_s1
       return phases.state_step_bwd(
-          _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(w_ref[bh, rows, :]),
-          gc_ref[bh, rows, :], dvl_ref[bh, rows, cols], _f32(do_ref[bh, rows, cols]), d_s1,
+          _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]),
+          _f32(w_ref[bh, rows, :]) if delta else None, gc_ref[bh, rows, :],
+          dvl_ref[bh, rows, cols] if delta else None, _f32(do_ref[bh, rows, cols]), d_s1,
           last_row(n, n_chunks, chunk, last), scale, segmented, dt)
 
     dinit_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, body, dfin_ref[bh, :, cols])
 
   d_ends, d_initial = pl.pallas_call(
-      state_kernel, grid=(bh_count, nv), name="nlx_delta_rule_bwd_state",
+      state_kernel, grid=(bh_count, nv), name=f"nlx_{kind}_bwd_state",
       out_shape=[jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
-      cost_estimate=lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt),
+      cost_estimate=lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
       **kw("bwd_state"))(
-          q, k, w, gates_col, dvl, d_o, d_final)
+          *((q, k, w, gates_col, dvl, d_o, d_final) if delta else (q, k, gates_col, d_o, d_final)))
 
   def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
                   dq_ref, dk_ref, dv_ref, dgc_ref):
@@ -308,7 +330,7 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                        _f32(v_ref[bh, rows, cols]), gc_ref[bh, rows, :], gr_ref[bh, n, :, :],
                        starts_ref[bh, n, :, cols], _f32(do_ref[bh, rows, cols]),
                        dends_ref[bh, n, :, cols], last_row(n, n_chunks, chunk, last), scale,
-                       segmented, dt)
+                       segmented, dt, kind)
     dq_ref[vb, bh, rows, :] = d_ch.q
     dk_ref[vb, bh, rows, :] = d_ch.k
     dv_ref[bh, rows, cols] = d_ch.v
@@ -320,10 +342,10 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   nvg = dv // gbv
   per_block = lambda x: jax.ShapeDtypeStruct((nvg,) + x.shape, f32)
   dq, dk_, dv_, dgc = pl.pallas_call(
-      grad_kernel, grid=(bh_count, n_chunks, nvg), name="nlx_delta_rule_bwd_grad",
+      grad_kernel, grid=(bh_count, n_chunks, nvg), name=f"nlx_{kind}_bwd_grad",
       out_shape=[per_block(q), per_block(k), jax.ShapeDtypeStruct(v.shape, f32),
                  per_block(gates_col)],
-      cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt),
+      cost_estimate=lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt, kind),
       **kw("bwd_grad"))(q, k, v, gates_col, gates_row, starts, d_o, d_ends)
   dq, dk_, dgc = (x.sum(0) if nvg > 1 else x[0] for x in (dq, dk_, dgc))
   dgr = jnp.zeros(gates_row.shape, f32)  # phases.grad puts the gates' gradient in the column

@@ -202,8 +202,9 @@ def _f32(ref):
 
 def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                   gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
-                  interpret: bool = False, debug: bool = False, segmented: bool = False):
-  """Same contract as ``kernel_gpu.delta_forward``.
+                  interpret: bool = False, debug: bool = False, segmented: bool = False,
+                  kind: str = "delta_rule"):
+  """Same contract as ``kernel_gpu.delta_forward`` (``kind`` included).
 
   Grids: UT (batch·head, chunk), both parallel; state (batch·head, value block, chunk), the chunk
   axis sequential with the state in a VMEM scratch; output (batch·head, chunk, value block), all
@@ -225,18 +226,26 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     w_ref[...] = w.astype(w_ref.dtype)
     u0_ref[...] = u0.astype(u0_ref.dtype)
 
-  w, u0 = _pcall(ut_kernel, [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
-                 (bh_count, n_chunks), [seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2],
-                 [seq2(dk), seq2(dv)], ("parallel", "parallel"), "nlx_delta_rule_fwd_ut",
-                 interpret, debug, lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(
-                     k, v, gates_col, gr)
+  delta = kind == "delta_rule"
+  w, u0 = None, v
+  if delta:
+    w, u0 = _pcall(
+        ut_kernel, [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
+        (bh_count, n_chunks), [seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2],
+        [seq2(dk), seq2(dv)], ("parallel", "parallel"), "nlx_delta_rule_fwd_ut",
+        interpret, debug, lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(
+            k, v, gates_col, gr)
 
   seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, n, 0))
   seq3v = pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, n, vb))
   state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
   starts3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, n, 0, vb))
 
-  def state_kernel(w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref, s_ref):
+  def state_kernel(*refs):
+    if delta:
+      w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref, s_ref = refs
+    else:
+      u0_ref, k_ref, gc_ref, s0_ref, starts_ref, final_ref, s_ref = refs
     n = pl.program_id(2)
 
     @pl.when(n == 0)
@@ -245,23 +254,26 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 
     s = s_ref[...]
     starts_ref[...] = s
-    u, s1 = phases.state_step(_f32(w_ref), _f32(u0_ref), _f32(k_ref), gc_ref[...], s,
-                              last_row(n, n_chunks, chunk, last), segmented, dt)
-    u_ref[...] = u.astype(u_ref.dtype)
+    u, s1 = phases.state_step(_f32(w_ref) if delta else None, _f32(u0_ref), _f32(k_ref),
+                              gc_ref[...], s, last_row(n, n_chunks, chunk, last), segmented, dt)
+    if delta:
+      u_ref[...] = u.astype(u_ref.dtype)
     s_ref[...] = s1
 
     @pl.when(n == n_chunks - 1)
     def _():
       final_ref[...] = s1
 
-  starts, u, final = _pcall(
-      state_kernel,
-      [jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32), jax.ShapeDtypeStruct(v.shape, dt),
-       jax.ShapeDtypeStruct(w0.shape, f32)],
-      (bh_count, nv, n_chunks), [seq3(dk), seq3v, seq3(dk), seq3(GATE_CHANNELS), state3],
-      [starts3, seq3v, state3], _SEMANTICS, "nlx_delta_rule_fwd_state", interpret, debug,
-      lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt),
-      [pltpu.VMEM((dk, block_v), f32)])(w, u0, k, gates_col, w0)
+  starts_shape = jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32)
+  u_shape = [jax.ShapeDtypeStruct(v.shape, dt)] if delta else []
+  outs = _pcall(
+      state_kernel, [starts_shape] + u_shape + [jax.ShapeDtypeStruct(w0.shape, f32)],
+      (bh_count, nv, n_chunks),
+      ([seq3(dk)] if delta else []) + [seq3v, seq3(dk), seq3(GATE_CHANNELS), state3],
+      [starts3] + ([seq3v] if delta else []) + [state3], _SEMANTICS, f"nlx_{kind}_fwd_state",
+      interpret, debug, lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
+      [pltpu.VMEM((dk, block_v), f32)])(*(((w,) if delta else ()) + (u0, k, gates_col, w0)))
+  starts, u, final = outs if delta else (outs[0], v, outs[1])
 
   seqo = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n, vb: (bh, n, 0))
   seqov = pl.BlockSpec((None, chunk, block_v), lambda bh, n, vb: (bh, n, vb))
@@ -276,7 +288,7 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 
   o = _pcall(out_kernel, jax.ShapeDtypeStruct(v.shape, dt), (bh_count, n_chunks, nv),
              [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, startso, seqov], seqov,
-             ("parallel",) * 3, "nlx_delta_rule_fwd_out", interpret, debug,
+             ("parallel",) * 3, f"nlx_{kind}_fwd_out", interpret, debug,
              lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt))(
                  q, k, gates_col, gr, starts, u)
   return o, final, starts, w
@@ -285,8 +297,9 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                    gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
                    chunk: int, last: int, block_v: int, interpret: bool = False,
-                   debug: bool = False, segmented: bool = False):
-  """Same contract as ``kernel_gpu.delta_backward``."""
+                   debug: bool = False, segmented: bool = False, kind: str = "delta_rule"):
+  """Same contract as ``kernel_gpu.delta_backward`` (``kind`` included)."""
+  delta = kind == "delta_rule"
   bh_count, tp, dk = q.shape
   dv = v.shape[-1]
   n_chunks, nv = tp // chunk, dv // block_v
@@ -302,11 +315,13 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     dvl_ref[...] = phases.dv_local(_f32(q_ref), _f32(k_ref), gc_ref[...], gr_ref[...],
                                    _f32(do_ref), scale, segmented, dt)
 
-  dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, n_chunks, nv),
-               [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, seqov], seqov, ("parallel",) * 3,
-               "nlx_delta_rule_bwd_dvl", interpret, debug,
-               lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt))(
-                   q, k, gates_col, gr, d_o)
+  dvl = None
+  if delta:
+    dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, n_chunks, nv),
+                 [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, seqov], seqov, ("parallel",) * 3,
+                 "nlx_delta_rule_bwd_dvl", interpret, debug,
+                 lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt))(
+                     q, k, gates_col, gr, d_o)
 
   rev = lambda n: n_chunks - 1 - n
   seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, rev(n), 0))
@@ -314,8 +329,12 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
   ends3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, rev(n), 0, vb))
 
-  def state_kernel(q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref,
-                   ds_ref):
+  def state_kernel(*refs):
+    if delta:
+      q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
+    else:
+      q_ref, k_ref, gc_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
+      w_ref = dvl_ref = None
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -324,8 +343,8 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 
     d_s1 = ds_ref[...]
     dends_ref[...] = d_s1
-    d_s0 = phases.state_step_bwd(_f32(q_ref), _f32(k_ref), _f32(w_ref), gc_ref[...],
-                                 dvl_ref[...], _f32(do_ref), d_s1,
+    d_s0 = phases.state_step_bwd(_f32(q_ref), _f32(k_ref), _f32(w_ref) if delta else None,
+                                 gc_ref[...], dvl_ref[...] if delta else None, _f32(do_ref), d_s1,
                                  last_row(rev(i), n_chunks, chunk, last), scale, segmented, dt)
     ds_ref[...] = d_s0
 
@@ -337,10 +356,12 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       state_kernel,
       [jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
       (bh_count, nv, n_chunks),
-      [seq3(dk), seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, seq3v, state3],
-      [ends3, state3], _SEMANTICS, "nlx_delta_rule_bwd_state", interpret, debug,
-      lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt),
-      [pltpu.VMEM((dk, block_v), f32)])(q, k, w, gates_col, dvl, d_o, d_final)
+      ([seq3(dk), seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, seq3v, state3] if delta else
+       [seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, state3]),
+      [ends3, state3], _SEMANTICS, f"nlx_{kind}_bwd_state", interpret, debug,
+      lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
+      [pltpu.VMEM((dk, block_v), f32)])(
+          *((q, k, w, gates_col, dvl, d_o, d_final) if delta else (q, k, gates_col, d_o, d_final)))
 
   seq2 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n: (bh, n, 0))
   gr2 = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n: (bh * n_chunks + n, 0, 0))
@@ -351,7 +372,7 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     n = pl.program_id(1)
     d_ch = phases.grad(_f32(q_ref), _f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...],
                        starts_ref[...], _f32(do_ref), dends_ref[...],
-                       last_row(n, n_chunks, chunk, last), scale, segmented, dt)
+                       last_row(n, n_chunks, chunk, last), scale, segmented, dt, kind)
     dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
     dgc_ref[...] = d_ch.gates_col
 
@@ -360,8 +381,8 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col)], (bh_count, n_chunks),
       [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2, full2, seq2(dv), full2],
       [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS)], ("parallel", "parallel"),
-      "nlx_delta_rule_bwd_grad", interpret, debug,
-      lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt))(
+      f"nlx_{kind}_bwd_grad", interpret, debug,
+      lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt, kind))(
           q, k, v, gates_col, gr, starts, d_o, d_ends)
   dgr = jnp.zeros(gates_row.shape, f32)  # phases.grad puts the gates' gradient in the column
   return dq, dk_, dv_, dgc, dgr, d_initial

@@ -189,10 +189,15 @@ def _log2(n: int) -> int:
   return max(n.bit_length() - 1, 0)
 
 
-def phase_flops(phase: str, chunk: int, dk: int, dv: int) -> int:
-  """Matmul FLOPs of one chunk (one batch·head, all of V) in a phase of the delta rule's phase
-  kernels (``phases.py``): "ut", "state", "out", "dvl", "bwd_state", "grad"."""
+def phase_flops(phase: str, chunk: int, dk: int, dv: int, kind: str = "delta_rule") -> int:
+  """Matmul FLOPs of one chunk (one batch·head, all of V) in a phase of the phase kernels
+  (``phases.py``): "ut", "state", "out", "dvl", "bwd_state", "grad"; ``kind`` "delta_rule" or
+  "linear_attention" (no UT system: no "ut"/"dvl", lighter state steps)."""
   c = chunk
+  if kind == "linear_attention":
+    return {"state": 2 * c * dk * dv, "out": 2 * c * c * dk + 2 * c * dk * dv + 2 * c * c * dv,
+            "bwd_state": 2 * c * dk * dv,
+            "grad": 3 * chunk_flops("linear_attention", c, dk, dv, False)}[phase]
   inverse = 2 * max(_log2(c) - 1, 0) * 2 * c**3  # two [C, C] matmuls per doubling level
   return {
       "ut": 2 * c * c * dk + inverse + 2 * c * c * dk + 2 * c * c * dv,  # KKᵀ, T, W, U
@@ -221,11 +226,12 @@ def phase_bytes(phase: str, chunk: int, dk: int, dv: int, dtype) -> int:
   }[phase]
 
 
-def phase_cost(phase: str, bh: int, num_chunks: int, chunk: int, dk: int, dv: int, dtype):
+def phase_cost(phase: str, bh: int, num_chunks: int, chunk: int, dk: int, dv: int, dtype,
+               kind: str = "delta_rule"):
   """A ``pl.CostEstimate`` of one phase kernel over all ``bh · num_chunks`` chunks."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   units = bh * num_chunks
   exps = {"ut": 2, "state": 0, "out": 1, "dvl": 1, "bwd_state": 0, "grad": 6}[phase]
-  return pl.CostEstimate(flops=int(units * phase_flops(phase, chunk, dk, dv)),
+  return pl.CostEstimate(flops=int(units * phase_flops(phase, chunk, dk, dv, kind)),
                          transcendentals=int(units * exps * chunk * chunk),
                          bytes_accessed=int(units * phase_bytes(phase, chunk, dk, dv, dtype)))

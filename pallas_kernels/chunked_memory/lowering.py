@@ -117,7 +117,7 @@ def kernel_cost_estimates(kind: str, shape=SHAPE, chips: int = 1) -> dict:
            "bwd_state": "bwd_state", "bwd_grad": "grad"}
   out = {}
   for name in PHASE_KERNELS.get(kind, ()):
-    est = lay.phase_cost(names[name], b * h, n, c, dk, dv, jnp.bfloat16)
+    est = lay.phase_cost(names[name], b * h, n, c, dk, dv, jnp.bfloat16, kind)
     out[f"nlx_{kind}_{name}"] = {"flops": est.flops, "transcendentals": est.transcendentals,
                                  "bytes_accessed": est.bytes_accessed}
   return out
@@ -126,7 +126,8 @@ def kernel_cost_estimates(kind: str, shape=SHAPE, chips: int = 1) -> dict:
 # The kernels of each kind: the delta rule runs as phase kernels (``phases.py``), the others as
 # one forward and one backward kernel.
 PHASE_KERNELS = {"delta_rule": ("fwd_ut", "fwd_state", "fwd_out", "bwd_dvl", "bwd_state",
-                                "bwd_grad")}
+                                "bwd_grad"),
+                 "linear_attention": ("fwd_state", "fwd_out", "bwd_state", "bwd_grad")}
 
 
 def expected_kernels(kind: str) -> list:

@@ -43,6 +43,7 @@ Array = jax.Array
 BACKENDS = ("gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16)
 _POW2 = (16, 32, 64, 128, 256)
+PHASED_KINDS = ("delta_rule", "linear_attention")
 MAX_HEAD_DIM = 256
 
 
@@ -151,15 +152,16 @@ def _kernel_kwargs(cfg: _Config) -> dict:
 
 
 def _phased(cfg: _Config) -> bool:
-  """The delta rule runs as the phase kernels (``phases.py``); the other kinds as one kernel."""
-  return cfg.kind == "delta_rule"
+  """The delta rule and linear attention run as the phase kernels (``phases.py``); Titans as one
+  forward and one backward kernel."""
+  return cfg.kind in PHASED_KINDS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _memory(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
   if _phased(cfg):
     o, final, _, _ = _kernels(cfg.backend).delta_forward(cfg.scale, q, k, v, gates_col, gates_row,
-                                                         w0, **_kernel_kwargs(cfg))
+                                                         w0, kind=cfg.kind, **_kernel_kwargs(cfg))
     return o, State(final, None)
   o, final, _ = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col, gates_row,
                                               w0, p0, save_states=False, **_kernel_kwargs(cfg))
@@ -169,7 +171,7 @@ def _memory(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
 def _memory_fwd(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
   if _phased(cfg):
     o, final, starts, w = _kernels(cfg.backend).delta_forward(
-        cfg.scale, q, k, v, gates_col, gates_row, w0, **_kernel_kwargs(cfg))
+        cfg.scale, q, k, v, gates_col, gates_row, w0, kind=cfg.kind, **_kernel_kwargs(cfg))
     return (o, State(final, None)), (q, k, v, gates_col, gates_row, (starts, w))
   o, final, starts = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col,
                                                    gates_row, w0, p0, save_states=True,
@@ -185,7 +187,8 @@ def _memory_bwd(cfg: _Config, residuals, cotangents):
     if cfg.backend == "gpu":
       kw["grad_block_v"] = min(cfg.blocks.block_v, GPU_GRAD_BLOCK_V[_shape_class(cfg.head)])
     dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).delta_backward(
-        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory, **kw)
+        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory, kind=cfg.kind,
+        **kw)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr, d_initial,
             None)
   if d_final.momentum is None and starts.momentum is not None:

@@ -95,11 +95,13 @@ def ut(k: Array, v: Array, gates_col: Array, gates_row: Array, last, segmented: 
   return _mm(inverse, beta * a * k, dtype), _mm(inverse, beta * v, dtype)
 
 
-def state_step(w: Array, u0: Array, k: Array, gates_col: Array, s0: Array, last,
+def state_step(w: Optional[Array], u0: Array, k: Array, gates_col: Array, s0: Array, last,
                segmented: bool = False, dtype=None) -> tuple[Array, Array]:
-  """Phase 2, one chunk: ``(u [C, V], S₁ [K, V])`` from ``W``, ``U`` and the start state."""
+  """Phase 2, one chunk: ``(u [C, V], S₁ [K, V])`` from ``W``, ``U`` and the start state.
+
+  Linear attention is the case ``W = None``, ``U = V``: its pseudo-values are the values."""
   alpha, gamma = end_decays(gates_col, last, segmented)
-  u = u0 - _mm(w, s0, dtype)
+  u = u0 if w is None else u0 - _mm(w, s0, dtype)
   return u, alpha * s0 + _mm_tn(gamma * k, u, dtype)
 
 
@@ -117,14 +119,18 @@ def dv_local(q: Array, k: Array, gates_col: Array, gates_row: Array, d_o: Array,
   return _mm_tn(_write_matrix(q, k, gates_col, gates_row, scale, segmented, dtype), d_o, dtype)
 
 
-def state_step_bwd(q: Array, k: Array, w: Array, gates_col: Array, dv_loc: Array, d_o: Array,
-                   d_s1: Array, last, scale: float, segmented: bool = False,
+def state_step_bwd(q: Array, k: Array, w: Optional[Array], gates_col: Array, dv_loc: Array,
+                   d_o: Array, d_s1: Array, last, scale: float, segmented: bool = False,
                    dtype=None) -> Array:
-  """Backward, sequential, one chunk: ``dS₀ [K, V]`` from ``dS₁`` (the end state's cotangent)."""
+  """Backward, sequential, one chunk: ``dS₀ [K, V]`` from ``dS₁`` (the end state's cotangent);
+  ``w`` None for linear attention (``u`` does not depend on ``S₀``)."""
   alpha, gamma = end_decays(gates_col, last, segmented)
   a = start_decay(gates_col, last, segmented)
+  d_s0 = alpha * d_s1 + _mm_tn(a * q * scale, d_o, dtype)
+  if w is None:
+    return d_s0
   du = dv_loc + _mm(gamma * k, d_s1, dtype)
-  return alpha * d_s1 + _mm_tn(a * q * scale, d_o, dtype) - _mm_tn(w, du, dtype)
+  return d_s0 - _mm_tn(w, du, dtype)
 
 
 def _col_sums(x: Array) -> Array:
@@ -135,7 +141,7 @@ def _col_sums(x: Array) -> Array:
 
 def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: Array,
          d_o: Array, d_s1: Array, last, scale: float, segmented: bool = False,
-         dtype=None) -> Chunk:
+         dtype=None, kind: str = "delta_rule") -> Chunk:
   """Backward, parallel: the gradients of one chunk's inputs at fixed ``S₀``, written out.
 
   The same result as ``chunk.chunk_vjp`` (the tests compare them), derived by hand so that every
@@ -146,7 +152,9 @@ def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: A
   ``dT = dU (βV)ᵀ + dW (β a∘K)ᵀ``, ``dA = −Tᵀ dT Tᵀ`` on A's pattern, ``A = β Γ'∘(K Kᵀ)``; the
   gates' gradient collects every exponential of G (``a``, Γ, Γ', γ, α). Everything lands in the
   gate column (``gates_row``'s gradient is zero: the two are copies of the same values).
+  ``kind="linear_attention"``: ``u = V``, no UT transform and no β.
   """
+  delta = kind == "delta_rule"
   c = k.shape[0]
   rows, cols = _iotas(c)
   beta = _channel_col(gates_col, BETA)
@@ -162,10 +170,13 @@ def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: A
   qs = q * scale
 
   # Recompute the chunk: T, W, U, u.
-  inverse = unit_lower_inverse(delta_matrix_t(Chunk(k, k, v, gates_col, gates_row), segmented,
-                                              dtype))
-  bak, bv = beta * a * k, beta * v
-  u = _mm(inverse, bv, dtype) - _mm(_mm(inverse, bak, dtype), s0, dtype)
+  if delta:
+    inverse = unit_lower_inverse(delta_matrix_t(Chunk(k, k, v, gates_col, gates_row), segmented,
+                                                dtype))
+    bak, bv = beta * a * k, beta * v
+    u = _mm(inverse, bv, dtype) - _mm(_mm(inverse, bak, dtype), s0, dtype)
+  else:
+    u = v
   qk = _mm_nt(qs, k, dtype)
 
   # Outputs and end state.
@@ -179,7 +190,27 @@ def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: A
   d_a = jnp.sum(d_o * _mm(qs, s0, dtype), axis=1, keepdims=True)
   e_p = dpg * qk  # dΓ∘Γ from P
 
-  # Through the UT transform.
+  if not delta:
+    e = e_p
+    dv = du
+    d_beta = jnp.zeros_like(d_a)
+  else:
+    dv, d_beta, dk, d_a, e = _through_ut(inverse, du, s0, v, k, a, beta, bv, bak, decay_below,
+                                         below, dk, d_a, e_p, dtype)
+
+  # The log-decays: a_t = e^{G_t}, Γ_{tj} = e^{G_t − G_j}, γ_j = e^{G_last − G_j}, α = e^{G_last}.
+  d_g = (a * d_a + jnp.sum(e, axis=1, keepdims=True) - _col_sums(e) - gamma * d_gamma)
+  at_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == last
+  to_last = jnp.sum(gamma * d_gamma, axis=0, keepdims=True) + alpha * d_alpha  # [1, 1]
+  d_g = d_g + jnp.where(at_last, to_last, 0.0)
+  lane = lax.broadcasted_iota(jnp.int32, gates_col.shape, 1)
+  d_gates_col = jnp.where(lane == BETA, d_beta, 0.0) + jnp.where(lane == LOG_DECAY, d_g, 0.0)
+  return Chunk(dq, dk, dv, d_gates_col, jnp.zeros_like(gates_row))
+
+
+def _through_ut(inverse, du, s0, v, k, a, beta, bv, bak, decay_below, below, dk, d_a, e_p,
+                dtype):
+  """``grad``'s pullback through ``u = T(βV) − T(β a∘K) S₀`` and ``T = (I + A)⁻¹``."""
   d_w = -_mm_nt(du, s0, dtype)  # [C, K]
   t_du = _mm_tn(inverse, du, dtype)  # Tᵀ dU [C, V]
   t_dw = _mm_tn(inverse, d_w, dtype)  # Tᵀ dW [C, K]
@@ -195,13 +226,4 @@ def grad(q: Array, k: Array, v: Array, gates_col: Array, gates_row: Array, s0: A
   dk = dk + _mm(d_kk, k, dtype) + _mm_tn(d_kk, k, dtype)
   d_beta = d_beta + jnp.sum(d_a_mat * decay_below * kk, axis=1, keepdims=True)
   e_a = d_kk * kk  # dΓ'∘Γ'
-
-  # The log-decays: a_t = e^{G_t}, Γ_{tj} = e^{G_t − G_j}, γ_j = e^{G_last − G_j}, α = e^{G_last}.
-  e = e_p + e_a
-  d_g = (a * d_a + jnp.sum(e, axis=1, keepdims=True) - _col_sums(e) - gamma * d_gamma)
-  at_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == last
-  to_last = jnp.sum(gamma * d_gamma, axis=0, keepdims=True) + alpha * d_alpha  # [1, 1]
-  d_g = d_g + jnp.where(at_last, to_last, 0.0)
-  lane = lax.broadcasted_iota(jnp.int32, gates_col.shape, 1)
-  d_gates_col = jnp.where(lane == BETA, d_beta, 0.0) + jnp.where(lane == LOG_DECAY, d_g, 0.0)
-  return Chunk(dq, dk, dv, d_gates_col, jnp.zeros_like(gates_row))
+  return dv, d_beta, dk, d_a, e_p + e_a
