@@ -200,46 +200,154 @@ def _f32(ref):
   return ref[...].astype(jnp.float32)
 
 
+class _Tiles:
+  """Where a phase kernel's tiles come from (TPU).
+
+  * Head-strided (``heads > 0``): q, k, v, o and their gradients stay in the ops' memory order,
+    ``[B, Tp, H·D]`` (a free reshape of ``[B, Tp, H, D]``), and each BlockSpec's index map picks
+    batch ``bh // H`` and the lane block of head ``bh % H``: no XLA transpose in or out. Mosaic
+    needs the lane block (D or the value block) to be a multiple of 128 for this.
+  * Otherwise (``heads == 0``): ``[B·H, Tp, D]`` from ``layout.sequences``.
+  * ``per_step`` chunks per grid step: every sequence tile is ``[per_step·C, D]``, gate rows
+    ``[per_step, 4, C]``, start states ``[per_step, K, block_v]``; the kernel walks the step's
+    chunks in a loop (fewer grid steps, larger DMAs).
+  """
+
+  def __init__(self, q: Array, v: Array, chunk: int, heads: int, per_step: int, block_v: int):
+    self.heads, self.chunk, self.m, self.block_v = heads, chunk, per_step, block_v
+    if heads:
+      b, tp, hk = q.shape
+      self.bh, self.dk, self.dv = b * heads, hk // heads, v.shape[-1] // heads
+    else:
+      self.bh, tp, self.dk = q.shape
+      self.dv = v.shape[-1]
+    self.tp, self.n_chunks = tp, tp // chunk
+    if self.n_chunks % per_step:
+      raise ValueError(f"chunks_per_step={per_step} does not divide the {self.n_chunks} chunks")
+    self.steps, self.nv, self.rows = self.n_chunks // per_step, self.dv // block_v, per_step * chunk
+
+  def _at(self, bh, n, col, per_head):
+    if self.heads:
+      return (bh // self.heads, n, (bh % self.heads) * per_head + col)
+    return (bh, n, col)
+
+  def seq(self, order: str, value: bool = False, block_v: bool = True, reverse: bool = False):
+    """A sequence tile for grid ``order`` ("bn", "bvn", "bnv"): keys (``value=False``), whole
+    values (``block_v=False``) or a value block."""
+    d = (self.block_v if block_v else self.dv) if value else self.dk
+    per = self.dv // d if value else 1
+    rev = (lambda n: self.steps - 1 - n) if reverse else (lambda n: n)
+    if order == "bn":
+      return pl.BlockSpec((None, self.rows, d), lambda bh, n: self._at(bh, rev(n), 0, per))
+    if order == "bvn":
+      return pl.BlockSpec((None, self.rows, d), lambda bh, vb, n: self._at(
+          bh, rev(n), vb if (value and block_v) else 0, per))
+    return pl.BlockSpec((None, self.rows, d), lambda bh, n, vb: self._at(
+        bh, n, vb if (value and block_v) else 0, per))
+
+  def gate_col(self, order: str, reverse: bool = False):
+    rev = (lambda n: self.steps - 1 - n) if reverse else (lambda n: n)
+    if order == "bn":
+      return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, n: (bh, n, 0))
+    if order == "bvn":
+      return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, vb, n: (bh, rev(n), 0))
+    return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, n, vb: (bh, n, 0))
+
+  def gate_row(self, order: str):
+    shape = (self.m, GATE_CHANNELS, self.chunk)
+    if order == "bn":
+      return pl.BlockSpec(shape, lambda bh, n: (bh * self.steps + n, 0, 0))
+    return pl.BlockSpec(shape, lambda bh, n, vb: (bh * self.steps + n, 0, 0))
+
+  def starts(self, order: str, whole_v: bool = False, reverse: bool = False):
+    bv = self.dv if whole_v else self.block_v
+    rev = (lambda n: self.steps - 1 - n) if reverse else (lambda n: n)
+    shape = (None, self.m, self.dk, bv)
+    if order == "bn":
+      return pl.BlockSpec(shape, lambda bh, n: (bh, n, 0, 0))
+    if order == "bvn":
+      return pl.BlockSpec(shape, lambda bh, vb, n: (bh, rev(n), 0, vb))
+    return pl.BlockSpec(shape, lambda bh, n, vb: (bh, n, 0, vb))
+
+  def state(self):
+    return pl.BlockSpec((None, self.dk, self.block_v), lambda bh, vb, n: (bh, 0, vb))
+
+  def rows_of(self, ref, j):
+    """Chunk ``j`` of a ``[per_step·C, D]`` tile, as float32."""
+    if self.m == 1:
+      return ref[...].astype(jnp.float32)
+    return ref[pl.ds(pl.multiple_of(j * self.chunk, self.chunk), self.chunk), :].astype(
+        jnp.float32)
+
+  def put_rows(self, ref, j, x):
+    if self.m == 1:
+      ref[...] = x.astype(ref.dtype)
+    else:
+      ref[pl.ds(pl.multiple_of(j * self.chunk, self.chunk), self.chunk), :] = x.astype(ref.dtype)
+
+  def loop(self, body, carry=None, reverse: bool = False):
+    """``body(j, carry)`` for the step's chunks j (in reverse order with ``reverse``)."""
+    order = (lambda j: self.m - 1 - j) if reverse else (lambda j: j)
+    if self.m == 1:
+      return body(0, carry)
+    return jax.lax.fori_loop(0, self.m, lambda j, c: body(order(j), c), carry)
+
+
+# Tokens per grid step the phase kernels aim for (several chunks per step when C is smaller).
+TOKENS_PER_STEP = 256
+
+
+def chunks_per_step(n_chunks: int, chunk: int, tokens: int = TOKENS_PER_STEP) -> int:
+  """The largest power of two m dividing ``n_chunks`` with m·C ≤ ``tokens`` (at least 1). At
+  C = 64 and K = V = 128 the largest step (the gradient kernel's, m = 4) holds 4·(4 bf16 tiles +
+  2 float32 states + 3 float32 gradient tiles) ≈ 1.2 MB, 2.4 MB double-buffered: well inside the
+  16 MB default scoped VMEM of v5e and v5p."""
+  m = 1
+  while n_chunks % (2 * m) == 0 and 2 * m * chunk <= tokens:
+    m *= 2
+  return m
+
+
 def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                   gates_row: Array, w0: Array, *, chunk: int, last: int, block_v: int,
                   interpret: bool = False, debug: bool = False, segmented: bool = False,
-                  kind: str = "delta_rule"):
-  """Same contract as ``kernel_gpu.delta_forward`` (``kind`` included).
+                  kind: str = "delta_rule", heads: int = 0, per_step: int = 1):
+  """Same contract as ``kernel_gpu.delta_forward`` (``kind`` included), plus the tiling of
+  ``_Tiles``: ``heads > 0`` takes q, k, v as ``[B, Tp, H·D]`` and returns o so.
 
-  Grids: UT (batch·head, chunk), both parallel; state (batch·head, value block, chunk), the chunk
-  axis sequential with the state in a VMEM scratch; output (batch·head, chunk, value block), all
+  Grids: UT (batch·head, step), both parallel; state (batch·head, value block, step), the step
+  axis sequential with the state in a VMEM scratch; output (batch·head, step, value block), all
   parallel.
   """
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  n_chunks, nv = tp // chunk, dv // block_v
+  t = _Tiles(q, v, chunk, heads, per_step, block_v)
+  bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
   dt = q.dtype
   f32 = jnp.float32
   gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
-  seq2 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n: (bh, n, 0))
-  gr2 = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n: (bh * n_chunks + n, 0, 0))
+  last_of = lambda n, j: last_row(n * t.m + j, n_chunks, chunk, last)
 
   def ut_kernel(k_ref, v_ref, gc_ref, gr_ref, w_ref, u0_ref):
     n = pl.program_id(1)
-    w, u0 = phases.ut(_f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...],
-                      last_row(n, n_chunks, chunk, last), segmented, dt)
-    w_ref[...] = w.astype(w_ref.dtype)
-    u0_ref[...] = u0.astype(u0_ref.dtype)
+
+    def body(j, carry):
+      w, u0 = phases.ut(t.rows_of(k_ref, j), t.rows_of(v_ref, j), t.rows_of(gc_ref, j),
+                        gr_ref[j], last_of(n, j), segmented, dt)
+      t.put_rows(w_ref, j, w)
+      t.put_rows(u0_ref, j, u0)
+      return carry
+
+    t.loop(body)
 
   delta = kind == "delta_rule"
   w, u0 = None, v
   if delta:
     w, u0 = _pcall(
         ut_kernel, [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
-        (bh_count, n_chunks), [seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2],
-        [seq2(dk), seq2(dv)], ("parallel", "parallel"), "nlx_delta_rule_fwd_ut",
-        interpret, debug, lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(
-            k, v, gates_col, gr)
-
-  seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, n, 0))
-  seq3v = pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, n, vb))
-  state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
-  starts3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, n, 0, vb))
+        (bh_count, steps),
+        [t.seq("bn"), t.seq("bn", True, False), t.gate_col("bn"), t.gate_row("bn")],
+        [t.seq("bn"), t.seq("bn", True, False)], ("parallel", "parallel"),
+        "nlx_delta_rule_fwd_ut", interpret, debug,
+        lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(k, v, gates_col, gr)
 
   def state_kernel(*refs):
     if delta:
@@ -252,42 +360,51 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     def _():
       s_ref[...] = s0_ref[...]
 
-    s = s_ref[...]
-    starts_ref[...] = s
-    u, s1 = phases.state_step(_f32(w_ref) if delta else None, _f32(u0_ref), _f32(k_ref),
-                              gc_ref[...], s, last_row(n, n_chunks, chunk, last), segmented, dt)
-    if delta:
-      u_ref[...] = u.astype(u_ref.dtype)
+    def body(j, s):
+      starts_ref[j] = s
+      u, s1 = phases.state_step(t.rows_of(w_ref, j) if delta else None, t.rows_of(u0_ref, j),
+                                t.rows_of(k_ref, j), t.rows_of(gc_ref, j), s, last_of(n, j),
+                                segmented, dt)
+      if delta:
+        t.put_rows(u_ref, j, u)
+      return s1
+
+    s1 = t.loop(body, s_ref[...])
     s_ref[...] = s1
 
-    @pl.when(n == n_chunks - 1)
+    @pl.when(n == steps - 1)
     def _():
       final_ref[...] = s1
 
   starts_shape = jax.ShapeDtypeStruct((bh_count, n_chunks, dk, dv), f32)
   u_shape = [jax.ShapeDtypeStruct(v.shape, dt)] if delta else []
+  seqv = t.seq("bvn", True)
   outs = _pcall(
       state_kernel, [starts_shape] + u_shape + [jax.ShapeDtypeStruct(w0.shape, f32)],
-      (bh_count, nv, n_chunks),
-      ([seq3(dk)] if delta else []) + [seq3v, seq3(dk), seq3(GATE_CHANNELS), state3],
-      [starts3] + ([seq3v] if delta else []) + [state3], _SEMANTICS, f"nlx_{kind}_fwd_state",
-      interpret, debug, lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
+      (bh_count, nv, steps),
+      ([t.seq("bvn")] if delta else []) + [seqv, t.seq("bvn"), t.gate_col("bvn"), t.state()],
+      [t.starts("bvn")] + ([seqv] if delta else []) + [t.state()], _SEMANTICS,
+      f"nlx_{kind}_fwd_state", interpret, debug,
+      lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
       [pltpu.VMEM((dk, block_v), f32)])(*(((w,) if delta else ()) + (u0, k, gates_col, w0)))
   starts, u, final = outs if delta else (outs[0], v, outs[1])
 
-  seqo = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n, vb: (bh, n, 0))
-  seqov = pl.BlockSpec((None, chunk, block_v), lambda bh, n, vb: (bh, n, vb))
-  gro = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n, vb: (bh * n_chunks + n, 0, 0))
-  startso = pl.BlockSpec((None, None, dk, block_v), lambda bh, n, vb: (bh, n, 0, vb))
-
   def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
     n = pl.program_id(1)
-    o = phases.output(_f32(q_ref), _f32(k_ref), gc_ref[...], gr_ref[...], starts_ref[...],
-                      _f32(u_ref), last_row(n, n_chunks, chunk, last), scale, segmented, dt)
-    o_ref[...] = o.astype(o_ref.dtype)
 
-  o = _pcall(out_kernel, jax.ShapeDtypeStruct(v.shape, dt), (bh_count, n_chunks, nv),
-             [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, startso, seqov], seqov,
+    def body(j, carry):
+      o = phases.output(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(gc_ref, j),
+                        gr_ref[j], starts_ref[j], t.rows_of(u_ref, j), last_of(n, j), scale,
+                        segmented, dt)
+      t.put_rows(o_ref, j, o)
+      return carry
+
+    t.loop(body)
+
+  seqov = t.seq("bnv", True)
+  o = _pcall(out_kernel, jax.ShapeDtypeStruct(v.shape, dt), (bh_count, steps, nv),
+             [t.seq("bnv"), t.seq("bnv"), t.gate_col("bnv"), t.gate_row("bnv"),
+              t.starts("bnv"), seqov], seqov,
              ("parallel",) * 3, f"nlx_{kind}_fwd_out", interpret, debug,
              lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt))(
                  q, k, gates_col, gr, starts, u)
@@ -297,37 +414,37 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                    gates_row: Array, starts: Array, w: Array, d_o: Array, d_final: Array, *,
                    chunk: int, last: int, block_v: int, interpret: bool = False,
-                   debug: bool = False, segmented: bool = False, kind: str = "delta_rule"):
-  """Same contract as ``kernel_gpu.delta_backward`` (``kind`` included)."""
+                   debug: bool = False, segmented: bool = False, kind: str = "delta_rule",
+                   heads: int = 0, per_step: int = 1):
+  """Same contract as ``kernel_gpu.delta_backward`` (``kind`` included), tiled as
+  ``delta_forward`` (``heads``, ``per_step``); dq, dk, dv come back in q, k, v's layout."""
   delta = kind == "delta_rule"
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  n_chunks, nv = tp // chunk, dv // block_v
+  t = _Tiles(q, v, chunk, heads, per_step, block_v)
+  bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
   dt = q.dtype
   f32 = jnp.float32
   gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
-
-  seqo = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n, vb: (bh, n, 0))
-  seqov = pl.BlockSpec((None, chunk, block_v), lambda bh, n, vb: (bh, n, vb))
-  gro = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n, vb: (bh * n_chunks + n, 0, 0))
+  last_of = lambda n, j: last_row(n * t.m + j, n_chunks, chunk, last)
 
   def dvl_kernel(q_ref, k_ref, gc_ref, gr_ref, do_ref, dvl_ref):
-    dvl_ref[...] = phases.dv_local(_f32(q_ref), _f32(k_ref), gc_ref[...], gr_ref[...],
-                                   _f32(do_ref), scale, segmented, dt)
+    def body(j, carry):
+      t.put_rows(dvl_ref, j, phases.dv_local(
+          t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(gc_ref, j), gr_ref[j],
+          t.rows_of(do_ref, j), scale, segmented, dt))
+      return carry
+
+    t.loop(body)
 
   dvl = None
+  seqov = t.seq("bnv", True)
   if delta:
-    dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, n_chunks, nv),
-                 [seqo(dk), seqo(dk), seqo(GATE_CHANNELS), gro, seqov], seqov, ("parallel",) * 3,
-                 "nlx_delta_rule_bwd_dvl", interpret, debug,
+    dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, steps, nv),
+                 [t.seq("bnv"), t.seq("bnv"), t.gate_col("bnv"), t.gate_row("bnv"), seqov],
+                 seqov, ("parallel",) * 3, "nlx_delta_rule_bwd_dvl", interpret, debug,
                  lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt))(
                      q, k, gates_col, gr, d_o)
 
-  rev = lambda n: n_chunks - 1 - n
-  seq3 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, vb, n: (bh, rev(n), 0))
-  seq3v = pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, rev(n), vb))
-  state3 = pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
-  ends3 = pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, rev(n), 0, vb))
+  rev = lambda i: steps - 1 - i
 
   def state_kernel(*refs):
     if delta:
@@ -341,46 +458,54 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     def _():
       ds_ref[...] = dfin_ref[...]
 
-    d_s1 = ds_ref[...]
-    dends_ref[...] = d_s1
-    d_s0 = phases.state_step_bwd(_f32(q_ref), _f32(k_ref), _f32(w_ref) if delta else None,
-                                 gc_ref[...], dvl_ref[...] if delta else None, _f32(do_ref), d_s1,
-                                 last_row(rev(i), n_chunks, chunk, last), scale, segmented, dt)
+    def body(j, d_s1):
+      dends_ref[j] = d_s1
+      return phases.state_step_bwd(
+          t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(w_ref, j) if delta else None,
+          t.rows_of(gc_ref, j), t.rows_of(dvl_ref, j) if delta else None, t.rows_of(do_ref, j),
+          d_s1, last_of(rev(i), j), scale, segmented, dt)
+
+    d_s0 = t.loop(body, ds_ref[...], reverse=True)
     ds_ref[...] = d_s0
 
-    @pl.when(i == n_chunks - 1)
+    @pl.when(i == steps - 1)
     def _():
       dinit_ref[...] = d_s0
 
+  sk, sv = t.seq("bvn", reverse=True), t.seq("bvn", True, reverse=True)
+  gc3 = t.gate_col("bvn", reverse=True)
   d_ends, d_initial = _pcall(
       state_kernel,
       [jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
-      (bh_count, nv, n_chunks),
-      ([seq3(dk), seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, seq3v, state3] if delta else
-       [seq3(dk), seq3(dk), seq3(GATE_CHANNELS), seq3v, state3]),
-      [ends3, state3], _SEMANTICS, f"nlx_{kind}_bwd_state", interpret, debug,
-      lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
+      (bh_count, nv, steps),
+      ([sk, sk, sk, gc3, sv, sv, t.state()] if delta else [sk, sk, gc3, sv, t.state()]),
+      [t.starts("bvn", reverse=True), t.state()], _SEMANTICS, f"nlx_{kind}_bwd_state",
+      interpret, debug, lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
       [pltpu.VMEM((dk, block_v), f32)])(
           *((q, k, w, gates_col, dvl, d_o, d_final) if delta else (q, k, gates_col, d_o, d_final)))
-
-  seq2 = lambda d: pl.BlockSpec((None, chunk, d), lambda bh, n: (bh, n, 0))
-  gr2 = pl.BlockSpec((None, GATE_CHANNELS, chunk), lambda bh, n: (bh * n_chunks + n, 0, 0))
-  full2 = pl.BlockSpec((None, None, dk, dv), lambda bh, n: (bh, n, 0, 0))
 
   def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
                   dq_ref, dk_ref, dv_ref, dgc_ref):
     n = pl.program_id(1)
-    d_ch = phases.grad(_f32(q_ref), _f32(k_ref), _f32(v_ref), gc_ref[...], gr_ref[...],
-                       starts_ref[...], _f32(do_ref), dends_ref[...],
-                       last_row(n, n_chunks, chunk, last), scale, segmented, dt, kind)
-    dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
-    dgc_ref[...] = d_ch.gates_col
+
+    def body(j, carry):
+      d_ch = phases.grad(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(v_ref, j),
+                         t.rows_of(gc_ref, j), gr_ref[j], starts_ref[j], t.rows_of(do_ref, j),
+                         dends_ref[j], last_of(n, j), scale, segmented, dt, kind)
+      for ref, x in ((dq_ref, d_ch.q), (dk_ref, d_ch.k), (dv_ref, d_ch.v),
+                     (dgc_ref, d_ch.gates_col)):
+        t.put_rows(ref, j, x)
+      return carry
+
+    t.loop(body)
 
   sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
+  seqk, seqv = t.seq("bn"), t.seq("bn", True, False)
   dq, dk_, dv_, dgc = _pcall(
-      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col)], (bh_count, n_chunks),
-      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS), gr2, full2, seq2(dv), full2],
-      [seq2(dk), seq2(dk), seq2(dv), seq2(GATE_CHANNELS)], ("parallel", "parallel"),
+      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col)], (bh_count, steps),
+      [seqk, seqk, seqv, t.gate_col("bn"), t.gate_row("bn"), t.starts("bn", whole_v=True), seqv,
+       t.starts("bn", whole_v=True)],
+      [seqk, seqk, seqv, t.gate_col("bn")], ("parallel", "parallel"),
       f"nlx_{kind}_bwd_grad", interpret, debug,
       lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt, kind))(
           q, k, v, gates_col, gr, starts, d_o, d_ends)

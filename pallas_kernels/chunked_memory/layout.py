@@ -67,6 +67,21 @@ def unsequences(x: Array, layout: Layout) -> Array:
   return jnp.moveaxis(x, 1, 2)
 
 
+def head_major(x: Array, layout: Layout) -> Array:
+  """``[B, T, H, D] -> [B, Tp, H·D]``: the memory order unchanged (a free reshape; a pad only when
+  T is not a multiple of the chunk), for the head-strided TPU BlockSpecs."""
+  b, t, h, d = x.shape
+  if layout.padded_len != t:
+    x = jnp.pad(x, ((0, 0), (0, layout.padded_len - t), (0, 0), (0, 0)))
+  return x.reshape(b, layout.padded_len, h * d)
+
+
+def unhead_major(x: Array, layout: Layout) -> Array:
+  """``[B, Tp, H·D] -> [B, T, H, D]``."""
+  b, tp, hd = x.shape
+  return x.reshape(b, tp, layout.heads, hd // layout.heads)[:, :layout.seq_len]
+
+
 def _chunk_cumsum(x: Array, layout: Layout) -> Array:
   """``[BH, Tp] ->`` cumulative sums restarting at every chunk."""
   n, c = layout.num_chunks, layout.chunk

@@ -33,13 +33,13 @@ from pallas_kernels.chunked_memory.ops import chunked_memory
 SHAPE = (2, 256, 2, 64, 128, 64)
 
 
-def _loss(kind: str, backend: str, chunk: int):
+def _loss(kind: str, backend: str, chunk: int, block_sizes=None):
   """A scalar of every output of the kernels, as a function of every input (``reset``: the
   document boundaries, or None)."""
 
   def loss(q, k, v, beta, g, momentum, s0, reset=None):
     kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False,
-              reset=reset)
+              reset=reset, block_sizes=block_sizes)
     if kind != "linear_attention":
       kw["beta"] = beta
     if kind == "titans":
@@ -50,9 +50,34 @@ def _loss(kind: str, backend: str, chunk: int):
   return loss
 
 
-def _loss_and_grads(kind: str, backend: str, chunk: int):
+def _loss_and_grads(kind: str, backend: str, chunk: int, block_sizes=None):
   """``value_and_grad`` of ``_loss`` w.r.t. every input (forward and backward kernels)."""
-  return jax.value_and_grad(_loss(kind, backend, chunk), argnums=tuple(range(7)))
+  return jax.value_and_grad(_loss(kind, backend, chunk, block_sizes), argnums=tuple(range(7)))
+
+
+def _tilings():
+  """``--tiling`` of the TPU phase kernels: the default (head-strided where K, V are multiples of
+  128, several chunks per grid step), or the earlier one (XLA transposes, one chunk per step)."""
+  from pallas_kernels.chunked_memory.ops import BlockSizes  # pylint: disable=g-import-not-at-top
+  return {"default": None,
+          "transposed": BlockSizes(head_strided=False, chunks_per_step=1)}
+
+
+def layout_copies(hlo: str) -> dict:
+  """The ``copy``/``transpose`` instructions of a compiled module's text outside the kernels
+  (XLA's layout changes: on TPU a transpose of ``[B, T, H, D]`` shows up as a ``copy`` to a new
+  layout), counted and sized by their result shapes."""
+  import re  # pylint: disable=g-import-not-at-top
+  sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "pred": 1, "f64": 8, "u32": 4, "s8": 1}
+  count, nbytes, shapes = 0, 0, []
+  for m in re.finditer(r"= (\w+)\[([\d,]*)\]\S* (?:copy|transpose)\(", hlo):
+    n = 1
+    for d in filter(None, m.group(2).split(",")):
+      n *= int(d)
+    count += 1
+    nbytes += n * sizes.get(m.group(1), 4)
+    shapes.append(f"{m.group(1)}[{m.group(2)}]")
+  return {"count": count, "bytes": nbytes, "shapes": sorted(shapes)}
 
 
 def _arg_shapes(batch: int, shape=SHAPE, sharding=None, reset: bool = False):
@@ -70,13 +95,14 @@ def _check_reset_kind(kind: str, reset: bool):
 
 
 def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both",
-                reset: bool = False) -> dict:
+                reset: bool = False, tiling: str = "default") -> dict:
   """Compiles ``kind`` for ``topology``; returns XLA's report.
 
   Args:
     shape: (B per chip, T, H, K, V, chunk).
     mode: "both" (forward + backward, ``value_and_grad``) or "forward".
     reset: with document boundaries (a ``[B, T]`` bool input).
+    tiling: a key of ``_tilings()``.
   """
   _check_reset_kind(kind, reset)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -84,7 +110,7 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   topo = topologies.get_topology_desc(topology, "tpu")
   mesh = Mesh(topo.devices, ("data",))
   make = _loss if mode == "forward" else _loss_and_grads
-  fn = jax.shard_map(make(kind, "tpu", shape[-1]), mesh=mesh, in_specs=P("data"), out_specs=P(),
+  fn = jax.shard_map(make(kind, "tpu", shape[-1], _tilings()[tiling]), mesh=mesh, in_specs=P("data"), out_specs=P(),
                      check_vma=False)
   args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")), reset)
   lowered = jax.jit(fn).lower(*args)
@@ -94,7 +120,8 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   return {
       "kind": kind, "topology": topology, "chips": len(topo.devices),
       "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": shape, "mode": mode,
-      "reset": reset, "kernel_operands": _kernel_operands(lowered.as_text(), kind),
+      "reset": reset, "tiling": tiling, "layout_copies": layout_copies(hlo),
+      "kernel_operands": _kernel_operands(lowered.as_text(), kind),
       "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
       "kernels": kernel_names(lowered.as_text(), kind),
       "cost_analysis": {k: float(v) for k, v in (compiled.cost_analysis() or {}).items()},
@@ -211,6 +238,9 @@ def main(argv: Sequence[str] = ()) -> int:
                       help="forward+backward or forward alone (TPU only)")
   parser.add_argument("--reset", action="store_true",
                       help=f"with document boundaries (kinds {', '.join(SEGMENTED_KINDS)})")
+  parser.add_argument("--tiling", choices=("default", "transposed"), default="default",
+                      help="TPU phase kernels: head-strided, several chunks a step (default) or "
+                      "XLA transposes, one chunk a step (the earlier tiling)")
   parser.add_argument("--kinds", default=None,
                       help="comma-separated kinds (default: every kind; with --reset, those that "
                       "take boundaries)")
@@ -228,7 +258,8 @@ def main(argv: Sequence[str] = ()) -> int:
       parser.error(f"--kinds: {unknown} not among {kinds}")
     kinds = tuple(args.kinds.split(","))
   if args.target == "tpu":
-    results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset) for kind in kinds]
+    results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset, args.tiling)
+               for kind in kinds]
   else:
     results = [export_gpu(kind, args.reset) for kind in kinds]
   print(json.dumps(results))

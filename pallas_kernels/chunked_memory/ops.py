@@ -65,11 +65,20 @@ class BlockSizes:
     num_warps, num_stages: Triton launch parameters (GPU only) for every kernel; None: the
       per-kernel table ``GPU_LAUNCH`` for the delta rule's phase kernels, 4 warps and 1 stage
       for the others.
+    chunks_per_step: TPU phase kernels: chunks per grid step (a power of two dividing the
+      number of chunks); None: ``kernel_tpu.chunks_per_step`` (256 tokens per step where the
+      chunk count allows).
+    head_strided: TPU phase kernels: index the ``[B, T, H, D]`` inputs with head-strided
+      BlockSpecs instead of transposing them to ``[B·H, T, D]`` (``kernel_tpu._Tiles``); None:
+      when K, V and the value block are multiples of 128 (Mosaic's lane tile), which is what
+      compiled TPU kernels need. Interpret mode takes it at any size (the tests force it).
   """
 
   block_v: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
+  chunks_per_step: Optional[int] = None
+  head_strided: Optional[bool] = None
 
   @classmethod
   def default(cls, backend: str) -> "BlockSizes":
@@ -83,7 +92,7 @@ class BlockSizes:
     if block_v not in _POW2 or dv % block_v:
       raise ValueError(f"block_sizes.block_v={self.block_v!r} is not supported for V={dv}; "
                        f"allowed: a power of two in {_POW2} that divides V, or None")
-    for name in ("num_warps", "num_stages"):
+    for name in ("num_warps", "num_stages", "chunks_per_step"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < 1):
@@ -104,6 +113,8 @@ class _Config(NamedTuple):
   debug: bool
   segmented: bool = False
   head: int = 128  # max(K, V) after padding: the shape class of GPU_LAUNCH
+  heads: int = 0  # TPU phase kernels: H when head-strided (sequences [B, Tp, H·D]), else 0
+  per_step: int = 1  # TPU phase kernels: chunks per grid step
 
 
 # Triton launch parameters (num_warps, num_stages) of the delta rule's phase kernels per shape
@@ -148,6 +159,8 @@ def _kernel_kwargs(cfg: _Config) -> dict:
     kw.update(num_warps=cfg.blocks.num_warps or 4, num_stages=cfg.blocks.num_stages or 1)
     if _phased(cfg):
       kw["launch"] = gpu_launch(cfg.head, cfg.blocks)
+  elif _phased(cfg):
+    kw.update(heads=cfg.heads, per_step=cfg.per_step)
   return kw
 
 
@@ -328,14 +341,28 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     return o[..., :dv], cut(final), cut(final_p)
   blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
   lo = lay.Layout(b, t, h, chunk_size)
+  heads, per_step = 0, 1
+  if backend == "tpu" and kind in PHASED_KINDS:
+    strided = blocks.head_strided
+    if strided is None:
+      strided = dk % 128 == 0 and dv % 128 == 0 and blocks.block_v % 128 == 0
+    heads = h if strided else 0
+    per_step = blocks.chunks_per_step or kernel_tpu.chunks_per_step(lo.num_chunks, chunk_size)
+    if lo.num_chunks % per_step:
+      raise ValueError(f"block_sizes.chunks_per_step={per_step} does not divide the "
+                       f"{lo.num_chunks} chunks of T={t} at chunk_size={chunk_size}")
+  elif blocks.head_strided or (blocks.chunks_per_step or 1) > 1:
+    raise ValueError("block_sizes.head_strided and chunks_per_step are for the TPU kernels of "
+                     f"{PHASED_KINDS}; got backend={backend!r}, kind={kind!r}")
   cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug,
-                reset is not None, max(dk, dv))
+                reset is not None, max(dk, dv), heads, per_step)
   gates_col, gates_row = lay.gates(beta, g, momentum, lo, reset)
   w0 = lay.states(initial_state, b, h, dk, dv)
   if reset is not None:
     w0 = lay.reset_at_start(w0, reset, h)
   p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
-  o, final = _memory(cfg, lay.sequences(q, lo), lay.sequences(k, lo), lay.sequences(v, lo),
-                     gates_col, gates_row, w0, p0)
+  seq = functools.partial(lay.head_major if heads else lay.sequences, layout=lo)
+  o, final = _memory(cfg, seq(q), seq(k), seq(v), gates_col, gates_row, w0, p0)
   unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)
-  return lay.unsequences(o, lo), unstate(final.memory), unstate(final.momentum)
+  o = lay.unhead_major(o, lo) if heads else lay.unsequences(o, lo)
+  return o, unstate(final.memory), unstate(final.momentum)

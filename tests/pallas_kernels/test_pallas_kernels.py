@@ -116,7 +116,10 @@ def assert_all_close(got, want, rtol, label):
 def test_kernel_float32_matches_reference_and_recurrence(kind, backend):
   # T = 37 is not a multiple of the chunk (16); H = 1.
   x = make_inputs(kind, 2, 37, 1, 16, 64)
-  got = value_and_grads(via_kernel(kind, 16, backend), x)
+  # TPU phase kernels: head-strided tiles and all three chunks (the last one padded) in one step.
+  blocks = (kops.BlockSizes(head_strided=True, chunks_per_step=3)
+            if backend == "tpu" and kind in kops.PHASED_KINDS else None)
+  got = value_and_grads(via_kernel(kind, 16, backend, blocks), x)
   assert got[0][0].dtype == jnp.float32 and got[0][1].dtype == jnp.float32
   want_reference, want_recurrence = expected(kind, 16, 2, 37, 1, 16, 64, 0)
   assert_all_close(got, want_reference, 1e-4, "vs reference")
@@ -130,14 +133,41 @@ SLOW = pytest.mark.slow  # the default run keeps one case per feature (~13 s of 
     ("delta_rule", "gpu", 16, 128, None),     # V split into two 64-wide programs (GPU default)
     pytest.param("titans", "gpu", 128, 16, None, marks=SLOW),
     pytest.param("linear_attention", "tpu", 64, 64, None, marks=SLOW),
-    ("delta_rule", "tpu", 128, 128, 64),      # V split on TPU too
+    ("delta_rule", "tpu", 128, 128, 64),      # V split on TPU too, head-strided, 2 chunks a step
     pytest.param("titans", "tpu", 64, 128, None, marks=SLOW),
 ])
 def test_kernel_head_dims(kind, backend, dk, dv, block_v):
   x = make_inputs(kind, 1, 40, 2, dk, dv, seed=3)
   blocks = kops.BlockSizes(block_v=block_v)
+  if backend == "tpu" and kind in kops.PHASED_KINDS:
+    blocks = kops.BlockSizes(block_v=block_v, head_strided=True)
   got = value_and_grads(via_kernel(kind, 32, backend, blocks), x)
   assert_all_close(got, value_and_grads(via_reference(kind, 32), x), 1e-4, f"K={dk} V={dv}")
+
+
+@SLOW  # ~25-40 s each; the default run covers the same tiling in the two tests above
+@pytest.mark.parametrize("kind", kops.PHASED_KINDS)
+@pytest.mark.parametrize("blocks", [
+    kops.BlockSizes(head_strided=True, chunks_per_step=2),
+    kops.BlockSizes(head_strided=True, block_v=16, chunks_per_step=1),
+    kops.BlockSizes(head_strided=False, chunks_per_step=4)], ids=["strided-2", "strided-v16",
+                                                                   "transposed-4"])
+def test_tpu_tiling_head_strided_and_chunks_per_step(kind, blocks):
+  """TPU phase kernels, H = 3, T = 120 (8 chunks of 16, the last one padded), K = 16, V = 32."""
+  x = make_inputs(kind, 2, 120, 3, 16, 32, seed=4)
+  got = value_and_grads(via_kernel(kind, 16, "tpu", blocks), x)
+  assert_all_close(got, value_and_grads(via_reference(kind, 16), x), 1e-4, str(blocks))
+
+
+def test_tiling_options_are_checked():
+  x = make_inputs("delta_rule", 1, 40, 1, 16, 16)
+  with pytest.raises(ValueError, match="chunks_per_step=2 does not divide the 3 chunks"):
+    via_kernel("delta_rule", 16, "tpu", kops.BlockSizes(chunks_per_step=2))(**x)
+  with pytest.raises(ValueError, match="for the TPU kernels"):
+    via_kernel("delta_rule", 16, "gpu", kops.BlockSizes(head_strided=True))(**x)
+  with pytest.raises(ValueError, match="for the TPU kernels"):
+    via_kernel("titans", 16, "tpu", kops.BlockSizes(chunks_per_step=2))(**make_inputs(
+        "titans", 1, 40, 1, 16, 16))
 
 
 def relative_rmse(got, want):
@@ -145,9 +175,10 @@ def relative_rmse(got, want):
   return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
 
 
+# All GPU rows are slow (~35 s each): test_pallas_precision's default row checks the GPU delta
+# rule in bfloat16 against the float64 recurrence, forward and gradients.
 @pytest.mark.parametrize("kind,backend", [
-    pytest.param(kind, "gpu", marks=() if kind == "delta_rule" else SLOW) for kind in KINDS] + [
-    ("delta_rule", "tpu")])
+    pytest.param(kind, "gpu", marks=SLOW) for kind in KINDS] + [("delta_rule", "tpu")])
 def test_kernel_bfloat16(kind, backend):
   """bfloat16 q, k, v: forward within 5e-3 and gradients within 1e-2 relative RMSE of float32."""
   x32 = make_inputs(kind, 2, 50, 2, 64, 64, seed=5)
