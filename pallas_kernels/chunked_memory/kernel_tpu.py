@@ -245,19 +245,56 @@ class _Tiles:
     return pl.BlockSpec((None, self.rows, d), lambda bh, n, vb: self._at(
         bh, n, vb if (value and block_v) else 0, per))
 
-  def gate_col(self, order: str, reverse: bool = False):
+  def gates(self, order: str, reverse: bool = False):
+    """The step's gates, lane-dense: ``[4, per_step·C]`` rows of ``gate_rows``' array."""
     rev = (lambda n: self.steps - 1 - n) if reverse else (lambda n: n)
+    shape = (None, None, GATE_CHANNELS, self.rows)
     if order == "bn":
-      return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, n: (bh, n, 0))
+      return pl.BlockSpec(shape, lambda bh, n: (bh, n, 0, 0))
     if order == "bvn":
-      return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, vb, n: (bh, rev(n), 0))
-    return pl.BlockSpec((None, self.rows, GATE_CHANNELS), lambda bh, n, vb: (bh, n, 0))
+      return pl.BlockSpec(shape, lambda bh, vb, n: (bh, rev(n), 0, 0))
+    return pl.BlockSpec(shape, lambda bh, n, vb: (bh, n, 0, 0))
 
-  def gate_row(self, order: str):
-    shape = (self.m, GATE_CHANNELS, self.chunk)
-    if order == "bn":
-      return pl.BlockSpec(shape, lambda bh, n: (bh * self.steps + n, 0, 0))
-    return pl.BlockSpec(shape, lambda bh, n, vb: (bh * self.steps + n, 0, 0))
+  def gate_rows(self, gates_col: Array) -> Array:
+    """``[BH, Tp, 4] -> [BH, steps, 4, per_step·C]`` (XLA; float32 gates only)."""
+    return gates_col.reshape(self.bh, self.steps, self.rows, GATE_CHANNELS).swapaxes(-1, -2)
+
+  def _select(self, j):
+    c, r = self.chunk, self.rows
+    return (jax.lax.broadcasted_iota(jnp.int32, (c, r), 1)
+            == jax.lax.broadcasted_iota(jnp.int32, (c, r), 0) + j * c)
+
+  def gates_of(self, ref, j, row: bool = True):
+    """Chunk ``j``'s gates as ``chunk.py`` takes them, a column ``[C, 4]`` and a row ``[4, C]``,
+    built from the lane-dense ``[4, per_step·C]`` tile with iota masks and reductions (exact:
+    every sum has one non-zero term)."""
+    c = self.chunk
+    rows = ref[...]
+    sel = self._select(j)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (c, GATE_CHANNELS), 1)
+    eye = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+           == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+    sub = jax.lax.broadcasted_iota(jnp.int32, (GATE_CHANNELS, c), 0)
+    col = jnp.zeros((c, GATE_CHANNELS), jnp.float32)
+    out_row = jnp.zeros((GATE_CHANNELS, c), jnp.float32)
+    for ch in range(GATE_CHANNELS):
+      x = jnp.sum(jnp.where(sel, rows[ch:ch + 1, :], 0.0), axis=1, keepdims=True)  # [C, 1]
+      col = jnp.where(lane == ch, x, col)
+      if row:
+        out_row = jnp.where(sub == ch, jnp.sum(jnp.where(eye, x, 0.0), axis=0, keepdims=True),
+                            out_row)
+    return (col, out_row) if row else col
+
+  def gates_back(self, d_col, j):
+    """A chunk's ``[C, 4]`` gate-column gradient as its share of the ``[4, per_step·C]`` rows."""
+    sel = self._select(j)
+    lane = jax.lax.broadcasted_iota(jnp.int32, d_col.shape, 1)
+    sub = jax.lax.broadcasted_iota(jnp.int32, (GATE_CHANNELS, self.rows), 0)
+    out = jnp.zeros((GATE_CHANNELS, self.rows), jnp.float32)
+    for ch in range(GATE_CHANNELS):
+      x = jnp.sum(jnp.where(lane == ch, d_col, 0.0), axis=1, keepdims=True)  # [C, 1]
+      out = jnp.where(sub == ch, jnp.sum(jnp.where(sel, x, 0.0), axis=0, keepdims=True), out)
+    return out
 
   def starts(self, order: str, whole_v: bool = False, reverse: bool = False):
     bv = self.dv if whole_v else self.block_v
@@ -323,15 +360,15 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
   dt = q.dtype
   f32 = jnp.float32
-  gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
+  gt = t.gate_rows(gates_col)
   last_of = lambda n, j: last_row(n * t.m + j, n_chunks, chunk, last)
 
-  def ut_kernel(k_ref, v_ref, gc_ref, gr_ref, w_ref, u0_ref):
+  def ut_kernel(k_ref, v_ref, g_ref, w_ref, u0_ref):
     n = pl.program_id(1)
 
     def body(j, carry):
-      w, u0 = phases.ut(t.rows_of(k_ref, j), t.rows_of(v_ref, j), t.rows_of(gc_ref, j),
-                        gr_ref[j], last_of(n, j), segmented, dt)
+      w, u0 = phases.ut(t.rows_of(k_ref, j), t.rows_of(v_ref, j), *t.gates_of(g_ref, j),
+                        last_of(n, j), segmented, dt)
       t.put_rows(w_ref, j, w)
       t.put_rows(u0_ref, j, u0)
       return carry
@@ -344,16 +381,16 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     w, u0 = _pcall(
         ut_kernel, [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)],
         (bh_count, steps),
-        [t.seq("bn"), t.seq("bn", True, False), t.gate_col("bn"), t.gate_row("bn")],
+        [t.seq("bn"), t.seq("bn", True, False), t.gates("bn")],
         [t.seq("bn"), t.seq("bn", True, False)], ("parallel", "parallel"),
         "nlx_delta_rule_fwd_ut", interpret, debug,
-        lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(k, v, gates_col, gr)
+        lay.phase_cost("ut", bh_count, n_chunks, chunk, dk, dv, dt))(k, v, gt)
 
   def state_kernel(*refs):
     if delta:
-      w_ref, u0_ref, k_ref, gc_ref, s0_ref, starts_ref, u_ref, final_ref, s_ref = refs
+      w_ref, u0_ref, k_ref, g_ref, s0_ref, starts_ref, u_ref, final_ref, s_ref = refs
     else:
-      u0_ref, k_ref, gc_ref, s0_ref, starts_ref, final_ref, s_ref = refs
+      u0_ref, k_ref, g_ref, s0_ref, starts_ref, final_ref, s_ref = refs
     n = pl.program_id(2)
 
     @pl.when(n == 0)
@@ -363,7 +400,7 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     def body(j, s):
       starts_ref[j] = s
       u, s1 = phases.state_step(t.rows_of(w_ref, j) if delta else None, t.rows_of(u0_ref, j),
-                                t.rows_of(k_ref, j), t.rows_of(gc_ref, j), s, last_of(n, j),
+                                t.rows_of(k_ref, j), t.gates_of(g_ref, j, False), s, last_of(n, j),
                                 segmented, dt)
       if delta:
         t.put_rows(u_ref, j, u)
@@ -382,19 +419,19 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   outs = _pcall(
       state_kernel, [starts_shape] + u_shape + [jax.ShapeDtypeStruct(w0.shape, f32)],
       (bh_count, nv, steps),
-      ([t.seq("bvn")] if delta else []) + [seqv, t.seq("bvn"), t.gate_col("bvn"), t.state()],
+      ([t.seq("bvn")] if delta else []) + [seqv, t.seq("bvn"), t.gates("bvn"), t.state()],
       [t.starts("bvn")] + ([seqv] if delta else []) + [t.state()], _SEMANTICS,
       f"nlx_{kind}_fwd_state", interpret, debug,
       lay.phase_cost("state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
-      [pltpu.VMEM((dk, block_v), f32)])(*(((w,) if delta else ()) + (u0, k, gates_col, w0)))
+      [pltpu.VMEM((dk, block_v), f32)])(*(((w,) if delta else ()) + (u0, k, gt, w0)))
   starts, u, final = outs if delta else (outs[0], v, outs[1])
 
-  def out_kernel(q_ref, k_ref, gc_ref, gr_ref, starts_ref, u_ref, o_ref):
+  def out_kernel(q_ref, k_ref, g_ref, starts_ref, u_ref, o_ref):
     n = pl.program_id(1)
 
     def body(j, carry):
-      o = phases.output(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(gc_ref, j),
-                        gr_ref[j], starts_ref[j], t.rows_of(u_ref, j), last_of(n, j), scale,
+      o = phases.output(t.rows_of(q_ref, j), t.rows_of(k_ref, j), *t.gates_of(g_ref, j),
+                        starts_ref[j], t.rows_of(u_ref, j), last_of(n, j), scale,
                         segmented, dt)
       t.put_rows(o_ref, j, o)
       return carry
@@ -403,11 +440,10 @@ def delta_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
 
   seqov = t.seq("bnv", True)
   o = _pcall(out_kernel, jax.ShapeDtypeStruct(v.shape, dt), (bh_count, steps, nv),
-             [t.seq("bnv"), t.seq("bnv"), t.gate_col("bnv"), t.gate_row("bnv"),
-              t.starts("bnv"), seqov], seqov,
+             [t.seq("bnv"), t.seq("bnv"), t.gates("bnv"), t.starts("bnv"), seqov], seqov,
              ("parallel",) * 3, f"nlx_{kind}_fwd_out", interpret, debug,
              lay.phase_cost("out", bh_count, n_chunks, chunk, dk, dv, dt))(
-                 q, k, gates_col, gr, starts, u)
+                 q, k, gt, starts, u)
   return o, final, starts, w
 
 
@@ -423,13 +459,13 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
   dt = q.dtype
   f32 = jnp.float32
-  gr = gates_row.reshape(-1, GATE_CHANNELS, chunk)
+  gt = t.gate_rows(gates_col)
   last_of = lambda n, j: last_row(n * t.m + j, n_chunks, chunk, last)
 
-  def dvl_kernel(q_ref, k_ref, gc_ref, gr_ref, do_ref, dvl_ref):
+  def dvl_kernel(q_ref, k_ref, g_ref, do_ref, dvl_ref):
     def body(j, carry):
       t.put_rows(dvl_ref, j, phases.dv_local(
-          t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(gc_ref, j), gr_ref[j],
+          t.rows_of(q_ref, j), t.rows_of(k_ref, j), *t.gates_of(g_ref, j),
           t.rows_of(do_ref, j), scale, segmented, dt))
       return carry
 
@@ -439,18 +475,18 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
   seqov = t.seq("bnv", True)
   if delta:
     dvl = _pcall(dvl_kernel, jax.ShapeDtypeStruct(v.shape, f32), (bh_count, steps, nv),
-                 [t.seq("bnv"), t.seq("bnv"), t.gate_col("bnv"), t.gate_row("bnv"), seqov],
+                 [t.seq("bnv"), t.seq("bnv"), t.gates("bnv"), seqov],
                  seqov, ("parallel",) * 3, "nlx_delta_rule_bwd_dvl", interpret, debug,
                  lay.phase_cost("dvl", bh_count, n_chunks, chunk, dk, dv, dt))(
-                     q, k, gates_col, gr, d_o)
+                     q, k, gt, d_o)
 
   rev = lambda i: steps - 1 - i
 
   def state_kernel(*refs):
     if delta:
-      q_ref, k_ref, w_ref, gc_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
+      q_ref, k_ref, w_ref, g_ref, dvl_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
     else:
-      q_ref, k_ref, gc_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
+      q_ref, k_ref, g_ref, do_ref, dfin_ref, dends_ref, dinit_ref, ds_ref = refs
       w_ref = dvl_ref = None
     i = pl.program_id(2)
 
@@ -462,7 +498,7 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       dends_ref[j] = d_s1
       return phases.state_step_bwd(
           t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(w_ref, j) if delta else None,
-          t.rows_of(gc_ref, j), t.rows_of(dvl_ref, j) if delta else None, t.rows_of(do_ref, j),
+          t.gates_of(g_ref, j, False), t.rows_of(dvl_ref, j) if delta else None, t.rows_of(do_ref, j),
           d_s1, last_of(rev(i), j), scale, segmented, dt)
 
     d_s0 = t.loop(body, ds_ref[...], reverse=True)
@@ -473,7 +509,7 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       dinit_ref[...] = d_s0
 
   sk, sv = t.seq("bvn", reverse=True), t.seq("bvn", True, reverse=True)
-  gc3 = t.gate_col("bvn", reverse=True)
+  gc3 = t.gates("bvn", reverse=True)
   d_ends, d_initial = _pcall(
       state_kernel,
       [jax.ShapeDtypeStruct(starts.shape, f32), jax.ShapeDtypeStruct(d_final.shape, f32)],
@@ -482,32 +518,32 @@ def delta_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       [t.starts("bvn", reverse=True), t.state()], _SEMANTICS, f"nlx_{kind}_bwd_state",
       interpret, debug, lay.phase_cost("bwd_state", bh_count, n_chunks, chunk, dk, dv, dt, kind),
       [pltpu.VMEM((dk, block_v), f32)])(
-          *((q, k, w, gates_col, dvl, d_o, d_final) if delta else (q, k, gates_col, d_o, d_final)))
+          *((q, k, w, gt, dvl, d_o, d_final) if delta else (q, k, gt, d_o, d_final)))
 
-  def grad_kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, starts_ref, do_ref, dends_ref,
-                  dq_ref, dk_ref, dv_ref, dgc_ref):
+  def grad_kernel(q_ref, k_ref, v_ref, g_ref, starts_ref, do_ref, dends_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref):
     n = pl.program_id(1)
 
-    def body(j, carry):
+    def body(j, d_gates):
       d_ch = phases.grad(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(v_ref, j),
-                         t.rows_of(gc_ref, j), gr_ref[j], starts_ref[j], t.rows_of(do_ref, j),
+                         *t.gates_of(g_ref, j), starts_ref[j], t.rows_of(do_ref, j),
                          dends_ref[j], last_of(n, j), scale, segmented, dt, kind)
-      for ref, x in ((dq_ref, d_ch.q), (dk_ref, d_ch.k), (dv_ref, d_ch.v),
-                     (dgc_ref, d_ch.gates_col)):
+      for ref, x in ((dq_ref, d_ch.q), (dk_ref, d_ch.k), (dv_ref, d_ch.v)):
         t.put_rows(ref, j, x)
-      return carry
+      return d_gates + t.gates_back(d_ch.gates_col, j)
 
-    t.loop(body)
+    dg_ref[...] = t.loop(body, jnp.zeros((GATE_CHANNELS, t.rows), f32))
 
   sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
   seqk, seqv = t.seq("bn"), t.seq("bn", True, False)
-  dq, dk_, dv_, dgc = _pcall(
-      grad_kernel, [sds(q), sds(k), sds(v), sds(gates_col)], (bh_count, steps),
-      [seqk, seqk, seqv, t.gate_col("bn"), t.gate_row("bn"), t.starts("bn", whole_v=True), seqv,
+  dq, dk_, dv_, dg = _pcall(
+      grad_kernel, [sds(q), sds(k), sds(v), sds(gt)], (bh_count, steps),
+      [seqk, seqk, seqv, t.gates("bn"), t.starts("bn", whole_v=True), seqv,
        t.starts("bn", whole_v=True)],
-      [seqk, seqk, seqv, t.gate_col("bn")], ("parallel", "parallel"),
+      [seqk, seqk, seqv, t.gates("bn")], ("parallel", "parallel"),
       f"nlx_{kind}_bwd_grad", interpret, debug,
       lay.phase_cost("grad", bh_count, n_chunks, chunk, dk, dv, dt, kind))(
-          q, k, v, gates_col, gr, starts, d_o, d_ends)
+          q, k, v, gt, starts, d_o, d_ends)
+  dgc = dg.swapaxes(-1, -2).reshape(gates_col.shape)  # back from the lane-dense rows
   dgr = jnp.zeros(gates_row.shape, f32)  # phases.grad puts the gates' gradient in the column
   return dq, dk_, dv_, dgc, dgr, d_initial
