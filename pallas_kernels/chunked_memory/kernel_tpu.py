@@ -4,9 +4,12 @@ Same algorithm and per-chunk code as the GPU kernels (``chunk.py``), with TPU pl
 is (batch·head, value block, chunk) with the chunk axis innermost and sequential
 (``"arbitrary"``), so Pallas pipelines each chunk's tiles from HBM into VMEM while the previous
 chunk computes; the ``[K, block_v]`` state lives in a VMEM scratch buffer across the chunk axis.
-The backward kernel maps the chunk axis in reverse through its index maps. Tiles are ``[C, K]``,
-``[C, block_v]``, ``[C, 4]`` (gate columns), ``[4, C]`` (gate rows) and ``[K, block_v]`` (states),
-every one either lane-aligned or spanning its array's full trailing dimensions, as Mosaic requires.
+The backward kernel maps the chunk axis in reverse through its index maps. Titans' two kernels
+use tiles ``[C, K]``, ``[C, block_v]``, ``[C, 4]`` (gate columns), ``[4, C]`` (gate rows) and
+``[K, block_v]`` (states); the phase kernels (delta rule, linear attention) are tiled by
+``_Tiles``: several chunks per grid step, lane-dense ``[4, m·C]`` gate rows and head-strided
+q/k/v/o. Every tile is either lane-aligned or spans its array's full trailing dimensions, as
+Mosaic requires.
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def main(argv: Sequence[str] = ()) -> int:
                       help=f"with document boundaries (kinds {', '.join(SEGMENTED_KINDS)})")
   parser.add_argument("--tiling", choices=("default", "transposed"), default="default",
                       help="TPU phase kernels: head-strided, several chunks a step (default) or "
-                      "XLA transposes, one chunk a step (the earlier tiling)")
+                      "XLA transposes, one chunk a step (the earlier tiling, but with the current gates)")
   parser.add_argument("--kinds", default=None,
                       help="comma-separated kinds (default: every kind; with --reset, those that "
                       "take boundaries)")
