@@ -64,8 +64,11 @@ Array = jax.Array
 
 
 def read(memory: core.Memory, weights: dict, x: Array) -> Array:
-  """``M(x)`` without a write: weights ``{name: [B, H, in, out]}``, x ``[B, T, H, K]``."""
-  apply = lambda w, xh: memory.apply(w, xh.astype(jnp.float32))
+  """``M(x)`` without a write: weights ``{name: [B, H, in, out]}``, x ``[B, T, H, K]``; computed in
+  float32, or float64 for float64 inputs (a cast to float32 there rounds the cotangents of
+  higher-order gradients, e.g. the CMS's ``next_token`` objective, to float32)."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  apply = lambda w, xh: memory.apply(w, xh.astype(dtype))
   return jax.vmap(jax.vmap(apply, in_axes=(0, 1), out_axes=1))(weights, x).astype(x.dtype)
 
 
@@ -321,9 +324,18 @@ class SelfModifyingTitans(Mixer):
     q, k, v, momentum = inputs
     xs = (place(q), place(k), place(v), place(momentum, 1), place(reset, False),
           place(fresh, False), place(jnp.ones((b, t), bool), False))
-    _, o = core.scan_chunks(self._chunk_time_major, self._initial(b),
-                            tuple(map(_time_major, xs)), c)
+    _, o = core.scan_chunks(self._live_chunk, self._initial(b), tuple(map(_time_major, xs)), c)
     return jax.vmap(lambda os, ss: os[ss])(_batch_major(o), slots)
+
+  def _live_chunk(self, carry, chunk):
+    """``_chunk_time_major`` of a buffer chunk of ``_packed``, skipped when no row has a token
+    in it: the buffer is sized for the worst layout (every document one token longer than a
+    chunk), and the chunks after every row's last token hold placeholders only, which write
+    nothing and leave the state as it is. Their outputs are never read."""
+    live = chunk[6]
+    shapes = jax.eval_shape(self._chunk_time_major, carry, chunk)[1]
+    skip = lambda carry, chunk: (carry, jnp.zeros(shapes.shape, shapes.dtype))
+    return jax.lax.cond(jnp.any(live), self._chunk_time_major, skip, carry, chunk)
 
   def _continue(self, state: HopeState, inputs: tuple,
                 reset: Optional[Array]) -> tuple[Array, HopeState]:

@@ -170,7 +170,8 @@ class NeuralMemory(Mixer):
   def read(self, weights, q: Array) -> Array:
     """``M(q)`` without a write: weights of ``TitansState.memory``, q ``[B, T, H, dk]`` -> dv."""
     tree = {"w": weights} if self.memory is LINEAR else weights
-    apply = lambda w, x, params: self.memory.bind(params).apply(w, x.astype(jnp.float32))
+    dtype = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64 (hope.read)
+    apply = lambda w, x, params: self.memory.bind(params).apply(w, x.astype(dtype))
     o = jax.vmap(jax.vmap(apply, in_axes=(0, 1, 0), out_axes=1),
                  in_axes=(0, 0, None))(tree, q, self.memory_params())
     return o.astype(q.dtype)

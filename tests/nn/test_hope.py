@@ -227,3 +227,32 @@ def test_a_sequence_split_anywhere_has_the_one_call_gradients():
 def test_bad_hope_settings_are_refused_by_name(fields, message):
   with pytest.raises(ValueError, match=message):
     tiny_hope(**fields)
+
+
+def test_memory_reads_keep_float64():
+  """``hope.read`` and ``NeuralMemory.read`` compute in float64 for float64 inputs: a cast of
+  the inputs to float32 rounded the cotangents of second-order gradients (the CMS's next_token
+  objective) to float32, and a packed row's gradients then differed from its documents' alone
+  by ~1e-9 in float64 (tests/nn/test_packed.py, slow)."""
+  from nlx.memory import MLPMemory
+  from nlx.nn import hope
+  from nlx.nn.neural_memory import NeuralMemory
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    w = {"w2": rng.normal(size=(1, H, DK, DK)), "w1": rng.normal(size=(1, H, DK, DK))}
+    x = rng.normal(size=(1, T, H, DK))
+    got = hope.read(MLPMemory("silu"), jax.tree.map(jnp.asarray, w), jnp.asarray(x))
+    assert got.dtype == jnp.float64
+    silu = lambda z: z / (1.0 + np.exp(-z))
+    want = np.stack([x[0, :, h] + silu(x[0, :, h] @ w["w2"][0, h]) @ w["w1"][0, h]
+                     for h in range(H)], 1)[None]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13, atol=1e-13)
+    # second order through the read: float64 all the way (a float32 cast errs by ~1e-8)
+    f = lambda xx: jnp.sum(jnp.tanh(hope.read(MLPMemory("silu"), w, xx)) ** 2)
+    hess = jax.grad(lambda xx: jnp.sum(jax.grad(f)(xx) ** 2))(jnp.asarray(x))
+    assert hess.dtype == jnp.float64
+    cfg = ModelConfig(family="titans_lmm", d_model=8, n_heads=H, vocab_size=11, n_layers=1)
+    mem = NeuralMemory(cfg, rngs=nnx.Rngs(0), memory="mlp", lr_max=0.1)
+    weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), mem.initial_memory(1).memory)
+    q = jnp.asarray(rng.normal(size=(1, T, H, cfg.dk)))
+    assert mem.read(weights, q).dtype == jnp.float64
