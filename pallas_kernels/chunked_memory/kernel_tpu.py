@@ -10,6 +10,10 @@ use tiles ``[C, K]``, ``[C, block_v]``, ``[C, 4]`` (gate columns), ``[4, C]`` (g
 ``_Tiles``: several chunks per grid step, lane-dense ``[4, m·C]`` gate rows and head-strided
 q/k/v/o. Every tile is either lane-aligned or spans its array's full trailing dimensions, as
 Mosaic requires.
+
+Longer than 500 lines: Titans' single forward/backward pair and the phase kernels of the delta
+rule and linear attention live together while they share the TPU plumbing; Titans moves out when
+it gets its own phase split (docs/KERNELS.md, what is left).
 """
 
 from __future__ import annotations
