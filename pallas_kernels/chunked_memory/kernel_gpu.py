@@ -9,11 +9,11 @@ smaller set of primitives (in jax 0.10.2 not even a plain ``dot_general`` at lan
 the shared chunk code could not run there unchanged. Triton is also what flash-linear-attention
 uses, which makes the side-by-side benchmark a like-for-like comparison.
 
-Grid: one program per (batch·head, value block): value columns of a linear memory never mix, so
-blocks of V are independent in the forward pass; the program walks the chunks in order with the
-``[K, block_v]`` state in registers. The backward program walks them in reverse from the start
-states that the forward pass stored, carrying the state's gradient; gradients of q, k and the
-gates are partial sums over value blocks, added up by ``ops.py``.
+The delta rule and linear attention run as the phase kernels of ``phases.py`` (Titans' are in
+``kernel_gpu_titans``): parallel kernels take one program per (batch·head, chunk[, value block]);
+the sequential ones one program per (batch·head, value block), walking the chunks with the
+``[K, block_v]`` state in registers (value columns of a linear memory never mix). Gradients of
+q, k and the gates are partial sums over value blocks, added up here.
 """
 
 from __future__ import annotations
@@ -27,136 +27,9 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.chunked_memory import layout as lay
 from pallas_kernels.chunked_memory import phases
-from pallas_kernels.chunked_memory.chunk import Chunk, State, chunk_step, chunk_vjp, last_row
+from pallas_kernels.chunked_memory.chunk import last_row
 
 Array = jax.Array
-
-
-def _load_chunk(refs, bh, n, vb, chunk: int, block_v: int) -> Chunk:
-  q_ref, k_ref, v_ref, gc_ref, gr_ref = refs
-  rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
-  f32 = lambda x: x.astype(jnp.float32)
-  return Chunk(f32(q_ref[bh, rows, :]), f32(k_ref[bh, rows, :]), f32(v_ref[bh, rows, cols]),
-               gc_ref[bh, rows, :], gr_ref[bh, n, :, :])
-
-
-def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-            gates_row: Array, w0: Array, p0: Optional[Array], *, chunk: int, last: int,
-            block_v: int, save_states: bool, num_warps: int = 4, num_stages: int = 1,
-            interpret: bool = False, debug: bool = False, segmented: bool = False):
-  """Forward kernel on the kernels' layout (see ``layout.py``).
-
-  ``segmented``: the gates carry document boundaries (``chunk.chunk_step``); False compiles the
-  kernel without them, exactly as before they existed.
-
-  Returns:
-    ``(o [BH, Tp, V] in q's dtype, final State [BH, K, V], start states State [BH, N, K, V] or
-    None)``; momentum entries are None when ``p0`` is None.
-  """
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  num_chunks = tp // chunk
-  momentum = p0 is not None
-
-  def kernel(*refs):
-    ins, outs = refs[:7 if momentum else 6], refs[7 if momentum else 6:]
-    w0_ref, p0_ref = ins[5], ins[6] if momentum else None
-    o_ref, wf_ref = outs[0], outs[1]
-    pf_ref = outs[2] if momentum else None
-    starts = outs[3 if momentum else 2:] if save_states else ()
-    bh, vb = pl.program_id(0), pl.program_id(1)
-    cols = pl.ds(vb * block_v, block_v)
-
-    def body(n, state):
-      ch = _load_chunk(ins[:5], bh, n, vb, chunk, block_v)
-      if save_states:
-        starts[0][bh, n, :, cols] = state.memory
-        if momentum:
-          starts[1][bh, n, :, cols] = state.momentum
-      o, new = chunk_step(kind, scale, ch, state, last_row(n, num_chunks, chunk, last),
-                          segmented=segmented, dtype=q.dtype)
-      o_ref[bh, pl.ds(n * chunk, chunk), cols] = o.astype(o_ref.dtype)
-      return new
-
-    start = State(w0_ref[bh, :, cols], p0_ref[bh, :, cols] if momentum else None)
-    final = jax.lax.fori_loop(0, num_chunks, body, start)
-    wf_ref[bh, :, cols] = final.memory
-    if momentum:
-      pf_ref[bh, :, cols] = final.momentum
-
-  args = (q, k, v, gates_col, gates_row, w0) + ((p0,) if momentum else ())
-  out_shape = lay.forward_out_shapes(q, v, chunk, momentum, save_states)
-  outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(bh_count, dv // block_v), interpret=interpret,
-      debug=debug, name=f"nlx_{kind}_fwd",
-      cost_estimate=lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, False),
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
-  return lay.split_forward_outs(outs, momentum, save_states)
-
-
-def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-             gates_row: Array, starts: State, d_o: Array, d_final: State, *, chunk: int,
-             last: int, block_v: int, num_warps: int = 4, num_stages: int = 1,
-             interpret: bool = False, debug: bool = False, segmented: bool = False):
-  """Backward kernel: the reverse chunk walk of ``reference.backward``.
-
-  Returns:
-    ``(dq [NV, BH, Tp, K], dk [NV, BH, Tp, K], dv [BH, Tp, V], d_gates_col [NV, BH, Tp, 4],
-    d_gates_row [NV, BH, N, 4, C], d_initial State [BH, K, V])``, float32; NV = V / block_v
-    partial sums for what every value block contributes to.
-  """
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  num_chunks, nv = tp // chunk, dv // block_v
-  momentum = starts.momentum is not None
-
-  def kernel(*refs):
-    n_in = 10 if momentum else 8
-    ins, outs = refs[:n_in], refs[n_in:]
-    w_starts, p_starts = ins[5], ins[6] if momentum else None
-    do_ref = ins[7 if momentum else 6]
-    dwf_ref = ins[8 if momentum else 7]
-    dpf_ref = ins[9] if momentum else None
-    dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref, dw0_ref = outs[:6]
-    dp0_ref = outs[6] if momentum else None
-    bh, vb = pl.program_id(0), pl.program_id(1)
-    cols = pl.ds(vb * block_v, block_v)
-
-    def body(i, d_state):
-      n = num_chunks - 1 - i
-      rows = pl.ds(n * chunk, chunk)
-      ch = _load_chunk(ins[:5], bh, n, vb, chunk, block_v)
-      start = State(w_starts[bh, n, :, cols], p_starts[bh, n, :, cols] if momentum else None)
-      d_oc = do_ref[bh, rows, cols].astype(jnp.float32)
-      d_ch, d_start = chunk_vjp(kind, scale, ch, start, last_row(n, num_chunks, chunk, last), d_oc,
-                                d_state, segmented)
-      dq_ref[vb, bh, rows, :] = d_ch.q
-      dk_ref[vb, bh, rows, :] = d_ch.k
-      dv_ref[bh, rows, cols] = d_ch.v
-      dgc_ref[vb, bh, rows, :] = d_ch.gates_col
-      dgr_ref[vb, bh, n, :, :] = d_ch.gates_row
-      return d_start
-
-    d_end = State(dwf_ref[bh, :, cols], dpf_ref[bh, :, cols] if momentum else None)
-    d_initial = jax.lax.fori_loop(0, num_chunks, body, d_end)
-    dw0_ref[bh, :, cols] = d_initial.memory
-    if momentum:
-      dp0_ref[bh, :, cols] = d_initial.momentum
-
-  args = (q, k, v, gates_col, gates_row, starts.memory)
-  args += ((starts.momentum,) if momentum else ()) + (d_o, d_final.memory)
-  args += (d_final.momentum,) if momentum else ()
-  out_shape = lay.backward_out_shapes(q, v, chunk, block_v, momentum)
-  outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(bh_count, nv), interpret=interpret, debug=debug,
-      name=f"nlx_{kind}_bwd",
-      cost_estimate=lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, True),
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))(*args)
-  d_initial = State(outs[5], outs[6] if momentum else None)
-  return outs[0], outs[1], outs[2], outs[3], outs[4], d_initial
-
-
-# --- The delta rule in phases (``phases.py``): parallel UT, lean sequential state, parallel output.
 
 
 def _f32(x):

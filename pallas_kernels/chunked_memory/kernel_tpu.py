@@ -1,24 +1,17 @@
-"""TPU kernels (Pallas, Mosaic lowering) for the chunked associative-memory update.
+"""TPU kernels (Pallas, Mosaic lowering) of the delta rule and linear attention in phases.
 
-Same algorithm and per-chunk code as the GPU kernels (``chunk.py``), with TPU plumbing: the grid
-is (batch·head, value block, chunk) with the chunk axis innermost and sequential
-(``"arbitrary"``), so Pallas pipelines each chunk's tiles from HBM into VMEM while the previous
-chunk computes; the ``[K, block_v]`` state lives in a VMEM scratch buffer across the chunk axis.
-The backward kernel maps the chunk axis in reverse through its index maps. Titans' two kernels
-use tiles ``[C, K]``, ``[C, block_v]``, ``[C, 4]`` (gate columns), ``[4, C]`` (gate rows) and
-``[K, block_v]`` (states); the phase kernels (delta rule, linear attention) are tiled by
-``_Tiles``: several chunks per grid step, lane-dense ``[4, m·C]`` gate rows and head-strided
-q/k/v/o. Every tile is either lane-aligned or spans its array's full trailing dimensions, as
-Mosaic requires.
-
-Longer than 500 lines: Titans' single forward/backward pair and the phase kernels of the delta
-rule and linear attention live together while they share the TPU plumbing; Titans moves out when
-it gets its own phase split (docs/KERNELS.md, what is left).
+Same algorithm and per-chunk code as the GPU kernels (``phases.py``), with TPU plumbing: the
+sequential kernels' grid is (batch·head, value block, step) with the step axis innermost and
+sequential (``"arbitrary"``), so Pallas pipelines each step's tiles from HBM into VMEM while the
+previous step computes; the ``[K, block_v]`` state lives in a VMEM scratch buffer across the step
+axis, and the backward maps the step axis in reverse through its index maps. The parallel
+kernels mark every grid axis ``"parallel"``. Tiles come from ``_Tiles``: several chunks per grid
+step, lane-dense ``[4, m·C]`` gate rows and head-strided q/k/v/o. Every tile is either
+lane-aligned or spans its array's full trailing dimensions, as Mosaic requires. Titans' kernels
+(``kernel_tpu_titans``) use the same ``_Tiles``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,168 +20,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunked_memory import layout as lay
 from pallas_kernels.chunked_memory import phases
-from pallas_kernels.chunked_memory.chunk import GATE_CHANNELS, Chunk, State, chunk_step, chunk_vjp, last_row
+from pallas_kernels.chunked_memory.chunk import GATE_CHANNELS, last_row
 
 Array = jax.Array
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
-
-
-def _specs(dk: int, block_v: int, chunk: int, num_chunks: int, reverse: bool):
-  """BlockSpecs of the sequence inputs (q, k, v, gate columns, gate rows) for grid (bh, vb, n)."""
-  at = (lambda n: num_chunks - 1 - n) if reverse else (lambda n: n)
-  return [
-      pl.BlockSpec((None, chunk, dk), lambda bh, vb, n: (bh, at(n), 0)),
-      pl.BlockSpec((None, chunk, dk), lambda bh, vb, n: (bh, at(n), 0)),
-      pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, at(n), vb)),
-      pl.BlockSpec((None, chunk, GATE_CHANNELS), lambda bh, vb, n: (bh, at(n), 0)),
-      pl.BlockSpec((None, GATE_CHANNELS, chunk),
-                   lambda bh, vb, n: (bh * num_chunks + at(n), 0, 0)),
-  ]
-
-
-def _state_spec(dk: int, block_v: int):
-  return pl.BlockSpec((None, dk, block_v), lambda bh, vb, n: (bh, 0, vb))
-
-
-def _starts_spec(dk: int, block_v: int, num_chunks: int, reverse: bool):
-  at = (lambda n: num_chunks - 1 - n) if reverse else (lambda n: n)
-  return pl.BlockSpec((None, None, dk, block_v), lambda bh, vb, n: (bh, at(n), 0, vb))
-
-
-def _chunk(refs) -> Chunk:
-  q_ref, k_ref, v_ref, gc_ref, gr_ref = refs
-  f32 = lambda r: r[...].astype(jnp.float32)
-  return Chunk(f32(q_ref), f32(k_ref), f32(v_ref), gc_ref[...], gr_ref[...])
-
-
-def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, name, interpret, debug, cost):
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=scratch, name=name, debug=debug, cost_estimate=cost,
-      interpret=pltpu.InterpretParams() if interpret else False,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS))
-
-
-def forward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-            gates_row: Array, w0: Array, p0: Optional[Array], *, chunk: int, last: int,
-            block_v: int, save_states: bool, interpret: bool = False, debug: bool = False,
-            segmented: bool = False):
-  """Forward kernel; same contract as ``kernel_gpu.forward`` (``segmented`` included)."""
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  num_chunks = tp // chunk
-  momentum = p0 is not None
-  n_in = 7 if momentum else 6
-  n_out = len(lay.forward_out_shapes(q, v, chunk, momentum, save_states))
-
-  def kernel(*refs):
-    ins, outs, scratch = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
-    o_ref, final_refs = outs[0], outs[1:3 if momentum else 2]
-    start_refs = outs[3 if momentum else 2:]
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-      for s_ref, i_ref in zip(scratch, ins[5:]):
-        s_ref[...] = i_ref[...]
-
-    state = State(scratch[0][...], scratch[1][...] if momentum else None)
-    for s_ref, x in zip(start_refs, state):
-      s_ref[...] = x
-    o, new = chunk_step(kind, scale, _chunk(ins[:5]), state,
-                        last_row(n, num_chunks, chunk, last), segmented=segmented, dtype=q.dtype)
-    o_ref[...] = o.astype(o_ref.dtype)
-    for s_ref, x in zip(scratch, new):
-      s_ref[...] = x
-
-    @pl.when(n == num_chunks - 1)
-    def _():
-      for f_ref, x in zip(final_refs, new):
-        f_ref[...] = x
-
-  state_spec = _state_spec(dk, block_v)
-  in_specs = _specs(dk, block_v, chunk, num_chunks, False) + [state_spec] * (n_in - 5)
-  out_specs = [pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, n, vb))]
-  out_specs += [state_spec] * (2 if momentum else 1)
-  if save_states:
-    out_specs += [_starts_spec(dk, block_v, num_chunks, False)] * (2 if momentum else 1)
-  scratch = [pltpu.VMEM((dk, block_v), jnp.float32)] * (2 if momentum else 1)
-  args = (q, k, v, gates_col, gates_row.reshape(-1, GATE_CHANNELS, chunk), w0)
-  args += (p0,) if momentum else ()
-  out_shape = lay.forward_out_shapes(q, v, chunk, momentum, save_states)
-  cost = lay.cost_estimate(kind, args, out_shape, chunk, block_v, momentum, False)
-  outs = _call(kernel, out_shape, (bh_count, dv // block_v, num_chunks), in_specs, out_specs,
-               scratch, f"nlx_{kind}_fwd", interpret, debug, cost)(*args)
-  return lay.split_forward_outs(outs, momentum, save_states)
-
-
-def backward(kind: str, scale: float, q: Array, k: Array, v: Array, gates_col: Array,
-             gates_row: Array, starts: State, d_o: Array, d_final: State, *, chunk: int,
-             last: int, block_v: int, interpret: bool = False, debug: bool = False,
-             segmented: bool = False):
-  """Backward kernel; same contract as ``kernel_gpu.backward`` (``segmented`` included)."""
-  bh_count, tp, dk = q.shape
-  dv = v.shape[-1]
-  num_chunks = tp // chunk
-  momentum = starts.momentum is not None
-  n_states = 2 if momentum else 1
-  n_in = 5 + 2 * n_states + 1
-  shapes = lay.backward_out_shapes(q, v, chunk, block_v, momentum)
-
-  def kernel(*refs):
-    ins, outs, scratch = refs[:n_in], refs[n_in:n_in + len(shapes)], refs[n_in + len(shapes):]
-    start_refs, do_ref = ins[5:5 + n_states], ins[5 + n_states]
-    d_final_refs = ins[6 + n_states:]
-    dq_ref, dk_ref, dv_ref, dgc_ref, dgr_ref = outs[:5]
-    d_initial_refs = outs[5:]
-    i = pl.program_id(2)
-    n = num_chunks - 1 - i
-
-    @pl.when(i == 0)
-    def _():
-      for s_ref, d_ref in zip(scratch, d_final_refs):
-        s_ref[...] = d_ref[...]
-
-    d_state = State(scratch[0][...], scratch[1][...] if momentum else None)
-    start = State(start_refs[0][...], start_refs[1][...] if momentum else None)
-    d_ch, d_start = chunk_vjp(kind, scale, _chunk(ins[:5]), start,
-                              last_row(n, num_chunks, chunk, last),
-                              do_ref[...].astype(jnp.float32), d_state, segmented)
-    dq_ref[...], dk_ref[...], dv_ref[...] = d_ch.q, d_ch.k, d_ch.v
-    dgc_ref[...], dgr_ref[...] = d_ch.gates_col, d_ch.gates_row
-    for s_ref, x in zip(scratch, d_start):
-      s_ref[...] = x
-
-    @pl.when(i == num_chunks - 1)
-    def _():
-      for d_ref, x in zip(d_initial_refs, d_start):
-        d_ref[...] = x
-
-  rev = lambda n: num_chunks - 1 - n
-  state_spec = _state_spec(dk, block_v)
-  in_specs = _specs(dk, block_v, chunk, num_chunks, True)
-  in_specs += [_starts_spec(dk, block_v, num_chunks, True)] * n_states
-  in_specs += [pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, rev(n), vb))]
-  in_specs += [state_spec] * n_states
-  partial = lambda d: pl.BlockSpec((None, None, chunk, d), lambda bh, vb, n: (vb, bh, rev(n), 0))
-  out_specs = [partial(dk), partial(dk),
-               pl.BlockSpec((None, chunk, block_v), lambda bh, vb, n: (bh, rev(n), vb)),
-               partial(GATE_CHANNELS),
-               pl.BlockSpec((None, None, GATE_CHANNELS, chunk),
-                            lambda bh, vb, n: (vb, bh * num_chunks + rev(n), 0, 0))]
-  out_specs += [state_spec] * n_states
-  flat_shapes = list(shapes)
-  nv = dv // block_v
-  flat_shapes[4] = jax.ShapeDtypeStruct((nv, bh_count * num_chunks, GATE_CHANNELS, chunk),
-                                        jnp.float32)
-  args = (q, k, v, gates_col, gates_row.reshape(-1, GATE_CHANNELS, chunk)) + tuple(
-      x for x in starts if x is not None) + (d_o,) + tuple(x for x in d_final if x is not None)
-  cost = lay.cost_estimate(kind, args, flat_shapes, chunk, block_v, momentum, True)
-  outs = _call(kernel, flat_shapes, (bh_count, nv, num_chunks), in_specs, out_specs,
-               [pltpu.VMEM((dk, block_v), jnp.float32)] * n_states, f"nlx_{kind}_bwd",
-               interpret, debug, cost)(*args)
-  dgr = outs[4].reshape(nv, bh_count, num_chunks, GATE_CHANNELS, chunk)
-  return outs[0], outs[1], outs[2], outs[3], dgr, State(outs[5], outs[6] if momentum else None)
 
 
 # --- The delta rule in phases (``phases.py``): parallel UT, lean sequential state, parallel output.

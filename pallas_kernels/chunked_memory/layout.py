@@ -20,8 +20,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked_memory.chunk import State
-
 Array = jax.Array
 
 
@@ -138,38 +136,6 @@ def reset_at_start(w0: Array, reset: Array, h: int) -> Array:
   return jnp.where(first[:, None, None], jnp.zeros_like(w0), w0)
 
 
-def forward_out_shapes(q: Array, v: Array, chunk: int, momentum: bool, save_states: bool) -> list:
-  """Outputs of a forward kernel, in order: o, final memory, [final momentum], [start states]."""
-  bh, tp, dk = q.shape
-  dv = v.shape[-1]
-  state = jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)
-  starts = jax.ShapeDtypeStruct((bh, tp // chunk, dk, dv), jnp.float32)
-  shapes = [jax.ShapeDtypeStruct((bh, tp, dv), q.dtype), state] + ([state] if momentum else [])
-  return shapes + ([starts] * (2 if momentum else 1) if save_states else [])
-
-
-def backward_out_shapes(q: Array, v: Array, chunk: int, block_v: int, momentum: bool) -> list:
-  """Outputs of a backward kernel, in order: dq, dk (``[NV, BH, Tp, K]`` partial sums over value
-  blocks), dv ``[BH, Tp, V]``, d_gates_col ``[NV, BH, Tp, 4]``, d_gates_row ``[NV, BH, N, 4, C]``,
-  d_initial memory and [momentum] ``[BH, K, V]`` (all float32)."""
-  bh, tp, dk = q.shape
-  dv = v.shape[-1]
-  nv, n = dv // block_v, tp // chunk
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  shapes = [f32(nv, bh, tp, dk), f32(nv, bh, tp, dk), f32(bh, tp, dv), f32(nv, bh, tp, 4),
-            f32(nv, bh, n, 4, chunk), f32(bh, dk, dv)]
-  return shapes + ([f32(bh, dk, dv)] if momentum else [])
-
-
-def split_forward_outs(outs, momentum: bool, save_states: bool):
-  """``(o, final State, start States or None)`` from a forward kernel's outputs."""
-  o, wf = outs[0], outs[1]
-  pf = outs[2] if momentum else None
-  rest = outs[3 if momentum else 2:]
-  starts = State(rest[0], rest[1] if momentum else None) if save_states else None
-  return o, State(wf, pf), starts
-
-
 def chunk_flops(kind: str, chunk: int, dk: int, block_v: int, momentum: bool) -> int:
   """Matmul FLOPs of one forward ``chunk.chunk_step`` on a ``[K, block_v]`` state (the count the
   kernels report to XLA and the benchmark's TFLOP/s use)."""
@@ -184,31 +150,19 @@ def chunk_flops(kind: str, chunk: int, dk: int, block_v: int, momentum: bool) ->
   return flops
 
 
-def cost_estimate(kind: str, args, outs, chunk: int, block_v: int, momentum: bool,
-                  backward: bool):
-  """A ``pl.CostEstimate`` for a kernel call: FLOPs from ``chunk_flops`` (the backward pass
-  recomputes the forward and costs about twice more), exps of the ``[C, C]`` decay matrices, and
-  the bytes of every argument and result."""
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  q, v = args[0], args[2]
-  bh, tp, dk = q.shape
-  units = bh * (tp // chunk) * (v.shape[-1] // block_v)
-  flops = units * chunk_flops(kind, chunk, dk, block_v, momentum) * (3 if backward else 1)
-  nbytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in list(args) + list(outs)
-               if x is not None)
-  return pl.CostEstimate(flops=int(flops), transcendentals=int(units * chunk * chunk * 2),
-                         bytes_accessed=int(nbytes))
-
-
 def _log2(n: int) -> int:
   return max(n.bit_length() - 1, 0)
 
 
-def phase_flops(phase: str, chunk: int, dk: int, dv: int, kind: str = "delta_rule") -> int:
+def phase_flops(phase: str, chunk: int, dk: int, dv: int, kind: str = "delta_rule",
+                momentum: bool = False) -> int:
   """Matmul FLOPs of one chunk (one batch·head, all of V) in a phase of the phase kernels
-  (``phases.py``): "ut", "state", "out", "dvl", "bwd_state", "grad"; ``kind`` "delta_rule" or
-  "linear_attention" (no UT system: no "ut"/"dvl", lighter state steps)."""
+  (``phases.py``): "ut", "state", "out", "dvl", "bwd_state", "grad"; ``kind`` "delta_rule",
+  "linear_attention" (no UT system: no "ut"/"dvl", lighter state steps) or "titans"
+  (``titans_phase_flops``)."""
   c = chunk
+  if kind == "titans":
+    return titans_phase_flops(phase, chunk, dk, dv, momentum)
   if kind == "linear_attention":
     return {"state": 2 * c * dk * dv, "out": 2 * c * c * dk + 2 * c * dk * dv + 2 * c * c * dv,
             "bwd_state": 2 * c * dk * dv,
@@ -225,11 +179,39 @@ def phase_flops(phase: str, chunk: int, dk: int, dv: int, kind: str = "delta_rul
   }[phase]
 
 
-def phase_bytes(phase: str, chunk: int, dk: int, dv: int, dtype) -> int:
+def titans_phase_flops(phase: str, chunk: int, dk: int, dv: int, momentum: bool) -> int:
+  """Matmul FLOPs of one Titans chunk in a phase of ``titans_phases.py``: "coef" (gate-only
+  reductions: none), "state", "out", "dvl", "bwd_state", "grad"; with ``momentum`` the ``[C, C]``
+  products of ``Γ = D·Dη`` (and their pullbacks) and the momentum state's dots."""
+  ckv, cck, ccv, ccc = 2 * chunk * dk * dv, 2 * chunk**2 * dk, 2 * chunk**2 * dv, 2 * chunk**3
+  m = int(momentum)
+  return {
+      "coef": 0,
+      "state": (2 + m) * ckv,  # K S₀, (γK)ᵀ u, (μK)ᵀ u
+      "out": cck + ccv + (2 + m) * ckv + m * ccc,  # qKᵀ, P u, K S₀, q S₀, q P₀, D·Dη
+      "dvl": cck + ccv + m * ccc,  # qKᵀ, Pᵀ dO, D·Dη
+      "bwd_state": (3 + 2 * m) * ckv,  # (γK) dS₁, (aq)ᵀ dO, (βK)ᵀ du, (μK) dP₁, (cq)ᵀ dO
+      "grad": 3 * cck + 2 * ccv + (6 + 4 * m) * ckv + 3 * m * ccc,
+  }[phase]
+
+
+def phase_bytes(phase: str, chunk: int, dk: int, dv: int, dtype, kind: str = "delta_rule",
+                momentum: bool = False) -> int:
   """HBM bytes one chunk's phase reads and writes (inputs in ``dtype``, states float32)."""
   c, e, f = chunk, jnp.dtype(dtype).itemsize, 4
   gates = 2 * c * 4 * f
   state = dk * dv * f
+  if kind == "titans":
+    n_st, coef = 1 + int(momentum), c * 4 * f * int(momentum)
+    return {
+        "coef": gates + c * 4 * f,
+        "state": c * dk * e + c * dv * e + gates / 2 + coef + n_st * state,
+        "out": 2 * c * dk * e + 2 * c * dv * e + gates + n_st * state,
+        "dvl": 2 * c * dk * e + gates + c * dv * e + c * dv * f,
+        "bwd_state": 2 * c * dk * e + gates / 2 + coef + c * dv * (f + e) + n_st * state,
+        "grad": 2 * c * dk * e + 2 * c * dv * e + gates + 2 * n_st * state + 2 * c * dk * f
+                + c * dv * f + gates / 2,
+    }[phase]
   return {
       "ut": c * dk * e + c * dv * e + gates + c * dk * e + c * dv * e,
       "state": c * dk * e * 2 + c * dv * e * 2 + gates / 2 + state,
@@ -242,11 +224,16 @@ def phase_bytes(phase: str, chunk: int, dk: int, dv: int, dtype) -> int:
 
 
 def phase_cost(phase: str, bh: int, num_chunks: int, chunk: int, dk: int, dv: int, dtype,
-               kind: str = "delta_rule"):
-  """A ``pl.CostEstimate`` of one phase kernel over all ``bh · num_chunks`` chunks."""
+               kind: str = "delta_rule", momentum: bool = False):
+  """A ``pl.CostEstimate`` of one phase kernel over all ``bh · num_chunks`` chunks (``momentum``:
+  Titans with momentum)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   units = bh * num_chunks
-  exps = {"ut": 2, "state": 0, "out": 1, "dvl": 1, "bwd_state": 0, "grad": 6}[phase]
-  return pl.CostEstimate(flops=int(units * phase_flops(phase, chunk, dk, dv, kind)),
-                         transcendentals=int(units * exps * chunk * chunk),
-                         bytes_accessed=int(units * phase_bytes(phase, chunk, dk, dv, dtype)))
+  exps = {"ut": 2, "state": 0, "out": 1, "dvl": 1, "bwd_state": 0, "grad": 6, "coef": 3}[phase]
+  if kind == "titans":  # [C, C] exponentials: D, plus Dη and its transpose with momentum
+    exps = {"coef": 3, "state": 0, "out": 1, "dvl": 1, "bwd_state": 0, "grad": 1}[phase]
+    exps += 2 * int(momentum) * (phase in ("out", "dvl", "grad"))
+  return pl.CostEstimate(
+      flops=int(units * phase_flops(phase, chunk, dk, dv, kind, momentum)),
+      transcendentals=int(units * exps * chunk * chunk),
+      bytes_accessed=int(units * phase_bytes(phase, chunk, dk, dv, dtype, kind, momentum)))

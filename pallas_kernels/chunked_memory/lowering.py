@@ -135,26 +135,30 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
 def kernel_cost_estimates(kind: str, shape=SHAPE, chips: int = 1) -> dict:
   """The ``pl.CostEstimate`` each of ``kind``'s phase kernels passes to XLA, per chip, at
   ``shape`` (B per chip, T, H, K, V, chunk) in bfloat16 (``layout.phase_cost``, the function the
-  kernels call). Empty for the kinds without phase kernels."""
+  kernels call)."""
   from pallas_kernels.chunked_memory import layout as lay  # pylint: disable=g-import-not-at-top
   del chips
   b, t, h, dk, dv, c = shape
   n = -(-t // c)
   names = {"fwd_ut": "ut", "fwd_state": "state", "fwd_out": "out", "bwd_dvl": "dvl",
-           "bwd_state": "bwd_state", "bwd_grad": "grad"}
+           "bwd_state": "bwd_state", "bwd_grad": "grad", "fwd_coef": "coef"}
   out = {}
   for name in PHASE_KERNELS.get(kind, ()):
-    est = lay.phase_cost(names[name], b * h, n, c, dk, dv, jnp.bfloat16, kind)
+    # Titans is lowered with momentum (``_loss``), as its kernels then run.
+    est = lay.phase_cost(names[name], b * h, n, c, dk, dv, jnp.bfloat16, kind,
+                         momentum=kind == "titans")
     out[f"nlx_{kind}_{name}"] = {"flops": est.flops, "transcendentals": est.transcendentals,
                                  "bytes_accessed": est.bytes_accessed}
   return out
 
 
-# The kernels of each kind: the delta rule runs as phase kernels (``phases.py``), the others as
-# one forward and one backward kernel.
+# The kernels of each kind (phase kernels: ``phases.py``, ``titans_phases.py``; Titans as lowered
+# here, with momentum: its coefficient kernel runs only then).
 PHASE_KERNELS = {"delta_rule": ("fwd_ut", "fwd_state", "fwd_out", "bwd_dvl", "bwd_state",
                                 "bwd_grad"),
-                 "linear_attention": ("fwd_state", "fwd_out", "bwd_state", "bwd_grad")}
+                 "linear_attention": ("fwd_state", "fwd_out", "bwd_state", "bwd_grad"),
+                 "titans": ("fwd_coef", "fwd_state", "fwd_out", "bwd_dvl", "bwd_state",
+                            "bwd_grad")}
 
 
 def expected_kernels(kind: str) -> list:

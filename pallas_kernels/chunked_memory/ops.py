@@ -34,7 +34,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked_memory import kernel_gpu, kernel_tpu
+from pallas_kernels.chunked_memory import (kernel_gpu, kernel_gpu_titans, kernel_tpu,
+                                            kernel_tpu_titans)
 from pallas_kernels.chunked_memory import layout as lay
 from pallas_kernels.chunked_memory.chunk import KINDS, SEGMENTED_KINDS, State
 
@@ -43,7 +44,7 @@ Array = jax.Array
 BACKENDS = ("gpu", "tpu")
 DTYPES = (jnp.float32, jnp.bfloat16)
 _POW2 = (16, 32, 64, 128, 256)
-PHASED_KINDS = ("delta_rule", "linear_attention")
+PHASED_KINDS = ("delta_rule", "linear_attention", "titans")
 MAX_HEAD_DIM = 256
 
 
@@ -152,6 +153,10 @@ def _kernels(backend: str):
   return kernel_gpu if backend == "gpu" else kernel_tpu
 
 
+def _titans_kernels(backend: str):
+  return kernel_gpu_titans if backend == "gpu" else kernel_tpu_titans
+
+
 def _kernel_kwargs(cfg: _Config) -> dict:
   kw = dict(chunk=cfg.chunk, last=cfg.last, block_v=cfg.blocks.block_v, interpret=cfg.interpret,
             debug=cfg.debug, segmented=cfg.segmented)
@@ -165,52 +170,51 @@ def _kernel_kwargs(cfg: _Config) -> dict:
 
 
 def _phased(cfg: _Config) -> bool:
-  """The delta rule and linear attention run as the phase kernels (``phases.py``); Titans as one
-  forward and one backward kernel."""
+  """Every kind runs as phase kernels: the delta rule and linear attention those of
+  ``phases.py``, Titans those of ``titans_phases.py``."""
   return cfg.kind in PHASED_KINDS
+
+
+def _forward(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
+  """``(o, final State, residuals)`` of the forward kernels."""
+  if cfg.kind == "titans":
+    o, final, starts, coef = _titans_kernels(cfg.backend).titans_forward(
+        cfg.scale, q, k, v, gates_col, gates_row, w0, p0, **_kernel_kwargs(cfg))
+    return o, final, (starts, coef)
+  o, final, starts, w = _kernels(cfg.backend).delta_forward(
+      cfg.scale, q, k, v, gates_col, gates_row, w0, kind=cfg.kind, **_kernel_kwargs(cfg))
+  return o, State(final, None), (starts, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _memory(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
-  if _phased(cfg):
-    o, final, _, _ = _kernels(cfg.backend).delta_forward(cfg.scale, q, k, v, gates_col, gates_row,
-                                                         w0, kind=cfg.kind, **_kernel_kwargs(cfg))
-    return o, State(final, None)
-  o, final, _ = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col, gates_row,
-                                              w0, p0, save_states=False, **_kernel_kwargs(cfg))
+  o, final, _ = _forward(cfg, q, k, v, gates_col, gates_row, w0, p0)
   return o, final
 
 
 def _memory_fwd(cfg: _Config, q, k, v, gates_col, gates_row, w0, p0):
-  if _phased(cfg):
-    o, final, starts, w = _kernels(cfg.backend).delta_forward(
-        cfg.scale, q, k, v, gates_col, gates_row, w0, kind=cfg.kind, **_kernel_kwargs(cfg))
-    return (o, State(final, None)), (q, k, v, gates_col, gates_row, (starts, w))
-  o, final, starts = _kernels(cfg.backend).forward(cfg.kind, cfg.scale, q, k, v, gates_col,
-                                                   gates_row, w0, p0, save_states=True,
-                                                   **_kernel_kwargs(cfg))
-  return (o, final), (q, k, v, gates_col, gates_row, starts)
+  o, final, res = _forward(cfg, q, k, v, gates_col, gates_row, w0, p0)
+  return (o, final), (q, k, v, gates_col, gates_row, res)
 
 
 def _memory_bwd(cfg: _Config, residuals, cotangents):
-  q, k, v, gates_col, gates_row, starts = residuals  # phased: starts is (start states, w)
+  q, k, v, gates_col, gates_row, res = residuals  # res: (start states, w) or (starts, coef)
   d_o, d_final = cotangents
-  if _phased(cfg):
-    kw = _kernel_kwargs(cfg)
-    if cfg.backend == "gpu":
-      kw["grad_block_v"] = min(cfg.blocks.block_v, GPU_GRAD_BLOCK_V[_shape_class(cfg.head)])
-    dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).delta_backward(
-        cfg.scale, q, k, v, gates_col, gates_row, *starts, d_o, d_final.memory, kind=cfg.kind,
-        **kw)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr, d_initial,
-            None)
-  if d_final.momentum is None and starts.momentum is not None:
-    d_final = State(d_final.memory, jnp.zeros_like(starts.momentum[:, 0]))
-  dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).backward(
-      cfg.kind, cfg.scale, q, k, v, gates_col, gates_row, starts, d_o, d_final,
-      **_kernel_kwargs(cfg))
-  return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype), dgc.sum(0),
-          dgr.sum(0), d_initial.memory, d_initial.momentum)
+  kw = _kernel_kwargs(cfg)
+  if cfg.backend == "gpu":
+    kw["grad_block_v"] = min(cfg.blocks.block_v, GPU_GRAD_BLOCK_V[_shape_class(cfg.head)])
+  if cfg.kind == "titans":
+    starts, coef = res
+    if d_final.momentum is None and starts.momentum is not None:
+      d_final = State(d_final.memory, jnp.zeros_like(starts.momentum[:, 0]))
+    dq, dk, dv, dgc, dgr, d_initial = _titans_kernels(cfg.backend).titans_backward(
+        cfg.scale, q, k, v, gates_col, gates_row, starts, coef, d_o, d_final, **kw)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr,
+            d_initial.memory, d_initial.momentum)
+  dq, dk, dv, dgc, dgr, d_initial = _kernels(cfg.backend).delta_backward(
+      cfg.scale, q, k, v, gates_col, gates_row, *res, d_o, d_final.memory, kind=cfg.kind, **kw)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dgr, d_initial,
+          None)
 
 
 _memory.defvjp(_memory_fwd, _memory_bwd)

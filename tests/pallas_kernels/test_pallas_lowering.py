@@ -31,7 +31,7 @@ def test_tpu_kernels_compile_ahead_of_time(topology, chips, device_kind):
   for r in results:
     assert (r["topology"], r["chips"], r["device_kind"]) == (topology, chips, device_kind)
     # Every forward and backward kernel (phase kernels: six for the delta rule, four for linear
-    # attention; Titans: two) is a Mosaic kernel inside the compiled executable.
+    # attention; six for Titans with momentum) is a Mosaic kernel inside the compiled executable.
     assert r["mosaic_custom_calls"] == len(expected_kernels(r["kind"])), r
     assert r["kernels"] == expected_kernels(r["kind"])
     # XLA's cost analysis includes the kernels' cost estimates (far above the XLA glue alone).
