@@ -166,9 +166,9 @@ def test_sweep_optimizer_is_the_studies_adamw():
     np.testing.assert_allclose(p_mine[k], p_ref[k], rtol=1e-6)
 
 
-def _run(family, width, pairs, lr, acc, val, loss=1.0):
-  return dict(family=family, d_model=width, pairs=pairs, seq_len=16 * pairs, lr=lr, steps=100,
-              early_stopped_at=None, accuracy=acc, final_loss=loss, train_seconds=1.0,
+def _run(family, width, pairs, lr, acc, val, loss=1.0, steps=100, stopped=None):
+  return dict(family=family, d_model=width, pairs=pairs, seq_len=16 * pairs, lr=lr, steps=steps,
+              early_stopped_at=stopped, accuracy=acc, final_loss=loss, train_seconds=1.0,
               diverged_at_step=None, state_floats_per_layer=10 * width,
               curve=[{"step": 100, "loss": loss, "val_accuracy": val}])
 
@@ -183,10 +183,20 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   # the test accuracy does not choose: a run better on test but worse on validation loses
   assert mqar.best_runs([_run("x", 8, 2, 1e-3, 0.9, 0.1), _run("x", 8, 2, 3e-3, 0.2, 0.3)]
                         )[("x", 8, 2)]["lr"] == 3e-3
+  # the rate the sweep continued (more steps) is the level's result, even when a short sweep
+  # run ends with a higher validation accuracy; a rate that stopped early beats both
+  sweep = [_run("x", 8, 2, 1e-2, 0.30, 0.30, steps=100), _run("x", 8, 2, 3e-3, 0.25, 0.20,
+                                                              steps=800)]
+  assert mqar.best_runs(sweep)[("x", 8, 2)]["lr"] == 3e-3
+  sweep.append(_run("x", 8, 2, 3e-2, 0.99, 0.99, steps=60, stopped=60))
+  assert mqar.best_runs(sweep)[("x", 8, 2)]["lr"] == 3e-2
   checks = mqar.sanity(runs, (2, 4), (8,), 0.99)
   assert checks == {"transformer_solves_every_level": True,
                     "gated_deltanet_falls_with_pairs": True}
   assert mqar.sanity(runs[:2], (2, 4), (8,), 0.99)["transformer_solves_every_level"] is None
+  line = mqar.sanity_line(mqar.sanity(runs[:2], (2, 4), (8,), 0.99), 0.99)
+  assert "every level: not tested (runs missing)" in line and "None" not in line
+  assert "every level: holds" in mqar.sanity_line(checks, 0.99)
   settings = dict(mqar.PRESETS["cpu"], pairs=(2, 4), widths=(8,))
   md = mqar.zoology_table(runs, settings)
   assert "| Transformer++ | 8 | 80/80 | 0.995 (0.003, 100) |" in md
