@@ -209,3 +209,34 @@ def test_titans_phases_equal_chunk_step_and_its_vjp(momentum):
         assert rel(a, w) <= rtol, (n, rtol)
       for ch in range(channels):
         assert rel(gate(got)[:, ch], gate(want)[:, ch]) <= rtol, (n, ch, rtol)
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_titans_dots_take_input_dtype_operands(momentum):
+  """Every dot of Titans' phases that reads an input or a state runs on bfloat16 operands for
+  bfloat16 inputs; the float32 dots are the gate-only ones (``Γ = D·Dη``, its pullback, the
+  gates' column sums: ``[C, C]`` by ``[C, C]`` or ``[C, 1]``)."""
+  from pallas_kernels.chunked_memory import titans_phases as tp  # pylint: disable=g-import-not-at-top
+  c, dk, dv, bf = 16, 32, 64, jnp.bfloat16
+  z = lambda *shape: jnp.zeros(shape, jnp.float32)
+  p = z(dk, dv) if momentum else None
+  coef = z(c, 4) if momentum else None
+  calls = {
+      "state_step": lambda: tp.state_step(z(c, dk), z(c, dv), z(c, 4), coef, z(dk, dv), p, 5, bf),
+      "output": lambda: tp.output(z(c, dk), z(c, dk), z(c, dv), z(c, 4), z(4, c), z(dk, dv), p, 5,
+                                  1.0, bf),
+      "dv_local": lambda: tp.dv_local(z(c, dk), z(c, dk), z(c, 4), z(4, c), z(c, dv), 5, momentum,
+                                      1.0, bf),
+      "state_step_bwd": lambda: tp.state_step_bwd(z(c, dk), z(c, dk), z(c, 4), coef, z(c, dv),
+                                                  z(c, dv), z(dk, dv), p, 5, 1.0, bf),
+      "grad": lambda: tp.grad(z(c, dk), z(c, dk), z(c, dv), z(c, 4), z(4, c), z(dk, dv), p,
+                              z(c, dv), z(dk, dv), p, 5, 1.0, bf),
+  }
+  for name, call in calls.items():
+    dots = [e for e in jax.make_jaxpr(call)().jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots, name
+    for e in dots:
+      a, b = (v.aval for v in e.invars)
+      if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        continue
+      assert a.shape == (c, c) and b.shape in ((c, c), (c, 1)), (name, a, b)
