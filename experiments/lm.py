@@ -19,9 +19,20 @@ byte-level Penn Treebank (``DATA/ptb/ptb.{train,valid}.txt``, ``DATA`` the datas
    ablation settings of the scale (at ``tiny``: fewer tokens and shorter sequences than part 1,
    with a default HOPE trained the same way as the reference row).
 
+``--scale cpu`` (issue 21: the baseline first, trained until its validation curve is flat): part 1
+is Transformer++ and HOPE (and Transformer++ with embedding std 1.0, ``VARIANTS``) at ~200k
+parameters on 1,500 steps of 16 x 128 bytes (3.1M tokens), a validation point every 75 steps;
+part 2 is HOPE with the CMS's two inner objectives (``OBJECTIVES``: ``next_token``, the paper's,
+and ``local``; nlx's default is one of them, whose row reuses the run of the ``HOPE`` row) on 120
+steps of 16 x 128 bytes, because ``next_token`` trains ~10x slower than ``local``. Each table
+says whether a curve is flat (``FLAT_TOLERANCE``: the last quarter of the tokens lowers the
+validation NLL by at most 2%) and part 2 which objective is better. Outputs are rewritten after
+every row (``"complete": false`` until the end).
+
 Commands (from the repository root; ``DATA`` holds ``ptb/`` and ``tinyshakespeare/``)::
 
   python -m experiments.lm --scale tiny --data DATA      # ~8 min on an idle 2-core CPU
+  nice -n 19 python -m experiments.lm --scale cpu --data DATA --out runs/lm_cpu  # ~75 min, loaded
   python -m experiments.lm --scale small --out runs/lm_small   # a GPU / TPU; NLX_DATA=DATA
   python -m experiments.lm --corpus tinyshakespeare --ablations none --data DATA
 
@@ -44,6 +55,13 @@ from nlx.train.fitting import compiled_step
 
 FAMILIES = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
             "samba": "Samba", "transformer": "Transformer++"}
+# Rows of part 1 that are a family with ModelConfig fields changed (``--families`` names them;
+# ``all`` is FAMILIES only): name -> (family, fields, label).
+VARIANTS = {
+    # The MQAR finding (docs/RESULTS.md): the tied embedding's std 0.02 hurts Transformer++'s
+    # recall and std 1.0 recalls; does std 1.0 also hold for language modelling?
+    "transformer_std1": ("transformer", dict(init_std=1.0), "Transformer++ (embedding std 1.0)"),
+}
 # Table 6 rows -> ModelConfig fields (nlx.nn.config). nlx's default q is non-adaptive.
 ABLATIONS = {
     "HOPE": {},
@@ -55,7 +73,21 @@ ABLATIONS = {
     "w/o adaptive v": dict(hope_adaptive_v=False),
     "with adaptive q": dict(hope_adaptive_q=True),
 }
+# The CMS's inner objective (nlx.nn.cms_config, model.cms_objective; one of the two is nlx's
+# default, so one of these rows has HOPE's own config): part 2 rows beside Table 6's (``--ablations``
+# names them; ``all`` is Table 6 only).
+OBJECTIVES = {
+    "CMS objective next_token": dict(cms_objective="next_token"),  # the paper's: the task's loss
+    "CMS objective local": dict(cms_objective="local"),
+}
 ABLATION_FAMILY = "hope"
+# What ``--scale cpu`` runs when --families / --ablations are not given: Transformer++ and HOPE
+# (and Transformer++ at embedding std 1.0, cheap) in part 1, HOPE's CMS objectives in part 2.
+CPU_FAMILIES = ("transformer", "hope", "transformer_std1")
+CPU_ABLATIONS = ("HOPE", "CMS objective next_token", "CMS objective local")
+# The flattening criterion of --scale cpu's validation curves: over the last quarter of the
+# training tokens the validation NLL falls by at most this fraction of its final value.
+FLAT_FRACTION, FLAT_TOLERANCE = 0.25, 0.02
 CORPORA = ("ptb", "tinyshakespeare")
 # Per corpus: its files under the datasets directory, and what to put there.
 CORPUS_FILES = {
@@ -67,16 +99,24 @@ CORPUS_FILES = {
                         "data/tinyshakespeare/input.txt)"),
 }
 # target_params None: the parameter count of HOPE at `size` (byte vocabulary).
+CPU_STEPS, CPU_ABL_STEPS = 1500, 120
 PRESETS = {
     "tiny": dict(size="tiny", target_params=200_000, batch=16, seq_len=128, steps=100, lr=3e-3,
                  eval_every=20, eval_rows=32, final_eval_rows=64, abl_batch=8, abl_seq_len=64,
-                 abl_steps=60),
+                 abl_steps=60, abl_eval_every=0),
+    # ~75 minutes on a loaded 2-core CPU at nice 19 (docs/RESULTS.md, study 1): part 1 long enough
+    # for a flat validation curve; part 2 (HOPE's CMS objectives) shorter, since the next_token
+    # objective runs the LM chunk by chunk (~10x fewer tokens/s than HOPE's default).
+    "cpu": dict(size="tiny", target_params=200_000, batch=16, seq_len=128, steps=CPU_STEPS,
+                lr=3e-3, eval_every=CPU_STEPS // 20, eval_rows=32, final_eval_rows=128,
+                abl_batch=16, abl_seq_len=128, abl_steps=CPU_ABL_STEPS,
+                abl_eval_every=CPU_ABL_STEPS // 8),
     "small": dict(size="20m", target_params=None, batch=32, seq_len=512, steps=3000, lr=1e-3,
                   eval_every=250, eval_rows=64, final_eval_rows=512, abl_batch=32,
-                  abl_seq_len=512, abl_steps=1500),
+                  abl_seq_len=512, abl_steps=1500, abl_eval_every=0),
     "paper": dict(size="760m", target_params=None, batch=64, seq_len=2048, steps=10000, lr=4e-4,
                   eval_every=500, eval_rows=64, final_eval_rows=1024, abl_batch=64,
-                  abl_seq_len=2048, abl_steps=5000),
+                  abl_seq_len=2048, abl_steps=5000, abl_eval_every=0),
 }
 
 
@@ -169,39 +209,89 @@ def target_count(s: dict) -> int:
   return study.param_count(study.model_config("hope", s["size"], vocab_size=256))
 
 
-def run_main(families, train, valid, s, seed, out) -> dict:
-  """Part 1: every family at the matched size on the same batches."""
+def flattening(curve) -> dict | None:
+  """How flat the end of a validation curve ``[(tokens, nll)]`` is: the nll at the point nearest
+  to ``1 - FLAT_FRACTION`` of the tokens, the last nll, the fall between them as a fraction of
+  the last (``last_quarter_drop``) and ``flat``: that fall is at most ``FLAT_TOLERANCE``. None for
+  a curve of fewer than two points."""
+  if len(curve) < 2:
+    return None
+  mark = (1 - FLAT_FRACTION) * curve[-1][0]
+  tokens, nll_mark = min(curve[:-1], key=lambda point: abs(point[0] - mark))
+  last = curve[-1][1]
+  drop = (nll_mark - last) / last
+  return dict(tokens_at_mark=tokens, nll_at_mark=nll_mark, nll_last=last,
+              last_quarter_drop=drop, flat=bool(drop <= FLAT_TOLERANCE))
+
+
+def _trained(cache, cfg, batch_fn, steps, windows, s, seed, eval_every, desc, shape):
+  """``train_with_curve``, run once per identical (config, steps, batches, evaluation): a row
+  whose config equals an earlier row's (e.g. the CMS objective that is HOPE's default) reuses that
+  run. Returns ``(result, name of the row that ran it or None)``."""
+  key = (repr(cfg), steps, shape, eval_every, len(windows))
+  if key in cache:
+    return cache[key][0], cache[key][1]
+  r = train_with_curve(cfg, batch_fn, steps, windows, s, seed, eval_every, desc)
+  cache[key] = (r, desc)
+  return r, None
+
+
+def _row(r, cfg, tokens) -> dict:
+  return dict(mlp_dim=cfg.mlp_dim, params=r["params"], tokens=tokens, curve=r["curve"],
+              flattening=flattening(r["curve"]), seconds=r["seconds"],
+              tokens_per_second=r["tokens_per_second"],
+              final_train_loss=float(np.mean(r["losses"][-5:])), skipped_steps=r["skipped"],
+              **metrics(r["nll"]))
+
+
+def row_config(name: str, target: int, size: str):
+  """``(family, fields, label)`` of a part-1 row (a family or a VARIANTS name) and its config
+  matched to ``target`` parameters."""
+  family, fields, label = VARIANTS.get(name, (name, {}, FAMILIES.get(name, name)))
+  return family, fields, label, study.matched(family, target, size, vocab_size=256, **fields)
+
+
+def run_main(families, train, valid, s, seed, out, cache=None, on_row=None) -> dict:
+  """Part 1: every family (or variant) at the matched size on the same batches; ``on_row(results
+  so far)`` after each row."""
+  cache = {} if cache is None else cache
   target = target_count(s)
   windows = eval_windows(valid, s["final_eval_rows"], s["seq_len"])
   batch_fn = lambda step: train_batch(train, seed, step, s["batch"], s["seq_len"])
   results = {}
-  for family in families:
-    cfg = study.matched(family, target, s["size"], vocab_size=256)
-    r = train_with_curve(cfg, batch_fn, s["steps"], windows, s, seed, s["eval_every"], family)
-    study.save_model(r["model"], cfg, os.path.join(out, "models", family))
-    results[family] = dict(name=FAMILIES.get(family, family), mlp_dim=cfg.mlp_dim,
-                           params=r["params"], tokens=s["steps"] * s["batch"] * s["seq_len"],
-                           curve=r["curve"], seconds=r["seconds"],
-                           tokens_per_second=r["tokens_per_second"],
-                           final_train_loss=float(np.mean(r["losses"][-5:])),
-                           skipped_steps=r["skipped"], **metrics(r["nll"]))
-    print(f"{family}: params {r['params']:,} val ppl {results[family]['val_ppl']:.3f}", flush=True)
+  for name in families:
+    family, fields, label, cfg = row_config(name, target, s["size"])
+    r, same = _trained(cache, cfg, batch_fn, s["steps"], windows, s, seed, s["eval_every"], name,
+                       (s["batch"], s["seq_len"]))
+    if same is None:
+      study.save_model(r["model"], cfg, os.path.join(out, "models", name))
+    results[name] = dict(name=label, family=family, fields=fields, same_run_as=same,
+                         **_row(r, cfg, s["steps"] * s["batch"] * s["seq_len"]))
+    print(f"{name}: params {r['params']:,} val ppl {results[name]['val_ppl']:.3f}", flush=True)
+    if on_row:
+      on_row(results)
   return results
 
 
-def run_ablations(names, train, valid, s, seed) -> dict:
-  """Part 2: the Table 6 rows of HOPE, re-matched in parameters, on the ablation settings."""
+def run_ablations(names, train, valid, s, seed, cache=None, on_row=None) -> dict:
+  """Part 2: the Table 6 rows of HOPE and its CMS objectives, re-matched in parameters, on the
+  ablation settings (a validation curve every ``abl_eval_every`` steps, if not 0)."""
+  cache = {} if cache is None else cache
   target = target_count(s)
   windows = eval_windows(valid, s["final_eval_rows"], s["abl_seq_len"])
   batch_fn = lambda step: train_batch(train, seed, step, s["abl_batch"], s["abl_seq_len"])
   results = {}
   for name in names:
-    cfg = study.matched(ABLATION_FAMILY, target, s["size"], vocab_size=256, **ABLATIONS[name])
-    r = train_with_curve(cfg, batch_fn, s["abl_steps"], windows, s, seed, 0, name)
-    results[name] = dict(fields=ABLATIONS[name], mlp_dim=cfg.mlp_dim, params=r["params"],
-                         tokens=s["abl_steps"] * s["abl_batch"] * s["abl_seq_len"],
-                         seconds=r["seconds"], skipped_steps=r["skipped"], **metrics(r["nll"]))
-    print(f"{name}: params {r['params']:,} val ppl {results[name]['val_ppl']:.3f}", flush=True)
+    fields = {**ABLATIONS, **OBJECTIVES}[name]
+    cfg = study.matched(ABLATION_FAMILY, target, s["size"], vocab_size=256, **fields)
+    r, same = _trained(cache, cfg, batch_fn, s["abl_steps"], windows, s, seed,
+                       s["abl_eval_every"], name, (s["abl_batch"], s["abl_seq_len"]))
+    results[name] = dict(fields=fields, cms_objective=cfg.cms_objective, same_run_as=same,
+                         **_row(r, cfg, s["abl_steps"] * s["abl_batch"] * s["abl_seq_len"]))
+    print(f"{name}: params {r['params']:,} val ppl {results[name]['val_ppl']:.3f}"
+          + (f" (the run of {same!r})" if same else ""), flush=True)
+    if on_row:
+      on_row(results)
   return results
 
 
@@ -209,77 +299,146 @@ def run_ablations(names, train, valid, s, seed) -> dict:
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
-def tables(main: dict, ablations: dict, s: dict) -> str:
+def _flat_cells(r) -> tuple:
+  f = r.get("flattening")
+  if not f:
+    return ("-", "-", "-")
+  return (round(math.exp(f["nll_at_mark"]), 3), f"{100 * f['last_quarter_drop']:.2f}%",
+          "yes" if f["flat"] else "no")
+
+
+FLAT_HEADER = [f"val ppl at {100 * (1 - FLAT_FRACTION):.0f}% tokens (curve)",
+               "val nll fall, last 25%", f"flat (<= {100 * FLAT_TOLERANCE:.0f}%)"]
+
+
+def objective_verdict(ablations: dict, default: str) -> str:
+  """One sentence: which CMS inner objective has the lower validation perplexity, and whether
+  nlx's default (``default``) is it. Empty without both objective rows."""
+  rows = {r["cms_objective"]: r for name, r in ablations.items() if name in OBJECTIVES}
+  if len(rows) < 2:
+    return ""
+  best = min(rows, key=lambda k: rows[k]["val_ppl"])
+  other = next(k for k in rows if k != best)
+  gap = 100 * (rows[other]["val_ppl"] / rows[best]["val_ppl"] - 1)
+  follow = (f"nlx's default (`cms_objective={default!r}`) already is the better one"
+            if best == default else
+            f"nlx's default is `cms_objective={default!r}`: the library default should follow "
+            f"the better one, `{best!r}`")
+  return (f"CMS inner objective at equal parameters and tokens: `{best}` "
+          f"{rows[best]['val_ppl']:.3f} val ppl, `{other}` {rows[other]['val_ppl']:.3f} "
+          f"({gap:+.2f}%): `{best}` is better; {follow}.\n")
+
+
+def tables(main: dict, ablations: dict, s: dict, default_objective: str = "local") -> str:
   md = ""
   if main:
-    rows = [(r["name"], r["params"], r["tokens"], r["val_ppl"], r["val_bpb"],
+    rows = [(r["name"], r["params"], r["tokens"], r["val_ppl"], r["val_bpb"], *_flat_cells(r),
              round(r["tokens_per_second"]), round(r["seconds"], 1)) for r in main.values()]
     md += study.markdown_table(["model", "params", "train tokens", "val ppl (byte)",
-                                "val bits/byte", "train tok/s", "seconds"], rows)
+                                "val bits/byte", *FLAT_HEADER, "train tok/s", "seconds"], rows)
   if ablations:
     ref = ablations.get("HOPE", {}).get("val_ppl")
-    rows = [(name, r["params"], r["tokens"], r["val_ppl"], r["val_bpb"],
-             f"{r['val_ppl'] - ref:+.3f}" if ref else "-") for name, r in ablations.items()]
-    md += (f"\nHOPE ablations (Table 6), batch {s['abl_batch']} x {s['abl_seq_len']} bytes, "
-           f"{s['abl_steps']} steps:\n\n")
+    rows = [(name + (f" (= {r['same_run_as']})" if r.get("same_run_as") else ""), r["params"],
+             r["tokens"], r["val_ppl"], r["val_bpb"],
+             f"{r['val_ppl'] - ref:+.3f}" if ref else "-", *_flat_cells(r),
+             round(r["tokens_per_second"]), round(r["seconds"], 1))
+            for name, r in ablations.items()]
+    md += (f"\nHOPE ablations (Table 6) and CMS objectives, batch {s['abl_batch']} x "
+           f"{s['abl_seq_len']} bytes, {s['abl_steps']} steps:\n\n")
     md += study.markdown_table(["variant", "params", "train tokens", "val ppl (byte)",
-                                "val bits/byte", "Δ ppl vs HOPE"], rows)
+                                "val bits/byte", "Δ ppl vs HOPE", *FLAT_HEADER, "train tok/s",
+                                "seconds"], rows)
+    verdict = objective_verdict(ablations, default_objective)
+    md += f"\n{verdict}" if verdict else ""
   return md
+
+
+def _curves(ax, rows: dict, labels: dict, title: str):
+  for key, r in rows.items():
+    tokens, nll = zip(*r["curve"]) if r["curve"] else ((), ())
+    ax.plot([t / 1000 for t in tokens], [math.exp(x) for x in nll], marker="o", ms=3,
+            label=labels[key])
+  ends = [r["curve"][-1][0] for r in rows.values() if r["curve"]]
+  if ends:
+    ax.axvline((1 - FLAT_FRACTION) * max(ends) / 1000, color="0.6", ls=":", lw=1)
+  ax.set(xlabel="training tokens (thousand bytes)", ylabel="validation perplexity per byte",
+         title=title, yscale="log")
+  ax.legend(fontsize=8)
 
 
 def plot(main: dict, ablations: dict):
   fig, (ax1, ax2) = study.figure(2, width=5.5)
-  for r in main.values():
-    tokens, nll = zip(*r["curve"]) if r["curve"] else ((), ())
-    ax1.plot([t / 1000 for t in tokens], [math.exp(x) for x in nll], marker="o", ms=3,
-             label=r["name"])
-  ax1.set(xlabel="training tokens (thousand bytes)", ylabel="validation perplexity per byte",
-          title="Equal parameters, equal tokens", yscale="log")
-  ax1.legend(fontsize=8)
+  _curves(ax1, main, {k: r["name"] for k, r in main.items()}, "Equal parameters, equal tokens")
   names = list(ablations)
-  ax2.barh(names, [ablations[n]["val_ppl"] for n in names], color="tab:blue")
-  if "HOPE" in ablations:
-    ax2.axvline(ablations["HOPE"]["val_ppl"], color="k", ls="--", lw=1)
-  ax2.invert_yaxis()
-  ax2.set(xlabel="validation perplexity per byte", title="HOPE ablations (Table 6)")
-  if names:
-    lo = min(ablations[n]["val_ppl"] for n in names)
-    ax2.set_xlim(left=lo * 0.95)
+  if any(len(ablations[n]["curve"]) > 1 for n in names):  # part 2 with curves: the curves
+    _curves(ax2, ablations, {n: n for n in names}, "HOPE variants (part 2)")
+  else:
+    ax2.barh(names, [ablations[n]["val_ppl"] for n in names], color="tab:blue")
+    if "HOPE" in ablations:
+      ax2.axvline(ablations["HOPE"]["val_ppl"], color="k", ls="--", lw=1)
+    ax2.invert_yaxis()
+    ax2.set(xlabel="validation perplexity per byte", title="HOPE ablations (Table 6)")
+    if names:
+      lo = min(ablations[n]["val_ppl"] for n in names)
+      ax2.set_xlim(left=lo * 0.95)
   fig.tight_layout()
   return fig
 
 
 def main(argv=None) -> dict:
-  parser = study.arg_parser(__doc__, "lm")
+  parser = study.arg_parser(__doc__, "lm", scales=tuple(PRESETS),
+                            scale_help="tiny: ~8 min on 2 CPU cores; cpu: ~75 min on a loaded "
+                                       "2-core CPU (flat validation curves); small: a GPU/TPU "
+                                       "hour; paper: the paper's sizes")
   parser.add_argument("--corpus", default="ptb", choices=CORPORA)
-  parser.add_argument("--families", default="all",
-                      help=f"comma-separated subset of {', '.join(FAMILIES)} (or all, none)")
-  parser.add_argument("--ablations", default="all",
-                      help=f"comma-separated subset of {', '.join(ABLATIONS)} (or all, none)")
-  for key in ("steps", "abl_steps", "batch", "seq_len", "abl_batch", "abl_seq_len", "eval_every",
-              "eval_rows", "final_eval_rows", "target_params"):
+  parser.add_argument("--families", default=None,
+                      help=f"comma-separated subset of {', '.join([*FAMILIES, *VARIANTS])} (or "
+                           f"all: {', '.join(FAMILIES)}; none); default all, at --scale cpu "
+                           f"{','.join(CPU_FAMILIES)}")
+  parser.add_argument("--ablations", default=None,
+                      help=f"comma-separated subset of {', '.join([*ABLATIONS, *OBJECTIVES])} "
+                           f"(or all: Table 6's rows; none); default all, at --scale cpu "
+                           f"{','.join(CPU_ABLATIONS)}")
+  keys = ("steps", "abl_steps", "batch", "seq_len", "abl_batch", "abl_seq_len", "eval_every",
+          "abl_eval_every", "eval_rows", "final_eval_rows", "target_params")
+  for key in keys:
     parser.add_argument(f"--{key}", type=int, default=None, help="(override of the scale)")
   args = parser.parse_args(argv)
-  s = study.scale_settings(PRESETS, args.scale, **{k: getattr(args, k) for k in (
-      "steps", "abl_steps", "batch", "seq_len", "abl_batch", "abl_seq_len", "eval_every",
-      "eval_rows", "final_eval_rows", "target_params")})
+  s = study.scale_settings(PRESETS, args.scale, **{k: getattr(args, k) for k in keys})
   for rows, batch in (("eval_rows", "batch"), ("final_eval_rows", "batch"),
                       ("final_eval_rows", "abl_batch")):
     if s[rows] < s[batch]:
       raise ValueError(f"--{rows}={s[rows]} must be >= --{batch}={s[batch]} (the validation "
                        "windows are read a batch at a time)")
-  families = study.parse_list("--families", args.families, known=list(FAMILIES), keywords=True)
-  ablations = study.parse_list("--ablations", args.ablations, known=list(ABLATIONS),
-                               keywords=True)
+  cpu = args.scale == "cpu"
+  fam_arg = args.families or (",".join(CPU_FAMILIES) if cpu else "all")
+  families = (list(FAMILIES) if fam_arg == "all" else
+              study.parse_list("--families", fam_arg, known=[*FAMILIES, *VARIANTS],
+                               keywords=True))
+  abl_arg = args.ablations or (",".join(CPU_ABLATIONS) if cpu else "all")
+  ablations = (list(ABLATIONS) if abl_arg == "all" else
+               study.parse_list("--ablations", abl_arg, known=[*ABLATIONS, *OBJECTIVES],
+                                keywords=True))
   train, valid = load_corpus(args.data, args.corpus)
-  start = time.time()
-  main_results = run_main(families, train, valid, s, args.seed, args.out)
-  abl_results = run_ablations(ablations, train, valid, s, args.seed)
-  md = tables(main_results, abl_results, s)
-  results = dict(scale=args.scale, corpus=args.corpus, settings=s, seed=args.seed,
-                 main=main_results, ablations=abl_results, seconds=time.time() - start)
-  study.write_outputs(args.out, "lm", results, md, plot(main_results, abl_results),
-                      command=study.command_line("lm", argv))
+  start, cache = time.time(), {}
+  default_objective = study.model_config(ABLATION_FAMILY, s["size"]).cms_objective
+
+  def write(main_results, abl_results, done):
+    """The outputs; also after every row (``done`` False), so that a cut run keeps its rows."""
+    results = dict(scale=args.scale, corpus=args.corpus, settings=s, seed=args.seed,
+                   flat_criterion=dict(fraction=FLAT_FRACTION, tolerance=FLAT_TOLERANCE),
+                   default_cms_objective=default_objective, complete=done,
+                   main=main_results, ablations=abl_results, seconds=time.time() - start)
+    md = tables(main_results, abl_results, s, default_objective)
+    study.write_outputs(args.out, "lm", results, md, plot(main_results, abl_results),
+                        command=study.command_line("lm", argv))
+    return results, md
+
+  main_results = run_main(families, train, valid, s, args.seed, args.out, cache,
+                          on_row=lambda rows: write(rows, {}, False))
+  abl_results = run_ablations(ablations, train, valid, s, args.seed, cache,
+                              on_row=lambda rows: write(main_results, rows, False))
+  results, md = write(main_results, abl_results, True)
   print(md)
   return results
 

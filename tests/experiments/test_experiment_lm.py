@@ -112,3 +112,79 @@ def test_two_step_run_writes_tables_plot_and_models(lm, tmp_path, monkeypatch, d
   assert os.path.isfile(os.path.join(out, "models", "transformer", "params.msgpack"))
   assert row["skipped_steps"] == 0 and len(row["curve"]) == 2
   assert results["main"]["transformer"]["val_nll"] == pytest.approx(math.log(row["val_ppl"]))
+
+
+def test_cpu_scale_wiring_runs_the_intended_rows_once(lm, tmp_path, monkeypatch, data_dir):
+  """--scale cpu with its default rows, training replaced by a recorder (no model compiles): part 1
+  is Transformer++, HOPE and Transformer++ at embedding std 1.0; part 2 is HOPE and its two CMS
+  objectives, the default objective's row reusing HOPE's run; curves, the flattening criterion and
+  the objective verdict reach the JSON and the table."""
+  trained = []
+
+  def fake_train(cfg, batch_fn, steps, windows, s, seed, eval_every, desc):
+    trained.append((desc, cfg, steps, eval_every, batch_fn(0).inputs.shape))
+    nll = 1.0 + 0.1 * (cfg.cms_objective == "next_token") + 0.01 * len(trained)
+    curve = [(k * eval_every * 64, nll + 1.0 / k) for k in range(1, steps // eval_every + 1)]
+    return dict(model=None, params=study.param_count(cfg), curve=curve, nll=nll, losses=[nll],
+                seconds=1.0, tokens_per_second=10.0, skipped=0)
+
+  monkeypatch.setattr(lm, "train_with_curve", fake_train)
+  monkeypatch.setattr(study, "save_model", lambda *a: None)
+  out = str(tmp_path / "cpu")
+  results = lm.main(["--scale", "cpu", "--data", data_dir, "--out", out, "--steps", "8",
+                     "--eval_every", "2", "--abl_steps", "4", "--abl_eval_every", "1",
+                     "--batch", "2", "--abl_batch", "2", "--seq_len", "32", "--abl_seq_len",
+                     "32", "--eval_rows", "2", "--final_eval_rows", "4"])
+  runs = {desc: cfg for desc, cfg, *_ in trained}
+  assert list(runs) == ["transformer", "hope", "transformer_std1", "HOPE",
+                        "CMS objective next_token"]  # "CMS objective local" is HOPE's run
+  assert runs["transformer"].init_std == 0.02 and runs["transformer_std1"].init_std == 1.0
+  assert runs["transformer_std1"].family == "transformer"
+  assert runs["hope"].cms_objective == runs["HOPE"].cms_objective == "local"
+  assert runs["CMS objective next_token"].cms_objective == "next_token"
+  assert [t[2:] for t in trained] == [(8, 2, (2, 32))] * 3 + [(4, 1, (2, 32))] * 2
+  main, abl = results["main"], results["ablations"]
+  assert list(main) == list(lm.CPU_FAMILIES) and list(abl) == list(lm.CPU_ABLATIONS)
+  assert abl["CMS objective local"]["same_run_as"] == "HOPE"
+  assert abl["CMS objective local"]["val_ppl"] == abl["HOPE"]["val_ppl"]
+  assert abl["CMS objective next_token"]["cms_objective"] == "next_token"
+  for row in [*main.values(), *abl.values()]:
+    assert len(row["curve"]) >= 4 and row["flattening"]["tokens_at_mark"] < row["curve"][-1][0]
+  with open(os.path.join(out, "lm.md"), encoding="utf-8") as f:
+    md = f.read()
+  assert "Transformer++ (embedding std 1.0)" in md and "flat (<= 2%)" in md
+  assert "`local` is better" in md and "already is the better one" in md
+  assert os.path.getsize(os.path.join(out, "lm.png")) > 0
+
+
+def test_flattening_criterion(lm):
+  curve = [(100, 3.0), (200, 2.0), (300, 1.03), (400, 1.0)]
+  f = lm.flattening(curve)
+  assert f["tokens_at_mark"] == 300 and f["last_quarter_drop"] == pytest.approx(0.03)
+  assert not f["flat"] and lm.flattening(curve[:3] + [(400, 1.02)])["flat"]
+  assert lm.flattening(curve[:1]) is None
+
+
+def test_objective_verdict_names_the_better_objective(lm):
+  rows = {"CMS objective next_token": dict(cms_objective="next_token", val_ppl=4.0),
+          "CMS objective local": dict(cms_objective="local", val_ppl=5.0)}
+  text = lm.objective_verdict(rows, "local")
+  assert "`next_token` is better" in text and "should follow the better one" in text
+  assert "already" in lm.objective_verdict(rows, "next_token")
+  assert lm.objective_verdict({"HOPE": dict(cms_objective="local", val_ppl=1.0)}, "local") == ""
+
+
+def test_cpu_scale_trains_transformer_std1_with_a_curve(lm, tmp_path, data_dir):
+  """A real 3-step --scale cpu run of the init_std=1.0 variant: its saved config has the field,
+  and the validation curve has a point per evaluation."""
+  out = str(tmp_path / "std1")
+  results = lm.main(["--scale", "cpu", "--data", data_dir, "--out", out, "--families",
+                     "transformer_std1", "--ablations", "none", "--steps", "3", "--eval_every",
+                     "1", "--batch", "2", "--abl_batch", "2", "--seq_len", "16", "--eval_rows", "2",
+                     "--final_eval_rows", "4", "--target_params", "60000"])
+  row = results["main"]["transformer_std1"]
+  assert [t for t, _ in row["curve"]] == [32, 64, 96] and row["skipped_steps"] == 0
+  assert row["flattening"]["tokens_at_mark"] == 64
+  with open(os.path.join(out, "models", "transformer_std1", "config.json"),
+            encoding="utf-8") as f:
+    assert json.load(f)["init_std"] == 1.0
