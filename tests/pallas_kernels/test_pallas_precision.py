@@ -10,6 +10,8 @@
   sizes K=24, V=40 (padded by the wrapper) and T=45 (``benchmarks.kernels.agreement``, the table
   of ``python -m benchmarks.kernels --agreement``).
 * Log-decays outside [LOG_DECAY_MIN, 0] (+5, −inf) are clamped: finite results.
+* Titans in phases (``titans_phases``) against ``chunk.chunk_step`` and ``jax.vjp`` of it (the
+  hand-written, momentum-aware chunk gradient), and the dtypes of every dot in its phases.
 """
 
 import jax
