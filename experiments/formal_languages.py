@@ -21,16 +21,29 @@ Limitations of Transformers to Recognize Formal Languages"), which this study re
   lengths each language admits). Bin sets are de-duplicated; for (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ they
   are every string of the range.
 
-Differences from the papers, by design of a small run: training strings are drawn afresh at every
-step (a pure function of (seed, index)) rather than from a fixed set of 10K; a fixed number of
-optimizer steps instead of 300 epochs with early stopping; the nlx models as configured (RoPE for
-Transformer++, the tiny HOPE chunk sizes and CMS periods) with an untied output head whose first
-logits are the label logits; bins are scored after training, one seed.
+Training. ``--scale cpu`` (and ``small``, ``paper``) follow the papers: a fixed training set
+drawn once (10K draws of lengths 1-50, de-duplicated: ~8.5K parity strings; the 25 strings of
+aⁿbⁿ), read in shuffled epochs (batches of strings of one padded length), a validation split of
+strings not in the training set scored every ``eval_every`` steps, and early stopping (training
+stops when every validation string is right or after ``patience`` evaluations without a better
+score; the bins are scored with the best checkpoint). Bin 0 holds no training or validation
+string (where the language has such strings: (aa)*, (abab)*, aⁿbⁿ, aⁿbⁿcⁿ have one string per
+length, so their training set, validation split and bin 0 are the same strings, as in
+Bhattamishra et al.). The JSON and the figure hold the training and validation curves.
+``--scale tiny`` keeps the quick protocol: fresh strings at every step (a pure function of
+(seed, index)) for a fixed number of steps, no validation.
 
-Commands, from the repository root (``--scale tiny`` takes minutes on a 2-core CPU; ``small`` and
-``paper`` are GPU/TPU settings)::
+Differences from the papers, by design of a small run: a step budget (``steps``) instead of 300
+epochs; the nlx models as configured (RoPE for Transformer++, the tiny HOPE chunk sizes and CMS
+periods; DeltaNet's β = sigmoid ∈ (0, 1), no negative eigenvalues, as in Irie et al.) with an
+untied output head whose first logits are the label logits; no hyper-parameter search (one
+setting for every model and language); one seed.
+
+Commands, from the repository root (``--scale tiny`` takes minutes on a 2-core CPU, ``cpu`` up
+to 90 minutes; ``small`` and ``paper`` are GPU/TPU settings)::
 
   python -m experiments.formal_languages --scale tiny
+  python -m experiments.formal_languages --scale cpu --out runs/formal_languages_cpu
   python -m experiments.formal_languages --scale small --out runs/formal_languages_small
   python -m experiments.formal_languages --families deltanet --languages parity,anbn --steps 50
 
@@ -41,6 +54,7 @@ is accepted for uniformity with the other studies and unused (the data are gener
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -53,21 +67,40 @@ from flax import nnx
 
 import nlx
 from experiments import study
+from nlx.train import fitting
 from nlx.train.fitting import fit
 
 STUDY = "formal_languages"
 FAMILIES = ("hope", "transformer", "deltanet")
+CPU_FAMILIES = ("deltanet", "transformer", "hope")  # --scale cpu: the sanity rows first
 LABELS_MAX = 4  # the widest label set (aⁿbⁿcⁿ, Shuffle-2)
 VOCAB = 8  # input ids: 0 padding, 1.. the alphabet; the first LABELS_MAX logits are the labels
-TRAIN, BIN0, BIN1 = 0, 1, 2  # data streams
+TRAIN, BIN0, BIN1, VAL = 0, 1, 2, 3  # data streams
+SCALES = ("tiny", "cpu", "small", "paper")
 
+# ``train_size`` 0: fresh training strings at every step for ``steps`` steps (tiny). Otherwise
+# (Irie et al. / Bhattamishra et al.): a fixed training set of ``train_size`` draws (lengths
+# 1..train_max, de-duplicated), at most ``steps`` steps over it in shuffled epochs, the validation
+# split (``val_size`` draws, strings not in the training set) scored every ``eval_every`` steps;
+# training stops when validation is perfect or has not improved for ``patience`` evaluations,
+# and the bins are scored with the best validation checkpoint.
+_FRESH = dict(train_size=0, val_size=0, eval_every=0, patience=0, run_seconds=0,
+              time_budget=0)
 PRESETS = {
     "tiny": dict(d_model=32, n_layers=1, batch=16, steps=200, lr=1e-2, eval_size=128,
-                 train_max=50, test_max=100, pad_multiple=16),
+                 train_max=50, test_max=100, pad_multiple=16, **_FRESH),
+    # Sized for ~90 minutes on 2 shared CPU cores (DeltaNet: ~4 steps/s there, HOPE ~0.7): the
+    # sanity rows (DeltaNet, Transformer++ on parity) run first; a run stops at 25 minutes, and
+    # no run goes on past 80 minutes from the start (the languages after it are not run).
+    "cpu": dict(d_model=64, n_layers=2, batch=32, steps=5000, lr=1e-2, eval_size=1000,
+                train_max=50, test_max=100, pad_multiple=16, train_size=10_000, val_size=500,
+                eval_every=200, patience=10, run_seconds=1500, time_budget=4800),
     "small": dict(d_model=64, n_layers=2, batch=32, steps=3000, lr=1e-3, eval_size=500,
-                  train_max=50, test_max=100, pad_multiple=16),
+                  train_max=50, test_max=100, pad_multiple=16, train_size=10_000, val_size=1000,
+                  eval_every=200, patience=10, run_seconds=0, time_budget=0),
     "paper": dict(d_model=128, n_layers=2, batch=32, steps=30000, lr=3e-4, eval_size=2000,
-                  train_max=50, test_max=100, pad_multiple=16),
+                  train_max=50, test_max=100, pad_multiple=16, train_size=10_000,
+                  val_size=1000, eval_every=500, patience=10, run_seconds=0, time_budget=0),
 }
 
 
@@ -204,6 +237,49 @@ def bin_strings(lang: Language, seed: int, stream: int, size: int, lo: int, hi: 
   return list(dict.fromkeys(example(lang, seed, stream, i, lo, hi) for i in range(size)))
 
 
+def training_set(lang: Language, seed: int, size: int, hi: int) -> list:
+  """The fixed training set: the de-duplicated strings of draws ``0..size-1`` of the TRAIN stream
+  (lengths 1..``hi`` at random), drawn once, in order of first appearance."""
+  return list(dict.fromkeys(example(lang, seed, TRAIN, i, 1, hi) for i in range(size)))
+
+
+def held_out(lang: Language, seed: int, stream: int, size: int, lo: int, hi: int,
+             exclude: Sequence[str]) -> list:
+  """``bin_strings`` of ``stream`` less the strings of ``exclude`` (the training set, ...).
+
+  A language with one string per length (``(aa)*``, ``(abab)*``, aⁿbⁿ, aⁿbⁿcⁿ) has no string of
+  lengths ``lo..hi`` outside a training set that holds them all: there the split is every string
+  of the range (the training strings themselves, as in Bhattamishra et al.)."""
+  strings = bin_strings(lang, seed, stream, size, lo, hi)
+  excluded = set(exclude)
+  return [s for s in strings if s not in excluded] or strings
+
+
+def batch_schedule(lengths: Sequence[int], batch: int, seed: int,
+                   multiple: int) -> Callable[[int], tuple]:
+  """``step -> (rows, width)``: the batches of a fixed set of strings of ``lengths``.
+
+  Strings are grouped by their length padded to ``multiple`` (``width``), so that a batch of
+  short strings is not padded to the longest. Each epoch shuffles every group, cuts it into
+  batches of ``batch`` rows (the last one wraps around to the group's first rows), and shuffles
+  the order of all the batches; every row is read at least once per epoch. A pure function of its
+  arguments and the step."""
+  widths = np.array([pad_to(n, multiple) for n in lengths])
+  groups = [(int(w), np.flatnonzero(widths == w)) for w in np.unique(widths)]
+  per_epoch = sum(-(-len(rows) // batch) for _, rows in groups)
+
+  @functools.lru_cache(maxsize=2)
+  def epoch(e: int) -> list:
+    rng = np.random.default_rng([seed, 7919, e])
+    batches = []
+    for width, rows in groups:
+      rows = np.resize(rng.permutation(rows), -(-len(rows) // batch) * batch)
+      batches += [(part, width) for part in rows.reshape(-1, batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+  return lambda step: epoch(step // per_epoch)[step % per_epoch]
+
+
 def encode(lang: Language, strings: Sequence[str], width: int):
   """``(inputs int32 [B, width], targets float32 [B, width, LABELS_MAX], mask float32 [B,
   width])``: ids ``alphabet.index + 1``, padding 0; ``mask`` is 1 on the strings' positions."""
@@ -274,8 +350,8 @@ def _optimizer(steps: int, lr: float) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(graphdef, state, inputs):
-  return nnx.merge(graphdef, state)(inputs)[..., :LABELS_MAX] > 0
+def _label_logits(graphdef, state, inputs):
+  return nnx.merge(graphdef, state)(inputs)[..., :LABELS_MAX].astype(jnp.float32)
 
 
 def pad_to(n: int, multiple: int) -> int:
@@ -296,8 +372,8 @@ def build(cfg, seed: int):
 
 
 def train_language(cfg, lang: Language, settings: dict, seed: int, desc: str = ""):
-  """Trains a fresh model on ``lang`` (``nlx.train.fit``); returns ``(model, losses, seconds,
-  tokens_per_second)``."""
+  """Trains a fresh model on fresh strings of ``lang`` at every step (``nlx.train.fit``; the
+  ``train_size`` 0 protocol); returns ``(model, losses, seconds, tokens_per_second)``."""
   steps, batch, width = settings["steps"], settings["batch"], pad_to(settings["train_max"],
                                                                      settings["pad_multiple"])
   labels = label_mask(lang)
@@ -310,6 +386,84 @@ def train_language(cfg, lang: Language, settings: dict, seed: int, desc: str = "
   result = fit(build(cfg, seed), batches, steps, tx=_optimizer(steps, settings["lr"]),
                loss=language_loss, desc=desc)
   return result.model, result.losses, result.seconds, result.tokens_per_second
+
+
+def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Sequence[str],
+                    val: Sequence[str], desc: str = "", progress: bool = True) -> dict:
+  """Trains a fresh model on the fixed set ``train`` with early stopping on ``val``.
+
+  At most ``settings["steps"]`` steps of ``batch`` strings (``batch_schedule``: shuffled epochs,
+  batches of strings of one padded length);
+  every ``eval_every`` steps (and after the last) the validation strings are scored. The best
+  checkpoint (highest validation string accuracy, then lowest validation loss) is kept; training
+  stops once validation is perfect (every string right), after ``patience`` evaluations without
+  a better one, or at the first evaluation after ``run_seconds`` (if set) of wall time. The step is ``fit``'s compiled step (``nlx.train.step.apply_gradients``).
+
+  Returns:
+    ``{"model": the best checkpoint, "losses": the loss of every step, "curve": [{"step",
+    "train_loss" (mean since the previous evaluation), "val_loss", "val_string",
+    "val_position"}], "best_step", "steps" (run), "stopped" ("perfect" | "patience" |
+    "time" | "max_steps"), "seconds", "tokens_per_second"}``.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  steps, batch = settings["steps"], settings["batch"]
+  width = pad_to(settings["train_max"], settings["pad_multiple"])
+  labels = jnp.asarray(label_mask(lang))
+  inputs, targets, mask = encode(lang, train, width)
+  graphdef, params, rest = nnx.split(build(cfg, seed), nnx.Param, ...)
+  tx = _optimizer(steps, settings["lr"])
+  opt_state = tx.init(params)
+  step_fn = fitting.compiled_step(graphdef, tx, language_loss)
+  losses, curve, since = [], [], 0
+  best, best_params, best_step, bad, stopped = None, params, 0, 0, "max_steps"
+  eval_seconds, start, compiled = 0.0, time.time(), None
+  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
+             leave=False)
+  schedule = batch_schedule([len(s) for s in train], batch, seed, settings["pad_multiple"])
+  tokens = 0
+  for step in bar:
+    rows, w = schedule(step)
+    up = step_fn(params, rest, opt_state, (jnp.asarray(inputs[rows, :w]),
+                                           jnp.asarray(targets[rows, :w]),
+                                           jnp.asarray(mask[rows, :w]), labels))
+    tokens += batch * w if step else 0
+    params, opt_state = up.params, up.opt_state
+    losses.append(up.loss)
+    if step == 0:
+      jax.block_until_ready(up.loss)
+      compiled = time.time()
+    if (step + 1) % settings["eval_every"] and step != steps - 1:
+      continue
+    tic = time.time()
+    recent = [float(x) for x in jax.device_get(losses[since:])]
+    since = len(losses)
+    got = evaluate(nnx.merge(graphdef, params, rest), lang, val, width)
+    curve.append({"step": step + 1, "train_loss": float(np.mean(recent)),
+                  "val_loss": got["loss"], "val_string": got["string"],
+                  "val_position": got["position"]})
+    key = (got["string"], -got["loss"])
+    if best is None or key > best:
+      best, best_params, best_step, bad = key, params, step + 1, 0
+    else:
+      bad += 1
+    eval_seconds += time.time() - tic
+    bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", val=f"{got['string']:.3f}")
+    if got["string"] >= 1.0:
+      stopped = "perfect"
+      break
+    if bad >= settings["patience"]:
+      stopped = "patience"
+      break
+    if settings.get("run_seconds") and time.time() - start > settings["run_seconds"]:
+      stopped = "time"
+      break
+  end = time.time()
+  losses = [float(x) for x in jax.device_get(losses)]
+  timed = max(end - (compiled or start) - eval_seconds, 1e-9)
+  return {"model": nnx.merge(graphdef, best_params, rest), "losses": losses, "curve": curve,
+          "best_step": best_step, "steps": len(losses), "stopped": stopped,
+          "seconds": end - start,
+          "tokens_per_second": tokens / timed}
 
 
 def score(predicted: np.ndarray, targets: np.ndarray, mask: np.ndarray,
@@ -336,58 +490,103 @@ def score(predicted: np.ndarray, targets: np.ndarray, mask: np.ndarray,
 
 
 def evaluate(model, lang: Language, strings: Sequence[str], width: int, rows: int = 64) -> dict:
-  """``score`` of ``model`` on ``strings`` (padded to ``width``, in batches of ``rows``)."""
+  """``score`` of ``model`` on ``strings`` (padded to ``width``, in batches of ``rows``), and
+  ``"loss"``: their ``bce_loss``."""
   graphdef, state = nnx.split(model)
   parts = []
   for start in range(0, len(strings), rows):
     chunk = list(strings[start:start + rows])
     inputs, targets, mask = encode(lang, chunk + [""] * (rows - len(chunk)), width)
-    parts.append((np.asarray(_predict(graphdef, state, jnp.asarray(inputs))), targets, mask))
-  predicted, targets, mask = (np.concatenate(x) for x in zip(*parts))
-  return score(predicted, targets, mask, label_mask(lang))
+    parts.append((np.asarray(_label_logits(graphdef, state, jnp.asarray(inputs))), targets,
+                  mask))
+  logits, targets, mask = (np.concatenate(x) for x in zip(*parts))
+  labels = label_mask(lang)
+  weight = mask[..., None] * labels
+  bce = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+  return {**score(logits > 0, targets, mask, labels),
+          "loss": float(np.sum(bce * weight) / max(np.sum(weight), 1.0))}
 
 
 # ---------------------------------------------------------------------------------------------
 # The study
 # ---------------------------------------------------------------------------------------------
 
-def run(settings: dict, families: Sequence[str], languages: Sequence[str], seed: int) -> dict:
-  """Trains and scores every (family, language); returns the JSON results."""
+def splits(lang: Language, settings: dict, seed: int) -> dict:
+  """The strings of each split: ``train`` (the fixed set; empty for fresh strings), ``val`` (not
+  in ``train``), ``bin0`` (lengths 1..train_max, in neither), ``bin1`` (train_max+1..test_max).
+  Where a language has no such strings (one string per length), ``held_out`` keeps them all."""
+  hi, size = settings["train_max"], settings["train_size"]
+  train = training_set(lang, seed, size, hi) if size else []
+  val = held_out(lang, seed, VAL, settings["val_size"], 1, hi, train) if size else []
+  return {"train": train, "val": val,
+          "bin0": held_out(lang, seed, BIN0, settings["eval_size"], 1, hi, train + val),
+          "bin1": bin_strings(lang, seed, BIN1, settings["eval_size"], hi + 1,
+                              settings["test_max"])}
+
+
+def run(settings: dict, families: Sequence[str], languages: Sequence[str], seed: int,
+        progress: bool = True, on_result: Optional[Callable[[dict], None]] = None) -> dict:
+  """Trains and scores every (family, language), language by language; returns the JSON results
+  (``"languages_run"``: the languages run, all of them unless ``settings["time_budget"]``
+  seconds were spent before one started; no run trains past that budget, ``run_seconds`` caps
+  each run). ``on_result(results)`` after every run."""
   width = pad_to(settings["test_max"], settings["pad_multiple"])
   configs = {family: family_config(family, settings) for family in families}
   results = {"settings": settings, "families": {}, "languages": {}}
+  data = {}
   for name in languages:
     lang = LANGUAGES[name]
-    bins = {"bin0": bin_strings(lang, seed, BIN0, settings["eval_size"], 1,
-                                settings["train_max"]),
-            "bin1": bin_strings(lang, seed, BIN1, settings["eval_size"], settings["train_max"] + 1,
-                                settings["test_max"])}
-    results["languages"][name] = {
-        "title": lang.title, "labels": list(lang.labels),
-        **{f"{b}_lengths": [min(map(len, s)), max(map(len, s))] for b, s in bins.items()},
-        **{f"{b}_strings": len(s) for b, s in bins.items()}}
+    data[name] = splits(lang, settings, seed)
+    info = results["languages"][name] = {"title": lang.title, "labels": list(lang.labels)}
+    for part, strings in data[name].items():
+      info[f"{part}_strings"] = len(strings)
+      if strings:
+        info[f"{part}_lengths"] = [min(map(len, strings)), max(map(len, strings))]
+    if data[name]["train"]:
+      train = set(data[name]["train"])
+      info["val_in_train"] = sum(s in train for s in data[name]["val"])
+      info["bin0_in_train"] = sum(s in train for s in data[name]["bin0"])
   for family in families:
-    entry = results["families"][family] = {"params": study.param_count(configs[family]),
-                                           "languages": {}}
-    for name in languages:
-      lang = LANGUAGES[name]
-      model, losses, seconds, tps = train_language(configs[family], lang, settings, seed,
-                                                   desc=f"{family} {name}")
-      bins = {b: bin_strings(lang, seed, stream, settings["eval_size"], lo, hi)
-              for b, stream, lo, hi in (("bin0", BIN0, 1, settings["train_max"]),
-                                        ("bin1", BIN1, settings["train_max"] + 1,
-                                         settings["test_max"]))}
-      scores = {b: evaluate(model, lang, s, width) for b, s in bins.items()}
-      entry["languages"][name] = {"loss_first": losses[0],
-                                  "loss_last": float(np.mean(losses[-10:])), "losses": losses,
-                                  "train_seconds": seconds, "tokens_per_second": tps, **scores}
+    results["families"][family] = {"params": study.param_count(configs[family]), "languages": {}}
+  start, results["languages_run"] = time.time(), []
+  for name in languages:  # every model on a language, then the next: complete rows first
+    if settings.get("time_budget") and time.time() - start > settings["time_budget"]:
+      print(f"time budget of {settings['time_budget']} s spent: languages not run: "
+            f"{', '.join(languages[len(results['languages_run']):])}", flush=True)
+      break
+    lang, split = LANGUAGES[name], data[name]
+    for family in families:
+      if split["train"]:
+        capped = dict(settings)
+        if settings.get("time_budget"):  # no run goes on past the budget
+          left = max(settings["time_budget"] - (time.time() - start), 1.0)
+          capped["run_seconds"] = min(settings.get("run_seconds") or left, left)
+        got = train_fixed_set(configs[family], lang, capped, seed, split["train"],
+                              split["val"], desc=f"{family} {name}", progress=progress)
+        model, losses, seconds, tps = (got.pop(k) for k in ("model", "losses", "seconds",
+                                                            "tokens_per_second"))
+        extra = got
+      else:
+        model, losses, seconds, tps = train_language(configs[family], lang, settings, seed,
+                                                     desc=f"{family} {name}")
+        extra = {}
+      scores = {b: evaluate(model, lang, split[b], width) for b in ("bin0", "bin1")}
+      results["families"][family]["languages"][name] = {
+          "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), "losses": losses,
+          "train_seconds": seconds, "tokens_per_second": tps, **extra, **scores}
+      stop = (f"  val {extra['curve'][-1]['val_string']:.3f} best step {extra['best_step']}"
+              f"/{extra['steps']} ({extra['stopped']})" if extra else "")
       print(f"{family:12s} {name:9s} loss {losses[-1]:.4f}  bin0 {scores['bin0']['string']:.3f}"
-            f"  bin1 {scores['bin1']['string']:.3f}  ({seconds:.0f} s)", flush=True)
+            f"  bin1 {scores['bin1']['string']:.3f}{stop}  ({seconds:.0f} s)", flush=True)
+      if on_result is not None:
+        on_result(results)
+    results["languages_run"].append(name)
   return results
 
 
 def tables(results: dict, families: Sequence[str], languages: Sequence[str]) -> str:
-  """Markdown: string accuracy (%) per language and model, bin 0 / bin 1; then the models."""
+  """Markdown: string accuracy (%) per language and model, bin 0 / bin 1; the training runs
+  (fixed training set: steps, best step, why they stopped, validation); then the models."""
   columns = ["language", "bin 0 / bin 1 lengths"] + [f"{f} bin 0 / bin 1" for f in families]
   rows = []
   for name in languages:
@@ -397,19 +596,37 @@ def tables(results: dict, families: Sequence[str], languages: Sequence[str]) -> 
       r = results["families"][family]["languages"][name]
       cells.append(f"{100 * r['bin0']['string']:.1f} / {100 * r['bin1']['string']:.1f}")
     rows.append(cells)
+  out = study.markdown_table(columns, rows) + "\n"
+  runs = [(f, n, results["families"][f]["languages"][n]) for f in families for n in languages]
+  if any("curve" in r for _, _, r in runs):
+    out += study.markdown_table(
+        ["model", "language", "train / val / bin 0 strings", "steps run", "best step", "stopped",
+         "val strings right (best)", "train loss (first / at best)", "val loss (at best)"],
+        [[f, results["languages"][n]["title"],
+          "{} / {} / {}".format(*(results["languages"][n][f"{p}_strings"]
+                                  for p in ("train", "val", "bin0"))),
+          r["steps"], r["best_step"], r["stopped"],
+          f"{max(c['val_string'] for c in r['curve']):.3f}",
+          "{:.3f} / {:.3f}".format(r["loss_first"], *(c["train_loss"] for c in r["curve"]
+                                                      if c["step"] == r["best_step"])),
+          next(c["val_loss"] for c in r["curve"] if c["step"] == r["best_step"])]
+         for f, n, r in runs if "curve" in r]) + "\n"
   models = [[f, results["families"][f]["params"],
              float(sum(r["train_seconds"] for r in results["families"][f]["languages"].values())),
              float(np.mean([r["tokens_per_second"]
                             for r in results["families"][f]["languages"].values()]))]
             for f in families]
-  return (study.markdown_table(columns, rows) + "\n"
-          + study.markdown_table(["model", "params", "train s (all languages)", "tokens/s"],
-                                 models, digits=0))
+  return out + study.markdown_table(["model", "params", "train s (all languages)", "tokens/s"],
+                                    models, digits=0)
 
 
 def plot(results: dict, families: Sequence[str], languages: Sequence[str]):
-  """Two panels (bin 0, bin 1): grouped bars of string accuracy per language and model."""
-  fig, axes = study.figure(2, width=6.0)
+  """Panels bin 0, bin 1: grouped bars of string accuracy per language and model; with a fixed
+  training set also the curves: validation strings right and training loss against the step
+  (one colour per model, one line style per language)."""
+  curves = any("curve" in r for f in families
+               for r in results["families"][f]["languages"].values())
+  fig, axes = study.figure(4 if curves else 2, width=5.0 if curves else 6.0)
   x = np.arange(len(languages))
   bar = 0.8 / len(families)
   for ax, b, title in zip(axes, ("bin0", "bin1"), ("bin 0 (training lengths)",
@@ -422,12 +639,35 @@ def plot(results: dict, families: Sequence[str], languages: Sequence[str]):
     ax.set_ylabel("strings right (%)")
     ax.set_title(title)
   axes[0].legend(fontsize=8)
+  if curves:
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for i, family in enumerate(families):
+      for j, name in enumerate(languages):
+        curve = results["families"][family]["languages"][name].get("curve")
+        if not curve:
+          continue
+        steps = [c["step"] for c in curve]
+        label = f"{family} {results['languages'][name]['title']}"
+        axes[2].plot(steps, [100 * c["val_string"] for c in curve], color=f"C{i}",
+                     linestyle=styles[j % len(styles)], label=label)
+        axes[3].plot(steps, [c["train_loss"] for c in curve], color=f"C{i}",
+                     linestyle=styles[j % len(styles)])
+        axes[3].plot(steps, [c["val_loss"] for c in curve], color=f"C{i}", alpha=0.35,
+                     linestyle=styles[j % len(styles)])
+    axes[2].set(xlabel="step", ylabel="validation strings right (%)", ylim=(0, 105),
+                title="validation (early stopping)")
+    axes[3].set(xlabel="step", ylabel="BCE", yscale="log",
+                title="training loss (dark), validation loss (light)")
+    axes[2].legend(fontsize=6, ncol=2)
   fig.tight_layout()
   return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-  parser = study.arg_parser(__doc__, STUDY)
+  parser = study.arg_parser(__doc__, STUDY, scales=SCALES,
+                            scale_help="tiny: minutes on 2 CPU cores (fresh strings, fixed steps); "
+                                       "cpu: the papers' protocol (fixed training set, early "
+                                       "stopping), <= 90 min on 2 CPU cores; small, paper: GPU/TPU")
   parser.add_argument("--families", default=None, help="comma-separated (default: all three)")
   parser.add_argument("--languages", default=None,
                       help=f"comma-separated of {', '.join(LANGUAGES)} (default: all)")
@@ -435,21 +675,45 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--eval_size", type=int, default=None,
                       help="override the strings drawn per bin (before de-duplication)")
   parser.add_argument("--lr", type=float, default=None, help="override the scale's peak lr")
+  parser.add_argument("--train_size", type=int, default=None,
+                      help="override the training set's draws (0: fresh strings every step)")
+  parser.add_argument("--val_size", type=int, default=None,
+                      help="override the validation split's draws")
+  parser.add_argument("--patience", type=int, default=None,
+                      help="override the evaluations without a better validation score "
+                           "before stopping")
+  parser.add_argument("--eval_every", type=int, default=None,
+                      help="override the steps between validations")
   args = parser.parse_args(argv)
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
-                                  eval_size=args.eval_size)
+                                  eval_size=args.eval_size, train_size=args.train_size,
+                                  val_size=args.val_size,
+                                  patience=args.patience, eval_every=args.eval_every)
+  if settings["train_size"] and (settings["eval_every"] < 1 or settings["patience"] < 1
+                                 or settings["val_size"] < 1):
+    raise ValueError(f"--scale {args.scale}: a fixed training set (train_size="
+                     f"{settings['train_size']}) needs eval_every, patience and val_size >= 1; "
+                     f"got {settings['eval_every']}, {settings['patience']}, "
+                     f"{settings['val_size']}")
   families = study.parse_list("--families", args.families, known=known_families(),
-                              default=list(FAMILIES))
+                              default=list(CPU_FAMILIES if args.scale == "cpu" else FAMILIES))
   languages = study.parse_list("--languages", args.languages, known=tuple(LANGUAGES))
+  command = study.command_line(STUDY, argv)
+
+  def partial(results):  # the runs so far, in case the process is stopped
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{STUDY}.partial.json"), "w", encoding="utf-8") as f:
+      json.dump({"study": STUDY, "command": command, **results}, f, default=study._jsonable)  # pylint: disable=protected-access
+
   start = time.time()
-  results = run(settings, families, languages, args.seed)
+  results = run(settings, families, languages, args.seed, on_result=partial)
   results["seconds"] = time.time() - start
   results["seed"] = args.seed
-  table = tables(results, families, languages)
+  ran = results["languages_run"]
+  table = tables(results, families, ran)
   print(table)
   results["paths"] = study.write_outputs(args.out, STUDY, results, table,
-                                         plot(results, families, languages),
-                                         command=study.command_line(STUDY, argv))
+                                         plot(results, families, ran), command=command)
   return results
 
 

@@ -130,3 +130,92 @@ def test_main_writes_json_markdown_and_png(tmp_path):
   with open(os.path.join(out, "formal_languages.md"), encoding="utf-8") as f:
     assert "| aⁿbⁿ |" in f.read()
   assert results["families"]["transformer"]["params"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed training set, the validation split and early stopping (--scale cpu, Irie et al.)
+# ---------------------------------------------------------------------------------------------
+
+FIXED = dict(fl.PRESETS["cpu"], d_model=16, n_layers=1, batch=8, steps=6, train_size=200,
+             val_size=40, eval_size=40, eval_every=2, patience=1)
+
+
+def test_training_set_is_fixed_deduplicated_and_read_in_shuffled_epochs():
+  train = fl.training_set(LANG["parity"], 0, 200, 50)
+  assert train == fl.training_set(LANG["parity"], 0, 200, 50)  # drawn once: same every call
+  assert len(set(train)) == len(train) and 150 < len(train) <= 200
+  assert all(1 <= len(s) <= 50 and s.count("1") % 2 == 0 for s in train)
+  # batches are rows of that set, a pure function of the step, each of strings of one padded
+  # width; each epoch reads every row (a group's last batch wraps around to its first rows)
+  lengths = [len(s) for s in train]
+  schedule = fl.batch_schedule(lengths, 8, 0, 16)
+  again = fl.batch_schedule(lengths, 8, 0, 16)
+  per_epoch = sum(-(-sum(fl.pad_to(n, 16) == w for n in lengths) // 8) for w in (16, 32, 48, 64))
+  seen = []
+  for step in range(per_epoch):
+    rows, width = schedule(step)
+    np.testing.assert_array_equal(rows, again(step)[0])
+    assert len(rows) == 8 and all(fl.pad_to(lengths[r], 16) == width for r in rows)
+    seen += rows.tolist()
+  assert set(seen) == set(range(len(train))) and len(seen) - len(train) < 4 * 8
+  assert not np.array_equal(schedule(0)[0], schedule(per_epoch)[0])  # the next epoch reshuffles
+  tiny = fl.batch_schedule([3, 5, 4], 6, 0, 16)  # a group smaller than a batch wraps around
+  assert sorted(tiny(0)[0].tolist()) == [0, 0, 1, 1, 2, 2] and tiny(0)[1] == 16
+
+
+def test_splits_are_disjoint_where_the_language_allows_and_labels_are_right():
+  for name in ("parity", "shuffle2"):
+    split = fl.splits(LANG[name], FIXED, 0)
+    train, val, bin0 = map(set, (split["train"], split["val"], split["bin0"]))
+    assert val and bin0 and not val & train and not bin0 & (train | val)
+    assert all(len(s) <= 50 for s in train | val | bin0)
+    assert min(map(len, split["bin1"])) >= 51
+  # one string per length: every string of 1..50 is a training string, validation and bin 0
+  # are those strings (the training set itself)
+  split = fl.splits(LANG["anbn"], dict(FIXED, train_size=2000), 0)
+  assert sorted(map(len, split["train"])) == list(range(2, 51, 2))
+  assert set(split["val"]) == set(split["bin0"]) == set(split["train"])
+  # labels: the encoded parity targets are each prefix's parity, at the string's positions only
+  strings = fl.splits(LANG["parity"], FIXED, 0)["val"][:16]
+  inputs, targets, mask = fl.encode(LANG["parity"], strings, 64)
+  for row, s in enumerate(strings):
+    assert mask[row].sum() == len(s) and (inputs[row, len(s):] == 0).all()
+    ones = np.cumsum(inputs[row, :len(s)] == 2)  # id 2 is "1"
+    np.testing.assert_array_equal(targets[row, :len(s), 1], ones % 2 == 0)
+    np.testing.assert_array_equal(targets[row, :len(s), 0], ones % 2 == 1)
+    assert targets[row, len(s):].sum() == 0 and targets[row, :, 2:].sum() == 0
+
+
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(monkeypatch):
+  cfg = fl.family_config("transformer", FIXED)
+  split = fl.splits(LANG["parity"], FIXED, 0)
+  # lr 0: validation never improves after the first evaluation; patience 1 stops at the second
+  got = fl.train_fixed_set(cfg, LANG["parity"], dict(FIXED, lr=0.0), 0, split["train"],
+                           split["val"], progress=False)
+  assert got["stopped"] == "patience" and got["steps"] == 4 and got["best_step"] == 2
+  assert [c["step"] for c in got["curve"]] == [2, 4]
+  assert got["curve"][0]["val_loss"] == pytest.approx(got["curve"][1]["val_loss"])
+  # a perfect validation score stops at once
+  real = fl.evaluate
+  monkeypatch.setattr(fl, "evaluate", lambda *a, **k: {**real(*a, **k), "string": 1.0})
+  got = fl.train_fixed_set(cfg, LANG["parity"], dict(FIXED, lr=0.0), 0, split["train"],
+                           split["val"], progress=False)
+  assert got["stopped"] == "perfect" and got["steps"] == 2 and len(got["losses"]) == 2
+
+
+def test_cpu_scale_main_records_the_curves(tmp_path):
+  out = str(tmp_path / "fl")
+  fl.main(["--scale", "cpu", "--families", "transformer", "--languages", "parity,aa",
+           "--steps", "4", "--train_size", "64", "--val_size", "16", "--eval_size", "16",
+           "--eval_every", "2", "--out", out])
+  with open(os.path.join(out, "formal_languages.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["languages"]["parity"]["val_in_train"] == 0
+  assert saved["languages"]["parity"]["bin0_in_train"] == 0
+  for r in saved["families"]["transformer"]["languages"].values():
+    assert [c["step"] for c in r["curve"]][0] == 2 and r["stopped"] in ("patience", "max_steps",
+                                                                       "perfect")
+    assert len(r["losses"]) == r["steps"] <= 4 and 0 < r["best_step"] <= r["steps"]
+  with open(os.path.join(out, "formal_languages.md"), encoding="utf-8") as f:
+    assert "best step" in f.read()
+  assert os.path.getsize(os.path.join(out, "formal_languages.png")) > 0
