@@ -137,7 +137,7 @@ def test_main_writes_json_markdown_and_png(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 FIXED = dict(fl.PRESETS["cpu"], d_model=16, n_layers=1, batch=8, steps=6, train_size=200,
-             val_size=40, eval_size=40, eval_every=2, patience=1)
+             val_size=40, eval_size=40, eval_every=2, patience=1, pad_multiple=64)  # one width
 
 
 def test_training_set_is_fixed_deduplicated_and_read_in_shuffled_epochs():
@@ -206,16 +206,16 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(monkeypatch):
 def test_cpu_scale_main_records_the_curves(tmp_path):
   out = str(tmp_path / "fl")
   fl.main(["--scale", "cpu", "--families", "transformer", "--languages", "parity,aa",
-           "--steps", "4", "--train_size", "64", "--val_size", "16", "--eval_size", "16",
-           "--eval_every", "2", "--out", out])
+           "--steps", "2", "--train_size", "16", "--val_size", "16", "--eval_size", "16",
+           "--eval_every", "1", "--out", out])
   with open(os.path.join(out, "formal_languages.json"), encoding="utf-8") as f:
     saved = json.load(f)
   assert saved["languages"]["parity"]["val_in_train"] == 0
   assert saved["languages"]["parity"]["bin0_in_train"] == 0
   for r in saved["families"]["transformer"]["languages"].values():
-    assert [c["step"] for c in r["curve"]][0] == 2 and r["stopped"] in ("patience", "max_steps",
-                                                                       "perfect")
-    assert len(r["losses"]) == r["steps"] <= 4 and 0 < r["best_step"] <= r["steps"]
+    assert r["curve"][0]["step"] == 1 and r["stopped"] in ("patience", "max_steps", "perfect")
+    assert len(r["losses"]) == r["steps"] <= 2 and 0 < r["best_step"] <= r["steps"]
+    assert [c["step"] for c in r["curve"]] == list(range(1, r["steps"] + 1))
   with open(os.path.join(out, "formal_languages.md"), encoding="utf-8") as f:
     assert "best step" in f.read()
   assert os.path.getsize(os.path.join(out, "formal_languages.png")) > 0
