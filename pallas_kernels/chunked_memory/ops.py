@@ -61,11 +61,11 @@ class BlockSizes:
 
   Attributes:
     block_v: value columns per program (a power of two ≥ 16 dividing V); None: the backend's
-      default (GPU: min(V, 64), so that a 128-wide head runs as two programs; TPU: V, whole
-      lane-dense tiles).
+      default (GPU: min(V, 64), so that a 128-wide head runs as two programs, and min(V, 32)
+      for Titans, ``GPU_BLOCK_V_TITANS``; TPU: V, whole lane-dense tiles).
     num_warps, num_stages: Triton launch parameters (GPU only) for every kernel; None: the
-      per-kernel table ``GPU_LAUNCH`` for the delta rule's phase kernels, 4 warps and 1 stage
-      for the others.
+      per-kernel tables ``GPU_LAUNCH`` (the delta rule's and linear attention's phase kernels)
+      and ``GPU_LAUNCH_TITANS``, 4 warps and 1 stage for a kernel they lack.
     chunks_per_step: TPU phase kernels: chunks per grid step (a power of two dividing the
       number of chunks); None: ``kernel_tpu.chunks_per_step`` (256 tokens per step where the
       chunk count allows).
@@ -87,9 +87,12 @@ class BlockSizes:
     del backend
     return cls()
 
-  def resolve(self, backend: str, dv: int) -> "BlockSizes":
-    """With ``block_v`` filled in for V = ``dv`` and checked."""
-    block_v = self.block_v or (min(dv, 64) if backend == "gpu" else dv)
+  def resolve(self, backend: str, dv: int, kind: str = "delta_rule",
+              head: int = 128) -> "BlockSizes":
+    """With ``block_v`` filled in for V = ``dv`` (GPU Titans: ``GPU_BLOCK_V_TITANS`` of the
+    shape class of ``head``) and checked."""
+    gpu_block = GPU_BLOCK_V_TITANS[_shape_class(head)] if kind == "titans" else 64
+    block_v = self.block_v or (min(dv, gpu_block) if backend == "gpu" else dv)
     if block_v not in _POW2 or dv % block_v:
       raise ValueError(f"block_sizes.block_v={self.block_v!r} is not supported for V={dv}; "
                        f"allowed: a power of two in {_POW2} that divides V, or None")
@@ -133,6 +136,17 @@ GPU_LAUNCH = {
 # (ptx.py; docs/KERNELS.md); 32 spills less but recomputes the chunk's UT solve twice as often.
 GPU_GRAD_BLOCK_V = {128: 64}
 
+# The same for Titans' phase kernels (``kernel_gpu_titans``), from their sm_90 statistics with
+# momentum (docs/KERNELS.md): 8 warps for every kernel (4 spill in the sequential kernels, 16
+# caps registers at 128 and spills more), at a value block of 32 (``GPU_BLOCK_V_TITANS``): there
+# the sequential kernels, which carry two ``[K, block_v]`` float32 states, do not spill (at 64
+# the backward one spills 416 B a thread) and the gradient kernel spills 1.6 KB instead of 3.0.
+GPU_LAUNCH_TITANS = {
+    128: {"fwd_coef": (8, 1), "fwd_state": (8, 1), "fwd_out": (8, 1), "bwd_dvl": (8, 1),
+          "bwd_state": (8, 1), "bwd_grad": (8, 1)},
+}
+GPU_BLOCK_V_TITANS = {128: 32}
+
 
 def _shape_class(head: int) -> int:
   """The class of ``GPU_LAUNCH`` for max(K, V) = ``head``: the nearest at or above it, else the
@@ -141,10 +155,10 @@ def _shape_class(head: int) -> int:
   return next((c for c in classes if c >= head), classes[-1])
 
 
-def gpu_launch(head: int, blocks: "BlockSizes") -> dict:
-  """``{phase: (num_warps, num_stages)}`` for the shape class of ``head``, with ``blocks``'
-  explicit values overriding the table."""
-  table = GPU_LAUNCH[_shape_class(head)]
+def gpu_launch(head: int, blocks: "BlockSizes", kind: str = "delta_rule") -> dict:
+  """``{phase: (num_warps, num_stages)}`` for the shape class of ``head`` (Titans: its own
+  table), with ``blocks``' explicit values overriding the table."""
+  table = (GPU_LAUNCH_TITANS if kind == "titans" else GPU_LAUNCH)[_shape_class(head)]
   return {phase: (blocks.num_warps or w, blocks.num_stages or st)
           for phase, (w, st) in table.items()}
 
@@ -163,7 +177,7 @@ def _kernel_kwargs(cfg: _Config) -> dict:
   if cfg.backend == "gpu":
     kw.update(num_warps=cfg.blocks.num_warps or 4, num_stages=cfg.blocks.num_stages or 1)
     if _phased(cfg):
-      kw["launch"] = gpu_launch(cfg.head, cfg.blocks)
+      kw["launch"] = gpu_launch(cfg.head, cfg.blocks, cfg.kind)
   elif _phased(cfg):
     kw.update(heads=cfg.heads, per_step=cfg.per_step)
   return kw
@@ -343,7 +357,7 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
         block_sizes=block_sizes, backend=backend, interpret=interpret, debug=debug, reset=reset)
     cut = lambda x: None if x is None else x[..., :dk, :dv]
     return o[..., :dv], cut(final), cut(final_p)
-  blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv)
+  blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv, kind, max(dk, dv))
   lo = lay.Layout(b, t, h, chunk_size)
   heads, per_step = 0, 1
   if backend == "tpu" and kind in PHASED_KINDS:
