@@ -684,11 +684,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            "before stopping")
   parser.add_argument("--eval_every", type=int, default=None,
                       help="override the steps between validations")
+  parser.add_argument("--run_seconds", type=float, default=None,
+                      help="override the wall-time cap of one run (0: none)")
+  parser.add_argument("--time_budget", type=float, default=None,
+                      help="override the wall-time budget of the study (0: none)")
   args = parser.parse_args(argv)
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
                                   eval_size=args.eval_size, train_size=args.train_size,
                                   val_size=args.val_size,
-                                  patience=args.patience, eval_every=args.eval_every)
+                                  patience=args.patience, eval_every=args.eval_every,
+                                  run_seconds=args.run_seconds, time_budget=args.time_budget)
   if settings["train_size"] and (settings["eval_every"] < 1 or settings["patience"] < 1
                                  or settings["val_size"] < 1):
     raise ValueError(f"--scale {args.scale}: a fixed training set (train_size="
