@@ -195,6 +195,12 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(monkeypatch):
   assert got["stopped"] == "patience" and got["steps"] == 4 and got["best_step"] == 2
   assert [c["step"] for c in got["curve"]] == [2, 4]
   assert got["curve"][0]["val_loss"] == pytest.approx(got["curve"][1]["val_loss"])
+  # the wall-time cap stops at the first evaluation after it
+  got = fl.train_fixed_set(cfg, LANG["parity"], dict(FIXED, lr=0.0, patience=9, run_seconds=1e-9),
+                           0, split["train"], split["val"], progress=False)
+  assert got["stopped"] == "time" and got["steps"] == 2
+  # a spent study budget starts no language
+  assert fl.run(dict(FIXED, time_budget=1e-9), ["transformer"], ["aa"], 0)["languages_run"] == []
   # a perfect validation score stops at once
   real = fl.evaluate
   monkeypatch.setattr(fl, "evaluate", lambda *a, **k: {**real(*a, **k), "string": 1.0})
