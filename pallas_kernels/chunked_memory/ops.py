@@ -1,10 +1,12 @@
 """The chunked associative-memory kernels as one differentiable function.
 
-``chunked_memory(kind, q, k, v, ...)`` runs the forward kernel and, under ``jax.custom_vjp``, the
-backward kernel, on GPU (``kernel_gpu``: Pallas Triton) or TPU (``kernel_tpu``: Pallas Mosaic).
+``chunked_memory(kind, q, k, v, ...)`` runs the forward kernels and, under ``jax.custom_vjp``, the
+backward kernels, on GPU (``kernel_gpu``, ``kernel_gpu_titans``: Pallas Triton) or TPU
+(``kernel_tpu``, ``kernel_tpu_titans``: Pallas Mosaic).
 On a machine without the accelerator it runs the same kernels in Pallas interpret mode, so the
-result can be checked anywhere. ``nlx.ops`` dispatches ``impl="pallas"`` here; the three kinds
-are the linear-memory ops of ``nlx.ops``:
+result can be checked anywhere. Every kind runs as phase kernels (``phases.py``,
+``titans_phases.py``). ``nlx.ops`` dispatches ``impl="pallas"`` here; the three kinds are the
+linear-memory ops of ``nlx.ops``:
 
 * ``linear_attention``: ``nlx.ops.linear_attention`` (g optional);
 * ``delta_rule``: ``nlx.ops.delta_rule`` (beta required, g optional);
@@ -12,7 +14,8 @@ are the linear-memory ops of ``nlx.ops``:
   momentum and g optional; no q scale).
 
 Supported (anything else is refused with a ValueError that names it): q, k, v float32 or bfloat16
-(float32 accumulation inside); K and V powers of two in [16, 256]; ``chunk_size`` a power of two in
+(float32 accumulation inside); K and V any size from 1 to 256 (zero-padded to the next power of
+two ≥ 16, ``padded_head_dim``); ``chunk_size`` a power of two in
 [16, 256] (the Triton dot needs every tile dimension ≥ 16); any T ≥ 1 (the final chunk is padded
 with tokens that write nothing; see ``chunk.py``); any B and H. Gradients flow to q, k, v, beta,
 g, momentum and the initial states.
