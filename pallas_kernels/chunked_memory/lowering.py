@@ -33,11 +33,14 @@ from pallas_kernels.chunked_memory.ops import chunked_memory
 SHAPE = (2, 256, 2, 64, 128, 64)
 
 
-def _loss(kind: str, backend: str, chunk: int, block_sizes=None):
+def _loss(kind: str, backend: str, chunk: int, block_sizes=None, heads: int = 0):
   """A scalar of every output of the kernels, as a function of every input (``reset``: the
-  document boundaries, or None)."""
+  document boundaries, or None). ``heads``: q, k, v arrive as ``[B, T, H·D]`` (what a projection
+  produces) and are reshaped to ``[B, T, H, D]`` here (``--qkv flat``); 0: as ``[B, T, H, D]``."""
 
   def loss(q, k, v, beta, g, momentum, s0, reset=None):
+    if heads:
+      q, k, v = (x.reshape(x.shape[:2] + (heads, x.shape[2] // heads)) for x in (q, k, v))
     kw = dict(g=g, initial_state=s0, chunk_size=chunk, backend=backend, interpret=False,
               reset=reset, block_sizes=block_sizes)
     if kind != "linear_attention":
@@ -50,9 +53,10 @@ def _loss(kind: str, backend: str, chunk: int, block_sizes=None):
   return loss
 
 
-def _loss_and_grads(kind: str, backend: str, chunk: int, block_sizes=None):
+def _loss_and_grads(kind: str, backend: str, chunk: int, block_sizes=None, heads: int = 0):
   """``value_and_grad`` of ``_loss`` w.r.t. every input (forward and backward kernels)."""
-  return jax.value_and_grad(_loss(kind, backend, chunk, block_sizes), argnums=tuple(range(7)))
+  return jax.value_and_grad(_loss(kind, backend, chunk, block_sizes, heads),
+                            argnums=tuple(range(7)))
 
 
 def _tilings():
@@ -67,10 +71,22 @@ def layout_copies(hlo: str) -> dict:
   """The ``copy``/``transpose`` instructions of a compiled module's text outside the kernels
   (XLA's layout changes: on TPU a transpose of ``[B, T, H, D]`` shows up as a ``copy`` to a new
   layout), counted and sized by their result shapes."""
+  return _count(hlo, "(?:copy|transpose)")
+
+
+def layout_reshapes(hlo: str) -> dict:
+  """The ``reshape`` instructions left in a compiled module (``layout_copies``' format): after
+  layout assignment XLA turns every reshape that keeps the bytes in place into a ``bitcast``, so
+  a ``reshape`` that remains moves data, e.g. re-tiles ``[B, T, H, D]`` (tiles over H, D) into
+  ``[B, T, H·D]`` (tiles over T, H·D)."""
+  return _count(hlo, "reshape")
+
+
+def _count(hlo: str, op: str) -> dict:
   import re  # pylint: disable=g-import-not-at-top
   sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "pred": 1, "f64": 8, "u32": 4, "s8": 1}
   count, nbytes, shapes = 0, 0, []
-  for m in re.finditer(r"= (\w+)\[([\d,]*)\]\S* (?:copy|transpose)\(", hlo):
+  for m in re.finditer(rf"= (\w+)\[([\d,]*)\]\S* {op}\(", hlo):
     n = 1
     for d in filter(None, m.group(2).split(",")):
       n *= int(d)
@@ -80,12 +96,12 @@ def layout_copies(hlo: str) -> dict:
   return {"count": count, "bytes": nbytes, "shapes": sorted(shapes)}
 
 
-def _arg_shapes(batch: int, shape=SHAPE, sharding=None, reset: bool = False):
+def _arg_shapes(batch: int, shape=SHAPE, sharding=None, reset: bool = False, flat: bool = False):
   _, t, h, dk, dv, _ = shape
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   gate = s((batch, t, h), jnp.float32)
-  args = (s((batch, t, h, dk), jnp.bfloat16), s((batch, t, h, dk), jnp.bfloat16),
-          s((batch, t, h, dv), jnp.bfloat16), gate, gate, gate, s((batch, h, dk, dv), jnp.float32))
+  seq = lambda d: s((batch, t, h * d) if flat else (batch, t, h, d), jnp.bfloat16)
+  args = (seq(dk), seq(dk), seq(dv), gate, gate, gate, s((batch, h, dk, dv), jnp.float32))
   return args + ((s((batch, t), jnp.bool_),) if reset else ())
 
 
@@ -95,7 +111,7 @@ def _check_reset_kind(kind: str, reset: bool):
 
 
 def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both",
-                reset: bool = False, tiling: str = "default") -> dict:
+                reset: bool = False, tiling: str = "default", qkv: str = "heads") -> dict:
   """Compiles ``kind`` for ``topology``; returns XLA's report.
 
   Args:
@@ -103,6 +119,8 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
     mode: "both" (forward + backward, ``value_and_grad``) or "forward".
     reset: with document boundaries (a ``[B, T]`` bool input).
     tiling: a key of ``_tilings()``.
+    qkv: "heads": q, k, v (and their gradients) are ``[B, T, H, D]`` arguments (results) of
+      the compiled step; "flat": ``[B, T, H·D]``, reshaped inside (as a projection gives them).
   """
   _check_reset_kind(kind, reset)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -110,9 +128,11 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   topo = topologies.get_topology_desc(topology, "tpu")
   mesh = Mesh(topo.devices, ("data",))
   make = _loss if mode == "forward" else _loss_and_grads
-  fn = jax.shard_map(make(kind, "tpu", shape[-1], _tilings()[tiling]), mesh=mesh, in_specs=P("data"), out_specs=P(),
-                     check_vma=False)
-  args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")), reset)
+  heads = shape[2] if qkv == "flat" else 0
+  fn = jax.shard_map(make(kind, "tpu", shape[-1], _tilings()[tiling], heads), mesh=mesh,
+                     in_specs=P("data"), out_specs=P(), check_vma=False)
+  args = _arg_shapes(shape[0] * len(topo.devices), shape, NamedSharding(mesh, P("data")), reset,
+                     flat=bool(heads))
   lowered = jax.jit(fn).lower(*args)
   compiled = lowered.compile()
   hlo = compiled.as_text()
@@ -120,7 +140,8 @@ def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "
   return {
       "kind": kind, "topology": topology, "chips": len(topo.devices),
       "device_kind": topo.devices[0].device_kind, "shape_BTHKVC": shape, "mode": mode,
-      "reset": reset, "tiling": tiling, "layout_copies": layout_copies(hlo),
+      "reset": reset, "tiling": tiling, "qkv": qkv, "layout_copies": layout_copies(hlo),
+      "layout_reshapes": layout_reshapes(hlo),
       "kernel_operands": _kernel_operands(lowered.as_text(), kind),
       "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
       "kernels": kernel_names(lowered.as_text(), kind),
@@ -184,20 +205,21 @@ def _kernel_operands(text: str, kind: str) -> dict:
   return found
 
 
-def _export_cuda(kind: str, reset: bool, shape):
+def _export_cuda(kind: str, reset: bool, shape, block_sizes=None):
   from jax import export  # pylint: disable=g-import-not-at-top
   target = "__gpu$xla.gpu.triton"
   return export.export(
-      jax.jit(_loss_and_grads(kind, "gpu", shape[-1])), platforms=["cuda"],
+      jax.jit(_loss_and_grads(kind, "gpu", shape[-1], block_sizes)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
           *_arg_shapes(shape[0], shape, reset=reset))
 
 
-def triton_ir(kind: str, shape=SHAPE, reset: bool = False) -> dict:
+def triton_ir(kind: str, shape=SHAPE, reset: bool = False, block_sizes=None) -> dict:
   """``{kernel name: Triton IR (TTIR, MLIR text)}`` of ``kind``'s forward and backward kernels,
   as Pallas lowers them for ``cuda`` (sm_90) at ``shape``: the module that XLA would hand to its
   own Triton, captured while ``jax.export`` lowers (``ptx.py`` compiles it to PTX and cubin
-  with the ``triton`` wheel)."""
+  with the ``triton`` wheel). ``block_sizes``: an ``ops.BlockSizes`` (value blocks; None: the
+  launch table's)."""
   from jax._src.pallas.triton import lowering as tl  # pylint: disable=g-import-not-at-top
   _check_reset_kind(kind, reset)
   modules = {}
@@ -211,7 +233,7 @@ def triton_ir(kind: str, shape=SHAPE, reset: bool = False) -> dict:
 
   tl.lower_jaxpr_to_triton_module = capture
   try:
-    _export_cuda(kind, reset, shape)
+    _export_cuda(kind, reset, shape, block_sizes)
   finally:
     tl.lower_jaxpr_to_triton_module = original
   return modules
@@ -245,6 +267,9 @@ def main(argv: Sequence[str] = ()) -> int:
   parser.add_argument("--tiling", choices=("default", "transposed"), default="default",
                       help="TPU phase kernels: head-strided, several chunks a step (default) or "
                       "XLA transposes, one chunk a step (the earlier tiling, but with the current gates)")
+  parser.add_argument("--qkv", choices=("heads", "flat"), default="heads",
+                      help="TPU: q, k, v as [B, T, H, D] arguments (default) or [B, T, H*D] "
+                      "reshaped inside the step, as a projection produces them")
   parser.add_argument("--kinds", default=None,
                       help="comma-separated kinds (default: every kind; with --reset, those that "
                       "take boundaries)")
@@ -262,8 +287,8 @@ def main(argv: Sequence[str] = ()) -> int:
       parser.error(f"--kinds: {unknown} not among {kinds}")
     kinds = tuple(args.kinds.split(","))
   if args.target == "tpu":
-    results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset, args.tiling)
-               for kind in kinds]
+    results = [compile_tpu(kind, args.topology, shape, args.mode, args.reset, args.tiling,
+                           args.qkv) for kind in kinds]
   else:
     results = [export_gpu(kind, args.reset) for kind in kinds]
   print(json.dumps(results))

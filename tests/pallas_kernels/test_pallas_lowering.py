@@ -45,3 +45,17 @@ def test_gpu_kernels_lower_to_triton_for_cuda():
     assert r["platforms"] == ["cuda"]
     assert r["triton_custom_calls"] == len(expected_kernels(r["kind"])), r
     assert r["kernels"] == expected_kernels(r["kind"])
+
+
+def test_tpu_qkv_retiling_only_for_4d_arguments():
+  # H = 16, K = V = 128 (head-strided): q, k, v as [B, T, H, D] arguments are re-tiled by XLA on
+  # the way in (reshapes) and dq, dk, dv on the way out (copies); as [B, T, H·D] (what a
+  # projection gives) they reach the kernels as they are (docs/KERNELS.md, "TPU").
+  def bf16_moves(qkv):
+    (r,) = lower("tpu", "v5e:2x2", "--shape", "1,256,16,128,128,64", "--kinds", "delta_rule",
+                 "--qkv", qkv)
+    return [s for s in r["layout_copies"]["shapes"] + r["layout_reshapes"]["shapes"]
+            if s.startswith("bf16")]
+
+  assert len(bf16_moves("heads")) == 6
+  assert bf16_moves("flat") == []
