@@ -441,7 +441,7 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
     curve.append({"step": step + 1, "train_loss": float(np.mean(recent)),
                   "val_loss": got["loss"], "val_string": got["string"],
                   "val_position": got["position"]})
-    key = (got["string"], -got["loss"])
+    key = (got["string"], -got["loss"] if np.isfinite(got["loss"]) else -np.inf)  # NaN: worst
     if best is None or key > best:
       best, best_params, best_step, bad = key, params, step + 1, 0
     else:
