@@ -64,11 +64,12 @@ class BlockSizes:
 
   Attributes:
     block_v: value columns per program (a power of two ≥ 16 dividing V); None: the backend's
-      default (GPU: min(V, 64), so that a 128-wide head runs as two programs, and min(V, 32)
-      for Titans, ``GPU_BLOCK_V_TITANS``; TPU: V, whole lane-dense tiles).
+      default (GPU: min(V, the ``block_v`` of ``GPU_TABLE[kind]`` for the shape class); TPU: V,
+      whole lane-dense tiles).
+    grad_block_v: GPU only: the value block of the per-chunk gradient kernel (a power of two
+      dividing V, capped at ``block_v``); None: the table's ``grad_block_v``.
     num_warps, num_stages: Triton launch parameters (GPU only) for every kernel; None: the
-      per-kernel tables ``GPU_LAUNCH`` (the delta rule's and linear attention's phase kernels)
-      and ``GPU_LAUNCH_TITANS``, 4 warps and 1 stage for a kernel they lack.
+      per-kernel entries of ``GPU_TABLE[kind][shape class].launch``.
     chunks_per_step: TPU phase kernels: chunks per grid step (a power of two dividing the
       number of chunks); None: ``kernel_tpu.chunks_per_step`` (256 tokens per step where the
       chunk count allows).
@@ -79,6 +80,7 @@ class BlockSizes:
   """
 
   block_v: Optional[int] = None
+  grad_block_v: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
   chunks_per_step: Optional[int] = None
@@ -92,19 +94,25 @@ class BlockSizes:
 
   def resolve(self, backend: str, dv: int, kind: str = "delta_rule",
               head: int = 128) -> "BlockSizes":
-    """With ``block_v`` filled in for V = ``dv`` (GPU Titans: ``GPU_BLOCK_V_TITANS`` of the
-    shape class of ``head``) and checked."""
-    gpu_block = GPU_BLOCK_V_TITANS[_shape_class(head)] if kind == "titans" else 64
-    block_v = self.block_v or (min(dv, gpu_block) if backend == "gpu" else dv)
+    """With ``block_v`` (and on GPU ``grad_block_v``) filled in for V = ``dv`` from
+    ``GPU_TABLE[kind]`` at the shape class of ``head`` = max(K, V), and checked."""
+    entry = gpu_table(kind, head)
+    block_v = self.block_v or (min(dv, entry.block_v) if backend == "gpu" else dv)
     if block_v not in _POW2 or dv % block_v:
       raise ValueError(f"block_sizes.block_v={self.block_v!r} is not supported for V={dv}; "
                        f"allowed: a power of two in {_POW2} that divides V, or None")
+    grad = self.grad_block_v
+    if grad is not None and (grad not in _POW2 or dv % grad):
+      raise ValueError(f"block_sizes.grad_block_v={grad!r} is not supported for V={dv}; "
+                       f"allowed: a power of two in {_POW2} that divides V, or None")
+    if backend == "gpu":
+      grad = min(block_v, grad or entry.grad_block_v)
     for name in ("num_warps", "num_stages", "chunks_per_step"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < 1):
         raise ValueError(f"block_sizes.{name}={value!r}; allowed: a positive int or None")
-    return dataclasses.replace(self, block_v=block_v)
+    return dataclasses.replace(self, block_v=block_v, grad_block_v=grad)
 
 
 class _Config(NamedTuple):
@@ -119,51 +127,74 @@ class _Config(NamedTuple):
   interpret: bool
   debug: bool
   segmented: bool = False
-  head: int = 128  # max(K, V) after padding: the shape class of GPU_LAUNCH
+  head: int = 128  # max(K, V) after padding: its shape class picks the GPU_TABLE entry
   heads: int = 0  # TPU phase kernels: H when head-strided (sequences [B, Tp, H·D]), else 0
   per_step: int = 1  # TPU phase kernels: chunks per grid step
 
 
-# Triton launch parameters (num_warps, num_stages) of the delta rule's phase kernels per shape
-# class (max(K, V) after padding), chosen from the sm_90 compile statistics of ptx.py (docs/
-# KERNELS.md, "GPU"): per kernel, the configuration with no register spill and the fewest
-# registers. Not timed: no GPU was available (benchmarks/h200.sh sweeps nothing yet).
-GPU_LAUNCH = {
-    128: {"fwd_ut": (4, 1), "fwd_state": (8, 1), "fwd_out": (4, 1), "bwd_dvl": (4, 1),
-          "bwd_state": (8, 1), "bwd_grad": (8, 1)},
+class GpuEntry(NamedTuple):
+  """One shape class of ``GPU_TABLE``: the value blocks and each kernel's Triton launch."""
+
+  block_v: int  # value block of the state, output and Pᵀ dO kernels (capped at V)
+  grad_block_v: int  # value block of the per-chunk gradient kernel (capped at block_v)
+  launch: dict  # {phase: (num_warps, num_stages)}
+
+
+def _entry(block_v: int, grad_block_v: int, warps: str, stages: str = "") -> GpuEntry:
+  """``warps``/``stages``: "phase=n ..." strings (stages default 1)."""
+  parse = lambda text: {p: int(n) for p, n in (w.split("=") for w in text.split())}
+  st = parse(stages)
+  return GpuEntry(block_v, grad_block_v,
+                  {p: (w, st.get(p, 1)) for p, w in parse(warps).items()})
+
+
+# The GPU launch table: per kind and shape class (max(K, V) after padding; a head uses the
+# nearest class at or above it), the value blocks and every phase kernel's (num_warps,
+# num_stages), **chosen by compile statistics**, not timed (no GPU was available): the rule of
+# ``ptx.choose`` applied to the sm_90 registers, spills and shared memory recorded in
+# ``sm90_stats.jsonl`` (``ptx.py``; the statistics and the rule are in docs/KERNELS.md, "GPU").
+# Titans at 256 spills in every configuration tried (its two [256, block_v] float32 states).
+_DELTA_PARALLEL = "fwd_ut=4 fwd_out=4 bwd_dvl=4"
+GPU_TABLE = {
+    "delta_rule": {
+        32: _entry(32, 32, f"{_DELTA_PARALLEL} fwd_state=8 bwd_state=8 bwd_grad=4"),
+        64: _entry(64, 64, f"{_DELTA_PARALLEL} fwd_state=8 bwd_state=8 bwd_grad=8"),
+        128: _entry(64, 64, f"{_DELTA_PARALLEL} fwd_state=8 bwd_state=8 bwd_grad=8"),
+        256: _entry(32, 32, "fwd_ut=8 fwd_out=4 bwd_dvl=4 fwd_state=8 bwd_state=8 bwd_grad=8"),
+    },
+    "linear_attention": {
+        32: _entry(32, 32, "fwd_state=8 fwd_out=4 bwd_state=8 bwd_grad=4"),
+        64: _entry(64, 32, "fwd_state=8 fwd_out=4 bwd_state=8 bwd_grad=8"),
+        128: _entry(64, 64, "fwd_state=8 fwd_out=4 bwd_state=8 bwd_grad=8"),
+        256: _entry(64, 64, "fwd_state=8 fwd_out=4 bwd_state=8 bwd_grad=8"),
+    },
+    "titans": {
+        32: _entry(32, 32, "fwd_coef=4 fwd_state=8 fwd_out=4 bwd_dvl=4 bwd_state=8 bwd_grad=8"),
+        64: _entry(64, 64, "fwd_coef=4 fwd_state=8 fwd_out=4 bwd_dvl=4 bwd_state=8 bwd_grad=8",
+                   "bwd_state=2"),
+        128: _entry(32, 32, "fwd_coef=4 fwd_state=8 fwd_out=4 bwd_dvl=4 bwd_state=8 bwd_grad=8"),
+        256: _entry(16, 16, "fwd_coef=4 fwd_state=8 fwd_out=4 bwd_dvl=4 bwd_state=8 bwd_grad=8"),
+    },
 }
+GPU_CLASSES = (32, 64, 128, 256)
 
 
-# The value block of the delta rule's per-chunk gradient kernel on GPU, per shape class (capped
-# by ``BlockSizes.block_v``): its sm_90 build needs 112 KB of shared memory at 64 with 8 warps
-# (ptx.py; docs/KERNELS.md); 32 spills less but recomputes the chunk's UT solve twice as often.
-GPU_GRAD_BLOCK_V = {128: 64}
-
-# The same for Titans' phase kernels (``kernel_gpu_titans``), from their sm_90 statistics with
-# momentum (docs/KERNELS.md): 8 warps for every kernel (4 spill in the sequential kernels, 16
-# caps registers at 128 and spills more), at a value block of 32 (``GPU_BLOCK_V_TITANS``): there
-# the sequential kernels, which carry two ``[K, block_v]`` float32 states, do not spill (at 64
-# the backward one spills 416 B a thread) and the gradient kernel spills 1.6 KB instead of 3.0.
-GPU_LAUNCH_TITANS = {
-    128: {"fwd_coef": (8, 1), "fwd_state": (8, 1), "fwd_out": (8, 1), "bwd_dvl": (8, 1),
-          "bwd_state": (8, 1), "bwd_grad": (8, 1)},
-}
-GPU_BLOCK_V_TITANS = {128: 32}
-
-
-def _shape_class(head: int) -> int:
-  """The class of ``GPU_LAUNCH`` for max(K, V) = ``head``: the nearest at or above it, else the
+def shape_class(head: int) -> int:
+  """The class of ``GPU_TABLE`` for max(K, V) = ``head``: the nearest at or above it, else the
   largest."""
-  classes = sorted(GPU_LAUNCH)
-  return next((c for c in classes if c >= head), classes[-1])
+  return next((c for c in GPU_CLASSES if c >= head), GPU_CLASSES[-1])
+
+
+def gpu_table(kind: str, head: int) -> GpuEntry:
+  """``GPU_TABLE``'s entry for ``kind`` at the shape class of ``head``."""
+  return GPU_TABLE[kind if kind in GPU_TABLE else "delta_rule"][shape_class(head)]
 
 
 def gpu_launch(head: int, blocks: "BlockSizes", kind: str = "delta_rule") -> dict:
-  """``{phase: (num_warps, num_stages)}`` for the shape class of ``head`` (Titans: its own
-  table), with ``blocks``' explicit values overriding the table."""
-  table = (GPU_LAUNCH_TITANS if kind == "titans" else GPU_LAUNCH)[_shape_class(head)]
+  """``{phase: (num_warps, num_stages)}`` for ``kind`` at the shape class of ``head``, with
+  ``blocks``' explicit values overriding the table."""
   return {phase: (blocks.num_warps or w, blocks.num_stages or st)
-          for phase, (w, st) in table.items()}
+          for phase, (w, st) in gpu_table(kind, head).launch.items()}
 
 
 def _kernels(backend: str):
@@ -219,7 +250,7 @@ def _memory_bwd(cfg: _Config, residuals, cotangents):
   d_o, d_final = cotangents
   kw = _kernel_kwargs(cfg)
   if cfg.backend == "gpu":
-    kw["grad_block_v"] = min(cfg.blocks.block_v, GPU_GRAD_BLOCK_V[_shape_class(cfg.head)])
+    kw["grad_block_v"] = cfg.blocks.grad_block_v
   if cfg.kind == "titans":
     starts, coef = res
     if d_final.momentum is None and starts.momentum is not None:

@@ -170,6 +170,44 @@ def test_tiling_options_are_checked():
         "titans", 1, 40, 1, 16, 16))
 
 
+def test_gpu_launch_table_has_every_kind_and_shape_class():
+  # ops.GPU_TABLE (chosen by sm_90 compile statistics, docs/KERNELS.md "GPU"): every kind has the
+  # classes 32, 64, 128 and 256, each kernel of the kind has a launch, and the blocks are legal.
+  from pallas_kernels.chunked_memory.lowering import PHASE_KERNELS
+  assert kops.GPU_CLASSES == (32, 64, 128, 256)
+  for kind in kops.PHASED_KINDS:
+    assert tuple(sorted(kops.GPU_TABLE[kind])) == kops.GPU_CLASSES
+    for head, entry in kops.GPU_TABLE[kind].items():
+      assert set(entry.launch) == set(PHASE_KERNELS[kind]), (kind, head)
+      assert entry.grad_block_v <= entry.block_v <= min(head, 64), (kind, head)
+      assert all(w in (4, 8) and st in (1, 2) for w, st in entry.launch.values())
+  # A head uses the nearest class at or above it (padded K, V of 24 -> 32; 200 -> 256).
+  for head, cls in ((16, 32), (32, 32), (48, 64), (128, 128), (200, 256), (256, 256)):
+    assert kops.shape_class(head) == cls
+  entry = kops.GPU_TABLE["titans"][256]
+  got = kops.BlockSizes().resolve("gpu", 256, "titans", 256)
+  assert (got.block_v, got.grad_block_v) == (entry.block_v, entry.grad_block_v)
+  got = kops.BlockSizes(grad_block_v=16).resolve("gpu", 64, "delta_rule", 64)
+  assert got.grad_block_v == 16
+  with pytest.raises(ValueError, match="grad_block_v=24"):
+    kops.BlockSizes(grad_block_v=24).resolve("gpu", 64, "delta_rule", 64)
+
+
+def test_gpu_launch_table_follows_its_rule_on_the_recorded_statistics():
+  # The table is ptx.choose applied to the recorded sm_90 statistics (sm90_stats.jsonl, the
+  # output of the ptx commands in docs/KERNELS.md): no entry was picked by hand.
+  import json, pathlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  from pallas_kernels.chunked_memory import ptx
+  path = pathlib.Path(ptx.__file__).with_name("sm90_stats.jsonl")
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  for kind in kops.PHASED_KINDS:
+    for head, entry in kops.GPU_TABLE[kind].items():
+      got = ptx.choose(rows, kind, head)
+      assert (got["block_v"], got["grad_block_v"]) == (entry.block_v, entry.grad_block_v), (
+          kind, head)
+      assert {p: tuple(c) for p, c in got["launch"].items()} == entry.launch, (kind, head)
+
+
 def relative_rmse(got, want):
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
