@@ -27,12 +27,14 @@ and ``local``; nlx's default is one of them, whose row reuses the run of the ``H
 steps of 16 x 128 bytes, because ``next_token`` trains ~10x slower than ``local``. Each table
 says whether a curve is flat (``FLAT_TOLERANCE``: the last quarter of the tokens lowers the
 validation NLL by at most 2%) and part 2 which objective is better. Outputs are rewritten after
-every row (``"complete": false`` until the end).
+every row (``"complete": false`` until the end). Measured (commit ecb32fc, nice 19 beside other
+jobs, load ~10 on 2 cores): 80 min wall, of which 36 min are ``next_token``'s 246k tokens (145
+tokens/s; ``local`` 2,197) and 40 min part 1.
 
 Commands (from the repository root; ``DATA`` holds ``ptb/`` and ``tinyshakespeare/``)::
 
   python -m experiments.lm --scale tiny --data DATA      # ~8 min on an idle 2-core CPU
-  nice -n 19 python -m experiments.lm --scale cpu --data DATA --out runs/lm_cpu  # ~75 min, loaded
+  nice -n 19 python -m experiments.lm --scale cpu --data DATA --out runs/lm_cpu  # ~80 min, loaded
   python -m experiments.lm --scale small --out runs/lm_small   # a GPU / TPU; NLX_DATA=DATA
   python -m experiments.lm --corpus tinyshakespeare --ablations none --data DATA
 
@@ -74,8 +76,8 @@ ABLATIONS = {
     "with adaptive q": dict(hope_adaptive_q=True),
 }
 # The CMS's inner objective (nlx.nn.cms_config, model.cms_objective; one of the two is nlx's
-# default, so one of these rows has HOPE's own config): part 2 rows beside Table 6's (``--ablations``
-# names them; ``all`` is Table 6 only).
+# default, so one of these rows has HOPE's own config): part 2 rows beside Table 6's
+# (``--ablations`` names them; ``all`` is Table 6 only).
 OBJECTIVES = {
     "CMS objective next_token": dict(cms_objective="next_token"),  # the paper's: the task's loss
     "CMS objective local": dict(cms_objective="local"),
@@ -104,9 +106,10 @@ PRESETS = {
     "tiny": dict(size="tiny", target_params=200_000, batch=16, seq_len=128, steps=100, lr=3e-3,
                  eval_every=20, eval_rows=32, final_eval_rows=64, abl_batch=8, abl_seq_len=64,
                  abl_steps=60, abl_eval_every=0),
-    # ~75 minutes on a loaded 2-core CPU at nice 19 (docs/RESULTS.md, study 1): part 1 long enough
-    # for a flat validation curve; part 2 (HOPE's CMS objectives) shorter, since the next_token
-    # objective runs the LM chunk by chunk (~10x fewer tokens/s than HOPE's default).
+    # ~80 min (measured) on a loaded 2-core CPU at nice 19 (docs/RESULTS.md, study 1): part 1 as
+    # long as HOPE allows (its curves fall 2.3-2.7% in the last quarter: just short of flat); part
+    # 2 (HOPE's CMS objectives) shorter, since next_token runs the LM chunk by chunk (~15x fewer
+    # tokens/s than HOPE's default).
     "cpu": dict(size="tiny", target_params=200_000, batch=16, seq_len=128, steps=CPU_STEPS,
                 lr=3e-3, eval_every=CPU_STEPS // 20, eval_rows=32, final_eval_rows=128,
                 abl_batch=16, abl_seq_len=128, abl_steps=CPU_ABL_STEPS,
@@ -387,7 +390,7 @@ def plot(main: dict, ablations: dict):
 
 def main(argv=None) -> dict:
   parser = study.arg_parser(__doc__, "lm", scales=tuple(PRESETS),
-                            scale_help="tiny: ~8 min on 2 CPU cores; cpu: ~75 min on a loaded "
+                            scale_help="tiny: ~8 min on 2 CPU cores; cpu: ~80 min on a loaded "
                                        "2-core CPU (flat validation curves); small: a GPU/TPU "
                                        "hour; paper: the paper's sizes")
   parser.add_argument("--corpus", default="ptb", choices=CORPORA)
