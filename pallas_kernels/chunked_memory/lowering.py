@@ -12,7 +12,7 @@ Both take ``reset=True`` to lower the kernels with document boundaries (a ``[B, 
 kinds ``chunk.SEGMENTED_KINDS`` only).
 
 ``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2 [--shape B,T,H,K,V,C] [--mode
-forward] [--reset]`` (or ``gpu``) prints the result of every kind (with ``--reset``: every kind
+forward] [--reset] [--qkv flat]`` (or ``gpu``) prints the result of every kind (with ``--reset``: every kind
 that takes boundaries) as JSON. libtpu takes a machine-wide lock when loaded; set
 ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` to run beside other processes that load it.
 """

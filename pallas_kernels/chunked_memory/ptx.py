@@ -15,6 +15,9 @@ project's environment: e.g. ``python -m venv /tmp/t && /tmp/t/bin/pip install tr
 one JSON line per (value block, kernel, warps, stages). ``--block-v`` compiles at each value
 block (``BlockSizes.block_v``; the gradient kernel's block is then the same unless
 ``--grad-block-v`` is given); without it, the launch table's (``ops.GPU_TABLE``).
+``python -m pallas_kernels.chunked_memory.ptx --choose sm90_stats.jsonl`` compiles nothing: it
+prints the launch-table entry that ``choose`` (the rule ``ops.GPU_TABLE`` follows) gives for
+every kind and shape class in the statistics.
 """
 
 from __future__ import annotations
