@@ -32,12 +32,6 @@ import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from nlx import xla_flags
-
-# Every benchmark imports this module before its first JAX computation: XLA:CPU's reductions go to
-# XLA's own loops instead of YNNPACK's slow ones (nlx.xla_flags; recorded in the JSON's env).
-xla_flags.apply()
-
 # The repository root: the working directory of the child processes (``python -m benchmarks.X``).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_COMMAND = "_child"

@@ -29,7 +29,6 @@ training answer (what a model that ignores the story gets).
 
 from __future__ import annotations
 
-import sys
 import argparse
 import collections
 import dataclasses
@@ -39,8 +38,6 @@ from typing import Optional
 
 import numpy as np
 
-if not __package__:  # `python experiments/babi_long.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import answer_scoring, study
 from experiments import niah  # the model configs and the filler text of S-NIAH
 

@@ -71,8 +71,6 @@ Outputs: ``runs/continual/continual.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -83,9 +81,6 @@ import optax
 from flax import nnx
 
 import nlx
-
-if not __package__:  # `python experiments/continual.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from experiments.continual_data import (DATASETS, PROMPT, Examples, Task, encode_examples,
                                         icl_prefix, load_dataset, make_tasks, train_batch)

@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -67,9 +66,6 @@ import optax
 from flax import nnx
 
 import nlx
-
-if not __package__:  # `python experiments/formal_languages.py`: the checkout's root on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx.train import fitting
 from nlx.train.fitting import fit

@@ -46,16 +46,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import numpy as np
 from flax import nnx
 
 import nlx
-
-if not __package__:  # `python experiments/lm.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx.train.fitting import compiled_step
 

@@ -69,7 +69,6 @@ are generated).
 
 from __future__ import annotations
 
-import sys
 import contextlib
 import dataclasses
 import os
@@ -84,9 +83,6 @@ import optax
 from flax import nnx
 
 import nlx
-
-if not __package__:  # `python experiments/mad.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import mad_tasks, study
 from experiments.mad_tasks import IGNORE, TASKS
 

@@ -86,7 +86,6 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
-import sys
 import ast
 import os
 import time
@@ -99,9 +98,6 @@ import optax
 from flax import nnx
 
 import nlx
-
-if not __package__:  # `python experiments/mqar.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx.data import synthetic
 from nlx.train import fitting

@@ -29,13 +29,10 @@ unused (the haystacks are generated, or read from ``--haystack``).
 
 from __future__ import annotations
 
-import sys
 import argparse
 import gzip
 import os
 
-if not __package__:  # `python experiments/niah.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import answer_scoring, study
 from nlx.data import sources
 from nlx.eval import niah

@@ -19,7 +19,6 @@ From the repository root (``DATA`` the datasets directory)::
 
 from __future__ import annotations
 
-import sys
 import argparse
 import functools
 import json
@@ -31,8 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-if not __package__:  # `python experiments/optimizers.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx import optim
 from nlx.train.step import apply_gradients

@@ -49,8 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-if not __package__:  # `python experiments/remember.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx.data import synthetic
 

@@ -37,14 +37,9 @@ from flax import nnx
 
 import nlx
 from nlx import configs as nlx_configs
-from nlx import xla_flags
 from nlx.nn import ModelConfig
 from nlx.train.fitting import FitResult, fit
 from nlx.train.fitting import param_count as count_params
-
-# Every study imports this module before its first JAX computation: XLA:CPU's reductions go to
-# XLA's own loops instead of YNNPACK's slow ones (nlx.xla_flags).
-xla_flags.apply()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_ENV = "NLX_DATA"  # the datasets directory when --data is not given

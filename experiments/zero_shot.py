@@ -27,14 +27,11 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
-import sys
 import os
 import time
 
 import numpy as np
 
-if not __package__:  # `python experiments/zero_shot.py`: the checkout's root goes on the path
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import study
 from nlx.data import tokenizers
 from nlx.eval import loglik, multiple_choice

@@ -36,7 +36,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from nlx import errors, xla_flags
+from nlx import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +285,6 @@ def normalize_flags(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  xla_flags.apply()  # before JAX starts its backend (nlx.xla_flags)
   argv = normalize_flags(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
