@@ -16,6 +16,11 @@ Measurements (one record per family; timing and memory as in ``benchmarks.harnes
 * ``tokens_per_s = B·T / seconds``.
 * ``peak_bytes``: XLA's compiled memory analysis, argument + output + temp bytes of the step.
 * ``params``: the model's parameter count; ``loss``: the loss of the warm-up step.
+* ``step_flops``: the matmul FLOPs of the step's jaxpr (``nlx.train.aot.jaxpr_flops``: every dot
+  and convolution, scan bodies times their length, rematerialised forward passes included, so
+  the work the step does, not ``6·N·tokens``); ``flops_per_token`` and ``gflops_per_s`` (achieved
+  matmul throughput, ``step_flops / seconds``) follow. Two families at equal matmul efficiency
+  run at the inverse ratio of their ``flops_per_token``.
 * ``tokens_per_s_vs_transformer`` and ``peak_bytes_vs_transformer``: ratios to Transformer++
   measured in the same run (when it is among ``--families``).
 
@@ -186,6 +191,8 @@ def measure(family: str, args: argparse.Namespace) -> dict:
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "size": args.size, "compile_s": compile_s, "packed": packed, **timing, "loss": loss}
   record.update(harness.memory_analysis(compiled))
+  record.update(step_flops(make_train_step(graphdef, tx), timing["seconds"], b * t, params, rest,
+                           opt_state, tokens))
   if packed == "both":
     record.update(packed_tokens_per_s=b * t / packed_timing["seconds"],
                   packed_seconds=packed_timing["seconds"], packed_compile_s=packed_compile_s,
@@ -193,6 +200,15 @@ def measure(family: str, args: argparse.Namespace) -> dict:
                   packed_peak_bytes=harness.memory_analysis(packed_step).get("peak_bytes"))
     record["packed_vs_unpacked"] = record["packed_tokens_per_s"] / record["tokens_per_s"]
   return record
+
+
+def step_flops(step, seconds: float, tokens: int, *args) -> dict:
+  """``step_flops``, ``flops_per_token`` and ``gflops_per_s`` of ``step`` at ``args``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from nlx.train.aot import jaxpr_flops  # pylint: disable=g-import-not-at-top
+  flops = jaxpr_flops(jax.make_jaxpr(step)(*args))
+  return {"step_flops": flops, "flops_per_token": flops / tokens,
+          "gflops_per_s": flops / seconds / 1e9}
 
 
 def add_ratios(records: list) -> None:
@@ -204,6 +220,7 @@ def add_ratios(records: list) -> None:
     r["tokens_per_s_vs_transformer"] = r["tokens_per_s"] / base["tokens_per_s"]
     if r["peak_bytes"] and base["peak_bytes"]:
       r["peak_bytes_vs_transformer"] = r["peak_bytes"] / base["peak_bytes"]
+    r["flops_per_token_vs_transformer"] = r["flops_per_token"] / base["flops_per_token"]
 
 
 def format_table(records: list) -> str:
@@ -211,11 +228,15 @@ def format_table(records: list) -> str:
   for r in records:
     speed = r.get("tokens_per_s_vs_transformer")
     mem = r.get("peak_bytes_vs_transformer")
+    flops = r.get("flops_per_token_vs_transformer")
     rows.append([r["family"], f"{r['params'] / 1e6:.1f}M", r["B"], r["T"],
                  f"{r['tokens_per_s']:,.0f}", "n/a" if speed is None else f"{speed:.2f}x",
                  "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}",
-                 "n/a" if mem is None else f"{mem:.2f}x", f"{r['compile_s']:.1f}"])
-  header = ["family", "params", "B", "T", "tokens/s", "vs T++", "peak MiB", "vs T++", "compile s"]
+                 "n/a" if mem is None else f"{mem:.2f}x", f"{r['flops_per_token'] / 1e6:,.2f}",
+                 "n/a" if flops is None else f"{flops:.2f}x", f"{r['gflops_per_s']:.1f}",
+                 f"{r['compile_s']:.1f}"])
+  header = ["family", "params", "B", "T", "tokens/s", "vs T++", "peak MiB", "vs T++",
+            "MFLOP/token", "vs T++", "GFLOP/s", "compile s"]
   if any("packed_vs_unpacked" in r for r in records):
     header += ["packed tokens/s", "packed/plain"]
     for row, r in zip(rows, records):
@@ -254,6 +275,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     if args.out:  # rewritten after every family: an interrupted run keeps what it measured
       harness.write_json(args.out, result(complete=False))
   bar.close()
+  add_ratios(records)  # before the table: its "vs T++" columns are these ratios
   return harness.report(format_table(records),
                         [f"{f['family']}: {f['reason']}" for f in failures],
                         result(complete=True), args.out)

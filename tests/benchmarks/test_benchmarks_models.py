@@ -34,6 +34,14 @@ def test_models_writes_records_with_ratios(tmp_path):
                         r["tokens_per_s"] / records["transformer"]["tokens_per_s"])
     assert math.isfinite(r["loss"])
   assert records["transformer"]["tokens_per_s_vs_transformer"] == 1.0
+  # Matmul FLOPs: every parameter of Transformer++ is in one matmul per token (the tied table in
+  # the output head), 6 FLOPs each with the backward pass, plus attention's T-long dots.
+  t = records["transformer"]
+  assert 6 * t["params"] <= t["flops_per_token"] <= 1.5 * 6 * t["params"]
+  assert math.isclose(t["gflops_per_s"], t["step_flops"] / t["seconds"] / 1e9)
+  # The printed table carries the ratios (they were computed only after printing once).
+  row = next(line for line in proc.stdout.splitlines() if line.startswith("transformer"))
+  assert row.count("1.00x") == 3, row
   # An untrained model's first loss is about ln(vocabulary) (the tiny configs: 256 bytes).
   assert abs(records["transformer"]["loss"] - math.log(256)) < 0.5
   assert result["meta"]["config"]["config_dir"] is None
