@@ -53,7 +53,7 @@ Scales (``--scale``):
   sequences.
 * ``paper``: MAD's settings: 12,800 / 1,280 sequences, 200 epochs, the 6-point grid.
 
-Commands (from the repository root)::
+Commands (from the repository root; ``python experiments/mad.py`` works too)::
 
   python -m experiments.mad --scale tiny              # writes runs/mad/mad.{json,md,png}
   python -m experiments.mad --scale paper --out runs/mad_paper   # GPU/TPU
@@ -83,8 +83,13 @@ import optax
 from flax import nnx
 
 import nlx
-from experiments import mad_tasks, study
-from experiments.mad_tasks import IGNORE, TASKS
+
+if __package__:  # python -m experiments.mad
+  from experiments import mad_tasks, study
+else:  # python experiments/mad.py: Python puts this folder first on the path
+  import mad_tasks  # pylint: disable=import-error
+  import study  # pylint: disable=import-error
+IGNORE, TASKS = mad_tasks.IGNORE, mad_tasks.TASKS
 
 STUDY = "mad"
 MODELS = ("hope", "transformer", "gated_deltanet", "titans_lmm", "mamba2")

@@ -37,7 +37,10 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from experiments import study
+if __package__:
+  from experiments import study
+else:  # imported by `python experiments/mad.py`, from this folder
+  import study  # pylint: disable=import-error
 
 IGNORE = -100  # MAD's target_ignore_index: a position that is not scored
 TEST_SEED_OFFSET = 1_000_003  # test data: seed + offset (disjoint from every training seed)

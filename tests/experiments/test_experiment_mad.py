@@ -220,3 +220,14 @@ def test_main_writes_json_and_table(tmp_path):
   assert "| task | Transformer++ | HOPE (paper) |" in md
   assert f"| In-context recall | {100 * run['accuracy']:.1f} | 100.0 |" in md
   assert out["table"] in md
+
+
+def test_runs_as_a_script_path_too():
+  """``python experiments/mad.py`` (the script's folder on the path, not the checkout's root)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, os.path.join("experiments", "mad.py"), "--help"],
+                        cwd=root, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--scale" in proc.stdout
