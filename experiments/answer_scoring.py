@@ -16,7 +16,7 @@ exact match, at the cost of one forward pass instead of a prefill and a decoding
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -99,14 +99,26 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
 
 
 def train_and_score(cfg, batch_fn: Callable, settings: dict, seed: int, family: str,
-                    score_fn: Callable) -> dict:
+                    score_fn: Callable, curve_fn: Optional[Callable] = None,
+                    curve_every: int = 0) -> dict:
   """Trains ``cfg`` on ``batch_fn`` (``settings["steps"]`` steps at ``settings["lr"]``) and scores
-  the model with ``score_fn(model)``: the results row of one family."""
+  the model with ``score_fn(model)``: the results row of one family.
+
+  ``curve_fn(model)`` (a dict of numbers), when given with ``curve_every > 0``, runs every
+  ``curve_every`` steps and after the last: the row's ``curve`` (the training curve of a sanity
+  metric); the row's ``loss_curve`` is the mean training loss of every ``curve_every`` steps (every
+  10 steps without a curve)."""
   trained = study.train(cfg, batch_fn, settings["steps"], lr=settings["lr"], seed=seed,
-                        desc=family)
+                        desc=family, evaluate=curve_fn if curve_every else None,
+                        eval_every=curve_every if curve_fn else 0)
   start = time.time()
   scores = score_fn(trained.model)
+  window = curve_every or 10
+  losses = np.asarray(trained.losses, np.float64)
+  loss_curve = [{"step": min(i + window, len(losses)), "loss": float(np.mean(losses[i:i + window]))}
+                for i in range(0, len(losses), window)]
   return {"params": trained.params, "train_seconds": trained.seconds,
           "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
           "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
-          "scores": scores}
+          "skipped_steps": trained.skipped, "loss_curve": loss_curve,
+          "curve": list(trained.evals), "scores": scores}

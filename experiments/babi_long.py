@@ -23,8 +23,16 @@ answer). ``majority`` is the share of the evaluated questions whose answer is th
 training answer (what a model that ignores the story gets).
 
     python -m experiments.babi_long --scale tiny --data DATA   # ~9 min on 2 idle CPU cores
+    python -m experiments.babi_long --scale cpu --data DATA --out runs/babi_long_cpu  # <= 90 min
     python -m experiments.babi_long --scale small --out runs/babi_long_small   # a GPU; NLX_DATA
     python -m experiments.babi_long --models transformer --steps 2 --lengths 512 --n_eval 2
+
+``--scale cpu`` tests the sanity row first: Transformer++ answers qa1 at the shortest length (the
+trained one, 256 bytes: the 600 of 1,000 training questions whose facts fit) above the majority
+answer. Loss on the answer only, embeddings drawn with std 1.0 (the MQAR fix of Transformer++'s
+recall), a training curve (exact match at 256 on 64 held-out test questions every 100 steps),
+evaluation at 256 / 1K / 2K / 4K. Titans and HOPE train only when Transformer++ passes; the
+outputs are written after every model.
 """
 
 from __future__ import annotations
@@ -46,10 +54,20 @@ BABI_FILES = ("babi/en/qa<N>_<name>_{train,test}.txt: the English bAbI tasks 1-2
               "2015; the tasks/en folder of the bAbI release, e.g. siddk/entity-network tasks/en)")
 MODELS = ("transformer", "titans_lmm", "hope")
 TINY_N = {512: 16, 1024: 16, 2048: 16, 4096: 8, 8192: 4, 16384: 2}
+CPU_N = {256: 100, 1024: 100, 2048: 50, 4096: 25}
+CPU_STEPS = 1000
+CPU_CURVE_EVERY = 100
 SCALES = {
     "tiny": dict(size="tiny", models=MODELS, tasks=(1,), match_params=True, train_len=448,
                  batch=4, steps=250, lr=3e-3, context_weight=0.05,
                  lengths=tuple(TINY_N), n_eval=TINY_N, eval_batch=4, eval_tokens=8192),
+    # <= 90 min on 2 CPU cores: trained at 256 bytes (questions of up to ~6 facts fit), answer-only
+    # loss, embeddings at std 1.0 (MQAR's fix of Transformer++'s recall), a training curve of qa1 at
+    # the trained length; the other models run only if Transformer++ passes the sanity row
+    "cpu": dict(size="tiny", models=MODELS, tasks=(1,), match_params=True, train_len=256,
+                batch=16, steps=CPU_STEPS, lr=3e-3, context_weight=0.0,
+                lengths=tuple(CPU_N), n_eval=CPU_N, eval_batch=8, eval_tokens=16384,
+                model=dict(init_std=1.0), curve_every=CPU_CURVE_EVERY, curve_n=64, gate=True),
     "small": dict(size="20m", models=MODELS, tasks=(1, 2), match_params=False, train_len=2048,
                   batch=32, steps=4000, lr=1e-3, context_weight=0.05,
                   lengths=(1024, 2048, 4096, 8192, 16384),
@@ -204,7 +222,7 @@ def majority(trains: dict, tests: dict, settings: dict, seed: int) -> dict:
   return out
 
 
-def run(settings: dict, data: str, filler_path: str, seed: int) -> dict:
+def run(settings: dict, data: str, filler_path: str, seed: int, on_model=None) -> dict:
   """Trains every model on the tasks' training questions and evaluates it at every length."""
   directory = babi_dir(data)
   trains = {t: load_task(directory, t, "train") for t in settings["tasks"]}
@@ -222,14 +240,55 @@ def run(settings: dict, data: str, filler_path: str, seed: int) -> dict:
     raise ValueError(f"--tasks {list(settings['tasks'])}: no story fits in {shortest} tokens")
   results = {"settings": settings, "filler": filler_path, "seed": seed,
              "majority": majority(trains, tests, settings, 2 * seed + 1), "models": {}}
+  curve_every = settings.get("curve_every", 0)
+  curve_set = curve_pairs(tests, filler_eval, settings, 2 * seed + 1) if curve_every else []
+
+  def curve_fn(model):
+    preds = answer_scoring.predicted_answers(model, curve_set, settings["train_len"],
+                                             settings["eval_batch"])
+    point = {"exact": answer_scoring.exact_match(preds, [a for _, a in curve_set])}
+    print(f"curve: qa at {settings['train_len']}: {point}", flush=True)
+    return point
+
   for family, cfg in configs.items():
+    if results.get("sanity") and not results["sanity"]["holds"] and settings.get("gate"):
+      results.setdefault("not_run", {})[family] = "the sanity row failed (Transformer++)"
+      print(f"{family}: not run (the sanity row failed; its row would not be a finding)",
+            flush=True)
+      continue
     results["models"][family] = row = answer_scoring.train_and_score(
         cfg, lambda step: train_batch(step, pool, filler_train, settings, 2 * seed), settings,
-        seed, family, lambda model: evaluate(model, tests, filler_eval, settings, 2 * seed + 1))
+        seed, family, lambda model: evaluate(model, tests, filler_eval, settings, 2 * seed + 1),
+        curve_fn=curve_fn if curve_every else None, curve_every=curve_every)
     scores = row["scores"]
     print(f"{family}: " + ", ".join(f"qa{t} {[round(s['exact'], 2) for s in v.values()]}"
                                     for t, v in scores.items()), flush=True)
+    if family == "transformer":
+      results["sanity"] = sanity(scores, results["majority"], settings)
+      print(f"sanity row: {results['sanity']}", flush=True)
+    if on_model is not None:
+      on_model(results)
   return results
+
+
+CURVE_INDEX = 10_000_000  # the curve's filler placements: indices from here (the test's: n * 1000 + i)
+
+
+def curve_pairs(tests: dict, filler: str, settings: dict, seed: int) -> list:
+  """The training curve's held-out examples: the first ``curve_n`` test questions of the first
+  task at the trained length (their own filler placements)."""
+  questions = eval_questions(tests[min(tests)], settings.get("curve_n", 0), seed)
+  return [hide_facts(q, filler, settings["train_len"] + 1, seed, CURVE_INDEX + i)
+          for i, q in enumerate(questions)]
+
+
+def sanity(scores: dict, majority_share: dict, settings: dict) -> dict:
+  """The sanity row: Transformer++ answers the first task at the shortest length above the majority
+  answer; ``scores`` its ``evaluate`` result."""
+  task, length = min(scores), min(settings["lengths"])
+  value, floor = scores[task][length]["exact"], majority_share[task][length]
+  return {"metric": f"Transformer++ qa{task} exact match at {length} tokens", "value": value,
+          "threshold": floor, "holds": bool(value > floor)}
 
 
 def length_label(n: int) -> str:
@@ -252,15 +311,51 @@ def tables(results: dict) -> str:
       [[f, r["params"], s["steps"], round(r["tokens_per_second"]),
         f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
         round(r["eval_seconds"])] for f, r in results["models"].items()])
-  return (f"Exact match of the answer word (teacher-forced greedy), trained at <= "
+  text = (f"Exact match of the answer word (teacher-forced greedy), trained at <= "
           f"{s['train_len']} tokens:\n\n{acc}\n{train}")
+  if results.get("sanity"):
+    san = results["sanity"]
+    text += (f"\nSanity row: {san['metric']} = {san['value']:.2f} (the majority answer: "
+             f"{san['threshold']:.2f}): **{'holds' if san['holds'] else 'fails'}**.\n")
+  for family, why in results.get("not_run", {}).items():
+    text += f"\n{family}: not run ({why}).\n"
+  curves = {f: r["curve"] for f, r in results["models"].items() if r.get("curve")}
+  if curves:
+    steps = sorted({e["step"] for c in curves.values() for e in c})
+    cell = lambda c, st: next((f"{e['exact']:.2f}" for e in c if e["step"] == st), "")
+    loss = lambda f, st: next((f"{e['loss']:.3f}" for e in results["models"][f]["loss_curve"]
+                               if e["step"] == st), "")
+    text += (f"\nTraining curve: exact match at the trained length on {s.get('curve_n')} held-out "
+             f"questions, and the mean training loss of the last {s['curve_every']} steps:\n\n" +
+             study.markdown_table(["step"] + [f"{f} exact" for f in curves] +
+                                  [f"{f} loss" for f in curves],
+                                  [[st] + [cell(c, st) for c in curves.values()] +
+                                   [loss(f, st) for f in curves] for st in steps]))
+  return text
 
 
 def plot(results: dict):
   """One panel per task: exact match vs length per model, the majority answer dashed."""
   tasks = list(results["majority"])
-  fig, axes = study.figure(len(tasks), width=5.0)
+  curves = {f: r["curve"] for f, r in results["models"].items() if r.get("curve")}
+  fig, axes = study.figure(len(tasks) + bool(curves), width=5.0)
   lengths = results["settings"]["lengths"]
+  if curves:
+    ax = axes[-1]
+    ax2 = ax.twinx()
+    for i, (family, res) in enumerate(results["models"].items()):
+      if family in curves:
+        ax.plot([e["step"] for e in curves[family]], [e["exact"] for e in curves[family]], "o-",
+                color=f"C{i}", label=f"{family} exact")
+      lc = res.get("loss_curve", [])
+      ax2.plot([e["step"] for e in lc], [e["loss"] for e in lc], ":", color=f"C{i}", alpha=0.7)
+    ax2.set_ylabel("training loss (dotted)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training step")
+    ax.set_title(f"qa{tasks[0]} at {results['settings']['train_len']} (training curve)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    axes = axes[:-1]
   for ax, task in zip(axes, tasks):
     for i, (family, res) in enumerate(results["models"].items()):
       ax.plot(lengths, [res["scores"][task][n]["exact"] for n in lengths], "o-", color=f"C{i}",
@@ -279,7 +374,10 @@ def plot(results: dict):
 
 
 def main(argv=None) -> dict:
-  parser = study.arg_parser(__doc__, STUDY)
+  parser = study.arg_parser(__doc__, STUDY, scales=tuple(SCALES),
+                            scale_help="tiny: ~10 min on 2 CPU cores; cpu: <= 90 min on 2 CPU cores "
+                                       "(trained at 256 bytes, a training curve); small: a GPU; "
+                                       "paper: the paper's sizes")
   parser.add_argument("--filler", default="embedded",
                       help="filler text file ('embedded': tinyshakespeare)")
   parser.add_argument("--models", nargs="+", default=None, help="families (default: all three)")
@@ -289,15 +387,21 @@ def main(argv=None) -> dict:
   parser.add_argument("--lengths", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--train_len", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   settings = study.scale_settings(
       SCALES, args.scale, steps=args.steps, train_len=args.train_len, batch=args.batch,
+      lr=args.lr,
       models=tuple(args.models) if args.models else None,
       tasks=tuple(args.tasks) if args.tasks else None,
       lengths=tuple(args.lengths) if args.lengths else None)
   if args.n_eval is not None:
     settings["n_eval"] = {n: args.n_eval for n in settings["lengths"]}
-  results = run(settings, args.data, args.filler, args.seed)
+  def save(results):  # after every model: a run cut short keeps the models it finished
+    study.write_outputs(args.out, STUDY, results, tables(results), plot(results),
+                        command=study.command_line(STUDY, argv))
+
+  results = run(settings, args.data, args.filler, args.seed, on_model=save)
   table = tables(results)
   print(table)
   study.write_outputs(args.out, STUDY, results, table, plot(results),

@@ -99,6 +99,13 @@ PRESETS = {
                  icl_shots=1, icl_text=28, cms_lr=1e-2, outer_period=16,
                  main_periods=(16, 128), levels=(1, 2, 3, 4), levels_period=128,
                  lowest_periods=(32, 128, 512)),
+    # <= 90 min on 2 CPU cores: 4x tiny's training examples per class (CLINC150 has 100), 3x its
+    # steps per task, 2x its pretraining; no sweep (its levels and lowest periods: --levels, ...)
+    "cpu": dict(size="tiny", pretrain_steps=300, pretrain_len=128, pretrain_batch=16,
+                n_tasks=3, classes_per_task=5, n_train=100, n_test=30, max_text=55, seq_len=64,
+                steps=150, batch=16, lr=3e-3, ewc_lambda=1e5, fisher_batches=8,
+                icl_shots=1, icl_text=28, cms_lr=1e-2, outer_period=16,
+                main_periods=(16, 128), levels=(), levels_period=128, lowest_periods=()),
     "small": dict(size="20m", pretrain_steps=3000, pretrain_len=512, pretrain_batch=32,
                   n_tasks=5, classes_per_task=10, n_train=64, n_test=30, max_text=120,
                   seq_len=128, steps=300, batch=32, lr=5e-4, ewc_lambda=1e5,
@@ -384,6 +391,25 @@ def run_sweep(tasks: list[Task], main: dict, pretrained, s: dict, seed: int) -> 
   return out
 
 
+SANITY_CURRENT = 0.5  # fine-tune's mean accuracy on the task just learned (5-class chance <= 0.2)
+
+
+def current_task_accuracy(res: dict) -> float:
+  """Mean over tasks of the accuracy on task i right after learning it (``acc_matrix[i][i]``)."""
+  acc = np.asarray(res["acc_matrix"])
+  return float(np.mean(np.diag(acc)))
+
+
+def sanity(results: dict) -> dict:
+  """The sanity row: fine-tuning learns each task when trained on it (mean current-task accuracy
+  >= ``SANITY_CURRENT``) on every dataset; forgetting is what the study measures."""
+  values = {name: current_task_accuracy(per["fine-tune"]) for name, per in results.items()
+            if "fine-tune" in per}
+  return {"metric": "fine-tune's mean accuracy on the task just learned", "values": values,
+          "threshold": SANITY_CURRENT,
+          "holds": bool(values) and all(v >= SANITY_CURRENT for v in values.values())}
+
+
 def chance_levels(tasks: list[Task]) -> list[float]:
   """Average accuracy of a uniform guess among the seen classes after each task."""
   seen = np.cumsum([len(t.tokens) for t in tasks])
@@ -395,19 +421,35 @@ def table(results: dict, sweep: list[dict], s: dict, chance: dict) -> str:
   the chance level), then the sweep."""
   n = s["n_tasks"]
   cols = (["dataset", "method", "CMS periods"] + [f"avg acc after task {i + 1}" for i in range(n)]
-          + ["forgetting"])
+          + ["forgetting", "current-task acc"])
   rows = []
   for name, per in results.items():
-    rows.append([name, "chance", "-"] + list(chance[name]) + ["-"])
+    rows.append([name, "chance", "-"] + list(chance[name]) + ["-", "-"])
     for method, res in per.items():
       periods = "/".join(map(str, res["periods"])) if "periods" in res else "-"
-      rows.append([name, method, periods] + list(res["avg_acc"]) + [res["forgetting"]])
+      rows.append([name, method, periods] + list(res["avg_acc"]) + [res["forgetting"],
+                                                                     current_task_accuracy(res)])
   first = next(iter(results), "-")
   for row in sweep:
     rows.append([first, f"Hope-attention ({row['sweep']} sweep)",
                  "/".join(map(str, row["periods"]))] + list(row["avg_acc"])
-                + [row["forgetting"]])
-  return study.markdown_table(cols, rows)
+                + [row["forgetting"], "-"])
+  md = study.markdown_table(cols, rows)
+  md += ("\ncurrent-task acc: the mean over tasks of the accuracy on task i right after learning "
+         "it (argmax over every class seen so far).\n")
+  san = sanity(results)
+  if san["values"]:
+    md += (f"\nSanity row: {san['metric']} >= {san['threshold']} on every dataset ("
+           + ", ".join(f"{k} {v:.3f}" for k, v in san["values"].items())
+           + f"): **{'holds' if san['holds'] else 'fails'}**.\n")
+  md += "\nAccuracy matrices (row i: after task i; column j: task j):\n\n"
+  for name, per in results.items():
+    for method, res in per.items():
+      acc = np.asarray(res["acc_matrix"])
+      md += f"- {name} {method}: " + " / ".join(
+          "[" + ", ".join(f"{acc[i, j]:.2f}" for j in range(i + 1)) + "]"
+          for i in range(acc.shape[0])) + "\n"
+  return md
 
 
 def plot(results: dict, sweep: list[dict], s: dict, chance: dict):
@@ -440,7 +482,10 @@ def plot(results: dict, sweep: list[dict], s: dict, chance: dict):
 
 
 def parse_args(argv=None):
-  parser = study.arg_parser(__doc__, STUDY)
+  parser = study.arg_parser(__doc__, STUDY, scales=tuple(PRESETS),
+                            scale_help="tiny: ~10 min on 2 idle CPU cores; cpu: <= 90 min on 2 CPU "
+                                       "cores (more examples and steps per task, no sweep); small:"
+                                       " a GPU/TPU; paper: the paper's sizes")
   parser.add_argument("--datasets", default=",".join(DATASETS),
                       help=f"comma-separated subset of {','.join(DATASETS)} (the first one is "
                            "swept)")
@@ -485,7 +530,8 @@ def main(argv=None) -> dict:
                                      "seconds": pre.seconds},
          "classes": {name: [dict(zip(t.classes, map(chr, t.tokens))) for t in tasks]
                      for name, tasks in all_tasks.items()},
-         "chance": chance, "results": results, "sweep": sweep, "seconds": time.time() - start}
+         "chance": chance, "results": results, "sweep": sweep, "sanity": sanity(results),
+         "seconds": time.time() - start}
   paths = study.write_outputs(args.out, STUDY, out, md, plot(results, sweep, s, chance),
                               command=study.command_line(STUDY, argv))
   return {"paths": paths, **out}

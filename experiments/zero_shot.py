@@ -12,7 +12,13 @@ acc elsewhere (LAMBADA acc included). The chance level of each task is measured 
 scored (mean of 1 / number of choices; BoolQ's majority class is given too).
 
 Byte-level models see long contexts: each scored sequence keeps its last ``max_len`` bytes (at
-``tiny``, the training length of lm.py, 128: the models are scored at the length they learned).
+``tiny`` and ``cpu``, the training length of lm.py, 128: the models are scored at the length they
+learned).
+
+``--scale cpu`` (about 15 minutes on 2 CPU cores) scores the models of ``python -m experiments.lm
+--scale cpu`` (``--models`` defaults to ``runs/lm_cpu/models`` there: Transformer++, HOPE and
+Transformer++ with embedding std 1.0, ~200k parameters, 3.07M bytes of PTB each) on the first 1,000
+examples of every task (tiny: 200), at their training length of 128 bytes.
 
 The tasks' files are read from the datasets directory (``--data DIR``, else ``$NLX_DATA``), in the
 layout of docs/TRAINING.md's "Evaluation data" (``piqa/valid.jsonl``, ...), which names each file's
@@ -22,6 +28,8 @@ Commands (from the repository root)::
 
   python -m experiments.lm --scale tiny --data DATA          # trains and saves the models first
   python -m experiments.zero_shot --scale tiny --data DATA   # --limit 200 examples per task
+  python -m experiments.lm --scale cpu --data DATA --out runs/lm_cpu   # 3.07M bytes per model
+  python -m experiments.zero_shot --scale cpu --data DATA --out runs/zero_shot_cpu  # its models
   python -m experiments.zero_shot --scale small --models runs/lm_small/models --out runs/zs_small
 """
 
@@ -54,9 +62,12 @@ FILES = {"lambada": ("lambada/lambada_openai_test.llmfoundry.jsonl",),
          "boolq": ("boolq/boolq_dev.llmfoundry.jsonl",)}
 NORM_REPORTED = ("piqa", "hellaswag", "arc_easy", "arc_challenge")  # lm-eval reports acc_norm
 NAMES = {"hope": "HOPE", "titans_lmm": "Titans (LMM)", "gated_deltanet": "Gated DeltaNet",
-         "samba": "Samba", "transformer": "Transformer++"}
+         "samba": "Samba", "transformer": "Transformer++",
+         "transformer_std1": "Transformer++ (embedding std 1.0)"}
 PRESETS = {
     "tiny": dict(limit=200, max_len=128, batch_size=32),  # lm.py's tiny seq_len
+    # lm.py --scale cpu: the same 128-byte training windows, 3.07M tokens; 5x tiny's examples
+    "cpu": dict(limit=1000, max_len=128, batch_size=32),
     "small": dict(limit=0, max_len=1024, batch_size=32),  # 0: every example
     "paper": dict(limit=0, max_len=2048, batch_size=32),
 }
@@ -64,7 +75,7 @@ PRESETS = {
 
 def find_models(models_dir: str) -> list[str]:
   """The model directories (holding ``params.msgpack``) under ``models_dir``, in paper order."""
-  hint = "run `python -m experiments.lm --scale tiny` first"
+  hint = "run `python -m experiments.lm --scale tiny` (or --scale cpu --out runs/lm_cpu) first"
   if not os.path.isdir(models_dir):
     raise FileNotFoundError(f"--models={models_dir!r} does not exist; {hint}")
   names = [n for n in sorted(os.listdir(models_dir))
@@ -168,9 +179,13 @@ def plot(results: dict, chances: dict):
 
 
 def main(argv=None) -> dict:
-  parser = study.arg_parser(__doc__, "zero_shot")
-  parser.add_argument("--models", default=os.path.join("runs", "lm", "models"),
-                      help="directory of the models saved by experiments.lm")
+  parser = study.arg_parser(__doc__, "zero_shot", scales=tuple(PRESETS),
+                            scale_help="tiny: ~2 min on 2 CPU cores (200 examples per task); cpu: "
+                                       "lm.py's cpu models, 1,000 examples per task (~15 min); "
+                                       "small, paper: every example")
+  parser.add_argument("--models", default=None,
+                      help="directory of the models saved by experiments.lm (default: "
+                           "runs/lm/models; at --scale cpu runs/lm_cpu/models)")
   parser.add_argument("--tasks", default="all",
                       help=f"comma-separated subset of {', '.join(TASKS)} (or all)")
   parser.add_argument("--limit", type=int, default=None, help="first N examples per task "
@@ -179,6 +194,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   s = study.scale_settings(PRESETS, args.scale, limit=args.limit, max_len=args.max_len)
   names = study.parse_list("--tasks", None if args.tasks == "all" else args.tasks, known=TASKS)
+  if args.models is None:
+    args.models = os.path.join("runs", "lm_cpu" if args.scale == "cpu" else "lm", "models")
   model_dirs = {n: os.path.join(args.models, n) for n in find_models(args.models)}
   data = study.data_dir(args.data, [f for t in names for f in FILES[t]],
                         "the files of the tasks (" + ", ".join(f for t in names for f in FILES[t])

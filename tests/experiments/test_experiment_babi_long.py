@@ -4,6 +4,7 @@ an exact length, the flags named in errors, and a smoke run on a hand-written qa
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import babi_long, study
@@ -90,3 +91,26 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   assert 0.0 <= cell["exact"] <= 1.0 and cell["n"] == 2
   assert 0.0 <= results["majority"]["1"]["512"] <= 1.0
   assert "majority answer" in open(os.path.join(out, "babi_long.md"), encoding="utf-8").read()
+
+
+def test_cpu_preset_invariants_and_sanity_row():
+  """The cpu scale's generator invariants (seconds): its lengths have their n_eval, the curve's
+  questions are test questions at the trained length with every fact (and so the answer) in the
+  context, labels align with inputs; the sanity row compares with the majority answer."""
+  settings = babi_long.SCALES["cpu"]
+  assert set(settings["n_eval"]) == set(settings["lengths"])
+  assert min(settings["lengths"]) == settings["train_len"]
+  questions = babi_long.parse_babi(STORY * 4)
+  filler = "".join(f"Line {i} of the play, spoken aloud.\n" for i in range(300))
+  pairs = babi_long.curve_pairs({1: questions}, filler, dict(settings, curve_n=3), seed=1)
+  assert len(pairs) == 3
+  for prompt, answer in pairs:
+    assert len(prompt) + len(answer) == settings["train_len"] + 1
+    assert answer in prompt and prompt.endswith("\nAnswer: ")
+  batch = babi_long.train_batch(0, questions, filler, dict(settings, batch=2), seed=0)
+  np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+  assert set(np.unique(batch.mask)) == {0.0, 1.0}  # answer-only loss at cpu
+  n = settings["train_len"]
+  majority = {1: {n: 0.2}}
+  assert babi_long.sanity({1: {n: {"exact": 0.5}}}, majority, settings)["holds"]
+  assert not babi_long.sanity({1: {n: {"exact": 0.2}}}, majority, settings)["holds"]

@@ -176,3 +176,27 @@ def test_smoke_every_method_and_sweep(tmp_path, data_dir):
                                         "--data", data_dir])
   _check_outputs(out, continual.METHODS)
   assert [r["periods"] for r in result["sweep"]] == [[128], [16, 32]]
+
+
+def test_cpu_preset_tasks_and_sanity_row(data_dir):
+  """The cpu scale (seconds): its tasks are disjoint in classes, labels sit where the mask
+  is, test texts are not training texts; the sanity row reads the accuracy matrix's diagonal."""
+  s = continual.PRESETS["cpu"]
+  assert set(s) == set(continual.PRESETS["tiny"])
+  data = data_lib.load_dataset("clinc150", data_dir, 0)
+  tasks = data_lib.make_tasks(data, dict(s, classes_per_task=4, n_train=4, n_test=2), seed=0)
+  assert len(tasks) == s["n_tasks"]
+  classes = [c for t in tasks for c in t.classes]
+  assert len(classes) == len(set(classes))
+  for t in tasks:
+    batch = data_lib.train_batch(t.train, 0, 4, seed=0)
+    rows = np.flatnonzero(batch.mask.sum(-1))
+    assert len(rows) == 4 and (batch.mask.sum(-1) == 1).all()
+    assert set(batch.targets[batch.mask > 0]) <= set(t.tokens)  # the label token, where counted
+    train_rows = {tuple(r) for r in t.train.tokens}
+    assert not any(tuple(r) in train_rows for r in t.test.tokens)
+  good = {"fine-tune": {"acc_matrix": [[0.9, 0, 0], [0.1, 0.8, 0], [0, 0, 0.7]]}}
+  bad = {"fine-tune": {"acc_matrix": [[0.3, 0, 0], [0.1, 0.2, 0], [0, 0, 0.4]]}}
+  assert continual.current_task_accuracy(good["fine-tune"]) == pytest.approx(0.8)
+  assert continual.sanity({"clinc150": good})["holds"]
+  assert not continual.sanity({"clinc150": good, "banking77": bad})["holds"]

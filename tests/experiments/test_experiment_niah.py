@@ -64,3 +64,44 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
     assert 0.0 <= by_len["512"]["exact"] <= by_len["512"]["char"] <= 1.0
     assert by_len["512"]["n"] == 2
   assert "s_niah_3" in open(os.path.join(out, "niah.md"), encoding="utf-8").read()
+
+
+def test_cpu_preset_examples_fit_hold_their_answer_and_keep_test_apart():
+  """The cpu scale's generator invariants (seconds): every task's example fills the trained
+  length exactly with the needle's value in the context; the training curve's and the test's
+  examples come from the test seed (training: 2 * seed), at indices apart from each other."""
+  settings = niah.SCALES["cpu"]
+  assert settings["lengths"][0] == settings["train_len"]  # the sanity row is at the trained length
+  text = "It was a dark night. The wind blew. " * 400
+  assert settings["tasks"] == ("s_niah_1",)  # the pass-key task, the paper's claim
+  for task in settings["tasks"]:
+    prompt, answer = niah.needle(task, text, settings["train_len"] + 1, seed=0, index=3)
+    assert len(prompt) + len(answer) == settings["train_len"] + 1
+    assert f"is: {answer}." in prompt
+  batch = niah.train_batch(0, text, dict(settings, batch=3), seed=0)
+  assert batch.inputs.shape == (3, settings["train_len"]) and (batch.inputs > 0).all()
+  np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])  # labels align
+  assert set(np.unique(batch.mask)) == {0.0, 1.0}  # answer-only loss at cpu
+  curve = niah.curve_examples(settings, seed=1)
+  assert len(curve) == settings["curve_n"]
+  assert all(f"is: {a}." in p for p, a in curve)
+  test = niah.eval_pairs("s_niah_1", niah.niah.NOISE * 2, settings["train_len"], 8, seed=1)
+  train = [niah.needle("s_niah_1", niah.niah.NOISE * 2, settings["train_len"] + 1, 0, i)
+           for i in range(0, 300, 3)]
+  answers = lambda pairs: {a for _, a in pairs}
+  assert not answers(curve) & answers(test) and not answers(train) & (answers(test) |
+                                                                       answers(curve))
+
+
+def test_sanity_row_on_hand_made_scores():
+  settings = niah.SCALES["cpu"]
+  n = settings["train_len"]
+  good = niah.sanity({"s_niah_1": {n: {"exact": 0.95}}}, settings)
+  bad = niah.sanity({"s_niah_1": {n: {"exact": 0.5}}}, settings)
+  assert good["holds"] and not bad["holds"] and str(n) in good["metric"]
+
+
+def test_cpu_scale_is_accepted_and_bad_scale_named(capsys):
+  with pytest.raises(SystemExit):
+    niah.main(["--scale", "huge"])
+  assert "--scale" in capsys.readouterr().err

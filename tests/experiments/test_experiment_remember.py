@@ -81,3 +81,21 @@ def test_bad_flags_are_refused_by_name(tmp_path):
     remember.main(["--out", str(tmp_path / "x"), "--families", "mamba9"])
   with pytest.raises(FileNotFoundError, match=r"--out=.*settings.json"):
     remember.main(["--phase", "answer", "--out", str(tmp_path / "missing")])
+
+
+def test_cpu_preset_builds_and_the_sanity_row_reads_the_one_call_bound():
+  s = remember.PRESETS["cpu"]
+  for family in remember.FAMILIES:
+    assert remember.model_cfg(family, s).init_std == 1.0
+  ex = remember.examples(0, remember.EVAL_START, 4, pairs=s["pairs"], vocab=s["vocab"],
+                         chunk=remember.memory_chunk(remember.model_cfg("hope", s)))
+  train = remember.examples(0, 0, 4, pairs=s["pairs"], vocab=s["vocab"],
+                            chunk=remember.memory_chunk(remember.model_cfg("hope", s)))
+  assert not np.array_equal(ex["facts"], train["facts"])  # held-out indices
+  read = {"transformer": {"one_call": {"token": 0.95}}, "hope": {"one_call": {"token": 0.1}}}
+  answered = {"transformer": {"max_abs_diff_vs_one_call": 1e-6},
+              "hope": {"max_abs_diff_vs_one_call": 2e-6}}
+  san = remember.sanity(read, answered, 1 / 32)
+  assert san["holds"] and san["max_abs_diff"] == 2e-6
+  read["transformer"]["one_call"]["token"] = 0.3
+  assert not remember.sanity(read, answered, 1 / 32)["holds"]

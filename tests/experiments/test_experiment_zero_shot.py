@@ -116,3 +116,12 @@ def test_untrained_model_on_four_examples_per_task(zs, tmp_path, data_dir, monke
   md = open(os.path.join(out, "zero_shot.md"), encoding="utf-8").read()
   assert "Transformer++" in md and "chance" in md
   assert os.path.getsize(os.path.join(out, "zero_shot.png")) > 0
+
+
+def test_cpu_scale_reads_the_lm_cpu_models_and_scores_more_examples(zs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no runs/lm_cpu/models here
+  with pytest.raises(FileNotFoundError, match=r"runs/lm_cpu/models"):
+    zs.main(["--scale", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+  assert zs.PRESETS["cpu"]["limit"] > zs.PRESETS["tiny"]["limit"]
+  assert zs.PRESETS["cpu"]["max_len"] == 128  # lm.py --scale cpu trains on 128-byte windows
+  assert zs.find_models.__doc__ and zs.NAMES["transformer_std1"].startswith("Transformer++")
