@@ -526,8 +526,15 @@ def main(argv=None) -> dict:
   learners = {"transformer": Learner(pretrained, s["lr"]), "icl": Learner(pretrained, s["lr"]),
               "hope": Learner(hope_model(pretrained, s, s["main_periods"], args.seed), s["lr"],
                               s["outer_period"])}
-  results = {name: run_dataset(name, tasks, learners, pretrained, s, args.seed, methods)
-             for name, tasks in all_tasks.items()}
+  results = {}
+  for name, tasks in all_tasks.items():
+    results[name] = run_dataset(name, tasks, learners, pretrained, s, args.seed, methods)
+    if len(results) < len(all_tasks):  # a run cut short keeps the datasets it finished
+      done = {k: chance[k] for k in results}
+      study.write_outputs(args.out, STUDY, {"settings": s, "chance": done, "results": results,
+                                            "sanity": sanity(results), "partial": True},
+                          table(results, [], s, done), plot(results, [], s, done),
+                          command=study.command_line(STUDY, argv))
   first = names[0]
   sweep = run_sweep(all_tasks[first], results[first].get("Hope-attention"), pretrained, s,
                     args.seed)
