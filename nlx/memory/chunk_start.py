@@ -67,27 +67,42 @@ class ChunkWrites(NamedTuple):
   init: Optional[Weights] = None
 
 
+def layer_rates(lr: Array, keys: Weights, dgd=False) -> Weights:
+  """Each layer's rate ``{name: [C]}`` for the rates ``lr [C]`` and the layers' inputs ``keys``.
+
+  ``dgd="proximal"``: ``lr_t / (1 + lr_t ‖h_l‖²)`` for layer l's input ``h_l``, the exact step of
+  DGD's proximal objective (docs/EQUATIONS.md, choice 1): ``(I + lr h_lᵀ h_l)⁻¹`` by
+  Sherman–Morrison, ``η/(1 + η)`` for a unit-norm input (the arXiv rate). Otherwise ``lr``.
+  """
+  if dgd != "proximal":
+    return {name: lr for name in keys}
+  return {name: lr / (1.0 + lr * jnp.sum(h * h, axis=-1)) for name, h in keys.items()}
+
+
 def _chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
-                  lr: Array) -> tuple[ChunkWrites, Weights]:
-  """A chunk's gradient factors at ``w_grad``, and each layer's output there."""
+                  lr: Array, dgd=False) -> tuple[ChunkWrites, Weights]:
+  """A chunk's gradient factors at ``w_grad``, and each layer's output there (each layer's
+  writes at its ``layer_rates``)."""
   inputs, errors, outputs = layer_grad_factors(memory, objective, w_grad, k, v)
-  return ChunkWrites(inputs, {name: -lr[:, None] * e for name, e in errors.items()}), outputs
+  rates = layer_rates(lr, inputs, dgd)
+  writes = {name: -rates[name][:, None] * e for name, e in errors.items()}
+  return ChunkWrites(inputs, writes), outputs
 
 
 def _dgd_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
                 lr: Array, w0: Weights, p0: Optional[Weights],
-                prev: ChunkCoefficients, fresh=None, w_init=None) -> ChunkWrites:
+                prev: ChunkCoefficients, fresh=None, w_init=None, dgd=True) -> ChunkWrites:
   """A chunk's writes with DGD's decay term (``_pseudo_values``); with document boundaries,
   ``fresh [C]`` marks the tokens whose gradient is taken at the reset state ``w_init`` instead
   of ``w_grad`` (``_selected_writes``)."""
-  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init)
+  cw, outputs = _selected_writes(memory, objective, w_grad, k, v, lr, fresh, w_init, dgd)
   return _pseudo_values(cw, outputs, lr, w0, p0, prev, w_init,
-                        same=w_grad is w0 and fresh is None)
+                        same=w_grad is w0 and fresh is None, dgd=dgd)
 
 
 def _pseudo_values(cw: ChunkWrites, outputs: Weights, lr: Array, w0: Weights,
                    p0: Optional[Weights], prev: ChunkCoefficients, w_init: Optional[Weights],
-                   same: bool) -> ChunkWrites:
+                   same: bool, dgd=True) -> ChunkWrites:
   """``cw`` with DGD's pseudo-values.
 
   Layer l's decay term at token s is ``−lr_s h_sᵀ (h_s W_{s−1})``, an outer product with the key
@@ -97,10 +112,11 @@ def _pseudo_values(cw: ChunkWrites, outputs: Weights, lr: Array, w0: Weights,
   UT transform: ``(I + A) w = −lr ⊙ known``, ``A[s, j] = lr_s (γ_{s−1}/γ_j) (h_s · h_j)`` for
   j < s and ``known`` the part of ``h_s W_{s−1}`` that does not involve w (with document
   boundaries it includes ``prev.init[s] h_s w_init``). ``same``: every key is the layer's input
-  at ``w0``, so ``h @ w0`` is ``outputs``.
+  at ``w0``, so ``h @ w0`` is ``outputs``. Each layer's ``lr`` is its ``layer_rates``.
   """
-  pseudo = {}
+  pseudo, rates = {}, layer_rates(lr, cw.keys, dgd)
   for name, h in cw.keys.items():
+    lr = rates[name]
     x = h @ h.T
     hw0 = outputs[name] if same else h @ w0[name]
     known = prev.gamma[:, None] * hw0 + (prev.write * x) @ cw.writes[name]
@@ -123,13 +139,14 @@ def _pick(a: tuple[ChunkWrites, Weights], b: tuple[ChunkWrites, Weights],
 
 
 def _selected_writes(memory: Memory, objective: Objective, w_grad: Weights, k: Array, v: Array,
-                     lr: Array, fresh=None, w_init=None) -> tuple[ChunkWrites, Weights]:
+                     lr: Array, fresh=None, w_init=None, dgd=False
+                     ) -> tuple[ChunkWrites, Weights]:
   """``_chunk_writes`` at ``w_grad``, or, for the tokens where ``fresh [C]``, at ``w_init`` (the
   first gradient chunk of a document: its gradient reference is the reset state)."""
-  part = _chunk_writes(memory, objective, w_grad, k, v, lr)
+  part = _chunk_writes(memory, objective, w_grad, k, v, lr, dgd)
   if fresh is None:
     return part
-  cw, outputs = _pick(part, _chunk_writes(memory, objective, w_init, k, v, lr), fresh)
+  cw, outputs = _pick(part, _chunk_writes(memory, objective, w_init, k, v, lr, dgd), fresh)
   return cw._replace(init=w_init), outputs
 
 
@@ -180,7 +197,7 @@ def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weig
   from ``w0``/``p0`` (and ``w_init`` at its resets)."""
   _, kc, vc, lrc, _, prev = chunk[:6]
   if dgd:
-    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init)
+    return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init, dgd)
   cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init)[0]
   return cw if w_init is None else cw._replace(init=w_init)
 

@@ -204,7 +204,7 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
     else:
       coefficients = _prepare_coefficients(gc, mc, dgd, read, start, reset=rc, live=lc)
     # The gradients at the reset state (first gradient chunks) do not depend on the scan.
-    at_init = _chunk_writes(bind(memory, consts), objective, w_init, kc, vc, lrc)
+    at_init = _chunk_writes(bind(memory, consts), objective, w_init, kc, vc, lrc, dgd)
     return (qc, kc, vc, lrc) + coefficients + (fc, split, at_init)
 
   last = offsets + t - 1  # [*batch]: the last real token's slot
@@ -214,21 +214,21 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
 
   def writes(part, chunk, w0, p0, w_init):  # the chunk's writes from the selected gradients
     if dgd:
-      return _pseudo_values(*part, chunk[3], w0, p0, chunk[5], w_init, same=False)
+      return _pseudo_values(*part, chunk[3], w0, p0, chunk[5], w_init, same=False, dgd=dgd)
     return part[0]._replace(init=w_init)
 
   def body(carry, x, consts):
     mem, (w0, p0, ref, w_init), (at, chunk) = bind(memory, consts), carry, x
     _, kc, vc, lrc, coef = chunk[:5]
     fresh_c, split, at_init = chunk[6:9]
-    at_ref = _pick(_chunk_writes(mem, objective, ref, kc, vc, lrc), at_init, fresh_c)
+    at_ref = _pick(_chunk_writes(mem, objective, ref, kc, vc, lrc, dgd), at_init, fresh_c)
     # The reference of a gradient chunk that starts at `split`: the state after the token before,
     # from the writes of the tokens before it (their gradients do not depend on it).
     before = writes(at_ref, chunk, w0, p0, w_init)
     w_split = _weights_at(w0, p0, before, coef, jnp.maximum(split - 1, 0))[0]
     w_split = jax.tree.map(lambda a, b: jnp.where(split == 0, a, b), w0, w_split)
     late = (jnp.arange(c) >= split) & ~fresh_c
-    cw = writes(_pick(at_ref, _chunk_writes(mem, objective, w_split, kc, vc, lrc), late), chunk,
+    cw = writes(_pick(at_ref, _chunk_writes(mem, objective, w_split, kc, vc, lrc, dgd), late), chunk,
                 w0, p0, w_init)
     ref = jax.tree.map(lambda a, b: jnp.where(split < c, a, b), w_split, ref)
     w1, p1 = _weights_at(w0, p0, cw, coef, c - 1)

@@ -54,7 +54,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       with ``reset``, also ``[*batch]`` (one per slice).
     chunk_start: the weights at the start of that chunk (needed when ``offset`` can be > 0).
     dgd: add DGD's per-layer decay term ``−lr_t h_lᵀ (h_l W_l)`` (needs ``grad_chunk``; ``h_l``:
-      layer l's input for the key ``k_t`` at the gradient's reference state).
+      layer l's input for the key ``k_t`` at the gradient's reference state). ``"proximal"``:
+      layer l's rate, on its decay and gradient terms, is ``lr_t / (1 + lr_t ‖h_l‖²)``.
     read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
     params: the memory's fixed parameters (``Memory.param_shapes``), or None.
     row_scale: ``[C]`` (C = ``grad_chunk``) or None: ``M_t = γ_t M_0 + c_i A_t`` for the token at
@@ -98,10 +99,14 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       position = (t + offset) % grad_chunk if position is None else position
       w_ref = jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
-    if dgd:  # W_l ← exp(g) W_l − lr h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
+    rate = {n: lrt for n in w}
+    if dgd:  # W_l ← exp(g) W_l − lr_l h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
       h = layer_inputs(mem, w_ref, kt)
-      decayed = {n: decayed[n] - lrt * jnp.outer(h[n], h[n] @ w[n]) for n in w}
-    update = tree_scale(-lrt, grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt))
+      if dgd == "proximal":  # lr_l = lr / (1 + lr ‖h_l‖²)
+        rate = {n: lrt / (1.0 + lrt * jnp.sum(h[n] * h[n])) for n in w}
+      decayed = {n: decayed[n] - rate[n] * jnp.outer(h[n], h[n] @ w[n]) for n in w}
+    grads = grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt)
+    update = {n: -rate[n] * grads[n] for n in grads}
     if scaled:  # M_t = γ_t M_0 + c_i A_t, tracking d = γ_t M_0 and A_t = exp(g_t) A_{t−1} + U_t
       d = tree_scale(jnp.exp(gt), jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, d))
       a = jax.tree.map(lambda x, u: jnp.exp(gt) * jnp.where(position == 0, 0, x) + u, a, update)

@@ -19,6 +19,7 @@ Validation, layout and the ``TitansState`` are ``titans_memory``'s
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import jax
@@ -37,7 +38,7 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
                momentum: Optional[Array] = None, memory: Union[str, core.Memory] = "linear",
                objective: str = "l2", initial_state=None, chunk_size: int = 64,
                read: str = "after_write", impl: str = "auto", reset: Optional[Array] = None,
-               reset_state=None) -> tuple[Array, TitansState]:
+               reset_state=None, proximal: bool = False) -> tuple[Array, TitansState]:
   """Delta gradient descent (DGD): ``titans_memory`` plus a decay term on every layer's input.
 
   HOPE's inner optimizer (docs/EQUATIONS.md, Eqs. 56–57 and 88–93). Per head, with row-vector
@@ -50,6 +51,13 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
       P_l ← m_t P_l − lr_t h_lᵀ e_l                         (no momentum: P_l = −lr_t h_lᵀ e_l)
       W_l ← (exp(g_t) I − lr_t h_lᵀ h_l) W_l + P_l          (the decay touches only W_l)
       o_t = M_W(q_t)     after the write ("after_write") or before it ("before_write")
+
+  With ``proximal=True`` every ``lr_t`` above becomes the layer's own rate ``lr_t / (1 + lr_t
+  ‖h_l‖²)``, on both terms: the exact step of DGD's proximal objective (Eqs. 56–57) for an input
+  of any norm, ``η/(1 + η)`` for a unit-norm one (the arXiv rate). Without it a layer whose input
+  is not normalised (an MLP's hidden layer) decays by ``α − lr ‖h_l‖²`` along ``h_l``, which
+  diverges once ``lr ‖h_l‖² > 1 + α``; with it the factor is ``α − lr ‖h_l‖²/(1 + lr ‖h_l‖²)``,
+  in ``(α − 1, α]`` (docs/EQUATIONS.md, choice 1).
 
   ``chunk_size=1`` is Eq. 88 token by token; per chunk, the decay term acts on the running state
   and only the gradient term on ``W_c`` (Eq. 93). The chunked form solves each layer's decay terms
@@ -66,21 +74,30 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
     objective: "l2" (Eq. 88) or "dot" (Eq. 92).
     impl: "auto" | "chunked" | "recurrent" | "pallas" (the ``delta_rule`` kernels; only for the
       gated-delta-rule case above, read after the write, chunks aligned with the call).
+    proximal: each layer's rate ``lr_t / (1 + lr_t ‖h_l‖²)`` (see above); a bool.
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
   check_objective(objective)
+  if not isinstance(proximal, bool):
+    raise TypeError(f"proximal={proximal!r}: allowed: True or False")
   return gradient_memory(q, k, v, lr, momentum, g, memory, L2 if objective == "l2" else DOT,
-                         initial_state, chunk_size, read, impl, dgd=True, kernel=_dgd_pallas,
+                         initial_state, chunk_size, read, impl,
+                         dgd="proximal" if proximal else True,
+                         kernel=functools.partial(_dgd_pallas, proximal=proximal),
                          reset=reset, reset_state=reset_state)
 
 
-def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
+def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size, proximal=False):
   """``dgd_memory`` on the delta rule's kernels: ``delta_rule(q, k, exp(g)·v, beta=lr/exp(g),
   g=g, scale=1)``, for the gated-delta-rule case only (no momentum: ``gradient_memory`` sends
-  nothing else here), starting at a chunk boundary."""
+  nothing else here), starting at a chunk boundary. A linear memory's one layer has the input
+  k, so ``proximal`` is the rate ``lr / (1 + lr ‖k‖²)`` given to the kernels."""
   del momentum
+  if proximal:
+    norm = jnp.sum(jnp.square(k.astype(lr.dtype)), axis=-1)
+    lr = lr / (1.0 + lr * norm)
   if offset is not None:
     raise ValueError("impl='pallas': dgd_memory on the kernels starts at a chunk boundary; "
                      "use impl='chunked' to continue a chunk in progress")

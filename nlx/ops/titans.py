@@ -158,11 +158,12 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
 
 
 def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, initial_state,
-                    chunk_size: int, read: str, impl: str, *, dgd: bool, kernel: Callable,
+                    chunk_size: int, read: str, impl: str, *, dgd, kernel: Callable,
                     position_scale=None, memory_params=None, reset=None,
                     reset_state=None) -> tuple[Array, TitansState]:
   """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout.
 
+  ``dgd``: False (Titans), True or "proximal" (each layer's rate, ``core.layer_rates``).
   ``kernel``: the op's ``impl="pallas"`` path, ``(q, k, v, lr, momentum, g, initial_state,
   offset, chunk_size) -> (o, TitansState)`` (``offset``: None when a chunk starts now).
   """

@@ -85,20 +85,22 @@ def run(variant: str, arrays: dict, impl: str, chunk_size: int):
 
 def memory_op(variant: str, a: dict, state, chunk_size: int, impl: str):
   """``titans_memory`` or ``dgd_memory`` (``dgd_*`` variants; ``_before``: read before the write,
-  ``_dot``: the dot-product objective) on the sequences and gates of ``a``."""
+  ``_dot``: the dot-product objective; ``_prox``: the proximal rate) on the sequences and gates of
+``a``."""
   kwargs = dict(lr=a["lr"], momentum=a.get("momentum"), g=a.get("g"),
                 memory="mlp" if _is_mlp(variant) else "linear", initial_state=state,
                 chunk_size=chunk_size, impl=impl)
   if variant.startswith("dgd"):
     return ops.dgd_memory(a["q"], a["k"], a["v"], objective="dot" if "_dot" in variant else "l2",
                           read="before_write" if "_before" in variant else "after_write",
-                          **kwargs)
+                          proximal="_prox" in variant, **kwargs)
   return ops.titans_memory(a["q"], a["k"], a["v"], **kwargs)
 
 
 VARIANTS = ["linear_attention", "linear_attention_g", "delta_rule", "delta_rule_g",
             "titans_linear", "titans_linear_full", "titans_mlp", "titans_mlp_full",
-            "dgd_linear_full", "dgd_mlp_full", "dgd_mlp_g_before", "dgd_linear_dot_g"]
+            "dgd_linear_full", "dgd_mlp_full", "dgd_mlp_g_before", "dgd_linear_dot_g",
+            "dgd_mlp_prox_full"]
 
 
 def shapes_for(variant: str):

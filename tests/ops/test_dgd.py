@@ -4,7 +4,8 @@ The loop below is Eq. 88 (chunk size 1) and Eq. 93 (per chunk) of docs/EQUATIONS
 with row-vector layers ``y = h W``: for token t of a chunk whose start state is ``W_c``, ``h_l``
 (layer l's input) and ``e_l`` (the objective's gradient w.r.t. layer l's output) at ``W_c``;
 ``P_l ← m P_l − lr h_lᵀ e_l``; ``W_l ← (exp(g) I − lr h_lᵀ h_l) W_l + P_l``; ``o_t = M(q_t)``
-after or before the write. It shares no code with nlx: float64 numpy, explicit outer products.
+after or before the write; with ``proximal``, ``lr`` is layer l's ``lr / (1 + lr ‖h_l‖²)`` in
+both terms. It shares no code with nlx: float64 numpy, explicit outer products.
 """
 
 import jax
@@ -42,7 +43,8 @@ def _layer_errors(w, k, v, objective):
   return inputs, {"w1": e_out, "w2": (e_out @ w["w1"].T) * _silu_grad(z)}
 
 
-def dgd_loop(q, k, v, lr, g, m, w0, p0, chunk, objective="l2", read="after_write"):
+def dgd_loop(q, k, v, lr, g, m, w0, p0, chunk, objective="l2", read="after_write",
+             proximal=False):
   """One (batch, head) slice: q, k ``[T, K]``, v ``[T, V]``, gates ``[T]`` (m None: no momentum)."""
   w = {n: x.copy() for n, x in w0.items()}
   p = None if m is None else {n: x.copy() for n, x in p0.items()}
@@ -53,13 +55,14 @@ def dgd_loop(q, k, v, lr, g, m, w0, p0, chunk, objective="l2", read="after_write
     before = _forward(w, q[t])[0]
     h, e = _layer_errors(w_c, k[t], v[t], objective)
     for n in w:
+      rate = lr[t] / (1.0 + lr[t] * h[n] @ h[n]) if proximal else lr[t]
       grad = np.outer(h[n], e[n])
       if p is None:
-        step = -lr[t] * grad
+        step = -rate * grad
       else:
-        p[n] = m[t] * p[n] - lr[t] * grad
+        p[n] = m[t] * p[n] - rate * grad
         step = p[n]
-      decay = np.exp(g[t]) * np.eye(len(h[n])) - lr[t] * np.outer(h[n], h[n])
+      decay = np.exp(g[t]) * np.eye(len(h[n])) - rate * np.outer(h[n], h[n])
       w[n] = decay @ w[n] + step
     outs.append(before if read == "before_write" else _forward(w, q[t])[0])
   return np.stack(outs), w, p
@@ -81,7 +84,7 @@ def _inputs(b, t, h, d, mlp, momentum, seed=0):
   return a
 
 
-def _loop_all(a, chunk, objective, read):
+def _loop_all(a, chunk, objective, read, proximal=False):
   b, t, h, _ = a["q"].shape
   outs, finals = np.zeros_like(a["v"]), []
   for i in range(b):
@@ -90,25 +93,29 @@ def _loop_all(a, chunk, objective, read):
       o, w, p = dgd_loop(sl(a["q"]), sl(a["k"]), sl(a["v"]), sl(a["lr"]), sl(a["g"]), sl(a["m"]),
                          {n: x[i, j] for n, x in a["w0"].items()},
                          None if a["p0"] is None else {n: x[i, j] for n, x in a["p0"].items()},
-                         chunk, objective, read)
+                         chunk, objective, read, proximal)
       outs[i, :, j] = o
       finals.append((w, p))
   return outs, finals
 
 
-CASES = [(1, 9, True, "l2", "after_write"), (4, 11, True, "l2", "before_write"),
-         (4, 11, False, "l2", "after_write"), (5, 13, True, "dot", "after_write"),
-         (8, 8, False, "dot", "before_write")]
+CASES = [(1, 9, True, "l2", "after_write", False), (4, 11, True, "l2", "before_write", False),
+         (4, 11, False, "l2", "after_write", False), (5, 13, True, "dot", "after_write", False),
+         (8, 8, False, "dot", "before_write", False), (1, 7, True, "l2", "after_write", True),
+         (4, 11, True, "l2", "before_write", True), (3, 10, False, "dot", "after_write", True)]
 
 
-@pytest.mark.parametrize("mlp,chunk,t,momentum,objective,read", [
+@pytest.mark.parametrize("mlp,chunk,t,momentum,objective,read,proximal", [
     (mlp,) + case for mlp in (False, True) for case in CASES
     if not (mlp and case[3] == "dot")])  # the dot objective is Eq. 92, on a linear memory
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
-def test_dgd_memory_equals_the_equation_loop(impl, mlp, chunk, t, momentum, objective, read):
+def test_dgd_memory_equals_the_equation_loop(impl, mlp, chunk, t, momentum, objective, read,
+                                             proximal):
   with jax.enable_x64(True):
     a = _inputs(2, t, 2, 6, mlp, momentum, seed=chunk + t)
-    want_o, finals = _loop_all(a, chunk, objective, read)
+    if proximal:  # keys of norm ≠ 1, so that the proximal rate differs from lr / (1 + lr)
+      a["k"] = a["k"] * np.linspace(0.5, 3.0, t)[None, :, None, None]
+    want_o, finals = _loop_all(a, chunk, objective, read, proximal)
     w0 = a["w0"] if mlp else a["w0"]["w"]
     p0 = None if a["p0"] is None else (a["p0"] if mlp else a["p0"]["w"])
     j = lambda x: None if x is None else jnp.asarray(x)
@@ -116,7 +123,7 @@ def test_dgd_memory_equals_the_equation_loop(impl, mlp, chunk, t, momentum, obje
         j(a["q"]), j(a["k"]), j(a["v"]), lr=j(a["lr"]), g=j(a["g"]), momentum=j(a["m"]),
         memory=MLPMemory("silu") if mlp else "linear", objective=objective,
         initial_state=ops.TitansState(jax.tree.map(j, w0), jax.tree.map(j, p0)),
-        chunk_size=chunk, read=read, impl=impl)
+        chunk_size=chunk, read=read, impl=impl, proximal=proximal)
     np.testing.assert_allclose(o, want_o, rtol=1e-10, atol=1e-10)
     weights = state.memory if mlp else {"w": state.memory}
     for i in range(2):
@@ -162,6 +169,40 @@ def test_dot_objective_on_a_linear_memory_is_the_gated_delta_rule(chunk):
     np.testing.assert_allclose(state.memory, s_d, rtol=1e-10, atol=1e-10)
 
 
+def test_the_proximal_rate_keeps_a_hidden_layer_with_a_large_input_bounded():
+  """An MLP memory whose hidden layer sees inputs of norm ~25 (``lr ‖h‖² ≈ 60``): with the raw
+  rate the decay ``α − lr ‖h‖²`` flips and grows the hidden layer's weights by orders of
+  magnitude over a few tokens; the proximal rate ``lr / (1 + lr ‖h‖²)`` keeps every factor in
+  ``(α − 1, α]``, so the weights stay of the size they started."""
+  a = _inputs(1, 24, 1, 6, True, False, seed=3)
+  a["w0"]["w2"] = a["w0"]["w2"] * 15.0  # large pre-activations: silu(z) of norm ~ 25
+  j = lambda x: jax.tree.map(jnp.asarray, x)
+  args = dict(lr=j(np.full((1, 24, 1), 0.1)), g=j(np.zeros((1, 24, 1))), memory=MLPMemory("silu"),
+              initial_state=j(a["w0"]), chunk_size=4, impl="chunked")
+  h = _silu(a["k"][0, :, 0] @ a["w0"]["w2"][0, 0])
+  assert 0.1 * (h * h).sum(-1).max() > 30
+  norm = lambda s: float(np.abs(np.asarray(s.memory["w1"])).max())
+  start = np.abs(a["w0"]["w1"]).max()
+  _, raw = ops.dgd_memory(j(a["q"]), j(a["k"]), j(a["v"]), **args)
+  _, prox = ops.dgd_memory(j(a["q"]), j(a["k"]), j(a["v"]), proximal=True, **args)
+  assert not np.isfinite(norm(raw)) or norm(raw) > 1e3 * start
+  assert norm(prox) < 10 * start
+
+
+def test_proximal_on_the_kernels_is_the_chunked_form():
+  """The kernels' route (the gated delta rule) takes the proximal rate ``lr / (1 + lr ‖k‖²)``."""
+  a = _inputs(1, 32, 2, 16, False, False, seed=5)
+  j = jnp.asarray
+  k = j(a["k"] * 2.0)
+  args = dict(lr=j(a["lr"], jnp.float32), g=j(a["g"], jnp.float32), objective="dot",
+              initial_state=j(a["w0"]["w"], jnp.float32), chunk_size=16, proximal=True)
+  q, v = j(a["q"], jnp.float32), j(a["v"], jnp.float32)
+  o_k, s_k = ops.dgd_memory(q, k.astype(jnp.float32), v, impl="pallas", **args)
+  o_c, s_c = ops.dgd_memory(q, k.astype(jnp.float32), v, impl="chunked", **args)
+  np.testing.assert_allclose(o_k, o_c, rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(s_k.memory, s_c.memory, rtol=2e-4, atol=2e-4)
+
+
 def test_dgd_is_not_titans():
   """The decay term changes the result (a test that DGD is on, not only that it runs)."""
   a = _inputs(1, 16, 2, 8, True, True)
@@ -188,6 +229,8 @@ GATE = jnp.zeros((2, 10, 3))
     (lambda: ops.dgd_memory(Q, Q, Q, lr=GATE, memory="mlp"), ValueError,
      r"MLP memory needs initial_state"),
     (lambda: ops.titans_memory(Q, Q, Q, lr=GATE, read="before"), ValueError, r"read='before'"),
+    (lambda: ops.dgd_memory(Q, Q, Q, lr=GATE, proximal="yes"), TypeError,
+     r"proximal='yes': allowed: True or False"),
 ])
 def test_bad_arguments_are_refused(call, exc, match):
   with pytest.raises(exc, match=match):

@@ -16,13 +16,19 @@ import ops_cases as cases
 
 def _cases(shapes_per_variant, slow_if_odd=False):
   """(variant, shape) params; with ``slow_if_odd`` the odd-numbered shapes are marked slow. The
-  DGD variants (tests/ops/test_dgd.py checks them against the equation) run two shapes by default."""
+  DGD variants (tests/ops/test_dgd.py checks them against the equation) run two shapes by default,
+  the proximal one a single shape."""
   def slow(v, i):
-    return (slow_if_odd and i % 2) or (v.startswith("dgd") and i >= 3)
+    return (slow_if_odd and i % 2) or (v.startswith("dgd") and i >= 3) or ("_prox" in v and i)
 
   return [pytest.param(v, s, id=f"{v}-B{s[0]}T{s[1]}H{s[2]}K{s[3]}V{s[4]}C{s[5]}",
                        marks=pytest.mark.slow if slow(v, i) else ())
           for v in cases.VARIANTS for i, s in enumerate(shapes_per_variant(v))]
+
+
+# The other tests run every variant by default but the proximal DGD one (test_dgd.py and the
+# float64 comparison above cover it by default; `-m slow` runs these too).
+VARIANTS = [pytest.param(v, marks=pytest.mark.slow if "_prox" in v else ()) for v in cases.VARIANTS]
 
 
 def _compare(variant, shape, dtype, tol):
@@ -62,7 +68,7 @@ def test_chunked_matches_recurrent_float32(variant, shape):
   _compare(variant, shape, jnp.float32, _tol32)
 
 
-@pytest.mark.parametrize("variant", cases.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_input_gets_a_gradient(variant):
   """Gradients reach q, k, v, every gate and every initial state (none is silently cut)."""
   arrays = cases.make_arrays(variant, 2, 40, 2, 16, 16, jnp.float32)
@@ -72,7 +78,7 @@ def test_every_input_gets_a_gradient(variant):
     assert np.abs(np.asarray(gr)).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
 
-@pytest.mark.parametrize("variant", cases.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_bfloat16_inputs_close_to_float32(variant):
   arrays = cases.make_arrays(variant, 2, 50, 2, 16, 16, jnp.float32)
   rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), arrays)
@@ -87,7 +93,7 @@ def test_bfloat16_inputs_close_to_float32(variant):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
-@pytest.mark.parametrize("variant", cases.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_final_state_continues_the_sequence(variant, impl):
   """Two calls, the second starting from the first's final state, equal one call."""
   chunk = 16

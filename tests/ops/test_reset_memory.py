@@ -32,6 +32,7 @@ CASES = {  # name: (op, options)
     "dgd": ("dgd_memory", dict(momentum=True)),
     "dgd_dot": ("dgd_memory", dict(objective="dot")),
     "dgd_mlp": ("dgd_memory", dict(memory="mlp")),
+    "dgd_mlp_proximal": ("dgd_memory", dict(memory="mlp", momentum=True, proximal=True)),
 }
 
 
@@ -86,7 +87,7 @@ def _documents(op, options, a):
   return jnp.concatenate(rows, axis=0)
 
 
-FAST = ("titans", "dgd", "dgd_mlp")  # the default run; every case runs with -m slow
+FAST = ("titans", "dgd", "dgd_mlp", "dgd_mlp_proximal")  # the default run; all with -m slow
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
@@ -113,6 +114,7 @@ def test_packed_equals_documents_alone_float32(case):
 
 
 @pytest.mark.parametrize("case", ["dgd", pytest.param("titans", marks=pytest.mark.slow),
+                                  pytest.param("dgd_mlp_proximal", marks=pytest.mark.slow),
                                   pytest.param("titans_mlp", marks=pytest.mark.slow)])
 def test_packed_gradients_equal_documents_alone(case):
   op, options = CASES[case]
