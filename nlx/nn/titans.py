@@ -17,19 +17,26 @@ learned persistent-memory tokens (docs/EQUATIONS.md §5):
 
 Packed documents (``segments``, ``nlx.nn.mixer``): the attention masks across documents, the
 memory restarts at each document (``NeuralMemory`` with ``segments``). MAC counts its segments
-from each document's first token and reads a document's first segment from the initial memory,
-exactly as the document alone; since documents may start anywhere inside a segment, MAC with
-segments runs token by token (its stateful path) rather than one scan step per segment.
+from each document's first token, reads a document's first segment from the initial memory and
+restarts RoPE at each document, exactly as the document alone. A whole packed sequence runs one
+scan step per segment of a buffer (``mac_slots``): a document of at least ``window`` tokens
+starts at a buffer segment's start (placeholders pad the gap before it), so that each of its
+later segments is one buffer segment whose start memory is the scan's carry; a shorter document
+goes wherever the previous one ended, and where it straddles two buffer segments its queries
+see its keys of the previous one (the carry keeps them). A stateful call with segments runs
+token by token.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nlx.memory.packed import place_at_slots
 from nlx.nn.attention import Attention, KVCache, attend, sliding_window, write_cache
 from nlx.nn.config import ModelConfig
 from nlx.nn.mixer import Mixer, apply
@@ -94,10 +101,10 @@ class MACState(NamedTuple):
 class MemoryAsContext(Mixer):
   """Titans MAC over segments of ``cfg.window`` tokens (see the module docstring).
 
-  A whole sequence (``state=None``) runs as a scan over segments; a stateful call, or a call with
-  packed documents, runs token by token (the segment-start memory, the segment's keys and the
-  memory state are the state). The two agree for any ``memory_chunk_size``: the memory state
-  carries its gradient chunk in progress.
+  A whole sequence (``state=None``) runs as a scan over segments, with packed documents over the
+  segments of ``mac_slots``' buffer (``_packed``); a stateful call runs token by token (the
+  segment-start memory, the segment's keys and the memory state are the state). They agree for
+  any ``memory_chunk_size``: the memory state carries its gradient chunk in progress.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -178,10 +185,76 @@ class MemoryAsContext(Mixer):
                      write_cache(x_cache, kx, vx, positions, key))
     return carry, self.combine(y, m)
 
+  def _packed(self, x: Array, reset: Array) -> Array:
+    """A whole packed sequence ``x [B, T, d]`` with document starts ``reset [B, T]`` (and the
+    first token): one scan step per segment of ``mac_slots``' buffer, skipped where it holds
+    placeholders only in every row (the buffer is sized for the worst layout)."""
+    (b, t, d), s = x.shape, self.segment
+    reset = jnp.asarray(reset)
+    if reset.shape != (b, t):
+      raise ValueError(f"segments.reset has shape {reset.shape}; it must be [B, T] = {(b, t)}, "
+                       "the batch and length of x")
+    reset = reset.astype(bool)
+    slots, doc_pos = jax.vmap(lambda r: mac_slots(r, s))(reset)
+    n = buffer_segments(t, s)
+    place = lambda a, fill: jnp.moveaxis(jax.vmap(
+        lambda xs, ss: place_at_slots(xs, ss, n * s, fill))(a, slots).reshape(
+            (b, n, s) + a.shape[2:]), 1, 0)
+    first = jnp.arange(t, dtype=jnp.int32) - doc_pos % s  # each token's segment: its first token
+    xs = (jnp.arange(n, dtype=jnp.int32), place(x, 0), place(doc_pos, 0), place(first, -1),
+          place(reset, False), place(jnp.ones((b, t), bool), False))
+    memory = self._initial(b, x.dtype).memory
+    initial = jax.tree.map(lambda i, w: i.astype(w.dtype),
+                           self.memory.initial_memory(b).memory, memory.memory.memory)
+    keys = jnp.zeros((b, s, self.attn.kv_heads, self.attn.head_dim), x.dtype)
+    carry = (memory, (keys, keys, keys, keys, jnp.full((b, s), -1, jnp.int32)))
+    shape = jax.ShapeDtypeStruct((b, s, d), x.dtype)
+
+    # Rematerialised in the backward pass: a step keeps its carry only (its residuals, stacked
+    # for every buffer segment, were 3x the unpacked scan's, and slower to move).
+    body = jax.checkpoint(functools.partial(self._buffer_segment, initial))
+
+    def step(carry, inputs):
+      skip = lambda carry, inputs: (carry, jnp.zeros(shape.shape, shape.dtype))
+      return jax.lax.cond(jnp.any(inputs[-1]), body, skip, carry, inputs)
+
+    _, ys = jax.lax.scan(step, carry, xs)
+    ys = jnp.moveaxis(ys, 0, 1).reshape(b, n * s, d)
+    return jax.vmap(lambda y, ss: y[ss])(ys, slots)
+
+  def _buffer_segment(self, initial, carry, inputs):
+    """Buffer segment ``j`` of ``_packed``: tokens ``x [B, s, d]`` at positions ``doc_pos`` in
+    their documents, in the segments named by their first tokens ``first`` (-1: placeholder),
+    starting documents where ``reset``. A token in its document's first segment reads the
+    ``initial`` memory, any other the carry's (its segment starts this buffer segment); the
+    queries see the keys of their own segment here and in the previous buffer segment."""
+    j, x, doc_pos, first, reset, _ = inputs
+    memory, (kh0, vh0, kx0, vx0, first0) = carry
+    (b, s, d), attn = x.shape, self.attn
+    r = l2_normalize(jax.nn.silu(self.retrieve(x)))
+    fresh = (doc_pos < s).reshape(b, s, 1, 1)
+    h = jnp.where(fresh, self.memory.read(initial, r), self.memory.read(memory.memory.memory, r))
+    h = h.reshape(b, s, d)
+    q = rope(attn.q(x), doc_pos, self.rope_theta)
+    kx, vx = rope(attn.k(x), doc_pos, self.rope_theta), attn.v(x)
+    kh, vh = rope(attn.k(h), doc_pos, self.rope_theta), attn.v(h)
+    slots = j * s + jnp.arange(s, dtype=jnp.int32)
+    cat = lambda xs: jnp.concatenate(xs, 1)
+    o = attend(q, cat([kh0, kx0, kh, kx]), cat([vh0, vx0, vh, vx]), slots,
+               jnp.concatenate([slots - s, slots - s, slots, slots]),
+               prefix=attn.prefix(b, x.dtype), q_doc=first, k_doc=cat([first0, first0, first,
+                                                                         first]))
+    y = attn.o(o)
+    m, new = apply(self.memory, y, memory, 0, Segments(reset, doc_pos, first))
+    new = jax.tree.map(lambda a, c: a.astype(c.dtype), new, memory)
+    return (new, (kh, vh, kx, vx, first)), self.combine(y, m)
+
   def __call__(self, x: Array, state: Optional[MACState] = None, pos: Array | int = 0,
                segments: Optional[Segments] = None):
     b, t, d = x.shape
-    if state is None and segments is None:  # a whole sequence: one scan step per segment
+    if state is None and segments is not None:  # a whole packed sequence
+      return self._packed(x, segments.reset), None
+    if state is None:  # a whole sequence: one scan step per segment
       s = self.segment
       n_seg = -(-t // s)
       xs = jnp.pad(x, ((0, 0), (0, n_seg * s - t), (0, 0))).reshape(b, n_seg, s, d)
@@ -194,7 +267,7 @@ class MemoryAsContext(Mixer):
       _, ys = jax.lax.scan(body, self._initial(b, x.dtype), (jnp.moveaxis(xs, 1, 0), starts))
       return jnp.moveaxis(ys, 0, 1).reshape(b, n_seg * s, d)[:, :t], None
 
-    # Token by token: stateful calls, and packed documents (each document's segments count
+    # Token by token: stateful calls (with packed documents, each document's segments count
     # from its first token, wherever it starts).
     positions = pos + jnp.arange(t, dtype=jnp.int32)
     if segments is None:
@@ -212,6 +285,40 @@ class MemoryAsContext(Mixer):
     new_state, ys = jax.lax.scan(step, initial,
                                  (jnp.moveaxis(x, 1, 0), positions, doc_pos, docs))
     return jnp.moveaxis(ys, 0, 1), None if state is None else new_state
+
+
+def mac_slots(reset: Array, segment: int) -> tuple[Array, Array]:
+  """Where each token of a packed row goes in ``MemoryAsContext._packed``'s buffer.
+
+  A document starts at index 0 and where ``reset [T]``. One of at least ``segment`` tokens
+  starts at a buffer segment's start (placeholders pad the gap before it, fewer than
+  ``segment``), so its later segments are whole buffer segments; a shorter one follows the
+  previous token. Placeholders thus come only before a document's first token or after the
+  last token: the memory's writes of them are undone by the next reset or never read.
+
+  Returns:
+    ``(slots, doc_pos)``, each ``[T]`` int32: the buffer slot and the position in the document.
+  """
+  t, s = reset.shape[-1], segment
+  index = jnp.arange(t, dtype=jnp.int32)
+  starts = reset | (index == 0)
+  first = jax.lax.cummax(jnp.where(starts, index, 0), axis=0)
+  following = jax.lax.cummin(jnp.where(starts, index, t), axis=0, reverse=True)
+  end = jnp.concatenate([following[1:], jnp.full((1,), t, jnp.int32)])  # the next start after
+  long = starts & (end - index >= s)
+  last_long = jax.lax.cummax(jnp.where(long, index, 0), axis=0)
+  before = jnp.concatenate([jnp.zeros((1,), jnp.int32), last_long[:-1]])  # buffer phase 0 there
+  pad = jnp.where(long, -(index - before) % s, 0)
+  return index + jnp.cumsum(pad), index - first
+
+
+def buffer_segments(t: int, segment: int) -> int:
+  """Buffer segments of ``mac_slots`` for ``t`` tokens in any layout (tight: documents of one
+  token and of ``segment`` tokens, alternating). A document that pads (fewer than ``segment``
+  slots) starts ``segment + 1`` tokens or more after the previous one that pads, and at least one
+  token after the row's start, so at most ``⌊t/(segment + 1)⌋`` documents pad."""
+  s = segment
+  return -(-(t + (t // (s + 1)) * (s - 1)) // s)
 
 
 def _check_mac(cfg: ModelConfig) -> None:
