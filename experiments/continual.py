@@ -461,7 +461,8 @@ def table(results: dict, sweep: list[dict], s: dict, chance: dict) -> str:
 
 def plot(results: dict, sweep: list[dict], s: dict, chance: dict):
   """Average accuracy after each task per method (a panel per dataset), then the sweeps."""
-  fig, axes = study.figure(len(results) + 2, width=4.2, height=3.6)
+  kinds = [k for k in ("levels", "lowest") if any(r["sweep"] == k for r in sweep)]
+  fig, axes = study.figure(len(results) + len(kinds), width=4.2, height=3.6)
   tasks = np.arange(1, s["n_tasks"] + 1)
   for ax, (name, per) in zip(axes, results.items()):
     for method, res in per.items():
@@ -471,9 +472,10 @@ def plot(results: dict, sweep: list[dict], s: dict, chance: dict):
            xticks=tasks, ylim=(0, 1))
   axes[0].legend(fontsize=7)
   first = next(iter(results), "")
-  for ax, kind, key, label in ((axes[-2], "levels", "levels", "CMS levels"),
-                               (axes[-1], "lowest", "lowest_period", "lowest frequency "
-                                                                     "(slowest period, tokens)")):
+  panels = [(kind, key, label) for kind, key, label in (
+      ("levels", "levels", "CMS levels"),
+      ("lowest", "lowest_period", "lowest frequency (slowest period, tokens)")) if kind in kinds]
+  for ax, (kind, key, label) in zip(axes[len(results):], panels):
     rows = [r for r in sweep if r["sweep"] == kind]
     x = [r[key] for r in rows]
     ax.plot(x, [r["avg_acc"][-1] for r in rows], marker="o", label="final average accuracy")

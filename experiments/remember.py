@@ -68,7 +68,7 @@ PRESETS = {
     # size: the configs/<family>.py preset; model: fields replaced in both models' configs.
     "tiny": dict(size="tiny", model={}, vocab=64, pairs=8, batch=16, lr=3e-3,
                  steps={"hope": 500, "transformer": 2000}, eval_examples=128),
-    # <= 90 min on 2 CPU cores (about 25 measured beside other jobs): embeddings at std 1.0 for
+    # <= 90 min on 2 CPU cores (well under: ~15 min idle estimated): embeddings at std 1.0 for
     # both models (the MQAR fix: Transformer++ learned 8 pairs at vocabulary 256 to 1.000 in 1,500
     # steps x 64 with it, 0.336 without), 3,000 steps x 32 for Transformer++ (96k sequences) and
     # 600 x 32 for HOPE (~6x slower per token), 512 held-out examples
