@@ -67,7 +67,7 @@ __all__ = [
     "chunk_coefficients", "chunk_end_weights", "chunk_matmul", "decay_matrix", "previous_rows",
     "scan_chunks", "segment_decay", "segment_sum", "unit_lower_inverse", "unit_lower_solve",
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
-    "chunk_update", "chunk_writes", "layer_grad_factors", "chunk_start_scan_packed",
+    "chunk_update", "chunk_writes", "layer_grad_factors", "layer_rates", "chunk_start_scan_packed",
     "document_slots", "buffer_chunks", "chunk_positions", "place_at_slots",
     "gradient_chunks",
 ]
