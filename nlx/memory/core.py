@@ -53,7 +53,7 @@ from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bin
                              check_row_scale, layer_inputs, tree_scale)
 from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk_start_scan,
                                     chunk_start_scan_offset, chunk_update, chunk_writes,
-                                    layer_grad_factors)
+                                    layer_grad_factors, layer_rates)
 from nlx.memory.packed import (buffer_chunks, chunk_start_scan_packed, document_slots,
                                gradient_chunks, place_at_slots)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
