@@ -50,9 +50,12 @@ from flax import nnx
 
 from nlx import ops
 from nlx.memory import DOT, L2, LINEAR, MLPMemory, core
+from nlx.nn import hope_packed
 from nlx.nn.attention import transformer
 from nlx.nn.cms import CMS
 from nlx.nn.config import ModelConfig
+from nlx.nn.hope_packed import batch_major as _batch_major, place as _place
+from nlx.nn.hope_packed import time_major as _time_major
 from nlx.nn.mixer import Mixer
 from nlx.nn.mlp import SwiGLU
 from nlx.nn.norms import l2_normalize
@@ -229,31 +232,14 @@ class SelfModifyingTitans(Mixer):
     flags = inputs[4:] or None
     n, h, c = len(self.names), self.heads, q.shape[1]
     comps = _heads(weights, 0, n * h)
-    streams = {"k": k, "v": v, "q": q, "eta": k, "alpha": k}
-    inputs_cat = jnp.concatenate([streams[name] for name in self.names], 2)
-    reads = read(self.memory, comps, inputs_cat)
-    w_init = None
-    if flags is not None:
-      fresh = flags[1][:, :, None, None]
-      w_init = self._initial(q.shape[0])[0]
-      reads = jnp.where(fresh, read(self.memory, _heads(w_init, 0, n * h), inputs_cat), reads)
-    out = dict(zip(self.names, jnp.split(reads, n, axis=2)))
-    k = l2_normalize(out["k"]) if "k" in out else k
-    v = out.get("v", v)
-    v = l2_normalize(v) if self.cfg.hope_normalize_v else v
-    q = l2_normalize(out["q"]) if "q" in out else q
-    bias = self.gate_bias[...]
-    eta = self.cfg.hope_lr * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
-    if momentum is not None:  # an EMA of the writes: a chunk steps at most C·η_max (ModelConfig)
-      eta = eta * (1.0 - momentum)
-    lr = self._rate(eta)
-    log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
-                 else None)
-    targets = lambda w, copies: self._stop(read(self.memory, w, jnp.tile(v, (1, 1, copies, 1))))
+    w_init = None if flags is None else self._initial(q.shape[0])[0]
+    q, k, v, lr, log_alpha = self._derive(comps, q, k, v, momentum, _heads(w_init, 0, n * h),
+                                          None if flags is None else flags[1])
+    targets = lambda w, copies: self._targets(w, v, copies)
     tile = lambda x, n: None if x is None else jnp.tile(x, (1, 1, n) + (1,) * (x.ndim - 3))
     sub = self.cfg.memory_chunk_size
-    if flags is not None:  # packed documents: one write of every memory (_packed checks c)
-      live = flags[2][:, :, None]
+    if flags is not None:  # packed documents, memory_chunk_size == C: one write of every memory
+      fresh, live = flags[1][:, :, None, None], flags[2][:, :, None]
       lr = jnp.where(live, lr, 0.0)
       log_alpha = None if log_alpha is None else jnp.where(live, log_alpha, 0.0)
       target = jnp.where(fresh, targets(w_init, n + 1), targets(weights, n + 1))
@@ -272,19 +258,46 @@ class SelfModifyingTitans(Mixer):
     w_m, p_m, outs = _heads(weights, n * h), _heads(mom, n * h), []
     for lo in range(0, c, sub):
       piece = lambda x: None if x is None else x[:, lo:lo + sub]
-      (w_m, p_m), reader = self.write(w_m, p_m, piece(k), self._stop(read(self.memory, w_m,
-                                                                             piece(v))),
+      (w_m, p_m), reader = self.write(w_m, p_m, piece(k), self._targets(w_m, piece(v), 1),
                                       piece(lr), piece(log_alpha), piece(momentum))
       outs.append(self.output(piece(q), reader))
     return (_stack(w_c, w_m), _stack(p_c, p_m)), jnp.concatenate(outs, 1)
+
+  def _derive(self, comps: dict, q: Array, k: Array, v: Array, momentum: Optional[Array],
+              init: Optional[dict] = None, fresh: Optional[Array] = None) -> tuple:
+    """The writes' inputs ``(q, k, v, lr, log_alpha)`` of a chunk ``[B, C, ...]`` from the reads
+    of the components (k, v, (q), η, α memories) at ``comps``, or at ``init`` where ``fresh``
+    ``[B, C]`` (packed documents); lr and log_alpha ``[B, C, H]`` (log_alpha None: α = 1)."""
+    streams = {"k": k, "v": v, "q": q, "eta": k, "alpha": k}
+    inputs_cat = jnp.concatenate([streams[name] for name in self.names], 2)
+    reads = read(self.memory, comps, inputs_cat)
+    if fresh is not None:
+      reads = jnp.where(fresh[:, :, None, None], read(self.memory, init, inputs_cat), reads)
+    out = dict(zip(self.names, jnp.split(reads, len(self.names), axis=2)))
+    k = l2_normalize(out["k"]) if "k" in out else k
+    v = out.get("v", v)
+    v = l2_normalize(v) if self.cfg.hope_normalize_v else v
+    q = l2_normalize(out["q"]) if "q" in out else q
+    bias = self.gate_bias[...]
+    eta = self.cfg.hope_lr * jax.nn.sigmoid(out["eta"].mean(-1) + bias[0])
+    if momentum is not None:  # an EMA of the writes: a chunk steps at most C·η_max (ModelConfig)
+      eta = eta * (1.0 - momentum)
+    log_alpha = (jax.nn.log_sigmoid(out["alpha"].mean(-1) + bias[1]) if "alpha" in out
+                 else None)
+    return q, k, v, self._rate(eta), log_alpha
+
+  def _targets(self, weights: dict, v: Array, copies: int) -> Array:
+    """Every memory's own targets ``v̂ = M(v)`` at ``weights`` (``copies`` memories per head)."""
+    return self._stop(read(self.memory, weights, jnp.tile(v, (1, 1, copies, 1))))
 
   def _stop(self, targets: Array) -> Array:
     return jax.lax.stop_gradient(targets) if self.cfg.hope_stop_gradient else targets
 
   def __call__(self, x: Array, state: Optional[HopeState] = None, pos: Array | int = 0,
                segments=None) -> tuple[Array, Optional[HopeState]]:
-    """``segments`` (packed documents): every memory, its momentum and the chunks restart at
-    each document's first token (``_packed``, ``_continue``), as if the document ran alone."""
+    """``segments`` (packed documents): every memory, its momentum and the chunks (the output
+    memory's sub-chunks too) restart at each document's first token (``_packed``, ``_continue``),
+    as if the document ran alone."""
     del pos
     reset = None if segments is None else segments.reset
     q, k, v, conv = self.qkv(x, None if state is None else state.conv, reset=reset)
@@ -306,16 +319,16 @@ class SelfModifyingTitans(Mixer):
     it ran alone: the tokens go into a buffer of whole chunks (``core.document_slots``, the
     layout of ``nlx.ops.titans_memory``'s packed form) whose chunks each start at the state the
     previous one left, and a document's first chunk (which may straddle two buffer chunks) runs
-    from the initial memories (``_chunk``'s flags).
+    from the initial memories (``_chunk``'s flags). With ``memory_chunk_size`` < C the output
+    memory's sub-chunks are aligned with the first token too: ``nlx.nn.hope_packed`` (two passes,
+    a buffer at each chunk size).
     """
     c = self.chunk
-    if self.cfg.memory_chunk_size != c:
-      raise NotImplementedError(
-          f"packed documents in HOPE need model.memory_chunk_size == hope_chunk_size (got "
-          f"{self.cfg.memory_chunk_size} and {c}): sub-chunks of a document's first chunk are "
-          "not aligned yet")
     b, t = reset.shape
     reset = jnp.asarray(reset).astype(bool)
+    if self.cfg.memory_chunk_size < c:
+      return hope_packed.documents(self, self._initial(b), inputs, reset,
+                                   jnp.ones((b, t), bool))[0]
     slots, _, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
     n = core.buffer_chunks(t, c)
 
@@ -346,14 +359,11 @@ class SelfModifyingTitans(Mixer):
     Per row, the pending tokens of the chunk in progress and the new ones run as one packed
     sequence from the chunk-start memories (``_packed``'s buffer, plus the memories at every
     buffer chunk's start; without boundaries the buffer needs no padding, at most 2C − 1 extra
-    slots); the new state is the chunk the next token falls in: its start memories (the initial
-    ones when it is its document's first chunk) and its tokens so far.
+    slots; with boundaries and ``memory_chunk_size`` < C, ``nlx.nn.hope_packed``'s two buffers);
+    the new state is the chunk the next token falls in: its start memories (the initial ones
+    when it is its document's first chunk) and its tokens so far.
     """
     c, (b, t) = self.chunk, inputs[0].shape[:2]
-    if reset is not None and self.cfg.memory_chunk_size != c:
-      raise NotImplementedError(
-          f"packed documents in HOPE need model.memory_chunk_size == hope_chunk_size (got "
-          f"{self.cfg.memory_chunk_size} and {c})")
     r = jnp.broadcast_to(jnp.asarray(state.offset, jnp.int32), (b,))
     length = c - 1 + t
     new_reset = jnp.zeros((b, t), bool) if reset is None else jnp.asarray(reset).astype(bool)
@@ -370,27 +380,6 @@ class SelfModifyingTitans(Mixer):
     live = index < (r + t)[:, None]
     rows_reset = combine(jnp.zeros((b, c - 1), bool), new_reset)
     slots, positions, fresh = core.batched(lambda x: core.document_slots(x, 0, c), 1)(rows_reset)
-    # One chunk more than the tokens need: the state after the last token.
-    n = (core.buffer_chunks(length, c) if reset is not None else -(-length // c)) + 1
-
-    place = lambda x, fill=0: _place(x, slots, n * c, fill)
-
-    q, k, v, momentum = seqs
-    xs = (place(q), place(k), place(v), place(momentum, 1))
-    if reset is not None:  # without boundaries every token continues the carried chunk
-      xs += (place(rows_reset, False), place(fresh, False), place(live, False))
-    chunks = jax.tree.map(lambda a: _time_major(a).reshape((n, c) + a.shape[:1] + a.shape[2:]),
-                          xs)
-
-    def body(carry, chunk):
-      new, o = self._chunk_time_major(carry, chunk)
-      return new, (o, carry)
-
-    start = tuple(state.memories[:2])
-    _, (o, starts) = jax.lax.scan(body, start, chunks)
-    o = _batch_major(o.reshape((n * c,) + o.shape[2:]))
-    take = lambda a, i: jax.vmap(lambda x, j: jax.lax.dynamic_slice_in_dim(x, j, t, 0))(a, i)
-    o = take(jax.vmap(lambda os, ss: os[ss])(o, slots), r)
 
     last = r + t - 1
     at = lambda a: jnp.take_along_axis(a, last[:, None], 1)[:, 0]
@@ -399,10 +388,35 @@ class SelfModifyingTitans(Mixer):
     first_fresh = jnp.where(nxt == 0, False,
                             jnp.take_along_axis(fresh, jnp.minimum(first, length - 1)[:, None],
                                                 1)[:, 0])
-    slot_of = lambda i: jnp.take_along_axis(slots, jnp.minimum(i, length - 1)[:, None], 1)[:, 0]
-    chunk_index = jnp.where(nxt == 0, slot_of(last) // c + 1, slot_of(first) // c)
-    starts = jax.tree.map(lambda a: jax.vmap(lambda x, i: x[i], in_axes=(1, 0))(a, chunk_index),
-                          starts)
+    slot_of = lambda s, i: jnp.take_along_axis(s, jnp.minimum(i, length - 1)[:, None], 1)[:, 0]
+    # The buffer chunk (``size`` slots, tokens at ``s``) that starts where that chunk starts.
+    chunk_of = lambda s, size: jnp.where(nxt == 0, slot_of(s, last) // size + 1,
+                                         slot_of(s, first) // size)
+    if reset is not None and self.cfg.memory_chunk_size < c:
+      o, starts = hope_packed.documents(self, tuple(state.memories[:2]), seqs, rows_reset, live,
+                                        1, chunk_of)
+    else:
+      # One chunk more than the tokens need: the state after the last token.
+      n = (core.buffer_chunks(length, c) if reset is not None else -(-length // c)) + 1
+      place = lambda x, fill=0: _place(x, slots, n * c, fill)
+      q, k, v, momentum = seqs
+      xs = (place(q), place(k), place(v), place(momentum, 1))
+      if reset is not None:  # without boundaries every token continues the carried chunk
+        xs += (place(rows_reset, False), place(fresh, False), place(live, False))
+      chunks = jax.tree.map(
+          lambda a: _time_major(a).reshape((n, c) + a.shape[:1] + a.shape[2:]), xs)
+
+      def body(carry, chunk):
+        new, o = self._chunk_time_major(carry, chunk)
+        return new, (o, carry)
+
+      _, (o, starts) = jax.lax.scan(body, tuple(state.memories[:2]), chunks)
+      o = _batch_major(o.reshape((n * c,) + o.shape[2:]))
+      o = jax.vmap(lambda os, ss: os[ss])(o, slots)
+      starts = jax.tree.map(lambda a: jax.vmap(lambda x, i: x[i], in_axes=(1, 0))(a, chunk_of(
+          slots, c)), starts)
+    o = jax.vmap(lambda x, j: jax.lax.dynamic_slice_in_dim(x, j, t, 0))(o, r)
+
     init = self._initial(b)
     pick = lambda a, i: jnp.where(first_fresh.reshape((b,) + (1,) * (a.ndim - 1)), i, a)
     memories = jax.tree.map(pick, starts, init)
@@ -421,22 +435,6 @@ class SelfModifyingTitans(Mixer):
       return carry, _time_major(o)
 
     return jax.checkpoint(run)(carry, chunk)
-
-
-def _place(x: Optional[Array], slots: Array, size: int, fill=0) -> Optional[Array]:
-  """``x [B, T, ...]`` put at ``slots [B, T]`` of a buffer ``[B, size, ...]`` filled with
-  ``fill`` (None passes through)."""
-  if x is None:
-    return None
-  return jax.vmap(lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
-
-
-def _time_major(a: Optional[Array]) -> Optional[Array]:
-  return None if a is None else jnp.moveaxis(a, 1, 0)
-
-
-def _batch_major(a: Optional[Array]) -> Optional[Array]:
-  return None if a is None else jnp.moveaxis(a, 0, 1)
 
 
 def cms_or_swiglu(cfg: ModelConfig, *, rngs: nnx.Rngs):
