@@ -23,7 +23,8 @@ Every write is ``nlx.ops.dgd_memory``'s (``hope_dgd="off"``: ``titans_memory``'s
 ``nlx.memory.core.chunk_update``: on an MLP memory each layer's decay term takes the layer's own
 input as key and touches only that layer (docs/EQUATIONS.md, choice 2); per chunk, the decay acts
 on the running state and only the gradient term on the chunk-start state (Eq. 93). The rate is
-``η' = η/(1+η)`` (``hope_dgd="arxiv"``) or η ("neurips"), on both terms. All memories of a chunk
+DGD's proximal ``η/(1 + η‖h_l‖²)`` per layer (``hope_dgd="arxiv"``: ``η' = η/(1+η)`` for the
+unit-norm key, bounded for the hidden layer's input; choice 1) or η ("neurips"), on both terms. All memories of a chunk
 are written in one call, stacked on the head axis (they share the key k_t), inside one scan over
 chunks whose body is rematerialised in the backward pass (only chunk-boundary states are kept).
 
@@ -127,6 +128,11 @@ def _stack(a, b):
   return None if a is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y], 1), a, b)
 
 
+# ``model.hope_dgd`` -> the core's ``dgd``: "arxiv" is DGD's proximal step per layer, rate
+# η/(1 + η‖h_l‖²) (docs/EQUATIONS.md, choice 1); "neurips" the raw η; "off" no decay term.
+_DGD = {"arxiv": "proximal", "neurips": True, "off": False}
+
+
 class SelfModifyingTitans(Mixer):
   """HOPE's sequence mixer; see the module docstring. Uses the ``hope_*`` fields of ``cfg``."""
 
@@ -175,7 +181,9 @@ class SelfModifyingTitans(Mixer):
   # -- the write of a group of memories ---------------------------------------------------------
 
   def _rate(self, eta: Array) -> Array:
-    return eta / (1.0 + eta) if self.cfg.hope_dgd == "arxiv" else eta
+    """The rate given to the write: η. With ``hope_dgd="arxiv"`` the write gives each layer the
+    proximal rate ``η/(1 + η‖h_l‖²)`` itself (``_DGD``; η/(1+η) for a unit-norm key)."""
+    return eta
 
   def write(self, weights: dict, momentum_state: Optional[dict], k: Array, target: Array,
             lr: Array, log_alpha: Optional[Array], momentum: Optional[Array],
@@ -197,7 +205,7 @@ class SelfModifyingTitans(Mixer):
     cast = lambda x: None if x is None else _heads_first(x.astype(dtype))
     g = jnp.zeros_like(lr) if log_alpha is None else log_alpha
     objective = L2 if self.cfg.hope_objective == "l2" else DOT
-    options = dict(dgd=self.cfg.hope_dgd != "off", read=self.cfg.hope_read)
+    options = dict(dgd=_DGD[self.cfg.hope_dgd], read=self.cfg.hope_read)
     args = (weights, momentum_state, cast(k), cast(target), cast(lr), cast(g), cast(momentum))
     if flags is None:
       step = lambda w, p, kc, vc, lrc, gc, mc: core.chunk_update(

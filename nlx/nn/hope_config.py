@@ -35,9 +35,10 @@ class HopeFields:
     hope_memory: "mlp" (residual ``x + W1 σ(W2 x)`` per head, Eq. 89) or "linear".
     hope_objective: inner objective of every memory: "l2" (``½‖M(k) − v̂‖²``, Eq. 88) or "dot"
       (``−⟨M(k), v̂⟩``; Eq. 92 on a linear memory).
-    hope_dgd: delta gradient descent (choice 1): "arxiv" (rate ``η' = η/(1+η)`` on the gradient and
-      on the ``k kᵀ`` decay term), "neurips" (rate η on both) or "off" (plain gradient descent:
-      the "w/o DGD" ablation).
+    hope_dgd: delta gradient descent (choice 1): "arxiv" (DGD's proximal rate, per layer
+      ``η/(1 + η‖h_l‖²)`` for the layer's input h_l, on its gradient and decay terms: ``η' =
+      η/(1+η)`` for the unit-norm key), "neurips" (rate η on both) or "off" (plain gradient
+      descent: the "w/o DGD" ablation).
     hope_dgd_keys: the keys of the DGD decay term of an MLP memory (choice 2): "per_layer" (each
       layer's own input, at the chunk-start state; the decay touches only that layer). The only
       reading implemented (``nlx.ops.dgd_memory``'s contract).

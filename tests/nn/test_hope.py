@@ -53,11 +53,13 @@ class NumpyMemory:
     silu_grad = _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))
     return {"w1": (_silu(z), e), "w2": (x, (e @ w["w1"].T) * silu_grad)}
 
-  def dgd(self, x, target, lr, alpha, m, ref, objective, dgd):
-    """P ← m P − lr h eᵀ; W ← (α I − lr h hᵀ) W + P, per layer, h and e at ``ref``."""
+  def dgd(self, x, target, eta, alpha, m, ref, objective, dgd):
+    """P ← m P − lr h eᵀ; W ← (α I − lr h hᵀ) W + P, per layer, h and e at ``ref``; lr = η, or
+    η/(1 + η‖h‖²) for "arxiv" (DGD's proximal step; η/(1+η) for a unit-norm h)."""
     for name, (h, e) in self.layers(x, target, ref, objective).items():
+      lr = eta / (1 + eta * (h @ h)) if dgd == "arxiv" else eta
       self.p[name] = m * self.p[name] - lr * np.outer(h, e)
-      decay = alpha * np.eye(len(h)) - (lr * np.outer(h, h) if dgd else 0.0)
+      decay = alpha * np.eye(len(h)) - (lr * np.outer(h, h) if dgd != "off" else 0.0)
       self.w[name] = decay @ self.w[name] + self.p[name]
 
 
@@ -73,7 +75,6 @@ def hope_loop(mixer, x):
   comps = {name: w[:n * cfg.n_heads] for name, w in init.items()}
   out_init = {name: w[n * cfg.n_heads:] for name, w in init.items()}
   c_h, c_m = cfg.hope_chunk, cfg.memory_chunk_size
-  rate = (lambda e: e / (1 + e)) if cfg.hope_dgd == "arxiv" else (lambda e: e)
   o = np.zeros_like(q_in)
   for b in range(x.shape[0]):
     for h in range(cfg.n_heads):
@@ -97,8 +98,8 @@ def hope_loop(mixer, x):
                  else 1.0)
         before = mems["mem"](qt)
         for name, mem in mems.items():  # v̂_□ = M_□(v_t), then the DGD step (Eq. 88)
-          mem.dgd(kt, gen(name, vt), rate(eta), alpha, m_gate[b, t, h], start[name],
-                  cfg.hope_objective, cfg.hope_dgd != "off")
+          mem.dgd(kt, gen(name, vt), eta, alpha, m_gate[b, t, h], start[name],
+                  cfg.hope_objective, cfg.hope_dgd)
         o[b, t, h] = before if cfg.hope_read == "before_write" else mems["mem"](qt)
   return o
 
@@ -143,6 +144,7 @@ def test_dot_objective_without_momentum_is_delta_rule_with_target_v_hat():
   (w, _), reader = m.write({"w": s0}, None, k, target, rate, log_alpha, None)
   o = m.output(q, reader)
   alpha = jnp.exp(log_alpha)
+  rate = rate / (1 + rate)  # "arxiv": DGD's proximal rate for a unit key, η' = η/(1+η)
   o_ref, s_ref = ops.delta_rule(q, k, alpha[..., None] * target, beta=rate / alpha, g=log_alpha,
                                 scale=1.0, initial_state=s0, impl="recurrent")
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
