@@ -29,6 +29,7 @@ from nlx.nn import ModelConfig, norms
 from nlx.nn import next_token
 from nlx.nn.cms import CMS
 from nlx.nn.segments import from_ids
+import packed_layouts
 
 D, HIDDEN, LR, T = 8, 16, 0.05, 24
 # Per row: document lengths. Periods (2, 4) and (3, 6): boundaries inside periods and on edges,
@@ -37,16 +38,8 @@ LENGTHS = ((5, 3, 1, 7, 8), (12, 1, 2, 9), (6, 6, 4, 8))
 
 
 def layout(lengths=LENGTHS, t=T):
-  """``(segment_ids [B, t], documents as (row, lo, hi))``; ids repeat across documents."""
-  ids, docs = np.zeros((len(lengths), t), np.int32), []
-  for row, sizes in enumerate(lengths):
-    lo = 0
-    for k, n in enumerate(sizes):
-      ids[row, lo:lo + n] = k % 2  # a new document where the id changes
-      docs.append((row, lo, lo + n))
-      lo += n
-    assert lo == t
-  return ids, docs
+  """``packed_layouts.layout`` of this file's rows."""
+  return packed_layouts.layout(lengths, t)
 
 
 def alone_rows(packed, docs, filler):

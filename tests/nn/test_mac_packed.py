@@ -27,6 +27,7 @@ from flax import nnx
 from nlx.nn import ModelConfig
 from nlx.nn.segments import Segments, from_ids
 from nlx.nn.titans import MemoryAsContext, buffer_segments, mac_slots
+import packed_layouts
 
 D, S, T = 8, 4, 24
 # Per row (window S = 4): a segment's middle (5 = 4 + 1 straddles nothing, 3 starts mid-segment
@@ -36,16 +37,8 @@ LENGTHS = ((5, 3, 1, 7, 8), (4, 2, 1, 1, 9, 3, 4), (1, 1, 1, 2, 3, 16), (24,))
 
 
 def layout(lengths=LENGTHS, t=T):
-  """``(segment_ids [B, t], documents as (row, lo, hi))``; ids repeat across documents."""
-  ids, docs = np.zeros((len(lengths), t), np.int32), []
-  for row, sizes in enumerate(lengths):
-    lo = 0
-    for k, n in enumerate(sizes):
-      ids[row, lo:lo + n] = k % 2  # a new document where the id changes
-      docs.append((row, lo, lo + n))
-      lo += n
-    assert lo == t
-  return ids, docs
+  """``packed_layouts.layout`` of this file's rows."""
+  return packed_layouts.layout(lengths, t)
 
 
 def mixer(chunk, dtype, impl="chunked"):
