@@ -32,6 +32,7 @@ from nlx.nn import build_model
 from nlx.nn.config import ModelConfig
 from nlx.nn.hope import SelfModifyingTitans
 from nlx.nn.segments import from_ids
+import packed_layouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, DK, T = 2, 4, 20
@@ -46,16 +47,8 @@ PIECES = ((0, 5), (5, 9)) + tuple((i, i + 1) for i in range(9, 16)) + ((16, T),)
 
 
 def layout(lengths=LENGTHS, t=T):
-  """``(segment_ids [B, t], documents as (row, lo, hi))``; ids alternate 0, 1 in a row."""
-  ids, docs = np.zeros((len(lengths), t), np.int32), []
-  for row, sizes in enumerate(lengths):
-    lo = 0
-    for k, n in enumerate(sizes):
-      ids[row, lo:lo + n] = k % 2
-      docs.append((row, lo, lo + n))
-      lo += n
-    assert lo == t
-  return ids, docs
+  """``packed_layouts.layout`` of this file's rows."""
+  return packed_layouts.layout(lengths, t)
 
 
 def alone_rows(packed, docs):
