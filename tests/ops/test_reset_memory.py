@@ -87,7 +87,7 @@ def _documents(op, options, a):
   return jnp.concatenate(rows, axis=0)
 
 
-FAST = ("titans", "dgd", "dgd_mlp", "dgd_mlp_proximal")  # the default run; all with -m slow
+FAST = ("titans", "dgd", "dgd_mlp")  # the default run; every case runs with -m slow
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])
