@@ -124,10 +124,6 @@ def _heads(tree, lo: int, hi: Optional[int] = None):
   return None if tree is None else jax.tree.map(lambda x: x[:, lo:hi], tree)
 
 
-def _stack(a, b):
-  return None if a is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y], 1), a, b)
-
-
 # ``model.hope_dgd`` -> the core's ``dgd``: "arxiv" is DGD's proximal step per layer, rate
 # η/(1 + η‖h_l‖²) (docs/EQUATIONS.md, choice 1); "neurips" the raw η; "off" no decay term.
 _DGD = {"arxiv": "proximal", "neurips": True, "off": False}
@@ -269,7 +265,7 @@ class SelfModifyingTitans(Mixer):
       (w_m, p_m), reader = self.write(w_m, p_m, piece(k), self._targets(w_m, piece(v), 1),
                                       piece(lr), piece(log_alpha), piece(momentum))
       outs.append(self.output(piece(q), reader))
-    return (_stack(w_c, w_m), _stack(p_c, p_m)), jnp.concatenate(outs, 1)
+    return (hope_packed.join(w_c, w_m), hope_packed.join(p_c, p_m)), jnp.concatenate(outs, 1)
 
   def _derive(self, comps: dict, q: Array, k: Array, v: Array, momentum: Optional[Array],
               init: Optional[dict] = None, fresh: Optional[Array] = None) -> tuple:
@@ -345,18 +341,11 @@ class SelfModifyingTitans(Mixer):
     q, k, v, momentum = inputs
     xs = (place(q), place(k), place(v), place(momentum, 1), place(reset, False),
           place(fresh, False), place(jnp.ones((b, t), bool), False))
-    _, o = core.scan_chunks(self._live_chunk, self._initial(b), tuple(map(_time_major, xs)), c)
+    # Skipped where no row has a token (the flags' last, ``live``): the buffer is sized for the
+    # worst layout, and its chunks after every row's last token hold placeholders only.
+    _, o = core.scan_chunks(hope_packed.skip_empty(self._chunk), self._initial(b),
+                            tuple(map(_time_major, xs)), c)
     return jax.vmap(lambda os, ss: os[ss])(_batch_major(o), slots)
-
-  def _live_chunk(self, carry, chunk):
-    """``_chunk_time_major`` of a buffer chunk of ``_packed``, skipped when no row has a token
-    in it: the buffer is sized for the worst layout (every document one token longer than a
-    chunk), and the chunks after every row's last token hold placeholders only, which write
-    nothing and leave the state as it is. Their outputs are never read."""
-    live = chunk[6]
-    shapes = jax.eval_shape(self._chunk_time_major, carry, chunk)[1]
-    skip = lambda carry, chunk: (carry, jnp.zeros(shapes.shape, shapes.dtype))
-    return jax.lax.cond(jnp.any(live), self._chunk_time_major, skip, carry, chunk)
 
   def _continue(self, state: HopeState, inputs: tuple,
                 reset: Optional[Array]) -> tuple[Array, HopeState]:

@@ -19,7 +19,7 @@ in two passes, each in ``nlx.memory.core.document_slots``' buffer at its own chu
 Buffers: ``buffer_chunks(T, C)·C`` and ``buffer_chunks(T, S)·S`` slots (under 2T + 2C and
 2T + 2S; exactly T for S = 1), against the first alone for S = C; the stateful path adds one
 chunk to each. Buffer chunks that hold placeholders only in every row are skipped
-(``jax.lax.cond``), as in ``_live_chunk``. The cost against S = C: the two memory groups write in
+(``jax.lax.cond``, ``skip_empty``; the one-pass buffer uses it too). The cost against S = C: the two memory groups write in
 two scans instead of one (as the sub-chunk path without documents writes the output memory apart
 from the components), and the write inputs (q, k, v ``[B, T, H, dk]``, η', log α ``[B, T, H]``)
 go through memory between the passes. (A single layout that starts every document on a buffer
@@ -64,7 +64,8 @@ def _split(tree, lo: int) -> tuple:
   return jax.tree.map(lambda x: x[:, :lo], tree), jax.tree.map(lambda x: x[:, lo:], tree)
 
 
-def _join(a, b):
+def join(a, b):
+  """Two groups of stacked memories ``{name: [B, H', ...]}`` joined on the head axis."""
   return None if a is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y], 1), a, b)
 
 
@@ -94,7 +95,7 @@ def documents(mixer, start: tuple, seqs: tuple, reset: Array, live: Array, extra
                         reset, live, mixer.chunk, extra, chunk_of)
   o, out = _pass(functools.partial(_output, mixer), (w_m, p_m), inputs + (seqs[3],),
                  (0, 0, 0, 0, 0, 1), reset, live, mixer.cfg.memory_chunk_size, extra, chunk_of)
-  return o, None if chunk_of is None else (_join(comps[0], out[0]), _join(comps[1], out[1]))
+  return o, None if chunk_of is None else (join(comps[0], out[0]), join(comps[1], out[1]))
 
 
 def _pass(body, carry, xs: tuple, fills: tuple, reset: Array, live: Array, size: int,
@@ -108,7 +109,7 @@ def _pass(body, carry, xs: tuple, fills: tuple, reset: Array, live: Array, size:
   placed += tuple(place(f, slots, n * size, False) for f in (reset, fresh, live))
   chunks = jax.tree.map(lambda a: time_major(a).reshape((n, size) + a.shape[:1] + a.shape[2:]),
                         placed)
-  step = _skip_empty(body)
+  step = skip_empty(body)
   if chunk_of is None:
     _, ys = jax.lax.scan(step, carry, chunks)
     picked = None
@@ -128,7 +129,7 @@ def _pass(body, carry, xs: tuple, fills: tuple, reset: Array, live: Array, size:
   return jax.tree.map(gather, ys), picked
 
 
-def _skip_empty(body):
+def skip_empty(body):
   """``body`` (batch-major) on a time-major buffer chunk ``[size, B, ...]``, rematerialised in
   the backward pass, and skipped when no row has a token in the chunk (its last flag, ``live``):
   such a chunk holds placeholders only, which write nothing; its outputs are never read."""
