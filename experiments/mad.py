@@ -43,14 +43,16 @@ Scales (``--scale``):
   test sequences, batch 16, 2 epochs (4 steps), one grid point (lr 1e-3, weight decay 0). The
   numbers say nothing about the models; the scale checks the pipeline end to end (all six tasks
   and five models in a few minutes on 2 CPU cores).
-* ``cpu``: MAD's task settings and batch, one grid point (lr 1e-3, weight decay 0), 1,280 training
-  sequences (memorisation 256), 256 test sequences, 2 epochs: 20 optimizer steps per (task,
-  model) (memorisation 4), about 65 minutes on 2 busy CPU cores (load ~7; per-step times
-  measured at these shapes: 15 s HOPE, 8-9 s Titans, 4 s Mamba2, 3.5 s Gated DeltaNet, 1.5 s
-  Transformer++ per batch of 128 x 128 tokens; HOPE takes half the time). One epoch of MAD's
-  12,800 sequences at one grid point would take some 4.8 hours there; MAD's 200 epochs x 6
-  grid points are far beyond a CPU. MAD's own difficulty variants go down to 800 training
-  sequences.
+* ``cpu``: MAD's task settings, batch, 1,280 test sequences and lr x weight-decay grid, 1,280
+  training sequences (memorisation 256) and one epoch (10 optimizer steps per run; memorisation
+  2), with a wall-time budget of 90 minutes for the whole suite (``--time_budget``): the grid's
+  points run one after another (lr 1e-3 first), every task and model at each, and no run starts
+  once the budget is spent, so a cut-short suite has whole grid points. One epoch of the six
+  tasks x five models x six grid points is about 75 minutes on 2 idle CPU cores (per-step times
+  at these shapes under load ~7: 15 s HOPE, 8-9 s Titans, 4 s Mamba2, 3.5 s Gated DeltaNet, 1.5 s
+  Transformer++ per batch of 128 x 128 tokens). One epoch of MAD's 12,800 sequences at one grid
+  point would take some 4.8 hours there; MAD's 200 epochs x 6 grid points are far beyond a CPU.
+  MAD's own difficulty variants go down to 800 training sequences.
 * ``paper``: MAD's settings: 12,800 / 1,280 sequences, 200 epochs, the 6-point grid.
 
 Commands (from the repository root; ``python experiments/mad.py`` works too)::
@@ -116,15 +118,17 @@ TINY_TASKS = {
 }
 
 # train_examples: at most this many training sequences per task (None: MAD's, 12,800 and 256 for
-# memorisation); pad_to: batches padded on the right to this length (None: the task's own).
+# memorisation); pad_to: batches padded on the right to this length (None: the task's own);
+# time_budget: seconds after which no run starts (0: none).
 PRESETS = {
     "tiny": dict(epochs=2, batch_size=16, train_examples=32, test_examples=32, lrs=(1e-3,),
-                 weight_decays=(0.0,), task_settings=TINY_TASKS, pad_to=32),
-    "cpu": dict(epochs=2, batch_size=128, train_examples=1280, test_examples=256, lrs=(1e-3,),
-                weight_decays=(0.0,), task_settings={}, pad_to=None),
+                 weight_decays=(0.0,), task_settings=TINY_TASKS, pad_to=32, time_budget=0),
+    "cpu": dict(epochs=1, batch_size=128, train_examples=1280, test_examples=1280,
+                lrs=(1e-3, 5e-4, 1e-4), weight_decays=(0.0, 0.1), task_settings={}, pad_to=None,
+                time_budget=5400),
     "paper": dict(epochs=200, batch_size=128, train_examples=None, test_examples=1280,
                   lrs=(1e-4, 5e-4, 1e-3), weight_decays=(0.0, 0.1), task_settings={},
-                  pad_to=None),
+                  pad_to=None, time_budget=0),
 }
 
 
@@ -333,8 +337,8 @@ def plot(runs: Sequence[dict], tasks: Sequence[str], models: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = study.arg_parser(__doc__, STUDY, scales=SCALES, scale_help=(
-      "tiny: every task and model in minutes on 2 CPU cores (a pipeline check); cpu: about 65 "
-      "min on 2 CPU cores (2 epochs of 1,280 sequences, one grid point); paper: MAD's settings"))
+      "tiny: every task and model in minutes on 2 CPU cores (a pipeline check); cpu: MAD's grid, "
+      "one epoch of 1,280 sequences, 90 min on 2 CPU cores; paper: MAD's settings"))
   parser.add_argument("--tasks", default=None, help=f"comma-separated of {', '.join(TASKS)}")
   parser.add_argument("--models", default=None,
                       help=f"comma-separated families (default: {', '.join(MODELS)})")
@@ -346,6 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--lrs", default=None, help="comma-separated learning rates of the grid")
   parser.add_argument("--weight_decays", default=None,
                       help="comma-separated weight decays of the grid")
+  parser.add_argument("--time_budget", type=float, default=None,
+                      help="seconds after which no run starts (0: none; default: the scale's)")
   args = parser.parse_args(argv)
   tasks = study.parse_list("--tasks", args.tasks, known=tuple(TASKS))
   models = study.parse_list("--models", args.models, known=known_families(),
@@ -353,40 +359,50 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   for flag in ("epochs", "batch_size", "train_examples", "test_examples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise ValueError(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+  if args.time_budget is not None and args.time_budget < 0:
+    raise ValueError(f"--time_budget must be >= 0 seconds; got {args.time_budget}")
   floats = lambda flag, value: value and tuple(study.parse_list(flag, value, convert=float,
                                                                 minimum=0.0))
   settings = study.scale_settings(
       PRESETS, args.scale, epochs=args.epochs, batch_size=args.batch_size,
       train_examples=args.train_examples, test_examples=args.test_examples,
-      lrs=floats("--lrs", args.lrs), weight_decays=floats("--weight_decays", args.weight_decays))
+      lrs=floats("--lrs", args.lrs), weight_decays=floats("--weight_decays", args.weight_decays),
+      time_budget=args.time_budget)
   command = study.command_line(STUDY, argv)
-  start, runs, info = time.time(), [], {}
-  total = len(tasks) * len(models) * len(settings["lrs"]) * len(settings["weight_decays"])
-  out = None
+  start, runs, info, datasets = time.time(), [], {}, {}
   for name in tasks:
-    data = mad_tasks.dataset(name, settings, args.seed)
+    datasets[name] = data = mad_tasks.dataset(name, settings, args.seed)
     info[name] = {"title": TASKS[name].title, "generator": data["kwargs"],
                   "train_examples": len(data["train"][0]), "test_examples": len(data["test"][0]),
                   "length": data["length"],
                   "scored_per_test_sequence": float((data["test"][1] != IGNORE).sum(1).mean()),
                   "paper_hope": PAPER_HOPE[name]}
-    for family in models:
-      for lr in settings["lrs"]:
-        for wd in settings["weight_decays"]:
-          runs.append(run_one(name, family, data, lr, wd, settings, args.seed))
-          r = runs[-1]
-          print(f"[{len(runs)}/{total}] {name:24s} {family:15s} lr={lr:g} wd={wd:g}: accuracy "
-                f"{100 * r['accuracy']:.1f} (token {100 * r['token_accuracy']:.1f}) "
-                f"({r['train_seconds']:.0f} s)", flush=True)
-      out = write(args, settings, tasks, models, info, runs, time.time() - start,
-                  complete=len(runs) == total, command=command)
+  grid = [(lr, wd) for lr in settings["lrs"] for wd in settings["weight_decays"]]
+  total, out, budget = len(tasks) * len(models) * len(grid), None, settings["time_budget"]
+  # Grid point by grid point, so that a suite cut by its time budget has whole grid points.
+  for lr, wd in grid:
+    for name in tasks:
+      for family in models:
+        if budget and runs and time.time() - start > budget:  # at least one run
+          print(f"time budget of {budget:g} s spent after {len(runs)} of {total} runs: the rest "
+                "did not run", flush=True)
+          return write(args, settings, tasks, models, info, runs, time.time() - start,
+                       complete=False, command=command, final=True)
+        runs.append(run_one(name, family, datasets[name], lr, wd, settings, args.seed))
+        r = runs[-1]
+        print(f"[{len(runs)}/{total}] {name:24s} {family:15s} lr={lr:g} wd={wd:g}: accuracy "
+              f"{100 * r['accuracy']:.1f} (token {100 * r['token_accuracy']:.1f}) "
+              f"({r['train_seconds']:.0f} s)", flush=True)
+        out = write(args, settings, tasks, models, info, runs, time.time() - start,
+                    complete=len(runs) == total, command=command)
   return out
 
 
 def write(args, settings: dict, tasks, models, info: dict, runs: list, seconds: float,
-          complete: bool, command: Optional[str] = None) -> dict:
+          complete: bool, command: Optional[str] = None, final: bool = False) -> dict:
   """Writes the outputs of the runs so far (after every task and model, so that a cut-short run
-  leaves its finished runs on disk); the figure when ``complete``."""
+  leaves its finished runs on disk); the figure when ``complete`` or ``final`` (the time budget
+  ended the suite)."""
   md = table(runs, [t for t in tasks if t in info], models)
   settings_line = (f"{settings['epochs']} epochs, batch {settings['batch_size']}, grid lr "
                    f"{settings['lrs']} x weight decay {settings['weight_decays']}; accuracy: MAD's "
@@ -398,8 +414,11 @@ def write(args, settings: dict, tasks, models, info: dict, runs: list, seconds: 
                                                 "weight_decay", "best_epoch_accuracy")}
                           for m, r in ms.items()} for t, ms in best_runs(runs).items()},
              "paper_hope": PAPER_HOPE, "complete": complete, "wall_seconds": seconds}
-  fig = plot(runs, [t for t in tasks if t in info], models) if complete else None
-  if complete:
+  total = len(tasks) * len(models) * len(settings["lrs"]) * len(settings["weight_decays"])
+  settings_line += (f"runs: {len(runs)} of {total}"
+                    + ("" if complete else " (the rest did not run)") + "\n\n")
+  fig = plot(runs, [t for t in tasks if t in info], models) if complete or final else None
+  if complete or final:
     print(md)
   paths = study.write_outputs(args.out, STUDY, results, settings_line + md, fig, command=command)
   if fig is not None:

@@ -189,6 +189,16 @@ def test_optimizer_follows_mads_per_epoch_cosine():
   np.testing.assert_allclose(rates, expected, rtol=1e-4)
 
 
+def test_time_budget_stops_between_runs_and_keeps_what_ran(tmp_path):
+  out = mad.main(["--scale", "tiny", "--tasks", "compression", "--models", "transformer",
+                  "--lrs", "1e-3,5e-4", "--time_budget", "1e-9", "--out", str(tmp_path)])
+  assert len(out["runs"]) == 1 and not out["complete"] and out["runs"][0]["lr"] == 1e-3
+  md = open(out["paths"]["md"]).read()
+  assert "runs: 1 of 2 (the rest did not run)" in md and os.path.exists(out["paths"]["png"])
+  with pytest.raises(ValueError, match="--time_budget must be >= 0"):
+    mad.main(["--time_budget", "-1", "--out", str(tmp_path)])
+
+
 def test_bad_flags_name_themselves(tmp_path):
   with pytest.raises(ValueError, match="--tasks.*'nope'"):
     mad.main(["--tasks", "nope", "--out", str(tmp_path)])
