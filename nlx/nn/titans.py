@@ -23,8 +23,17 @@ scan step per segment of a buffer (``mac_slots``): a document of at least ``wind
 starts at a buffer segment's start (placeholders pad the gap before it), so that each of its
 later segments is one buffer segment whose start memory is the scan's carry; a shorter document
 goes wherever the previous one ended, and where it straddles two buffer segments its queries
-see its keys of the previous one (the carry keeps them). A stateful call with segments runs
-token by token.
+see its keys of the previous one (the carry keeps them).
+
+A stateful MAC call (prefill, decoding) keeps the memory, the segment-start memory and the
+current segment's keys as its state. Without packed documents it runs in pieces that each lie
+inside one segment (``MemoryAsContext._stateful``): whole segments in parallel as above, and the
+tokens that finish the state's segment in progress or start the one it leaves in progress in
+parallel too (a few pieces of static sizes, attending to the cached keys), so that any split
+of a sequence into calls returns exactly the outputs and state of the token-by-token path
+(``MemoryAsContext._tokens``, the reference). A stateful call with segments runs token by
+token: its rows' segments start at different places, and the memory cannot skip the
+placeholders that would align them.
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ from nlx.nn.rope import rope
 from nlx.nn.segments import Segments
 
 Array = jax.Array
+# A stateful MAC call runs the tokens before its first whole segment and after its last (fewer
+# than a segment each, counts known only at run time) in pieces of this radix's powers of tokens.
+PIECE_RADIX = 8
 
 
 def titans_lmm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
@@ -102,9 +114,10 @@ class MemoryAsContext(Mixer):
   """Titans MAC over segments of ``cfg.window`` tokens (see the module docstring).
 
   A whole sequence (``state=None``) runs as a scan over segments, with packed documents over the
-  segments of ``mac_slots``' buffer (``_packed``); a stateful call runs token by token (the
-  segment-start memory, the segment's keys and the memory state are the state). They agree for
-  any ``memory_chunk_size``: the memory state carries its gradient chunk in progress.
+  segments of ``mac_slots``' buffer (``_packed``); a stateful call (the segment-start memory, the
+  segment's keys and the memory state are the state) runs in pieces inside segments
+  (``_stateful``), with packed documents token by token (``_tokens``). They agree for any
+  ``memory_chunk_size``: the memory state carries its gradient chunk in progress.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -267,8 +280,16 @@ class MemoryAsContext(Mixer):
       _, ys = jax.lax.scan(body, self._initial(b, x.dtype), (jnp.moveaxis(xs, 1, 0), starts))
       return jnp.moveaxis(ys, 0, 1).reshape(b, n_seg * s, d)[:, :t], None
 
-    # Token by token: stateful calls (with packed documents, each document's segments count
-    # from its first token, wherever it starts).
+    if segments is None and t > 1:  # stateful, in pieces (one token: one step of ``_token``)
+      return self._stateful(x, state, pos)
+    return self._tokens(x, state, pos, segments)
+
+  def _tokens(self, x: Array, state: Optional[MACState], pos: Array | int = 0,
+              segments: Optional[Segments] = None):
+    """The token-by-token path (``_token`` in a scan over T): a stateful call with packed
+    documents (each document's segments count from its first token, wherever it starts), and
+    the reference of ``_stateful``."""
+    b, t, d = x.shape
     positions = pos + jnp.arange(t, dtype=jnp.int32)
     if segments is None:
       doc_pos, docs = jnp.broadcast_to(positions[:, None], (t, b)), None
@@ -285,6 +306,92 @@ class MemoryAsContext(Mixer):
     new_state, ys = jax.lax.scan(step, initial,
                                  (jnp.moveaxis(x, 1, 0), positions, doc_pos, docs))
     return jnp.moveaxis(ys, 0, 1), None if state is None else new_state
+
+  def _stateful(self, x: Array, state: MACState, pos: Array | int):
+    """A stateful call without packed documents, in pieces that each lie inside one segment
+    (``_piece``): the rest of the state's segment in progress (``head`` tokens), whole
+    segments, and the start of a segment left in progress (``tail`` tokens).
+
+    ``pos`` may be traced, so the pieces are taken or skipped by ``lax.cond``, in one scan
+    whose step covers at most one segment: the head at the first step, a whole segment at each
+    step between (the last of them skipped where the head took its tokens), the tail at the
+    last step. Head and tail run as pieces of ``PIECE_RADIX``'s powers of tokens (each power up
+    to ``PIECE_RADIX − 1`` times): each piece size compiles once.
+    """
+    (b, t, d), s = x.shape, self.segment
+    pos = jnp.asarray(pos, jnp.int32)
+    head = jnp.where(pos % s == 0, 0, jnp.minimum(s - pos % s, t))
+    whole = (t - head) // s
+    tail = t - head - whole * s
+    bound, r = min(s - 1, t), PIECE_RADIX  # head and tail have at most ``bound`` tokens
+    sizes = [r**k for k in range(bound.bit_length()) if r**k <= bound]
+    dtype = jax.eval_shape(lambda c, xs: self._piece(c, xs, pos)[1], state, x[:, :1]).dtype
+
+    def piece(carry, n, take):  # carry: (state, the next token, the step's first token, ys)
+      def run(carry):
+        memory, start, first, ys = carry
+        new, y = self._piece(memory, jax.lax.dynamic_slice_in_dim(x, start, n, 1), pos + start)
+        new = jax.tree.map(lambda a, c: a.astype(c.dtype), new, memory)
+        return new, start + n, first, jax.lax.dynamic_update_slice_in_dim(ys, y, start - first, 1)
+      return jax.lax.cond(take, run, lambda carry: carry, carry)
+
+    def step(carry, inputs):
+      count, take_whole = inputs  # count: head or tail tokens
+      memory, start = carry
+      carry = (memory, start, start, jnp.zeros((b, s, d), dtype))
+
+      def pieces(carry):
+        for n in reversed(sizes):
+          digit = count // n % r
+          carry, _ = jax.lax.scan(lambda c, i: (piece(c, n, i < digit), None), carry,
+                                  jnp.arange(min(r - 1, bound // n), dtype=jnp.int32))
+        return carry
+
+      carry = jax.lax.cond(count > 0, pieces, lambda carry: carry, carry)
+      if t >= s:
+        carry = piece(carry, s, take_whole)
+      return carry[:2], carry[3]
+
+    n = t // s
+    counts = jnp.concatenate([head[None], jnp.zeros((n,), jnp.int32), tail[None]])
+    takes = jnp.concatenate([jnp.zeros((1,), bool), jnp.arange(n) < whole, jnp.zeros((1,), bool)])
+    (new_state, _), ys = jax.lax.scan(step, (state, jnp.zeros((), jnp.int32)), (counts, takes))
+    # Token i: the head's step 0, a whole segment's step 1 + (i − head) // s, or the tail's last.
+    i = jnp.arange(t, dtype=jnp.int32)
+    j = jnp.where(i < head, 0, jnp.where(i < head + whole * s, 1 + (i - head) // s, n + 1))
+    first = jnp.where(j == 0, 0, jnp.where(j <= n, head + (j - 1) * s, head + whole * s))
+    ys = jnp.moveaxis(ys, 0, 1).reshape(b, (n + 2) * s, d)
+    return jnp.take(ys, j * s + i - first, axis=1), new_state
+
+  def _piece(self, carry: MACState, x: Array, p0: Array):
+    """Tokens ``x [B, n, d]`` at positions ``p0 + [0, n)``, inside one segment: ``_token``'s
+    arithmetic for all of them at once. They read the memory at the segment start (the
+    carry's memory where ``p0`` starts the segment, else ``segment_weights``) and attend to
+    the caches' keys of their segment and to each other, causally; the memory takes their
+    outputs and the caches their keys."""
+    (b, n, d), s = x.shape, self.segment
+    positions = p0 + jnp.arange(n, dtype=jnp.int32)
+    key = jnp.broadcast_to(p0 - p0 % s, (b, n))  # the segment: its first position
+    seg_w = jax.tree.map(lambda c, w: jnp.where(p0 % s == 0, c, w), carry.memory.memory.memory,
+                         carry.segment_weights)
+    h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, n, d)
+    attn = self.attn
+    q = rope(attn.q(x), positions, self.rope_theta)
+    kx, vx = rope(attn.k(x), positions, self.rope_theta), attn.v(x)
+    kh, vh = rope(attn.k(h), positions, self.rope_theta), attn.v(h)
+    h_cache, x_cache = carry.h_cache, carry.x_cache
+    cat = lambda xs: jnp.concatenate(xs, 1)
+    keys = cat([h_cache.k.astype(x.dtype), x_cache.k.astype(x.dtype), kh, kx])
+    values = cat([h_cache.v.astype(x.dtype), x_cache.v.astype(x.dtype), vh, vx])
+    k_pos = jnp.concatenate([h_cache.slot_pos, x_cache.slot_pos, positions, positions])
+    k_doc = cat([h_cache.slot_doc, x_cache.slot_doc, key, key])
+    o = attend(q, keys, values, positions, k_pos, prefix=attn.prefix(b, x.dtype), q_doc=key,
+               k_doc=k_doc)
+    y = attn.o(o)
+    m, memory = self.memory(y, carry.memory)
+    carry = MACState(memory, seg_w, write_cache(h_cache, kh, vh, positions, key),
+                     write_cache(x_cache, kx, vx, positions, key))
+    return carry, self.combine(y, m)
 
 
 def mac_slots(reset: Array, segment: int) -> tuple[Array, Array]:
