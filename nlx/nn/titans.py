@@ -165,18 +165,19 @@ class MemoryAsContext(Mixer):
     (both None: no packed documents). The attention caches keep, as each slot's document
     number, the absolute position of its segment's first token (unique in a row), so that a
     query sees exactly the tokens of its own segment of its own document."""
+    if reset is None:  # one document: a piece of one token
+      return self._piece(carry, x, p)
     b, _, d = x.shape
     at_start = doc_pos % self.segment == 0
     key = (p - doc_pos % self.segment)[:, None]  # [B, 1]
     pick = lambda c, u, w: jnp.where(c.reshape(c.shape + (1,) * (u.ndim - 1)), u, w)  # c: [B]
     current = carry.memory.memory.memory
     seg_w = jax.tree.map(lambda c, s: pick(at_start, c, s), current, carry.segment_weights)
-    if reset is not None:  # a document's first segment reads the initial memory
-      initial = self.memory.initial_memory(b).memory
-      seg_w = jax.tree.map(lambda i, s: pick(reset, i.astype(s.dtype), s), initial, seg_w)
+    initial = self.memory.initial_memory(b).memory  # a document's first segment reads it
+    seg_w = jax.tree.map(lambda i, s: pick(reset, i.astype(s.dtype), s), initial, seg_w)
     h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, 1, d)
     attn, positions = self.attn, p[None]
-    rope_pos = positions if reset is None else doc_pos[:, None]
+    rope_pos = doc_pos[:, None]
     q = rope(attn.q(x), rope_pos, self.rope_theta)
     kx, vx = rope(attn.k(x), rope_pos, self.rope_theta), attn.v(x)
     kh, vh = rope(attn.k(h), rope_pos, self.rope_theta), attn.v(h)
@@ -189,11 +190,8 @@ class MemoryAsContext(Mixer):
     o = attend(q, keys, values, positions, k_pos, prefix=attn.prefix(b, x.dtype), q_doc=key,
                k_doc=k_doc)
     y = attn.o(o)
-    if reset is None:
-      m, memory = self.memory(y, carry.memory)
-    else:
-      one = Segments(reset[:, None], doc_pos[:, None], doc[:, None])
-      m, memory = apply(self.memory, y, carry.memory, p, one)
+    one = Segments(reset[:, None], doc_pos[:, None], doc[:, None])
+    m, memory = apply(self.memory, y, carry.memory, p, one)
     carry = MACState(memory, seg_w, write_cache(h_cache, kh, vh, positions, key),
                      write_cache(x_cache, kx, vx, positions, key))
     return carry, self.combine(y, m)
