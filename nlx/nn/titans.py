@@ -167,7 +167,7 @@ class MemoryAsContext(Mixer):
     query sees exactly the tokens of its own segment of its own document."""
     if reset is None:  # one document: a piece of one token
       return self._piece(carry, x, p)
-    b, _, d = x.shape
+    b = x.shape[0]
     at_start = doc_pos % self.segment == 0
     key = (p - doc_pos % self.segment)[:, None]  # [B, 1]
     pick = lambda c, u, w: jnp.where(c.reshape(c.shape + (1,) * (u.ndim - 1)), u, w)  # c: [B]
@@ -175,26 +175,10 @@ class MemoryAsContext(Mixer):
     seg_w = jax.tree.map(lambda c, s: pick(at_start, c, s), current, carry.segment_weights)
     initial = self.memory.initial_memory(b).memory  # a document's first segment reads it
     seg_w = jax.tree.map(lambda i, s: pick(reset, i.astype(s.dtype), s), initial, seg_w)
-    h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, 1, d)
-    attn, positions = self.attn, p[None]
-    rope_pos = doc_pos[:, None]
-    q = rope(attn.q(x), rope_pos, self.rope_theta)
-    kx, vx = rope(attn.k(x), rope_pos, self.rope_theta), attn.v(x)
-    kh, vh = rope(attn.k(h), rope_pos, self.rope_theta), attn.v(h)
-    h_cache, x_cache = carry.h_cache, carry.x_cache
-    cat = lambda xs: jnp.concatenate(xs, 1)
-    keys = cat([h_cache.k.astype(x.dtype), x_cache.k.astype(x.dtype), kh, kx])
-    values = cat([h_cache.v.astype(x.dtype), x_cache.v.astype(x.dtype), vh, vx])
-    k_pos = jnp.concatenate([h_cache.slot_pos, x_cache.slot_pos, positions, positions])
-    k_doc = cat([h_cache.slot_doc, x_cache.slot_doc, key, key])
-    o = attend(q, keys, values, positions, k_pos, prefix=attn.prefix(b, x.dtype), q_doc=key,
-               k_doc=k_doc)
-    y = attn.o(o)
+    y, caches = self._attend_cached(carry, x, seg_w, doc_pos[:, None], p[None], key)
     one = Segments(reset[:, None], doc_pos[:, None], doc[:, None])
     m, memory = apply(self.memory, y, carry.memory, p, one)
-    carry = MACState(memory, seg_w, write_cache(h_cache, kh, vh, positions, key),
-                     write_cache(x_cache, kx, vx, positions, key))
-    return carry, self.combine(y, m)
+    return MACState(memory, seg_w, *caches), self.combine(y, m)
 
   def _packed(self, x: Array, reset: Array) -> Array:
     """A whole packed sequence ``x [B, T, d]`` with document starts ``reset [B, T]`` (and the
@@ -362,8 +346,8 @@ class MemoryAsContext(Mixer):
     return jnp.take(ys, j * s + i - first, axis=1), new_state
 
   def _piece(self, carry: MACState, x: Array, p0: Array):
-    """Tokens ``x [B, n, d]`` at positions ``p0 + [0, n)``, inside one segment: ``_token``'s
-    arithmetic for all of them at once. They read the memory at the segment start (the
+    """Tokens ``x [B, n, d]`` at positions ``p0 + [0, n)``, inside one segment, all at once (a
+    token step without documents is a piece of one token). They read the memory at the segment start (the
     carry's memory where ``p0`` starts the segment, else ``segment_weights``) and attend to
     the caches' keys of their segment and to each other, causally; the memory takes their
     outputs and the caches their keys."""
@@ -372,11 +356,23 @@ class MemoryAsContext(Mixer):
     key = jnp.broadcast_to(p0 - p0 % s, (b, n))  # the segment: its first position
     seg_w = jax.tree.map(lambda c, w: jnp.where(p0 % s == 0, c, w), carry.memory.memory.memory,
                          carry.segment_weights)
+    y, caches = self._attend_cached(carry, x, seg_w, positions, positions, key)
+    m, memory = self.memory(y, carry.memory)
+    return MACState(memory, seg_w, *caches), self.combine(y, m)
+
+  def _attend_cached(self, carry: MACState, x: Array, seg_w, rope_pos: Array, positions: Array,
+                     key: Array):
+    """The attention of a stateful call's tokens ``x [B, n, d]`` (``_token``, ``_piece``): each
+    retrieves ``h`` from the segment-start memory ``seg_w`` and attends, causally, to the caches'
+    keys and its own tokens' keys (``h`` and ``x``, RoPE at ``rope_pos``) of its segment
+    (``key [B, n]``: the segment's first absolute position). Returns the attention's output
+    ``y [B, n, d]`` and the caches with the tokens' keys added at ``positions [n]``."""
+    b, n, d = x.shape
     h = self.memory.read(seg_w, l2_normalize(jax.nn.silu(self.retrieve(x)))).reshape(b, n, d)
     attn = self.attn
-    q = rope(attn.q(x), positions, self.rope_theta)
-    kx, vx = rope(attn.k(x), positions, self.rope_theta), attn.v(x)
-    kh, vh = rope(attn.k(h), positions, self.rope_theta), attn.v(h)
+    q = rope(attn.q(x), rope_pos, self.rope_theta)
+    kx, vx = rope(attn.k(x), rope_pos, self.rope_theta), attn.v(x)
+    kh, vh = rope(attn.k(h), rope_pos, self.rope_theta), attn.v(h)
     h_cache, x_cache = carry.h_cache, carry.x_cache
     cat = lambda xs: jnp.concatenate(xs, 1)
     keys = cat([h_cache.k.astype(x.dtype), x_cache.k.astype(x.dtype), kh, kx])
@@ -385,11 +381,8 @@ class MemoryAsContext(Mixer):
     k_doc = cat([h_cache.slot_doc, x_cache.slot_doc, key, key])
     o = attend(q, keys, values, positions, k_pos, prefix=attn.prefix(b, x.dtype), q_doc=key,
                k_doc=k_doc)
-    y = attn.o(o)
-    m, memory = self.memory(y, carry.memory)
-    carry = MACState(memory, seg_w, write_cache(h_cache, kh, vh, positions, key),
-                     write_cache(x_cache, kx, vx, positions, key))
-    return carry, self.combine(y, m)
+    return attn.o(o), (write_cache(h_cache, kh, vh, positions, key),
+                       write_cache(x_cache, kx, vx, positions, key))
 
 
 def mac_slots(reset: Array, segment: int) -> tuple[Array, Array]:
