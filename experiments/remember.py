@@ -26,8 +26,8 @@ examples, the study measures the answer accuracy of
 Sanity rows: every restored state reproduces one call (asserted), and Transformer++ with the
 facts in its context recalls (answer accuracy >= 0.9: attention solves MQAR). ``--scale cpu``
 gives it the best chance: embeddings drawn with std 1.0 for both models (the MQAR fix,
-docs/RESULTS.md), 3,000 steps x 32 for Transformer++ and 600 x 32 for HOPE (about 6x slower per
-token), 512 held-out examples.
+docs/RESULTS.md), 3,000 steps x 32 for both models (HOPE is about 6x slower per token: ~40 min
+of the budget beside other jobs), 512 held-out examples.
 
 The paper (docs/EQUATIONS.md §6) has no such experiment; it is the stateful use that its claim of
 continual, in-context memory implies. Commands, from the repository root (``runs/remember`` by
@@ -68,12 +68,12 @@ PRESETS = {
     # size: the configs/<family>.py preset; model: fields replaced in both models' configs.
     "tiny": dict(size="tiny", model={}, vocab=64, pairs=8, batch=16, lr=3e-3,
                  steps={"hope": 500, "transformer": 2000}, eval_examples=128),
-    # <= 90 min on 2 CPU cores (well under: ~15 min idle estimated): embeddings at std 1.0 for
-    # both models (the MQAR fix: Transformer++ learned 8 pairs at vocabulary 256 to 1.000 in 1,500
-    # steps x 64 with it, 0.336 without), 3,000 steps x 32 for Transformer++ (96k sequences) and
-    # 600 x 32 for HOPE (~6x slower per token), 512 held-out examples
+    # <= 90 min on 2 CPU cores (HOPE's 3,000 steps took 37 min beside other jobs): embeddings at
+    # std 1.0 for both models (the MQAR fix: Transformer++ learned 8 pairs at vocabulary 256 to
+    # 1.000 in 1,500 steps x 64 with it, 0.336 without), 3,000 steps x 32 for both (96k
+    # sequences), 512 held-out examples
     "cpu": dict(size="tiny", model={"init_std": 1.0}, vocab=64, pairs=8, batch=32, lr=3e-3,
-                steps={"hope": 600, "transformer": 3000}, eval_examples=512),
+                steps={"hope": 3000, "transformer": 3000}, eval_examples=512),
     "small": dict(size="tiny", model={"d_model": 128, "n_layers": 4, "n_heads": 4}, vocab=128,
                   pairs=16, batch=64, lr=2e-3, steps={"hope": 5000, "transformer": 5000},
                   eval_examples=1024),
@@ -392,7 +392,7 @@ def main(argv=None) -> dict:
   """Runs the study (``--phase all``, returns the output paths) or the answer phase."""
   parser = study.arg_parser(__doc__, STUDY, scales=tuple(PRESETS),
                             scale_help="tiny: ~5 CPU-min; cpu: <= 90 min on 2 CPU cores (embedding "
-                                       "std 1.0, 3,000 / 600 steps x 32); small: a GPU; paper: "
+                                       "std 1.0, 3,000 steps x 32); small: a GPU; paper: "
                                        "340M-size models")
   parser.add_argument("--phase", default="all", choices=("all", "answer"),
                       help="all: train, read the facts, save the states, answer in a subprocess; "
