@@ -9,7 +9,9 @@ returned state (the memory with its gradient chunk in progress, the segment-star
 both attention caches), in float64; the calls chained also equal one call without a state.
 
 The default run takes one split in float64 with a ``memory_chunk_size`` (3) that does not divide
-the window, with the memory's recurrent form (``impl``; the fastest to compile). Marked slow: the
+the window, with the memory's recurrent form (``impl``; the fastest to compile), and also checks
+it against one call without a state: without documents a token step of the reference is a piece
+of one token (``_token`` calls ``_piece``), so the whole-sequence path is the independent check. Marked slow: the
 gradients of a loss on the outputs of two chained calls w.r.t. every parameter and the input
 (tens of seconds to compile), and the matrix over chunk sizes, the chunked memory, a memory
 without momentum, more splits and float32, each also against one call without a state.
@@ -98,7 +100,9 @@ def check_splits(splits, chunk=3, impl="chunked", momentum=True, dtype_name="flo
 
 
 def test_pieces_equal_token_by_token():
-  worst = check_splits(SPLITS, impl="recurrent", one_call=False)
+  # Also against one call without a state (the segment scan, ``_segment``): without documents
+  # the token-by-token path steps through ``_piece`` too, so this is the independent check.
+  worst = check_splits(SPLITS, impl="recurrent")
   assert worst < tolerance("float64"), worst
 
 
