@@ -47,11 +47,11 @@ Scales (``--scale``):
   training sequences (memorisation 256) and one epoch (10 optimizer steps per run; memorisation
   2), with a wall-time budget of 90 minutes for the whole suite (``--time_budget``): the grid's
   points run one after another (lr 1e-3 first), every task and model at each, and no run starts
-  once the budget is spent, so a cut-short suite has whole grid points. One epoch of the six
-  tasks x five models x six grid points is about 75 minutes on 2 idle CPU cores (per-step times
-  at these shapes under load ~7: 15 s HOPE, 8-9 s Titans, 4 s Mamba2, 3.5 s Gated DeltaNet, 1.5 s
-  Transformer++ per batch of 128 x 128 tokens). One epoch of MAD's 12,800 sequences at one grid
-  point would take some 4.8 hours there; MAD's 200 epochs x 6 grid points are far beyond a CPU.
+  once the budget is spent, so a cut-short suite has whole grid points. On 2 CPU cores at load
+  4-7, 35 of the 180 runs fit (every task and model at the first grid point; docs/RESULTS.md):
+  HOPE trains at ~1,000 tokens/s here, Transformer++ at ~10,000. One epoch of MAD's 12,800
+  sequences at one grid point would take some 4.8 hours there; MAD's 200 epochs x 6 grid points
+  are far beyond a CPU.
   MAD's own difficulty variants go down to 800 training sequences.
 * ``paper``: MAD's settings: 12,800 / 1,280 sequences, 200 epochs, the 6-point grid.
 
