@@ -51,8 +51,7 @@ Scales (``--scale``):
   4-7, 35 of the 180 runs fit (every task and model at the first grid point; docs/RESULTS.md):
   HOPE trains at ~1,000 tokens/s here, Transformer++ at ~10,000. One epoch of MAD's 12,800
   sequences at one grid point would take some 4.8 hours there; MAD's 200 epochs x 6 grid points
-  are far beyond a CPU.
-  MAD's own difficulty variants go down to 800 training sequences.
+  are far beyond a CPU. MAD's own difficulty variants go down to 800 training sequences.
 * ``paper``: MAD's settings: 12,800 / 1,280 sequences, 200 epochs, the 6-point grid.
 
 Commands (from the repository root; ``python experiments/mad.py`` works too)::
@@ -400,9 +399,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def write(args, settings: dict, tasks, models, info: dict, runs: list, seconds: float,
           complete: bool, command: Optional[str] = None, final: bool = False) -> dict:
-  """Writes the outputs of the runs so far (after every task and model, so that a cut-short run
-  leaves its finished runs on disk); the figure when ``complete`` or ``final`` (the time budget
-  ended the suite)."""
+  """Writes the outputs of the runs so far (after every run, so that a cut-short suite leaves its
+  finished runs on disk); the figure when ``complete`` or ``final`` (the time budget ended the
+  suite)."""
   md = table(runs, [t for t in tasks if t in info], models)
   settings_line = (f"{settings['epochs']} epochs, batch {settings['batch_size']}, grid lr "
                    f"{settings['lrs']} x weight decay {settings['weight_decays']}; accuracy: MAD's "
