@@ -17,3 +17,22 @@ if "NLX_CACHE" not in os.environ:
   import tempfile  # pylint: disable=g-import-not-at-top
   os.environ["NLX_CACHE"] = tempfile.mkdtemp(prefix="nlx_test_cache_")
   atexit.register(shutil.rmtree, os.environ["NLX_CACHE"], True)
+
+# One persistent XLA compilation cache per test session, shared by the xdist workers and the
+# subprocesses they start (`nlx train` runs, child processes): many tests compile the same tiny
+# train steps, and a cached executable skips XLA's compile (JAX still traces). The controller
+# (or the only process) makes the directory before the workers start, so they inherit it, and
+# removes it at the end. A test whose point is a fresh compile (tests/ops/test_remainder_chunk.py)
+# drops it from its subprocesses' environment.
+COMPILE_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_COMPILE_CACHE = COMPILE_CACHE_ENV not in os.environ  # else the user's or the controller's
+if _OWN_COMPILE_CACHE:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ[COMPILE_CACHE_ENV] = tempfile.mkdtemp(prefix="nlx_test_compile_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_sessionfinish(session):
+  if _OWN_COMPILE_CACHE:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(os.environ[COMPILE_CACHE_ENV], ignore_errors=True)

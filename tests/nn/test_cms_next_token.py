@@ -129,7 +129,7 @@ def test_outer_gradient_reaches_the_initial_cms_weights(stop_gradient):
     logits = nnx.merge(graphdef, p)(tok[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean()
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   flat = jax.tree.leaves(grads)
   assert all(bool(jnp.isfinite(g).all()) for g in flat)
   down = grads["layers"]["blocks"][0]["mlp"]["blocks"][0]["down"]["kernel"][...]

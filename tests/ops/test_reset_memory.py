@@ -124,7 +124,7 @@ def test_packed_gradients_equal_documents_alone(case):
     packed = lambda a: (_call(op, options, a, "chunked", _reset(), initial_state=a["s0"])[0]
                         * weights).sum()
     alone = lambda a: (_documents(op, options, a) * weights).sum()
-    got, want = jax.grad(packed)(a), jax.grad(alone)(a)
+    got, want = jax.jit(jax.grad(packed))(a), jax.jit(jax.grad(alone))(a)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
@@ -157,7 +157,7 @@ def test_position_scaled_packed_gradients_equal_documents_alone():
     packed = lambda a: (_call("titans_memory", options, a, "chunked", _reset(),
                               initial_state=a["s0"])[0] * weights).sum()
     alone = lambda a: (_documents("titans_memory", options, a) * weights).sum()
-    got, want = jax.grad(packed)(a), jax.grad(alone)(a)
+    got, want = jax.jit(jax.grad(packed))(a), jax.jit(jax.grad(alone))(a)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(x, y, atol=1e-9, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
