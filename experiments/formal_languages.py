@@ -316,7 +316,7 @@ def family_config(family: str, settings: dict):
                      f"{', '.join(known_families())}")
   d = settings["d_model"]
   return study.model_config(family, vocab_size=VOCAB, d_model=d, n_layers=settings["n_layers"],
-                            mlp_dim=2 * d, tie_embeddings=False)
+                            mlp_dim=2 * d, tie_embeddings=False, **settings.get("model", {}))
 
 
 def bce_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
@@ -688,12 +688,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="override the wall-time cap of one run (0: none)")
   parser.add_argument("--time_budget", type=float, default=None,
                       help="override the wall-time budget of the study (0: none)")
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a ModelConfig field of every model, e.g. init_std=1.0 (repeatable)")
   args = parser.parse_args(argv)
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
                                   eval_size=args.eval_size, train_size=args.train_size,
                                   val_size=args.val_size,
                                   patience=args.patience, eval_every=args.eval_every,
                                   run_seconds=args.run_seconds, time_budget=args.time_budget)
+  settings["model"] = study.parse_fields("--model", args.model)
   if settings["train_size"] and (settings["eval_every"] < 1 or settings["patience"] < 1
                                  or settings["val_size"] < 1):
     raise ValueError(f"--scale {args.scale}: a fixed training set (train_size="

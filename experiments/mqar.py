@@ -86,7 +86,6 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
-import ast
 import os
 import time
 from typing import NamedTuple, Optional
@@ -506,21 +505,6 @@ def plot(runs: list, pairs: tuple):
   return fig
 
 
-def parse_fields(flag: str, items) -> dict:
-  """``["conv_size=0", "window=16"]`` -> ``{"conv_size": 0, "window": 16}`` (Python literals, else
-  strings); ValueError names the flag."""
-  fields = {}
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-      raise ValueError(f"{flag}: expected FIELD=VALUE, got {item!r}")
-    try:
-      fields[key.strip()] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      fields[key.strip()] = text
-  return fields
-
-
 def main(argv=None) -> dict:
   parser = study.arg_parser(__doc__, STUDY, scales=tuple(PRESETS),
                             scale_help="tiny: ~15 min on 2 CPU cores (levels packed, T = 4P); cpu: "
@@ -554,7 +538,8 @@ def main(argv=None) -> dict:
       PRESETS, args.scale, steps=args.steps, eval_sequences=args.eval_sequences,
       batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size,
       widths=ints("--widths", args.widths), pairs=ints("--pairs", args.pairs))
-  settings["model"] = {**settings.get("model", {}), **parse_fields("--model", args.model)}
+  settings["model"] = {**settings.get("model", {}),
+                       **study.parse_fields("--model", args.model)}
   if settings.get("layout") == "zoology":
     lrs = (args.lr,) if args.lr is not None else tuple(
         study.parse_list("--lrs", args.lrs, convert=float, default=list(settings["lrs"])))

@@ -20,6 +20,7 @@ count only positions where ``mask`` is 1 (language modelling: all of them).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import glob
@@ -126,6 +127,21 @@ def data_dir(value: Optional[str], needs: Sequence[str], what: str, flag: str = 
     if not glob.glob(os.path.join(root, pattern)):
       raise missing_data(root, source, os.path.join(root, pattern), what, flag)
   return root
+
+
+def parse_fields(flag: str, items) -> dict:
+  """``["conv_size=0", "window=16"]`` -> ``{"conv_size": 0, "window": 16}`` (Python literals, else
+  strings); ValueError names the flag."""
+  fields = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"{flag}: expected FIELD=VALUE, got {item!r}")
+    try:
+      fields[key.strip()] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      fields[key.strip()] = text
+  return fields
 
 
 def parse_list(flag: str, value: Optional[str], *, known: Optional[Sequence[str]] = None,

@@ -115,13 +115,14 @@ def test_one_compiled_step_per_model_config():
 def test_main_writes_json_markdown_and_png(tmp_path):
   out = str(tmp_path / "fl")
   results = fl.main(["--families", "transformer", "--languages", "anbn,parity", "--steps", "2",
-                     "--eval_size", "8", "--out", out])
+                     "--eval_size", "8", "--out", out, "--model", "init_std=0.5"])
   for kind in ("json", "md", "png"):
     assert os.path.getsize(os.path.join(out, f"formal_languages.{kind}")) > 0
   with open(os.path.join(out, "formal_languages.json"), encoding="utf-8") as f:
     saved = json.load(f)
   runs = saved["families"]["transformer"]["languages"]
   assert set(runs) == {"anbn", "parity"} and saved["settings"]["steps"] == 2
+  assert saved["settings"]["model"] == {"init_std": 0.5}
   for r in runs.values():
     assert len(r["losses"]) == 2 and all(0 < x < 5 for x in r["losses"])
     for b in ("bin0", "bin1"):
@@ -130,6 +131,17 @@ def test_main_writes_json_markdown_and_png(tmp_path):
   with open(os.path.join(out, "formal_languages.md"), encoding="utf-8") as f:
     assert "| aⁿbⁿ |" in f.read()
   assert results["families"]["transformer"]["params"] > 0
+
+
+def test_model_fields_reach_every_family_and_bad_ones_are_named():
+  settings = dict(fl.PRESETS["tiny"], model={"init_std": 1.0, "conv_size": 0})
+  cfg = fl.family_config("deltanet", settings)
+  assert cfg.init_std == 1.0 and cfg.conv_size == 0 and cfg.d_model == settings["d_model"]
+  with pytest.raises(ValueError, match="--model: expected FIELD=VALUE"):
+    fl.main(["--model", "init_std", "--steps", "1"])
+  with pytest.raises(Exception, match="nosuch"):
+    fl.main(["--families", "deltanet", "--languages", "parity", "--steps", "1", "--model",
+             "nosuch=1"])
 
 
 # ---------------------------------------------------------------------------------------------
