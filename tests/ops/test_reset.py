@@ -102,7 +102,8 @@ def _close(got, want, tol, what):
 def test_packed_equals_documents_alone(op, chunks):
   """float64 (the recurrent form, the chunked form at ``chunks``) and float32 (chunked at 4,
   against the float64 reference). The default run takes chunk size 4 (boundaries inside a chunk,
-  at its edge, two in one chunk); ``-m slow`` adds 1 and 16 (one chunk longer than T)."""
+  at its edge, two in one chunk); ``-m slow`` adds 1 (token by token) and 16 (one chunk and a
+  remainder of 3)."""
   with jax.enable_x64(True):
     a = _arrays(op, jnp.float64)
     want_o, want_s, want_g = _value_and_grad(lambda x: _documents(op, x), a)
