@@ -139,7 +139,7 @@ def test_model_fields_reach_every_family_and_bad_ones_are_named():
   assert cfg.init_std == 1.0 and cfg.conv_size == 0 and cfg.d_model == settings["d_model"]
   with pytest.raises(ValueError, match="--model: expected FIELD=VALUE"):
     fl.main(["--model", "init_std", "--steps", "1"])
-  with pytest.raises(Exception, match="nosuch"):
+  with pytest.raises(ValueError, match="no field 'nosuch'"):
     fl.main(["--families", "deltanet", "--languages", "parity", "--steps", "1", "--model",
              "nosuch=1"])
 

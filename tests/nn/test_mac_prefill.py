@@ -11,10 +11,10 @@ both attention caches), in float64; the calls chained also equal one call withou
 The default run takes one split in float64 with a ``memory_chunk_size`` (3) that does not divide
 the window, with the memory's recurrent form (``impl``; the fastest to compile), and also checks
 it against one call without a state: without documents a token step of the reference is a piece
-of one token (``_token`` calls ``_piece``), so the whole-sequence path is the independent check. Marked slow: the
-gradients of a loss on the outputs of two chained calls w.r.t. every parameter and the input
-(tens of seconds to compile), and the matrix over chunk sizes, the chunked memory, a memory
-without momentum, more splits and float32, each also against one call without a state.
+of one token (``_token`` calls ``_piece``), so the whole-sequence path is the independent check.
+Marked slow: the gradients of a loss on the outputs of two chained calls w.r.t. every parameter
+and the input (tens of seconds to compile), and the matrix over chunk sizes, the chunked memory,
+a memory without momentum, more splits and float32, each also against one call without a state.
 """
 
 import functools
