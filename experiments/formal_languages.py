@@ -314,9 +314,10 @@ def family_config(family: str, settings: dict):
   if family not in known_families():
     raise ValueError(f"--families: unknown family {family!r}; known: "
                      f"{', '.join(known_families())}")
-  d = settings["d_model"]
-  return study.model_config(family, vocab_size=VOCAB, d_model=d, n_layers=settings["n_layers"],
-                            mlp_dim=2 * d, tie_embeddings=False, **settings.get("model", {}))
+  fields = dict(d_model=settings["d_model"], n_layers=settings["n_layers"], tie_embeddings=False)
+  fields.update(settings.get("model", {}))  # --model FIELD=VALUE wins over the scale's
+  fields.setdefault("mlp_dim", 2 * fields["d_model"])
+  return study.model_config(family, vocab_size=VOCAB, **fields)
 
 
 def bce_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,

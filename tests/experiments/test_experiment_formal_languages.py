@@ -137,6 +137,9 @@ def test_model_fields_reach_every_family_and_bad_ones_are_named():
   settings = dict(fl.PRESETS["tiny"], model={"init_std": 1.0, "conv_size": 0})
   cfg = fl.family_config("deltanet", settings)
   assert cfg.init_std == 1.0 and cfg.conv_size == 0 and cfg.d_model == settings["d_model"]
+  assert cfg.mlp_dim == 2 * settings["d_model"]
+  wider = fl.family_config("deltanet", dict(settings, model={"d_model": 48, "n_layers": 3}))
+  assert (wider.d_model, wider.n_layers, wider.mlp_dim) == (48, 3, 96)  # --model beats the scale
   with pytest.raises(ValueError, match="--model: expected FIELD=VALUE"):
     fl.main(["--model", "init_std", "--steps", "1"])
   with pytest.raises(ValueError, match="no field 'nosuch'"):
