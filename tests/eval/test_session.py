@@ -31,7 +31,8 @@ def leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
-@pytest.mark.parametrize("family", ["hope", "titans_lmm", "gated_deltanet"])
+@pytest.mark.parametrize("family", ["hope", pytest.param("titans_lmm", marks=pytest.mark.slow),
+                                    "gated_deltanet"])
 def test_two_sessions_equal_one_call_on_the_concatenated_tokens(family, tmp_path):
   model, path = tiny_model(family), str(tmp_path / "memory.npz")
   first, first_ids = session.continue_text(model, TOKENIZER, "Friday: the key is 7.", 5, path,
