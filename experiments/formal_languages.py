@@ -698,6 +698,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                   patience=args.patience, eval_every=args.eval_every,
                                   run_seconds=args.run_seconds, time_budget=args.time_budget)
   settings["model"] = study.parse_fields("--model", args.model)
+  # The width and depth a --model field sets are the study's (its records and tables say so).
+  settings.update({k: settings["model"][k] for k in ("d_model", "n_layers")
+                   if k in settings["model"]})
   if settings["train_size"] and (settings["eval_every"] < 1 or settings["patience"] < 1
                                  or settings["val_size"] < 1):
     raise ValueError(f"--scale {args.scale}: a fixed training set (train_size="

@@ -115,14 +115,16 @@ def test_one_compiled_step_per_model_config():
 def test_main_writes_json_markdown_and_png(tmp_path):
   out = str(tmp_path / "fl")
   results = fl.main(["--families", "transformer", "--languages", "anbn,parity", "--steps", "2",
-                     "--eval_size", "8", "--out", out, "--model", "init_std=0.5"])
+                     "--eval_size", "8", "--out", out, "--model", "init_std=0.5", "--model",
+                     "d_model=16"])
   for kind in ("json", "md", "png"):
     assert os.path.getsize(os.path.join(out, f"formal_languages.{kind}")) > 0
   with open(os.path.join(out, "formal_languages.json"), encoding="utf-8") as f:
     saved = json.load(f)
   runs = saved["families"]["transformer"]["languages"]
   assert set(runs) == {"anbn", "parity"} and saved["settings"]["steps"] == 2
-  assert saved["settings"]["model"] == {"init_std": 0.5}
+  assert saved["settings"]["model"] == {"init_std": 0.5, "d_model": 16}
+  assert saved["settings"]["d_model"] == 16  # the recorded width is the one that ran
   for r in runs.values():
     assert len(r["losses"]) == 2 and all(0 < x < 5 for x in r["losses"])
     for b in ("bin0", "bin1"):
