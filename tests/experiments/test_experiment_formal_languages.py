@@ -142,6 +142,8 @@ def test_model_fields_reach_every_family_and_bad_ones_are_named():
   assert cfg.mlp_dim == 2 * settings["d_model"]
   wider = fl.family_config("deltanet", dict(settings, model={"d_model": 48, "n_layers": 3}))
   assert (wider.d_model, wider.n_layers, wider.mlp_dim) == (48, 3, 96)  # --model beats the scale
+  cpu = fl.family_config("deltanet", fl.PRESETS["cpu"])  # the setting DeltaNet fits parity with
+  assert (cpu.d_model, cpu.init_std) == (128, 1.0) and fl.CPU_LANGUAGES == ("parity",)
   with pytest.raises(ValueError, match="--model: expected FIELD=VALUE"):
     fl.main(["--model", "init_std", "--steps", "1"])
   with pytest.raises(ValueError, match="no field 'nosuch'"):
