@@ -305,20 +305,14 @@ def tables(results: dict) -> str:
            for task, by_len in results["majority"].items()]
   rows.append(["n questions", ""] + [s["n_eval"][n] for n in lengths])
   acc = study.markdown_table(["model", "task"] + [length_label(n) for n in lengths], rows, 2)
-  train = study.markdown_table(
-      ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
-       "eval s"],
-      [[f, r["params"], s["steps"], round(r["tokens_per_second"]),
-        f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
-        round(r["eval_seconds"])] for f, r in results["models"].items()])
+  train = study.training_summary(results["models"], s["steps"])
   text = (f"Exact match of the answer word (teacher-forced greedy), trained at <= "
           f"{s['train_len']} tokens:\n\n{acc}\n{train}")
   if results.get("sanity"):
     san = results["sanity"]
     text += (f"\nSanity row: {san['metric']} = {san['value']:.2f} (the majority answer: "
              f"{san['threshold']:.2f}): **{'holds' if san['holds'] else 'fails'}**.\n")
-  for family, why in results.get("not_run", {}).items():
-    text += f"\n{family}: not run ({why}).\n"
+  text += study.not_run_lines(results)
   curves = {f: r["curve"] for f, r in results["models"].items() if r.get("curve")}
   if curves:
     steps = sorted({e["step"] for c in curves.values() for e in c})

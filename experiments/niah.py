@@ -238,20 +238,14 @@ def tables(results: dict) -> str:
   n = results["settings"]["n_eval"]
   acc = study.markdown_table(["model", "task"] + [f"{n_ // 1024}K" if n_ % 1024 == 0 else str(n_)
                                                   for n_ in lengths], rows)
-  train = study.markdown_table(
-      ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
-       "eval s"],
-      [[f, r["params"], results["settings"]["steps"], round(r["tokens_per_second"]),
-        f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
-        round(r["eval_seconds"])] for f, r in results["models"].items()])
+  train = study.training_summary(results["models"], results["settings"]["steps"])
   text = (f"Exact match (answer characters right), {n} examples per cell, trained at <= "
           f"{results['settings']['train_len']} tokens:\n\n{acc}\n{train}")
   if results.get("sanity"):
     san = results["sanity"]
     text += (f"\nSanity row: {san['metric']} = {san['value']:.2f} (needs >= {san['threshold']}): "
              f"**{'holds' if san['holds'] else 'fails'}**.\n")
-  for family, why in results.get("not_run", {}).items():
-    text += f"\n{family}: not run ({why}).\n"
+  text += study.not_run_lines(results)
   curves = {f: r["curve"] for f, r in results["models"].items() if r.get("curve")}
   if curves:
     steps = sorted({e["step"] for c in curves.values() for e in c})

@@ -339,6 +339,24 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
   return "\n".join(lines) + "\n"
 
 
+def training_summary(models: dict, steps: int) -> str:
+  """The training table of a study that trains each model once and then evaluates it (niah,
+  babi_long): ``models[family]`` holds ``params``, ``tokens_per_second``, ``first_loss``,
+  ``final_loss``, ``train_seconds`` and ``eval_seconds``."""
+  return markdown_table(
+      ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
+       "eval s"],
+      [[f, r["params"], steps, round(r["tokens_per_second"]),
+        f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
+        round(r["eval_seconds"])] for f, r in models.items()])
+
+
+def not_run_lines(results: dict) -> str:
+  """One line per model a study did not run (``results["not_run"]``: family -> why)."""
+  return "".join(f"\n{family}: not run ({why}).\n"
+                 for family, why in results.get("not_run", {}).items())
+
+
 def environment() -> dict:
   """Where a result was measured: date, host, CPU count, JAX version and devices."""
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
