@@ -339,7 +339,8 @@ def bce_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   loss = optax.sigmoid_binary_cross_entropy(logits[..., :LABELS_MAX].astype(jnp.float32),
                                             targets)
   weight = mask[..., None] * labels
-  return jnp.sum(loss * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  # ``where``, not a product: a non-finite logit at a padded position must not reach the mean.
+  return jnp.sum(jnp.where(weight > 0, loss * weight, 0.0)) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def language_loss(model, batch) -> jax.Array:

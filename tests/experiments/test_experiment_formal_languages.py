@@ -5,6 +5,7 @@ Transformer++, two languages)."""
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -244,3 +245,11 @@ def test_cpu_scale_main_records_the_curves(tmp_path):
   with open(os.path.join(out, "formal_languages.md"), encoding="utf-8") as f:
     assert "best step" in f.read()
   assert os.path.getsize(os.path.join(out, "formal_languages.png")) > 0
+
+
+def test_a_non_finite_logit_at_a_padded_position_does_not_reach_the_loss():
+  logits = jnp.zeros((1, 3, fl.VOCAB)).at[0, 2].set(jnp.nan)  # position 2 is padding
+  targets = jnp.ones((1, 3, fl.LABELS_MAX))
+  mask, labels = jnp.array([[1.0, 1.0, 0.0]]), jnp.array([1.0, 0.0, 0.0, 0.0])
+  loss = fl.bce_loss(logits, targets, mask, labels)
+  np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # sigmoid(0) on the two real ones
