@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist worksteal
 # The pinned dependency set CI passed with; 'make test CONSTRAINTS=' tries the newest releases that
 # setup.cfg's ranges allow.
 CONSTRAINTS ?= constraints.txt
