@@ -509,10 +509,9 @@ def evaluate(model, lang: Language, strings: Sequence[str], width: int, rows: in
                   mask))
   logits, targets, mask = (np.concatenate(x) for x in zip(*parts))
   labels = label_mask(lang)
-  weight = mask[..., None] * labels
-  bce = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
   return {**score(logits > 0, targets, mask, labels),
-          "loss": float(np.sum(bce * weight) / max(np.sum(weight), 1.0))}
+          "loss": float(bce_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+                                 jnp.asarray(labels)))}
 
 
 # ---------------------------------------------------------------------------------------------

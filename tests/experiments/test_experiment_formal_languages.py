@@ -253,3 +253,17 @@ def test_a_non_finite_logit_at_a_padded_position_does_not_reach_the_loss():
   mask, labels = jnp.array([[1.0, 1.0, 0.0]]), jnp.array([1.0, 0.0, 0.0, 0.0])
   loss = fl.bce_loss(logits, targets, mask, labels)
   np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # sigmoid(0) on the two real ones
+
+
+class _NaNAtPadding(nnx.Module):
+  """Logits 0 at a string's positions and NaN at padding (id 0): a model gone non-finite there."""
+
+  def __call__(self, inputs):
+    return jnp.where((inputs > 0)[..., None], 0.0, jnp.nan) * jnp.ones(fl.VOCAB)
+
+
+def test_evaluate_scores_a_model_non_finite_at_padding_as_its_strings():
+  lang = fl.LANGUAGES["parity"]
+  got = fl.evaluate(_NaNAtPadding(), lang, ["01", "1", "001"], width=16, rows=2)
+  np.testing.assert_allclose(got["loss"], np.log(2.0), rtol=1e-6)
+  assert got["strings"] == 3
