@@ -107,10 +107,12 @@ def train_and_score(cfg, batch_fn: Callable, settings: dict, seed: int, family: 
   ``curve_fn(model)`` (a dict of numbers), when given with ``curve_every > 0``, runs every
   ``curve_every`` steps and after the last: the row's ``curve`` (the training curve of a sanity
   metric); the row's ``loss_curve`` is the mean training loss of every ``curve_every`` steps (every
-  10 steps without a curve)."""
+  10 steps without a curve). ``settings["run_seconds"]`` (if set) caps the training's wall time:
+  a run cut by it records the steps it ran (``steps``) and ``"cut": True``."""
   trained = study.train(cfg, batch_fn, settings["steps"], lr=settings["lr"], seed=seed,
                         desc=family, evaluate=curve_fn if curve_every else None,
-                        eval_every=curve_every if curve_fn else 0)
+                        eval_every=curve_every if curve_fn else 0,
+                        max_seconds=settings.get("run_seconds") or None)
   start = time.time()
   scores = score_fn(trained.model)
   window = curve_every or 10
@@ -120,5 +122,6 @@ def train_and_score(cfg, batch_fn: Callable, settings: dict, seed: int, family: 
   return {"params": trained.params, "train_seconds": trained.seconds,
           "tokens_per_second": trained.tokens_per_second, "eval_seconds": time.time() - start,
           "first_loss": trained.losses[0], "final_loss": float(np.mean(trained.losses[-10:])),
-          "skipped_steps": trained.skipped, "loss_curve": loss_curve,
+          "skipped_steps": trained.skipped, "loss_curve": loss_curve, "steps": len(losses),
+          "cut": len(losses) < settings["steps"],
           "curve": list(trained.evals), "scores": scores}

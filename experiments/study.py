@@ -262,7 +262,7 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
           seed: int = 0, desc: str = "", progress: bool = True,
           tx: Optional[optax.GradientTransformation] = None,
           evaluate: Optional[Callable[[Any], dict]] = None, eval_every: int = 0,
-          on_step: Optional[Callable] = None) -> FitResult:
+          on_step: Optional[Callable] = None, max_seconds: Optional[float] = None) -> FitResult:
   """Trains a model on ``batch_fn(step)`` for ``steps`` steps with ``masked_loss``: the studies'
   recipe (AdamW, warmup and cosine decay, clipping) on ``nlx.train.fit``, nlx's one train step.
 
@@ -280,6 +280,7 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
     evaluate, eval_every: ``evaluate(model)`` (a dict) after every ``eval_every`` steps and after
       the last, into ``FitResult.evals``; its time is not in the throughput.
     on_step: ``(step, nlx.train.step.Update)`` after each step (``fit``'s).
+    max_seconds: ``fit``'s wall-time cap (None: every step runs).
 
   Returns:
     ``nlx.train.FitResult``: the model, the loss of every step, the time and the throughput, the
@@ -291,7 +292,8 @@ def train(cfg_or_model, batch_fn: Callable[[int], Batch], steps: int, *, lr: flo
   if tx is None:
     tx = optimizer(steps, lr, steps // 10 if warmup is None else warmup, weight_decay, clip)
   return fit(model, batch_fn, steps, tx=tx, loss=masked_loss, evaluate=evaluate,
-             eval_every=eval_every, progress=progress, desc=desc, on_step=on_step)
+             eval_every=eval_every, progress=progress, desc=desc, on_step=on_step,
+             max_seconds=max_seconds)
 
 
 _PREDICT_CACHE: dict = {}
@@ -342,11 +344,13 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
 def training_summary(models: dict, steps: int) -> str:
   """The training table of a study that trains each model once and then evaluates it (niah,
   babi_long): ``models[family]`` holds ``params``, ``tokens_per_second``, ``first_loss``,
-  ``final_loss``, ``train_seconds`` and ``eval_seconds``."""
+  ``final_loss``, ``train_seconds`` and ``eval_seconds`` (and ``steps``, ``cut`` where a time cap
+  cut the run short; ``steps``: the planned steps)."""
   return markdown_table(
       ["model", "params", "train steps", "train tokens/s", "loss first -> last", "train s",
        "eval s"],
-      [[f, r["params"], steps, round(r["tokens_per_second"]),
+      [[f, r["params"], (f"{r['steps']} (cut at the time cap)" if r.get("cut")
+                         else r.get("steps", steps)), round(r["tokens_per_second"]),
         f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}", round(r["train_seconds"]),
         round(r["eval_seconds"])] for f, r in models.items()])
 

@@ -90,7 +90,8 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
         loss: LossFn = next_token_loss, opt_state=None, evaluate: Optional[Callable] = None,
         eval_every: int = 0, progress: bool = True, desc: str = "",
         count_tokens: Callable[[Any], int] = first_leaf_size,
-        on_step: Optional[Callable[[int, Any], None]] = None) -> FitResult:
+        on_step: Optional[Callable[[int, Any], None]] = None,
+        max_seconds: Optional[float] = None) -> FitResult:
   """Trains ``model`` (an ``nnx.Module``) for ``steps`` optimizer steps on ``batches(step)``.
 
   Args:
@@ -107,7 +108,13 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
     progress, desc: a tqdm progress bar (the loss every 10 steps) and its label.
     count_tokens: ``batch -> tokens`` for the throughput (default: the size of the first leaf).
     on_step: ``(step, Update)`` after each step (e.g. to record metrics); may block.
+    max_seconds: a wall-time cap: training stops after the first step that ends this many
+      seconds after the start (compilation included); ``evaluate`` then runs as after the last
+      step. ``FitResult.losses`` has one entry per step run, so a cut run is shorter than
+      ``steps``. None: no cap.
   """
+  if max_seconds is not None and not max_seconds > 0:
+    raise ValueError(f"max_seconds must be > 0 (or None: no cap); got {max_seconds!r}")
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(params) if opt_state is None else opt_state
@@ -131,14 +138,21 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
       tokens += count_tokens(batch)
     if progress and (step % 10 == 0 or step == steps - 1):
       bar.set_postfix(loss=f"{float(up.loss):.3f}")
+    cut = False
+    if max_seconds is not None and step < steps - 1:
+      jax.block_until_ready(up.loss)
+      cut = time.time() - start >= max_seconds
     if evaluate is not None and eval_every and ((step + 1) % eval_every == 0
-                                                or step == steps - 1):
+                                                or step == steps - 1 or cut):
       jax.block_until_ready(up.loss)
       tic = time.time()
       evals.append({"step": step + 1, **evaluate(nnx.merge(graphdef, params, rest))})
       eval_seconds += time.time() - tic
+    if cut:
+      break
+  bar.close()
   losses = [float(x) for x in jax.device_get(losses)]
-  skipped = int(steps - np.sum(jax.device_get(finite))) if steps else 0
+  skipped = int(len(finite) - np.sum(jax.device_get(finite))) if finite else 0
   end = time.time()
   return FitResult(nnx.merge(graphdef, params, rest), losses, end - start,
                    tokens / max(end - (compiled or start) - eval_seconds, 1e-9),

@@ -114,6 +114,24 @@ def test_fit_counts_skipped_steps():
   assert np.isfinite(np.asarray(result.model.w[...])).all()
 
 
+def test_fit_stops_at_its_time_cap_and_evaluates_there(monkeypatch):
+  clock = iter(range(1000))  # one "second" per time.time() call: the cap falls mid-run
+  monkeypatch.setattr(fitting.time, "time", lambda: float(next(clock)))
+  tx = optax.adam(5e-2)
+  result = fitting.fit(Affine(nnx.Rngs(0)), regression_batches, 100, tx=tx, loss=squared_error,
+                       progress=False, eval_every=4, evaluate=lambda m: {"b0": float(m.b[0])},
+                       max_seconds=10)
+  assert 1 < len(result.losses) < 100
+  steps = [e["step"] for e in result.evals]
+  assert steps[-1] == len(result.losses) and steps[:-1] == list(range(4, steps[-1], 4))
+  full = fitting.fit(Affine(nnx.Rngs(0)), regression_batches, len(result.losses), tx=tx,
+                     loss=squared_error, progress=False)
+  np.testing.assert_allclose(result.losses, full.losses, rtol=1e-6)  # the same steps, cut
+  with pytest.raises(ValueError, match="max_seconds must be > 0"):
+    fitting.fit(Affine(nnx.Rngs(0)), regression_batches, 2, tx=tx, loss=squared_error,
+                progress=False, max_seconds=0)
+
+
 def test_next_token_loss_is_the_mean_cross_entropy():
   class Uniform(nnx.Module):
     def __call__(self, tokens):
