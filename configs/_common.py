@@ -106,6 +106,18 @@ AXIS_RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"
               ("persistent", None), ("cms_target", None))
 
 
+# The CMS periods of HOPE and Hope-attention at the paper sizes (the paper's 32 / 256 / 2048 at
+# T = 4096); the 20m benchmark trains at T = 2048, so its periods are halved: every level then
+# updates where a training window reads it (nlx.train.config refuses a period >= train.seq_len).
+PAPER_CMS_PERIODS = (32, 256, 2048)
+BENCH_CMS_PERIODS = (16, 128, 1024)
+
+
+def paper_cms_periods(size: str) -> tuple:
+  """The CMS periods of a paper size (``BENCH_SIZE``: ``BENCH_CMS_PERIODS``)."""
+  return BENCH_CMS_PERIODS if size == BENCH_SIZE else PAPER_CMS_PERIODS
+
+
 def _round_up(x: float, multiple: int) -> int:
   return int(-(-round(x) // multiple) * multiple)
 

@@ -475,7 +475,16 @@ def _check_model_for_training(run: RunConfig) -> None:
   """Model checks of the family, and the ones that depend on the training fields."""
   from nlx.nn import model as nn_model  # pylint: disable=g-import-not-at-top
   import nlx.nn.families  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
-  nn_model.validate(run.model)
+  family = nn_model.validate(run.model)
+  m, seq_len = run.model, run.train.seq_len
+  if family.mlp is not None and m.cms:
+    idle = [p for p, lr in zip(m.cms_periods, m.cms_lrs) if lr and p >= seq_len]
+    if idle:  # a level's first update comes after token P - 1: no token of a window reads it
+      raise ValueError(
+          f"model.cms_periods={tuple(m.cms_periods)}: the level of period {idle[0]} never updates "
+          f"where training reads it (train.seq_len={seq_len}; its first update comes after "
+          f"token {idle[0]}), so its in-context step is never trained and can diverge on longer "
+          f"inputs; allowed: every period < train.seq_len, or that level's model.cms_lr 0")
   if run.optimizer.name == "m3" and run.train.steps < run.optimizer.slow_period:
     raise ValueError(f"optimizer.slow_period={run.optimizer.slow_period} exceeds train.steps="
                      f"{run.train.steps}: the slow level would never update; allowed: <= steps")

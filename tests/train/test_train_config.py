@@ -80,6 +80,17 @@ def test_impossible_values_are_refused_by_name(overrides, n_devices, message):
     configs.validate(_tiny(*overrides), n_devices=n_devices)
 
 
+def test_a_cms_level_that_training_never_reads_is_refused():
+  hope = lambda *o: configs.load(os.path.join(ROOT, "configs", "hope.py:tiny"), list(o))
+  with pytest.raises(ValueError, match=r"model.cms_periods=\(16, 64\): the level of period 64 "
+                     r"never updates where training reads it \(train.seq_len=64"):
+    configs.validate(hope("train.seq_len=64"))
+  configs.validate(hope("train.seq_len=65"))  # token 64 reads the level's first update
+  configs.validate(hope("train.seq_len=64", "model.cms_lr=(0.001, 0.0)"))  # that level frozen
+  configs.validate(hope("train.seq_len=64", "model.cms=False"))
+  configs.validate(_tiny("train.seq_len=16"))  # no CMS: the periods do not matter
+
+
 def test_unknown_fields_and_wrong_types_are_refused():
   with pytest.raises(ValueError, match=r"no field 'stepz'; allowed: \['batch_size'"):
     _tiny("train.stepz=1")
