@@ -12,7 +12,8 @@ pretrained directory::
   nlx generate --workdir runs/llama-cms --prompt "ROMEO:"
 
 With ``cms_lr = 0`` the converted model's logits equal the imported model's; the faster levels
-learn in context at their periods (``cms_periods``) once training gives them weights.
+learn in context at their periods (``cms_periods``: 16 / 64 / 256 for windows of 512 tokens,
+halved for a model with a shorter context) once training gives them weights.
 """
 
 import os
@@ -25,6 +26,16 @@ from nlx.presets import _common as common
 CMS_PARAMS = (r"layers/blocks/0/mlp/.*",)
 
 
+def cms_periods(seq_len: int) -> tuple:
+  """16 / 64 / 256, halved until the slowest level (the imported MLP) updates inside a training
+  window of ``seq_len`` tokens, so that its in-context step is trained too (``nlx train`` refuses
+  a period >= ``train.seq_len``)."""
+  periods = (16, 64, 256)
+  while periods[-1] >= seq_len and periods[0] > 1:
+    periods = tuple(p // 2 for p in periods)
+  return periods
+
+
 def get_config(pretrained_dir: str):
   pretrained_dir = os.path.abspath(pretrained_dir)
   source = pretrained.load_config(pretrained_dir)
@@ -32,8 +43,9 @@ def get_config(pretrained_dir: str):
     raise ValueError(f"{pretrained_dir} holds a {source.family!r} model; level stacking needs a "
                      "Transformer++ (e.g. from 'nlx convert llama')")
   shared = {name: getattr(source, name) for name in SHARED + ("max_seq_len",)}
-  model = common.model_config("hope_attention", "tiny", **shared, cms_periods=(16, 64, 256),
-                              cms_lr=1e-3)
+  seq_len = min(512, source.max_seq_len)
+  model = common.model_config("hope_attention", "tiny", **shared,
+                              cms_periods=cms_periods(seq_len), cms_lr=1e-3)
   data = {}
   if os.path.isfile(os.path.join(pretrained_dir, pretrained.TOKENIZER_FILE)):
     data = dict(tokenizer="hf",
@@ -41,6 +53,6 @@ def get_config(pretrained_dir: str):
   return common.config(
       model, data=data,
       train=dict(init_from=pretrained_dir, trainable=CMS_PARAMS, steps=200, batch_size=8,
-                 seq_len=min(256, source.max_seq_len), checkpoint_every=100, eval_every=100,
+                 seq_len=seq_len, checkpoint_every=100, eval_every=100,
                  log_every=10),
       optimizer=dict(learning_rate=1e-3, warmup_steps=20))
