@@ -37,9 +37,9 @@ Differences from the papers, by design of a small run: a step budget (``steps``)
 epochs; the nlx models as configured (RoPE for Transformer++, the tiny HOPE chunk sizes;
 DeltaNet's β = sigmoid ∈ (0, 1), no negative eigenvalues, as in Irie et al.) with an
 untied output head whose first logits are the label logits; HOPE's CMS periods 8 / 32 instead of
-the tiny preset's 16 / 64 (``CMS_PERIODS``: training strings have at most 50 tokens, and a level of
-period 64 never updates where training reads it; docs/RESULTS.md found such a level's untrained
-in-context step diverging on longer strings); one setting for every model and
+the tiny preset's 16 / 64 (``study.cms_periods_within``: training strings have at most 50 tokens,
+and a level of period 64 never updates where training reads it; docs/RESULTS.md found such a
+level's untrained in-context step diverging on longer strings); one setting for every model and
 language (``cpu``'s width, learning rate and embedding std come from a search for DeltaNet on
 parity, docs/RESULTS.md); one seed. ``--scale cpu`` runs parity only unless ``--languages`` says
 otherwise: its three models fill the 90 minutes.
@@ -78,9 +78,6 @@ from nlx.train.fitting import fit
 STUDY = "formal_languages"
 FAMILIES = ("hope", "transformer", "deltanet")
 CPU_FAMILIES = ("deltanet", "transformer", "hope")  # --scale cpu: the sanity rows first
-# HOPE's (and Hope-attention's) CMS periods here: both levels update inside the training strings
-# (at most 50 tokens), so that their in-context steps are trained.
-CMS_PERIODS = (8, 32)
 CPU_LANGUAGES = ("parity",)  # --scale cpu's default: the sanity rows' language
 LABELS_MAX = 4  # the widest label set (aⁿbⁿcⁿ, Shuffle-2)
 VOCAB = 8  # input ids: 0 padding, 1.. the alphabet; the first LABELS_MAX logits are the labels
@@ -322,14 +319,14 @@ def known_families() -> list:
 
 
 def family_config(family: str, settings: dict):
-  """The ``ModelConfig`` of ``family`` at the study's width and depth (``CMS_PERIODS`` for the
-  families with a CMS)."""
+  """The ``ModelConfig`` of ``family`` at the study's width and depth (a CMS's periods from
+  ``study.cms_periods_within`` the longest training string)."""
   if family not in known_families():
     raise ValueError(f"--families: unknown family {family!r}; known: "
                      f"{', '.join(known_families())}")
   fields = dict(d_model=settings["d_model"], n_layers=settings["n_layers"], tie_embeddings=False)
-  if nlx.nn.registry.get(family).mlp is not None:
-    fields["cms_periods"] = CMS_PERIODS
+  if nlx.nn.registry.get(family).mlp is not None:  # every CMS level updates inside a string
+    fields["cms_periods"] = study.cms_periods_within(settings["train_max"])
   fields.update(settings.get("model", {}))  # --model FIELD=VALUE wins over the scale's
   fields.setdefault("mlp_dim", 2 * fields["d_model"])
   return study.model_config(family, vocab_size=VOCAB, **fields)

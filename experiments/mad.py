@@ -143,11 +143,14 @@ def known_families() -> list:
 
 def model_config(family: str, vocab_size: int, seq_len: int, d_model: int = D_MODEL):
   """MAD's model in ``family``: ``configs/<family>.py:tiny`` at width ``d_model``, 2 blocks, an
-  untied head, SwiGLU width 352 (HOPE: two CMS levels of 176).
+  untied head, SwiGLU width 352 (HOPE: two CMS levels of 176, their periods
+  ``study.cms_periods_within(seq_len)``: 4 / 16 at 32 tokens, so that both update in training).
   """
   mlp_dim = SWIGLU_WIDTH // 2 if family == "hope" else SWIGLU_WIDTH
+  cms = ({"cms_periods": study.cms_periods_within(seq_len)}
+         if nlx.nn.registry.get(family).mlp is not None else {})
   return study.model_config(family, vocab_size=vocab_size, d_model=d_model, n_layers=2,
-                            mlp_dim=mlp_dim, max_seq_len=seq_len, tie_embeddings=False)
+                            mlp_dim=mlp_dim, max_seq_len=seq_len, tie_embeddings=False, **cms)
 
 
 def sincos(length: int, dim: int) -> jax.Array:

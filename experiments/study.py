@@ -199,6 +199,17 @@ def model_config(family: str, size: str = "tiny", **fields) -> ModelConfig:
   return ModelConfig.from_config(cfg.model)
 
 
+def cms_periods_within(length: int, periods: Sequence[int] = (16, 64)) -> tuple:
+  """``periods`` (the tiny preset's CMS periods) halved until every level updates inside a
+  training sequence of ``length`` tokens (the slowest period < length): a level of period ≥ the
+  training length never updates where training reads it, so its in-context step is never trained
+  (``nlx train`` refuses such a config; docs/RESULTS.md saw one diverge on longer inputs)."""
+  periods = tuple(periods)
+  while periods[-1] >= length and periods[0] > 1:
+    periods = tuple(p // 2 for p in periods)
+  return periods
+
+
 def param_count(cfg: ModelConfig) -> int:
   """Number of parameters of ``build_model(cfg)`` (traced, nothing allocated)."""
   model = nnx.eval_shape(lambda: nlx.build_model(cfg, rngs=nnx.Rngs(0)))

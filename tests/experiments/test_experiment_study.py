@@ -86,3 +86,12 @@ def test_no_sys_path_edits_in_the_studies_or_their_tests():
                              f.read_text(encoding="utf-8"))
          if f.name != pathlib.Path(__file__).name]
   assert not bad, bad
+
+
+def test_cms_periods_within_puts_every_level_inside_the_training_length():
+  assert study.cms_periods_within(256) == (16, 64)
+  assert study.cms_periods_within(65) == (16, 64)  # token 64 reads the slowest level's update
+  assert study.cms_periods_within(64) == (8, 32)
+  assert study.cms_periods_within(50) == (8, 32)
+  assert study.cms_periods_within(32) == (4, 16)
+  assert study.cms_periods_within(2, (4, 16)) == (1, 4)  # stops at a period of 1
