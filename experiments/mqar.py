@@ -412,11 +412,15 @@ def check_families(families) -> tuple:
 
 
 def config(family: str, width: int, settings: dict, max_seq_len: Optional[int] = None):
-  """The ``ModelConfig`` of ``family`` at ``d_model = width`` (2 layers, 2 heads)."""
+  """The ``ModelConfig`` of ``family`` at ``d_model = width`` (2 layers, 2 heads; a CMS's periods
+  ``study.cms_periods_within`` the training length ``max_seq_len``)."""
   ratio = MLP_RATIO.get(family, DEFAULT_MLP_RATIO)
+  length = max_seq_len or level_length(max(settings["pairs"]))
   fields = dict(vocab_size=settings["vocab_size"], d_model=width, n_layers=settings["n_layers"],
                 n_heads=settings["n_heads"], mlp_dim=max(8, int(ratio * width)),
-                max_seq_len=max_seq_len or level_length(max(settings["pairs"])))
+                max_seq_len=length)
+  if nlx.nn.registry.get(family).mlp is not None:  # every CMS level updates in training
+    fields["cms_periods"] = study.cms_periods_within(length)
   fields.update(settings.get("model", {}))
   return study.model_config(family, **fields)
 
