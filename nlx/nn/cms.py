@@ -126,12 +126,16 @@ class CMSSpec:
     variant: ``model.cms_variant``.
     lr: ``model.cms_lr``: η of every level (a float) or one η per level (a tuple).
     stop_gradient: ``model.cms_stop_gradient``.
+    grad_clip: ``model.cms_grad_clip``: None, or the global norm each level's summed gradient is
+      clipped to before its step.
   """
 
-  def __init__(self, periods, variant: str, lr, stop_gradient: bool = False):
+  def __init__(self, periods, variant: str, lr, stop_gradient: bool = False,
+               grad_clip: Optional[float] = None):
     self.periods, self.variant = tuple(periods), variant
     self.rates = level_rates(lr, len(self.periods))
     self.stop_gradient = stop_gradient
+    self.grad_clip = None if grad_clip is None else float(grad_clip)
     self.names = level_names(len(self.periods))
 
   @property
@@ -141,7 +145,7 @@ class CMSSpec:
 
   def _key(self):
     # The per-level rates: a float and the tuple repeating it are the same spec.
-    return (self.periods, self.variant, self.rates, self.stop_gradient)
+    return (self.periods, self.variant, self.rates, self.stop_gradient, self.grad_clip)
 
   # Compared by value: a static field of the model's graph, so equal configs share jit caches.
   def __eq__(self, other):
@@ -156,6 +160,8 @@ class CMSSpec:
       faster_reset = self.variant == "nested" and i < len(self.periods) - 1
       opt = (reset_every(self.periods[i + 1] // period, rate) if faster_reset
              else optax.sgd(rate))
+      if self.grad_clip is not None:
+        opt = optax.chain(optax.clip_by_global_norm(self.grad_clip), opt)
       if self.stop_gradient:
         opt = optax.chain(stop_gradient_transform(), opt)
       out.append(nl_levels.Level(name, period, opt))
@@ -206,6 +212,12 @@ class CMSSpec:
     losses = {n: own[i] + (own[i - 1] if self.variant == "nested" and i > 0 else 0.0)
               for i, n in enumerate(self.names)} if own else {}
     return y, losses
+
+
+def cms_spec(cfg: ModelConfig) -> CMSSpec:
+  """The ``CMSSpec`` of a model config's CMS fields."""
+  return CMSSpec(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient,
+                 cfg.cms_grad_clip)
 
 
 def local_loss(o: Array, inp: Array, target: Array, weights: Optional[Array] = None) -> Array:
@@ -421,12 +433,12 @@ class CMS(Mixer):
 
   Args:
     cfg: uses d_model, mlp_dim (hidden width of every level), cms_periods, cms_variant,
-      cms_objective, cms_lr, cms_stop_gradient.
+      cms_objective, cms_lr, cms_stop_gradient, cms_grad_clip.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n = cfg.d_model, len(cfg.cms_periods)
-    self.spec = CMSSpec(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient)
+    self.spec = cms_spec(cfg)
     self.reads_only = cfg.cms_objective == "next_token"  # the LM steps the levels
     self.blocks = nnx.List([SwiGLU(d, cfg.mlp_dim, rngs=rngs) for _ in range(n)])
     self.targets = (None if self.reads_only else

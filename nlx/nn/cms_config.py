@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, Optional
 
 from nlx import validation
 
@@ -42,6 +42,12 @@ class CmsFields:
       the faster ones learn). ``cms_lrs`` is the per-level tuple either way.
     cms_stop_gradient: stop the outer gradient at the inner writes (default: gradients flow
       through every write, docs/EQUATIONS.md, choice 9).
+    cms_grad_clip: None (the paper's plain step, Eq. 71) or a float > 0: each level's summed
+      gradient is clipped to this global norm before its step (``optax.clip_by_global_norm``),
+      so that one in-context update moves the level by at most ``η^(ℓ) × cms_grad_clip``. A
+      level's step is trained only as often as training windows read it; on longer inputs the
+      plain step can diverge (docs/RESULTS.md, formal languages), the clipped one cannot
+      overflow.
   """
 
   cms: bool = True
@@ -50,6 +56,7 @@ class CmsFields:
   cms_objective: str = "local"
   cms_lr: float | tuple = 1e-3
   cms_stop_gradient: bool = False
+  cms_grad_clip: Optional[float] = None
 
   @property
   def cms_lrs(self) -> tuple:
@@ -75,6 +82,11 @@ def validate_cms(cfg: Any) -> None:
     raise ValueError(f"model.cms_periods={periods!r} must be a non-empty tuple of ints >= 1, "
                      "strictly increasing, each dividing the next (e.g. (32, 256, 2048))")
   _check_cms_lr(cfg)
+  clip = cfg.cms_grad_clip
+  if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, bool)
+                               and math.isfinite(clip) and clip > 0):
+    raise ValueError(f"model.cms_grad_clip={clip!r} must be None (no clip) or a finite float "
+                     "> 0 (the global norm of a level's summed gradient)")
 
 
 def _check_cms_lr(cfg: Any) -> None:

@@ -16,9 +16,9 @@ from nlx.nn.config import ModelConfig
 D, HIDDEN, PERIODS, T, B = 8, 16, (2, 4), 10, 2
 
 
-def make(lr, variant="sequential"):
+def make(lr, variant="sequential", grad_clip=None):
   cfg = ModelConfig(d_model=D, mlp_dim=HIDDEN, cms_periods=PERIODS, cms_variant=variant,
-                    cms_lr=lr)
+                    cms_lr=lr, cms_grad_clip=grad_clip)
   return CMS(cfg, rngs=nnx.Rngs(3))
 
 
@@ -61,8 +61,9 @@ def test_equal_rates_are_the_float():
   assert float(jnp.abs(make((0.05, 0.5))(x)[0] - y_float).max()) > 1e-4
 
 
-def eq71_loop(blocks, targets, x, rates):
-  """Sequential CMS, token by token: θ^(ℓ) ← θ^(ℓ) − η^(ℓ) Σ_{last C^(ℓ) tokens} ∇ℓ^(ℓ)_t.
+def eq71_loop(blocks, targets, x, rates, clip=None):
+  """Sequential CMS, token by token: θ^(ℓ) ← θ^(ℓ) − η^(ℓ) Σ_{last C^(ℓ) tokens} ∇ℓ^(ℓ)_t
+  (with ``clip``: the sum scaled down to global norm ``clip`` where it is longer).
 
   Level ℓ's loss at token t is ½·mean((o_ℓ − h_{ℓ−1} W_ℓ)²) with o_ℓ = MLP_ℓ(h_{ℓ−1}),
   h_ℓ = h_{ℓ−1} + o_ℓ and h_0 = x_t; its gradient is taken w.r.t. its own weights only.
@@ -92,18 +93,24 @@ def eq71_loop(blocks, targets, x, rates):
     sums = [jax.tree.map(jnp.add, s, g) for s, g in zip(sums, grads)]
     for i, (period, rate) in enumerate(zip(PERIODS, rates)):
       if (t + 1) % period == 0:
-        weights[i] = jax.tree.map(lambda w, s, r=rate: w - r * s, weights[i], sums[i])
+        norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(sums[i])))
+        shrink = 1.0 if clip is None else jnp.minimum(1.0, clip / norm)
+        weights[i] = jax.tree.map(lambda w, s, r=rate: w - r * shrink * s, weights[i], sums[i])
         sums[i] = jax.tree.map(jnp.zeros_like, sums[i])
     history.append(list(weights))
   return jnp.stack(ys), history
 
 
-def test_each_level_writes_with_its_own_rate_as_eq_71():
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_each_level_writes_with_its_own_rate_as_eq_71(clip):
   rates = (0.05, 0.3)
-  cms = make(rates)
+  cms = make(rates, grad_clip=clip)
   x = inputs(1)
   blocks = [swiglu_weights(b) for b in cms.blocks]
-  y_ref, history = eq71_loop(blocks, [t.kernel[...] for t in cms.targets], x[0], rates)
+  y_ref, history = eq71_loop(blocks, [t.kernel[...] for t in cms.targets], x[0], rates, clip)
+  if clip is not None:  # not vacuous: the clip binds, the plain step writes something else
+    _, plain = eq71_loop(blocks, [t.kernel[...] for t in cms.targets], x[0], rates)
+    assert max_change(plain[-1][1], history[-1][1]) > 1e-4
   # Token by token (levels.tick): every level's weights after every token.
   state = cms.init_state(1, 0)
   step = jax.jit(lambda s, xt: cms(xt, s)[1])  # one compilation for the T calls
@@ -117,7 +124,7 @@ def test_each_level_writes_with_its_own_rate_as_eq_71():
   # The whole sequence (levels.scan_levels): the outputs.
   np.testing.assert_allclose(cms(x)[0][0], y_ref, rtol=1e-4, atol=1e-5)
   # The rates are really per level: swapping them changes level 1's last write.
-  _, swapped = eq71_loop(blocks, [t.kernel[...] for t in cms.targets], x[0], rates[::-1])
+  _, swapped = eq71_loop(blocks, [t.kernel[...] for t in cms.targets], x[0], rates[::-1], clip)
   assert max_change(swapped[-1][1], history[-1][1]) > 1e-4
 
 
@@ -145,6 +152,13 @@ def test_bad_rates_are_refused_by_name(value):
              r"len\(cms_periods\)=2 such floats \(one per level\); got ")
   with pytest.raises(ValueError, match=message):
     ModelConfig(cms_periods=PERIODS, cms_lr=value)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_a_bad_grad_clip_is_refused_by_name(value):
+  with pytest.raises(ValueError, match=r"model.cms_grad_clip=.* must be None \(no clip\) or a "
+                     r"finite float > 0|model.cms_grad_clip must be"):
+    ModelConfig(cms_periods=PERIODS, cms_grad_clip=value)
 
 
 def test_a_list_is_read_as_a_tuple_and_a_wrong_type_is_refused():
