@@ -38,8 +38,9 @@ epochs; the nlx models as configured (RoPE for Transformer++, the tiny HOPE chun
 DeltaNet's β = sigmoid ∈ (0, 1), no negative eigenvalues, as in Irie et al.) with an
 untied output head whose first logits are the label logits; HOPE's CMS periods 8 / 32 instead of
 the tiny preset's 16 / 64 (``study.cms_periods_within``: training strings have at most 50 tokens,
-and a level of period 64 never updates where training reads it; docs/RESULTS.md found such a
-level's untrained in-context step diverging on longer strings); one setting for every model and
+and a level of period 64 never updates where training reads it) and their summed gradients
+clipped to norm 100 (``CMS_GRAD_CLIP``: docs/RESULTS.md found the untrained in-context updates
+of longer strings diverging with the plain step); one setting for every model and
 language (``cpu``'s width, learning rate and embedding std come from a search for DeltaNet on
 parity, docs/RESULTS.md); one seed. ``--scale cpu`` runs parity only unless ``--languages`` says
 otherwise: its three models fill the 90 minutes.
@@ -78,6 +79,10 @@ from nlx.train.fitting import fit
 STUDY = "formal_languages"
 FAMILIES = ("hope", "transformer", "deltanet")
 CPU_FAMILIES = ("deltanet", "transformer", "hope")  # --scale cpu: the sanity rows first
+# Bin 1's strings (up to 100 tokens) ask a CMS level for more in-context updates than any training
+# string (up to 50) did; with the plain step those diverge (docs/RESULTS.md). The clip bounds each
+# update (model.cms_grad_clip); trained updates here had summed-gradient norms of 8-60.
+CMS_GRAD_CLIP = 100.0
 CPU_LANGUAGES = ("parity",)  # --scale cpu's default: the sanity rows' language
 LABELS_MAX = 4  # the widest label set (aⁿbⁿcⁿ, Shuffle-2)
 VOCAB = 8  # input ids: 0 padding, 1.. the alphabet; the first LABELS_MAX logits are the labels
@@ -327,6 +332,7 @@ def family_config(family: str, settings: dict):
   fields = dict(d_model=settings["d_model"], n_layers=settings["n_layers"], tie_embeddings=False)
   if nlx.nn.registry.get(family).mlp is not None:  # every CMS level updates inside a string
     fields["cms_periods"] = study.cms_periods_within(settings["train_max"])
+    fields["cms_grad_clip"] = CMS_GRAD_CLIP
   fields.update(settings.get("model", {}))  # --model FIELD=VALUE wins over the scale's
   fields.setdefault("mlp_dim", 2 * fields["d_model"])
   return study.model_config(family, vocab_size=VOCAB, **fields)
