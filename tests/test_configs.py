@@ -34,7 +34,8 @@ FIELD_ORDER = (
     "mlp_dim", "tie_embeddings", "max_seq_len", "rope_theta", "window", "conv_size", "chunk_size",
     "memory_chunk_size", "impl", "remat", "state_dim", "mamba_expand", "mamba_head_dim",
     "memory_expand", "n_persistent", "ttt_base_lr", "titans_lr_max", "norm_eps", "init_std", "cms",
-    "cms_periods", "cms_variant", "cms_objective", "cms_lr", "cms_stop_gradient", "hope_memory",
+    "cms_periods", "cms_variant", "cms_objective", "cms_lr", "cms_stop_gradient", "cms_grad_clip",
+    "hope_memory",
     "hope_objective", "hope_dgd", "hope_dgd_keys", "hope_chunk_size", "hope_chunk_boundary",
     "hope_lr_max", "hope_gate_reduce", "hope_momentum", "hope_weight_decay", "hope_adaptive_k",
     "hope_adaptive_v", "hope_adaptive_q", "hope_stop_gradient", "hope_normalize_v", "hope_read")

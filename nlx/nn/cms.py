@@ -126,17 +126,20 @@ class CMSSpec:
     variant: ``model.cms_variant``.
     lr: ``model.cms_lr``: η of every level (a float) or one η per level (a tuple).
     stop_gradient: ``model.cms_stop_gradient``.
-    grad_clip: ``model.cms_grad_clip``: None, or the global norm each level's summed gradient is
-      clipped to before its step.
+    grad_clip: ``model.cms_grad_clip`` (None: the plain step).
   """
 
-  def __init__(self, periods, variant: str, lr, stop_gradient: bool = False,
-               grad_clip: Optional[float] = None):
+  def __init__(self, periods, variant: str, lr, stop_gradient: bool = False, grad_clip=None):
     self.periods, self.variant = tuple(periods), variant
     self.rates = level_rates(lr, len(self.periods))
-    self.stop_gradient = stop_gradient
-    self.grad_clip = None if grad_clip is None else float(grad_clip)
+    self.stop_gradient, self.grad_clip = stop_gradient, grad_clip
     self.names = level_names(len(self.periods))
+
+  @classmethod
+  def of(cls, cfg: ModelConfig) -> "CMSSpec":
+    """The spec of a model config's CMS fields."""
+    return cls(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient,
+               cfg.cms_grad_clip)
 
   @property
   def frozen(self) -> bool:
@@ -212,12 +215,6 @@ class CMSSpec:
     losses = {n: own[i] + (own[i - 1] if self.variant == "nested" and i > 0 else 0.0)
               for i, n in enumerate(self.names)} if own else {}
     return y, losses
-
-
-def cms_spec(cfg: ModelConfig) -> CMSSpec:
-  """The ``CMSSpec`` of a model config's CMS fields."""
-  return CMSSpec(cfg.cms_periods, cfg.cms_variant, cfg.cms_lr, cfg.cms_stop_gradient,
-                 cfg.cms_grad_clip)
 
 
 def local_loss(o: Array, inp: Array, target: Array, weights: Optional[Array] = None) -> Array:
@@ -438,7 +435,7 @@ class CMS(Mixer):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n = cfg.d_model, len(cfg.cms_periods)
-    self.spec = cms_spec(cfg)
+    self.spec = CMSSpec.of(cfg)
     self.reads_only = cfg.cms_objective == "next_token"  # the LM steps the levels
     self.blocks = nnx.List([SwiGLU(d, cfg.mlp_dim, rngs=rngs) for _ in range(n)])
     self.targets = (None if self.reads_only else

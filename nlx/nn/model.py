@@ -163,8 +163,8 @@ class LM(nnx.Module):
                            and cfg.cms_objective == "next_token")
 
   def _cms_levels(self):
-    from nlx.nn.cms import cms_spec  # pylint: disable=g-import-not-at-top
-    return cms_spec(self.cfg).levels()
+    from nlx.nn.cms import CMSSpec  # pylint: disable=g-import-not-at-top
+    return CMSSpec.of(self.cfg).levels()
 
   def _logits(self, x: Array) -> Array:
     x = self.norm(x)
