@@ -154,6 +154,14 @@ def test_bad_rates_are_refused_by_name(value):
     ModelConfig(cms_periods=PERIODS, cms_lr=value)
 
 
+def test_the_clip_keeps_a_diverging_in_context_step_finite():
+  # A rate far beyond what the weights allow: the plain step (Eq. 71) overflows within 64
+  # tokens; clipped, each update moves a level by at most lr * clip, so it cannot.
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (1, 64, D))
+  assert not bool(jnp.isfinite(make(1.0)(x)[0]).all())
+  assert bool(jnp.isfinite(make(1.0, grad_clip=1.0)(x)[0]).all())
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_bad_grad_clip_is_refused_by_name(value):
   with pytest.raises(ValueError, match=r"model.cms_grad_clip=.* must be None \(no clip\) or a "
