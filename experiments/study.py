@@ -38,7 +38,7 @@ from flax import nnx
 
 import nlx
 from nlx import configs as nlx_configs
-from nlx.nn import ModelConfig
+from nlx.nn import ModelConfig, cms_config
 from nlx.train.fitting import FitResult, fit
 from nlx.train.fitting import param_count as count_params
 
@@ -201,13 +201,9 @@ def model_config(family: str, size: str = "tiny", **fields) -> ModelConfig:
 
 def cms_periods_within(length: int, periods: Sequence[int] = (16, 64)) -> tuple:
   """``periods`` (the tiny preset's CMS periods) halved until every level updates inside a
-  training sequence of ``length`` tokens (the slowest period < length): a level of period ≥ the
-  training length never updates where training reads it, so its in-context step is never trained
-  (``nlx train`` refuses such a config; docs/RESULTS.md saw one diverge on longer inputs)."""
-  periods = tuple(periods)
-  while periods[-1] >= length and periods[0] > 1:
-    periods = tuple(p // 2 for p in periods)
-  return periods
+  training sequence of ``length`` tokens (``nlx.nn.cms_config.periods_within``; docs/RESULTS.md saw
+  a level that training never read diverge on longer inputs)."""
+  return cms_config.periods_within(periods, length)
 
 
 def param_count(cfg: ModelConfig) -> int:

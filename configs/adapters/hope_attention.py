@@ -20,20 +20,11 @@ import os
 
 from nlx import pretrained
 from nlx.convert.level_stacking import SHARED
+from nlx.nn.cms_config import periods_within
 from nlx.presets import _common as common
 
 # The levels that learn: each block's CMS (its SwiGLU levels and their local targets).
 CMS_PARAMS = (r"layers/blocks/0/mlp/.*",)
-
-
-def cms_periods(seq_len: int) -> tuple:
-  """16 / 64 / 256, halved until the slowest level (the imported MLP) updates inside a training
-  window of ``seq_len`` tokens, so that its in-context step is trained too (``nlx train`` refuses
-  a period >= ``train.seq_len``)."""
-  periods = (16, 64, 256)
-  while periods[-1] >= seq_len and periods[0] > 1:
-    periods = tuple(p // 2 for p in periods)
-  return periods
 
 
 def get_config(pretrained_dir: str):
@@ -45,7 +36,7 @@ def get_config(pretrained_dir: str):
   shared = {name: getattr(source, name) for name in SHARED + ("max_seq_len",)}
   seq_len = min(512, source.max_seq_len)
   model = common.model_config("hope_attention", "tiny", **shared,
-                              cms_periods=cms_periods(seq_len), cms_lr=1e-3)
+                              cms_periods=periods_within((16, 64, 256), seq_len), cms_lr=1e-3)
   data = {}
   if os.path.isfile(os.path.join(pretrained_dir, pretrained.TOKENIZER_FILE)):
     data = dict(tokenizer="hf",

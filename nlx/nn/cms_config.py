@@ -66,6 +66,17 @@ class CmsFields:
     return (float(self.cms_lr),) * len(self.cms_periods)
 
 
+def periods_within(periods: tuple, length: int) -> tuple:
+  """``periods`` halved (each, while the fastest is above 1) until the slowest is below ``length``:
+  then every level updates inside a training window of ``length`` tokens, so its in-context step
+  is trained (a level of period ≥ the window never updates where training reads it; ``nlx
+  train`` refuses one)."""
+  periods = tuple(periods)
+  while periods[-1] >= length and periods[0] > 1:
+    periods = tuple(p // 2 for p in periods)
+  return periods
+
+
 def validate_cms(cfg: Any) -> None:
   """Checks the CMS fields of a frozen config; reads a list ``cms_periods`` as a tuple and a list
   ``cms_lr`` as a tuple of floats (both set on ``cfg``)."""
