@@ -46,8 +46,8 @@ class CmsFields:
       gradient is clipped to this global norm before its step (``optax.clip_by_global_norm``),
       so that one in-context update moves the level by at most ``η^(ℓ) × cms_grad_clip``. A
       level's step is trained only as often as training windows read it; on longer inputs the
-      plain step can diverge (docs/RESULTS.md, formal languages), the clipped one cannot
-      overflow.
+      plain step can diverge geometrically (docs/RESULTS.md, formal languages), while the
+      clipped one drifts at most linearly in the number of updates.
   """
 
   cms: bool = True
