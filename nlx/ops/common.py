@@ -39,13 +39,13 @@ def reset_reason(reset, kind: Optional[str] = None) -> Optional[str]:
   Args:
     reset: the op's ``reset`` (None: no boundaries, nothing to refuse).
     kind: the kernel kind the op runs; the kernels apply boundaries for
-      ``pallas_ops.SEGMENTED_KINDS`` ("linear_attention", "delta_rule") and refuse them for any
-      other kind, or when the kind is not given.
+      ``pallas_ops.RESET_KINDS`` ("linear_attention", "delta_rule", "titans") and refuse them
+      for any other kind, or when the kind is not given.
   """
-  if reset is None or kind in pallas_ops.SEGMENTED_KINDS:
+  if reset is None or kind in pallas_ops.RESET_KINDS:
     return None
   return (f"reset (document boundaries) is not supported by the kernels for kind={kind!r}; "
-          f"they take it for {pallas_ops.SEGMENTED_KINDS}")
+          f"they take it for {pallas_ops.RESET_KINDS}")
 
 
 def compute_dtype(dtype) -> jnp.dtype:

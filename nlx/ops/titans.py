@@ -10,7 +10,8 @@ TTT-Linear/TTT-MLP with ``position_scale``). Its three forms (``impl``):
   aligned with the call) and ``chunk_start_scan_offset`` (a call that continues a chunk an
   earlier call began);
 * kernel: ``pallas_kernels/chunked_memory`` with kind ``"titans"`` (linear memory only;
-  ``_titans_pallas`` below splits a call into the whole chunks the kernels take).
+  ``_titans_pallas`` below splits a call into the whole chunks the kernels take, and
+  ``_titans_pallas_packed`` runs a packed batch, with ``reset``, in ``document_slots``' buffer).
 
 ``gradient_memory`` is the body shared with ``nlx.ops.dgd`` (``dgd_memory`` is this op plus
 DGD's decay term): validation, dispatch and layout, and the ``TitansState`` that lets a sequence
@@ -109,7 +110,9 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       recurrent, and chunked (``nlx/memory/packed.py::chunk_start_scan_packed``: as many
       chunks as without boundaries, each taking its gradients twice, since a document's gradient
       chunk may straddle two of them; with ``position_scale``, ``read="after_write"`` only:
-      "auto" and "chunked" run the recurrent form for "before_write"); not the kernels.
+      "auto" and "chunked" run the recurrent form for "before_write"); the kernels for the
+      linear memory read after the write, in a call that starts a chunk
+      (``_titans_pallas_packed``).
     reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
       learned initial memory); None: zeros (linear memory only).
 
@@ -118,7 +121,8 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
   """
   return gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
                          impl, dgd=False, kernel=_titans_pallas, position_scale=position_scale,
-                         memory_params=memory_params, reset=reset, reset_state=reset_state)
+                         memory_params=memory_params, reset=reset, reset_state=reset_state,
+                         packed_kernel=_titans_pallas_packed)
 
 
 def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
@@ -157,15 +161,90 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
   return o, TitansState(w, p, start, t)
 
 
+def _segment_log_decay(g: Array, reset: Array) -> tuple[Array, Array]:
+  """``(ζ, seen)``, ``[B, T, H]``: ``ζ_t = exp(Σ_{r≤l≤t} g_l)`` from the last reset ``r ≤ t``
+  (a segmented cumulative sum, no differences of long sums), and whether a reset came yet."""
+  flags = jnp.broadcast_to(reset[:, :, None], g.shape)
+
+  def combine(a, b):
+    (x1, f1), (x2, f2) = a, b
+    return jnp.where(f2, x2, x1 + x2), f1 | f2
+
+  total, seen = jax.lax.associative_scan(combine, (g, flags), axis=1)
+  return jnp.where(seen, jnp.exp(jnp.where(seen, total, 0.0)), 0.0), seen
+
+
+def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_state,
+                          chunk_size):
+  """``titans_memory`` with ``reset`` on the kernels, in a call that starts a chunk.
+
+  A document's gradient chunks are aligned with its first token, the kernels' chunks with the
+  call. ``core.document_slots`` places the tokens in a buffer where every later gradient chunk
+  of a document starts a kernel chunk (placeholders, ``live`` false, fill the gaps) and a
+  document's first one, which may straddle two kernel chunks, is marked ``fresh``. The kernels
+  restart from zero at a reset; the reset state ``S₀`` enters linearly: the state is
+  ``S̃_t + ζ_t S₀`` with ``ζ_t`` the decay since the last reset (zero before one), so the kernel
+  carries ``S̃`` with values ``v − ρ_t k_t S₀`` (``ρ_t``: ``ζ`` at the token's gradient
+  reference: 1 when fresh, else ``ζ`` just before its gradient chunk), and ``ζ_t q_t S₀`` is
+  added to the outputs. The returned ``chunk_start`` (the gradient reference of the last
+  token's chunk) of a stale chunk comes from a second forward call that stops where that chunk
+  starts (its buffer chunk's start); XLA drops it when the state is not used.
+  """
+  b, t, h, _ = q.shape
+  c = chunk_size
+  reset = jnp.asarray(reset).astype(bool)
+  f32 = jnp.float32
+  log_decay = jnp.zeros((b, t, h), f32) if g is None else g.astype(f32)
+  zeta, _ = _segment_log_decay(log_decay, reset)  # [B, T, H]
+  slots, positions, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
+  size = core.buffer_chunks(t, c) * c
+  first = jnp.arange(t)[None, :] - positions  # each token's gradient chunk's first token
+  before = jnp.take_along_axis(zeta, jnp.maximum(first - 1, 0)[..., None], axis=1)
+  rho = jnp.where(fresh[..., None], 1.0, jnp.where((first > 0)[..., None], before, 0.0))
+  v_in = v
+  if reset_state is not None:
+    s0 = reset_state.astype(f32)
+    v_in = (v.astype(f32) - rho[..., None] * jnp.einsum("bthk,bhkv->bthv", k.astype(f32), s0)
+            ).astype(v.dtype)
+  place = lambda x, fill=0: None if x is None else jax.vmap(
+      lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
+  live = place(jnp.ones((b, t), bool), False)
+  inputs = dict(q=place(q), k=place(k), v=place(v_in))
+  gates = dict(beta=place(lr), g=place(g), momentum=place(momentum))
+  run = lambda live_: pallas_ops.chunked_memory(
+      "titans", **inputs, **gates, initial_state=weights, initial_momentum=mom, chunk_size=c,
+      reset=place(reset, False), fresh=place(fresh, False), live=live_)
+  o, w, p = run(live)
+  o = jax.vmap(lambda ob, sb: ob[sb])(o, slots)
+  # The last token's gradient chunk: its first token, its buffer chunk, its reference state.
+  last_first = first[:, -1]
+  stop = (slots[:, -1] // c) * c
+  _, cut, _ = run(live & (jnp.arange(size)[None, :] < stop[:, None]))
+  zeta_before = jnp.where((last_first > 0)[:, None], jnp.take_along_axis(
+      zeta, jnp.maximum(last_first - 1, 0)[:, None, None], axis=1)[:, 0], 0.0)  # [B, H]
+  if reset_state is not None:
+    o = (o.astype(f32) + zeta[..., None] * jnp.einsum("bthk,bhkv->bthv", q.astype(f32), s0)
+         ).astype(o.dtype)
+    w = w + zeta[:, -1, :, None, None] * s0
+    cut = cut + zeta_before[..., None, None] * s0
+  reset_w = jnp.zeros_like(w) if reset_state is None else s0
+  start = jnp.where(fresh[:, -1, None, None, None], reset_w, cut)
+  offset = ((positions[:, -1] + 1) % c).astype(jnp.int32)
+  return o, TitansState(w, p, start, offset)
+
+
 def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, initial_state,
                     chunk_size: int, read: str, impl: str, *, dgd, kernel: Callable,
                     position_scale=None, memory_params=None, reset=None,
-                    reset_state=None) -> tuple[Array, TitansState]:
+                    reset_state=None, packed_kernel: Optional[Callable] = None
+                    ) -> tuple[Array, TitansState]:
   """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout.
 
   ``dgd``: False (Titans), True or "proximal" (each layer's rate, ``core.layer_rates``).
   ``kernel``: the op's ``impl="pallas"`` path, ``(q, k, v, lr, momentum, g, initial_state,
-  offset, chunk_size) -> (o, TitansState)`` (``offset``: None when a chunk starts now).
+  offset, chunk_size) -> (o, TitansState)`` (``offset``: None when a chunk starts now);
+  ``packed_kernel``: the same with ``reset``, ``(q, k, v, lr, momentum, g, weights,
+  momentum_state, reset, reset_state, chunk_size)`` (None: the kernels take no boundaries).
   """
   b, t, h, dk, dv = check_sequences(q, k, v)
   check_gate("lr", lr, b, t, h, required=True)
@@ -185,11 +264,22 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   w_reset = check_reset_state(mem, reset, reset_state, weights, b, h, dk, dv)
   per_row = getattr(offset, "shape", ()) == (b,)  # rows continue different chunks
   reason = None
-  if reset is not None or per_row:
-    reason = ("the titans/DGD kernels do not implement reset (document boundaries) or rows that "
-              "continue different chunks (initial_state.offset [B])")
-    if (reset is not None and position_scale is not None and read != "after_write" and
-        impl != "pallas"):
+  if per_row:
+    reason = ("the titans/DGD kernels do not implement rows that continue different chunks "
+              "(initial_state.offset [B])")
+  elif reset is not None:
+    if packed_kernel is None:
+      reason = "the DGD kernels do not implement reset (document boundaries)"
+    elif offset:
+      reason = ("the titans kernels take reset (document boundaries) only in a call that starts "
+                "a chunk (initial_state.offset 0 or None)")
+    elif position_scale is not None:
+      reason = "the kernels do not implement position_scale"
+    elif not isinstance(mem, LinearMemory):
+      reason = "the kernels implement linear memories only"
+    elif read != "after_write":
+      reason = "the kernels read after the write only"
+    if position_scale is not None and read != "after_write" and impl != "pallas":
       impl = "recurrent"  # the position-scaled packed chunked form reads after the write only
   elif position_scale is not None:
     reason = "the kernels do not implement position_scale"
@@ -204,6 +294,10 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
     reason = ("initial_state.offset is a traced array; the kernels need to know statically how "
               "many tokens finish the chunk in progress")
   impl = resolve_impl(impl, "delta_rule" if dgd else "titans", q, k, v, chunk_size, reason)
+  if impl == "pallas" and reset is not None:
+    linear = lambda x: None if x is None else x["w"]
+    return packed_kernel(q, k, v, lr, momentum, g, linear(weights), linear(mom), reset,
+                         linear(w_reset), chunk_size)
   if impl == "pallas":
     return kernel(q, k, v, lr, momentum, g, initial_state, offset, chunk_size)
 

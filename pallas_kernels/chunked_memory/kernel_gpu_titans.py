@@ -48,8 +48,6 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     ``(o [BH, Tp, V] in q's dtype, final State [BH, K, V], start states State [BH, N, K, V],
     coef [BH, Tp, 4] float32 or None)``; the start states and coef are the backward's residuals.
   """
-  if segmented:
-    raise ValueError("the Titans kernels take no document boundaries")
   bh_count, tp_len, dk = q.shape
   dv = v.shape[-1]
   n_chunks, nv = tp_len // chunk, dv // block_v
@@ -66,7 +64,7 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       bh, n = pl.program_id(0), pl.program_id(1)
       rows = pl.ds(n * chunk, chunk)
       coef_ref[bh, rows, :] = tp.coefficients(gc_ref[bh, rows, :], gr_ref[bh, n, :, :],
-                                              last_of(n))
+                                              last_of(n), segmented)
 
     coef = pl.pallas_call(
         coef_kernel, grid=(bh_count, n_chunks), name="nlx_titans_fwd_coef",
@@ -90,7 +88,7 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
         p_starts[bh, n, :, cols] = p
       return tp.state_step(_f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, cols]),
                            gc_ref[bh, rows, :], coef_ref[bh, rows, :] if momentum else None,
-                           s, p, last_of(n), dt)
+                           s, p, last_of(n), dt, segmented)
 
     start = (s0_ref[bh, :, cols], p0_ref[bh, :, cols] if momentum else None)
     s1, p1 = jax.lax.fori_loop(0, n_chunks, body, start)
@@ -118,7 +116,8 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
     o = tp.output(_f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), _f32(v_ref[bh, rows, cols]),
                   gc_ref[bh, rows, :], gr_ref[bh, n, :, :], s_ref[bh, n, :, cols],
-                  p_ref[bh, n, :, cols] if momentum else None, last_of(n), scale, dt)
+                  p_ref[bh, n, :, cols] if momentum else None, last_of(n), scale, dt,
+                  segmented)
     o_ref[bh, rows, cols] = o.astype(o_ref.dtype)
 
   o = pl.pallas_call(
@@ -140,7 +139,6 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
   Returns:
     ``(dq, dk, dv, d_gates_col, d_gates_row, d_initial State)``, float32, shaped like the inputs.
   """
-  del segmented
   bh_count, tp_len, dk = q.shape
   dv = v.shape[-1]
   n_chunks, nv = tp_len // chunk, dv // block_v
@@ -156,7 +154,8 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
     rows, cols = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
     dvl_ref[bh, rows, cols] = tp.dv_local(
         _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :],
-        gr_ref[bh, n, :, :], _f32(do_ref[bh, rows, cols]), last_of(n), momentum, scale, dt)
+        gr_ref[bh, n, :, :], _f32(do_ref[bh, rows, cols]), last_of(n), momentum, scale, dt,
+        segmented)
 
   dvl = pl.pallas_call(
       dvl_kernel, grid=(bh_count, n_chunks, nv), name="nlx_titans_bwd_dvl",
@@ -182,7 +181,7 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
       return tp.state_step_bwd(
           _f32(q_ref[bh, rows, :]), _f32(k_ref[bh, rows, :]), gc_ref[bh, rows, :],
           coef_ref[bh, rows, :] if momentum else None, dvl_ref[bh, rows, cols],
-          _f32(do_ref[bh, rows, cols]), d_s1, d_p1, last_of(n), scale, dt)
+          _f32(do_ref[bh, rows, cols]), d_s1, d_p1, last_of(n), scale, dt, segmented)
 
     start = (dsf_ref[bh, :, cols], dpf_ref[bh, :, cols] if momentum else None)
     d_s0, d_p0 = jax.lax.fori_loop(0, n_chunks, body, start)
@@ -218,7 +217,8 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
                    _f32(v_ref[bh, rows, cols]), gc_ref[bh, rows, :], gr_ref[bh, n, :, :],
                    s_ref[bh, n, :, cols], p_ref[bh, n, :, cols] if momentum else None,
                    _f32(do_ref[bh, rows, cols]), dse_ref[bh, n, :, cols],
-                   dpe_ref[bh, n, :, cols] if momentum else None, last_of(n), scale, dt)
+                   dpe_ref[bh, n, :, cols] if momentum else None, last_of(n), scale, dt,
+                   segmented)
     dq_ref[vb, bh, rows, :] = d_ch.q
     dk_ref[vb, bh, rows, :] = d_ch.k
     dv_ref[bh, rows, cols] = d_ch.v

@@ -33,8 +33,6 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
                    heads: int = 0, per_step: int = 1, segmented: bool = False):
   """Same contract as ``kernel_gpu_titans.titans_forward`` (coef in the lane-dense row layout
   ``[BH, steps, 4, m·C]``), tiled as ``kernel_tpu.delta_forward``."""
-  if segmented:
-    raise ValueError("the Titans kernels take no document boundaries")
   del gates_row  # the gates reach the kernels as lane-dense rows built from the column
   t = _Tiles(q, v, chunk, heads, per_step, block_v)
   bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
@@ -52,7 +50,8 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
       n = pl.program_id(1)
 
       def body(j, rows):
-        return rows + t.gates_back(tp.coefficients(*t.gates_of(g_ref, j), last_of(n, j)), j)
+        return rows + t.gates_back(tp.coefficients(*t.gates_of(g_ref, j), last_of(n, j),
+                                                     segmented), j)
 
       coef_ref[...] = t.loop(body, jnp.zeros((GATE_CHANNELS, t.rows), f32))
 
@@ -81,7 +80,7 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
         p_starts[j] = p
       return tp.state_step(t.rows_of(k_ref, j), t.rows_of(v_ref, j), t.gates_of(g_ref, j, False),
                            t.gates_of(coef_ref, j, False) if momentum else None, s, p,
-                           last_of(n, j), dt)
+                           last_of(n, j), dt, segmented)
 
     s1, p1 = t.loop(body, (s_ref[...], p_ref[...] if momentum else None))
     s_ref[...] = s1
@@ -116,7 +115,7 @@ def titans_forward(scale: float, q: Array, k: Array, v: Array, gates_col: Array,
     def body(j, carry):
       o = tp.output(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(v_ref, j),
                     *t.gates_of(g_ref, j), s_ref[j], p_ref[j] if momentum else None,
-                    last_of(n, j), scale, dt)
+                    last_of(n, j), scale, dt, segmented)
       t.put_rows(o_ref, j, o)
       return carry
 
@@ -137,7 +136,6 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
                     per_step: int = 1, segmented: bool = False):
   """Same contract as ``kernel_gpu_titans.titans_backward``, tiled as ``titans_forward``; the
   gradient kernel holds the whole V (no partial sums)."""
-  del segmented
   t = _Tiles(q, v, chunk, heads, per_step, block_v)
   bh_count, dk, dv, n_chunks, nv, steps = t.bh, t.dk, t.dv, t.n_chunks, t.nv, t.steps
   dt, f32 = q.dtype, jnp.float32
@@ -154,7 +152,7 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
     def body(j, carry):
       t.put_rows(dvl_ref, j, tp.dv_local(
           t.rows_of(q_ref, j), t.rows_of(k_ref, j), *t.gates_of(g_ref, j), t.rows_of(do_ref, j),
-          last_of(n, j), momentum, scale, dt))
+          last_of(n, j), momentum, scale, dt, segmented))
       return carry
 
     t.loop(body)
@@ -188,7 +186,7 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
       return tp.state_step_bwd(
           t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.gates_of(g_ref, j, False),
           t.gates_of(coef_ref, j, False) if momentum else None, t.rows_of(dvl_ref, j),
-          t.rows_of(do_ref, j), d_s1, d_p1, last_of(rev(i), j), scale, dt)
+          t.rows_of(do_ref, j), d_s1, d_p1, last_of(rev(i), j), scale, dt, segmented)
 
     d_s0, d_p0 = t.loop(body, (ds_ref[...], dp_ref[...] if momentum else None), reverse=True)
     ds_ref[...] = d_s0
@@ -229,7 +227,7 @@ def titans_backward(scale: float, q: Array, k: Array, v: Array, gates_col: Array
       d_ch = tp.grad(t.rows_of(q_ref, j), t.rows_of(k_ref, j), t.rows_of(v_ref, j),
                      *t.gates_of(g_ref, j), s_ref[j], p_ref[j] if momentum else None,
                      t.rows_of(do_ref, j), dse_ref[j], dpe_ref[j] if momentum else None,
-                     last_of(n, j), scale, dt)
+                     last_of(n, j), scale, dt, segmented)
       for ref, x in ((dq_ref, d_ch.q), (dk_ref, d_ch.k), (dv_ref, d_ch.v)):
         t.put_rows(ref, j, x)
       return d_gates + t.gates_back(d_ch.gates_col, j)

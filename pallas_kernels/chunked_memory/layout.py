@@ -87,7 +87,8 @@ def _chunk_cumsum(x: Array, layout: Layout) -> Array:
 
 
 def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
-          layout: Layout, reset: Optional[Array] = None) -> tuple[Array, Array]:
+          layout: Layout, reset: Optional[Array] = None,
+          segment: Optional[Array] = None) -> tuple[Array, Array]:
   """The kernels' gate arrays: column ``[BH, Tp, 4]`` and row ``[BH, N, 4, C]`` (float32).
 
   Args:
@@ -95,6 +96,8 @@ def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
     g: ``[B, T, H]`` log-decay or None (0). momentum: ``[B, T, H]`` η in [0, 1] or None.
     reset: ``[B, T]`` bool document boundaries (the same for every head) or None (the segment
       channel is zero).
+    segment: ``[BH, Tp]`` the segment channel itself (``titans_segments``), instead of the
+      count of boundaries ``reset`` gives.
   """
   b, t, h = layout.batch, layout.seq_len, layout.heads
   pad = layout.padded_len - t
@@ -112,7 +115,9 @@ def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
     g = jnp.clip(g.astype(jnp.float32), LOG_DECAY_MIN, 0.0)
   channels = [beta_p, _chunk_cumsum(flat(g, 0.0), layout),
               _chunk_cumsum(flat(log_eta, 0.0), layout)]
-  if reset is None:
+  if segment is not None:
+    channels.append(segment.astype(jnp.float32))
+  elif reset is None:
     channels.append(jnp.zeros_like(beta_p))
   else:  # boundaries so far in the chunk (padded tokens: none), exact in float32
     per_head = jnp.broadcast_to(jnp.asarray(reset, bool)[:, :, None], (b, t, h))
@@ -120,6 +125,24 @@ def gates(beta: Optional[Array], g: Optional[Array], momentum: Optional[Array],
   col = jnp.stack(channels, axis=-1)
   row = col.reshape(b * h, layout.num_chunks, layout.chunk, 4).swapaxes(-1, -2)
   return col, row
+
+
+def titans_segments(reset: Array, fresh: Optional[Array], live: Optional[Array],
+                    layout: Layout) -> Array:
+  """Titans' segment channel ``[BH, Tp]`` (``titans_phases.Segments``): −1 at placeholders
+  (``live`` false, and the padding), else the number of boundaries so far in the kernel chunk,
+  or 0.5 for a ``fresh`` token before the chunk's first boundary."""
+  b, t, h = layout.batch, layout.seq_len, layout.heads
+  as_flags = lambda x, fill: (jnp.full((b, t), fill, bool) if x is None else
+                              jnp.asarray(x).astype(bool))
+  per_token = lambda x: jnp.repeat(x.astype(jnp.float32), h, axis=0)  # [B, T] -> [B·H, T]
+  count = per_token(as_flags(reset, False))
+  pad = layout.padded_len - t
+  count = _chunk_cumsum(jnp.pad(count, ((0, 0), (0, pad))), layout)
+  code = jnp.pad(jnp.where(per_token(as_flags(fresh, False)) > 0, 0.5, 0.0), ((0, 0), (0, pad)))
+  code = jnp.where(count > 0, count, code)
+  live_p = jnp.pad(per_token(as_flags(live, True)), ((0, 0), (0, pad)))  # padding: not live
+  return jnp.where(live_p > 0, code, -1.0)
 
 
 def states(x: Optional[Array], b: int, h: int, dk: int, dv: int) -> Array:

@@ -9,7 +9,7 @@
   and returns the Triton custom calls of the module (their Triton IR is embedded in it).
 
 Both take ``reset=True`` to lower the kernels with document boundaries (a ``[B, T]`` bool input;
-kinds ``chunk.SEGMENTED_KINDS`` only).
+every kind: ``ops.RESET_KINDS``).
 
 ``python -m pallas_kernels.chunked_memory.lowering tpu v5e:2x2 [--shape B,T,H,K,V,C] [--mode
 forward] [--reset] [--qkv flat]`` (or ``gpu``) prints the result of every kind (with ``--reset``: every kind
@@ -26,8 +26,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked_memory.chunk import KINDS, SEGMENTED_KINDS
-from pallas_kernels.chunked_memory.ops import chunked_memory
+from pallas_kernels.chunked_memory.chunk import KINDS
+from pallas_kernels.chunked_memory.ops import RESET_KINDS, chunked_memory
 
 # (B per chip, T, H, K, V, chunk): small, but every grid axis has more than one step.
 SHAPE = (2, 256, 2, 64, 128, 64)
@@ -106,8 +106,8 @@ def _arg_shapes(batch: int, shape=SHAPE, sharding=None, reset: bool = False, fla
 
 
 def _check_reset_kind(kind: str, reset: bool):
-  if reset and kind not in SEGMENTED_KINDS:
-    raise ValueError(f"reset=True is only for kinds {SEGMENTED_KINDS}; got kind={kind!r}")
+  if reset and kind not in RESET_KINDS:
+    raise ValueError(f"reset=True is only for kinds {RESET_KINDS}; got kind={kind!r}")
 
 
 def compile_tpu(kind: str, topology: str = "v5e:2x2", shape=SHAPE, mode: str = "both",
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] = ()) -> int:
   parser.add_argument("--mode", choices=("both", "forward"), default="both",
                       help="forward+backward or forward alone (TPU only)")
   parser.add_argument("--reset", action="store_true",
-                      help=f"with document boundaries (kinds {', '.join(SEGMENTED_KINDS)})")
+                      help=f"with document boundaries (kinds {', '.join(RESET_KINDS)})")
   parser.add_argument("--tiling", choices=("default", "transposed"), default="default",
                       help="TPU phase kernels: head-strided, several chunks a step (default) or "
                       "XLA transposes, one chunk a step (the earlier tiling, but with the current gates)")
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] = ()) -> int:
     shape = ()
   if len(shape) != 6:
     parser.error(f"--shape must be six integers B,T,H,K,V,chunk; got {args.shape!r}")
-  kinds = SEGMENTED_KINDS if args.reset else KINDS
+  kinds = RESET_KINDS if args.reset else KINDS
   if args.kinds:
     unknown = [k for k in args.kinds.split(",") if k not in kinds]
     if unknown:

@@ -20,12 +20,27 @@ two ≥ 16, ``padded_head_dim``); ``chunk_size`` a power of two in
 with tokens that write nothing; see ``chunk.py``); any B and H. Gradients flow to q, k, v, beta,
 g, momentum and the initial states.
 
-Document boundaries (``reset [B, T]``, kinds ``linear_attention`` and ``delta_rule``): the state is
-zero before a reset token's decay and write, as in ``nlx.ops`` (a reset at t = 0 discards
-``initial_state``, replaced with ``where``, so that not even a non-finite one reaches the
-outputs). The boundaries travel as the gates' segment channel (``layout.gates``) and are applied
-in both kernels as masks on the chunk's decays (``chunk.chunk_step``); without ``reset`` the
-kernels are compiled exactly as they are without boundaries (no extra input, no masks).
+Document boundaries (``reset [B, T]``, every kind): the state is zero before a reset token's
+decay and write, as in ``nlx.ops`` for linear attention and the delta rule (a reset at t = 0
+discards ``initial_state`` and ``initial_momentum``, replaced with ``where``, so that not even a
+non-finite one reaches the outputs). The boundaries travel as the gates' segment channel
+(``layout.gates``) and are applied in the kernels as masks on the chunk's decays
+(``chunk.chunk_step``, ``titans_phases.Segments``); without ``reset`` the kernels are compiled
+exactly as they are without boundaries (no extra input, no masks).
+
+Titans with ``reset`` also take ``fresh`` and ``live`` (``[B, T]`` bool), the two flags
+``nlx.ops.titans_memory`` needs to run a packed batch in a buffer where a document's later
+gradient chunks start on kernel chunks (``nlx.memory.core.document_slots``):
+
+* a token takes its gradient at the zero state when a reset precedes it in its kernel chunk, or
+  when ``fresh`` (a document's first gradient chunk that began in an earlier kernel chunk; every
+  token of a kernel chunk before its first reset must then have the same flag); otherwise at its
+  kernel chunk's start state, as without boundaries;
+* where ``live`` is false the token is a placeholder: it writes nothing, leaves the memory and the
+  momentum as they are, and its output is meaningless; placeholders must follow every live token
+  of their kernel chunk (each chunk's end state is read at its last live token).
+
+The flags are data: the kernels cannot check these layouts, the caller builds them.
 """
 
 from __future__ import annotations
@@ -41,6 +56,10 @@ from pallas_kernels.chunked_memory import (kernel_gpu, kernel_gpu_titans, kernel
                                             kernel_tpu_titans)
 from pallas_kernels.chunked_memory import layout as lay
 from pallas_kernels.chunked_memory.chunk import KINDS, SEGMENTED_KINDS, State
+
+# The kinds whose kernels take document boundaries (``reset``); Titans' masks are its own
+# (``titans_phases.Segments``), so ``chunk.SEGMENTED_KINDS`` (``chunk.chunk_step``) excludes it.
+RESET_KINDS = SEGMENTED_KINDS + ("titans",)
 
 Array = jax.Array
 
@@ -305,18 +324,29 @@ def _check_gate(name: str, x, b: int, t: int, h: int):
                      f"{getattr(x, 'shape', type(x).__name__)}")
 
 
-def _check_reset(kind: str, reset, b: int, t: int):
+def _check_flags(name: str, x, b: int, t: int):
+  if getattr(x, "shape", None) != (b, t):
+    raise ValueError(f"{name} must have shape [B, T] = {(b, t)}; got "
+                     f"{getattr(x, 'shape', type(x).__name__)}")
+  dtype = jnp.dtype(x.dtype)
+  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f"{name} must be a bool or integer array; got dtype {dtype}")
+
+
+def _check_reset(kind: str, reset, b: int, t: int, fresh=None, live=None):
+  for name, x in (("fresh", fresh), ("live", live)):
+    if x is None:
+      continue
+    if kind != "titans" or reset is None:
+      raise ValueError(f"{name} is only for kind='titans' with reset; got kind={kind!r}, "
+                       f"reset={'None' if reset is None else 'given'}")
+    _check_flags(name, x, b, t)
   if reset is None:
     return
-  if kind not in SEGMENTED_KINDS:
-    raise ValueError(f"reset (document boundaries) is only for kinds {SEGMENTED_KINDS}; got "
+  if kind not in RESET_KINDS:
+    raise ValueError(f"reset (document boundaries) is only for kinds {RESET_KINDS}; got "
                      f"kind={kind!r}")
-  if getattr(reset, "shape", None) != (b, t):
-    raise ValueError(f"reset must have shape [B, T] = {(b, t)}; got "
-                     f"{getattr(reset, 'shape', type(reset).__name__)}")
-  dtype = jnp.dtype(reset.dtype)
-  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
-    raise ValueError(f"reset must be a bool or integer array; got dtype {dtype}")
+  _check_flags("reset", reset, b, t)
 
 
 def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Array] = None,
@@ -325,7 +355,8 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
                    initial_momentum: Optional[Array] = None, scale: Optional[float] = None,
                    chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None,
                    backend: Optional[str] = None, interpret=None, debug: bool = False,
-                   reset: Optional[Array] = None):
+                   reset: Optional[Array] = None, fresh: Optional[Array] = None,
+                   live: Optional[Array] = None):
   """One linear associative memory over a sequence, by the Pallas kernels.
 
   Args:
@@ -342,8 +373,11 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     interpret: run in Pallas interpret mode (True/False; None: only where the backend's hardware
       is absent). The TPU kernel interprets with ``pltpu.InterpretParams()``.
     debug: print the kernels' jaxprs and lowered IR (Pallas ``debug``).
-    reset: ``[B, T]`` bool (or 0/1 integer) document boundaries, or None (kinds
-      "linear_attention" and "delta_rule"; see the module docstring).
+    reset: ``[B, T]`` bool (or 0/1 integer) document boundaries, or None (see the module
+      docstring).
+    fresh, live: ``[B, T]`` bool (or 0/1 integer) or None (no token fresh beyond the resets'
+      chunks, every token live): Titans' packed-buffer flags (kind "titans" with ``reset`` only;
+      see the module docstring).
 
   Returns:
     ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, final_momentum or None)``.
@@ -363,7 +397,7 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
     raise ValueError("initial_momentum is given but momentum=None")
   for name, x in (("beta", beta), ("g", g), ("momentum", momentum)):
     _check_gate(name, x, b, t, h)
-  _check_reset(kind, reset, b, t)
+  _check_reset(kind, reset, b, t, fresh, live)
   for name, x in (("initial_state", initial_state), ("initial_momentum", initial_momentum)):
     if x is not None and getattr(x, "shape", None) != (b, h, dk, dv):
       raise ValueError(f"{name} must have shape [B, H, K, V] = {(b, h, dk, dv)}; got "
@@ -388,7 +422,8 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
         kind, pad(q, (kp,)), pad(k, (kp,)), pad(v, (vp,)), beta=beta, g=g, momentum=momentum,
         initial_state=pad(initial_state, (kp, vp)),
         initial_momentum=pad(initial_momentum, (kp, vp)), scale=scale, chunk_size=chunk_size,
-        block_sizes=block_sizes, backend=backend, interpret=interpret, debug=debug, reset=reset)
+        block_sizes=block_sizes, backend=backend, interpret=interpret, debug=debug, reset=reset,
+        fresh=fresh, live=live)
     cut = lambda x: None if x is None else x[..., :dk, :dv]
     return o[..., :dv], cut(final), cut(final_p)
   blocks = (block_sizes or BlockSizes.default(backend)).resolve(backend, dv, kind, max(dk, dv))
@@ -408,11 +443,15 @@ def chunked_memory(kind: str, q: Array, k: Array, v: Array, *, beta: Optional[Ar
                      f"{PHASED_KINDS}; got backend={backend!r}, kind={kind!r}")
   cfg = _Config(kind, float(scale), chunk_size, lo.last, backend, blocks, bool(interpret), debug,
                 reset is not None, max(dk, dv), heads, per_step)
-  gates_col, gates_row = lay.gates(beta, g, momentum, lo, reset)
+  segment = None
+  if kind == "titans" and reset is not None:
+    segment = lay.titans_segments(reset, fresh, live, lo)
+  gates_col, gates_row = lay.gates(beta, g, momentum, lo, reset, segment)
   w0 = lay.states(initial_state, b, h, dk, dv)
+  p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
   if reset is not None:
     w0 = lay.reset_at_start(w0, reset, h)
-  p0 = None if momentum is None else lay.states(initial_momentum, b, h, dk, dv)
+    p0 = None if p0 is None else lay.reset_at_start(p0, reset, h)
   seq = functools.partial(lay.head_major if heads else lay.sequences, layout=lo)
   o, final = _memory(cfg, seq(q), seq(k), seq(v), gates_col, gates_row, w0, p0)
   unstate = lambda x: None if x is None else x.reshape(b, h, dk, dv)

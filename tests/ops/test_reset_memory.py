@@ -231,9 +231,13 @@ def test_bad_reset_state_is_refused():
                       initial_state=mlp["s0"], reset=_reset())
   with pytest.raises(ValueError, match="reset"):
     ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset()[:, :5])
-  with pytest.raises(ValueError, match="reset"):
+  # The kernels take boundaries for the linear memory read after the write only.
+  with pytest.raises(ValueError, match="impl='pallas': the kernels read after the write only"):
     ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
-                      chunk_size=16)
+                      chunk_size=16, read="before_write")
+  with pytest.raises(ValueError, match="impl='pallas': the DGD kernels do not implement reset"):
+    ops.dgd_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
+                   chunk_size=16)
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])

@@ -258,18 +258,14 @@ R = jnp.zeros((1, 8), bool)
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: kops.chunked_memory("titans", Q, Q, Q, beta=G, reset=R),
-     r"reset \(document boundaries\) is only for kinds \('linear_attention', 'delta_rule'\); "
-     r"got kind='titans'"),
+    (lambda: kops.chunked_memory("titans", Q, Q, Q, beta=G, reset=R, fresh=G),
+     r"fresh must have shape \[B, T\] = \(1, 8\); got \(1, 8, 2\)"),
     (lambda: kops.chunked_memory("linear_attention", Q, Q, Q, reset=R[:, :4]),
      r"reset must have shape \[B, T\] = \(1, 8\); got \(1, 4\)"),
     (lambda: kops.chunked_memory("linear_attention", Q, Q, Q, reset=G),
      r"reset must have shape \[B, T\] = \(1, 8\); got \(1, 8, 2\)"),
     (lambda: kops.chunked_memory("delta_rule", Q, Q, Q, beta=G, reset=R.astype(jnp.float32)),
      r"reset must be a bool or integer array; got dtype float32"),
-    (lambda: common.resolve_impl("pallas", "titans", Q, Q, Q, 16, common.reset_reason(R, "titans")),
-     r"impl='pallas': reset \(document boundaries\) is not supported by the kernels for "
-     r"kind='titans'"),
     (lambda: common.resolve_impl("pallas", "titans", Q, Q, Q, 16, common.reset_reason(R)),
      r"not supported by the kernels for kind=None"),
 ])
@@ -282,7 +278,8 @@ def test_reset_reason():
   assert common.reset_reason(None) is None and common.reset_reason(None, "titans") is None
   assert common.reset_reason(R, "linear_attention") is None
   assert common.reset_reason(R, "delta_rule") is None
-  assert "kind='titans'" in common.reset_reason(R, "titans")
+  assert common.reset_reason(R, "titans") is None
+  assert "kind='mamba2'" in common.reset_reason(R, "mamba2")
 
 
 def lower(*args):
@@ -299,7 +296,7 @@ def test_tpu_kernels_with_reset_compile_ahead_of_time():
   operands as without reset."""
   results = lower("tpu", "v5e:2x2", "--reset")
   plain = {r["kind"]: r for r in lower("tpu", "v5e:2x2")}
-  assert [r["kind"] for r in results] == list(KINDS)
+  assert [r["kind"] for r in results] == list(kops.RESET_KINDS)
   for r in results:
     assert r["reset"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite", r
     assert r["mosaic_custom_calls"] == len(expected_kernels(r["kind"])), r
@@ -311,7 +308,7 @@ def test_tpu_kernels_with_reset_compile_ahead_of_time():
 
 def test_gpu_kernels_with_reset_lower_to_triton_for_cuda():
   results = lower("gpu", "--reset")
-  assert [r["kind"] for r in results] == list(KINDS)
+  assert [r["kind"] for r in results] == list(kops.RESET_KINDS)
   for r in results:
     assert r["reset"] and r["platforms"] == ["cuda"]
     assert r["triton_custom_calls"] == len(expected_kernels(r["kind"])), r
