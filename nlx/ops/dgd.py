@@ -73,7 +73,8 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
       call; with ``reset``, each document of a packed row equals the document alone).
     objective: "l2" (Eq. 88) or "dot" (Eq. 92).
     impl: "auto" | "chunked" | "recurrent" | "pallas" (the ``delta_rule`` kernels; only for the
-      gated-delta-rule case above, read after the write, chunks aligned with the call).
+      gated-delta-rule case above, read after the write, chunks aligned with the call; with
+      ``reset``, ``reset_state`` None, since the kernels restart from zero).
     proximal: each layer's rate ``lr_t / (1 + lr_t ‖h_l‖²)`` (see above); a bool.
 
   Returns:
@@ -86,7 +87,8 @@ def dgd_memory(q: Array, k: Array, v: Array, *, lr: Array, g: Optional[Array] = 
                          initial_state, chunk_size, read, impl,
                          dgd="proximal" if proximal else True,
                          kernel=functools.partial(_dgd_pallas, proximal=proximal),
-                         reset=reset, reset_state=reset_state)
+                         reset=reset, reset_state=reset_state,
+                         packed_kernel=functools.partial(_dgd_pallas_packed, proximal=proximal))
 
 
 def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size, proximal=False):
@@ -95,14 +97,33 @@ def _dgd_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size, proximal=Fa
   nothing else here), starting at a chunk boundary. A linear memory's one layer has the input
   k, so ``proximal`` is the rate ``lr / (1 + lr ‖k‖²)`` given to the kernels."""
   del momentum
-  if proximal:
-    norm = jnp.sum(jnp.square(k.astype(lr.dtype)), axis=-1)
-    lr = lr / (1.0 + lr * norm)
   if offset is not None:
     raise ValueError("impl='pallas': dgd_memory on the kernels starts at a chunk boundary; "
                      "use impl='chunked' to continue a chunk in progress")
   weights = state.memory if isinstance(state, TitansState) else state
-  alpha = jnp.ones_like(lr) if g is None else jnp.exp(g.astype(lr.dtype))
-  o, s = delta_rule(q, k, (alpha[..., None] * v).astype(v.dtype), beta=lr / alpha, g=g,
-                    scale=1.0, initial_state=weights, chunk_size=chunk_size, impl="pallas")
+  o, s = _gated_delta_rule(q, k, v, lr, g, weights, chunk_size, proximal)
   return o, TitansState(s, None, s, 0)
+
+
+def _gated_delta_rule(q, k, v, lr, g, weights, chunk_size, proximal, reset=None):
+  if proximal:
+    norm = jnp.sum(jnp.square(k.astype(lr.dtype)), axis=-1)
+    lr = lr / (1.0 + lr * norm)
+  alpha = jnp.ones_like(lr) if g is None else jnp.exp(g.astype(lr.dtype))
+  return delta_rule(q, k, (alpha[..., None] * v).astype(v.dtype), beta=lr / alpha, g=g,
+                    scale=1.0, initial_state=weights, chunk_size=chunk_size, impl="pallas",
+                    reset=reset)
+
+
+def _dgd_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_state, chunk_size,
+                       proximal=False):
+  """``dgd_memory`` with ``reset`` on the delta rule's kernels (the gated-delta-rule case, a call
+  that starts a chunk, ``reset_state`` None: the kernels restart from zero). The objective's
+  gradient ``−v kᵀ`` does not read the memory, so no gradient chunk enters the outputs: the
+  returned ``chunk_start`` is the final memory and ``offset`` each row's position in its last
+  document's chunk, which a continuing call needs for nothing but the contract."""
+  del momentum, mom, reset_state
+  reset = jnp.asarray(reset).astype(bool)
+  o, s = _gated_delta_rule(q, k, v, lr, g, weights, chunk_size, proximal, reset)
+  positions = core.batched(lambda r: core.chunk_positions(r, 0, chunk_size), 1)(reset)
+  return o, TitansState(s, None, s, ((positions[:, -1] + 1) % chunk_size).astype(jnp.int32))

@@ -267,20 +267,6 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   if per_row:
     reason = ("the titans/DGD kernels do not implement rows that continue different chunks "
               "(initial_state.offset [B])")
-  elif reset is not None:
-    if packed_kernel is None:
-      reason = "the DGD kernels do not implement reset (document boundaries)"
-    elif offset:
-      reason = ("the titans kernels take reset (document boundaries) only in a call that starts "
-                "a chunk (initial_state.offset 0 or None)")
-    elif position_scale is not None:
-      reason = "the kernels do not implement position_scale"
-    elif not isinstance(mem, LinearMemory):
-      reason = "the kernels implement linear memories only"
-    elif read != "after_write":
-      reason = "the kernels read after the write only"
-    if position_scale is not None and read != "after_write" and impl != "pallas":
-      impl = "recurrent"  # the position-scaled packed chunked form reads after the write only
   elif position_scale is not None:
     reason = "the kernels do not implement position_scale"
   elif not isinstance(mem, LinearMemory):
@@ -293,6 +279,15 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   elif offset is not None and not isinstance(offset, numbers.Integral):
     reason = ("initial_state.offset is a traced array; the kernels need to know statically how "
               "many tokens finish the chunk in progress")
+  elif reset is not None and offset:
+    reason = ("the kernels take reset (document boundaries) only in a call that starts a chunk "
+              "(initial_state.offset 0 or None)")
+  elif reset is not None and dgd and w_reset is not None:
+    reason = ("the DGD kernels (the delta rule's) restart from zero at a reset: reset_state must "
+              "be None")
+  if (reset is not None and position_scale is not None and read != "after_write" and
+      impl != "pallas"):
+    impl = "recurrent"  # the position-scaled packed chunked form reads after the write only
   impl = resolve_impl(impl, "delta_rule" if dgd else "titans", q, k, v, chunk_size, reason)
   if impl == "pallas" and reset is not None:
     linear = lambda x: None if x is None else x["w"]

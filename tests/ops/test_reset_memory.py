@@ -235,9 +235,12 @@ def test_bad_reset_state_is_refused():
   with pytest.raises(ValueError, match="impl='pallas': the kernels read after the write only"):
     ops.titans_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
                       chunk_size=16, read="before_write")
-  with pytest.raises(ValueError, match="impl='pallas': the DGD kernels do not implement reset"):
+  with pytest.raises(ValueError, match="impl='pallas': the kernels implement DGD only as"):
     ops.dgd_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
                    chunk_size=16)
+  with pytest.raises(ValueError, match="the DGD kernels .* restart from zero at a reset"):
+    ops.dgd_memory(a["q"], a["k"], a["v"], lr=a["lr"], reset=_reset(), impl="pallas",
+                   chunk_size=16, objective="dot", reset_state=a["init"])
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])

@@ -251,3 +251,35 @@ def test_titans_op_packed_kernel_state_continues():
                                                           x["reset_state"])
   o2, _ = titans_op("chunked", span=slice(split, None))(*args, state, x["reset_state"])
   _close(jnp.concatenate([o1, o2], axis=1), want, "o")
+
+
+def test_dgd_dot_packed_kernel_equals_the_chunked_form():
+  """``dgd_memory(objective="dot", reset=...)`` on the delta rule's kernels (restarting from
+  zero): outputs, memory, offsets and gradients equal the chunked form, and its state
+  continues."""
+  from nlx import ops
+  x = op_inputs(seed=2)
+  names = ("q", "k", "v", "lr", "g", "initial_state")
+
+  def run(impl, span=slice(None), state=None):
+    def f(q, k, v, lr, g, initial_state):
+      sl = lambda a: a[:, span]
+      return ops.dgd_memory(sl(q), sl(k), sl(v), lr=sl(lr), g=sl(g), objective="dot",
+                            initial_state=initial_state if state is None else state,
+                            chunk_size=C, impl=impl, reset=op_reset()[:, span])
+    return f
+
+  args = [x[n] for n in names]
+  (got_o, got_s), (want_o, want_s) = run("pallas")(*args), run("chunked")(*args)
+  _close(got_o, want_o, "o")
+  _close(got_s.memory, want_s.memory, "memory")
+  np.testing.assert_array_equal(got_s.offset, want_s.offset)
+  w = jax.random.normal(jax.random.key(4), got_o.shape)
+  loss = lambda impl: lambda *a: jnp.sum(run(impl)(*a)[0] * w) + jnp.sum(run(impl)(*a)[1].memory)
+  argnums = tuple(range(len(names)))
+  for name, a, b in zip(names, jax.grad(loss("pallas"), argnums)(*args),
+                        jax.grad(loss("chunked"), argnums)(*args)):
+    _close(a, b, f"d{name}")
+  o1, state = run("pallas", slice(0, 37))(*args)
+  o2, _ = run("chunked", slice(37, None), state)(*args)
+  _close(jnp.concatenate([o1, o2], axis=1), want_o, "continued o")
