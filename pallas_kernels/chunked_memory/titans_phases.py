@@ -30,6 +30,15 @@ Backward, with ``P = Γ∘(q Kᵀ)`` and the cotangents ``dO``, ``dS₁``, ``dP�
 * at fixed ``S₀``, ``P₀``, ``dS₁``, ``dP₁`` the gradients of the chunk's inputs (``grad``,
   parallel) are written out by hand, every dot on ``dtype`` operands.
 
+Document boundaries (``segmented=True``; ``Segments`` reads them from the gates' fourth channel):
+the memory and momentum are zero before a reset token; a token takes its gradient at the zero
+state after a reset in its chunk or when marked fresh, else at ``S₀``; placeholders follow every
+live token and change nothing (the end states are read at the last live row, computed from the
+channel). Every decay is masked to its segment, ``e^{G_t}`` and ``e^{E_s}`` to the first segment
+(what ``S₀`` and ``P₀`` reach), ``K S₀`` to stale tokens, ``α``/``η`` to a chunk whose last live
+row is in the first segment; the backward takes the same masks (a masked exponential is a
+constant zero).
+
 Same rules as ``chunk.py`` (2-D dots, iota masks, keep-dim reductions, no value slicing), so the
 Triton and Mosaic kernels run this code unchanged. Dots that read an input or a state take
 ``dtype`` operands (float32 accumulation); dots among gate-only quantities (``Γ = D·Dη`` and its
