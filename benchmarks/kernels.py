@@ -11,6 +11,13 @@ the speedups over ``recurrent``, ``chunked`` and ``fla``.
 every kernel (GPU and TPU, float32 and bfloat16) against the float64 recurrence of ``nlx.ops``,
 the normwise relative error of every output and gradient and its bound (``AGREEMENT_RTOL``).
 
+``python -m benchmarks.kernels --packed-aot [--topology v5e:2x2] [--shape B,T,H,D,C] [--json
+PATH]`` compiles ``nlx.ops.titans_memory``'s train step (value and gradients, linear memory,
+momentum, decay, a learned reset state; ``impl="pallas"``) for a TPU topology with libtpu, without
+and with document boundaries, and prints XLA's per-chip cost and memory analysis of both: what
+the packed buffer (``document_slots``, about twice the tokens) costs, as far as XLA's static
+analysis says without a TPU.
+
 ``python -m benchmarks.kernels --h200 nlx|fla --json PATH`` times one side of
 ``benchmarks/h200.sh`` on a GPU (nlx's kernels, or flash-linear-attention's, each in its own
 process) and ``--h200 table A.json B.json`` prints their side-by-side table.
@@ -56,7 +63,107 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return agreement_main([a for a in argv if a != "--agreement"])
   if "--h200" in argv:
     return h200_main([a for a in argv if a != "--h200"])
+  if "--packed-aot" in argv:
+    return packed_aot_main([a for a in argv if a != "--packed-aot"])
   return ops.main(argv, build_parser())
+
+
+PACKED_AOT_SHAPE = (2, 2048, 8, 128, 64)  # B per chip, T, H, D (= K = V), chunk
+
+
+def packed_aot(topology: str = "v5e:2x2", shape=PACKED_AOT_SHAPE) -> list:
+  """XLA's per-chip analysis of Titans' kernel train step without and with ``reset`` (documents
+  of 256 tokens; the layout does not change what is compiled)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+
+  from nlx import ops as nlx_ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.chunked_memory import ops as kernel_ops  # pylint: disable=g-import-not-at-top
+  # The op picks its kernel by the process's backend (CPU here: the GPU kernel, interpreted);
+  # compiling for a TPU topology needs the Mosaic kernels, as on a TPU host.
+  native = mock.patch.object(kernel_ops, "default_backend", lambda: ("tpu", False))
+  topo = topologies.get_topology_desc(topology, "tpu")
+  mesh = Mesh(topo.devices, ("data",))
+  b, t, h, d, c = shape
+  batch = b * len(topo.devices)
+  from nlx.memory import core  # pylint: disable=g-import-not-at-top
+  from nlx.ops import titans  # pylint: disable=g-import-not-at-top
+  # The op runs a buffer of T + T/4 slots when the layout fits, else the worst case's (a
+  # ``lax.cond``, whose cost XLA reports as its larger branch). Each branch alone: "small"
+  # makes the worst case's count the small one's; "full" turns the small buffer off.
+  small = lambda t_, c_: -(-t_ // c_) + -(-t_ // (titans.PACKED_SLACK * c_))
+  patches = {"auto": (), "small": (mock.patch.object(core, "buffer_chunks", small),),
+             "full": (mock.patch.object(titans, "PACKED_SLACK", 0),)}
+  rows = []
+  for packed, buffer in ((False, "auto"), (True, "auto"), (True, "small"), (True, "full")):
+    def loss(q, k, v, lr, g, eta, s0, init, reset, packed=packed):
+      o, state = nlx_ops.titans_memory(
+          q, k, v, lr=lr, g=g, momentum=eta, initial_state=s0, chunk_size=c, impl="pallas",
+          reset=reset if packed else None, reset_state=init if packed else None)
+      return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state.memory)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(8)))
+    fn = jax.shard_map(grad, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False)
+    spec = lambda shape_, dtype: jax.ShapeDtypeStruct(shape_, dtype,
+                                                      sharding=NamedSharding(mesh, P("data")))
+    seq, gate = spec((batch, t, h, d), jnp.bfloat16), spec((batch, t, h), jnp.float32)
+    state = spec((batch, h, d, d), jnp.float32)
+    with contextlib.ExitStack() as stack:
+      for patch in (native,) + patches[buffer]:
+        stack.enter_context(patch)
+      compiled = jax.jit(fn).lower(seq, seq, seq, gate, gate, gate, state, state,
+                                   spec((batch, t), jnp.bool_)).compile()
+    cost = compiled.cost_analysis() or {}
+    memory = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    rows.append({"topology": topology, "chips": len(topo.devices),
+                 "shape_BTHDC_per_chip": list(shape), "packed": packed,
+                 "buffer": buffer if packed else None,
+                 "mosaic_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
+                 "flops": float(cost.get("flops", 0.0)),
+                 "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                 "temp_bytes": getattr(memory, "temp_size_in_bytes", None)})
+  return rows
+
+
+def packed_aot_table(rows: list) -> str:
+  base = rows[0]
+  lines = ["| boundaries | buffer | Mosaic calls | GFLOP | vs none | GB accessed | vs none | "
+           "temp MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(
+        f"| {'reset' if r['packed'] else 'none'} | {r['buffer'] or '-'} | "
+        f"{r['mosaic_custom_calls']} | "
+        f"{r['flops'] / 1e9:.1f} | {r['flops'] / max(base['flops'], 1.0):.2f}x | "
+        f"{r['bytes_accessed'] / 1e9:.2f} | "
+        f"{r['bytes_accessed'] / max(base['bytes_accessed'], 1.0):.2f}x | "
+        f"{(r['temp_bytes'] or 0) / 2**20:.0f} |")
+  return "\n".join(lines)
+
+
+def packed_aot_main(argv: Sequence[str] = ()) -> int:
+  import json  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels --packed-aot")
+  parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument("--shape", default=",".join(map(str, PACKED_AOT_SHAPE)),
+                      help="B per chip, T, H, D, chunk")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args(argv)
+  shape = tuple(int(x) for x in args.shape.split(","))
+  if len(shape) != 5:
+    parser.error(f"--shape must be B,T,H,D,C; got {args.shape!r}")
+  rows = packed_aot(args.topology, shape)
+  print(packed_aot_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+    print(f"wrote {args.json}")
+  return 0
 
 
 def agreement_main(argv: Sequence[str] = ()) -> int:

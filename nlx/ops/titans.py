@@ -36,6 +36,9 @@ from nlx.ops.validation import (check_continuation, check_gate, check_memory_par
 from pallas_kernels.chunked_memory import ops as pallas_ops
 
 Array = jax.Array
+# ``_titans_pallas_packed``: the kernels' buffer has T + T/PACKED_SLACK slots (in whole chunks)
+# when a packed batch's layout fits, else the worst layout's (about 2T); 0: always the latter.
+PACKED_SLACK = 4
 
 
 class TitansState(NamedTuple):
@@ -188,7 +191,8 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
   reference: 1 when fresh, else ``ζ`` just before its gradient chunk), and ``ζ_t q_t S₀`` is
   added to the outputs. The returned ``chunk_start`` (the gradient reference of the last
   token's chunk) of a stale chunk comes from a second forward call that stops where that chunk
-  starts (its buffer chunk's start); XLA drops it when the state is not used.
+  starts (its buffer chunk's start); XLA drops it when the state is not used. The buffer has
+  T + T/4 slots (rounded to chunks) when the batch's layout fits, else the worst case's.
   """
   b, t, h, _ = q.shape
   c = chunk_size
@@ -197,7 +201,6 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
   log_decay = jnp.zeros((b, t, h), f32) if g is None else g.astype(f32)
   zeta, _ = _segment_log_decay(log_decay, reset)  # [B, T, H]
   slots, positions, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
-  size = core.buffer_chunks(t, c) * c
   first = jnp.arange(t)[None, :] - positions  # each token's gradient chunk's first token
   before = jnp.take_along_axis(zeta, jnp.maximum(first - 1, 0)[..., None], axis=1)
   rho = jnp.where(fresh[..., None], 1.0, jnp.where((first > 0)[..., None], before, 0.0))
@@ -206,20 +209,34 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
     s0 = reset_state.astype(f32)
     v_in = (v.astype(f32) - rho[..., None] * jnp.einsum("bthk,bhkv->bthv", k.astype(f32), s0)
             ).astype(v.dtype)
-  place = lambda x, fill=0: None if x is None else jax.vmap(
-      lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
-  live = place(jnp.ones((b, t), bool), False)
-  inputs = dict(q=place(q), k=place(k), v=place(v_in))
-  gates = dict(beta=place(lr), g=place(g), momentum=place(momentum))
-  run = lambda live_: pallas_ops.chunked_memory(
-      "titans", **inputs, **gates, initial_state=weights, initial_momentum=mom, chunk_size=c,
-      reset=place(reset, False), fresh=place(fresh, False), live=live_)
-  o, w, p = run(live)
-  o = jax.vmap(lambda ob, sb: ob[sb])(o, slots)
-  # The last token's gradient chunk: its first token, its buffer chunk, its reference state.
+  stop = (slots[:, -1] // c) * c  # the last token's buffer chunk: its gradient chunk's start
+
+  def kernels(size):
+    """The buffer of ``size`` slots through the kernels: ``(o, memory, momentum, the memory at
+    ``stop``)``."""
+    place = lambda x, fill=0: None if x is None else jax.vmap(
+        lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
+    live = place(jnp.ones((b, t), bool), False)
+    inputs = dict(q=place(q), k=place(k), v=place(v_in))
+    gates = dict(beta=place(lr), g=place(g), momentum=place(momentum))
+    run = lambda live_: pallas_ops.chunked_memory(
+        "titans", **inputs, **gates, initial_state=weights, initial_momentum=mom, chunk_size=c,
+        reset=place(reset, False), fresh=place(fresh, False), live=live_)
+    o, w, p = run(live)
+    _, cut, _ = run(live & (jnp.arange(size)[None, :] < stop[:, None]))
+    return jax.vmap(lambda ob, sb: ob[sb])(o, slots), w, p, cut
+
+  # The buffer is sized for the worst layout (documents of C + 1 tokens: about 2T slots); most
+  # layouts (documents much longer than a chunk) need a quarter more slots at most, so a buffer
+  # of that size runs instead when the batch fits in it (both compiled, one run).
+  full = core.buffer_chunks(t, c) * c
+  small = full if not PACKED_SLACK else min(full, (-(-t // c) + -(-t // (PACKED_SLACK * c))) * c)
+  if small == full:
+    o, w, p, cut = kernels(full)
+  else:
+    o, w, p, cut = jax.lax.cond(jnp.max(slots[:, -1]) < small, lambda: kernels(small),
+                                lambda: kernels(full))
   last_first = first[:, -1]
-  stop = (slots[:, -1] // c) * c
-  _, cut, _ = run(live & (jnp.arange(size)[None, :] < stop[:, None]))
   zeta_before = jnp.where((last_first > 0)[:, None], jnp.take_along_axis(
       zeta, jnp.maximum(last_first - 1, 0)[:, None, None], axis=1)[:, 0], 0.0)  # [B, H]
   if reset_state is not None:
