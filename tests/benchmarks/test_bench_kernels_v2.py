@@ -1,4 +1,4 @@
-"""``benchmarks.kernels``' agreement and H200 modes: argument checks and the table arithmetic
+"""``benchmarks.kernels``' agreement, H200 and packed-AOT modes: argument checks and the table arithmetic
 (the modes themselves need minutes of interpretation or a GPU: tests/pallas_kernels runs one
 agreement row; benchmarks/h200.sh has not run, docs/KERNELS.md)."""
 
@@ -42,3 +42,22 @@ def test_h200_table_ratios_and_roofline(tmp_path, capsys):
                 / kernels.H200_HBM_BYTES_PER_S)
   assert float(fwd[6].rstrip("%")) == pytest.approx(100 * ideal_s / 4e-3, abs=0.05)
   assert any(l.startswith("linear_attention") and "not run" in l for l in out)
+
+
+def test_packed_aot_compiles_both_buffers_for_tpu(tmp_path):
+  """``--packed-aot`` at a small shape, in a child process (libtpu): every row compiles the
+  Mosaic kernels, and the buffers order as built (the small one between none and the worst)."""
+  import os
+  import subprocess
+  import sys
+  out = tmp_path / "aot.json"
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--packed-aot", "--shape",
+                         "1,256,2,128,64", "--json", str(out)], capture_output=True, text=True,
+                        timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {(r["packed"], r["buffer"]): r for r in json.loads(out.read_text())}
+  none, small, full = rows[(False, None)], rows[(True, "small")], rows[(True, "full")]
+  assert all(r["mosaic_custom_calls"] >= 6 for r in rows.values())
+  assert none["flops"] < small["flops"] < full["flops"]
+  assert "| reset | small |" in proc.stdout
