@@ -95,9 +95,9 @@ def packed_aot(topology: str = "v5e:2x2", shape=PACKED_AOT_SHAPE) -> list:
   from nlx.ops import titans  # pylint: disable=g-import-not-at-top
   # The op runs a buffer of T + T/4 slots when the layout fits, else the worst case's (a
   # ``lax.cond``, whose cost XLA reports as its larger branch). Each branch alone: "small"
-  # makes the worst case's count the small one's; "full" turns the small buffer off.
-  small = lambda t_, c_: -(-t_ // c_) + -(-t_ // (titans.PACKED_SLACK * c_))
-  patches = {"auto": (), "small": (mock.patch.object(core, "buffer_chunks", small),),
+  # takes the small buffer's branch unconditionally; "full" turns the small buffer off.
+  small_only = lambda reset, sizes, run, slack=4: run(True)
+  patches = {"auto": (), "small": (mock.patch.object(core, "with_small_buffer", small_only),),
              "full": (mock.patch.object(titans, "PACKED_SLACK", 0),)}
   rows = []
   for packed, buffer in ((False, "auto"), (True, "auto"), (True, "small"), (True, "full")):

@@ -55,7 +55,8 @@ from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk
                                     chunk_start_scan_offset, chunk_update, chunk_writes,
                                     layer_grad_factors, layer_rates)
 from nlx.memory.packed import (buffer_chunks, chunk_start_scan_packed, document_slots,
-                               gradient_chunks, place_at_slots)
+                               gradient_chunks, place_at_slots, small_buffer_chunks,
+                               with_small_buffer)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
@@ -69,5 +70,5 @@ __all__ = [
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
     "chunk_update", "chunk_writes", "layer_grad_factors", "layer_rates", "chunk_start_scan_packed",
     "document_slots", "buffer_chunks", "chunk_positions", "place_at_slots",
-    "gradient_chunks",
+    "gradient_chunks", "small_buffer_chunks", "with_small_buffer",
 ]

@@ -9,7 +9,7 @@ where every later chunk of a document is aligned with a buffer chunk.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,32 @@ def buffer_chunks(t: int, chunk_size: int) -> int:
   """The number of buffer chunks ``document_slots`` needs for ``t`` tokens (any offset)."""
   c = chunk_size
   return -(-(c - 1 + t + (t // (c + 1)) * (c - 1)) // c)
+
+
+def small_buffer_chunks(t: int, chunk_size: int, slack: int = 4) -> int:
+  """Buffer chunks for ``T + T/slack`` slots (whole chunks; at most ``buffer_chunks``'): enough
+  for most layouts, whose documents are much longer than a chunk. ``slack`` 0: ``buffer_chunks``."""
+  c, full = chunk_size, buffer_chunks(t, chunk_size)
+  return full if not slack else min(full, -(-t // c) + -(-t // (slack * c)))
+
+
+_R = TypeVar("_R")
+
+
+def with_small_buffer(reset: Array, chunk_sizes: Sequence[int], run: Callable[[bool], _R],
+                      slack: int = 4) -> _R:
+  """``run(small)``: ``small`` True when, at every chunk size, every row of ``reset [B, T]`` fits
+  ``document_slots``' tokens in ``small_buffer_chunks``, else False (the worst layout's buffer).
+  A ``lax.cond`` on the batch: both are compiled, one runs; ``run(False)`` alone where the small
+  buffer is no smaller."""
+  t = reset.shape[-1]
+  sizes = [c for c in chunk_sizes if small_buffer_chunks(t, c, slack) < buffer_chunks(t, c)]
+  if not sizes:
+    return run(False)
+  last = lambda c: batched(lambda r: document_slots(r, 0, c)[0][-1], 1)(reset.astype(bool))
+  fits = jnp.all(jnp.stack([jnp.max(last(c)) < small_buffer_chunks(t, c, slack) * c
+                            for c in sizes]))
+  return jax.lax.cond(fits, lambda: run(True), lambda: run(False))
 
 
 def scaled_coefficients(log_decay: Array, reset: Array, later: Array, scale: Array, c_in,

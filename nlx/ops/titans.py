@@ -211,9 +211,11 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
             ).astype(v.dtype)
   stop = (slots[:, -1] // c) * c  # the last token's buffer chunk: its gradient chunk's start
 
-  def kernels(size):
-    """The buffer of ``size`` slots through the kernels: ``(o, memory, momentum, the memory at
-    ``stop``)``."""
+  def kernels(small):
+    """The buffer (``small``: ``core.small_buffer_chunks``') through the kernels: ``(o, memory,
+    momentum, the memory at ``stop``)``."""
+    size = (core.small_buffer_chunks(t, c, PACKED_SLACK) if small else
+            core.buffer_chunks(t, c)) * c
     place = lambda x, fill=0: None if x is None else jax.vmap(
         lambda xs, ss: core.place_at_slots(xs, ss, size, fill))(x, slots)
     live = place(jnp.ones((b, t), bool), False)
@@ -229,13 +231,7 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
   # The buffer is sized for the worst layout (documents of C + 1 tokens: about 2T slots); most
   # layouts (documents much longer than a chunk) need a quarter more slots at most, so a buffer
   # of that size runs instead when the batch fits in it (both compiled, one run).
-  full = core.buffer_chunks(t, c) * c
-  small = full if not PACKED_SLACK else min(full, (-(-t // c) + -(-t // (PACKED_SLACK * c))) * c)
-  if small == full:
-    o, w, p, cut = kernels(full)
-  else:
-    o, w, p, cut = jax.lax.cond(jnp.max(slots[:, -1]) < small, lambda: kernels(small),
-                                lambda: kernels(full))
+  o, w, p, cut = core.with_small_buffer(reset, (c,), kernels, PACKED_SLACK)
   last_first = first[:, -1]
   zeta_before = jnp.where((last_first > 0)[:, None], jnp.take_along_axis(
       zeta, jnp.maximum(last_first - 1, 0)[:, None, None], axis=1)[:, 0], 0.0)  # [B, H]

@@ -261,3 +261,15 @@ def test_rows_at_different_chunk_offsets_continue_without_reset(impl):
       want, _ = _call("titans_memory", options, a, "recurrent", initial_state=one,
                       rows=slice(r, r + 1), span=slice(7, T))
       np.testing.assert_allclose(got[r:r + 1], want, atol=1e-10, rtol=1e-10)
+
+
+def test_small_buffer_is_taken_exactly_when_every_row_fits():
+  t, c = 70, 16
+  assert core.small_buffer_chunks(t, c) == 5 + 2 < core.buffer_chunks(t, c) == 10
+  assert core.small_buffer_chunks(t, c, slack=0) == core.buffer_chunks(t, c)
+  assert core.small_buffer_chunks(8, 16) == core.buffer_chunks(8, 16)  # no smaller: no cond
+  which = lambda boundaries: bool(core.with_small_buffer(_reset(boundaries, t), (c,),
+                                                         lambda small: jnp.asarray(small)))
+  assert which(((0, 40), (3, 30, 31, 62)))  # few long documents: fits 112 slots
+  assert not which(((0, 40), (0, 17, 34, 51, 68)))  # documents of C + 1 in one row: does not
+  assert core.with_small_buffer(_reset(((0,),), 8), (16,), lambda small: small) is False
