@@ -44,6 +44,7 @@ def test_h200_table_ratios_and_roofline(tmp_path, capsys):
   assert any(l.startswith("linear_attention") and "not run" in l for l in out)
 
 
+@pytest.mark.slow
 def test_packed_aot_compiles_both_buffers_for_tpu(tmp_path):
   """``--packed-aot`` at a small shape, in a child process (libtpu): every row compiles the
   Mosaic kernels, and the buffers order as built (the small one between none and the worst)."""

@@ -124,7 +124,7 @@ def _close(a, b, what):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("momentum", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_titans_kernels_with_boundaries_match_the_token_loop(backend, momentum):
   reset, fresh, live = layout()
   x = inputs(momentum)
@@ -208,7 +208,9 @@ def titans_op(impl, momentum=True, reset_state=True, span=slice(None), reset=Non
 
 
 @pytest.mark.parametrize("momentum,reset_state,boundaries", [
-    (True, True, OP_BOUNDARIES), (False, False, OP_BOUNDARIES), (True, True, WORST_BOUNDARIES)])
+    (True, True, OP_BOUNDARIES),
+    pytest.param(False, False, OP_BOUNDARIES, marks=pytest.mark.slow),
+    pytest.param(True, True, WORST_BOUNDARIES, marks=pytest.mark.slow)])
 def test_titans_op_packed_kernel_equals_the_chunked_form(momentum, reset_state, boundaries):
   """Outputs, every field of the returned state, and the gradients of every input."""
   from nlx.memory import core
