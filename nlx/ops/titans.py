@@ -164,9 +164,9 @@ def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
   return o, TitansState(w, p, start, t)
 
 
-def _segment_log_decay(g: Array, reset: Array) -> tuple[Array, Array]:
-  """``(ζ, seen)``, ``[B, T, H]``: ``ζ_t = exp(Σ_{r≤l≤t} g_l)`` from the last reset ``r ≤ t``
-  (a segmented cumulative sum, no differences of long sums), and whether a reset came yet."""
+def _segment_log_decay(g: Array, reset: Array) -> Array:
+  """``ζ [B, T, H]``: ``ζ_t = exp(Σ_{r≤l≤t} g_l)`` from the last reset ``r ≤ t``, zero before
+  the first (a segmented cumulative sum, no differences of long sums)."""
   flags = jnp.broadcast_to(reset[:, :, None], g.shape)
 
   def combine(a, b):
@@ -174,7 +174,7 @@ def _segment_log_decay(g: Array, reset: Array) -> tuple[Array, Array]:
     return jnp.where(f2, x2, x1 + x2), f1 | f2
 
   total, seen = jax.lax.associative_scan(combine, (g, flags), axis=1)
-  return jnp.where(seen, jnp.exp(jnp.where(seen, total, 0.0)), 0.0), seen
+  return jnp.where(seen, jnp.exp(jnp.where(seen, total, 0.0)), 0.0)
 
 
 def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_state,
@@ -199,7 +199,7 @@ def _titans_pallas_packed(q, k, v, lr, momentum, g, weights, mom, reset, reset_s
   reset = jnp.asarray(reset).astype(bool)
   f32 = jnp.float32
   log_decay = jnp.zeros((b, t, h), f32) if g is None else g.astype(f32)
-  zeta, _ = _segment_log_decay(log_decay, reset)  # [B, T, H]
+  zeta = _segment_log_decay(log_decay, reset)  # [B, T, H]
   slots, positions, fresh = core.batched(lambda r: core.document_slots(r, 0, c), 1)(reset)
   first = jnp.arange(t)[None, :] - positions  # each token's gradient chunk's first token
   before = jnp.take_along_axis(zeta, jnp.maximum(first - 1, 0)[..., None], axis=1)
