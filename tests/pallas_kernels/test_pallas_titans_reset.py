@@ -251,6 +251,7 @@ def test_titans_op_packed_kernel_equals_the_chunked_form(momentum, reset_state, 
     _close(got_g[name], want_g[name], f"d{name}")
 
 
+@pytest.mark.slow  # the state's fields are compared in the test above; this continues a row
 def test_titans_op_packed_kernel_state_continues():
   """A packed row split across calls: the kernels' call, then the chunked form from its state
   (offsets that differ by row), equals one call."""
