@@ -31,7 +31,10 @@ def leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
-@pytest.mark.parametrize("family", ["hope", pytest.param("titans_lmm", marks=pytest.mark.slow),
+# HOPE's row is slow (about 50 s on two busy cores): its state also crosses processes by default in
+# tests/experiments/test_experiment_remember.py, and a HOPE session file in the test below.
+@pytest.mark.parametrize("family", [pytest.param("hope", marks=pytest.mark.slow),
+                                    pytest.param("titans_lmm", marks=pytest.mark.slow),
                                     "gated_deltanet"])
 def test_two_sessions_equal_one_call_on_the_concatenated_tokens(family, tmp_path):
   model, path = tiny_model(family), str(tmp_path / "memory.npz")

@@ -123,7 +123,9 @@ def _close(a, b, what):
   assert err < RTOL, f"{what}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+# By default only the TPU kernels with momentum (the backends share titans_phases.Segments, and
+# the GPU kernels are compared with the chunked form in the op-level test below); -m slow runs all.
+@pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.slow), "tpu"])
 @pytest.mark.parametrize("momentum", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_titans_kernels_with_boundaries_match_the_token_loop(backend, momentum):
   reset, fresh, live = layout()
@@ -265,6 +267,7 @@ def test_titans_op_packed_kernel_state_continues():
   _close(jnp.concatenate([o1, o2], axis=1), want, "o")
 
 
+@pytest.mark.slow  # the delta rule's kernels with reset are compared by default in test_pallas_reset.py
 def test_dgd_dot_packed_kernel_equals_the_chunked_form():
   """``dgd_memory(objective="dot", reset=...)`` on the delta rule's kernels (restarting from
   zero): outputs, memory, offsets and gradients equal the chunked form, and its state
