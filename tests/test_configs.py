@@ -33,7 +33,8 @@ FIELD_ORDER = (
     "family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "expand_v",
     "mlp_dim", "tie_embeddings", "max_seq_len", "rope_theta", "window", "conv_size", "chunk_size",
     "memory_chunk_size", "impl", "remat", "state_dim", "mamba_expand", "mamba_head_dim",
-    "memory_expand", "n_persistent", "ttt_base_lr", "titans_lr_max", "norm_eps", "init_std", "cms",
+    "memory_expand", "n_persistent", "ttt_base_lr", "titans_lr_max", "titans_rate", "norm_eps",
+    "init_std", "cms",
     "cms_periods", "cms_variant", "cms_objective", "cms_lr", "cms_stop_gradient", "cms_grad_clip",
     "hope_memory",
     "hope_objective", "hope_dgd", "hope_dgd_keys", "hope_chunk_size", "hope_chunk_boundary",
@@ -136,6 +137,8 @@ def test_bad_model_configs_are_refused_by_name(fields, message):
     (dict(family="mamba2", state_dim=0), r"model.state_dim must be >= 1; got 0"),
     (dict(family="titans_mac", n_persistent=-1), r"model.n_persistent must be >= 0; got -1"),
     (dict(family="ttt_linear", ttt_base_lr="1"), r"model.ttt_base_lr must be a float; got '1'"),
+    (dict(family="titans_lmm", titans_rate="proximal"),
+     r"model.titans_rate='proximal' is not allowed; allowed: \['plain', 'normalized'\]"),
     (dict(family="titans_lmm", titans_lr_max=1.0), r"model.titans_lr_max=1.0 is not allowed "
      r"with model.memory_chunk_size=16: must be > 0 and at most 0.5/memory_chunk_size = 0.03125"),
     (dict(family="hope", cms_periods=(3, 4)), r"model.cms_periods=\(3, 4\) must be a non-empty "

@@ -99,6 +99,13 @@ def batched(fn, batch_ndim: int):
   return fn
 
 
+def decay_term(dgd) -> bool:
+  """Whether the core's ``dgd`` option adds DGD's decay term: True or "proximal" (DGD), not
+  False (plain gradient steps) or "normalized" (plain steps at ``layer_rates``' normalised
+  rates)."""
+  return bool(dgd) and dgd != "normalized"
+
+
 def check_row_scale(row_scale: Optional[Array], momentum: Optional[Array], dgd: bool,
                     grad_chunk: Optional[int]) -> None:
   """Refuses ``row_scale`` where it is not defined (``nlx.memory.core``)."""
@@ -110,8 +117,9 @@ def check_row_scale(row_scale: Optional[Array], momentum: Optional[Array], dgd: 
     raise ValueError("row_scale is given with momentum: the position-scaled writes are defined "
                      "without momentum only (TTT's schedule); pass momentum=None")
   if dgd:
-    raise ValueError("row_scale is given with dgd=True: the position-scaled writes are defined "
-                     "for plain gradient steps only (TTT's schedule); pass dgd=False")
+    raise ValueError(f"row_scale is given with dgd={dgd!r}: the position-scaled writes are defined "
+                     "for plain gradient steps at the given rates only (TTT's schedule); pass "
+                     "dgd=False")
   if row_scale.shape[-1] != grad_chunk:
     raise ValueError(f"row_scale must have shape [..., C] with C = the chunk size {grad_chunk}; "
                      f"got {row_scale.shape}")

@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from nlx.memory.base import Array, Memory, Weights, batched, bind, check_read, check_row_scale
+from nlx.memory.base import (Array, Memory, Weights, batched, bind, check_read, check_row_scale,
+                             decay_term)
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, previous_rows, scan_chunks, unit_lower_solve)
 from nlx.memory.objectives import Objective
@@ -72,8 +73,14 @@ def layer_rates(lr: Array, keys: Weights, dgd=False) -> Weights:
 
   ``dgd="proximal"``: ``lr_t / (1 + lr_t ‖h_l‖²)`` for layer l's input ``h_l``, the exact step of
   DGD's proximal objective (docs/EQUATIONS.md, choice 1): ``(I + lr h_lᵀ h_l)⁻¹`` by
-  Sherman–Morrison, ``η/(1 + η)`` for a unit-norm input (the arXiv rate). Otherwise ``lr``.
+  Sherman–Morrison, ``η/(1 + η)`` for a unit-norm input (the arXiv rate). ``dgd="normalized"``
+  (plain gradient steps, no decay term): ``lr_t / max(1, ‖h_l‖²)``, so that a layer whose input
+  is longer than a unit-norm key steps no further than such a key would (the chunk bound of
+  ``nlx.nn.neural_memory_config.MAX_CHUNK_STEP`` then holds for every layer of an MLP memory).
+  Otherwise ``lr``.
   """
+  if dgd == "normalized":
+    return {name: lr / jnp.maximum(1.0, jnp.sum(h * h, axis=-1)) for name, h in keys.items()}
   if dgd != "proximal":
     return {name: lr for name in keys}
   return {name: lr / (1.0 + lr * jnp.sum(h * h, axis=-1)) for name, h in keys.items()}
@@ -157,7 +164,7 @@ def _prepare_coefficients(log_decay: Array, momentum: Optional[Array], dgd: bool
   """A chunk's coefficients of the state after each write, and (for DGD's system or a read
   before the write) of the state before each write; ``reset [C]``: document boundaries."""
   coef = chunk_coefficients(log_decay, momentum, start, dgd, row_scale, reset, live)
-  return coef, previous_rows(coef, reset) if dgd or read == "before_write" else None
+  return coef, previous_rows(coef, reset) if decay_term(dgd) or read == "before_write" else None
 
 
 def _weights_at(w0: Weights, p0: Optional[Weights], cw: ChunkWrites, coef: ChunkCoefficients,
@@ -196,9 +203,9 @@ def chunk_writes(memory: Memory, objective: Objective, w_grad: Weights, w0: Weig
   gradients at ``w_grad`` (at ``w_init`` where ``fresh``), the chunk's running state starting
   from ``w0``/``p0`` (and ``w_init`` at its resets)."""
   _, kc, vc, lrc, _, prev = chunk[:6]
-  if dgd:
+  if decay_term(dgd):
     return _dgd_writes(memory, objective, w_grad, kc, vc, lrc, w0, p0, prev, fresh, w_init, dgd)
-  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init)[0]
+  cw = _selected_writes(memory, objective, w_grad, kc, vc, lrc, fresh, w_init, dgd)[0]
   return cw if w_init is None else cw._replace(init=w_init)
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from nlx.memory.base import Array, batched, check_row_scale
+from nlx.memory.base import Array, batched, check_row_scale, decay_term
 
 
 def segment_sum(x: Array) -> Array:
@@ -152,7 +152,7 @@ def chunk_coefficients(log_decay: Array, momentum: Optional[Array], start=0,
     return _reset_coefficients(log_decay, momentum, start, dgd, reset, live)
   gamma = jnp.exp(jnp.cumsum(log_decay))
   decay = decay_matrix(log_decay)
-  dgd_decay = decay if dgd else None
+  dgd_decay = decay if decay_term(dgd) else None
   if row_scale is not None:
     check_row_scale(row_scale, momentum, dgd, log_decay.shape[-1])
     live = jnp.arange(log_decay.shape[-1]) >= start
@@ -181,7 +181,7 @@ def _reset_coefficients(log_decay: Array, momentum: Optional[Array], start, dgd:
   gamma = jnp.where(before_first, jnp.exp(jnp.cumsum(log_decay)), 0.0)
   # M_init enters at the reset token r, before its decay: γ_t/γ_{r−1} = decay[t, r] exp(g_r).
   init = decay @ jnp.where(reset, jnp.exp(log_decay), 0.0)
-  dgd_decay = decay if dgd else None
+  dgd_decay = decay if decay_term(dgd) else None
   if momentum is None:
     return ChunkCoefficients(gamma, decay, None, None, None, dgd_decay, init)
   log_eta = jnp.log(jnp.maximum(momentum, jnp.finfo(momentum.dtype).tiny))

@@ -50,7 +50,7 @@ This module is the core's one entry point; the code lives in four modules, read 
 """
 
 from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bind, check_read,
-                             check_row_scale, layer_inputs, tree_scale)
+                             check_row_scale, decay_term, layer_inputs, tree_scale)
 from nlx.memory.chunk_start import (ChunkWrites, chunk_output, chunk_read, chunk_start_scan,
                                     chunk_start_scan_offset, chunk_update, chunk_writes,
                                     layer_grad_factors, layer_rates)
@@ -64,7 +64,8 @@ from nlx.memory.recurrent import chunk_positions, recurrent_scan
 
 __all__ = [
     "Array", "MatMul", "Memory", "READS", "Weights", "batched", "bind", "check_read",
-    "check_row_scale", "layer_inputs", "tree_scale", "recurrent_scan", "ChunkCoefficients",
+    "check_row_scale", "decay_term", "layer_inputs", "tree_scale", "recurrent_scan",
+    "ChunkCoefficients",
     "chunk_coefficients", "chunk_end_weights", "chunk_matmul", "decay_matrix", "previous_rows",
     "scan_chunks", "segment_decay", "segment_sum", "unit_lower_inverse", "unit_lower_solve",
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",

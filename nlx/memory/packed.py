@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nlx.memory.base import (Array, Memory, Weights, batched, bind, check_read,
-                             check_row_scale)
+                             check_row_scale, decay_term)
 from nlx.memory.chunk_start import (_chunk_writes, _pick, _prepare_coefficients, _pseudo_values,
                                     _weights_at, chunk_read)
 from nlx.memory.chunks import ChunkCoefficients, decay_matrix
@@ -239,7 +239,7 @@ def chunk_start_scan_packed(memory: Memory, objective: Objective, q: Array, k: A
   lasts = jnp.broadcast_to(last, (n,) + batch_shape)
 
   def writes(part, chunk, w0, p0, w_init):  # the chunk's writes from the selected gradients
-    if dgd:
+    if decay_term(dgd):
       return _pseudo_values(*part, chunk[3], w0, p0, chunk[5], w_init, same=False, dgd=dgd)
     return part[0]._replace(init=w_init)
 

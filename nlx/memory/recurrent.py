@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nlx.memory.base import (Array, Memory, Weights, batched, bind, check_read, check_row_scale,
-                             layer_inputs, tree_scale)
+                             decay_term, layer_inputs, tree_scale)
 from nlx.memory.objectives import Objective
 
 
@@ -56,6 +56,8 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
     dgd: add DGD's per-layer decay term ``−lr_t h_lᵀ (h_l W_l)`` (needs ``grad_chunk``; ``h_l``:
       layer l's input for the key ``k_t`` at the gradient's reference state). ``"proximal"``:
       layer l's rate, on its decay and gradient terms, is ``lr_t / (1 + lr_t ‖h_l‖²)``.
+      ``"normalized"``: no decay term; layer l's gradient step at ``lr_t / max(1, ‖h_l‖²)``
+      (``core.layer_rates``).
     read: "after_write" (``o_t = M_t(q_t)``) or "before_write" (``o_t = M_{t−1}(q_t)``).
     params: the memory's fixed parameters (``Memory.param_shapes``), or None.
     row_scale: ``[C]`` (C = ``grad_chunk``) or None: ``M_t = γ_t M_0 + c_i A_t`` for the token at
@@ -100,11 +102,14 @@ def recurrent_scan(memory: Memory, objective: Objective, q: Array, k: Array, v: 
       w_ref = jax.tree.map(lambda x, y: jnp.where(position == 0, x, y), w, w_ref)
     decayed = tree_scale(jnp.exp(gt), w)
     rate = {n: lrt for n in w}
-    if dgd:  # W_l ← exp(g) W_l − lr_l h_lᵀ (h_l W_l), h_l: the layer's input at w_ref
+    if dgd:  # h_l: the layer's input at w_ref
       h = layer_inputs(mem, w_ref, kt)
       if dgd == "proximal":  # lr_l = lr / (1 + lr ‖h_l‖²)
         rate = {n: lrt / (1.0 + lrt * jnp.sum(h[n] * h[n])) for n in w}
-      decayed = {n: decayed[n] - rate[n] * jnp.outer(h[n], h[n] @ w[n]) for n in w}
+      if dgd == "normalized":  # lr_l = lr / max(1, ‖h_l‖²)
+        rate = {n: lrt / jnp.maximum(1.0, jnp.sum(h[n] * h[n])) for n in w}
+      if decay_term(dgd):  # W_l ← exp(g) W_l − lr_l h_lᵀ (h_l W_l)
+        decayed = {n: decayed[n] - rate[n] * jnp.outer(h[n], h[n] @ w[n]) for n in w}
     grads = grad_fn(w_ref if grad_chunk is not None else decayed, kt, vt)
     update = {n: -rate[n] * grads[n] for n in grads}
     if scaled:  # M_t = γ_t M_0 + c_i A_t, tracking d = γ_t M_0 and A_t = exp(g_t) A_{t−1} + U_t

@@ -23,6 +23,9 @@ head, or TTT's inner model ``nlx.memory.deep.TTTMemory``) takes a gradient step 
   paper). The factor 1 − η makes the momentum an average of gradients: Titans' θ_t is a learned
   gate, and with θ_t free a chunk of C tokens, whose C gradients are taken at one state, moved by
   up to C(C+1)/2·θ·G as η → 1 (a repeated key then diverged; tests/nn/test_long_sequences.py).
+  ``model.titans_rate="normalized"``: each memory layer at that rate over max(1, ‖h_l‖²) (its
+  input's squared norm; ``ops.titans_memory``'s ``rate``), for MLP memories whose hidden input
+  outgrows the bound (docs/RELIABILITY.md).
 
 q, k, v come from the shared ``QKV`` input (short conv, SiLU, L2-normalised q and k); the output
 is per-head RMSNorm, a SiLU gate and the output projection (docs/EQUATIONS.md §5, the block). The
@@ -90,6 +93,7 @@ class NeuralMemory(Mixer):
                        f"{cfg.family!r}: {what} needs expand_v = 1")
     self.heads, self.dk, self.dv, self.lr_max = h, dk, dv, lr_max
     self.chunk_size, self.impl, self.ttt = cfg.memory_chunk_size, cfg.impl, ttt
+    self.rate = "plain" if ttt else cfg.titans_rate  # TTT's rate is its own (ttt_base_lr)
     if ttt:
       self.memory = TTTMemory(memory, activation)
     else:
@@ -197,5 +201,6 @@ class NeuralMemory(Mixer):
     o, memory = ops.titans_memory(q, k, v, lr=lr, momentum=momentum, g=g, memory=self.memory,
                                   initial_state=initial, chunk_size=self.chunk_size,
                                   impl=self.impl, position_scale=self.position_scale(),
-                                  memory_params=self.memory_params(), **boundaries)
+                                  memory_params=self.memory_params(), rate=self.rate,
+                                  **boundaries)
     return self.out(o, x), None if state is None else MemoryState(conv, memory)

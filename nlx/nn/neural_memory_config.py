@@ -14,6 +14,7 @@ from nlx import validation
 
 # The largest step (lr_max × chunk) a chunk of chunk-start gradients may take on repeated keys.
 MAX_CHUNK_STEP = 0.5
+TITANS_RATES = ("plain", "normalized")  # nlx.ops.titans.RATES (no JAX here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +33,17 @@ class NeuralMemoryFields:
       repeated keys the memory steps C·lr at once: C·lr_max ≥ 1 diverged on an untrained tiny
       model fed a repeated token (docs/RELIABILITY.md); values with C·lr_max > 0.5 are refused.
       With momentum η the step is lr·(1 − η), so the bound holds whatever η is learned.
+    titans_rate: "plain" (the paper's step) or "normalized": each layer of the Titans memory
+      steps at ``lr / max(1, ‖h‖²)`` for its input h (``nlx.ops.titans_memory``'s ``rate``), so
+      that the bound above also holds for an MLP memory's hidden layer, whose input is not
+      unit-norm: with "plain" that layer diverged in the S-NIAH study (docs/RELIABILITY.md).
   """
 
   memory_expand: int = 2
   n_persistent: int = 4
   ttt_base_lr: float = 1.0
   titans_lr_max: Optional[float] = None
+  titans_rate: str = "plain"
 
   @property
   def titans_lr(self) -> float:
@@ -64,3 +70,4 @@ def validate_neural_memory(cfg: Any) -> None:
   validation.check_at_least("model.memory_expand", cfg.memory_expand, 1, got=True)
   validation.check_at_least("model.n_persistent", cfg.n_persistent, 0, got=True)
   check_chunk_step(cfg, "titans_lr_max", "memory_chunk_size")
+  validation.check_choice("model.titans_rate", cfg.titans_rate, TITANS_RATES)

@@ -40,6 +40,8 @@ Array = jax.Array
 # when a packed batch's layout fits, else the worst layout's (about 2T); 0: always the latter.
 PACKED_SLACK = 4
 
+RATES = ("plain", "normalized")  # titans_memory's ``rate``
+
 
 class TitansState(NamedTuple):
   """State of ``titans_memory``: the memory weights and, with momentum, the momentum (surprise).
@@ -71,7 +73,7 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
                   initial_state=None, chunk_size: int = 64, read: str = "after_write",
                   impl: str = "auto", position_scale: Optional[Array] = None,
                   memory_params: Optional[dict] = None, reset: Optional[Array] = None,
-                  reset_state=None) -> tuple[Array, TitansState]:
+                  reset_state=None, rate: str = "plain") -> tuple[Array, TitansState]:
   """Titans neural memory: gradient descent with momentum and decay on ``½‖M(k) − v‖²``.
 
   For token t in a chunk whose start state is ``M_c``: ``G_t = ∇ℓ(M_c; k_t, v_t)``,
@@ -118,12 +120,28 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       (``_titans_pallas_packed``).
     reset_state: the memory a reset restores, shaped like ``initial_state``'s memory (the model's
       learned initial memory); None: zeros (linear memory only).
+    rate: ``"plain"`` (the equation above) or ``"normalized"``: each layer l of the memory steps
+      at ``lr_t / max(1, ‖h_l‖²)``, ``h_l`` its input at the gradient's reference state (the key
+      itself for a linear memory and an MLP's first layer, unit-norm in nlx's models: their
+      rate is unchanged). With gradients at one state per chunk, an MLP memory's hidden layer,
+      whose input grows with the weights, can otherwise step far beyond the chunk bound of
+      unit-norm keys and diverge (docs/RELIABILITY.md); not in the Titans paper.
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
+  if rate not in RATES:
+    raise ValueError(f"rate={rate!r} is not one of {RATES}")
+  dgd = False
+  if rate == "normalized":
+    if isinstance(resolve_memory(memory), LinearMemory):  # h = k: a per-token rate
+      check_sequences(q, k, v)
+      norm = jnp.sum(jnp.square(k.astype(jnp.promote_types(k.dtype, jnp.float32))), axis=-1)
+      lr = (lr / jnp.maximum(1.0, norm)).astype(lr.dtype)
+    else:
+      dgd = "normalized"
   return gradient_memory(q, k, v, lr, momentum, g, memory, L2, initial_state, chunk_size, read,
-                         impl, dgd=False, kernel=_titans_pallas, position_scale=position_scale,
+                         impl, dgd=dgd, kernel=_titans_pallas, position_scale=position_scale,
                          memory_params=memory_params, reset=reset, reset_state=reset_state,
                          packed_kernel=_titans_pallas_packed)
 
@@ -253,7 +271,8 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
                     ) -> tuple[Array, TitansState]:
   """The body of ``titans_memory`` and ``dgd_memory``: validation, dispatch, layout.
 
-  ``dgd``: False (Titans), True or "proximal" (each layer's rate, ``core.layer_rates``).
+  ``dgd``: False (Titans), "normalized" (Titans at normalised rates), True or "proximal" (DGD;
+  each layer's rate: ``core.layer_rates``).
   ``kernel``: the op's ``impl="pallas"`` path, ``(q, k, v, lr, momentum, g, initial_state,
   offset, chunk_size) -> (o, TitansState)`` (``offset``: None when a chunk starts now);
   ``packed_kernel``: the same with ``reset``, ``(q, k, v, lr, momentum, g, weights,
@@ -286,7 +305,7 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
     reason = "the kernels implement linear memories only"
   elif read != "after_write":
     reason = "the kernels read after the write only"
-  elif dgd and (objective is not DOT or momentum is not None):
+  elif core.decay_term(dgd) and (objective is not DOT or momentum is not None):
     reason = ("the kernels implement DGD only as the gated delta rule (objective='dot', a linear "
               "memory, no momentum)")
   elif offset is not None and not isinstance(offset, numbers.Integral):
@@ -295,13 +314,14 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   elif reset is not None and offset:
     reason = ("the kernels take reset (document boundaries) only in a call that starts a chunk "
               "(initial_state.offset 0 or None)")
-  elif reset is not None and dgd and w_reset is not None:
+  elif reset is not None and core.decay_term(dgd) and w_reset is not None:
     reason = ("the DGD kernels (the delta rule's) restart from zero at a reset: reset_state must "
               "be None")
   if (reset is not None and position_scale is not None and read != "after_write" and
       impl != "pallas"):
     impl = "recurrent"  # the position-scaled packed chunked form reads after the write only
-  impl = resolve_impl(impl, "delta_rule" if dgd else "titans", q, k, v, chunk_size, reason)
+  impl = resolve_impl(impl, "delta_rule" if core.decay_term(dgd) else "titans", q, k, v,
+                      chunk_size, reason)
   if impl == "pallas" and reset is not None:
     linear = lambda x: None if x is None else x["w"]
     return packed_kernel(q, k, v, lr, momentum, g, linear(weights), linear(mom), reset,
