@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -86,6 +87,23 @@ def first_leaf_size(batch) -> int:
   return int(np.size(jax.tree.leaves(batch)[0]))
 
 
+SKIP_CHECK_EVERY = 10  # fit reads the finite flags of the last steps this often (a host sync)
+
+
+def _warn_skipped(finite: list, step: int) -> None:
+  """A warning when any of the steps since the last check (``finite[-SKIP_CHECK_EVERY:]``,
+  ending at ``step``) was skipped: the first such step, and how many of all so far."""
+  recent = np.asarray(jax.device_get(finite[-SKIP_CHECK_EVERY:]), bool)
+  if recent.all():
+    return
+  first = step - len(recent) + 1 + int(np.argmin(recent))
+  total = len(finite) - int(np.sum(jax.device_get(finite)))
+  warnings.warn(f"fit: step {first} had a non-finite loss, gradient or parameter and was skipped "
+                f"(parameters unchanged); {total} of {len(finite)} steps skipped so far. A model "
+                "whose forward is non-finite on most batches stops learning here.",
+                RuntimeWarning, stacklevel=3)
+
+
 def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientTransformation,
         loss: LossFn = next_token_loss, opt_state=None, evaluate: Optional[Callable] = None,
         eval_every: int = 0, progress: bool = True, desc: str = "",
@@ -138,6 +156,8 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
       tokens += count_tokens(batch)
     if progress and (step % 10 == 0 or step == steps - 1):
       bar.set_postfix(loss=f"{float(up.loss):.3f}")
+    if (step + 1) % SKIP_CHECK_EVERY == 0 or step == steps - 1:
+      _warn_skipped(finite, step)
     cut = False
     if max_seconds is not None and step < steps - 1:
       jax.block_until_ready(up.loss)
