@@ -299,8 +299,10 @@ def plot(results: dict):
     ax.set_title(task.replace("_", "-").upper())
   axes[0].set_ylabel("accuracy")
   axes[-1].legend(fontsize=7)
+  steps = [f"{results['settings']['steps']} steps"] + [
+      f"{f} cut at {r['steps']}" for f, r in results["models"].items() if r.get("cut")]
   fig.suptitle(f"S-NIAH, trained at <= {results['settings']['train_len']} tokens "
-               f"({results['settings']['steps']} steps)", fontsize=10)
+               f"({'; '.join(steps)})", fontsize=10)
   return fig
 
 
