@@ -135,7 +135,8 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
   dgd = False
   if rate == "normalized":
     if isinstance(resolve_memory(memory), LinearMemory):  # h = k: a per-token rate
-      check_sequences(q, k, v)
+      b, t, h, _, _ = check_sequences(q, k, v)
+      check_gate("lr", lr, b, t, h, required=True)
       norm = jnp.sum(jnp.square(k.astype(jnp.promote_types(k.dtype, jnp.float32))), axis=-1)
       lr = (lr / jnp.maximum(1.0, norm)).astype(lr.dtype)
     else:

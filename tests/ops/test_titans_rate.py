@@ -130,6 +130,9 @@ def test_a_repeated_key_runs_away_with_the_plain_step_only():
 
 
 def test_an_unknown_rate_is_refused():
+  from nlx.nn import neural_memory_config
+  from nlx.ops import titans
+  assert titans.RATES == neural_memory_config.TITANS_RATES  # the config's copy (no JAX there)
   with jax.enable_x64(True):
     x = inputs()
   with pytest.raises(ValueError, match=r"rate='proximal' is not one of \('plain', 'normalized'\)"):
