@@ -87,21 +87,21 @@ def first_leaf_size(batch) -> int:
   return int(np.size(jax.tree.leaves(batch)[0]))
 
 
-SKIP_CHECK_EVERY = 10  # fit reads the finite flags of the last steps this often (a host sync)
+SKIP_CHECK_EVERY = 10  # fit reads the finite flags of the steps since its last read this often
 
 
-def _warn_skipped(finite: list, step: int) -> None:
-  """A warning when any of the steps since the last check (``finite[-SKIP_CHECK_EVERY:]``,
-  ending at ``step``) was skipped: the first such step, and how many of all so far."""
-  recent = np.asarray(jax.device_get(finite[-SKIP_CHECK_EVERY:]), bool)
-  if recent.all():
-    return
-  first = step - len(recent) + 1 + int(np.argmin(recent))
-  total = len(finite) - int(np.sum(jax.device_get(finite)))
-  warnings.warn(f"fit: step {first} had a non-finite loss, gradient or parameter and was skipped "
-                f"(parameters unchanged); {total} of {len(finite)} steps skipped so far. A model "
-                "whose forward is non-finite on most batches stops learning here.",
-                RuntimeWarning, stacklevel=3)
+def _count_skipped(finite: list, checked: int, skipped: int) -> tuple[int, int]:
+  """Reads the finite flags of the steps ``checked`` onwards (each flag crosses to the host once)
+  and warns when one of them was skipped, naming the first; returns ``(steps checked, steps
+  skipped)`` so far."""
+  recent = np.asarray(jax.device_get(finite[checked:]), bool)
+  skipped += int(recent.size - recent.sum())
+  if not recent.all():
+    warnings.warn(f"fit: step {checked + int(np.argmin(recent))} had a non-finite loss, gradient "
+                  f"or parameter and was skipped (parameters unchanged); {skipped} of "
+                  f"{len(finite)} steps skipped so far. A model whose forward is non-finite on "
+                  "most batches stops learning here.", RuntimeWarning, stacklevel=3)
+  return len(finite), skipped
 
 
 def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientTransformation,
@@ -139,6 +139,7 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
   step_fn = compiled_step(graphdef, tx, loss)
   losses, finite, evals = [], [], []
   tokens, eval_seconds, start, compiled = 0, 0.0, time.time(), None
+  checked = skipped = 0  # finite flags read so far, and the skipped steps among them
   bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
              leave=False)
   for step in bar:
@@ -156,8 +157,8 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
       tokens += count_tokens(batch)
     if progress and (step % 10 == 0 or step == steps - 1):
       bar.set_postfix(loss=f"{float(up.loss):.3f}")
-    if (step + 1) % SKIP_CHECK_EVERY == 0 or step == steps - 1:
-      _warn_skipped(finite, step)
+    if (step + 1) % SKIP_CHECK_EVERY == 0:
+      checked, skipped = _count_skipped(finite, checked, skipped)
     cut = False
     if max_seconds is not None and step < steps - 1:
       jax.block_until_ready(up.loss)
@@ -172,7 +173,7 @@ def fit(model, batches: Callable[[int], Any], steps: int, *, tx: optax.GradientT
       break
   bar.close()
   losses = [float(x) for x in jax.device_get(losses)]
-  skipped = int(len(finite) - np.sum(jax.device_get(finite))) if finite else 0
+  checked, skipped = _count_skipped(finite, checked, skipped)  # the steps since the last check
   end = time.time()
   return FitResult(nnx.merge(graphdef, params, rest), losses, end - start,
                    tokens / max(end - (compiled or start) - eval_seconds, 1e-9),
