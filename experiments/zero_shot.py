@@ -30,12 +30,15 @@ Commands (from the repository root)::
   python -m experiments.zero_shot --scale tiny --data DATA   # --limit 200 examples per task
   python -m experiments.lm --scale cpu --data DATA --out runs/lm_cpu   # 3.07M bytes per model
   python -m experiments.zero_shot --scale cpu --data DATA --out runs/zero_shot_cpu  # its models
+  python -m experiments.zero_shot --scale cpu --data DATA --text ptb  # the tasks in PTB's alphabet
   python -m experiments.zero_shot --scale small --models runs/lm_small/models --out runs/zs_small
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 
 import numpy as np
@@ -71,6 +74,33 @@ PRESETS = {
     "small": dict(limit=0, max_len=1024, batch_size=32),  # 0: every example
     "paper": dict(limit=0, max_len=2048, batch_size=32),
 }
+
+
+TEXTS = ("raw", "ptb")  # --text: the tasks as written, or in PTB's alphabet (ptb_text)
+
+
+def ptb_text(text: str) -> str:
+  """``text`` written as Mikolov's PTB is: lower case, numbers as ``N``, contractions split off
+  (``it 's``, ``do n't``), every character PTB's training text lacks (capitals, digits, commas,
+  periods, colons, question marks, quotes, brackets) a space, runs of spaces one. A byte model
+  trained on PTB has never seen those bytes (docs/RESULTS.md, zero-shot at ``--scale cpu``); a
+  leading space, which separates a continuation from its context, is kept."""
+  lead = " " if text[:1].isspace() and text[:1] != "\n" else ""
+  out = text.lower()
+  out = re.sub(r"(\w)n't\b", r"\1 n't", out)
+  out = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", out)
+  out = re.sub(r"\d+(?:[.,]\d+)*", " N ", out)
+  out = re.sub(r"[^a-zN'$&\n -]", " ", out)
+  out = re.sub(r" *\n *", " \n ", out)
+  out = re.sub(r" +", " ", out).strip(" ")
+  return lead + out
+
+
+def ptb_examples(examples: list) -> list:
+  """``examples`` with every context and continuation through ``ptb_text``."""
+  return [dataclasses.replace(e, contexts=tuple(ptb_text(c) for c in e.contexts),
+                              continuations=tuple(ptb_text(c) for c in e.continuations))
+          for e in examples]
 
 
 def find_models(models_dir: str) -> list[str]:
@@ -191,6 +221,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--limit", type=int, default=None, help="first N examples per task "
                       "(0: all; default: the scale's)")
   parser.add_argument("--max_len", type=int, default=None, help="bytes kept per sequence")
+  parser.add_argument("--text", default="raw", choices=TEXTS,
+                      help="raw: the tasks as written; ptb: in PTB's alphabet (ptb_text: lower "
+                           "case, numbers as N, no punctuation), for models trained on PTB only")
   args = parser.parse_args(argv)
   s = study.scale_settings(PRESETS, args.scale, limit=args.limit, max_len=args.max_len)
   names = study.parse_list("--tasks", None if args.tasks == "all" else args.tasks, known=TASKS)
@@ -202,11 +235,14 @@ def main(argv=None) -> dict:
                         + "), as docs/TRAINING.md's 'Evaluation data' lists them with their "
                         "public sources")
   tasks = {t: multiple_choice.load_task(t, data)[:s["limit"] or None] for t in names}
+  if args.text == "ptb":
+    tasks = {t: ptb_examples(examples) for t, examples in tasks.items()}
   chances = {t: chance(examples) for t, examples in tasks.items()}
   start = time.time()
   results, params = score_models(model_dirs, tasks, s)
   md = tables(results, chances, params)
-  out = dict(scale=args.scale, settings=s, models=args.models, params=params, chance=chances,
+  out = dict(scale=args.scale, settings=s, text=args.text, models=args.models, params=params,
+             chance=chances,
              results=results, average={n: average(r) for n, r in results.items()},
              seconds=time.time() - start)
   study.write_outputs(args.out, "zero_shot", out, md, plot(results, chances),

@@ -125,3 +125,18 @@ def test_cpu_scale_reads_the_lm_cpu_models_and_scores_more_examples(zs, tmp_path
   assert zs.PRESETS["cpu"]["limit"] > zs.PRESETS["tiny"]["limit"]
   assert zs.PRESETS["cpu"]["max_len"] == 128  # lm.py --scale cpu trains on 128-byte windows
   assert zs.find_models.__doc__ and zs.NAMES["transformer_std1"].startswith("Transformer++")
+
+
+def test_ptb_text_uses_only_ptb_characters_and_keeps_the_separating_space(zs):
+  """--text ptb writes the tasks as PTB is written: its characters only (lower case, N for
+  numbers, apostrophes, hyphens), contractions split, one space between words, and a
+  continuation's leading space (its separation from the context) kept."""
+  ptb = set("abcdefghijklmnopqrstuvwxyzN'$&- \n")
+  text = zs.ptb_text('Question: Why can\'t Mr. Smith lift 3,500.5 KG? "It\'s heavy!"\nAnswer:')
+  assert text == "question why ca n't mr smith lift N kg it 's heavy \n answer"
+  assert set(text) <= ptb
+  assert zs.ptb_text(" The Lid, twisted (twice).") == " the lid twisted twice"
+  assert zs.ptb_text("no") == "no"
+  example = Example(("Q: Is it 1?\nAnswer:",), (" Yes.", " No!"), 1)
+  (out,) = zs.ptb_examples([example])
+  assert out == Example(("q is it N \n answer",), (" yes", " no"), 1)
