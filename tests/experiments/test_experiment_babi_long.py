@@ -1,6 +1,7 @@
 """experiments.babi_long: the bAbI parser on a hand-written story, facts hidden in filler at
 an exact length, the flags named in errors, and a smoke run on a hand-written qa1 (2 steps)."""
 
+import collections
 import json
 import os
 
@@ -90,7 +91,9 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   cell = results["models"]["transformer"]["scores"]["1"]["512"]
   assert 0.0 <= cell["exact"] <= 1.0 and cell["n"] == 2
   assert 0.0 <= results["majority"]["1"]["512"] <= 1.0
-  assert "majority answer" in open(os.path.join(out, "babi_long.md"), encoding="utf-8").read()
+  assert results["majority"]["1"]["512"] <= results["constant"]["1"]["512"] <= 1.0
+  md = open(os.path.join(out, "babi_long.md"), encoding="utf-8").read()
+  assert "majority answer" in md and "best constant answer" in md
 
 
 def test_cpu_preset_invariants_and_sanity_row():
@@ -111,6 +114,14 @@ def test_cpu_preset_invariants_and_sanity_row():
   np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
   assert set(np.unique(batch.mask)) == {0.0, 1.0}  # answer-only loss at cpu
   n = settings["train_len"]
-  majority = {1: {n: 0.2}}
-  assert babi_long.sanity({1: {n: {"exact": 0.5}}}, majority, settings)["holds"]
-  assert not babi_long.sanity({1: {n: {"exact": 0.2}}}, majority, settings)["holds"]
+  floor = {1: {n: 0.2}}
+  assert babi_long.sanity({1: {n: {"exact": 0.5}}}, floor, settings)["holds"]
+  assert not babi_long.sanity({1: {n: {"exact": 0.2}}}, floor, settings)["holds"]
+  # The best constant answer: the largest share one answer word has among the evaluated
+  # questions, never below the training majority's share.
+  evaluated = babi_long.eval_questions(questions, settings["n_eval"][n], 1)
+  counts = collections.Counter(q.answer for q in evaluated)
+  best = babi_long.constant({1: questions}, settings, 1)[1][n]
+  assert best == max(counts.values()) / len(evaluated)
+  share = babi_long.majority({1: questions}, {1: questions}, settings, 1)[1][n]
+  assert share <= best
