@@ -43,6 +43,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import json
 import os
 from typing import Optional
 
@@ -212,7 +213,8 @@ def evaluate(model, tests: dict, filler: str, settings: dict, seed: int) -> dict
       batch = max(1, min(settings["eval_batch"], settings["eval_tokens"] // length, len(pairs)))
       preds = answer_scoring.predicted_answers(model, pairs, length, batch)
       out[task][length] = {"exact": answer_scoring.exact_match(preds, [a for _, a in pairs]),
-                           "n": len(pairs), "predictions": preds}
+                           "n": len(pairs), "predictions": preds,
+                           "answers": [a for _, a in pairs]}
   return out
 
 
@@ -309,6 +311,43 @@ def sanity(scores: dict, constant_share: dict, settings: dict) -> dict:
           "threshold": floor, "holds": bool(value > floor)}
 
 
+def commonest(predictions) -> str:
+  """``"letter (share)"``: the commonest first letter of a cell's predicted answers. Scoring is
+  teacher-forced, so the first letter is the model's one free choice (each later letter follows
+  the answer's own prefix); a model that ignores the story gives one first letter always."""
+  if not predictions:
+    return "-"
+  letter, count = collections.Counter(p[:1] for p in predictions).most_common(1)[0]
+  return f"{letter} ({count / len(predictions):.2f})"
+
+
+def rescore(path: str, data: Optional[str]) -> dict:
+  """A saved run (``babi_long.json``) with the baselines and per-question answers of this
+  version: ``constant`` and every cell's ``answers``, from the run's own settings and seed."""
+  with open(path, encoding="utf-8") as f:
+    results = _int_keys(json.load(f))
+  settings, seed = results["settings"], results["seed"]
+  shortest = min(settings["train_len"], *settings["lengths"])
+  directory = babi_dir(data)
+  tests = {t: [q for q in load_task(directory, t, "test") if fixed_length(q) <= shortest]
+           for t in settings["tasks"]}
+  results["constant"] = constant(tests, settings, 2 * seed + 1)
+  for res in results["models"].values():
+    for task, by_len in res["scores"].items():
+      for n, cell in by_len.items():
+        cell["answers"] = [q.answer for q in eval_questions(tests[task], settings["n_eval"][n],
+                                                            2 * seed + 1)]
+  return results
+
+
+def _int_keys(x):
+  """JSON's string keys back to ints where they are integers (tasks, lengths)."""
+  if isinstance(x, dict):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+            for k, v in x.items()}
+  return [_int_keys(v) for v in x] if isinstance(x, list) else x
+
+
 def length_label(n: int) -> str:
   return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
@@ -333,6 +372,12 @@ def tables(results: dict) -> str:
     text += (f"\nSanity row: {san['metric']} = {san['value']:.2f} (the best constant answer: "
              f"{san['threshold']:.2f}): **{'holds' if san['holds'] else 'fails'}**.\n")
   text += study.not_run_lines(results)
+  common = [[family, f"qa{task}"] + [commonest(by_len[n].get("predictions")) for n in lengths]
+            for family, res in results["models"].items() for task, by_len in res["scores"].items()]
+  text += ("\nThe commonest first letter of the predicted answers and its share (teacher-forced "
+           "scoring: the first letter is the model's free choice; one letter for every question "
+           "is a constant answer, whatever its accuracy):\n\n" +
+           study.markdown_table(["model", "task"] + [length_label(n) for n in lengths], common))
   curves = {f: r["curve"] for f, r in results["models"].items() if r.get("curve")}
   if curves:
     steps = sorted({e["step"] for c in curves.values() for e in c})
@@ -405,7 +450,17 @@ def main(argv=None) -> dict:
   parser.add_argument("--train_len", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--rescore", default=None, metavar="RUN.json",
+                      help="rewrite a saved run's tables with this version's baselines (the best "
+                           "constant answer) and commonest predictions, into --out; trains nothing")
   args = parser.parse_args(argv)
+  if args.rescore:
+    results = rescore(args.rescore, args.data)
+    table = tables(results)
+    print(table)
+    study.write_outputs(args.out, STUDY, results, table, plot(results),
+                        command=study.command_line(STUDY, argv))
+    return results
   settings = study.scale_settings(
       SCALES, args.scale, steps=args.steps, train_len=args.train_len, batch=args.batch,
       lr=args.lr,

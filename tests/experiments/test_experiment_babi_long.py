@@ -94,6 +94,26 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   assert results["majority"]["1"]["512"] <= results["constant"]["1"]["512"] <= 1.0
   md = open(os.path.join(out, "babi_long.md"), encoding="utf-8").read()
   assert "majority answer" in md and "best constant answer" in md
+  answers = cell["answers"]
+  assert len(answers) == 2 and all(answers)
+  # --rescore rebuilds a saved run's baselines and answers (here: a run without them) and
+  # trains nothing.
+  del results["constant"], cell["answers"]
+  old_run = os.path.join(tmp_path, "old.json")
+  with open(old_run, "w", encoding="utf-8") as f:
+    json.dump(results, f)
+  again = babi_long.main(["--rescore", old_run, "--data", str(tmp_path), "--out",
+                          str(tmp_path / "rescored")])
+  redo = again["models"]["transformer"]["scores"][1][512]
+  assert redo["predictions"] == cell["predictions"] and redo["answers"] == answers
+  assert again["constant"][1][512] >= again["majority"][1][512]
+  assert "commonest first letter" in open(os.path.join(tmp_path, "rescored", "babi_long.md"),
+                                          encoding="utf-8").read()
+
+
+def test_commonest_first_letter():
+  assert babi_long.commonest(["hallway", "hffice", "bedroom"]) == "h (0.67)"
+  assert babi_long.commonest([]) == "-"
 
 
 def test_cpu_preset_invariants_and_sanity_row():
