@@ -62,8 +62,9 @@ SCALES = {
     # std 1.0 (the MQAR fix of Transformer++'s recall), a curve of S-NIAH-1 exact match at the
     # trained length every CPU_CURVE_EVERY steps. 3,000 steps are what Transformer++ needs to
     # pass the sanity row (~25 min; at 1,000 it reached 0.31); the other models train only if it
-    # passes, each cut at CPU_RUN_SECONDS (Titans LMM and HOPE would need ~45 min and ~2.5 h for
-    # the 3,000 steps here: a cut row is marked so and is not a finding). Titans' MLP memory steps
+    # passes, each cut at CPU_RUN_SECONDS (Titans LMM and HOPE took 42 and 65 min for the 3,000
+    # steps here, each beside another run; docs/RESULTS.md's rows pass --run_seconds 0; a cut row
+    # is marked so and is not a finding). Titans' MLP memory steps
     # at normalised rates (model.titans_rate): with the paper's plain step its hidden layer
     # diverged on the repeated noise passage from step 491, and every later step was skipped.
     "cpu": dict(size="tiny", models=MODELS, match_params=True, train_len=256, batch=16,
