@@ -532,7 +532,12 @@ def main(argv=None) -> dict:
                       help="vocabulary (pad, then disjoint key and value ranges)")
   parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                       help="a ModelConfig field of every model, e.g. conv_size=0 (repeatable)")
+  parser.add_argument("--budget_minutes", type=float, default=None,
+                      help=f"cpu: training stops after this many minutes (default "
+                           f"{CPU_BUDGET_MINUTES}; 0: no budget)")
   args = parser.parse_args(argv)
+  if args.budget_minutes is not None and args.budget_minutes < 0:
+    raise ValueError(f"--budget_minutes must be >= 0 (0: no budget); got {args.budget_minutes}")
   default_families = CPU_FAMILIES if args.scale == "cpu" else FAMILIES
   families = check_families(study.parse_list("--families", args.families)
                             if args.families is not None else default_families)
@@ -548,6 +553,8 @@ def main(argv=None) -> dict:
     lrs = (args.lr,) if args.lr is not None else tuple(
         study.parse_list("--lrs", args.lrs, convert=float, default=list(settings["lrs"])))
     settings["lrs"] = lrs
+    if args.budget_minutes is not None:
+      settings["budget_minutes"] = args.budget_minutes or None
     return main_zoology(args, argv, families, settings)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
