@@ -57,6 +57,8 @@ def test_bad_flags_name_themselves(tmp_path):
     mqar.main(["--widths", "32,x", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="vocab_size"):
     mqar.main(["--pairs", "40", "--out", str(tmp_path)])  # 64 tokens hold 31 keys
+  with pytest.raises(ValueError, match="--budget_minutes.*-1"):
+    mqar.main(["--scale", "cpu", "--budget_minutes", "-1", "--out", str(tmp_path)])
 
 
 def test_smoke_run_writes_outputs(tmp_path):
