@@ -230,3 +230,15 @@ def test_transformer_learns_the_users_mqar_setting(tmp_path):
   model = ["--model", "init_std=1.0"]
   out = mqar.main(USERS_SETTING + model + ["--out", str(tmp_path)])
   assert out["runs"][0]["levels"]["8"]["accuracy"] >= 0.95
+
+
+def test_sweep_runs_rates_in_order_to_the_end_until_one_stops():
+  settings = dict(mqar.PRESETS["cpu"], vocab_size=64, pairs=(2,), n_layers=1, steps=4,
+                  eval_every=2, val_sequences=4, eval_sequences=4, batch_size=2,
+                  lrs=(1e-2, 3e-3), sweep_steps=None)
+  level = mqar.zoology_levels(settings)[0]
+  never = mqar.sweep_level("transformer", 8, level, dict(settings, early_stop=2.0), seed=0)
+  assert [(r["lr"], r["steps"], r["early_stopped_at"]) for r in never] == [
+      (1e-2, 4, None), (3e-3, 4, None)]  # every rate to the full steps (no short sweep)
+  first = mqar.sweep_level("transformer", 8, level, dict(settings, early_stop=0.0), seed=0)
+  assert [(r["lr"], r["steps"], r["early_stopped_at"]) for r in first] == [(1e-2, 2, 2)]
