@@ -201,8 +201,14 @@ def eval_questions(questions: list, n: int, seed: int) -> list:
 # Study
 # ---------------------------------------------------------------------------------------------
 
+def fitting(questions: list, settings: dict) -> list:
+  """The questions whose facts fit the shortest length (training or evaluation) of ``settings``."""
+  shortest = min(settings["train_len"], *settings["lengths"])
+  return [q for q in questions if fixed_length(q) <= shortest]
+
+
 def evaluate(model, tests: dict, filler: str, settings: dict, seed: int) -> dict:
-  """task -> length -> ``{"exact", "n"}`` of ``model``."""
+  """task -> length -> ``{"exact", "n", "predictions", "answers"}`` of ``model``."""
   out = {}
   for task, questions in tests.items():
     out[task] = {}
@@ -253,8 +259,8 @@ def run(settings: dict, data: str, filler_path: str, seed: int, on_model=None) -
                                for t in niah.essay_text(filler_path, "--filler"))
   configs = niah.model_configs(settings)
   shortest = min(settings["train_len"], *settings["lengths"])
-  pool = [q for t in settings["tasks"] for q in trains[t] if fixed_length(q) <= shortest]
-  tests = {t: [q for q in qs if fixed_length(q) <= shortest] for t, qs in tests.items()}
+  pool = [q for t in settings["tasks"] for q in fitting(trains[t], settings)]
+  tests = {t: fitting(qs, settings) for t, qs in tests.items()}
   if not pool or not all(tests.values()):
     raise ValueError(f"--tasks {list(settings['tasks'])}: no story fits in {shortest} tokens")
   results = {"settings": settings, "filler": filler_path, "seed": seed,
@@ -327,10 +333,8 @@ def rescore(path: str, data: Optional[str]) -> dict:
   with open(path, encoding="utf-8") as f:
     results = _int_keys(json.load(f))
   settings, seed = results["settings"], results["seed"]
-  shortest = min(settings["train_len"], *settings["lengths"])
   directory = babi_dir(data)
-  tests = {t: [q for q in load_task(directory, t, "test") if fixed_length(q) <= shortest]
-           for t in settings["tasks"]}
+  tests = {t: fitting(load_task(directory, t, "test"), settings) for t in settings["tasks"]}
   results["constant"] = constant(tests, settings, 2 * seed + 1)
   for res in results["models"].values():
     for task, by_len in res["scores"].items():
