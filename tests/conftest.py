@@ -32,6 +32,19 @@ if _OWN_COMPILE_CACHE:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
+# XLA compiles the suite's many small programs at optimisation level 0: on the 2-core CPU the
+# suite's time is mostly compilation, and level 0 halves it (tests/ops/test_ops_equivalence.py's
+# Titans and DGD MLP cases: 98 s -> 47 s) while the programs, and so what the tests check, are the
+# same (float64 cases still agree to 1e-10). `NLX_TEST_XLA_FLAGS=` (empty) runs the suite with
+# XLA's default optimisation. Subprocesses that set their own XLA_FLAGS (8 fake devices) add
+# these to theirs.
+TEST_XLA_FLAGS_ENV = "NLX_TEST_XLA_FLAGS"
+os.environ.setdefault(TEST_XLA_FLAGS_ENV, "--xla_backend_optimization_level=0")
+if os.environ[TEST_XLA_FLAGS_ENV] not in os.environ.get("XLA_FLAGS", ""):  # workers inherit it
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in (os.environ.get("XLA_FLAGS", ""), os.environ[TEST_XLA_FLAGS_ENV]) if f)
+
+
 def pytest_sessionfinish(session):
   if _OWN_COMPILE_CACHE:
     import shutil  # pylint: disable=g-import-not-at-top

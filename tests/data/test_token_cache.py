@@ -20,6 +20,7 @@ from etils.epath import gpath
 from nlx.data import pipeline, streams, token_cache, tokenizers
 from nlx.errors import DataError
 from nlx.train import config as run_config
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -312,7 +313,7 @@ def test_two_processes_build_the_store_once(tmp_path):
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
              JAX_NUM_PROCESSES="2")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()  # no fake devices
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, data.path, str(tmp_path / "shared")],
                             cwd=ROOT, text=True, env=dict(env, JAX_PROCESS_ID=str(i)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]

@@ -14,6 +14,7 @@ import pytest
 
 from nlx import levels, optim
 from optim_cases import assert_trees_close, quadratic_problem, run
+from xla_env import xla_flags
 
 
 def test_level_schedule_matches_python_loop():
@@ -123,7 +124,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 
 def test_state_is_sharded_like_params_on_8_fake_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, cwd=root,

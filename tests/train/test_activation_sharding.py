@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = r"""
@@ -30,7 +32,7 @@ print(json.dumps({"constrained": constrained, "free": temp(trainer)}))
 
 
 def test_fsdp_shards_the_residual_stream():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                        text=True, check=True, timeout=600)

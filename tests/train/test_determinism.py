@@ -12,6 +12,7 @@ import pytest
 from nlx.train import checkpoint as checkpoint_lib
 
 from reliability_cases import ENV, WAIT_S, assert_same_params, log_tail, losses, spawn, train
+from xla_env import xla_flags
 
 FLAGS = ["--config.train.steps=4", "--config.train.batch_size=8",
          "--config.optimizer.warmup_steps=0"]
@@ -35,7 +36,7 @@ def test_the_same_seed_gives_the_same_losses_and_parameters(reference, tmp_path)
 
 @pytest.mark.slow  # ~45 s; the default suite's test_sharding_equivalence covers 8 devices
 def test_eight_fake_devices_agree_with_one(reference, tmp_path):
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(ENV, XLA_FLAGS=xla_flags(8))
   workdir = tmp_path / "eight"
   proc = spawn(workdir, *FLAGS, "--config.mesh.data=-1", env=env)
   assert proc.wait(timeout=WAIT_S) == 0, log_tail(workdir)

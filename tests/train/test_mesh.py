@@ -15,6 +15,7 @@ import pytest
 from nlx import configs
 from nlx.train import sharding
 from nlx.train.config import MeshConfig
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AXES = ("data", "fsdp", "tensor")
@@ -156,7 +157,7 @@ print("MESHES", json.dumps(out))
 def test_meshes_over_eight_cpu_devices():
   cases = {"default": {}, "fsdp": {"data": 2, "fsdp": -1}, "all": {"data": 2, "fsdp": 2,
                                                                    "tensor": 2}}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)

@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = r"""
@@ -51,7 +53,7 @@ def _free_port() -> int:
 def _launch(n_processes: int) -> list:
   config = os.path.join(ROOT, "configs", "transformer.py") + ":tiny"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()  # no fake devices
   if n_processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
                JAX_NUM_PROCESSES=str(n_processes))

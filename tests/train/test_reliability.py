@@ -20,6 +20,7 @@ from nlx.train import trained
 
 from reliability_cases import ROOT, WAIT_S, assert_same_params, log_tail, losses, params, spawn
 from reliability_cases import train as _train
+from xla_env import xla_flags
 
 
 def _wait_for_step(proc, workdir, step: int) -> None:
@@ -101,7 +102,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
              JAX_NUM_PROCESSES="2", NLX_CACHE=str(tmp_path / "cache"))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()  # no fake devices
   workdir = tmp_path / "run"
   procs = [spawn(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=0",
                  env=dict(env, JAX_PROCESS_ID=str(i)), log=tmp_path / f"p{i}.log")

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESHES = {"one_device": None, "data8": (8, 1, 1), "fsdp4_tensor2": (1, 4, 2),
           "data2_fsdp2_tensor2": (2, 2, 2)}
@@ -47,7 +49,7 @@ print("LOSSES", json.dumps(out))
 
 
 def test_meshes_give_the_losses_of_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-c", SCRIPT, json.dumps(MESHES),
