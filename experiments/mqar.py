@@ -354,8 +354,11 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
                  "curve": [], "seconds": 0.0, "stopped": None, "cut": False})
 
   def advance(run, until):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     tic = time.time()
-    for step in range(len(run["losses"]), until):
+    bar = tqdm(range(len(run["losses"]), until), desc=f"{family} d={width} P={level['pairs']} "
+               f"lr={run['lr']:g}", unit="step", dynamic_ncols=True, leave=False)
+    for step in bar:
       batch = zoology_rows(seed, range(step * batch_size, (step + 1) * batch_size), **kw)
       up = step_fn(run["params"], run["rest"], run["opt_state"],
                    jax.tree.map(jnp.asarray, batch))
@@ -367,12 +370,14 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
         loss = float(np.mean(jax.device_get(run["losses"][-every:])))
         run["curve"].append({"step": step + 1, "loss": loss, "val_accuracy": acc,
                              "seconds": run["seconds"] + time.time() - tic})
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.3f}")
         if acc >= settings["early_stop"]:
           run["stopped"] = step + 1
           break
         if deadline is not None and time.time() > deadline:
           run["cut"] = True
           break
+    bar.close()
     run["seconds"] += time.time() - tic
 
   first = min(settings.get("sweep_steps") or steps, steps)
