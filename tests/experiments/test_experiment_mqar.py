@@ -214,6 +214,15 @@ def test_cpu_scale_is_zoologys_figure_2():
   assert cpu["weight_decay"] == 0.1 and cpu["early_stop"] == 0.99 and len(cpu["lrs"]) >= 3
 
 
+def test_cpu_embedding_init_is_per_family_and_model_flag_overrides_it():
+  cpu = dict(mqar.PRESETS["cpu"], model={})
+  std = lambda family, settings: mqar.config(family, 64, settings).init_std
+  assert std("transformer", cpu) == 1.0  # the std that lets attention learn recall here
+  assert std("gated_deltanet", cpu) == std("hope", cpu) == 0.02  # nlx's default
+  forced = dict(cpu, model={"init_std": 0.5})  # --model init_std=0.5: every family
+  assert std("transformer", forced) == std("gated_deltanet", forced) == 0.5
+
+
 # Issue 21: Transformer++ against Gated DeltaNet on the user's MQAR setting ----------------------
 
 USERS_SETTING = ["--scale", "tiny", "--widths", "64", "--pairs", "8", "--steps", "1500",
