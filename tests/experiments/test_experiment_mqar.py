@@ -178,8 +178,7 @@ def _run(family, width, pairs, lr, acc, val, loss=1.0, steps=100, stopped=None):
 def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   runs = [_run("transformer", 8, p, lr, acc, val) for p in (2, 4)
           for lr, acc, val in ((1e-3, 0.5, 0.6), (3e-3, 0.995, 0.995))]
-  runs += [_run("gated_deltanet", 8, 2, 1e-3, 0.9, 0.9),
-           _run("gated_deltanet", 8, 4, 1e-3, 0.4, 0.4)]
+  runs += [_run("retnet", 8, 2, 1e-3, 0.9, 0.9), _run("retnet", 8, 4, 1e-3, 0.4, 0.4)]
   best = mqar.best_runs(runs)
   assert best[("transformer", 8, 2)]["lr"] == 3e-3
   # the test accuracy does not choose: a run better on test but worse on validation loses
@@ -194,7 +193,10 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   assert mqar.best_runs(sweep)[("x", 8, 2)]["lr"] == 3e-2
   checks = mqar.sanity(runs, (2, 4), (8,), 0.99)
   assert checks == {"transformer_solves_every_level": True,
-                    "gated_deltanet_falls_with_pairs": True}
+                    "gated_linear_falls_with_pairs": True}
+  # a model whose accuracy does not fall (Gated DeltaNet's rows here) is not the check's
+  flat = runs[:4] + [_run("retnet", 8, p, 1e-3, 0.99, 0.99) for p in (2, 4)]
+  assert mqar.sanity(flat, (2, 4), (8,), 0.99)["gated_linear_falls_with_pairs"] is False
   assert mqar.sanity(runs[:2], (2, 4), (8,), 0.99)["transformer_solves_every_level"] is None
   line = mqar.sanity_line(mqar.sanity(runs[:2], (2, 4), (8,), 0.99), 0.99)
   assert "every level: not tested (runs missing)" in line and "None" not in line
@@ -202,9 +204,11 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   settings = dict(mqar.PRESETS["cpu"], pairs=(2, 4), widths=(8,))
   md = mqar.zoology_table(runs, settings)
   assert "| Transformer++ | 8 | 80/80 | 0.995 (0.003, 100) |" in md
-  assert mqar.sweep_order(("hope", "transformer", "gated_deltanet"), (8, 16)) == [
-      ("transformer", 8), ("gated_deltanet", 8), ("transformer", 16), ("gated_deltanet", 16),
-      ("hope", 8), ("hope", 16)]
+  assert "RetNet's accuracy falling as P grows at fixed width: holds" in mqar.sanity_line(
+      checks, 0.99)
+  assert mqar.sweep_order(("hope", "gated_deltanet", "transformer", "retnet"), (8, 16)) == [
+      ("transformer", 8), ("retnet", 8), ("transformer", 16), ("retnet", 16),
+      ("hope", 8), ("gated_deltanet", 8), ("hope", 16), ("gated_deltanet", 16)]
 
 
 def test_cpu_scale_is_zoologys_figure_2():
