@@ -197,6 +197,8 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   # a model whose accuracy does not fall (Gated DeltaNet's rows here) is not the check's
   flat = runs[:4] + [_run("retnet", 8, p, 1e-3, 0.99, 0.99) for p in (2, 4)]
   assert mqar.sanity(flat, (2, 4), (8,), 0.99)["gated_linear_falls_with_pairs"] is False
+  one_level = [r for r in runs if r["pairs"] == 2]  # a command with one level: not tested
+  assert mqar.sanity(one_level, (2,), (8,), 0.99)["gated_linear_falls_with_pairs"] is None
   assert mqar.sanity(runs[:2], (2, 4), (8,), 0.99)["transformer_solves_every_level"] is None
   line = mqar.sanity_line(mqar.sanity(runs[:2], (2, 4), (8,), 0.99), 0.99)
   assert "every level: not tested (runs missing)" in line and "None" not in line
