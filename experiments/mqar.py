@@ -75,8 +75,9 @@ from Zoology is said here):
   attention with a fixed decay per head, the kind of recurrence Zoology shows losing recall at
   fixed state), not Gated DeltaNet: the delta rule overwrites the value of a key it has seen
   instead of adding to it, and its papers (Yang et al. 2024) report it more effective at
-  associative recall than additive linear attention; here Gated DeltaNet at d_model 64 learns
-  (64, 4) and (256, 16) alike (docs/RESULTS.md, MQAR), so it is one of the rows compared. The
+  associative recall than additive linear attention; here Gated DeltaNet at d_model 64 recalls
+  0.985 at (64, 4) and 0.93 (validation) at (256, 16) (docs/RESULTS.md, MQAR), so it is one of
+  the rows compared. The
   figure plots the best accuracy against state floats per layer, a panel per level, and the
   validation curves of those runs.
 
