@@ -194,7 +194,7 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   checks = mqar.sanity(runs, (2, 4), (8,), 0.99)
   assert checks == {"transformer_solves_every_level": True,
                     "gated_linear_falls_with_pairs": True}
-  # a model whose accuracy does not fall (Gated DeltaNet's rows here) is not the check's
+  # a fixed-state model whose accuracy does not fall with P (as Gated DeltaNet's did) fails it
   flat = runs[:4] + [_run("retnet", 8, p, 1e-3, 0.99, 0.99) for p in (2, 4)]
   assert mqar.sanity(flat, (2, 4), (8,), 0.99)["gated_linear_falls_with_pairs"] is False
   one_level = [r for r in runs if r["pairs"] == 2]  # a command with one level: not tested
