@@ -70,6 +70,13 @@ from Zoology is said here):
   CPU cores Transformer++ at d_model 64 alone takes most of it (its three levels: about 12, 16
   and 32 minutes here), so the rows need one command each (``--families F --widths W --pairs
   P``).
+* Resuming: each sweep saves its runs every 10 minutes (``--checkpoint_minutes``), when a run
+  ends and when the budget cuts it, under ``OUT/checkpoints/<family>_d<width>_P<P>``
+  (``experiments/resume.py``). Rerunning the same command continues every sweep from its newest
+  save (the training data are a function of the seed and the step, so it takes the steps the
+  first run would have taken) and reads the finished ones back without training, so a level
+  that outlasts one sitting (HOPE's take hours here) is trained in several. A rerun with other
+  settings for the same ``--out`` is refused, naming what differs.
 * Sanity (Zoology's Figure 2): Transformer++ at >= 0.99 on every level and width, and a gated
   linear model's accuracy falling as P grows at a fixed width. That model is RetNet (linear
   attention with a fixed decay per head, the kind of recurrence Zoology shows losing recall at
@@ -99,6 +106,7 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import NamedTuple, Optional
@@ -110,6 +118,7 @@ import optax
 from flax import nnx
 
 import nlx
+from experiments import resume
 from experiments import study
 from nlx.data import synthetic
 from nlx.train import fitting
@@ -127,6 +136,9 @@ CPU_STEPS = 6000  # the most steps of one --scale cpu run (early stop at 0.99 en
 CPU_SWEEP_STEPS = None  # None: every rate runs to CPU_STEPS, in order, until one reaches 0.99
 CPU_LRS = (1e-2, 3e-3, 3e-2)  # the sweep, in the order run (one that stops early ends it)
 CPU_BUDGET_MINUTES = 80  # training stops here (the table names the runs cut and not run)
+CPU_CHECKPOINT_MINUTES = 10  # a sweep saves its runs this often (a rerun continues from there)
+# What a sweep's checkpoint keeps of each run beside its arrays (``sweep_level``).
+PROGRESS_KEYS = ("losses", "finite", "curve", "seconds", "stopped")
 # The embedding's init std at --scale cpu, per family (others: nlx's default 0.02; see above).
 CPU_INIT_STD = {"transformer": 1.0}
 CPU_FAMILIES = ("transformer", "retnet", "gated_deltanet", "titans_lmm", "ttt_linear", "hope")
@@ -146,7 +158,7 @@ PRESETS = {
                 layout="zoology", power_a=0.01, weight_decay=0.1, early_stop=0.99,
                 eval_every=50, val_sequences=256, family_model={
                     f: dict(init_std=std) for f, std in CPU_INIT_STD.items()},
-                budget_minutes=CPU_BUDGET_MINUTES),
+                budget_minutes=CPU_BUDGET_MINUTES, checkpoint_minutes=CPU_CHECKPOINT_MINUTES),
     "small": dict(widths=(64, 128, 256), pairs=(8, 16, 32, 64), vocab_size=512, steps=6000,
                   lr=3e-3, batch_size=64, eval_sequences=2048, n_layers=2, n_heads=2),
     "paper": dict(widths=(64, 128, 256, 512), pairs=(16, 32, 64, 128), vocab_size=8192,
@@ -336,8 +348,18 @@ def with_lr(opt_state, lr: float):
   return type(opt_state)((*head, last._replace(hyperparams=hyper)))
 
 
+def sweep_fingerprint(family: str, width: int, level: dict, settings: dict, seed: int,
+                      cfg) -> dict:
+  """Everything that decides the training and test of one sweep (``resume.SweepCheckpoint``)."""
+  keys = ("steps", "sweep_steps", "lrs", "batch_size", "weight_decay", "eval_every",
+          "val_sequences", "early_stop", "eval_sequences", "vocab_size", "power_a")
+  return {"family": family, "d_model": width, "pairs": level["pairs"],
+          "seq_len": level["seq_len"], "seed": seed, **{k: settings.get(k) for k in keys},
+          "model": dataclasses.asdict(cfg)}
+
+
 def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
-                deadline: Optional[float] = None) -> list:
+                deadline: Optional[float] = None, checkpoint_dir: Optional[str] = None) -> list:
   """The learning-rate sweep of one (family, width, level): one model per rate of
   ``settings["lrs"]`` (same initialization), trained with nlx's train step and the studies'
   AdamW (warmup, cosine decay over ``steps``). The rates run in order, each ``sweep_steps`` steps
@@ -346,9 +368,25 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
   ``eval_every`` steps the accuracy on ``val_sequences`` held-out sequences is
   measured, and a run that reaches ``early_stop`` stops (it ends the sweep). Returns a run dict
   per rate, the test accuracy on ``eval_sequences`` sequences in each. Past ``deadline`` (a
-  ``time.time()``) training stops at the next evaluation; the run says so (``cut_by_budget``)."""
+  ``time.time()``) training stops at the next evaluation; the run says so (``cut_by_budget``).
+
+  ``checkpoint_dir``: the sweep saves its runs there (``resume.SweepCheckpoint``) every
+  ``settings["checkpoint_minutes"]`` (0: every evaluation), when a run ends and when it is cut,
+  and continues from the newest save when called again; a sweep finished there returns its
+  saved results and trains nothing."""
   cfg = config(family, width, dict(settings, pairs=(level["pairs"],)),
                max_seq_len=level["seq_len"])
+  saver = None
+  if checkpoint_dir is not None:
+    saver = resume.SweepCheckpoint(
+        checkpoint_dir, sweep_fingerprint(family, width, level, settings, seed, cfg),
+        every_seconds=60 * (CPU_CHECKPOINT_MINUTES if settings.get("checkpoint_minutes") is None
+                            else settings["checkpoint_minutes"]))
+    finished = saver.finished()
+    if finished is not None:
+      print(f"{family} d={width} P={level['pairs']}: finished earlier ({checkpoint_dir})",
+            flush=True)
+      return finished
   steps, every = settings["steps"], settings["eval_every"]
   tx = sweep_optimizer(steps, settings["weight_decay"])
   kw = dict(num_pairs=level["pairs"], seq_len=level["seq_len"],
@@ -365,9 +403,33 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
                  "opt_state": with_lr(tx.init(params), lr), "losses": [], "finite": [],
                  "curve": [], "seconds": 0.0, "stopped": None, "cut": False})
 
+  if saver is not None:
+    restored = saver.restore([{"params": r["params"], "opt_state": r["opt_state"]}
+                              for r in runs])
+    if restored is not None:
+      for run, arrays, progress in zip(runs, *restored):
+        run.update(arrays, **{k: progress[k] for k in PROGRESS_KEYS})
+      print(f"{family} d={width} P={level['pairs']}: resuming from "
+            + ", ".join(f"lr={r['lr']:g} step {len(r['losses'])}" for r in runs), flush=True)
+
+  def save(force: bool = False):
+    if saver is not None:
+      saver.maybe_save(sum(len(r["losses"]) for r in runs),
+                       [{"params": r["params"], "opt_state": r["opt_state"]} for r in runs],
+                       [dict({k: r[k] for k in PROGRESS_KEYS},
+                             losses=[float(x) for x in jax.device_get(r["losses"])],
+                             finite=[bool(x) for x in jax.device_get(r["finite"])])
+                        for r in runs], force=force)
+
   def advance(run, until):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     tic = time.time()
+
+    def tick():  # the run's training seconds, up to now
+      nonlocal tic
+      run["seconds"] += time.time() - tic
+      tic = time.time()
+
     bar = tqdm(range(len(run["losses"]), until), desc=f"{family} d={width} P={level['pairs']} "
                f"lr={run['lr']:g}", unit="step", dynamic_ncols=True, leave=False)
     for step in bar:
@@ -380,8 +442,9 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
       if (step + 1) % every == 0 or step == steps - 1:
         acc = query_accuracy(nnx.merge(graphdef, run["params"], run["rest"]), val)
         loss = float(np.mean(jax.device_get(run["losses"][-every:])))
+        tick()
         run["curve"].append({"step": step + 1, "loss": loss, "val_accuracy": acc,
-                             "seconds": run["seconds"] + time.time() - tic})
+                             "seconds": run["seconds"]})
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{acc:.3f}")
         if acc >= settings["early_stop"]:
           run["stopped"] = step + 1
@@ -389,8 +452,10 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
         if deadline is not None and time.time() > deadline:
           run["cut"] = True
           break
+        save()
     bar.close()
-    run["seconds"] += time.time() - tic
+    tick()
+    save(force=True)
 
   first = min(settings.get("sweep_steps") or steps, steps)
   for run in runs:
@@ -418,6 +483,8 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
         "diverged_at_step": next((i for i, x in enumerate(losses) if not np.isfinite(x)), None),
         "state_floats_per_layer": state_floats_per_layer(model, level["seq_len"]),
         "cut_by_budget": run["cut"], "curve": run["curve"]})
+  if saver is not None and not any(r["cut_by_budget"] for r in out):
+    saver.finish(out)
   return out
 
 
@@ -560,9 +627,17 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget_minutes", type=float, default=None,
                       help=f"cpu: training stops after this many minutes (default "
                            f"{CPU_BUDGET_MINUTES}; 0: no budget)")
+  parser.add_argument("--checkpoint_minutes", type=float, default=None,
+                      help=f"cpu: each sweep saves its runs under OUT/checkpoints this often "
+                           f"(default {CPU_CHECKPOINT_MINUTES}; 0: at every evaluation), and a "
+                           "rerun of the command continues from there; -1: no checkpoints")
   args = parser.parse_args(argv)
   if args.budget_minutes is not None and args.budget_minutes < 0:
     raise ValueError(f"--budget_minutes must be >= 0 (0: no budget); got {args.budget_minutes}")
+  if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0 and (
+      args.checkpoint_minutes != -1):
+    raise ValueError("--checkpoint_minutes must be >= 0 (0: at every evaluation) or -1 (no "
+                     f"checkpoints); got {args.checkpoint_minutes}")
   default_families = CPU_FAMILIES if args.scale == "cpu" else FAMILIES
   families = check_families(study.parse_list("--families", args.families)
                             if args.families is not None else default_families)
@@ -580,6 +655,9 @@ def main(argv=None) -> dict:
     settings["lrs"] = lrs
     if args.budget_minutes is not None:
       settings["budget_minutes"] = args.budget_minutes or None
+    if args.checkpoint_minutes is not None:
+      settings["checkpoint_minutes"] = (None if args.checkpoint_minutes == -1
+                                        else args.checkpoint_minutes)
     return main_zoology(args, argv, families, settings)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
@@ -766,7 +844,9 @@ def main_zoology(args, argv, families: tuple, settings: dict) -> dict:
         settings["skipped_for_time"].append([family, width, level["pairs"]])
         continue
       deadline = start + 60 * budget if budget else None
-      for run in sweep_level(family, width, level, settings, args.seed, deadline):
+      checkpoints = (None if settings.get("checkpoint_minutes") is None else os.path.join(
+          args.out, "checkpoints", f"{family}_d{width}_P{level['pairs']}"))
+      for run in sweep_level(family, width, level, settings, args.seed, deadline, checkpoints):
         runs.append(run)
         print(f"{family} d={width} P={level['pairs']} T={level['seq_len']} lr={run['lr']:g}: "
               f"test acc {run['accuracy']:.3f} after {run['steps']} steps "

@@ -257,3 +257,36 @@ def test_sweep_runs_rates_in_order_to_the_end_until_one_stops():
       (1e-2, 4, None), (3e-3, 4, None)]  # every rate to the full steps (no short sweep)
   first = mqar.sweep_level("transformer", 8, level, dict(settings, early_stop=0.0), seed=0)
   assert [(r["lr"], r["steps"], r["early_stopped_at"]) for r in first] == [(1e-2, 2, 2)]
+
+
+def test_a_cut_sweep_resumes_from_its_checkpoint_to_the_same_runs(tmp_path, monkeypatch,
+                                                                  capsys):
+  settings = dict(mqar.PRESETS["cpu"], vocab_size=64, pairs=(2,), n_layers=1, steps=6,
+                  eval_every=2, val_sequences=4, eval_sequences=4, batch_size=2,
+                  lrs=(1e-2, 3e-3), sweep_steps=None, early_stop=2.0, checkpoint_minutes=0)
+  level = mqar.zoology_levels(settings)[0]
+  sweep = lambda **kw: mqar.sweep_level("transformer", 8, level, settings, seed=0, **kw)
+  whole = sweep()
+  where = str(tmp_path / "transformer_d8_P2")
+  cut = sweep(deadline=0.0, checkpoint_dir=where)  # every run stops at its first evaluation
+  assert all(r["cut_by_budget"] for r in cut)
+  assert [r["steps"] for r in cut] == [4, 2]  # the lower-loss rate went on, to its next eval
+  assert not os.path.exists(os.path.join(where, "result.json"))
+  trained = []  # the training batches drawn (2 rows each; validation and test draw 4)
+  rows = mqar.zoology_rows
+  monkeypatch.setattr(mqar, "zoology_rows", lambda seed, indices, **kw: (
+      trained.append(len(indices)) if len(indices) == 2 else None, rows(seed, indices, **kw))[1])
+  resumed = sweep(checkpoint_dir=where)
+  assert len(trained) == (6 - 4) + (6 - 2)  # only the steps after the save
+  assert "resuming from lr=0.01 step 4, lr=0.003 step 2" in capsys.readouterr().out
+  keep = lambda runs: [(r["lr"], r["steps"], r["accuracy"], r["final_loss"],
+                        [(c["step"], c["loss"], c["val_accuracy"]) for c in r["curve"]])
+                       for r in runs]
+  assert keep(resumed) == keep(whole)  # the same steps on the same data, from the saved state
+  assert not any(r["cut_by_budget"] for r in resumed)
+  assert keep(sweep(checkpoint_dir=where)) == keep(whole)  # finished: read back, not retrained
+  with pytest.raises(ValueError, match=r"another configuration \(lrs: saved \[0.01, 0.003\]"):
+    mqar.sweep_level("transformer", 8, level, dict(settings, lrs=(3e-2,)), seed=0,
+                     checkpoint_dir=where)
+  with pytest.raises(ValueError, match="--checkpoint_minutes must be >= 0"):
+    mqar.main(["--scale", "cpu", "--checkpoint_minutes", "-2", "--out", str(tmp_path)])
