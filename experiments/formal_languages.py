@@ -45,6 +45,14 @@ language (``cpu``'s width, learning rate and embedding std come from a search fo
 parity, docs/RESULTS.md); one seed. ``--scale cpu`` runs parity only unless ``--languages`` says
 otherwise: its three models fill the 90 minutes.
 
+Resuming (fixed training set): each run saves its state every 10 minutes
+(``--checkpoint_minutes``) and when it stops, under ``OUT/checkpoints/<family>_<language>``
+(``experiments/resume.py``). Rerunning the same command continues a run that its wall-time cap
+(``run_seconds``) or a kill stopped, from its newest save, on the batches the first process would
+have read, and returns the runs that had ended as they ended; so HOPE's 10,000 steps (hours on 2
+cores) can be trained over several sittings. Other training settings for the same ``--out`` are
+refused, naming what differs.
+
 Commands, from the repository root (``--scale tiny`` takes minutes on a 2-core CPU, ``cpu`` up
 to 90 minutes; ``small`` and ``paper`` are GPU/TPU settings)::
 
@@ -59,6 +67,7 @@ is accepted for uniformity with the other studies and unused (the data are gener
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -72,6 +81,7 @@ import optax
 from flax import nnx
 
 import nlx
+from experiments import resume
 from experiments import study
 from nlx.train import fitting
 from nlx.train.fitting import fit
@@ -97,6 +107,8 @@ SCALES = ("tiny", "cpu", "small", "paper")
 # and the bins are scored with the best validation checkpoint.
 _FRESH = dict(train_size=0, val_size=0, eval_every=0, patience=0, run_seconds=0,
               time_budget=0)
+# Settings that do not change what a run trains (a resumed run may differ in them).
+_NOT_TRAINING = ("run_seconds", "time_budget", "eval_size", "test_max", "checkpoint_minutes")
 PRESETS = {
     "tiny": dict(d_model=32, n_layers=1, batch=16, steps=200, lr=1e-2, eval_size=128,
                  train_max=50, test_max=100, pad_multiple=16, **_FRESH),
@@ -108,7 +120,7 @@ PRESETS = {
     "cpu": dict(d_model=128, n_layers=2, batch=32, steps=10_000, lr=3e-3, eval_size=1000,
                 train_max=50, test_max=100, pad_multiple=16, train_size=10_000, val_size=500,
                 eval_every=200, patience=25, run_seconds=2400, time_budget=5400,
-                model=dict(init_std=1.0)),
+                checkpoint_minutes=10, model=dict(init_std=1.0)),
     "small": dict(d_model=64, n_layers=2, batch=32, steps=3000, lr=1e-3, eval_size=500,
                   train_max=50, test_max=100, pad_multiple=16, train_size=10_000, val_size=1000,
                   eval_every=200, patience=10, run_seconds=0, time_budget=0),
@@ -409,7 +421,8 @@ def train_language(cfg, lang: Language, settings: dict, seed: int, desc: str = "
 
 
 def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Sequence[str],
-                    val: Sequence[str], desc: str = "", progress: bool = True) -> dict:
+                    val: Sequence[str], desc: str = "", progress: bool = True,
+                    checkpoint_dir: Optional[str] = None) -> dict:
   """Trains a fresh model on the fixed set ``train`` with early stopping on ``val``.
 
   At most ``settings["steps"]`` steps of ``batch`` strings (``batch_schedule``: shuffled epochs,
@@ -424,6 +437,12 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
     "train_loss" (mean since the previous evaluation), "val_loss", "val_string",
     "val_position"}], "best_step", "steps" (run), "stopped" ("perfect" | "patience" |
     "time" | "max_steps"), "seconds", "tokens_per_second"}``.
+
+  ``checkpoint_dir``: the run saves its state there (``resume.SweepCheckpoint``: parameters,
+  optimizer state, best checkpoint, losses and curve) every ``settings["checkpoint_minutes"]``
+  minutes at an evaluation, and when it stops; called again, it continues from the newest save
+  (a run stopped by ``run_seconds`` trains on; one stopped otherwise returns as it ended).
+  ``seconds`` and ``tokens_per_second`` then count every process's training.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   steps, batch = settings["steps"], settings["batch"]
@@ -437,19 +456,55 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
   losses, curve, since = [], [], 0
   best, best_params, best_step, bad, stopped = None, params, 0, 0, "max_steps"
   eval_seconds, start, compiled = 0.0, time.time(), None
-  bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress,
-             leave=False)
+  tokens, before = 0, {"seconds": 0.0, "timed": 0.0}  # before: earlier processes' (resumed)
+  saver = None
+  if checkpoint_dir is not None:
+    minutes = settings.get("checkpoint_minutes") or 0
+    keep = {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
+    saver = resume.SweepCheckpoint(checkpoint_dir, {
+        "language": lang.name, "seed": seed, "settings": keep, "model": dataclasses.asdict(cfg)},
+                                   every_seconds=60 * minutes)
+    restored = saver.restore({"params": params, "opt_state": opt_state, "best": params})
+    if restored is not None:
+      arrays, p = restored
+      params, opt_state, best_params = arrays["params"], arrays["opt_state"], arrays["best"]
+      losses, curve, best_step, bad, tokens = (p["losses"], p["curve"], p["best_step"], p["bad"],
+                                               p["tokens"])
+      best, before, since = (None if p["best"] is None else tuple(p["best"])), p["before"], len(
+          losses)
+      print(f"{desc}: resuming from step {len(losses)} ({checkpoint_dir})", flush=True)
+      if p["stopped"] not in (None, "time"):  # it had ended: as it ended
+        stopped = p["stopped"]
+        return {"model": nnx.merge(graphdef, best_params, rest), "losses": losses, "curve": curve,
+                "best_step": best_step, "steps": len(losses), "stopped": stopped,
+                "seconds": before["seconds"],
+                "tokens_per_second": tokens / max(before["timed"], 1e-9)}
+
+  def save(ended: Optional[str], force: bool = False):
+    if saver is None:
+      return
+    now = time.time()
+    seconds = before["seconds"] + now - start
+    timed = before["timed"] + max(now - (compiled or start) - eval_seconds, 0.0)
+    saver.maybe_save(len(losses), {"params": params, "opt_state": opt_state, "best": best_params},
+                     {"losses": [float(x) for x in jax.device_get(losses)], "curve": curve,
+                      "best": best, "best_step": best_step, "bad": bad, "tokens": tokens,
+                      "stopped": ended, "before": {"seconds": seconds, "timed": timed}},
+                     force=force)
+
+  bar = tqdm(range(len(losses), steps), desc=desc, unit="step", dynamic_ncols=True,
+             disable=not progress, leave=False)
   schedule = batch_schedule([len(s) for s in train], batch, seed, settings["pad_multiple"])
-  tokens = 0
+  first = len(losses)
   for step in bar:
     rows, w = schedule(step)
     up = step_fn(params, rest, opt_state, (jnp.asarray(inputs[rows, :w]),
                                            jnp.asarray(targets[rows, :w]),
                                            jnp.asarray(mask[rows, :w]), labels))
-    tokens += batch * w if step else 0
+    tokens += batch * w if step != first else 0  # a process's first step compiles
     params, opt_state = up.params, up.opt_state
     losses.append(up.loss)
-    if step == 0:
+    if step == first:
       jax.block_until_ready(up.loss)
       compiled = time.time()
     if (step + 1) % settings["eval_every"] and step != steps - 1:
@@ -477,12 +532,14 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
     if settings.get("run_seconds") and time.time() - start > settings["run_seconds"]:
       stopped = "time"
       break
+    save(None)
   end = time.time()
+  save(stopped, force=True)
   losses = [float(x) for x in jax.device_get(losses)]
-  timed = max(end - (compiled or start) - eval_seconds, 1e-9)
+  timed = max(before["timed"] + end - (compiled or start) - eval_seconds, 1e-9)
   return {"model": nnx.merge(graphdef, best_params, rest), "losses": losses, "curve": curve,
           "best_step": best_step, "steps": len(losses), "stopped": stopped,
-          "seconds": end - start,
+          "seconds": before["seconds"] + end - start,
           "tokens_per_second": tokens / timed}
 
 
@@ -544,11 +601,13 @@ def splits(lang: Language, settings: dict, seed: int) -> dict:
 
 
 def run(settings: dict, families: Sequence[str], languages: Sequence[str], seed: int,
-        progress: bool = True, on_result: Optional[Callable[[dict], None]] = None) -> dict:
+        progress: bool = True, on_result: Optional[Callable[[dict], None]] = None,
+        checkpoints: Optional[str] = None) -> dict:
   """Trains and scores every (family, language), language by language; returns the JSON results
   (``"languages_run"``: the languages run, all of them unless ``settings["time_budget"]``
   seconds were spent before one started; no run trains past that budget, ``run_seconds`` caps
-  each run). ``on_result(results)`` after every run."""
+  each run). ``on_result(results)`` after every run. ``checkpoints``: a directory where each
+  fixed-set run saves its state (``<family>_<language>``) and from which a rerun continues."""
   width = pad_to(settings["test_max"], settings["pad_multiple"])
   configs = {family: family_config(family, settings) for family in families}
   results = {"settings": settings, "families": {}, "languages": {}}
@@ -581,7 +640,9 @@ def run(settings: dict, families: Sequence[str], languages: Sequence[str], seed:
           left = max(settings["time_budget"] - (time.time() - start), 1.0)
           capped["run_seconds"] = min(settings.get("run_seconds") or left, left)
         got = train_fixed_set(configs[family], lang, capped, seed, split["train"],
-                              split["val"], desc=f"{family} {name}", progress=progress)
+                              split["val"], desc=f"{family} {name}", progress=progress,
+                              checkpoint_dir=checkpoints and os.path.join(
+                                  checkpoints, f"{family}_{name}"))
         model, losses, seconds, tps = (got.pop(k) for k in ("model", "losses", "seconds",
                                                             "tokens_per_second"))
         extra = got
@@ -709,12 +770,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="override the wall-time budget of the study (0: none)")
   parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                       help="a ModelConfig field of every model, e.g. init_std=1.0 (repeatable)")
+  parser.add_argument("--checkpoint_minutes", type=float, default=None,
+                      help="fixed training set: each run saves its state under OUT/checkpoints "
+                           "this often (cpu default 10; 0: at every validation), and a rerun "
+                           "of the command continues from there; -1: no checkpoints")
   args = parser.parse_args(argv)
+  if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0 and (
+      args.checkpoint_minutes != -1):
+    raise ValueError("--checkpoint_minutes must be >= 0 (0: at every validation) or -1 (no "
+                     f"checkpoints); got {args.checkpoint_minutes}")
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
                                   eval_size=args.eval_size, train_size=args.train_size,
                                   val_size=args.val_size,
                                   patience=args.patience, eval_every=args.eval_every,
                                   run_seconds=args.run_seconds, time_budget=args.time_budget)
+  if args.checkpoint_minutes is not None:
+    settings["checkpoint_minutes"] = (None if args.checkpoint_minutes == -1
+                                      else args.checkpoint_minutes)
   settings["model"] = {**settings.get("model", {}), **study.parse_fields("--model", args.model)}
   # The width and depth a --model field sets are the study's (its records and tables say so).
   settings.update({k: settings["model"][k] for k in ("d_model", "n_layers")
@@ -737,7 +809,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       json.dump({"study": STUDY, "command": command, **results}, f, default=study._jsonable)  # pylint: disable=protected-access
 
   start = time.time()
-  results = run(settings, families, languages, args.seed, on_result=partial)
+  checkpoints = (os.path.join(args.out, "checkpoints")
+                 if settings.get("checkpoint_minutes") is not None else None)
+  results = run(settings, families, languages, args.seed, on_result=partial,
+                checkpoints=checkpoints)
   results["seconds"] = time.time() - start
   results["seed"] = args.seed
   ran = results["languages_run"]

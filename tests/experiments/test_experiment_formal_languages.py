@@ -267,3 +267,34 @@ def test_evaluate_scores_a_model_non_finite_at_padding_as_its_strings():
   got = fl.evaluate(_NaNAtPadding(), lang, ["01", "1", "001"], width=16, rows=2)
   np.testing.assert_allclose(got["loss"], np.log(2.0), rtol=1e-6)
   assert got["strings"] == 3
+
+
+def test_a_run_cut_by_its_time_cap_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+  settings = dict(FIXED, steps=6, patience=9, checkpoint_minutes=0)
+  cfg = fl.family_config("transformer", settings)
+  split = fl.splits(LANG["parity"], settings, 0)
+  train = lambda s, **kw: fl.train_fixed_set(cfg, LANG["parity"], s, 0, split["train"],
+                                             split["val"], progress=False, **kw)
+  keep = lambda got: (got["steps"], got["best_step"], got["stopped"], got["losses"],
+                      [(c["step"], c["train_loss"], c["val_loss"]) for c in got["curve"]])
+  whole = train(settings)
+  where = str(tmp_path / "transformer_parity")
+  cut = train(dict(settings, run_seconds=1e-9), checkpoint_dir=where)
+  assert cut["stopped"] == "time" and cut["steps"] == 2
+  steps = []  # the training batches taken after the restart
+  schedule = fl.batch_schedule
+  monkeypatch.setattr(fl, "batch_schedule", lambda *a: (lambda f: lambda i: (
+      steps.append(i), f(i))[1])(schedule(*a)))
+  resumed = train(settings, checkpoint_dir=where)
+  assert steps == [2, 3, 4, 5] and "resuming from step 2" in capsys.readouterr().out
+  assert keep(resumed) == keep(whole)
+  np.testing.assert_array_equal(  # the best checkpoint is the same model
+      fl.evaluate(resumed["model"], LANG["parity"], split["val"], 64)["loss"],
+      fl.evaluate(whole["model"], LANG["parity"], split["val"], 64)["loss"])
+  steps.clear()
+  again = train(settings, checkpoint_dir=where)  # ended (max_steps): returned as it ended
+  assert steps == [] and keep(again) == keep(whole)
+  with pytest.raises(ValueError, match="another configuration"):
+    train(dict(settings, lr=settings["lr"] / 2), checkpoint_dir=where)
+  with pytest.raises(ValueError, match="--checkpoint_minutes must be >= 0"):
+    fl.main(["--scale", "cpu", "--checkpoint_minutes", "-3", "--out", str(tmp_path)])
