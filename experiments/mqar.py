@@ -69,7 +69,8 @@ from Zoology is said here):
   80 minutes (``--budget_minutes``); the table names the runs cut and the sweeps not run. On 2
   CPU cores Transformer++ at d_model 64 alone takes most of it (its three levels: about 12, 16
   and 32 minutes here), so the rows need one command each (``--families F --widths W --pairs
-  P``).
+  P``); ``--combine DIR,...`` merges their outputs into the study's table, figure and sanity
+  check (refusing commands whose protocol or a family's model fields differ).
 * Resuming: each sweep saves its runs every 10 minutes (``--checkpoint_minutes``), when a run
   ends and when the budget cuts it, under ``OUT/checkpoints/<family>_d<width>_P<P>``
   (``experiments/resume.py``). Rerunning the same command continues every sweep from its newest
@@ -97,6 +98,7 @@ Commands (from the repository root)::
 
   python -m experiments.mqar --scale tiny                     # writes runs/mqar/mqar.{json,md,png}
   python -m experiments.mqar --scale cpu --out runs/mqar_cpu  # Zoology's protocol, <= 90 min
+  python -m experiments.mqar --scale cpu --combine runs/a,runs/b --out runs/mqar_cpu_all
   python -m experiments.mqar --scale small --out runs/mqar_small   # GPU/TPU
   python -m experiments.mqar --scale tiny --families transformer,gated_deltanet --widths 32 \\
       --steps 30                                              # a quick look
@@ -107,6 +109,7 @@ Commands (from the repository root)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import NamedTuple, Optional
@@ -627,6 +630,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget_minutes", type=float, default=None,
                       help=f"cpu: training stops after this many minutes (default "
                            f"{CPU_BUDGET_MINUTES}; 0: no budget)")
+  parser.add_argument("--combine", default=None, metavar="DIR,DIR,...",
+                      help="cpu: train nothing; merge the runs of earlier --scale cpu commands "
+                           "(their OUT directories) into one table, figure and sanity check")
   parser.add_argument("--checkpoint_minutes", type=float, default=None,
                       help=f"cpu: each sweep saves its runs under OUT/checkpoints this often "
                            f"(default {CPU_CHECKPOINT_MINUTES}; 0: at every evaluation), and a "
@@ -649,6 +655,12 @@ def main(argv=None) -> dict:
       widths=ints("--widths", args.widths), pairs=ints("--pairs", args.pairs))
   settings["model"] = {**settings.get("model", {}),
                        **study.parse_fields("--model", args.model)}
+  if args.combine is not None:
+    if settings.get("layout") != "zoology":
+      raise ValueError(f"--combine merges --scale cpu runs; got --scale {args.scale}")
+    merged, runs, seconds = combine_runs(study.parse_list("--combine", args.combine),
+                                         settings["pairs"], settings["widths"])
+    return write_zoology(args, merged, runs, seconds, True, argv)
   if settings.get("layout") == "zoology":
     lrs = (args.lr,) if args.lr is not None else tuple(
         study.parse_list("--lrs", args.lrs, convert=float, default=list(settings["lrs"])))
@@ -719,8 +731,9 @@ def best_runs(runs: list) -> dict:
 def sanity(runs: list, pairs: tuple, widths: tuple, threshold: float) -> dict:
   """The two checks Zoology's Figure 2 makes of its baselines, on the best run of each sweep:
   Transformer++ at ``threshold`` or above at every level and width, and the gated linear
-  model's (``FALLING_FAMILY``'s) accuracy not rising with P at each width (and falling
-  somewhere). None where runs are missing (or only one level ran: nothing can fall)."""
+  model's (``FALLING_FAMILY``'s) accuracy not rising with P at each width where every level
+  ran (``gated_linear_widths``), and falling from the first level to the last. None where runs
+  are missing (or only one level ran: nothing can fall)."""
   best = best_runs(runs)
   def accs(family, width):
     got = [best.get((family, width, p)) for p in pairs]
@@ -729,11 +742,13 @@ def sanity(runs: list, pairs: tuple, widths: tuple, threshold: float) -> dict:
   t = [accs("transformer", w) for w in widths]
   out["transformer_solves_every_level"] = (None if any(a is None for a in t) else
                                            all(x >= threshold for a in t for x in a))
-  g = [accs(FALLING_FAMILY, w) for w in widths]
+  g = [(w, accs(FALLING_FAMILY, w)) for w in widths]
+  g = [(w, a) for w, a in g if a is not None]  # the widths where every level ran
   out["gated_linear_falls_with_pairs"] = (
-      None if len(pairs) < 2 or any(a is None for a in g) else  # a fall needs two levels
+      None if len(pairs) < 2 or not g else  # a fall needs two levels
       all(all(a[i + 1] <= a[i] + 0.01 for i in range(len(a) - 1)) and a[-1] < a[0] - 0.01
-          for a in g))
+          for _, a in g))
+  out["gated_linear_widths"] = [w for w, _ in g]
   return out
 
 
@@ -742,10 +757,13 @@ def sanity_line(checks: dict, threshold: float) -> str:
   needs did not run)."""
   verdict = lambda ok: ("not tested (runs missing)" if ok is None else
                         "holds" if ok else "does not hold")
+  fall = verdict(checks["gated_linear_falls_with_pairs"])
+  if checks.get("gated_linear_widths"):
+    fall += " (d_model %s)" % ", ".join(map(str, checks["gated_linear_widths"]))
   return ("\nSanity (Zoology's Figure 2): Transformer++ >= %g at every level: %s; %s's "
           "accuracy falling as P grows at fixed width: %s\n"
           % (threshold, verdict(checks["transformer_solves_every_level"]),
-             LABELS[FALLING_FAMILY], verdict(checks["gated_linear_falls_with_pairs"])))
+             LABELS[FALLING_FAMILY], fall))
 
 
 def zoology_table(runs: list, settings: dict) -> str:
@@ -813,8 +831,10 @@ def zoology_plot(runs: list, settings: dict):
     bottom.set_xlabel("training step (batch %d)" % settings["batch_size"])
   axes[0][0].set_ylabel("MQAR test accuracy (best lr)")
   axes[1][0].set_ylabel("validation accuracy")
-  axes[0][-1].legend(fontsize=7)
-  axes[1][-1].legend(fontsize=6)
+  for row, size in ((axes[0], 7), (axes[1], 6)):  # the last panel with a run holds the legend
+    drawn = [ax for ax in row if ax.get_legend_handles_labels()[0]]
+    if drawn:
+      drawn[-1].legend(fontsize=size)
   fig.tight_layout()
   return fig
 
@@ -854,6 +874,48 @@ def main_zoology(args, argv, families: tuple, settings: dict) -> dict:
       done += 1
       write_zoology(args, settings, runs, time.time() - start, False, argv)
   return write_zoology(args, settings, runs, time.time() - start, done == total, argv)
+
+
+# Settings every run of a combined table shares (``combine_runs``).
+PROTOCOL_KEYS = ("layout", "vocab_size", "power_a", "batch_size", "steps", "weight_decay",
+                 "eval_every", "val_sequences", "eval_sequences", "early_stop", "n_layers",
+                 "n_heads")
+
+
+def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
+  """``(settings, runs, seconds)`` of the ``mqar.json`` of each ``--scale cpu`` output directory:
+  the runs of all, the first's settings with the levels ``pairs`` and widths ``widths`` of the
+  grid the table and the sanity check read (``--pairs``, ``--widths``: the preset's by
+  default, so a level or width no command ran is "not run"), the summed wall time. Each run gets ``model_fields``, the ModelConfig fields its command set for its family.
+  A directory without ``mqar.json``, or whose protocol (``PROTOCOL_KEYS``) or a family's model
+  fields differ from another's, is a ValueError naming it."""
+  settings, runs, seconds, fields = None, [], 0.0, {}
+  for directory in directories:
+    path = os.path.join(directory, f"{STUDY}.json")
+    if not os.path.exists(path):
+      raise ValueError(f"--combine: {directory} holds no {STUDY}.json")
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    mine = saved["settings"]
+    if settings is None:
+      settings = dict(mine, pairs=[], widths=[], skipped_for_time=[])
+    for key in PROTOCOL_KEYS:
+      if mine.get(key) != settings.get(key):
+        raise ValueError(f"--combine: {directory} ran with {key}={mine.get(key)!r}, "
+                         f"{directories[0]} with {settings.get(key)!r}")
+    for run in saved["runs"]:
+      family = run["family"]
+      model = {**mine.get("family_model", {}).get(family, {}), **mine.get("model", {})}
+      if fields.setdefault(family, (model, directory))[0] != model:
+        raise ValueError(f"--combine: {LABELS.get(family, family)} ran with model fields "
+                         f"{model} in {directory} and {fields[family][0]} in "
+                         f"{fields[family][1]}")
+      runs.append(dict(run, model_fields=model, source=directory))
+    settings["skipped_for_time"] += mine.get("skipped_for_time") or []
+    seconds += saved.get("wall_seconds", 0.0)
+  settings["pairs"], settings["widths"] = list(pairs), list(widths)
+  settings["combined_from"] = list(directories)
+  return settings, runs, seconds
 
 
 def write_zoology(args, settings, runs, seconds, complete, argv) -> dict:

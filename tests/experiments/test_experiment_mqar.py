@@ -193,7 +193,12 @@ def test_best_run_is_chosen_on_validation_and_sanity_reads_it():
   assert mqar.best_runs(sweep)[("x", 8, 2)]["lr"] == 3e-2
   checks = mqar.sanity(runs, (2, 4), (8,), 0.99)
   assert checks == {"transformer_solves_every_level": True,
-                    "gated_linear_falls_with_pairs": True}
+                    "gated_linear_falls_with_pairs": True, "gated_linear_widths": [8]}
+  # the fall is read at the widths where every level ran, and says which
+  wider = runs + [_run("retnet", 16, 2, 1e-3, 0.9, 0.9)]
+  assert mqar.sanity(wider, (2, 4), (8, 16), 0.99)["gated_linear_widths"] == [8]
+  assert "fixed width: holds (d_model 8)" in mqar.sanity_line(
+      mqar.sanity(wider, (2, 4), (8, 16), 0.99), 0.99)
   # a fixed-state model whose accuracy does not fall with P (as Gated DeltaNet's did) fails it
   flat = runs[:4] + [_run("retnet", 8, p, 1e-3, 0.99, 0.99) for p in (2, 4)]
   assert mqar.sanity(flat, (2, 4), (8,), 0.99)["gated_linear_falls_with_pairs"] is False
@@ -290,3 +295,40 @@ def test_a_cut_sweep_resumes_from_its_checkpoint_to_the_same_runs(tmp_path, monk
                      checkpoint_dir=where)
   with pytest.raises(ValueError, match="--checkpoint_minutes must be >= 0"):
     mqar.main(["--scale", "cpu", "--checkpoint_minutes", "-2", "--out", str(tmp_path)])
+
+
+def test_combine_merges_the_runs_of_several_commands(tmp_path):
+  settings = dict(mqar.PRESETS["cpu"], family_model={"transformer": {"init_std": 1.0}})
+  def command(name, runs, **changes):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "mqar.json", "w", encoding="utf-8") as f:
+      json.dump({"settings": dict(settings, **changes), "runs": runs, "wall_seconds": 10.0}, f)
+    return str(tmp_path / name)
+  dirs = [command("t2", [_run("transformer", 8, 2, 3e-3, 0.995, 0.995, stopped=100)]),
+          command("t4", [_run("transformer", 8, 4, 3e-3, 0.991, 0.992, stopped=100)]),
+          command("r2", [_run("retnet", 8, 2, 1e-2, 0.9, 0.9)]),
+          command("r4", [_run("retnet", 8, 4, 1e-2, 0.3, 0.3), _run("retnet", 8, 4, 3e-2, 0.2,
+                                                                     0.2, steps=50)])]
+  out = mqar.main(["--scale", "cpu", "--combine", ",".join(dirs), "--pairs", "2,4", "--widths",
+                   "8", "--out", str(tmp_path / "all")])
+  assert out["settings"]["pairs"] == [2, 4] and out["settings"]["widths"] == [8]
+  # the preset's grid by default: levels and widths no command ran are not tested
+  grid = mqar.main(["--scale", "cpu", "--combine", ",".join(dirs), "--out", str(tmp_path / "g")])
+  assert grid["sanity"]["transformer_solves_every_level"] is None
+  assert "not run" in (tmp_path / "g" / "mqar.md").read_text()
+  assert out["sanity"] == {"transformer_solves_every_level": True,
+                           "gated_linear_falls_with_pairs": True, "gated_linear_widths": [8]}
+  assert len(out["runs"]) == 5 and out["wall_seconds"] == 40.0
+  assert {r["source"] for r in out["runs"]} == set(dirs)
+  md = (tmp_path / "all" / "mqar.md").read_text()
+  assert "| RetNet | 8 | 80/80 | 0.900 (0.01, 100) | 0.300 (0.01, 100) |" in md
+  with pytest.raises(ValueError, match=r"ran with batch_size=16, .* with 32"):
+    mqar.main(["--scale", "cpu", "--combine", f"{dirs[0]},"
+               + command("b", [_run("retnet", 8, 2, 1e-2, 0.9, 0.9)], batch_size=16),
+               "--out", str(tmp_path / "x")])
+  with pytest.raises(ValueError, match=r"RetNet ran with model fields \{'init_std': 1.0\}"):
+    mqar.main(["--scale", "cpu", "--combine", f"{dirs[2]},"
+               + command("m", [_run("retnet", 8, 4, 1e-2, 0.3, 0.3)], model={"init_std": 1.0}),
+               "--out", str(tmp_path / "x")])
+  with pytest.raises(ValueError, match="holds no mqar.json"):
+    mqar.main(["--scale", "cpu", "--combine", str(tmp_path), "--out", str(tmp_path / "x")])
