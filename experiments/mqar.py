@@ -831,10 +831,13 @@ def zoology_plot(runs: list, settings: dict):
     bottom.set_xlabel("training step (batch %d)" % settings["batch_size"])
   axes[0][0].set_ylabel("MQAR test accuracy (best lr)")
   axes[1][0].set_ylabel("validation accuracy")
-  for row, size in ((axes[0], 7), (axes[1], 6)):  # the last panel with a run holds the legend
-    drawn = [ax for ax in row if ax.get_legend_handles_labels()[0]]
-    if drawn:
-      drawn[-1].legend(fontsize=size)
+  for row, size in ((axes[0], 7), (axes[1], 6)):  # one legend per row, of every panel's lines
+    labelled = {}
+    for ax in row:
+      for handle, label in zip(*ax.get_legend_handles_labels()):
+        labelled.setdefault(label, handle)
+    if labelled:
+      row[-1].legend(list(labelled.values()), list(labelled), fontsize=size)
   fig.tight_layout()
   return fig
 
