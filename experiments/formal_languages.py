@@ -487,9 +487,10 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
     seconds = before["seconds"] + now - start
     timed = before["timed"] + max(now - (compiled or start) - eval_seconds, 0.0)
     saver.maybe_save(len(losses), {"params": params, "opt_state": opt_state, "best": best_params},
-                     {"losses": [float(x) for x in jax.device_get(losses)], "curve": curve,
-                      "best": best, "best_step": best_step, "bad": bad, "tokens": tokens,
-                      "stopped": ended, "before": {"seconds": seconds, "timed": timed}},
+                     lambda: {"losses": [float(x) for x in jax.device_get(losses)],
+                              "curve": curve, "best": best, "best_step": best_step, "bad": bad,
+                              "tokens": tokens, "stopped": ended,
+                              "before": {"seconds": seconds, "timed": timed}},
                      force=force)
 
   bar = tqdm(range(len(losses), steps), desc=desc, unit="step", dynamic_ncols=True,

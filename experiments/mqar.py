@@ -419,10 +419,10 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
     if saver is not None:
       saver.maybe_save(sum(len(r["losses"]) for r in runs),
                        [{"params": r["params"], "opt_state": r["opt_state"]} for r in runs],
-                       [dict({k: r[k] for k in PROGRESS_KEYS},
-                             losses=[float(x) for x in jax.device_get(r["losses"])],
-                             finite=[bool(x) for x in jax.device_get(r["finite"])])
-                        for r in runs], force=force)
+                       lambda: [dict({k: r[k] for k in PROGRESS_KEYS},
+                                     losses=[float(x) for x in jax.device_get(r["losses"])],
+                                     finite=[bool(x) for x in jax.device_get(r["finite"])])
+                                for r in runs], force=force)
 
   def advance(run, until):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

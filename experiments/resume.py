@@ -99,17 +99,22 @@ class SweepCheckpoint:
     state, data = checkpointer.restore(abstract, step)
     return jax.tree.unflatten(treedef, state["leaves"]), data["progress"]
 
+  def due(self) -> bool:
+    """Whether ``every_seconds`` have passed since the last save (or since this object was made)."""
+    return time.time() - self._last >= self.every_seconds
+
   def maybe_save(self, step: int, arrays, progress, force: bool = False) -> bool:
-    """Saves ``arrays`` (any pytree of arrays) and ``progress`` (JSON-able) as ``step`` when
-    ``every_seconds`` have passed since the last save, or when ``force``; returns whether it
-    saved."""
-    if not force and time.time() - self._last < self.every_seconds:
+    """Saves ``arrays`` (any pytree of arrays) and ``progress`` (JSON-able) as ``step`` when it
+    is ``due``, or when ``force``; returns whether it saved. ``progress`` may be a function
+    returning it, called only when this saves."""
+    if not force and not self.due():
       return False
     checkpointer = self._arrays()
     if checkpointer.latest_step() == step:
       return False  # nothing trained since
     checkpointer.save(step, {"leaves": jax.tree.leaves(arrays)},
-                      {"fingerprint": self.fingerprint, "progress": _plain(progress)})
+                      {"fingerprint": self.fingerprint,
+                       "progress": _plain(progress() if callable(progress) else progress)})
     checkpointer.raise_if_failed(block=True)
     self._last = time.time()
     return True
