@@ -486,7 +486,7 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
     now = time.time()
     seconds = before["seconds"] + now - start
     timed = before["timed"] + max(now - (compiled or start) - eval_seconds, 0.0)
-    saver.maybe_save(len(losses), {"params": params, "opt_state": opt_state, "best": best_params},
+    saver.maybe_save({"params": params, "opt_state": opt_state, "best": best_params},
                      lambda: {"losses": [float(x) for x in jax.device_get(losses)],
                               "curve": curve, "best": best, "best_step": best_step, "bad": bad,
                               "tokens": tokens, "stopped": ended,

@@ -417,8 +417,7 @@ def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,
 
   def save(force: bool = False):
     if saver is not None:
-      saver.maybe_save(sum(len(r["losses"]) for r in runs),
-                       [{"params": r["params"], "opt_state": r["opt_state"]} for r in runs],
+      saver.maybe_save([{"params": r["params"], "opt_state": r["opt_state"]} for r in runs],
                        lambda: [dict({k: r[k] for k in PROGRESS_KEYS},
                                      losses=[float(x) for x in jax.device_get(r["losses"])],
                                      finite=[bool(x) for x in jax.device_get(r["finite"])])

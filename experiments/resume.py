@@ -5,7 +5,7 @@ under ``DIR`` (one directory per sweep, e.g. ``<out>/checkpoints/hope_d64_P16``)
 
 * the arrays of every run of the sweep (parameters and optimizer state) with nlx's orbax
   ``Checkpointer`` (``nlx.train.checkpoint``: atomic, the newest one kept, a saved tree of another
-  shape refused by name), its step the number of steps trained so far by all the runs;
+  shape refused by name), its step the number of the save;
 * beside them, as JSON, each run's progress (its losses, curve, seconds, whether it stopped) and
   the ``fingerprint`` of the sweep (everything that decides its training: the model config, the
   data seed, the rates, the steps ...);
@@ -103,16 +103,15 @@ class SweepCheckpoint:
     """Whether ``every_seconds`` have passed since the last save (or since this object was made)."""
     return time.time() - self._last >= self.every_seconds
 
-  def maybe_save(self, step: int, arrays, progress, force: bool = False) -> bool:
-    """Saves ``arrays`` (any pytree of arrays) and ``progress`` (JSON-able) as ``step`` when it
-    is ``due``, or when ``force``; returns whether it saved. ``progress`` may be a function
-    returning it, called only when this saves."""
+  def maybe_save(self, arrays, progress, force: bool = False) -> bool:
+    """Saves ``arrays`` (any pytree of arrays) and ``progress`` (JSON-able) when it is ``due``,
+    or when ``force``; returns whether it saved. ``progress`` may be a function returning it,
+    called only when this saves. Each save is the checkpointer's next step (1, 2, ...), so a
+    forced save after a periodic one at the same training step replaces it."""
     if not force and not self.due():
       return False
     checkpointer = self._arrays()
-    if checkpointer.latest_step() == step:
-      return False  # nothing trained since
-    checkpointer.save(step, {"leaves": jax.tree.leaves(arrays)},
+    checkpointer.save((checkpointer.latest_step() or 0) + 1, {"leaves": jax.tree.leaves(arrays)},
                       {"fingerprint": self.fingerprint,
                        "progress": _plain(progress() if callable(progress) else progress)})
     checkpointer.raise_if_failed(block=True)

@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from experiments import formal_languages as fl
+from experiments import resume
+from nlx.train.checkpoint import Checkpointer
 from nlx.train import fitting
 
 LANG = fl.LANGUAGES
@@ -288,6 +290,10 @@ def test_a_run_cut_by_its_time_cap_resumes_from_its_checkpoint(tmp_path, monkeyp
   resumed = train(settings, checkpoint_dir=where)
   assert steps == [2, 3, 4, 5] and "resuming from step 2" in capsys.readouterr().out
   assert keep(resumed) == keep(whole)
+  saved = Checkpointer(os.path.join(where, "arrays"), keep=1, read_only=True).manager
+  # the last save says how the run ended, though a periodic save came at the same step
+  assert saved.restore(saved.latest_step(), args=resume._json_only())["data"]["progress"][  # pylint: disable=protected-access
+      "stopped"] == "max_steps"
   np.testing.assert_array_equal(  # the best checkpoint is the same model
       fl.evaluate(resumed["model"], LANG["parity"], split["val"], 64)["loss"],
       fl.evaluate(whole["model"], LANG["parity"], split["val"], 64)["loss"])
