@@ -771,23 +771,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="override the wall-time budget of the study (0: none)")
   parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                       help="a ModelConfig field of every model, e.g. init_std=1.0 (repeatable)")
-  parser.add_argument("--checkpoint_minutes", type=float, default=None,
-                      help="fixed training set: each run saves its state under OUT/checkpoints "
-                           "this often (cpu default 10; 0: at every validation), and a rerun "
-                           "of the command continues from there; -1: no checkpoints")
+  resume.add_flag(parser, PRESETS["cpu"]["checkpoint_minutes"], "validation",
+                  "fixed training set (cpu): each run")
   args = parser.parse_args(argv)
-  if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0 and (
-      args.checkpoint_minutes != -1):
-    raise ValueError("--checkpoint_minutes must be >= 0 (0: at every validation) or -1 (no "
-                     f"checkpoints); got {args.checkpoint_minutes}")
   settings = study.scale_settings(PRESETS, args.scale, steps=args.steps, lr=args.lr,
                                   eval_size=args.eval_size, train_size=args.train_size,
                                   val_size=args.val_size,
                                   patience=args.patience, eval_every=args.eval_every,
                                   run_seconds=args.run_seconds, time_budget=args.time_budget)
-  if args.checkpoint_minutes is not None:
-    settings["checkpoint_minutes"] = (None if args.checkpoint_minutes == -1
-                                      else args.checkpoint_minutes)
+  resume.apply_flag(args, settings)
   settings["model"] = {**settings.get("model", {}), **study.parse_fields("--model", args.model)}
   # The width and depth a --model field sets are the study's (its records and tables say so).
   settings.update({k: settings["model"][k] for k in ("d_model", "n_layers")

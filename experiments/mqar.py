@@ -632,17 +632,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--combine", default=None, metavar="DIR,DIR,...",
                       help="cpu: train nothing; merge the runs of earlier --scale cpu commands "
                            "(their OUT directories) into one table, figure and sanity check")
-  parser.add_argument("--checkpoint_minutes", type=float, default=None,
-                      help=f"cpu: each sweep saves its runs under OUT/checkpoints this often "
-                           f"(default {CPU_CHECKPOINT_MINUTES}; 0: at every evaluation), and a "
-                           "rerun of the command continues from there; -1: no checkpoints")
+  resume.add_flag(parser, CPU_CHECKPOINT_MINUTES, "evaluation", "cpu: each sweep")
   args = parser.parse_args(argv)
   if args.budget_minutes is not None and args.budget_minutes < 0:
     raise ValueError(f"--budget_minutes must be >= 0 (0: no budget); got {args.budget_minutes}")
-  if args.checkpoint_minutes is not None and args.checkpoint_minutes < 0 and (
-      args.checkpoint_minutes != -1):
-    raise ValueError("--checkpoint_minutes must be >= 0 (0: at every evaluation) or -1 (no "
-                     f"checkpoints); got {args.checkpoint_minutes}")
   default_families = CPU_FAMILIES if args.scale == "cpu" else FAMILIES
   families = check_families(study.parse_list("--families", args.families)
                             if args.families is not None else default_families)
@@ -654,6 +647,7 @@ def main(argv=None) -> dict:
       widths=ints("--widths", args.widths), pairs=ints("--pairs", args.pairs))
   settings["model"] = {**settings.get("model", {}),
                        **study.parse_fields("--model", args.model)}
+  resume.apply_flag(args, settings)
   if args.combine is not None:
     if settings.get("layout") != "zoology":
       raise ValueError(f"--combine merges --scale cpu runs; got --scale {args.scale}")
@@ -666,9 +660,6 @@ def main(argv=None) -> dict:
     settings["lrs"] = lrs
     if args.budget_minutes is not None:
       settings["budget_minutes"] = args.budget_minutes or None
-    if args.checkpoint_minutes is not None:
-      settings["checkpoint_minutes"] = (None if args.checkpoint_minutes == -1
-                                        else args.checkpoint_minutes)
     return main_zoology(args, argv, families, settings)
   for p in settings["pairs"]:  # fails early, naming the field, if a level does not fit
     synthetic.check_mqar_args(num_pairs=p, seq_len=level_length(p),
@@ -888,8 +879,9 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
   """``(settings, runs, seconds)`` of the ``mqar.json`` of each ``--scale cpu`` output directory:
   the runs of all, the first's settings with the levels ``pairs`` and widths ``widths`` of the
   grid the table and the sanity check read (``--pairs``, ``--widths``: the preset's by
-  default, so a level or width no command ran is "not run"), the summed wall time. Each run gets ``model_fields``, the ModelConfig fields its command set for its family.
-  A directory without ``mqar.json``, or whose protocol (``PROTOCOL_KEYS``) or a family's model
+  default, so a level or width no command ran is "not run"), the summed wall time. Each run
+  gets ``model_fields``, the ModelConfig fields its command set for its family. A directory
+  without ``mqar.json``, or whose protocol (``PROTOCOL_KEYS``) or a family's model
   fields differ from another's, is a ValueError naming it."""
   settings, runs, seconds, fields = None, [], 0.0, {}
   for directory in directories:

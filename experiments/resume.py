@@ -29,6 +29,26 @@ import jax
 from nlx.train.checkpoint import Checkpointer
 
 
+def add_flag(parser, default_minutes: float, at: str, what: str = "each run") -> None:
+  """Adds ``--checkpoint_minutes`` to a study's ``parser`` (``apply_flag`` reads it)."""
+  parser.add_argument("--checkpoint_minutes", type=float, default=None,
+                      help=f"{what} saves its state under OUT/checkpoints this often (default "
+                           f"{default_minutes:g}; 0: at every {at}), and a rerun of the command "
+                           "continues from there; -1: no checkpoints")
+
+
+def apply_flag(args, settings: dict) -> None:
+  """Sets ``settings["checkpoint_minutes"]`` from ``--checkpoint_minutes`` when it was given
+  (-1: None, no checkpoints); any other negative value is a ValueError naming the flag."""
+  value = args.checkpoint_minutes
+  if value is None:
+    return
+  if value < 0 and value != -1:
+    raise ValueError(f"--checkpoint_minutes must be >= 0 (0: at every evaluation) or -1 (no "
+                     f"checkpoints); got {value}")
+  settings["checkpoint_minutes"] = None if value == -1 else value
+
+
 def _plain(x):
   """``x`` as JSON reads it back (tuples become lists, numbers stay numbers)."""
   return json.loads(json.dumps(x, default=str))

@@ -292,8 +292,8 @@ def test_a_run_cut_by_its_time_cap_resumes_from_its_checkpoint(tmp_path, monkeyp
   assert keep(resumed) == keep(whole)
   saved = Checkpointer(os.path.join(where, "arrays"), keep=1, read_only=True).manager
   # the last save says how the run ended, though a periodic save came at the same step
-  assert saved.restore(saved.latest_step(), args=resume._json_only())["data"]["progress"][  # pylint: disable=protected-access
-      "stopped"] == "max_steps"
+  last = saved.restore(saved.latest_step(), args=resume._json_only())  # pylint: disable=protected-access
+  assert last["data"]["progress"]["stopped"] == "max_steps"
   np.testing.assert_array_equal(  # the best checkpoint is the same model
       fl.evaluate(resumed["model"], LANG["parity"], split["val"], 64)["loss"],
       fl.evaluate(whole["model"], LANG["parity"], split["val"], 64)["loss"])
