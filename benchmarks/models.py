@@ -31,6 +31,12 @@ every row of lengths drawn around ``--doc_len`` (a fixed layout per seed). The p
 ``packed_tokens_per_s``, ``packed_peak_bytes`` and ``packed_vs_unpacked`` (the ratio of the two
 throughputs); ``--packed on`` measures the packed step only.
 
+``--compare KEY=VALUE`` (repeatable) measures every family twice in one run, interleaved step by
+step: with its config (and ``--override``), and with these overrides on top, e.g. ``--compare
+model.scan_layers=False``. The record adds ``compare_tokens_per_s``, ``compare_peak_bytes``,
+``compare_compile_s``, ``compare_loss`` and ``compare_vs_base`` (the ratio of the two
+throughputs: above 1 when the overrides are faster).
+
 Output: a table on stdout; with ``--out FILE.json``::
 
     {"records": [{family, params, B, T, tokens_per_s, peak_bytes, backend, ...}, ...],
@@ -80,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every family, e.g. model.impl=recurrent "
                       "(repeatable)")
+  parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                      help="also measure every family with these overrides, interleaved with "
+                      "the plain step, e.g. model.scan_layers=False (repeatable; not with "
+                      "--packed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +167,12 @@ def measure(family: str, args: argparse.Namespace) -> dict:
   from nlx import configs  # pylint: disable=g-import-not-at-top
   from nlx.nn import build_model  # pylint: disable=g-import-not-at-top
 
-  cfg = configs.load(config_spec(family, args.size, args.config_dir), args.override)
-  model = build_model(cfg.model, rngs=nnx.Rngs(args.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  def setup(overrides):
+    cfg = configs.load(config_spec(family, args.size, args.config_dir), overrides)
+    model = build_model(cfg.model, rngs=nnx.Rngs(args.seed))
+    return cfg, nnx.split(model, nnx.Param, ...)
+
+  cfg, (graphdef, params, rest) = setup(args.override)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   tx = optax.adamw(3e-4, weight_decay=0.1)
   opt_state = tx.init(params)
@@ -167,6 +180,13 @@ def measure(family: str, args: argparse.Namespace) -> dict:
   tokens = jax.random.randint(jax.random.PRNGKey(args.seed), (b, t + 1), 0, cfg.model.vocab_size)
 
   packed = getattr(args, "packed", "off")
+  compare = getattr(args, "compare", [])
+  if compare:
+    _, (graphdef_b, params_b, rest_b) = setup(list(args.override) + list(compare))
+    opt_state_b = tx.init(params_b)
+    step_b, compile_b = harness.compile_timed(make_train_step(graphdef_b, tx), params_b, rest_b,
+                                              opt_state_b, tokens)
+    run_b = lambda: step_b(params_b, rest_b, opt_state_b, tokens)
   if packed != "off":
     ids = jax.numpy.asarray(document_ids(b, t + 1, args.doc_len, args.seed))
     packed_step, packed_compile_s = harness.compile_timed(
@@ -181,6 +201,9 @@ def measure(family: str, args: argparse.Namespace) -> dict:
   if packed == "both":  # interleaved: one plain step, one packed step, per repeat
     (out, packed_out), (timing, packed_timing) = harness.time_interleaved(
         [run_plain, run_packed], args.repeats, args.slow_run_s)
+  elif compare:  # interleaved: one step without the compared overrides, one with them
+    (out, out_b), (timing, timing_b) = harness.time_interleaved(
+        [run_plain, run_b], args.repeats, args.slow_run_s)
   else:
     out, timing = harness.time_runs(run_plain, args.repeats, args.slow_run_s)
   loss = float(out[2])
@@ -199,6 +222,12 @@ def measure(family: str, args: argparse.Namespace) -> dict:
                   packed_loss=float(packed_out[2]),
                   packed_peak_bytes=harness.memory_analysis(packed_step).get("peak_bytes"))
     record["packed_vs_unpacked"] = record["packed_tokens_per_s"] / record["tokens_per_s"]
+  if compare:
+    record.update(compare_tokens_per_s=b * t / timing_b["seconds"],
+                  compare_seconds=timing_b["seconds"], compare_compile_s=compile_b,
+                  compare_loss=float(out_b[2]),
+                  compare_peak_bytes=harness.memory_analysis(step_b).get("peak_bytes"))
+    record["compare_vs_base"] = record["compare_tokens_per_s"] / record["tokens_per_s"]
   return record
 
 
@@ -242,6 +271,13 @@ def format_table(records: list) -> str:
     for row, r in zip(rows, records):
       row += ([f"{r['packed_tokens_per_s']:,.0f}", f"{r['packed_vs_unpacked']:.2f}x"]
               if "packed_vs_unpacked" in r else ["n/a", "n/a"])
+  if any("compare_vs_base" in r for r in records):
+    header += ["compare tokens/s", "compare/base", "compare peak MiB", "compare compile s"]
+    for row, r in zip(rows, records):
+      peak = r.get("compare_peak_bytes")
+      row += ([f"{r['compare_tokens_per_s']:,.0f}", f"{r['compare_vs_base']:.2f}x",
+               "n/a" if peak is None else f"{peak / 2**20:,.0f}", f"{r['compare_compile_s']:.1f}"]
+              if "compare_vs_base" in r else ["n/a"] * 4)
   return harness.format_table(header, rows)
 
 
@@ -259,7 +295,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     config = {"families": args.families, "size": args.size, "batch": args.batch,
               "seq_len": args.seq_len, "repeats": args.repeats, "slow_run_s": args.slow_run_s,
               "override": args.override, "seed": args.seed, "optimizer": OPTIMIZER,
-              "packed": args.packed, "doc_len": args.doc_len,
+              "packed": args.packed, "doc_len": args.doc_len, "compare": args.compare,
               "config_dir": args.config_dir}
     meta = run_info.meta(harness.device_info(), config, "argument + output + temp bytes of "
                          "XLA's compiled memory analysis of the train step", complete)
@@ -284,7 +320,11 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
-  return run(harness.parse_args(parser, argv), f"{parser.prog} " + " ".join(argv))
+  args = harness.parse_args(parser, argv)
+  if args.compare and args.packed != "off":
+    parser.error(f"--compare measures the plain step; got --packed {args.packed} (allowed with "
+                 "--compare: off)")
+  return run(args, f"{parser.prog} " + " ".join(argv))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ is accepted for uniformity with the other studies and unused (the data are gener
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -461,9 +460,9 @@ def train_fixed_set(cfg, lang: Language, settings: dict, seed: int, train: Seque
   if checkpoint_dir is not None:
     minutes = settings.get("checkpoint_minutes") or 0
     keep = {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
-    saver = resume.SweepCheckpoint(checkpoint_dir, {
-        "language": lang.name, "seed": seed, "settings": keep, "model": dataclasses.asdict(cfg)},
-                                   every_seconds=60 * minutes)
+    fingerprint = {"language": lang.name, "seed": seed, "settings": keep,
+                   "model": resume.model_fingerprint(cfg)}
+    saver = resume.SweepCheckpoint(checkpoint_dir, fingerprint, every_seconds=60 * minutes)
     restored = saver.restore({"params": params, "opt_state": opt_state, "best": params})
     if restored is not None:
       arrays, p = restored

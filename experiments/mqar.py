@@ -108,7 +108,6 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -358,7 +357,7 @@ def sweep_fingerprint(family: str, width: int, level: dict, settings: dict, seed
           "val_sequences", "early_stop", "eval_sequences", "vocab_size", "power_a")
   return {"family": family, "d_model": width, "pairs": level["pairs"],
           "seq_len": level["seq_len"], "seed": seed, **{k: settings.get(k) for k in keys},
-          "model": dataclasses.asdict(cfg)}
+          "model": resume.model_fingerprint(cfg)}
 
 
 def sweep_level(family: str, width: int, level: dict, settings: dict, seed: int,

@@ -19,6 +19,7 @@ so that no sweep continues from the state of another config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -47,6 +48,18 @@ def apply_flag(args, settings: dict) -> None:
     raise ValueError(f"--checkpoint_minutes must be >= 0 (0: at every evaluation) or -1 (no "
                      f"checkpoints); got {value}")
   settings["checkpoint_minutes"] = None if value == -1 else value
+
+
+# ModelConfig fields that choose how the same computation runs, not what it computes: left out of
+# a fingerprint, so that a sweep saved before such a field existed, or with another setting of
+# it, resumes (``model.scan_layers`` unrolls the layer loop: bitwise the same train step here).
+EXECUTION_FIELDS = ("scan_layers",)
+
+
+def model_fingerprint(cfg) -> dict:
+  """The fields of a ``ModelConfig`` that decide what a model computes (``EXECUTION_FIELDS``
+  left out), for a sweep's fingerprint."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
 
 
 def _plain(x):

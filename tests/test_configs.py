@@ -32,7 +32,8 @@ GIN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.gin")))
 FIELD_ORDER = (
     "family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "expand_v",
     "mlp_dim", "tie_embeddings", "max_seq_len", "rope_theta", "window", "conv_size", "chunk_size",
-    "memory_chunk_size", "impl", "remat", "state_dim", "mamba_expand", "mamba_head_dim",
+    "memory_chunk_size", "impl", "remat", "scan_layers", "state_dim", "mamba_expand",
+    "mamba_head_dim",
     "memory_expand", "n_persistent", "ttt_base_lr", "titans_lr_max", "titans_rate", "norm_eps",
     "init_std", "cms",
     "cms_periods", "cms_variant", "cms_objective", "cms_lr", "cms_stop_gradient", "cms_grad_clip",

@@ -83,6 +83,11 @@ class CoreFields:
       every activation), "full" (keep only the group's input; recompute the rest) or "dots"
       (keep the results of matmuls without batch dimensions, i.e. the projections; recompute
       the rest). Same values, less memory, more FLOPs.
+    scan_layers: run the layer groups as one rolled ``lax.scan`` (True: one group compiled,
+      whatever the depth) or unrolled (False: a straight-line program, faster on a CPU at a few
+      layers, where the rolled loop stacks and slices every group's residuals; compile time
+      grows with the depth). The parameters are stacked on the "layers" axis either way, so
+      checkpoints do not change.
   """
 
   family: str = "transformer"
@@ -103,6 +108,7 @@ class CoreFields:
   memory_chunk_size: int = 16
   impl: str = "auto"
   remat: str = "none"
+  scan_layers: bool = True
 
   @property
   def dk(self) -> int:

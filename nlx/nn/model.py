@@ -9,7 +9,7 @@ registry (``nlx.nn.registry``) and returns an ``LM``::
 A family's layer group holds one block per mixer of its pattern (one for most families; two for
 Samba and Titans MAL, which interleave), and the ``n_layers / len(pattern)`` groups are stacked on
 a leading ``"layers"`` axis and run by one ``lax.scan``, so a 24-layer model compiles one layer per
-block type. Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
+block type (``scan_layers=False``: the same scan unrolled, same parameters and values). Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
 the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters,
 "stream": nlx.nn.segments.Stream}``.
 
@@ -180,7 +180,8 @@ class LM(nnx.Module):
       x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos, segments)
       return constrain(x), group_states
 
-    return jax.lax.scan(remat(body, self.cfg.remat), constrain(x), (params, states))
+    return jax.lax.scan(remat(body, self.cfg.remat), constrain(x), (params, states),
+                        unroll=not self.cfg.scan_layers)
 
   def run_stateful(self, tokens: Array, layers, pos,
                    segments: Optional[Segments] = None) -> tuple[Array, Any]:

@@ -61,3 +61,30 @@ def test_models_refuses_unknown_families(capsys):
     models.main(["--families", "lstm"])
   assert e.value.code == 2
   assert "unknown family 'lstm'" in capsys.readouterr().err
+
+
+def test_compare_measures_each_family_with_and_without_the_overrides(tmp_path):
+  out = tmp_path / "compare.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.models", "--families", "transformer",
+                         "--size", "tiny", "--seq-len", "32", "--repeats", "1", "--compare",
+                         "model.scan_layers=True", "--compare", "model.remat=full", "--out",
+                         str(out)], capture_output=True, text=True, timeout=600, check=False,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  (r,) = result["records"]
+  assert result["meta"]["config"]["compare"] == ["model.scan_layers=True", "model.remat=full"]
+  assert math.isclose(r["compare_vs_base"], r["compare_tokens_per_s"] / r["tokens_per_s"])
+  assert math.isclose(r["compare_tokens_per_s"], 32 / r["compare_seconds"])
+  # The same model and batch: remat and the rolled layer loop change how, not what, it computes.
+  assert math.isclose(r["compare_loss"], r["loss"], rel_tol=1e-6)
+  # Remat keeps less for the backward pass: the overrides reached the compared step.
+  assert r["compare_peak_bytes"] < r["peak_bytes"]
+  assert "compare/base" in proc.stdout
+
+
+def test_compare_refuses_packed(capsys):
+  with pytest.raises(SystemExit) as e:
+    models.main(["--compare", "model.remat=full", "--packed", "both"])
+  assert e.value.code == 2
+  assert "--compare measures the plain step; got --packed both" in capsys.readouterr().err

@@ -39,7 +39,8 @@ def test_remat_gives_the_same_logits_and_gradients(family):
     flat = jax.tree.leaves(grads)
     assert len(flat) == len(flat_ref)
     for g, g_ref in zip(flat, flat_ref):
-      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7, err_msg=remat)
+      # atol: float32 rounding of a recomputed forward (6e-7 on Gated DeltaNet's gradients)
+      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6, err_msg=remat)
 
 
 def _temp_bytes(remat: str) -> int:
@@ -64,3 +65,46 @@ def test_remat_lowers_the_train_steps_temporary_memory():
 def test_unknown_remat_is_refused_by_name():
   with pytest.raises(ValueError, match=r"model\.remat='some'.*'none', 'full', 'dots'"):
     ModelConfig(remat="some")
+
+
+def _run(family: str, overrides: list):
+  """Logits and gradients of a whole call, and the logits and states of prefill then one step."""
+  cfg = configs.load(f"configs/{family}.py:tiny", overrides)
+  model = build_model(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 256)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    labels = jax.nn.one_hot(tokens[:, 1:], logits.shape[-1])
+    return -(jax.nn.log_softmax(logits) * labels).sum(-1).mean(), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  state = model.init_state(2, 64)
+  prefill_logits, state = model.prefill(tokens[:, :20], state)
+  step_logits, state = model.step(tokens[:, 20], state)
+  return params, logits, grads, (prefill_logits, step_logits, state["layers"])
+
+
+@pytest.mark.parametrize("family", [
+    "transformer", "titans_lmm", pytest.param("hope", marks=pytest.mark.slow)])
+def test_unrolled_layers_compute_what_the_scan_does(family):
+  """``model.scan_layers=False`` unrolls the loop over the stacked layer groups: the parameters
+  (so checkpoints), logits, gradients and stateful calls are those of the rolled scan."""
+  params, logits, grads, stateful = _run(family, ["model.scan_layers=True"])
+  params_u, logits_u, grads_u, stateful_u = _run(family, ["model.scan_layers=False"])
+  assert jax.tree.structure(params) == jax.tree.structure(params_u)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_u)):
+    assert a.shape == b.shape and np.array_equal(a, b)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(logits_u, logits, rtol=1e-6, atol=1e-6)
+  for g_u, g in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g_u, g, rtol=1e-5, atol=1e-7)
+  assert jax.tree.structure(stateful) == jax.tree.structure(stateful_u)
+  for a_u, a in zip(jax.tree.leaves(stateful_u), jax.tree.leaves(stateful)):
+    np.testing.assert_allclose(a_u, a, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_layers_must_be_a_bool():
+  with pytest.raises(ValueError, match=r"model\.scan_layers must be a bool"):
+    configs.load("configs/transformer.py:tiny", ["model.scan_layers=2"])
