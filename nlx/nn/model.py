@@ -113,20 +113,22 @@ class Group(nnx.Module):
     return x, None if states is None else tuple(new_states)
 
 
-def remat(body, policy: str):
+def remat(body, policy: str, rolled: bool = True):
   """``body`` rematerialised as ``ModelConfig.remat`` says ("none" | "full" | "dots").
 
   "full" saves only the scan carry and the layer inputs for the backward pass; "dots" also saves
-  the results of matmuls without batch dimensions (the projections). Inside ``lax.scan`` the
-  loop already keeps XLA from merging the recomputation with the forward pass, so CSE
-  prevention is off (as the ``jax.checkpoint`` documentation recommends for scans).
+  the results of matmuls without batch dimensions (the projections). Inside a rolled
+  ``lax.scan`` the loop already keeps XLA from merging the recomputation with the forward pass,
+  so CSE prevention is off (as the ``jax.checkpoint`` documentation recommends for scans); an
+  unrolled one (``rolled=False``, ``model.scan_layers=False``) is straight-line code, where
+  XLA's CSE would undo the remat, so it is on there.
   """
   if policy == "none":
     return body
   policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
   if policy not in policies:
     raise ValueError(f"model.remat={policy!r} is not one of {('none', *policies)}")
-  return jax.checkpoint(body, policy=policies[policy], prevent_cse=False)
+  return jax.checkpoint(body, policy=policies[policy], prevent_cse=not rolled)
 
 
 def validate(cfg: ModelConfig) -> registry.Family:
@@ -180,8 +182,8 @@ class LM(nnx.Module):
       x, group_states = nnx.merge(graphdef, group_params)(x, group_states, pos, segments)
       return constrain(x), group_states
 
-    return jax.lax.scan(remat(body, self.cfg.remat), constrain(x), (params, states),
-                        unroll=not self.cfg.scan_layers)
+    return jax.lax.scan(remat(body, self.cfg.remat, self.cfg.scan_layers), constrain(x),
+                        (params, states), unroll=not self.cfg.scan_layers)
 
   def run_stateful(self, tokens: Array, layers, pos,
                    segments: Optional[Segments] = None) -> tuple[Array, Any]:
