@@ -52,7 +52,7 @@ _PAPER_MODEL = dict(n_layers=24, vocab_size=32000, max_seq_len=4096, state_dim=1
                     mamba_head_dim=64, remat="full")
 # tiny unrolls its two layer groups (``scan_layers=False``): on a CPU the rolled scan's stacking
 # and slicing of every group's residuals made the train step 1.02-1.38x slower for every family
-# (docs/RESULTS.md, "Model zoo"); the parameters, and so the checkpoints, are the same.
+# (docs/RESULTS.md, "Unrolled layers"); the parameters, and so the checkpoints, are the same.
 MODEL_PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=2, mlp_dim=192, vocab_size=256,
                  max_seq_len=4096, state_dim=16, mamba_head_dim=32, memory_chunk_size=16,

@@ -9,9 +9,10 @@ registry (``nlx.nn.registry``) and returns an ``LM``::
 A family's layer group holds one block per mixer of its pattern (one for most families; two for
 Samba and Titans MAL, which interleave), and the ``n_layers / len(pattern)`` groups are stacked on
 a leading ``"layers"`` axis and run by one ``lax.scan``, so a 24-layer model compiles one layer per
-block type (``scan_layers=False``: the same scan unrolled, same parameters and values). Stateful use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``;
-the state is ``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters,
-"stream": nlx.nn.segments.Stream}``.
+block type (``scan_layers=False``: the same scan unrolled, same parameters and values). Stateful
+use: ``init_state(batch)``, ``prefill(tokens, state)``, ``step(token, state)``; the state is
+``{"pos": int32 [], "layers": per-block mixer states stacked like the parameters, "stream":
+nlx.nn.segments.Stream}``.
 
 Packed documents: ``model(tokens, segment_ids)``, ``prefill(tokens, state, segment_ids)`` and
 ``step(token, state, segment_id)`` take ``segment_ids [B, T]`` (a new document where the id
