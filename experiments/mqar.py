@@ -47,12 +47,19 @@ from Zoology is said here):
   test (1000 sequences per level; Zoology 3000) come from seeds disjoint from training.
 * Models: the nlx families at d_model 64 / 128, 2 layers, 2 heads, with their MLPs and RoPE
   (Zoology's attention: 1 head, learned positions, no MLP, dropout 0.1). The embedding's init
-  std (``model.init_std``) is set per family (``CPU_INIT_STD``): 1.0 for Transformer++ (at nlx's
+  std (``model.init_std``) is set per family (``CPU_FAMILY_MODEL``): 1.0 for Transformer++ (at nlx's
   default 0.02 the token's own embedding is ~2% of what the first block adds to the residual
   stream, and Transformer++ then fails to learn recall in this budget: docs/RESULTS.md, MQAR),
   nlx's default 0.02 for the others (Gated DeltaNet at (64, 4), lr 1e-2: 0.001 after 800 steps
   at 1.0; at 0.02 0.339 after 800 steps and 0.99 after about 1,200 of a 6,000-step run). The init
   is not swept; ``--model init_std=X`` sets it for every family of a command.
+* Titans LMM's memory chunk is 4 (``CPU_FAMILY_MODEL``; nlx's tiny default is 16). A chunk takes
+  its C gradients at its start state, so nlx bounds the inner rate by ``0.5 / C``
+  (``model.titans_lr_max``), and at C = 16 a key seen once is written with at most 3% of its
+  error: at (64, 4), lr 1e-2, Titans stays on the 1 / P plateau for 6000 steps at C = 16
+  (validation 0.255), and at C = 4 with the C = 16 bound (0.251 after 1200), while C = 4 with
+  its own bound reaches 0.978 (docs/RESULTS.md, MQAR). ``--model memory_chunk_size=16``
+  measures the default.
 * Training: AdamW (β2 0.95), weight decay 0.1, 10% warmup then cosine decay, batch 32, at most
   6000 steps (192,000 sequences; Zoology trains 64 epochs of 100,000 at batch 512 / 256, some 30×
   more); early stop once the validation accuracy (256 sequences, every 50 steps) reaches 0.99.
@@ -141,8 +148,10 @@ CPU_BUDGET_MINUTES = 80  # training stops here (the table names the runs cut and
 CPU_CHECKPOINT_MINUTES = 10  # a sweep saves its runs this often (a rerun continues from there)
 # What a sweep's checkpoint keeps of each run beside its arrays (``sweep_level``).
 PROGRESS_KEYS = ("losses", "finite", "curve", "seconds", "stopped")
-# The embedding's init std at --scale cpu, per family (others: nlx's default 0.02; see above).
-CPU_INIT_STD = {"transformer": 1.0}
+# ModelConfig fields the cpu preset sets per family (see the docstring): the embedding's init
+# std of Transformer++ (others: nlx's default 0.02) and Titans' memory chunk, whose inner-rate
+# bound ``0.5 / memory_chunk_size`` otherwise keeps a key seen once from being bound.
+CPU_FAMILY_MODEL = {"transformer": {"init_std": 1.0}, "titans_lmm": {"memory_chunk_size": 4}}
 CPU_FAMILIES = ("transformer", "retnet", "gated_deltanet", "titans_lmm", "ttt_linear", "hope")
 FALLING_FAMILY = "retnet"  # the gated linear model of the sanity row (see the docstring)
 SANITY_FAMILIES = ("transformer", FALLING_FAMILY)
@@ -158,8 +167,7 @@ PRESETS = {
                 lrs=CPU_LRS, sweep_steps=CPU_SWEEP_STEPS, batch_size=32, eval_sequences=1000,
                 n_layers=2, n_heads=2,
                 layout="zoology", power_a=0.01, weight_decay=0.1, early_stop=0.99,
-                eval_every=50, val_sequences=256, family_model={
-                    f: dict(init_std=std) for f, std in CPU_INIT_STD.items()},
+                eval_every=50, val_sequences=256, family_model=CPU_FAMILY_MODEL,
                 budget_minutes=CPU_BUDGET_MINUTES, checkpoint_minutes=CPU_CHECKPOINT_MINUTES),
     "small": dict(widths=(64, 128, 256), pairs=(8, 16, 32, 64), vocab_size=512, steps=6000,
                   lr=3e-3, batch_size=64, eval_sequences=2048, n_layers=2, n_heads=2),

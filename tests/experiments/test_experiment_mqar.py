@@ -234,6 +234,16 @@ def test_cpu_embedding_init_is_per_family_and_model_flag_overrides_it():
   assert std("transformer", forced) == std("gated_deltanet", forced) == 0.5
 
 
+def test_cpu_titans_chunk_lets_a_key_seen_once_be_bound():
+  cpu = dict(mqar.PRESETS["cpu"], model={})
+  titans = mqar.config("titans_lmm", 64, cpu)
+  # the inner-rate bound follows the chunk: 0.5 / 4, four times the tiny default's 0.5 / 16
+  assert titans.memory_chunk_size == 4 and titans.titans_lr == pytest.approx(0.125)
+  assert mqar.config("gated_deltanet", 64, cpu).memory_chunk_size == 16  # others untouched
+  default = mqar.config("titans_lmm", 64, dict(cpu, model={"memory_chunk_size": 16}))
+  assert default.titans_lr == pytest.approx(0.5 / 16)  # --model measures the default
+
+
 # Issue 21: Transformer++ against Gated DeltaNet on the user's MQAR setting ----------------------
 
 USERS_SETTING = ["--scale", "tiny", "--widths", "64", "--pairs", "8", "--steps", "1500",
