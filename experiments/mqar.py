@@ -47,8 +47,8 @@ from Zoology is said here):
   test (1000 sequences per level; Zoology 3000) come from seeds disjoint from training.
 * Models: the nlx families at d_model 64 / 128, 2 layers, 2 heads, with their MLPs and RoPE
   (Zoology's attention: 1 head, learned positions, no MLP, dropout 0.1). The embedding's init
-  std (``model.init_std``) is set per family (``CPU_FAMILY_MODEL``): 1.0 for Transformer++ (at nlx's
-  default 0.02 the token's own embedding is ~2% of what the first block adds to the residual
+  std (``model.init_std``) is set per family (``CPU_FAMILY_MODEL``): 1.0 for Transformer++ (at
+  nlx's default 0.02 the token's own embedding is ~2% of what the first block adds to the residual
   stream, and Transformer++ then fails to learn recall in this budget: docs/RESULTS.md, MQAR),
   nlx's default 0.02 for the others (Gated DeltaNet at (64, 4), lr 1e-2: 0.001 after 800 steps
   at 1.0; at 0.02 0.339 after 800 steps and 0.99 after about 1,200 of a 6,000-step run). The init
@@ -167,7 +167,8 @@ PRESETS = {
                 lrs=CPU_LRS, sweep_steps=CPU_SWEEP_STEPS, batch_size=32, eval_sequences=1000,
                 n_layers=2, n_heads=2,
                 layout="zoology", power_a=0.01, weight_decay=0.1, early_stop=0.99,
-                eval_every=50, val_sequences=256, family_model=CPU_FAMILY_MODEL,
+                eval_every=50, val_sequences=256,
+                family_model={f: dict(v) for f, v in CPU_FAMILY_MODEL.items()},
                 budget_minutes=CPU_BUDGET_MINUTES, checkpoint_minutes=CPU_CHECKPOINT_MINUTES),
     "small": dict(widths=(64, 128, 256), pairs=(8, 16, 32, 64), vocab_size=512, steps=6000,
                   lr=3e-3, batch_size=64, eval_sequences=2048, n_layers=2, n_heads=2),
