@@ -139,7 +139,9 @@ def test_bad_model_configs_are_refused_by_name(fields, message):
     (dict(family="titans_mac", n_persistent=-1), r"model.n_persistent must be >= 0; got -1"),
     (dict(family="ttt_linear", ttt_base_lr="1"), r"model.ttt_base_lr must be a float; got '1'"),
     (dict(family="titans_lmm", titans_rate="proximal"),
-     r"model.titans_rate='proximal' is not allowed; allowed: \['plain', 'normalized'\]"),
+     r"model.titans_rate='proximal' is not allowed; allowed: \['plain', 'normalized', 'gram'\]"),
+    (dict(family="titans_lmm", titans_rate="gram", titans_lr_max=0.2), r"model.titans_lr_max=0.2 "
+     r"is not allowed with model.memory_chunk_size=16: must be > 0 and at most 0.5/H_16 = 0.1479"),
     (dict(family="titans_lmm", titans_lr_max=1.0), r"model.titans_lr_max=1.0 is not allowed "
      r"with model.memory_chunk_size=16: must be > 0 and at most 0.5/memory_chunk_size = 0.03125"),
     (dict(family="hope", cms_periods=(3, 4)), r"model.cms_periods=\(3, 4\) must be a non-empty "

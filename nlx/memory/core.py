@@ -47,6 +47,8 @@ This module is the core's one entry point; the code lives in four modules, read 
 * ``nlx/memory/chunk_start.py``: the chunk-start dual form (``chunk_start_scan``, its ``_offset``
   variant that continues a chunk, its ``_packed`` variant with document boundaries, and
   ``chunk_update``/``chunk_output`` for callers that scan over chunks themselves).
+
+``nlx/memory/rates.py`` bounds a chunk's rates by how alike its keys are (``gram_rates``).
 """
 
 from nlx.memory.base import (Array, MatMul, Memory, READS, Weights, batched, bind, check_read,
@@ -60,6 +62,7 @@ from nlx.memory.packed import (buffer_chunks, chunk_start_scan_packed, document_
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
+from nlx.memory.rates import gram_rates, harmonic
 from nlx.memory.recurrent import chunk_positions, recurrent_scan
 
 __all__ = [
@@ -71,5 +74,5 @@ __all__ = [
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
     "chunk_update", "chunk_writes", "layer_grad_factors", "layer_rates", "chunk_start_scan_packed",
     "document_slots", "buffer_chunks", "chunk_positions", "place_at_slots",
-    "gradient_chunks", "small_buffer_chunks", "with_small_buffer",
+    "gradient_chunks", "small_buffer_chunks", "with_small_buffer", "gram_rates", "harmonic",
 ]

@@ -32,7 +32,8 @@ from nlx.memory.objectives import DOT, L2, Objective
 from nlx.ops.common import compute_dtype, heads_first, resolve_impl
 from nlx.ops.validation import (check_continuation, check_gate, check_memory_params,
                                 check_memory_state, check_options, check_position_scale,
-                                check_reset, check_reset_state, check_sequences, resolve_memory)
+                                check_reset, check_reset_state, check_sequences, check_state,
+                                resolve_memory)
 from pallas_kernels.chunked_memory import ops as pallas_ops
 
 Array = jax.Array
@@ -40,7 +41,7 @@ Array = jax.Array
 # when a packed batch's layout fits, else the worst layout's (about 2T); 0: always the latter.
 PACKED_SLACK = 4
 
-RATES = ("plain", "normalized")  # titans_memory's ``rate``
+RATES = ("plain", "normalized", "gram")  # titans_memory's ``rate``
 
 
 class TitansState(NamedTuple):
@@ -59,6 +60,10 @@ class TitansState(NamedTuple):
   writes summed before the position scale (``A`` of ``nlx.memory.core``; same structure as
   ``memory``; zeros when a chunk starts now). The weights of a position-scaled chunk are not a
   function of the previous weights alone, so continuing a chunk needs it. None otherwise.
+
+  ``keys`` (only with ``titans_memory``'s ``rate="gram"``): ``[B, H, chunk_size, K]``, the keys
+  of the chunk in progress (slot i its i-th token, zeros past ``offset``), on which the rates of
+  the chunk's later tokens depend (``nlx.memory.rates``). None otherwise.
   """
 
   memory: Union[Array, dict]
@@ -66,6 +71,7 @@ class TitansState(NamedTuple):
   chunk_start: Optional[Union[Array, dict]] = None
   offset: Optional[Union[int, Array]] = None
   accumulated: Optional[Union[Array, dict]] = None
+  keys: Optional[Array] = None
 
 
 def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional[Array] = None,
@@ -126,12 +132,25 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
       rate is unchanged). With gradients at one state per chunk, an MLP memory's hidden layer,
       whose input grows with the weights, can otherwise step far beyond the chunk bound of
       unit-norm keys and diverge (docs/RELIABILITY.md); not in the Titans paper.
+      ``"gram"``: token t's rate is ``lr_t / max(1, Σ_j |k_t · k_j|)`` over the keys j ≤ t of
+      its gradient chunk (``nlx.memory.rates``: distinct keys keep their full rate, C equal keys
+      step ``lr·H_C`` in all, so the chunk bound is ``0.5 / H_C`` instead of ``0.5 / C``), and
+      an MLP memory's layers then step as with ``"normalized"``. No gradient flows through the
+      sum. The returned state carries the chunk in progress's keys (``TitansState.keys``), which
+      a call that continues a chunk needs. Not in the Titans paper.
 
   Returns:
     ``(o [B, T, H, V], TitansState)``.
   """
   if rate not in RATES:
     raise ValueError(f"rate={rate!r} is not one of {RATES}")
+  keys = initial_state.keys if isinstance(initial_state, TitansState) else None
+  if rate == "gram":
+    return _gram(q, k, v, lr, momentum, g, memory, initial_state, chunk_size, read, impl,
+                 position_scale, memory_params, reset, reset_state)
+  if keys is not None:
+    raise ValueError("initial_state.keys is given but rate is not 'gram'; it belongs to a "
+                     "rate='gram' call (pass the same rate)")
   dgd = False
   if rate == "normalized":
     if isinstance(resolve_memory(memory), LinearMemory):  # h = k: a per-token rate
@@ -145,6 +164,33 @@ def titans_memory(q: Array, k: Array, v: Array, *, lr: Array, momentum: Optional
                          impl, dgd=dgd, kernel=_titans_pallas, position_scale=position_scale,
                          memory_params=memory_params, reset=reset, reset_state=reset_state,
                          packed_kernel=_titans_pallas_packed)
+
+
+def _gram(q, k, v, lr, momentum, g, memory, initial_state, chunk_size, read, impl,
+          position_scale, memory_params, reset, reset_state):
+  """``titans_memory(rate="gram")``: the gram rates (``nlx.memory.rates``), then the plain
+  (linear) or normalised (MLP) step, with the chunk in progress's keys in the state."""
+  b, t, h, dk, _ = check_sequences(q, k, v)
+  check_gate("lr", lr, b, t, h, required=True)
+  check_reset(reset, b, t)
+  state = initial_state if isinstance(initial_state, TitansState) else TitansState(initial_state)
+  offset, keys = state.offset, state.keys
+  if isinstance(offset, numbers.Integral) and offset == 0:
+    offset = None
+  if offset is not None and keys is None:
+    raise ValueError("rate='gram' continues a chunk (initial_state.offset is given) but "
+                     "initial_state.keys is None: pass the TitansState that the previous "
+                     "rate='gram' call returned")
+  if keys is not None:
+    check_state("initial_state.keys", keys, (b, h, chunk_size, dk))
+  lr, keys = core.gram_rates(lr, k, chunk_size, offset, keys, reset)
+  linear = isinstance(resolve_memory(memory), LinearMemory)
+  o, state = titans_memory(q, k, v, lr=lr, momentum=momentum, g=g, memory=memory,
+                           initial_state=state._replace(keys=None), chunk_size=chunk_size,
+                           read=read, impl=impl, position_scale=position_scale,
+                           memory_params=memory_params, reset=reset, reset_state=reset_state,
+                           rate="plain" if linear else "normalized")
+  return o, state._replace(keys=keys)
 
 
 def _titans_pallas(q, k, v, lr, momentum, g, state, offset, chunk_size):
@@ -287,7 +333,7 @@ def gradient_memory(q, k, v, lr, momentum, g, memory, objective: Objective, init
   core.check_read(read)
   mem = resolve_memory(memory)
   check_position_scale(position_scale, chunk_size, momentum, dgd)
-  parts = (tuple(initial_state) if isinstance(initial_state, TitansState)
+  parts = (tuple(initial_state)[:5] if isinstance(initial_state, TitansState)
            else (initial_state, None, None, None, None))
   weights, mom, start, offset, acc = check_memory_state(mem, parts, b, h, dk, dv, chunk_size)
   check_memory_params(mem, memory_params, h, dk, dv,

@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAMILIES = registry.names()
 # Extra cases: (family, config overrides). HOPE with CMS levels learning from the LM loss runs
 # the model chunk by chunk (nlx.nn.next_token).
-CASES = [(f, ()) for f in FAMILIES] + [("hope", (("cms_objective", "next_token"),))]
+CASES = [(f, ()) for f in FAMILIES] + [("hope", (("cms_objective", "next_token"),)),
+                                       ("titans_lmm", (("titans_rate", "gram"),))]
 CASE_IDS = [f + "".join(f"-{v}" for _, v in fields) for f, fields in CASES]
 FAST = ("transformer", "gated_deltanet", "samba")
 T, SPLIT, VOCAB = 24, 12, 61
