@@ -38,9 +38,10 @@ class NeuralMemoryFields:
     ttt_base_lr: TTT's η_base: the inner learning rate is ``ttt_base_lr · sigmoid(·) / head_dim``
       (the TTT paper's scaling).
     titans_lr_max: the largest inner learning rate of the Titans memory; None: ``0.5 /
-      memory_chunk_size`` (``0.5 / H_C`` with ``titans_rate="gram"``). A chunk of C tokens takes its C gradients at one state, so on C
-      repeated keys the memory steps C·lr at once: C·lr_max ≥ 1 diverged on an untrained tiny
-      model fed a repeated token (docs/RELIABILITY.md); values with C·lr_max > 0.5 are refused.
+      memory_chunk_size`` (``0.5 / H_C`` with ``titans_rate="gram"``). A chunk of C tokens takes
+      its C gradients at one state, so on C repeated keys the memory steps C·lr at once:
+      C·lr_max ≥ 1 diverged on an untrained tiny model fed a repeated token
+      (docs/RELIABILITY.md); values with C·lr_max > 0.5 (H_C·lr_max with "gram") are refused.
       With momentum η the step is lr·(1 − η), so the bound holds whatever η is learned.
     titans_rate: "plain" (the paper's step) or "normalized": each layer of the Titans memory
       steps at ``lr / max(1, ‖h‖²)`` for its input h (``nlx.ops.titans_memory``'s ``rate``), so

@@ -135,5 +135,6 @@ def test_an_unknown_rate_is_refused():
   assert titans.RATES == neural_memory_config.TITANS_RATES  # the config's copy (no JAX there)
   with jax.enable_x64(True):
     x = inputs()
-  with pytest.raises(ValueError, match=r"rate='proximal' is not one of \('plain', 'normalized'\)"):
+  with pytest.raises(ValueError,
+                     match=r"rate='proximal' is not one of \('plain', 'normalized', 'gram'\)"):
     op(x, "chunked", 4, rate="proximal")
