@@ -172,6 +172,7 @@ def _gram(q, k, v, lr, momentum, g, memory, initial_state, chunk_size, read, imp
   (linear) or normalised (MLP) step, with the chunk in progress's keys in the state."""
   b, t, h, dk, _ = check_sequences(q, k, v)
   check_gate("lr", lr, b, t, h, required=True)
+  check_options(chunk_size, impl)
   check_reset(reset, b, t)
   state = initial_state if isinstance(initial_state, TitansState) else TitansState(initial_state)
   offset, keys = state.offset, state.keys

@@ -202,6 +202,12 @@ def test_bad_gram_state(state, match):
                       rate="gram")
 
 
+def test_a_bad_chunk_size_is_refused_before_the_rates():
+  x = inputs(dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"chunk_size must be a positive int; got 0"):
+    ops.titans_memory(x["q"], x["k"], x["v"], lr=x["lr"], chunk_size=0, rate="gram")
+
+
 def test_keys_without_the_gram_rate_are_refused():
   x = inputs(dtype=jnp.float32)
   state = ops.TitansState(jnp.zeros((B, H, D, D)), keys=jnp.zeros((B, H, C, D)))
