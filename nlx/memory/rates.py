@@ -3,16 +3,18 @@
 A chunk of C chunk-start gradients on a linear memory moves the weights by ``Σ_j lr_j k_j k_jᵀ``
 at once. Bounding every ``lr_j`` by ``0.5 / C`` keeps that step below 0.5 when all C keys are
 equal, but it also writes a key seen once with at most ``0.5 / C`` of its error, which is what
-keeps a chunked Titans memory at C = 16 from binding a key to its value (docs/EQUATIONS.md, "the
-price of the chunk bound"). Here each token's rate is divided by how much of its key the chunk
-has already written:
+keeps a chunked Titans memory at C = 16 from binding a key to its value on MQAR
+(docs/EQUATIONS.md §5, docs/RESULTS.md). Here each token's rate is divided by how much of its key
+the chunk has already written:
 
     s_t = Σ_{j ≤ t, j in t's chunk} |k_t · k_j|,    lr'_t = lr_t / max(1, s_t),
 
 so distinct (orthogonal, unit-norm) keys keep their full rate, and C equal keys step
-``lr·(1 + 1/2 + … + 1/C) = lr·H_C`` in all. The same holds, up to H_C, for any keys (a Gershgorin
-bound on ``Σ_j lr'_j k_j k_jᵀ``), so ``lr_max = 0.5 / H_C`` (0.148 at C = 16, 0.105 at C = 64,
-against 0.031 and 0.0078) keeps a chunk's step below 0.5. The sum is causal (a token's rate never
+``lr·(1 + 1/2 + … + 1/C) = lr·H_C`` in all. Equal keys look like the worst case: gradient ascent
+on the largest eigenvalue of ``Σ_j lr'_j k_j k_jᵀ`` over unit keys stays under H_C
+(``tests/ops/test_titans_gram_rate.py``; a numerical search, not a proof). So
+``lr_max = 0.5 / H_C`` (0.148 at C = 16, 0.105 at C = 64, against 0.031 and 0.0078) keeps a
+chunk's step below about 0.5. The sum is causal (a token's rate never
 depends on a later key) and is taken over the token's gradient chunk only: chunks aligned with
 the call's start (or continuing a chunk of ``offset`` tokens that an earlier call began, whose
 keys ``keys`` carries) and with each document's first token (``reset``). ``s`` is a step-size

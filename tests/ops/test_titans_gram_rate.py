@@ -15,7 +15,7 @@ import pytest
 
 from nlx import ops
 from nlx.memory import MLPMemory
-from nlx.memory.rates import harmonic
+from nlx.memory.rates import gram_rates, harmonic
 
 B, T, H, D, C = 2, 29, 2, 4, 8
 
@@ -187,6 +187,29 @@ def test_a_key_seen_once_is_written_at_the_full_rate():
                            lr=jnp.full((1, t, 1), bound * (1 - 0.9)),
                            momentum=jnp.full((1, t, 1), 0.9), chunk_size=c, rate="plain")
   assert not np.max(np.abs(o)) < 1.5
+
+
+def test_equal_keys_are_the_largest_chunk_step_that_a_search_finds():
+  """The chunk's step ``Σ_j lr'_j k_j k_jᵀ`` at the gram rates (lr = 1): its largest eigenvalue
+  is H_C for C equal keys, and gradient ascent over unit keys from random starts (2, 4 and 16
+  dimensions) does not find a larger one (what the bound 0.5/H_C rests on; not a proof)."""
+  c = 16
+
+  def step_size(x):
+    k = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    rates, _ = gram_rates(jnp.ones((1, c, 1)), k[None, :, None, :], c)
+    return jnp.linalg.eigvalsh((k * rates[0, :, 0, None]).T @ k)[-1]
+
+  ascend = jax.jit(jax.vmap(lambda x: jax.lax.fori_loop(
+      0, 200, lambda _, y: y + 0.05 * jax.grad(step_size)(y), x)))
+  with jax.enable_x64(True):
+    h = harmonic(c)
+    np.testing.assert_allclose(step_size(jnp.ones((c, 4))), h, rtol=1e-9)
+    found = 0.0
+    for d in (2, 4, 16):
+      starts = jax.random.normal(jax.random.PRNGKey(d), (8, c, d), jnp.float64)
+      found = max(found, float(jnp.max(jax.vmap(step_size)(ascend(starts)))))
+    assert 0.5 * h < found <= h * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("state, match", [
