@@ -62,7 +62,7 @@ from nlx.memory.packed import (buffer_chunks, chunk_start_scan_packed, document_
 from nlx.memory.chunks import (ChunkCoefficients, chunk_coefficients, chunk_end_weights,
                                chunk_matmul, decay_matrix, previous_rows, scan_chunks,
                                segment_decay, segment_sum, unit_lower_inverse, unit_lower_solve)
-from nlx.memory.rates import gram_rates, harmonic
+from nlx.memory.rates import gram_rates
 from nlx.memory.recurrent import chunk_positions, recurrent_scan
 
 __all__ = [
@@ -74,5 +74,5 @@ __all__ = [
     "ChunkWrites", "chunk_output", "chunk_read", "chunk_start_scan", "chunk_start_scan_offset",
     "chunk_update", "chunk_writes", "layer_grad_factors", "layer_rates", "chunk_start_scan_packed",
     "document_slots", "buffer_chunks", "chunk_positions", "place_at_slots",
-    "gradient_chunks", "small_buffer_chunks", "with_small_buffer", "gram_rates", "harmonic",
+    "gradient_chunks", "small_buffer_chunks", "with_small_buffer", "gram_rates",
 ]

@@ -13,12 +13,13 @@ so distinct (orthogonal, unit-norm) keys keep their full rate, and C equal keys 
 ``lr·(1 + 1/2 + … + 1/C) = lr·H_C`` in all. Equal keys look like the worst case: gradient ascent
 on the largest eigenvalue of ``Σ_j lr'_j k_j k_jᵀ`` over unit keys stays under H_C
 (``tests/ops/test_titans_gram_rate.py``; a numerical search, not a proof). So
-``lr_max = 0.5 / H_C`` (0.148 at C = 16, 0.105 at C = 64, against 0.031 and 0.0078) keeps a
-chunk's step below about 0.5. The sum is causal (a token's rate never
-depends on a later key) and is taken over the token's gradient chunk only: chunks aligned with
-the call's start (or continuing a chunk of ``offset`` tokens that an earlier call began, whose
-keys ``keys`` carries) and with each document's first token (``reset``). ``s`` is a step-size
-bound, not part of the model's function: no gradient flows through it.
+``lr_max = 0.5 / H_C`` (0.148 at C = 16, 0.105 at C = 64, against 0.031 and 0.0078; H_C is
+``nlx.nn.neural_memory_config.chunk_step_units``) keeps a chunk's step below about 0.5. The sum
+is causal (a token's rate never depends on a later key) and is taken over the token's gradient
+chunk only: chunks aligned with the call's start (or continuing a chunk of ``offset`` tokens
+that an earlier call began, whose keys ``keys`` carries) and with each document's first token
+(``reset``). ``s`` is a step-size bound, not part of the model's function: no gradient flows
+through it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ import jax.numpy as jnp
 from nlx.memory.recurrent import chunk_positions
 
 Array = jax.Array
-
-
-def harmonic(n: int) -> float:
-  """``H_n = 1 + 1/2 + … + 1/n``: the step, in units of lr, of n equal keys at the gram rate."""
-  return sum(1.0 / i for i in range(1, n + 1))
 
 
 def gram_rates(lr: Array, k: Array, chunk_size: int, offset=None, keys: Optional[Array] = None,

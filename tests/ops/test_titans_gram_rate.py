@@ -15,7 +15,8 @@ import pytest
 
 from nlx import ops
 from nlx.memory import MLPMemory
-from nlx.memory.rates import gram_rates, harmonic
+from nlx.memory.rates import gram_rates
+from nlx.nn.neural_memory_config import chunk_step_units
 
 B, T, H, D, C = 2, 29, 2, 4, 8
 
@@ -171,7 +172,7 @@ def test_a_key_seen_once_is_written_at_the_full_rate():
   values = jax.random.normal(jax.random.PRNGKey(0), (1, c, 1, d))
   read = lambda lr, rate: ops.titans_memory(keys, keys, values, lr=jnp.full((1, c, 1), lr),
                                             chunk_size=c, rate=rate)[1].memory
-  bound = 0.5 / harmonic(c)
+  bound = 0.5 / chunk_step_units(c, "gram")
   s = read(bound, "gram")[0, 0]  # M(k_i) = k_i S = row i
   np.testing.assert_allclose(s, bound * values[0, :, 0], rtol=1e-5, atol=1e-6)
   plain = read(0.5 / c, "plain")[0, 0]
@@ -203,7 +204,7 @@ def test_equal_keys_are_the_largest_chunk_step_that_a_search_finds():
   ascend = jax.jit(jax.vmap(lambda x: jax.lax.fori_loop(
       0, 200, lambda _, y: y + 0.05 * jax.grad(step_size)(y), x)))
   with jax.enable_x64(True):
-    h = harmonic(c)
+    h = chunk_step_units(c, "gram")
     np.testing.assert_allclose(step_size(jnp.ones((c, 4))), h, rtol=1e-9)
     found = 0.0
     for d in (2, 4, 16):
