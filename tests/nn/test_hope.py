@@ -2,7 +2,8 @@
 self-modifying Titans step (Eqs. 83–93: five memories, self-generated targets, gates, DGD,
 momentum, chunk-wise references); the dot-product linear memory without momentum is exactly
 nlx.ops.delta_rule with target v̂; every Table 6 ablation switch builds, runs and changes the
-output; a split anywhere equals one call; bad settings are refused by name."""
+output; a split anywhere equals one call; the whole model's gradients equal central differences
+(float64); bad settings are refused by name."""
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,38 @@ def test_memory_reads_keep_float64():
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), mem.initial_memory(1).memory)
     q = jnp.asarray(rng.normal(size=(1, T, H, cfg.dk)))
     assert mem.read(weights, q).dtype == jnp.float64
+
+
+@pytest.mark.slow  # ~35 s on 2 cores (two float64 compiles)
+def test_the_models_gradients_equal_central_differences_in_float64():
+  """The outer gradient of a whole HOPE model (five memories written in one stacked call, the
+  targets v̂ = M(v) through the memories, the output memory's sub-chunks, the rematerialised
+  chunk scan, the CMS's in-context steps) against central differences of its loss, float64, on
+  a direction supported on each of the mixer's and the CMS's parameters in turn: autodiff of
+  the forward that the loop test above checks against the equations, not of a second copy."""
+  with jax.enable_x64(True):
+    model = tiny_hope(hope_chunk_size=4, memory_chunk_size=2, n_layers=1)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 11), 0, 31)
+
+    @jax.jit
+    def loss(p):
+      logp = jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(tokens[:, :-1]))
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    leaves, treedef = jax.tree.flatten(params)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    checked = 0
+    for i, (path, g) in enumerate(zip(paths, jax.tree.leaves(grads))):
+      if "[0]" not in path or not any(s in path for s in ("mixer", "mlp")):
+        continue  # the first block's mixer and CMS
+      d = jax.random.normal(jax.random.PRNGKey(i), leaves[i].shape, jnp.float64)
+      moved = lambda e: jax.tree.unflatten(treedef, [x + e * d if j == i else x
+                                                     for j, x in enumerate(leaves)])
+      eps = 1e-5
+      fd = (loss(moved(eps)) - loss(moved(-eps))) / (2 * eps)
+      np.testing.assert_allclose(jnp.sum(g * d), fd, rtol=1e-4, atol=1e-10, err_msg=path)
+      checked += 1
+    assert checked >= 15, paths
