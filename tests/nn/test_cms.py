@@ -118,7 +118,8 @@ def test_whole_sequence_matches_token_loop(variant):
   if frozen.mix is not None:
     frozen.mix[...] = cms.mix[...]
   y0, _ = frozen(x)
-  np.testing.assert_allclose(y0[:, :2], y[:, :2], rtol=1e-6, atol=1e-7)
+  # float32 through two op orders (the chain at once, the scan over periods): ~20 ulps apart here
+  np.testing.assert_allclose(y0[:, :2], y[:, :2], rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(y0[:, 2:] - y[:, 2:]).max()) > 1e-3
 
 
