@@ -40,7 +40,8 @@ FIELD_ORDER = (
     "hope_memory",
     "hope_objective", "hope_dgd", "hope_dgd_keys", "hope_chunk_size", "hope_chunk_boundary",
     "hope_lr_max", "hope_gate_reduce", "hope_momentum", "hope_weight_decay", "hope_adaptive_k",
-    "hope_adaptive_v", "hope_adaptive_q", "hope_stop_gradient", "hope_normalize_v", "hope_read")
+    "hope_adaptive_v", "hope_adaptive_q", "hope_stop_gradient", "hope_normalize_v", "hope_read",
+    "hope_targets")
 
 
 def _path(family):

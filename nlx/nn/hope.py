@@ -291,8 +291,10 @@ class SelfModifyingTitans(Mixer):
     return q, k, v, self._rate(eta), log_alpha
 
   def _targets(self, weights: dict, v: Array, copies: int) -> Array:
-    """Every memory's own targets ``v̂ = M(v)`` at ``weights`` (``copies`` memories per head)."""
-    return self._stop(read(self.memory, weights, jnp.tile(v, (1, 1, copies, 1))))
+    """Every memory's own targets ``v̂ = M(v)`` at ``weights`` (``copies`` memories per head);
+    ``v`` itself with ``hope_targets="value"``."""
+    v = jnp.tile(v, (1, 1, copies, 1))
+    return self._stop(v if self.cfg.hope_targets == "value" else read(self.memory, weights, v))
 
   def _stop(self, targets: Array) -> Array:
     return jax.lax.stop_gradient(targets) if self.cfg.hope_stop_gradient else targets

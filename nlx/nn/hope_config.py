@@ -23,6 +23,7 @@ HOPE_CHOICES = {
     "hope_chunk_boundary": ("previous_end",),
     "hope_gate_reduce": ("mean",),
     "hope_read": ("after_write", "before_write"),
+    "hope_targets": ("self", "value"),
 }
 
 
@@ -64,6 +65,9 @@ class HopeFields:
     hope_read: "after_write": token t reads the memory after its own write (the DeltaNet /
       parallel-Titans convention), or "before_write": ``M_{t−1}(q_t)``, the paper's read
       (choice 13).
+    hope_targets: "self": each memory makes its own targets ``v̂_□ = M_□(v_t)`` (Eqs. 83–88);
+      "value": every memory's target is ``v_t`` itself, as in Titans (not in the paper; a
+      diagnosis of what the self-generated targets cost, docs/HOPE.md).
   """
 
   hope_memory: str = "mlp"
@@ -82,6 +86,7 @@ class HopeFields:
   hope_stop_gradient: bool = False
   hope_normalize_v: bool = True
   hope_read: str = "after_write"
+  hope_targets: str = "self"
 
   @property
   def hope_chunk(self) -> int:

@@ -99,7 +99,8 @@ def hope_loop(mixer, x):
                  else 1.0)
         before = mems["mem"](qt)
         for name, mem in mems.items():  # v̂_□ = M_□(v_t), then the DGD step (Eq. 88)
-          mem.dgd(kt, gen(name, vt), eta, alpha, m_gate[b, t, h], start[name],
+          target = vt if cfg.hope_targets == "value" else gen(name, vt)
+          mem.dgd(kt, target, eta, alpha, m_gate[b, t, h], start[name],
                   cfg.hope_objective, cfg.hope_dgd)
         o[b, t, h] = before if cfg.hope_read == "before_write" else mems["mem"](qt)
   return o
@@ -120,11 +121,12 @@ def _mixer_and_inner(fields):
 @pytest.mark.parametrize("fields", [
     dict(memory_chunk_size=1),                                          # Eq. 88 token by token
     dict(memory_chunk_size=1, hope_dgd="neurips", hope_read="before_write"),
+    dict(memory_chunk_size=2, hope_chunk_size=4, hope_targets="value"),
     dict(memory_chunk_size=1, hope_memory="linear", hope_adaptive_q=True),
     dict(memory_chunk_size=2, hope_chunk_size=4),                      # Eqs. 90–93, sub-chunks
     dict(memory_chunk_size=3, hope_dgd="off", hope_weight_decay=False),
     dict(memory_chunk_size=4, hope_momentum=False, hope_objective="dot", hope_memory="linear"),
-], ids=["eq88", "neurips-before", "linear-adaptive-q", "subchunks", "gd-no-decay", "dot"])
+], ids=["eq88", "neurips-before", "value-targets", "linear-adaptive-q", "subchunks", "gd-no-decay", "dot"])
 def test_the_mixer_equals_a_loop_of_the_self_modifying_titans_step(fields):
   mixer, x, o = _mixer_and_inner(dict(memory_expand=2, **fields))
   np.testing.assert_allclose(o, hope_loop(mixer, x), rtol=2e-4, atol=2e-5)
