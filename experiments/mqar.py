@@ -77,7 +77,10 @@ from Zoology is said here):
   CPU cores Transformer++ at d_model 64 alone takes most of it (its three levels: about 12, 16
   and 32 minutes here), so the rows need one command each (``--families F --widths W --pairs
   P``); ``--combine DIR,...`` merges their outputs into the study's table, figure and sanity
-  check (refusing commands whose protocol or a family's model fields differ).
+  check (refusing commands whose protocol or a family's model fields differ). ``--curves
+  DIR,...`` is for ablations, runs that differ in their ``--model`` fields: a table of them (the
+  fields in which they differ) and their loss and validation curves on shared axes
+  (``OUT/mqar_curves.{json,md,png}``).
 * Resuming: each sweep saves its runs every 10 minutes (``--checkpoint_minutes``), when a run
   ends and when the budget cuts it, under ``OUT/checkpoints/<family>_d<width>_P<P>``
   (``experiments/resume.py``). Rerunning the same command continues every sweep from its newest
@@ -106,6 +109,7 @@ Commands (from the repository root)::
   python -m experiments.mqar --scale tiny                     # writes runs/mqar/mqar.{json,md,png}
   python -m experiments.mqar --scale cpu --out runs/mqar_cpu  # Zoology's protocol, <= 90 min
   python -m experiments.mqar --scale cpu --combine runs/a,runs/b --out runs/mqar_cpu_all
+  python -m experiments.mqar --scale cpu --curves runs/a,runs/b --out runs/ablation
   python -m experiments.mqar --scale small --out runs/mqar_small   # GPU/TPU
   python -m experiments.mqar --scale tiny --families transformer,gated_deltanet --widths 32 \\
       --steps 30                                              # a quick look
@@ -115,6 +119,7 @@ Commands (from the repository root)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -130,6 +135,7 @@ import nlx
 from experiments import resume
 from experiments import study
 from nlx.data import synthetic
+from nlx.nn.config import ModelConfig
 from nlx.train import fitting
 
 STUDY = "mqar"
@@ -640,6 +646,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--combine", default=None, metavar="DIR,DIR,...",
                       help="cpu: train nothing; merge the runs of earlier --scale cpu commands "
                            "(their OUT directories) into one table, figure and sanity check")
+  parser.add_argument("--curves", default=None, metavar="DIR,DIR,...",
+                      help="cpu: train nothing; overlay the loss and validation curves of "
+                           "earlier runs that differ in their --model fields (an ablation)")
   resume.add_flag(parser, CPU_CHECKPOINT_MINUTES, "evaluation", "cpu: each sweep")
   args = parser.parse_args(argv)
   if args.budget_minutes is not None and args.budget_minutes < 0:
@@ -656,6 +665,8 @@ def main(argv=None) -> dict:
   settings["model"] = {**settings.get("model", {}),
                        **study.parse_fields("--model", args.model)}
   resume.apply_flag(args, settings)
+  if args.curves is not None:
+    return write_curves(args.out, study.parse_list("--curves", args.curves), argv)
   if args.combine is not None:
     if settings.get("layout") != "zoology":
       raise ValueError(f"--combine merges --scale cpu runs; got --scale {args.scale}")
@@ -918,6 +929,73 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
   settings["pairs"], settings["widths"] = list(pairs), list(widths)
   settings["combined_from"] = list(directories)
   return settings, runs, seconds
+
+
+def curve_runs(directories) -> list:
+  """Every run of each ``--scale cpu`` output directory's ``mqar.json``, with ``model_fields``
+  (the ModelConfig fields its command set for its family), ``seed`` and ``source``; the label of
+  each names its family, width, level, seed and the fields in which the runs differ."""
+  runs = []
+  for directory in directories:
+    path = os.path.join(directory, f"{STUDY}.json")
+    if not os.path.exists(path):
+      raise ValueError(f"--curves: {directory} holds no {STUDY}.json")
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    mine = saved["settings"]
+    if mine.get("layout") != "zoology":
+      raise ValueError(f"--curves: {directory} is not a --scale cpu run")
+    for run in saved["runs"]:
+      model = {**mine.get("family_model", {}).get(run["family"], {}), **mine.get("model", {})}
+      runs.append(dict(run, model_fields=model, seed=saved.get("seed", 0), source=directory))
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  keys = sorted({k for r in runs for k in r["model_fields"]})
+  for r in runs:  # a field a command did not set has ModelConfig's default
+    r["model_fields"] = {k: r["model_fields"].get(k, defaults.get(k)) for k in keys}
+  differ = [k for k in keys if len({repr(r["model_fields"][k]) for r in runs}) > 1]
+  for r in runs:
+    fields = ", ".join(f"{k}={r['model_fields'][k]}" for k in differ)
+    r["label"] = (f"{LABELS.get(r['family'], r['family'])} d={r['d_model']} P={r['pairs']} "
+                  f"seed {r['seed']}" + (f": {fields}" if fields else ""))
+  return runs
+
+
+def write_curves(out: str, directories, argv) -> dict:
+  """``--curves``: ``mqar_curves.{json,md,png}``, a table of the runs (the fields all share, then
+  one row per run) and their loss and validation-accuracy curves on shared axes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  runs = curve_runs(directories)
+  shared = {k: v for k, v in runs[0]["model_fields"].items()
+            if all(r["model_fields"].get(k, object()) == v for r in runs)}
+  md = ("Fields of every run: " + (", ".join(f"`{k}={v}`" for k, v in shared.items()) or "none")
+        + "\n\n| run | lr | steps | loss (last) | val acc (last) | test acc | train s | out |\n"
+        + "|---|---:|---:|---:|---:|---:|---:|---|\n")
+  for r in runs:
+    last = r["curve"][-1] if r["curve"] else {}
+    md += (f"| {r['label']} | {r['lr']:g} | {r['steps']} | {last.get('loss', float('nan')):.3f} "
+           f"| {last.get('val_accuracy', float('nan')):.3f} | {r['accuracy']:.3f} "
+           f"| {r['train_seconds']:.0f} | {r['source']} |\n")
+  print(md)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for i, r in enumerate(runs):
+    steps = [c["step"] for c in r["curve"]]
+    left.plot(steps, [c["loss"] for c in r["curve"]], color=f"C{i}", label=r["label"])
+    right.plot(steps, [c["val_accuracy"] for c in r["curve"]], color=f"C{i}", label=r["label"])
+  for p in sorted({r["pairs"] for r in runs}):
+    right.axhline(1 / p, color="gray", linestyle=":")
+  left.set_ylabel("training loss (query tokens)")
+  right.set_ylabel("validation accuracy")
+  right.set_ylim(0, 1.02)
+  for ax in (left, right):
+    ax.set_xlabel("training step")
+  right.legend(fontsize=6)
+  fig.tight_layout()
+  paths = study.write_outputs(out, f"{STUDY}_curves", {"runs": runs, "shared_fields": shared},
+                              md, fig, command=study.command_line(STUDY, argv))
+  plt.close(fig)
+  return {"paths": paths, "runs": runs}
 
 
 def write_zoology(args, settings, runs, seconds, complete, argv) -> dict:

@@ -342,3 +342,26 @@ def test_combine_merges_the_runs_of_several_commands(tmp_path):
                "--out", str(tmp_path / "x")])
   with pytest.raises(ValueError, match="holds no mqar.json"):
     mqar.main(["--scale", "cpu", "--combine", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_curves_overlays_runs_that_differ_in_their_model_fields(tmp_path):
+  def command(name, model, seed=0):
+    os.makedirs(tmp_path / name)
+    settings = dict(mqar.PRESETS["cpu"], model=model,
+                    family_model={"hope": {"memory_chunk_size": 4}})
+    with open(tmp_path / name / "mqar.json", "w", encoding="utf-8") as f:
+      json.dump({"settings": settings, "seed": seed, "wall_seconds": 1.0,
+                 "runs": [_run("hope", 64, 4, 1e-2, 0.1, 0.11, loss=6.5)]}, f)
+    return str(tmp_path / name)
+  dirs = [command("a", {"cms": False, "hope_targets": "value"}),
+          command("b", {"cms": False}, seed=1)]
+  out = mqar.main(["--scale", "cpu", "--curves", ",".join(dirs), "--out", str(tmp_path / "c")])
+  # a field one command did not set is ModelConfig's default; shared fields head the table
+  assert [r["label"] for r in out["runs"]] == [
+      "HOPE d=64 P=4 seed 0: hope_targets=value", "HOPE d=64 P=4 seed 1: hope_targets=self"]
+  md = (tmp_path / "c" / "mqar_curves.md").read_text()
+  assert "Fields of every run: `cms=False`, `memory_chunk_size=4`" in md
+  assert f"| 0.01 | 100 | 6.500 | 0.110 | 0.100 | 1 | {dirs[1]} |" in md
+  assert (tmp_path / "c" / "mqar_curves.png").exists()
+  with pytest.raises(ValueError, match="holds no mqar.json"):
+    mqar.main(["--scale", "cpu", "--curves", str(tmp_path), "--out", str(tmp_path / "x")])
