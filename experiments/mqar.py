@@ -135,7 +135,6 @@ import nlx
 from experiments import resume
 from experiments import study
 from nlx.data import synthetic
-from nlx.nn.config import ModelConfig
 from nlx.train import fitting
 
 STUDY = "mqar"
@@ -947,11 +946,13 @@ def curve_runs(directories) -> list:
       raise ValueError(f"--curves: {directory} is not a --scale cpu run")
     for run in saved["runs"]:
       model = {**mine.get("family_model", {}).get(run["family"], {}), **mine.get("model", {})}
-      runs.append(dict(run, model_fields=model, seed=saved.get("seed", 0), source=directory))
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+      built = config(run["family"], run["d_model"], dict(mine, pairs=(run["pairs"],)),
+                     max_seq_len=run["seq_len"])  # the config the run trained
+      runs.append(dict(run, model_fields=model, config=dataclasses.asdict(built),
+                       seed=saved.get("seed", 0), source=directory))
   keys = sorted({k for r in runs for k in r["model_fields"]})
-  for r in runs:  # a field a command did not set has ModelConfig's default
-    r["model_fields"] = {k: r["model_fields"].get(k, defaults.get(k)) for k in keys}
+  for r in runs:  # a field a command did not set: the value the study gave it
+    r["model_fields"] = {k: r["config"][k] for k in keys}
   differ = [k for k in keys if len({repr(r["model_fields"][k]) for r in runs}) > 1]
   for r in runs:
     fields = ", ".join(f"{k}={r['model_fields'][k]}" for k in differ)
@@ -985,13 +986,17 @@ def write_curves(out: str, directories, argv) -> dict:
     right.plot(steps, [c["val_accuracy"] for c in r["curve"]], color=f"C{i}", label=r["label"])
   for p in sorted({r["pairs"] for r in runs}):
     right.axhline(1 / p, color="gray", linestyle=":")
+  firsts = [r["curve"][0]["loss"] for r in runs if r["curve"]]
+  if firsts:  # a run that starts far above the others (a larger init) does not squash them
+    left.set_ylim(top=1.1 * float(np.median(firsts)))
   left.set_ylabel("training loss (query tokens)")
   right.set_ylabel("validation accuracy")
   right.set_ylim(0, 1.02)
   for ax in (left, right):
     ax.set_xlabel("training step")
-  right.legend(fontsize=6)
   fig.tight_layout()
+  fig.legend(*left.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+             fontsize=7)
   paths = study.write_outputs(out, f"{STUDY}_curves", {"runs": runs, "shared_fields": shared},
                               md, fig, command=study.command_line(STUDY, argv))
   plt.close(fig)
