@@ -893,6 +893,20 @@ PROTOCOL_KEYS = ("layout", "vocab_size", "power_a", "batch_size", "steps", "weig
                  "n_heads")
 
 
+def read_saved(flag: str, directory: str) -> dict:
+  """The ``mqar.json`` of an output directory (a ValueError naming ``flag`` if it has none)."""
+  path = os.path.join(directory, f"{STUDY}.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{flag}: {directory} holds no {STUDY}.json")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def command_fields(settings: dict, family: str) -> dict:
+  """The ModelConfig fields a run's command set for ``family`` (the preset's, then --model)."""
+  return {**settings.get("family_model", {}).get(family, {}), **settings.get("model", {})}
+
+
 def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
   """``(settings, runs, seconds)`` of the ``mqar.json`` of each ``--scale cpu`` output directory:
   the runs of all, the first's settings with the levels ``pairs`` and widths ``widths`` of the
@@ -903,11 +917,7 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
   fields differ from another's, is a ValueError naming it."""
   settings, runs, seconds, fields = None, [], 0.0, {}
   for directory in directories:
-    path = os.path.join(directory, f"{STUDY}.json")
-    if not os.path.exists(path):
-      raise ValueError(f"--combine: {directory} holds no {STUDY}.json")
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = read_saved("--combine", directory)
     mine = saved["settings"]
     if settings is None:
       settings = dict(mine, pairs=[], widths=[], skipped_for_time=[])
@@ -917,7 +927,7 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
                          f"{directories[0]} with {settings.get(key)!r}")
     for run in saved["runs"]:
       family = run["family"]
-      model = {**mine.get("family_model", {}).get(family, {}), **mine.get("model", {})}
+      model = command_fields(mine, family)
       if fields.setdefault(family, (model, directory))[0] != model:
         raise ValueError(f"--combine: {LABELS.get(family, family)} ran with model fields "
                          f"{model} in {directory} and {fields[family][0]} in "
@@ -936,16 +946,12 @@ def curve_runs(directories) -> list:
   each names its family, width, level, seed and the fields in which the runs differ."""
   runs = []
   for directory in directories:
-    path = os.path.join(directory, f"{STUDY}.json")
-    if not os.path.exists(path):
-      raise ValueError(f"--curves: {directory} holds no {STUDY}.json")
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = read_saved("--curves", directory)
     mine = saved["settings"]
     if mine.get("layout") != "zoology":
       raise ValueError(f"--curves: {directory} is not a --scale cpu run")
     for run in saved["runs"]:
-      model = {**mine.get("family_model", {}).get(run["family"], {}), **mine.get("model", {})}
+      model = command_fields(mine, run["family"])
       built = config(run["family"], run["d_model"], dict(mine, pairs=(run["pairs"],)),
                      max_seq_len=run["seq_len"])  # the config the run trained
       runs.append(dict(run, model_fields=model, config=dataclasses.asdict(built),
