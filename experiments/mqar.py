@@ -941,9 +941,10 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
 
 
 def curve_runs(directories) -> list:
-  """Every run of each ``--scale cpu`` output directory's ``mqar.json``, with ``model_fields``
-  (the ModelConfig fields its command set for its family), ``seed`` and ``source``; the label of
-  each names its family, width, level, seed and the fields in which the runs differ."""
+  """Every run of each ``--scale cpu`` output directory's ``mqar.json``, with ``config`` (the
+  ModelConfig it trained), ``model_fields`` (its values of every field some run's command set),
+  ``seed`` and ``source``; the label of each names its family, width, level, seed and the
+  fields in which the runs differ."""
   runs = []
   for directory in directories:
     saved = read_saved("--curves", directory)
@@ -975,7 +976,7 @@ def write_curves(out: str, directories, argv) -> dict:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   runs = curve_runs(directories)
   shared = {k: v for k, v in runs[0]["model_fields"].items()
-            if all(r["model_fields"].get(k, object()) == v for r in runs)}
+            if all(r["model_fields"][k] == v for r in runs)}
   md = ("Fields of every run: " + (", ".join(f"`{k}={v}`" for k, v in shared.items()) or "none")
         + "\n\n| run | lr | steps | loss (last) | val acc (last) | test acc | train s | out |\n"
         + "|---|---:|---:|---:|---:|---:|---:|---|\n")

@@ -356,7 +356,7 @@ def test_curves_overlays_runs_that_differ_in_their_model_fields(tmp_path):
   dirs = [command("a", {"cms": False, "hope_targets": "value"}),
           command("b", {"cms": False}, seed=1)]
   out = mqar.main(["--scale", "cpu", "--curves", ",".join(dirs), "--out", str(tmp_path / "c")])
-  # a field one command did not set is ModelConfig's default; shared fields head the table
+  # a field one command did not set has the value the study gave it; shared fields head the table
   assert [r["label"] for r in out["runs"]] == [
       "HOPE d=64 P=4 seed 0: hope_targets=value", "HOPE d=64 P=4 seed 1: hope_targets=self"]
   md = (tmp_path / "c" / "mqar_curves.md").read_text()
