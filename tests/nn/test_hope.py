@@ -126,7 +126,8 @@ def _mixer_and_inner(fields):
     dict(memory_chunk_size=2, hope_chunk_size=4),                      # Eqs. 90–93, sub-chunks
     dict(memory_chunk_size=3, hope_dgd="off", hope_weight_decay=False),
     dict(memory_chunk_size=4, hope_momentum=False, hope_objective="dot", hope_memory="linear"),
-], ids=["eq88", "neurips-before", "value-targets", "linear-adaptive-q", "subchunks", "gd-no-decay", "dot"])
+], ids=["eq88", "neurips-before", "value-targets", "linear-adaptive-q", "subchunks",
+        "gd-no-decay", "dot"])
 def test_the_mixer_equals_a_loop_of_the_self_modifying_titans_step(fields):
   mixer, x, o = _mixer_and_inner(dict(memory_expand=2, **fields))
   np.testing.assert_allclose(o, hope_loop(mixer, x), rtol=2e-4, atol=2e-5)
