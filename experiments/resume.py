@@ -56,6 +56,30 @@ def apply_flag(args, settings: dict) -> None:
 EXECUTION_FIELDS = ("scan_layers",)
 
 
+def _field_defaults() -> dict:
+  """``{name: default}`` of every ``ModelConfig`` field, as JSON reads it back."""
+  from nlx.nn.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  defaults = {}
+  for field in dataclasses.fields(ModelConfig):
+    if field.default is not dataclasses.MISSING:
+      defaults[field.name] = _plain(field.default)
+    elif field.default_factory is not dataclasses.MISSING:
+      defaults[field.name] = _plain(field.default_factory())
+  return defaults
+
+
+def _comparable(fingerprint: dict) -> dict:
+  """``fingerprint`` with the model fields at their ``ModelConfig`` default left out, so that a
+  sweep saved before a field existed (its default then the only behaviour) matches a rerun that
+  leaves the field at its default."""
+  model = fingerprint.get("model")
+  if not isinstance(model, dict):
+    return fingerprint
+  defaults = _field_defaults()
+  return dict(fingerprint, model={k: v for k, v in model.items()
+                                  if k not in defaults or v != defaults[k]})
+
+
 def model_fingerprint(cfg) -> dict:
   """The fields of a ``ModelConfig`` that decide what a model computes (``EXECUTION_FIELDS``
   left out), for a sweep's fingerprint."""
@@ -94,10 +118,12 @@ class SweepCheckpoint:
     return self._checkpointer
 
   def _check(self, saved: dict) -> None:
-    """Raises ValueError naming every field of ``saved`` that differs from this fingerprint."""
-    keys = sorted(set(saved) | set(self.fingerprint))
-    diff = [f"{k}: saved {saved.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in keys
-            if saved.get(k) != self.fingerprint.get(k)]
+    """Raises ValueError naming every field of ``saved`` that differs from this fingerprint (model
+    fields at their default left out on both sides: ``_comparable``)."""
+    saved, mine = _comparable(saved), _comparable(self.fingerprint)
+    keys = sorted(set(saved) | set(mine))
+    diff = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in keys
+            if saved.get(k) != mine.get(k)]
     if diff:
       raise ValueError(f"{self.directory} holds a sweep of another configuration ("
                        + "; ".join(diff) + "); use another --out, or remove that directory to "

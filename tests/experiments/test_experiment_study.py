@@ -1,6 +1,7 @@
 """experiments.study, what every study shares: list flags, the datasets directory (--data, else
 $NLX_DATA; one error line), the command written beside the results, study.train on nlx's one
-train step; and the layout rule of issue 19: studies are a package imported as ``from experiments
+train step, a saved sweep's fingerprint (a model field added since resumes at its default);
+and the layout rule of issue 19: studies are a package imported as ``from experiments
 import study``, with no ``sys.path`` edits in experiments/ or in their tests."""
 
 import os
@@ -10,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from experiments import study
+from experiments import resume, study
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -95,3 +96,19 @@ def test_cms_periods_within_puts_every_level_inside_the_training_length():
   assert study.cms_periods_within(50) == (8, 32)
   assert study.cms_periods_within(32) == (4, 16)
   assert study.cms_periods_within(2, (4, 16)) == (1, 4)  # stops at a period of 1
+
+
+def test_a_sweep_saved_before_a_model_field_existed_resumes_at_its_default(tmp_path):
+  cfg = study.model_config("titans_lmm", d_model=16, n_layers=1, n_heads=2, vocab_size=32)
+  new = resume.model_fingerprint(cfg)
+  old = {k: v for k, v in new.items() if k != "hope_targets"}  # saved before the field existed
+  saver = resume.SweepCheckpoint(str(tmp_path), {"seed": 0, "model": old}, every_seconds=0)
+  saver.maybe_save({"w": np.zeros(2)}, {"step": 1})
+  arrays, progress = resume.SweepCheckpoint(str(tmp_path), {"seed": 0, "model": new}).restore(
+      {"w": np.zeros(2)})
+  assert progress == {"step": 1}
+  changed = dict(new, hope_targets="value")  # not the default: another configuration
+  with pytest.raises(ValueError, match=r"another configuration \(model: saved .*'hope_targets': "
+                                       r"'value'"):
+    resume.SweepCheckpoint(str(tmp_path), {"seed": 0, "model": changed}).restore(
+        {"w": np.zeros(2)})
