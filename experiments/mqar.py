@@ -944,7 +944,7 @@ def curve_runs(directories) -> list:
   """Every run of each ``--scale cpu`` output directory's ``mqar.json``, with ``config`` (the
   ModelConfig it trained), ``model_fields`` (its values of every field some run's command set),
   ``seed`` and ``source``; the label of each names its family, width, level, seed and the
-  fields in which the runs differ."""
+  fields in which the runs of its family differ."""
   runs = []
   for directory in directories:
     saved = read_saved("--curves", directory)
@@ -960,8 +960,9 @@ def curve_runs(directories) -> list:
   keys = sorted({k for r in runs for k in r["model_fields"]})
   for r in runs:  # a field a command did not set: the value the study gave it
     r["model_fields"] = {k: r["config"][k] for k in keys}
-  differ = [k for k in keys if len({repr(r["model_fields"][k]) for r in runs}) > 1]
-  for r in runs:
+  for r in runs:  # the fields in which runs of its family differ (not another family's fields)
+    same = [s for s in runs if s["family"] == r["family"]]
+    differ = [k for k in keys if len({repr(s["model_fields"][k]) for s in same}) > 1]
     fields = ", ".join(f"{k}={r['model_fields'][k]}" for k in differ)
     r["label"] = (f"{LABELS.get(r['family'], r['family'])} d={r['d_model']} P={r['pairs']} "
                   f"seed {r['seed']}" + (f": {fields}" if fields else ""))

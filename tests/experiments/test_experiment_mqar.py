@@ -345,16 +345,23 @@ def test_combine_merges_the_runs_of_several_commands(tmp_path):
 
 
 def test_curves_overlays_runs_that_differ_in_their_model_fields(tmp_path):
-  def command(name, model, seed=0):
+  def command(name, model, seed=0, family="hope"):
     os.makedirs(tmp_path / name)
     settings = dict(mqar.PRESETS["cpu"], model=model,
                     family_model={"hope": {"memory_chunk_size": 4}})
     with open(tmp_path / name / "mqar.json", "w", encoding="utf-8") as f:
       json.dump({"settings": settings, "seed": seed, "wall_seconds": 1.0,
-                 "runs": [_run("hope", 64, 4, 1e-2, 0.1, 0.11, loss=6.5)]}, f)
+                 "runs": [_run(family, 64, 4, 1e-2, 0.1, 0.11, loss=6.5)]}, f)
     return str(tmp_path / name)
   dirs = [command("a", {"cms": False, "hope_targets": "value"}),
           command("b", {"cms": False}, seed=1)]
+  # beside another family, a run's label names only the fields in which its own family's runs
+  # differ (not the HOPE fields a Titans run does not read)
+  mixed = mqar.main(["--scale", "cpu", "--curves", ",".join(dirs + [command("t", {}, family=
+                     "titans_lmm")]), "--out", str(tmp_path / "m")])
+  assert [r["label"] for r in mixed["runs"]] == [
+      "HOPE d=64 P=4 seed 0: hope_targets=value", "HOPE d=64 P=4 seed 1: hope_targets=self",
+      "Titans (LMM) d=64 P=4 seed 0"]
   out = mqar.main(["--scale", "cpu", "--curves", ",".join(dirs), "--out", str(tmp_path / "c")])
   # a field one command did not set has the value the study gave it; shared fields head the table
   assert [r["label"] for r in out["runs"]] == [
