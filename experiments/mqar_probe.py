@@ -9,7 +9,8 @@ through ``nlx.nn.qkv.QKV`` (DeltaNet, Gated DeltaNet, TTT, Titans, HOPE), that l
 (after the short convolution, SiLU and L2 normalisation). In Zoology's layout a pair ``k_i v_i``
 sits at tokens ``2i, 2i + 1`` and the query of key ``i`` later repeats token ``k_i``; a memory
 that reads the previous token through its convolution binds the pair at the value token. Per
-layer and head it reports:
+such mixer (numbered in call order, which is the layer order when every layer has one; a hybrid's
+attention layers are skipped) and head it reports:
 
 * ``cos queries``: the mean cosine between the queries of one sequence (at its query tokens);
   near 1, every query reads the memory at the same point, and the read is the same blend of the
@@ -108,7 +109,7 @@ def _match(q, keys, own):
 
 
 def probe(model, batch: mqar.QueryBatch, pairs: int) -> dict:
-  """Per layer (``QKV`` call): ``cos_queries``, ``cos_keys``, ``match``, ``match_key_token``
+  """Per ``QKV`` call (mixer): ``cos_queries``, ``cos_keys``, ``match``, ``match_key_token``
   (each a list over heads), and the model's query ``accuracy`` on ``batch``."""
   with recorded_qkv() as calls:
     jax.block_until_ready(mqar.query_logits(model, jnp.asarray(batch.inputs),
@@ -129,10 +130,10 @@ def probe(model, batch: mqar.QueryBatch, pairs: int) -> dict:
 
 
 def table(results: list) -> str:
-  """One row per (run, layer); each figure the mean over heads (min–max over heads beside it)."""
+  """One row per (run, QKV mixer); each figure the mean over heads (min–max over heads beside it)."""
   cell = lambda xs: (f"{np.mean(xs):.3f}" if len(xs) == 1 else
                      f"{np.mean(xs):.3f} ({min(xs):.2f}–{max(xs):.2f})")
-  md = ("| run | test acc (probe) | layer | cos queries | cos keys | match (value tok) | "
+  md = ("| run | test acc (probe) | QKV mixer | cos queries | cos keys | match (value tok) | "
         "match (key tok) |\n|---|---:|---:|---:|---:|---:|---:|\n")
   for r in results:
     if not r["layers"]:
