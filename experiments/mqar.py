@@ -364,6 +364,13 @@ def with_lr(opt_state, lr: float):
   return type(opt_state)((*head, last._replace(hyperparams=hyper)))
 
 
+def run_config(settings: dict, run: dict):
+  """The ``ModelConfig`` a saved run (``family``, ``d_model``, ``pairs``, ``seq_len``) trained
+  with ``settings`` (its command's)."""
+  return config(run["family"], run["d_model"], dict(settings, pairs=(run["pairs"],)),
+                max_seq_len=run["seq_len"])
+
+
 def sweep_fingerprint(family: str, width: int, level: dict, settings: dict, seed: int,
                       cfg) -> dict:
   """Everything that decides the training and test of one sweep (``resume.SweepCheckpoint``)."""
@@ -953,9 +960,7 @@ def curve_runs(directories) -> list:
       raise ValueError(f"--curves: {directory} is not a --scale cpu run")
     for run in saved["runs"]:
       model = command_fields(mine, run["family"])
-      built = config(run["family"], run["d_model"], dict(mine, pairs=(run["pairs"],)),
-                     max_seq_len=run["seq_len"])  # the config the run trained
-      runs.append(dict(run, model_fields=model, config=dataclasses.asdict(built),
+      runs.append(dict(run, model_fields=model, config=dataclasses.asdict(run_config(mine, run)),
                        seed=saved.get("seed", 0), source=directory))
   keys = sorted({k for r in runs for k in r["model_fields"]})
   for r in runs:  # a field a command did not set: the value the study gave it

@@ -53,8 +53,7 @@ def load_run(directory: str, index: int = 0):
   run = saved["runs"][index]
   family, width = run["family"], run["d_model"]
   level = {"pairs": run["pairs"], "seq_len": run["seq_len"]}
-  cfg = mqar.config(family, width, dict(settings, pairs=(level["pairs"],)),
-                    max_seq_len=level["seq_len"])
+  cfg = mqar.run_config(settings, run)
   sweep = os.path.join(directory, "checkpoints", f"{family}_d{width}_P{level['pairs']}")
   if not os.path.isdir(sweep):
     raise ValueError(f"--runs: {directory} kept no weights ({sweep} is missing; the run was "
@@ -112,10 +111,11 @@ def probe(model, batch: mqar.QueryBatch, pairs: int) -> dict:
   """Per ``QKV`` call (mixer): ``cos_queries``, ``cos_keys``, ``match``, ``match_key_token``
   (each a list over heads), and the model's query ``accuracy`` on ``batch``."""
   with recorded_qkv() as calls:
-    jax.block_until_ready(mqar.query_logits(model, jnp.asarray(batch.inputs),
-                                            jnp.asarray(batch.positions)))
+    logits = np.asarray(mqar.query_logits(model, jnp.asarray(batch.inputs),
+                                          jnp.asarray(batch.positions)))
     jax.effects_barrier()
   tokens, positions = np.asarray(batch.inputs), np.asarray(batch.positions)
+  accuracy = float((logits.argmax(-1) == np.asarray(batch.answers)).mean())  # greedy
   values = tokens[:, 1:2 * pairs:2]  # the context's values, in pair order
   own = (np.asarray(batch.answers)[:, :, None] == values[:, None, :]).argmax(-1)  # [B, P]
   layers = []
@@ -126,11 +126,11 @@ def probe(model, batch: mqar.QueryBatch, pairs: int) -> dict:
         "cos_keys": _mean_offdiagonal_cosine(k[:, 1:2 * pairs:2]).tolist(),
         "match": _match(q_at, k[:, 1:2 * pairs:2], own).tolist(),
         "match_key_token": _match(q_at, k[:, 0:2 * pairs:2], own).tolist()})
-  return {"accuracy": mqar.query_accuracy(model, [batch]), "layers": layers}
+  return {"accuracy": accuracy, "layers": layers}
 
 
 def table(results: list) -> str:
-  """One row per (run, QKV mixer); each figure the mean over heads (min–max over heads beside it)."""
+  """One row per (run, QKV mixer); each figure the mean over heads (their min–max beside it)."""
   cell = lambda xs: (f"{np.mean(xs):.3f}" if len(xs) == 1 else
                      f"{np.mean(xs):.3f} ({min(xs):.2f}–{max(xs):.2f})")
   md = ("| run | test acc (probe) | QKV mixer | cos queries | cos keys | match (value tok) | "
