@@ -1,7 +1,8 @@
 """Tests of HOPE (nlx.nn.hope): the mixer equals a plain numpy loop over tokens of the whole
 self-modifying Titans step (Eqs. 83–93: five memories, self-generated targets, gates, DGD,
 momentum, chunk-wise references); the dot-product linear memory without momentum is exactly
-nlx.ops.delta_rule with target v̂; every Table 6 ablation switch builds, runs and changes the
+nlx.ops.delta_rule with target v̂; reduced to Titans (fixed k, v, Titans' targets, plain GD, α = 1,
+η at its bound) HOPE's mixer is Titans LMM's; every Table 6 ablation switch builds, runs and changes the
 output; a split anywhere equals one call; the whole model's gradients equal central differences
 (float64); bad settings are refused by name."""
 
@@ -15,6 +16,7 @@ from nlx import ops
 from nlx.nn import build_model
 from nlx.nn.config import ModelConfig
 from nlx.nn.hope import SelfModifyingTitans
+from nlx.nn.titans import titans_lmm
 
 B, T, H, DK = 2, 7, 2, 4
 
@@ -153,6 +155,40 @@ def test_dot_objective_without_momentum_is_delta_rule_with_target_v_hat():
                                 scale=1.0, initial_state=s0, impl="recurrent")
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(w["w"], s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hope_reduced_to_titans_is_the_titans_lmm_mixer():
+  """With fixed k and v, Titans' targets, α = 1, plain GD, unnormalised v and η saturated at its
+  bound, HOPE's mixer is Titans LMM's with the same weights (its lr gate saturated, no decay):
+  the same MLP memory, momentum and chunk-wise write, forward and every gradient."""
+  fields = dict(d_model=H * DK, n_heads=H, memory_chunk_size=4, memory_expand=2, conv_size=4)
+  titans = titans_lmm(ModelConfig(family="titans_lmm", **fields), rngs=nnx.Rngs(0))
+  hope = SelfModifyingTitans(ModelConfig(
+      family="hope", hope_adaptive_k=False, hope_adaptive_v=False, hope_weight_decay=False,
+      hope_dgd="off", hope_targets="value", hope_normalize_v=False, **fields),
+                             rngs=nnx.Rngs(1))
+  assert hope.names == ("eta",) and hope.cfg.hope_lr == titans.lr_max
+  gates = titans.gates  # [lr, momentum, decay] logits per head; lr and decay saturated
+  gates.kernel[...] = gates.kernel[...].at[:, 0].set(0.0).at[:, 2].set(0.0)
+  gates.bias[...] = gates.bias[...].at[0].set(40.0).at[2].set(40.0)
+  hope.gate_bias[...] = hope.gate_bias[...].at[0].set(40.0)  # η = η_max·(1 − m)
+  for name in ("qkv", "out"):
+    nnx.update(getattr(hope, name), nnx.state(getattr(titans, name)))
+  hope.momentum_gate.kernel[...] = gates.kernel[...][:, 1]
+  hope.momentum_gate.bias[...] = gates.bias[...][1]
+  for name, w in titans.init_weights.items():  # HOPE's output memory: the last H heads
+    hope.memories_init[name][...] = hope.memories_init[name][...].at[-w.shape[0]:].set(w[...])
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, 11, H * DK))
+  np.testing.assert_allclose(hope(x)[0], titans(x)[0], rtol=1e-5, atol=1e-6)
+  loss = lambda m: jnp.sum(jnp.sin(3.0 * m(x)[0]))
+  g_hope, g_titans = nnx.grad(loss)(hope), nnx.grad(loss)(titans)
+  pairs = [(g_hope[n], g_titans[n]) for n in ("qkv", "out")]
+  pairs += [(g_hope["momentum_gate"]["kernel"], g_titans["gates"]["kernel"][:, 1])]
+  pairs += [(g_hope["memories_init"][n][-w.shape[0]:], w)
+            for n, w in g_titans["init_weights"].items()]
+  for a, b in pairs:
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
 
 
 def tiny_hope(**fields):
