@@ -1,10 +1,10 @@
 """Tests of HOPE (nlx.nn.hope): the mixer equals a plain numpy loop over tokens of the whole
 self-modifying Titans step (Eqs. 83–93: five memories, self-generated targets, gates, DGD,
 momentum, chunk-wise references); the dot-product linear memory without momentum is exactly
-nlx.ops.delta_rule with target v̂; reduced to Titans (fixed k, v, Titans' targets, plain GD, α = 1,
-η at its bound) HOPE's mixer is Titans LMM's; every Table 6 ablation switch builds, runs and changes the
-output; a split anywhere equals one call; the whole model's gradients equal central differences
-(float64); bad settings are refused by name."""
+nlx.ops.delta_rule with target v̂; reduced to Titans (fixed k, v, Titans' targets, plain GD,
+α = 1, η at its bound) HOPE's mixer is Titans LMM's; every Table 6 ablation switch builds, runs
+and changes the output; a split anywhere equals one call; the whole model's gradients equal
+central differences (float64); bad settings are refused by name."""
 
 import jax
 import jax.numpy as jnp
