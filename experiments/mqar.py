@@ -950,8 +950,8 @@ def combine_runs(directories, pairs, widths) -> tuple[dict, list, float]:
 def curve_runs(directories) -> list:
   """Every run of each ``--scale cpu`` output directory's ``mqar.json``, with ``config`` (the
   ModelConfig it trained), ``model_fields`` (its values of every field some run's command set),
-  ``seed`` and ``source``; the label of each names its family, width, level, seed and the
-  fields in which the runs of its family differ."""
+  ``seed`` and ``source``; the label of each names its family, width, level, seed, and the
+  learning rate and fields in which the runs of its family differ."""
   runs = []
   for directory in directories:
     saved = read_saved("--curves", directory)
@@ -969,8 +969,9 @@ def curve_runs(directories) -> list:
     same = [s for s in runs if s["family"] == r["family"]]
     differ = [k for k in keys if len({repr(s["model_fields"][k]) for s in same}) > 1]
     fields = ", ".join(f"{k}={r['model_fields'][k]}" for k in differ)
+    lr = f" lr {r['lr']:g}" if len({s["lr"] for s in same}) > 1 else ""
     r["label"] = (f"{LABELS.get(r['family'], r['family'])} d={r['d_model']} P={r['pairs']} "
-                  f"seed {r['seed']}" + (f": {fields}" if fields else ""))
+                  f"seed {r['seed']}{lr}" + (f": {fields}" if fields else ""))
   return runs
 
 

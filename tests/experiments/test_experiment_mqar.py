@@ -345,13 +345,13 @@ def test_combine_merges_the_runs_of_several_commands(tmp_path):
 
 
 def test_curves_overlays_runs_that_differ_in_their_model_fields(tmp_path):
-  def command(name, model, seed=0, family="hope"):
+  def command(name, model, seed=0, family="hope", lr=1e-2):
     os.makedirs(tmp_path / name)
     settings = dict(mqar.PRESETS["cpu"], model=model,
                     family_model={"hope": {"memory_chunk_size": 4}})
     with open(tmp_path / name / "mqar.json", "w", encoding="utf-8") as f:
       json.dump({"settings": settings, "seed": seed, "wall_seconds": 1.0,
-                 "runs": [_run(family, 64, 4, 1e-2, 0.1, 0.11, loss=6.5)]}, f)
+                 "runs": [_run(family, 64, 4, lr, 0.1, 0.11, loss=6.5)]}, f)
     return str(tmp_path / name)
   dirs = [command("a", {"cms": False, "hope_targets": "value"}),
           command("b", {"cms": False}, seed=1)]
@@ -362,6 +362,12 @@ def test_curves_overlays_runs_that_differ_in_their_model_fields(tmp_path):
   assert [r["label"] for r in mixed["runs"]] == [
       "HOPE d=64 P=4 seed 0: hope_targets=value", "HOPE d=64 P=4 seed 1: hope_targets=self",
       "Titans (LMM) d=64 P=4 seed 0"]
+  # runs of one family at two learning rates: the label names the rate
+  rates = mqar.main(["--scale", "cpu", "--curves", ",".join(
+      [command("t1", {}, family="titans_lmm"), command("t2", {}, family="titans_lmm", lr=3e-3)]),
+      "--out", str(tmp_path / "r")])
+  assert [r["label"] for r in rates["runs"]] == ["Titans (LMM) d=64 P=4 seed 0 lr 0.01",
+                                                 "Titans (LMM) d=64 P=4 seed 0 lr 0.003"]
   out = mqar.main(["--scale", "cpu", "--curves", ",".join(dirs), "--out", str(tmp_path / "c")])
   # a field one command did not set has the value the study gave it; shared fields head the table
   assert [r["label"] for r in out["runs"]] == [
