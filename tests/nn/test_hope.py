@@ -183,7 +183,8 @@ def test_hope_reduced_to_titans_is_the_titans_lmm_mixer():
   loss = lambda m: jnp.sum(jnp.sin(3.0 * m(x)[0]))
   g_hope, g_titans = nnx.grad(loss)(hope), nnx.grad(loss)(titans)
   pairs = [(g_hope[n], g_titans[n]) for n in ("qkv", "out")]
-  pairs += [(g_hope["momentum_gate"]["kernel"], g_titans["gates"]["kernel"][:, 1])]
+  pairs += [(g_hope["momentum_gate"][n], g_titans["gates"][n][..., 1, :])
+            for n in ("kernel", "bias")]
   pairs += [(g_hope["memories_init"][n][-w.shape[0]:], w)
             for n, w in g_titans["init_weights"].items()]
   for a, b in pairs:
